@@ -1,0 +1,7 @@
+//! The CPU backend: f32 everywhere, rayon for parallel loops, the `gemm` crate for matrix
+//! products. It runs everything everywhere and is the reference the CUDA kernels are checked
+//! against.
+
+pub mod gemm;
+
+pub use gemm::{matmul, Accumulate, Transpose};

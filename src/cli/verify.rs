@@ -1,0 +1,66 @@
+//! `dinotrain golden` and `dinotrain verify`.
+
+use anyhow::{Context, Result};
+use dinotrain::golden;
+use std::path::Path;
+
+/// `dinotrain golden FIXTURE RESULT`
+pub fn golden(fixture: &Path, result: &Path) -> Result<()> {
+    golden::write_result(fixture, result)
+        .with_context(|| format!("computing {}", fixture.display()))?;
+    Ok(())
+}
+
+/// `dinotrain verify [DIR]`: prints a table and returns whether every fixture passed.
+pub fn verify(dir: &Path) -> Result<bool> {
+    let files = golden::fixture_files(dir)?;
+    if files.is_empty() {
+        anyhow::bail!("no *.safetensors fixtures in {}", dir.display());
+    }
+    println!(
+        "{:<34} {:>12} {:>10}  {:<6} worst output",
+        "fixture", "max rel err", "tol", "result"
+    );
+    let mut failed = 0;
+    for path in &files {
+        let v = golden::verify_file(path);
+        let name = format!("{}-{}", v.case, v.variant);
+        match &v.outcome {
+            Ok(report) => {
+                let worst = report
+                    .checks
+                    .iter()
+                    .max_by(|a, b| a.err.total_cmp(&b.err))
+                    .map(|c| c.name.as_str())
+                    .unwrap_or("-");
+                let ok = report.pass();
+                println!(
+                    "{:<34} {:>12.3e} {:>10.1e}  {:<6} {}",
+                    name,
+                    report.max_err(),
+                    report.tol,
+                    if ok { "pass" } else { "FAIL" },
+                    worst
+                );
+                if !ok {
+                    failed += 1;
+                    for line in report.failures() {
+                        println!("    {line}");
+                    }
+                }
+            }
+            Err(e) => {
+                failed += 1;
+                println!("{:<34} {:>12} {:>10}  {:<6} {}", name, "-", "-", "FAIL", e);
+            }
+        }
+    }
+    println!(
+        "{} passed, {} failed ({} fixtures in {})",
+        files.len() - failed,
+        failed,
+        files.len(),
+        dir.display()
+    );
+    Ok(failed == 0)
+}

@@ -1,0 +1,69 @@
+//! Typed errors for the library. Every variant carries enough context (file, tensor, op, shapes)
+//! for a user to act on it; the CLI prints the message and exits non-zero.
+
+use std::path::PathBuf;
+
+/// The library's error type.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Two tensors (or a tensor and a declared size) disagree.
+    #[error("{op}: shape mismatch: {detail}")]
+    Shape { op: &'static str, detail: String },
+
+    /// A golden fixture or checkpoint file is missing a tensor, has the wrong dtype, or cannot be parsed.
+    #[error("{}: {tensor}: {detail}", file.display())]
+    Fixture {
+        file: PathBuf,
+        tensor: String,
+        detail: String,
+    },
+
+    /// Reading or writing a file failed.
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// A configuration value is invalid.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+
+    /// Something the caller asked for is not supported (with the reason).
+    #[error("unsupported: {0}")]
+    Unsupported(String),
+
+    /// The CUDA backend cannot run (no driver, no device, missing kernels, a CUDA call failed).
+    #[error("cuda: {0}")]
+    Cuda(String),
+
+    /// Input data is unusable (for example a folder without a readable image).
+    #[error("data: {0}")]
+    Data(String),
+
+    /// Training produced a non-finite value.
+    #[error("non-finite {what} at step {step}")]
+    NonFinite { what: String, step: u64 },
+}
+
+/// Result alias used across the library.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// Shorthand for [`Error::Shape`].
+    pub fn shape(op: &'static str, detail: impl Into<String>) -> Self {
+        Error::Shape {
+            op,
+            detail: detail.into(),
+        }
+    }
+
+    /// Shorthand for [`Error::Io`].
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+}

@@ -1,0 +1,44 @@
+//! `dinotrain`: parse the command line, run, map errors to exit codes.
+
+mod cli;
+
+use clap::Parser;
+use cli::{Cli, Command};
+use std::process::ExitCode;
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Golden {
+            fixture,
+            result,
+            device,
+        } => {
+            check_cpu(&device)?;
+            cli::verify::golden(&fixture, &result)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Verify { dir, device } => {
+            check_cpu(&device)?;
+            let ok = cli::verify::verify(&dir)?;
+            Ok(if ok { ExitCode::SUCCESS } else { ExitCode::from(1) })
+        }
+    }
+}
+
+/// Golden and verify run on the CPU backend until the CUDA backend implements the cases.
+fn check_cpu(device: &str) -> anyhow::Result<()> {
+    match device.parse::<dinotrain::backend::Device>()? {
+        dinotrain::backend::Device::Cpu | dinotrain::backend::Device::Auto => Ok(()),
+        d => anyhow::bail!("golden fixtures on {d} are not implemented yet; use --device cpu"),
+    }
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
