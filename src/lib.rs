@@ -9,10 +9,17 @@
 //! [`eval`] (k-NN), [`io`] (file formats), [`golden`] (the reference fixtures).
 
 pub mod backend;
+pub mod data;
 pub mod error;
+pub mod eval;
 pub mod golden;
 pub mod io;
+pub mod nn;
+pub mod optim;
+pub mod rng;
+pub mod ssl;
 pub mod tensor;
+pub mod train;
 
 pub use error::{Error, Result};
 pub use tensor::Tensor;

@@ -20,7 +20,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Verify { dir, device } => {
             check_cpu(&device)?;
             let ok = cli::verify::verify(&dir)?;
-            Ok(if ok { ExitCode::SUCCESS } else { ExitCode::from(1) })
+            Ok(if ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
         }
     }
 }

@@ -38,4 +38,11 @@ macro_rules! golden_cases {
     };
 }
 
-golden_cases!(layernorm, attention, block, vit_forward, pos_interp, dino_head);
+golden_cases!(
+    layernorm,
+    attention,
+    block,
+    vit_forward,
+    pos_interp,
+    dino_head
+);

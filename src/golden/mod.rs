@@ -132,7 +132,9 @@ impl Fixture {
                 Value::F32(t) => {
                     out.insert(rest.to_string(), t.clone());
                 }
-                v => return Err(self.error(name, format!("expected F32, found {}", v.dtype_name()))),
+                v => {
+                    return Err(self.error(name, format!("expected F32, found {}", v.dtype_name())))
+                }
             }
         }
         Ok(out)
@@ -212,10 +214,17 @@ pub fn compute(fx: &Fixture) -> Result<Outputs> {
         "layernorm" | "attention" | "block" | "vit_forward" | "pos_interp" | "dino_head" => {
             nn_cases::compute(fx)
         }
-        "dino_loss_centering" | "dino_loss_sinkhorn" | "ibot_loss" | "koleo" | "schedules"
-        | "param_groups" | "adamw_freeze" | "clip_grad" | "ema" | "knn" | "ssl_step" => {
-            ssl_cases::compute(fx)
-        }
+        "dino_loss_centering"
+        | "dino_loss_sinkhorn"
+        | "ibot_loss"
+        | "koleo"
+        | "schedules"
+        | "param_groups"
+        | "adamw_freeze"
+        | "clip_grad"
+        | "ema"
+        | "knn"
+        | "ssl_step" => ssl_cases::compute(fx),
         other => Err(Error::Unsupported(format!(
             "{}: unknown golden case '{other}'",
             fx.path.display()
@@ -337,7 +346,11 @@ fn check_one(name: &str, want: &Value, have: &Value, tol: f64) -> TensorCheck {
         (Value::U8 { data: w, .. }, Value::U8 { data: h, .. }) => exact(name, w, h),
         _ => fail(
             f64::INFINITY,
-            format!("dtype {}, expected {}", have.dtype_name(), want.dtype_name()),
+            format!(
+                "dtype {}, expected {}",
+                have.dtype_name(),
+                want.dtype_name()
+            ),
         ),
     }
 }

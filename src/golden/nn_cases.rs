@@ -4,5 +4,8 @@ use super::{Fixture, Outputs};
 use crate::error::{Error, Result};
 
 pub fn compute(fx: &Fixture) -> Result<Outputs> {
-    Err(Error::Unsupported(format!("golden case '{}' is not implemented yet", fx.case)))
+    Err(Error::Unsupported(format!(
+        "golden case '{}' is not implemented yet",
+        fx.case
+    )))
 }

@@ -220,7 +220,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("t.safetensors");
         let mut f = TensorFile::default();
-        f.insert("a", Tensor::from_vec(&[2, 2], vec![1.0, -2.0, 3.5, 0.25]).unwrap());
+        f.insert(
+            "a",
+            Tensor::from_vec(&[2, 2], vec![1.0, -2.0, 3.5, 0.25]).unwrap(),
+        );
         f.tensors.insert(
             "b".into(),
             Value::I64 {

@@ -122,7 +122,11 @@ pub fn matmul_reference(
                 };
                 s += av as f64 * bv as f64;
             }
-            let prev = if acc == Accumulate::Add { c[i * n + j] as f64 } else { 0.0 };
+            let prev = if acc == Accumulate::Add {
+                c[i * n + j] as f64
+            } else {
+                0.0
+            };
             c[i * n + j] = (prev + s) as f32;
         }
     }
@@ -133,10 +137,14 @@ mod tests {
     use super::*;
 
     fn seeded(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        let mut s = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         (0..n)
             .map(|_| {
-                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5
             })
             .collect()
@@ -155,7 +163,10 @@ mod tests {
                     matmul(&mut c, &a, ta, &b, tb, m, k, n, acc);
                     matmul_reference(&mut r, &a, ta, &b, tb, m, k, n, acc);
                     for (x, y) in c.iter().zip(&r) {
-                        assert!((x - y).abs() <= 1e-5 + 1e-5 * y.abs(), "{ta:?} {tb:?} {acc:?}: {x} vs {y}");
+                        assert!(
+                            (x - y).abs() <= 1e-5 + 1e-5 * y.abs(),
+                            "{ta:?} {tb:?} {acc:?}: {x} vs {y}"
+                        );
                     }
                 }
             }

@@ -1,0 +1,1 @@
+//! The input side: folder scan, decoding, multi-crop augmentation, parallel loader, cache.

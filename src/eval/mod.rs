@@ -1,0 +1,1 @@
+//! Evaluation: k-NN classification and embeddings.

@@ -1,0 +1,1 @@
+//! Parameter groups, AdamW with explicit state, schedules, gradient clipping, EMA.

@@ -1,0 +1,1 @@
+//! Configuration, the training loop, checkpoints and resume, logging and plots.
