@@ -1,11 +1,255 @@
-//! Golden cases (see `tests/golden/README.md`).
+//! Golden cases of the backbone and the head (see `tests/golden/README.md`): `layernorm`,
+//! `attention`, `block`, `vit_forward`, `pos_interp`, `dino_head`.
+//!
+//! Each case declares the module in a fresh [`ParamTable`] (keys as in the fixture's
+//! `in.param.*`), loads the fixture's values, runs forward, then backward with the fixture's
+//! cotangents, and returns the outputs and every parameter gradient.
 
-use super::{Fixture, Outputs};
+use super::{out, Fixture, Outputs};
 use crate::error::{Error, Result};
+use crate::nn::attention::Attention;
+use crate::nn::block::{Block, BlockConfig};
+use crate::nn::dino_head::DinoHead;
+use crate::nn::ffn::Ffn;
+use crate::nn::layernorm::LayerNorm;
+use crate::nn::linear::Bias;
+use crate::nn::params::ParamTable;
+use crate::nn::pos_embed::{PosEmbed, Resampling};
+use crate::nn::vit::{Vit, VitConfig};
+use crate::tensor::Tensor;
 
 pub fn compute(fx: &Fixture) -> Result<Outputs> {
-    Err(Error::Unsupported(format!(
-        "golden case '{}' is not implemented yet",
-        fx.case
-    )))
+    match fx.case.as_str() {
+        "layernorm" => layernorm(fx),
+        "attention" => attention(fx),
+        "block" => block(fx),
+        "vit_forward" => vit_forward(fx),
+        "pos_interp" => pos_interp(fx),
+        "dino_head" => dino_head(fx),
+        other => Err(Error::Unsupported(format!("nn golden case '{other}'"))),
+    }
+}
+
+/// The fixture's parameters loaded into `table`'s layout.
+fn load_params(fx: &Fixture, table: &ParamTable) -> Result<Vec<f32>> {
+    let mut flat = vec![0f32; table.len()];
+    let named = fx.inputs_with_prefix("in.param.")?;
+    table.load(&mut flat, &named, &fx.path.display().to_string())?;
+    Ok(flat)
+}
+
+/// `out.grad.param.<key>` for every parameter of `table`.
+fn param_grads(outputs: &mut Outputs, table: &ParamTable, grads: &[f32]) {
+    for spec in table.specs() {
+        let t = Tensor {
+            shape: spec.shape.clone(),
+            data: grads[spec.at.range()].to_vec(),
+        };
+        out(outputs, &format!("grad.param.{}", spec.name), t);
+    }
+}
+
+/// The input `name`, checked to have `shape`.
+fn input_shaped<'a>(fx: &'a Fixture, name: &str, shape: &[usize]) -> Result<&'a Tensor> {
+    let t = fx.input(name)?;
+    if t.shape != shape {
+        return Err(fx.error(&format!("in.{name}"), format!("shape {:?}, expected {shape:?}", t.shape)));
+    }
+    Ok(t)
+}
+
+fn tensor(shape: &[usize], data: Vec<f32>) -> Result<Tensor> {
+    Tensor::from_vec(shape, data)
+}
+
+fn layernorm(fx: &Fixture) -> Result<Outputs> {
+    let (b, t, d) = (fx.param_usize("batch")?, fx.param_usize("ntok")?, fx.param_usize("dim")?);
+    let eps = fx.param_f64("eps")? as f32;
+    let mut table = ParamTable::new();
+    let ln = LayerNorm::new(&mut table, "", d, eps);
+    let params = load_params(fx, &table)?;
+    let x = input_shaped(fx, "x", &[b, t, d])?;
+    let dy = input_shaped(fx, "grad_out", &[b, t, d])?;
+    let rows = b * t;
+    let mut y = vec![0f32; rows * d];
+    let stats = ln.forward(&mut y, &x.data, &params, rows);
+    let mut grads = vec![0f32; table.len()];
+    let mut dx = vec![0f32; rows * d];
+    ln.backward(&mut dx, &mut grads, &dy.data, &x.data, &stats, &params, rows);
+    let mut o = Outputs::new();
+    out(&mut o, "out", tensor(&[b, t, d], y)?);
+    out(&mut o, "grad.x", tensor(&[b, t, d], dx)?);
+    param_grads(&mut o, &table, &grads);
+    Ok(o)
+}
+
+fn attention(fx: &Fixture) -> Result<Outputs> {
+    let (b, t, d) = (fx.param_usize("batch")?, fx.param_usize("ntok")?, fx.param_usize("dim")?);
+    let heads = fx.param_usize("num_heads")?;
+    let mut table = ParamTable::new();
+    let attn = Attention::new(
+        &mut table,
+        "",
+        d,
+        heads,
+        Bias::from(fx.param_bool("qkv_bias")?),
+        Bias::from(fx.param_bool("proj_bias")?),
+    );
+    let params = load_params(fx, &table)?;
+    let x = input_shaped(fx, "x", &[b, t, d])?;
+    let dy = input_shaped(fx, "grad_out", &[b, t, d])?;
+    let mut y = vec![0f32; b * t * d];
+    let cache = attn.forward(&mut y, &x.data, &params, b, t);
+    let mut grads = vec![0f32; table.len()];
+    let mut dx = vec![0f32; b * t * d];
+    attn.backward(&mut dx, &mut grads, &dy.data, &x.data, &cache, &params, b, t);
+    let mut o = Outputs::new();
+    out(&mut o, "out", tensor(&[b, t, d], y)?);
+    out(&mut o, "grad.x", tensor(&[b, t, d], dx)?);
+    param_grads(&mut o, &table, &grads);
+    Ok(o)
+}
+
+fn block(fx: &Fixture) -> Result<Outputs> {
+    let (b, t, d) = (fx.param_usize("batch")?, fx.param_usize("ntok")?, fx.param_usize("dim")?);
+    let cfg = BlockConfig {
+        dim: d,
+        num_heads: fx.param_usize("num_heads")?,
+        ffn: Ffn::Mlp {
+            hidden: fx.param_usize("mlp_hidden_dim")?,
+        },
+        layerscale: fx.param_bool("layerscale")?.then_some(1.0),
+        eps: fx.param_f64("ln_eps")? as f32,
+        qkv_bias: true,
+        proj_bias: true,
+        ffn_bias: true,
+    };
+    let mut table = ParamTable::new();
+    let blk = Block::new(&mut table, "", &cfg);
+    let params = load_params(fx, &table)?;
+    let x = input_shaped(fx, "x", &[b, t, d])?;
+    let dy = input_shaped(fx, "grad_out", &[b, t, d])?;
+    let mut y = x.data.clone();
+    let cache = blk.forward(&mut y, &params, b, t, None);
+    let mut grads = vec![0f32; table.len()];
+    let mut dx = dy.data.clone();
+    blk.backward(&mut dx, &mut grads, &cache, &params);
+    let mut o = Outputs::new();
+    out(&mut o, "out", tensor(&[b, t, d], y)?);
+    out(&mut o, "grad.x", tensor(&[b, t, d], dx)?);
+    param_grads(&mut o, &table, &grads);
+    Ok(o)
+}
+
+fn resampling(fx: &Fixture) -> Result<Resampling> {
+    Ok(if fx.param_bool("interpolate_antialias")? {
+        Resampling::Antialias
+    } else {
+        Resampling::Bicubic
+    })
+}
+
+fn pos_interp(fx: &Fixture) -> Result<Outputs> {
+    let m = fx.param_usize("M")?;
+    let d = fx.param_usize("embed_dim")?;
+    let (h, w) = (fx.param_usize("input_h")?, fx.param_usize("input_w")?);
+    let (gh, gw) = (fx.param_usize("out_h")?, fx.param_usize("out_w")?);
+    let offset = fx.param_f64("interpolate_offset")? as f32;
+    let mut table = ParamTable::new();
+    let pos = PosEmbed::new(&mut table, "", m, d, offset, resampling(fx)?);
+    let params = load_params(fx, &table)?;
+    let plan = pos.plan(h, w, gh, gw);
+    let n = 1 + gh * gw;
+    let dy = input_shaped(fx, "grad_pos_embed_interp", &[1, n, d])?;
+    let mut y = vec![0f32; n * d];
+    pos.forward(&mut y, &params, &plan);
+    let mut grads = vec![0f32; table.len()];
+    pos.backward(&mut grads, &dy.data, &plan);
+    let mut o = Outputs::new();
+    out(&mut o, "pos_embed_interp", tensor(&[1, n, d], y)?);
+    param_grads(&mut o, &table, &grads);
+    Ok(o)
+}
+
+fn vit_forward(fx: &Fixture) -> Result<Outputs> {
+    let d = fx.param_usize("embed_dim")?;
+    let hidden = fx.param_usize("mlp_hidden_dim")?;
+    let ffn = match fx.param_str("ffn_layer")? {
+        "mlp" => Ffn::Mlp { hidden },
+        s if s.starts_with("swiglu") => Ffn::SwiGlu { hidden },
+        other => return Err(fx.error("params.ffn_layer", format!("unknown FFN '{other}'"))),
+    };
+    let cfg = VitConfig {
+        img_size: fx.param_usize("img_size")?,
+        patch_size: fx.param_usize("patch_size")?,
+        in_chans: fx.param_usize("in_chans")?,
+        embed_dim: d,
+        depth: fx.param_usize("depth")?,
+        num_heads: fx.param_usize("num_heads")?,
+        ffn,
+        num_register_tokens: fx.param_usize("num_register_tokens")?,
+        layerscale: fx.param_bool("layerscale")?.then_some(1.0),
+        interpolate_offset: fx.param_f64("interpolate_offset")? as f32,
+        interpolate_antialias: fx.param_bool("interpolate_antialias")?,
+        qkv_bias: fx.param_bool("qkv_bias")?,
+        proj_bias: fx.param_bool("proj_bias")?,
+        ffn_bias: fx.param_bool("ffn_bias")?,
+    };
+    cfg.validate()?;
+    let (b, h, w) = (fx.param_usize("batch")?, fx.param_usize("input_h")?, fx.param_usize("input_w")?);
+    let (c, r) = (cfg.in_chans, cfg.num_register_tokens);
+    let mut table = ParamTable::new();
+    let vit = Vit::new(&cfg, &mut table, "");
+    let params = load_params(fx, &table)?;
+    let images = input_shaped(fx, "images", &[b, c, h, w])?;
+    let n = (h / cfg.patch_size) * (w / cfg.patch_size);
+    let masks: Option<Vec<bool>> = if fx.has("in.masks") {
+        let (shape, data) = fx.input_u8("masks")?;
+        if shape != [b, n] {
+            return Err(fx.error("in.masks", format!("shape {shape:?}, expected [{b}, {n}]")));
+        }
+        Some(data.iter().map(|&v| v != 0).collect())
+    } else {
+        None
+    };
+    let (y, cache) = vit.forward(&params, &images.data, b, h, w, masks.as_deref(), None)?;
+    let d_cls = input_shaped(fx, "grad_x_norm_clstoken", &[b, d])?;
+    let d_patch = input_shaped(fx, "grad_x_norm_patchtokens", &[b, n, d])?;
+    let d_reg = if r > 0 {
+        Some(&input_shaped(fx, "grad_x_norm_regtokens", &[b, r, d])?.data)
+    } else {
+        None
+    };
+    let mut grads = vec![0f32; table.len()];
+    let dimages = vit.backward(&params, &mut grads, &cache, &d_cls.data, &d_patch.data, d_reg.map(|v| v.as_slice()))?;
+    let mut o = Outputs::new();
+    out(&mut o, "x_norm_clstoken", tensor(&[b, d], y.cls)?);
+    out(&mut o, "x_norm_patchtokens", tensor(&[b, n, d], y.patch)?);
+    if r > 0 {
+        out(&mut o, "x_norm_regtokens", tensor(&[b, r, d], y.reg)?);
+    }
+    out(&mut o, "grad.images", tensor(&[b, c, h, w], dimages)?);
+    param_grads(&mut o, &table, &grads);
+    Ok(o)
+}
+
+fn dino_head(fx: &Fixture) -> Result<Outputs> {
+    let (in_dim, k) = (fx.param_usize("in_dim")?, fx.param_usize("out_dim")?);
+    let (hidden, bn, n) = (fx.param_usize("hidden_dim")?, fx.param_usize("bottleneck_dim")?, fx.param_usize("n")?);
+    if fx.param_usize("nlayers")? != 3 {
+        return Err(Error::Unsupported("DINO head with nlayers != 3".into()));
+    }
+    let mut table = ParamTable::new();
+    let head = DinoHead::new(in_dim, hidden, bn, k, &mut table, "");
+    let params = load_params(fx, &table)?;
+    let x = input_shaped(fx, "x", &[n, in_dim])?;
+    let dy = input_shaped(fx, "grad_out", &[n, k])?;
+    let (y, cache) = head.forward(&params, &x.data, n);
+    let mut grads = vec![0f32; table.len()];
+    let dx = head.backward(&params, &mut grads, &cache, &dy.data);
+    let mut o = Outputs::new();
+    out(&mut o, "out", tensor(&[n, k], y)?);
+    out(&mut o, "grad.x", tensor(&[n, in_dim], dx)?);
+    param_grads(&mut o, &table, &grads);
+    Ok(o)
 }

@@ -2,6 +2,11 @@
 //! products. It runs everything everywhere and is the reference the CUDA kernels are checked
 //! against.
 
+pub mod attention;
+pub mod elementwise;
 pub mod gemm;
+pub mod layernorm;
 
+pub use attention::{attention_backward, attention_forward};
 pub use gemm::{matmul, Accumulate, Transpose};
+pub use layernorm::{layernorm_backward, layernorm_forward};

@@ -1,0 +1,172 @@
+//! Elementwise ops: exact-erf GELU, SwiGLU's SiLU gate, LayerScale, residual add.
+//!
+//! Activation gradients are written (`=`), parameter gradients (`dgamma`) accumulate (`+=`).
+
+use rayon::prelude::*;
+
+/// Elements per rayon task.
+const CHUNK: usize = 1 << 14;
+
+const INV_SQRT_2: f32 = std::f32::consts::FRAC_1_SQRT_2;
+/// 1/sqrt(2π), the standard normal density at 0.
+const INV_SQRT_2PI: f32 = 0.398_942_3;
+
+/// `gelu(x) = 0.5 x (1 + erf(x / √2))`, the exact form (PyTorch's `nn.GELU()` default).
+#[inline]
+pub fn gelu(x: f32) -> f32 {
+    0.5 * x * (1.0 + libm::erff(x * INV_SQRT_2))
+}
+
+/// `d gelu / dx = Φ(x) + x φ(x)`.
+#[inline]
+pub fn gelu_grad(x: f32) -> f32 {
+    let cdf = 0.5 * (1.0 + libm::erff(x * INV_SQRT_2));
+    let pdf = INV_SQRT_2PI * (-0.5 * x * x).exp();
+    cdf + x * pdf
+}
+
+/// `silu(x) = x σ(x)`.
+#[inline]
+pub fn silu(x: f32) -> f32 {
+    x / (1.0 + (-x).exp())
+}
+
+/// `d silu / dx = σ(x) (1 + x (1 − σ(x)))`.
+#[inline]
+pub fn silu_grad(x: f32) -> f32 {
+    let s = 1.0 / (1.0 + (-x).exp());
+    s * (1.0 + x * (1.0 - s))
+}
+
+pub fn gelu_forward(out: &mut [f32], inp: &[f32]) {
+    assert_eq!(out.len(), inp.len());
+    out.par_chunks_mut(CHUNK)
+        .zip(inp.par_chunks(CHUNK))
+        .for_each(|(o, x)| o.iter_mut().zip(x).for_each(|(o, &x)| *o = gelu(x)));
+}
+
+pub fn gelu_backward(dinp: &mut [f32], dout: &[f32], inp: &[f32]) {
+    assert!(dinp.len() == inp.len() && dout.len() == inp.len());
+    dinp.par_chunks_mut(CHUNK)
+        .zip(dout.par_chunks(CHUNK))
+        .zip(inp.par_chunks(CHUNK))
+        .for_each(|((di, dy), x)| {
+            for i in 0..di.len() {
+                di[i] = dy[i] * gelu_grad(x[i]);
+            }
+        });
+}
+
+/// SwiGLU gate on the fused `w12` output: `out = silu(x1) * x2` with `x12 = [x1 | x2]` per row.
+pub fn swiglu_forward(
+    out: &mut [f32], // [rows, hidden]
+    x12: &[f32],     // [rows, 2·hidden]
+    rows: usize,
+    hidden: usize,
+) {
+    assert!(out.len() >= rows * hidden && x12.len() >= rows * 2 * hidden);
+    if hidden == 0 {
+        return;
+    }
+    out[..rows * hidden]
+        .par_chunks_mut(hidden)
+        .zip(x12[..rows * 2 * hidden].par_chunks(2 * hidden))
+        .for_each(|(o, x)| {
+            let (x1, x2) = x.split_at(hidden);
+            for i in 0..hidden {
+                o[i] = silu(x1[i]) * x2[i];
+            }
+        });
+}
+
+pub fn swiglu_backward(
+    dx12: &mut [f32], // [rows, 2·hidden]
+    dout: &[f32],     // [rows, hidden]
+    x12: &[f32],      // [rows, 2·hidden]
+    rows: usize,
+    hidden: usize,
+) {
+    assert!(dx12.len() >= rows * 2 * hidden && dout.len() >= rows * hidden);
+    if hidden == 0 {
+        return;
+    }
+    dx12[..rows * 2 * hidden]
+        .par_chunks_mut(2 * hidden)
+        .zip(dout[..rows * hidden].par_chunks(hidden))
+        .zip(x12[..rows * 2 * hidden].par_chunks(2 * hidden))
+        .for_each(|((dx, dy), x)| {
+            let (x1, x2) = x.split_at(hidden);
+            let (dx1, dx2) = dx.split_at_mut(hidden);
+            for i in 0..hidden {
+                dx1[i] = dy[i] * x2[i] * silu_grad(x1[i]);
+                dx2[i] = dy[i] * silu(x1[i]);
+            }
+        });
+}
+
+/// LayerScale: `out = inp * gamma` per channel.
+pub fn layerscale_forward(out: &mut [f32], inp: &[f32], gamma: &[f32], rows: usize, dim: usize) {
+    assert!(out.len() >= rows * dim && inp.len() >= rows * dim && gamma.len() == dim);
+    for (o, x) in out[..rows * dim].chunks_mut(dim).zip(inp.chunks(dim)) {
+        for i in 0..dim {
+            o[i] = x[i] * gamma[i];
+        }
+    }
+}
+
+/// Backward of LayerScale: `dinp = dout * gamma`, `dgamma += Σ_rows dout * inp`.
+#[allow(clippy::too_many_arguments)]
+pub fn layerscale_backward(
+    dinp: &mut [f32],
+    dgamma: &mut [f32],
+    dout: &[f32],
+    inp: &[f32],
+    gamma: &[f32],
+    rows: usize,
+    dim: usize,
+) {
+    assert!(dinp.len() >= rows * dim && dout.len() >= rows * dim && inp.len() >= rows * dim);
+    assert!(dgamma.len() == dim && gamma.len() == dim);
+    for r in 0..rows {
+        let (di, dy, x) = (
+            &mut dinp[r * dim..(r + 1) * dim],
+            &dout[r * dim..(r + 1) * dim],
+            &inp[r * dim..(r + 1) * dim],
+        );
+        for i in 0..dim {
+            di[i] = dy[i] * gamma[i];
+            dgamma[i] += dy[i] * x[i];
+        }
+    }
+}
+
+/// Residual add: `out += alpha * inp`.
+pub fn residual_add(out: &mut [f32], inp: &[f32], alpha: f32) {
+    assert_eq!(out.len(), inp.len());
+    out.par_chunks_mut(CHUNK)
+        .zip(inp.par_chunks(CHUNK))
+        .for_each(|(o, x)| o.iter_mut().zip(x).for_each(|(o, &x)| *o += alpha * x));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gelu_matches_known_values() {
+        // gelu(1) = 0.5 (1 + erf(1/√2)) = 0.841344746...; gelu(-2) = -0.0455002638...
+        assert!((gelu(1.0) - 0.841_344_75).abs() < 1e-6);
+        assert!((gelu(-2.0) + 0.045_500_264).abs() < 1e-6);
+        assert_eq!(gelu(0.0), 0.0);
+    }
+
+    #[test]
+    fn gelu_and_silu_gradients_match_central_differences() {
+        for &x in &[-3.0f64, -1.2, -0.3, 0.0, 0.4, 1.7, 3.5] {
+            let h = 1e-3f64;
+            let num = |f: fn(f32) -> f32| (f((x + h) as f32) as f64 - f((x - h) as f32) as f64) / (2.0 * h);
+            assert!((gelu_grad(x as f32) as f64 - num(gelu)).abs() < 2e-3, "gelu' at {x}");
+            assert!((silu_grad(x as f32) as f64 - num(silu)).abs() < 2e-3, "silu' at {x}");
+        }
+    }
+}
