@@ -32,7 +32,8 @@ fn random_params(table: &ParamTable, seed: u64) -> Vec<f32> {
     let mut rng = keyed(seed, &[stream::TEST, 1]);
     let mut flat = uniform(&mut rng, table.len(), 0.5);
     for s in table.specs() {
-        let around_one = (s.name.contains("norm") && s.name.ends_with("weight")) || s.name.ends_with("weight_g");
+        let around_one =
+            (s.name.contains("norm") && s.name.ends_with("weight")) || s.name.ends_with("weight_g");
         if around_one {
             flat[s.at.range()].iter_mut().for_each(|v| *v += 1.0);
         }
@@ -48,7 +49,10 @@ struct P<'a> {
 
 impl P<'_> {
     fn get(&self, name: &str) -> &[f64] {
-        let s = self.table.get(name).unwrap_or_else(|| panic!("no parameter {name}"));
+        let s = self
+            .table
+            .get(name)
+            .unwrap_or_else(|| panic!("no parameter {name}"));
         &self.vals[s.at.range()]
     }
     fn opt(&self, name: &str) -> Option<&[f64]> {
@@ -67,7 +71,12 @@ fn dot(a: &[f64], b: &[f32]) -> f64 {
 
 fn assert_close(what: &str, got: &[f32], want: &[f64], tol: f64) {
     assert_eq!(got.len(), want.len(), "{what}: length");
-    let num: f64 = got.iter().zip(want).map(|(&a, b)| (a as f64 - b).powi(2)).sum::<f64>().sqrt();
+    let num: f64 = got
+        .iter()
+        .zip(want)
+        .map(|(&a, b)| (a as f64 - b).powi(2))
+        .sum::<f64>()
+        .sqrt();
     let den: f64 = want.iter().map(|b| b * b).sum::<f64>().sqrt();
     let err = num / den.max(1e-12);
     assert!(err <= tol, "{what}: relative error {err:.3e} > {tol:.1e}");
@@ -97,13 +106,17 @@ fn check_grads(
             let idx: Vec<usize> = if s.at.len <= SAMPLES {
                 s.at.range().collect()
             } else {
-                (0..SAMPLES).map(|_| s.at.offset + rng.random_range(0..s.at.len)).collect()
+                (0..SAMPLES)
+                    .map(|_| s.at.offset + rng.random_range(0..s.at.len))
+                    .collect()
             };
             (s.name.clone(), idx, true)
         })
         .collect();
     if !input.is_empty() {
-        let idx = (0..2 * SAMPLES).map(|_| rng.random_range(0..input.len())).collect();
+        let idx = (0..2 * SAMPLES)
+            .map(|_| rng.random_range(0..input.len()))
+            .collect();
         groups.push(("<input>".into(), idx, false));
     }
     for (name, idx, is_param) in groups {
@@ -131,7 +144,12 @@ fn check_grads(
             num.push(d);
             ana.push(if is_param { dparams[i] } else { dinput[i] } as f64);
         }
-        let diff: f64 = num.iter().zip(&ana).map(|(a, b)| (a - b).powi(2)).sum::<f64>().sqrt();
+        let diff: f64 = num
+            .iter()
+            .zip(&ana)
+            .map(|(a, b)| (a - b).powi(2))
+            .sum::<f64>()
+            .sqrt();
         let norm: f64 = num.iter().map(|a| a * a).sum::<f64>().sqrt();
         assert!(
             diff <= TOL * norm || diff <= 1e-6,
@@ -171,11 +189,21 @@ fn linear(x: &[f64], rows: usize, w: &[f64], b: Option<&[f64]>, k: usize, n: usi
 }
 
 fn lin(p: &P, name: &str, x: &[f64], rows: usize, k: usize, n: usize) -> Vec<f64> {
-    linear(x, rows, p.get(&format!("{name}weight")), p.opt(&format!("{name}bias")), k, n)
+    linear(
+        x,
+        rows,
+        p.get(&format!("{name}weight")),
+        p.opt(&format!("{name}bias")),
+        k,
+        n,
+    )
 }
 
 fn layernorm(p: &P, name: &str, x: &[f64], rows: usize, d: usize) -> Vec<f64> {
-    let (w, b) = (p.get(&format!("{name}weight")), p.get(&format!("{name}bias")));
+    let (w, b) = (
+        p.get(&format!("{name}weight")),
+        p.get(&format!("{name}bias")),
+    );
     let mut y = vec![0.0; rows * d];
     for r in 0..rows {
         let row = &x[r * d..(r + 1) * d];
@@ -191,19 +219,28 @@ fn layernorm(p: &P, name: &str, x: &[f64], rows: usize, d: usize) -> Vec<f64> {
 /// Softmax attention on qkv [b, t, 3, h, hd] -> [b, t, h·hd].
 fn attention_core(qkv: &[f64], b: usize, t: usize, h: usize, hd: usize) -> Vec<f64> {
     let c = h * hd;
-    let at = |img: usize, tok: usize, which: usize, head: usize, j: usize| qkv[((img * t + tok) * 3 + which) * c + head * hd + j];
+    let at = |img: usize, tok: usize, which: usize, head: usize, j: usize| {
+        qkv[((img * t + tok) * 3 + which) * c + head * hd + j]
+    };
     let scale = (hd as f64).powf(-0.5);
     let mut out = vec![0.0; b * t * c];
     for img in 0..b {
         for head in 0..h {
             for i in 0..t {
                 let s: Vec<f64> = (0..t)
-                    .map(|j| (0..hd).map(|e| at(img, i, 0, head, e) * at(img, j, 1, head, e)).sum::<f64>() * scale)
+                    .map(|j| {
+                        (0..hd)
+                            .map(|e| at(img, i, 0, head, e) * at(img, j, 1, head, e))
+                            .sum::<f64>()
+                            * scale
+                    })
                     .collect();
                 let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
                 let z: f64 = s.iter().map(|v| (v - m).exp()).sum();
                 for e in 0..hd {
-                    out[(img * t + i) * c + head * hd + e] = (0..t).map(|j| (s[j] - m).exp() / z * at(img, j, 2, head, e)).sum();
+                    out[(img * t + i) * c + head * hd + e] = (0..t)
+                        .map(|j| (s[j] - m).exp() / z * at(img, j, 2, head, e))
+                        .sum();
                 }
             }
         }
@@ -218,7 +255,10 @@ fn attention(p: &P, name: &str, x: &[f64], b: usize, t: usize, d: usize, h: usiz
 }
 
 fn mlp(p: &P, name: &str, x: &[f64], rows: usize, d: usize, hidden: usize) -> Vec<f64> {
-    let a: Vec<f64> = lin(p, &format!("{name}fc1."), x, rows, d, hidden).into_iter().map(gelu).collect();
+    let a: Vec<f64> = lin(p, &format!("{name}fc1."), x, rows, d, hidden)
+        .into_iter()
+        .map(gelu)
+        .collect();
     lin(p, &format!("{name}fc2."), &a, rows, hidden, d)
 }
 
@@ -242,15 +282,32 @@ fn ffn(p: &P, name: &str, x: &[f64], rows: usize, d: usize, f: Ffn) -> Vec<f64> 
 
 /// Block with explicit kept subsets per branch (`None` = all samples, scale 1).
 #[allow(clippy::too_many_arguments)]
-fn block(p: &P, name: &str, x: &[f64], b: usize, t: usize, d: usize, heads: usize, f: Ffn, subsets: [Option<&[usize]>; 2]) -> Vec<f64> {
+fn block(
+    p: &P,
+    name: &str,
+    x: &[f64],
+    b: usize,
+    t: usize,
+    d: usize,
+    heads: usize,
+    f: Ffn,
+    subsets: [Option<&[usize]>; 2],
+) -> Vec<f64> {
     let mut x = x.to_vec();
     let sample = t * d;
     for (branch, subset) in subsets.iter().enumerate() {
         let kept: Vec<usize> = subset.map_or((0..b).collect(), |s| s.to_vec());
         let scale = b as f64 / kept.len() as f64;
-        let xs: Vec<f64> = kept.iter().flat_map(|&i| x[i * sample..(i + 1) * sample].to_vec()).collect();
+        let xs: Vec<f64> = kept
+            .iter()
+            .flat_map(|&i| x[i * sample..(i + 1) * sample].to_vec())
+            .collect();
         let bs = kept.len();
-        let (norm, ls) = if branch == 0 { ("norm1.", "ls1.gamma") } else { ("norm2.", "ls2.gamma") };
+        let (norm, ls) = if branch == 0 {
+            ("norm1.", "ls1.gamma")
+        } else {
+            ("norm2.", "ls2.gamma")
+        };
         let ln = layernorm(p, &format!("{name}{norm}"), &xs, bs * t, d);
         let y = if branch == 0 {
             attention(p, &format!("{name}attn."), &ln, bs, t, d, heads)
@@ -282,7 +339,11 @@ fn cubic(x: f64, a: f64) -> f64 {
 
 /// 1-D resampling weights [out, m] per spec 1.5.
 fn resample_weights(m: usize, g: usize, offset: f64, antialias: bool) -> Vec<Vec<f64>> {
-    let step = if offset > 0.0 { m as f64 / (g as f64 + offset) } else { m as f64 / g as f64 };
+    let step = if offset > 0.0 {
+        m as f64 / (g as f64 + offset)
+    } else {
+        m as f64 / g as f64
+    };
     (0..g)
         .map(|i| {
             let mut w = vec![0.0; m];
@@ -301,7 +362,12 @@ fn resample_weights(m: usize, g: usize, offset: f64, antialias: bool) -> Vec<Vec
                 let src = (i as f64 + 0.5) * step - 0.5;
                 let i0 = src.floor();
                 let t = src - i0;
-                let taps = [cubic(t + 1.0, -0.75), cubic(t, -0.75), cubic(1.0 - t, -0.75), cubic(2.0 - t, -0.75)];
+                let taps = [
+                    cubic(t + 1.0, -0.75),
+                    cubic(t, -0.75),
+                    cubic(1.0 - t, -0.75),
+                    cubic(2.0 - t, -0.75),
+                ];
                 for (k, tw) in taps.iter().enumerate() {
                     let idx = (i0 as i64 - 1 + k as i64).clamp(0, m as i64 - 1) as usize;
                     w[idx] += tw;
@@ -314,11 +380,24 @@ fn resample_weights(m: usize, g: usize, offset: f64, antialias: bool) -> Vec<Vec
 
 /// pos_embed [1 + m², d] -> [1 + gh·gw, d].
 #[allow(clippy::too_many_arguments)]
-fn pos_interp(pe: &[f64], m: usize, d: usize, h: usize, w: usize, gh: usize, gw: usize, offset: f64, antialias: bool) -> Vec<f64> {
+fn pos_interp(
+    pe: &[f64],
+    m: usize,
+    d: usize,
+    h: usize,
+    w: usize,
+    gh: usize,
+    gw: usize,
+    offset: f64,
+    antialias: bool,
+) -> Vec<f64> {
     if gh * gw == m * m && h == w {
         return pe.to_vec();
     }
-    let (wr, wc) = (resample_weights(m, gh, offset, antialias), resample_weights(m, gw, offset, antialias));
+    let (wr, wc) = (
+        resample_weights(m, gh, offset, antialias),
+        resample_weights(m, gw, offset, antialias),
+    );
     let mut out = vec![0.0; (1 + gh * gw) * d];
     out[..d].copy_from_slice(&pe[..d]);
     for i in 0..gh {
@@ -339,8 +418,21 @@ fn pos_interp(pe: &[f64], m: usize, d: usize, h: usize, w: usize, gh: usize, gw:
 
 /// Conv2d(kernel = stride = p) as a direct sum: [b, c, h, w] -> [b, n, d].
 #[allow(clippy::too_many_arguments)]
-fn patch_embed(p: &P, name: &str, img: &[f64], b: usize, c: usize, h: usize, w: usize, ps: usize, d: usize) -> Vec<f64> {
-    let (wt, bias) = (p.get(&format!("{name}proj.weight")), p.get(&format!("{name}proj.bias")));
+fn patch_embed(
+    p: &P,
+    name: &str,
+    img: &[f64],
+    b: usize,
+    c: usize,
+    h: usize,
+    w: usize,
+    ps: usize,
+    d: usize,
+) -> Vec<f64> {
+    let (wt, bias) = (
+        p.get(&format!("{name}proj.weight")),
+        p.get(&format!("{name}proj.bias")),
+    );
     let (gh, gw) = (h / ps, w / ps);
     let mut out = vec![0.0; b * gh * gw * d];
     for n in 0..b {
@@ -351,7 +443,8 @@ fn patch_embed(p: &P, name: &str, img: &[f64], b: usize, c: usize, h: usize, w: 
                     for ch in 0..c {
                         for ki in 0..ps {
                             for kj in 0..ps {
-                                s += wt[((o * c + ch) * ps + ki) * ps + kj] * img[((n * c + ch) * h + i * ps + ki) * w + j * ps + kj];
+                                s += wt[((o * c + ch) * ps + ki) * ps + kj]
+                                    * img[((n * c + ch) * h + i * ps + ki) * w + j * ps + kj];
                             }
                         }
                     }
@@ -364,8 +457,21 @@ fn patch_embed(p: &P, name: &str, img: &[f64], b: usize, c: usize, h: usize, w: 
 }
 
 /// The ViT: returns (cls [b,d], reg [b,r,d], patch [b,n,d]).
-fn vit(p: &P, cfg: &VitConfig, img: &[f64], b: usize, h: usize, w: usize, masks: Option<&[bool]>) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
-    let (ps, d, r, c) = (cfg.patch_size, cfg.embed_dim, cfg.num_register_tokens, cfg.in_chans);
+fn vit(
+    p: &P,
+    cfg: &VitConfig,
+    img: &[f64],
+    b: usize,
+    h: usize,
+    w: usize,
+    masks: Option<&[bool]>,
+) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+    let (ps, d, r, c) = (
+        cfg.patch_size,
+        cfg.embed_dim,
+        cfg.num_register_tokens,
+        cfg.in_chans,
+    );
     let (gh, gw) = (h / ps, w / ps);
     let n = gh * gw;
     let t = 1 + r + n;
@@ -377,7 +483,17 @@ fn vit(p: &P, cfg: &VitConfig, img: &[f64], b: usize, h: usize, w: usize, masks:
             }
         }
     }
-    let pos = pos_interp(p.get("pos_embed"), cfg.grid(), d, h, w, gh, gw, cfg.interpolate_offset as f64, cfg.interpolate_antialias);
+    let pos = pos_interp(
+        p.get("pos_embed"),
+        cfg.grid(),
+        d,
+        h,
+        w,
+        gh,
+        gw,
+        cfg.interpolate_offset as f64,
+        cfg.interpolate_antialias,
+    );
     let mut x = vec![0.0; b * t * d];
     for n_ in 0..b {
         for e in 0..d {
@@ -391,7 +507,17 @@ fn vit(p: &P, cfg: &VitConfig, img: &[f64], b: usize, h: usize, w: usize, masks:
         }
     }
     for i in 0..cfg.depth {
-        x = block(p, &format!("blocks.{i}."), &x, b, t, d, cfg.num_heads, cfg.ffn, [None, None]);
+        x = block(
+            p,
+            &format!("blocks.{i}."),
+            &x,
+            b,
+            t,
+            d,
+            cfg.num_heads,
+            cfg.ffn,
+            [None, None],
+        );
     }
     let xn = layernorm(p, "norm.", &x, b * t, d);
     let (mut cls, mut reg, mut patch) = (vec![], vec![], vec![]);
@@ -406,8 +532,14 @@ fn vit(p: &P, cfg: &VitConfig, img: &[f64], b: usize, h: usize, w: usize, masks:
 
 fn dino_head(p: &P, x: &[f64], n: usize, dims: (usize, usize, usize, usize)) -> Vec<f64> {
     let (i, hd, bn, k) = dims;
-    let a: Vec<f64> = lin(p, "mlp.0.", x, n, i, hd).into_iter().map(gelu).collect();
-    let a: Vec<f64> = lin(p, "mlp.2.", &a, n, hd, hd).into_iter().map(gelu).collect();
+    let a: Vec<f64> = lin(p, "mlp.0.", x, n, i, hd)
+        .into_iter()
+        .map(gelu)
+        .collect();
+    let a: Vec<f64> = lin(p, "mlp.2.", &a, n, hd, hd)
+        .into_iter()
+        .map(gelu)
+        .collect();
     let mut z = lin(p, "mlp.4.", &a, n, hd, bn);
     for row in z.chunks_mut(bn) {
         let norm = row.iter().map(|v| v * v).sum::<f64>().sqrt().max(1e-12);
@@ -416,7 +548,11 @@ fn dino_head(p: &P, x: &[f64], n: usize, dims: (usize, usize, usize, usize)) -> 
     let (g, v) = (p.get("last_layer.weight_g"), p.get("last_layer.weight_v"));
     let mut wn = vec![0.0; k * bn];
     for r in 0..k {
-        let norm = v[r * bn..(r + 1) * bn].iter().map(|a| a * a).sum::<f64>().sqrt();
+        let norm = v[r * bn..(r + 1) * bn]
+            .iter()
+            .map(|a| a * a)
+            .sum::<f64>()
+            .sqrt();
         for j in 0..bn {
             wn[r * bn + j] = g[r] * v[r * bn + j] / norm;
         }
@@ -442,8 +578,21 @@ fn linear_gradients() {
     let mut dx = vec![0f32; rows * k];
     layer.backward(Some(&mut dx), &mut g, &cot, &x, &params, rows);
     let f = |p: &P, x: &[f64]| lin(p, "", x, rows, k, n);
-    assert_close("linear forward", &y, &f(&P { table: &table, vals: &to64(&params) }, &to64(&x)), 1e-6);
-    check_grads("linear", &table, &params, &x, &g, &dx, &|p, x| dot(&f(p, x), &cot));
+    assert_close(
+        "linear forward",
+        &y,
+        &f(
+            &P {
+                table: &table,
+                vals: &to64(&params),
+            },
+            &to64(&x),
+        ),
+        1e-6,
+    );
+    check_grads("linear", &table, &params, &x, &g, &dx, &|p, x| {
+        dot(&f(p, x), &cot)
+    });
 }
 
 #[test]
@@ -461,8 +610,21 @@ fn layernorm_gradients() {
     let mut dx = vec![0f32; rows * d];
     ln.backward(&mut dx, &mut g, &cot, &x, &stats, &params, rows);
     let f = |p: &P, x: &[f64]| layernorm(p, "", x, rows, d);
-    assert_close("layernorm forward", &y, &f(&P { table: &table, vals: &to64(&params) }, &to64(&x)), 1e-6);
-    check_grads("layernorm", &table, &params, &x, &g, &dx, &|p, x| dot(&f(p, x), &cot));
+    assert_close(
+        "layernorm forward",
+        &y,
+        &f(
+            &P {
+                table: &table,
+                vals: &to64(&params),
+            },
+            &to64(&x),
+        ),
+        1e-6,
+    );
+    check_grads("layernorm", &table, &params, &x, &g, &dx, &|p, x| {
+        dot(&f(p, x), &cot)
+    });
 }
 
 #[test]
@@ -496,8 +658,21 @@ fn attention_gradients() {
     let mut dx = vec![0f32; b * t * d];
     attn.backward(&mut dx, &mut g, &cot, &x, &cache, &params, b, t);
     let f = |p: &P, x: &[f64]| attention(p, "", x, b, t, d, h);
-    assert_close("attention forward", &y, &f(&P { table: &table, vals: &to64(&params) }, &to64(&x)), 1e-5);
-    check_grads("attention", &table, &params, &x, &g, &dx, &|p, x| dot(&f(p, x), &cot));
+    assert_close(
+        "attention forward",
+        &y,
+        &f(
+            &P {
+                table: &table,
+                vals: &to64(&params),
+            },
+            &to64(&x),
+        ),
+        1e-5,
+    );
+    check_grads("attention", &table, &params, &x, &g, &dx, &|p, x| {
+        dot(&f(p, x), &cot)
+    });
 }
 
 fn ffn_check(ffn_kind: Ffn, seed: u64) {
@@ -514,8 +689,27 @@ fn ffn_check(ffn_kind: Ffn, seed: u64) {
     let mut dx = vec![0f32; rows * d];
     layer.backward(&mut dx, &mut g, &cot, &x, &cache, &params, rows);
     let f = |p: &P, x: &[f64]| ffn(p, "", x, rows, d, ffn_kind);
-    assert_close("ffn forward", &y, &f(&P { table: &table, vals: &to64(&params) }, &to64(&x)), 1e-5);
-    check_grads(&format!("{ffn_kind:?}"), &table, &params, &x, &g, &dx, &|p, x| dot(&f(p, x), &cot));
+    assert_close(
+        "ffn forward",
+        &y,
+        &f(
+            &P {
+                table: &table,
+                vals: &to64(&params),
+            },
+            &to64(&x),
+        ),
+        1e-5,
+    );
+    check_grads(
+        &format!("{ffn_kind:?}"),
+        &table,
+        &params,
+        &x,
+        &g,
+        &dx,
+        &|p, x| dot(&f(p, x), &cot),
+    );
 }
 
 #[test]
@@ -550,7 +744,10 @@ fn block_check(drop_rate: f32, ffn_kind: Ffn, layerscale: Option<f32>, seed: u64
     let cot = uniform(&mut rng, b * t * d, 1.0);
     let mut y = x.clone();
     let mut dp_rng = keyed(seed, &[stream::DROP_PATH]);
-    let dp = (drop_rate > 0.0).then(|| DropPath { rate: drop_rate, rng: &mut dp_rng });
+    let dp = (drop_rate > 0.0).then_some(DropPath {
+        rate: drop_rate,
+        rng: &mut dp_rng,
+    });
     let cache = match dp {
         Some(mut dp) => blk.forward(&mut y, &params, b, t, Some(&mut dp)),
         None => blk.forward(&mut y, &params, b, t, None),
@@ -562,9 +759,34 @@ fn block_check(drop_rate: f32, ffn_kind: Ffn, layerscale: Option<f32>, seed: u64
         cache.attn.subset.as_ref().map(|s| s.kept.clone()),
         cache.ffn.subset.as_ref().map(|s| s.kept.clone()),
     ];
-    let f = |p: &P, x: &[f64]| block(p, "", x, b, t, d, h, ffn_kind, [subsets[0].as_deref(), subsets[1].as_deref()]);
-    assert_close("block forward", &y, &f(&P { table: &table, vals: &to64(&params) }, &to64(&x)), 1e-5);
-    check_grads("block", &table, &params, &x, &g, &dx, &|p, x| dot(&f(p, x), &cot));
+    let f = |p: &P, x: &[f64]| {
+        block(
+            p,
+            "",
+            x,
+            b,
+            t,
+            d,
+            h,
+            ffn_kind,
+            [subsets[0].as_deref(), subsets[1].as_deref()],
+        )
+    };
+    assert_close(
+        "block forward",
+        &y,
+        &f(
+            &P {
+                table: &table,
+                vals: &to64(&params),
+            },
+            &to64(&x),
+        ),
+        1e-5,
+    );
+    check_grads("block", &table, &params, &x, &g, &dx, &|p, x| {
+        dot(&f(p, x), &cot)
+    });
     cache
 }
 
@@ -599,8 +821,21 @@ fn patch_embed_gradients() {
     let mut dimg = vec![0f32; img.len()];
     pe.backward(Some(&mut dimg), &mut g, &cot, &cols, &params, b, h, w);
     let f = |p: &P, x: &[f64]| patch_embed(p, "patch_embed.", x, b, c, h, w, ps, d);
-    assert_close("patch embed forward", &y, &f(&P { table: &table, vals: &to64(&params) }, &to64(&img)), 1e-6);
-    check_grads("patch embed", &table, &params, &img, &g, &dimg, &|p, x| dot(&f(p, x), &cot));
+    assert_close(
+        "patch embed forward",
+        &y,
+        &f(
+            &P {
+                table: &table,
+                vals: &to64(&params),
+            },
+            &to64(&img),
+        ),
+        1e-6,
+    );
+    check_grads("patch embed", &table, &params, &img, &g, &dimg, &|p, x| {
+        dot(&f(p, x), &cot)
+    });
 }
 
 fn pos_check(h: usize, w: usize, gh: usize, gw: usize, offset: f32, resampling: Resampling) {
@@ -618,8 +853,18 @@ fn pos_check(h: usize, w: usize, gh: usize, gw: usize, offset: f32, resampling: 
     let aa = resampling == Resampling::Antialias;
     let f = |p: &P| pos_interp(p.get("pos_embed"), m, d, h, w, gh, gw, offset as f64, aa);
     let what = format!("pos interp {h}x{w} -> {gh}x{gw}, offset {offset}, {resampling:?}");
-    assert_close(&what, &y, &f(&P { table: &table, vals: &to64(&params) }), 1e-5);
-    check_grads(&what, &table, &params, &[], &g, &[], &|p, _| dot(&f(p), &cot));
+    assert_close(
+        &what,
+        &y,
+        &f(&P {
+            table: &table,
+            vals: &to64(&params),
+        }),
+        1e-5,
+    );
+    check_grads(&what, &table, &params, &[], &g, &[], &|p, _| {
+        dot(&f(p), &cot)
+    });
 }
 
 #[test]
@@ -649,9 +894,24 @@ fn dino_head_gradients_including_weight_g() {
     let mut g = vec![0f32; table.len()];
     let dx = head.backward(&params, &mut g, &cache, &cot);
     let f = |p: &P, x: &[f64]| dino_head(p, x, n, (i, hd, bn, k));
-    assert_close("dino head forward", &y, &f(&P { table: &table, vals: &to64(&params) }, &to64(&x)), 1e-5);
-    assert!(g[table.get("last_layer.weight_g").unwrap().at.range()].iter().any(|v| *v != 0.0));
-    check_grads("dino head", &table, &params, &x, &g, &dx, &|p, x| dot(&f(p, x), &cot));
+    assert_close(
+        "dino head forward",
+        &y,
+        &f(
+            &P {
+                table: &table,
+                vals: &to64(&params),
+            },
+            &to64(&x),
+        ),
+        1e-5,
+    );
+    assert!(g[table.get("last_layer.weight_g").unwrap().at.range()]
+        .iter()
+        .any(|v| *v != 0.0));
+    check_grads("dino head", &table, &params, &x, &g, &dx, &|p, x| {
+        dot(&f(p, x), &cot)
+    });
 }
 
 fn vit_check(cfg: &VitConfig, b: usize, h: usize, w: usize, with_masks: bool, seed: u64) {
@@ -666,11 +926,26 @@ fn vit_check(cfg: &VitConfig, b: usize, h: usize, w: usize, with_masks: bool, se
     let c_cls = uniform(&mut rng, b * d, 1.0);
     let c_reg = uniform(&mut rng, b * r * d, 1.0);
     let c_patch = uniform(&mut rng, b * n * d, 1.0);
-    let (out, cache) = model.forward(&params, &img, b, h, w, masks.as_deref(), None).unwrap();
+    let (out, cache) = model
+        .forward(&params, &img, b, h, w, masks.as_deref(), None)
+        .unwrap();
     let mut g = vec![0f32; table.len()];
-    let dimg = model.backward(&params, &mut g, &cache, &c_cls, &c_patch, Some(&c_reg)).unwrap();
+    let dimg = model
+        .backward(&params, &mut g, &cache, &c_cls, &c_patch, Some(&c_reg))
+        .unwrap();
     let p64 = to64(&params);
-    let (cls, reg, patch) = vit(&P { table: &table, vals: &p64 }, cfg, &to64(&img), b, h, w, masks.as_deref());
+    let (cls, reg, patch) = vit(
+        &P {
+            table: &table,
+            vals: &p64,
+        },
+        cfg,
+        &to64(&img),
+        b,
+        h,
+        w,
+        masks.as_deref(),
+    );
     assert_close("vit cls", &out.cls, &cls, 1e-5);
     assert_close("vit patch", &out.patch, &patch, 1e-5);
     if r > 0 {
@@ -705,11 +980,32 @@ fn micro_cfg(registers: usize, offset: f32, antialias: bool, ffn: Ffn) -> VitCon
 
 #[test]
 fn vit_gradients_with_masks_and_registers() {
-    vit_check(&micro_cfg(2, 0.1, false, Ffn::Mlp { hidden: 16 }), 2, 8, 8, true, 14);
+    vit_check(
+        &micro_cfg(2, 0.1, false, Ffn::Mlp { hidden: 16 }),
+        2,
+        8,
+        8,
+        true,
+        14,
+    );
 }
 
 #[test]
 fn vit_gradients_interpolated_both_modes() {
-    vit_check(&micro_cfg(0, 0.1, false, Ffn::Mlp { hidden: 16 }), 2, 6, 10, true, 15);
-    vit_check(&micro_cfg(2, 0.0, true, Ffn::SwiGlu { hidden: 16 }), 1, 12, 12, false, 16);
+    vit_check(
+        &micro_cfg(0, 0.1, false, Ffn::Mlp { hidden: 16 }),
+        2,
+        6,
+        10,
+        true,
+        15,
+    );
+    vit_check(
+        &micro_cfg(2, 0.0, true, Ffn::SwiGlu { hidden: 16 }),
+        1,
+        12,
+        12,
+        false,
+        16,
+    );
 }

@@ -53,7 +53,9 @@ fn regression_patch_pixels_leak_only_into_their_own_token() {
                 }
             }
         }
-        let out = vit.forward_inference(&params, &changed, b, h, w, None).unwrap();
+        let out = vit
+            .forward_inference(&params, &changed, b, h, w, None)
+            .unwrap();
         assert_eq!(out.cls, base.cls, "cls changed");
         assert_eq!(out.reg, base.reg, "registers changed");
         let d = cfg.embed_dim;
@@ -62,7 +64,10 @@ fn regression_patch_pixels_leak_only_into_their_own_token() {
             if k == target {
                 assert_ne!(a, o, "patch ({pi},{pj}) of image {img_i} did not change");
             } else {
-                assert_eq!(a, o, "token {k} changed when patch ({pi},{pj}) of image {img_i} did");
+                assert_eq!(
+                    a, o,
+                    "token {k} changed when patch ({pi},{pj}) of image {img_i} did"
+                );
             }
         }
     }
@@ -79,8 +84,12 @@ fn masked_patches_ignore_their_pixels() {
     let masks: Vec<bool> = (0..b * n).map(|k| k % 5 == 2).collect();
     let img = uniform(&mut keyed(4, &[stream::TEST]), b * 3 * h * w, 1.0);
     let other = uniform(&mut keyed(5, &[stream::TEST]), b * 3 * h * w, 1.0);
-    let a = vit.forward_inference(&params, &img, b, h, w, Some(&masks)).unwrap();
-    let o = vit.forward_inference(&params, &other, b, h, w, Some(&masks)).unwrap();
+    let a = vit
+        .forward_inference(&params, &img, b, h, w, Some(&masks))
+        .unwrap();
+    let o = vit
+        .forward_inference(&params, &other, b, h, w, Some(&masks))
+        .unwrap();
     let d = cfg.embed_dim;
     for (k, &m) in masks.iter().enumerate() {
         let same = a.patch[k * d..(k + 1) * d] == o.patch[k * d..(k + 1) * d];
@@ -120,8 +129,21 @@ fn drop_path_keeps_max_int_b_times_one_minus_rate_samples_scaled_by_b_over_keep(
         blk.forward(&mut plain, &params, b, t, None);
         let mut dropped = x.clone();
         let mut rng = keyed(9, &[stream::DROP_PATH]);
-        let cache = blk.forward(&mut dropped, &params, b, t, Some(&mut DropPath { rate: 0.3, rng: &mut rng }));
-        let subset = if branch == "attn" { cache.attn.subset.unwrap() } else { cache.ffn.subset.unwrap() };
+        let cache = blk.forward(
+            &mut dropped,
+            &params,
+            b,
+            t,
+            Some(&mut DropPath {
+                rate: 0.3,
+                rng: &mut rng,
+            }),
+        );
+        let subset = if branch == "attn" {
+            cache.attn.subset.unwrap()
+        } else {
+            cache.ffn.subset.unwrap()
+        };
         // Python: int(10 · (1 − 0.3)) = 7.
         assert_eq!(subset.kept.len(), 7);
         assert!((subset.scale - 10.0 / 7.0).abs() < 1e-7);
@@ -133,7 +155,11 @@ fn drop_path_keeps_max_int_b_times_one_minus_rate_samples_scaled_by_b_over_keep(
                     assert!((dropped[e] - want).abs() < 1e-5, "{branch} sample {i}");
                 }
             } else {
-                assert_eq!(&dropped[s.clone()], &x[s], "{branch}: dropped sample {i} changed");
+                assert_eq!(
+                    &dropped[s.clone()],
+                    &x[s],
+                    "{branch}: dropped sample {i} changed"
+                );
             }
         }
     }
@@ -146,13 +172,29 @@ fn drop_path_is_deterministic_per_seed_and_rate_zero_is_the_plain_residual() {
     let run = |seed: u64, rate: f32| {
         let mut y = x.clone();
         let mut rng = keyed(seed, &[stream::DROP_PATH]);
-        let c = blk.forward(&mut y, &params, b, t, Some(&mut DropPath { rate, rng: &mut rng }));
-        (y, c.attn.subset.map(|s| s.kept), c.ffn.subset.map(|s| s.kept))
+        let c = blk.forward(
+            &mut y,
+            &params,
+            b,
+            t,
+            Some(&mut DropPath {
+                rate,
+                rng: &mut rng,
+            }),
+        );
+        (
+            y,
+            c.attn.subset.map(|s| s.kept),
+            c.ffn.subset.map(|s| s.kept),
+        )
     };
     let a = run(1, 0.4);
     assert_eq!(a, run(1, 0.4));
     let other = run(2, 0.4);
-    assert!(a.1 != other.1 || a.2 != other.2, "different seeds drew the same subsets");
+    assert!(
+        a.1 != other.1 || a.2 != other.2,
+        "different seeds drew the same subsets"
+    );
     // Two independent draws per block (attention and FFN).
     assert!(a.1.as_ref().unwrap().len() == 6 && a.2.as_ref().unwrap().len() == 6);
     let mut plain = x.clone();
@@ -163,7 +205,15 @@ fn drop_path_is_deterministic_per_seed_and_rate_zero_is_the_plain_residual() {
 }
 
 /// The official count from spec 10.1's key table, written out per tensor.
-fn official_count(d: usize, depth: usize, grid: usize, p: usize, regs: usize, ffn_in: usize, ffn_hidden_out: usize) -> usize {
+fn official_count(
+    d: usize,
+    depth: usize,
+    grid: usize,
+    p: usize,
+    regs: usize,
+    ffn_in: usize,
+    ffn_hidden_out: usize,
+) -> usize {
     let top = d + (1 + grid * grid) * d + d + regs * d + (d * 3 * p * p + d) + 2 * d;
     let block = 2 * d // norm1
         + (3 * d * d + 3 * d) // qkv
@@ -187,11 +237,23 @@ fn preset_parameter_counts_match_the_official_tables() {
     assert_eq!(count(&s), 22_056_576); // ViT-S/14 at 518 px: ~22.06 M
     assert_eq!(count(&s), official_count(384, 12, 37, 14, 0, 1536, 1536));
     assert_eq!(count(&Preset::Small.released(true)), 22_056_576 + 4 * 384);
-    assert_eq!(count(&Preset::Base.released(false)), official_count(768, 12, 37, 14, 0, 3072, 3072));
-    assert_eq!(count(&Preset::Large.released(false)), official_count(1024, 24, 37, 14, 0, 4096, 4096));
-    assert_eq!(count(&Preset::Giant.released(true)), official_count(1536, 40, 37, 14, 4, 8192, 4096));
+    assert_eq!(
+        count(&Preset::Base.released(false)),
+        official_count(768, 12, 37, 14, 0, 3072, 3072)
+    );
+    assert_eq!(
+        count(&Preset::Large.released(false)),
+        official_count(1024, 24, 37, 14, 0, 4096, 4096)
+    );
+    assert_eq!(
+        count(&Preset::Giant.released(true)),
+        official_count(1536, 40, 37, 14, 4, 8192, 4096)
+    );
     // Training ViT-S/14 at 224 px (16×16 grid).
-    assert_eq!(count(&Preset::Small.config(224, 14, 0)), official_count(384, 12, 16, 14, 0, 1536, 1536));
+    assert_eq!(
+        count(&Preset::Small.config(224, 14, 0)),
+        official_count(384, 12, 16, 14, 0, 1536, 1536)
+    );
 }
 
 #[test]
@@ -217,17 +279,26 @@ fn preset_keys_are_the_official_state_dict_keys() {
     let shape = |t: &ParamTable, k: &str| t.get(k).unwrap_or_else(|| panic!("{k}")).shape.clone();
     assert_eq!(shape(&s, "backbone.pos_embed"), [1, 1370, 384]);
     assert_eq!(shape(&s, "backbone.mask_token"), [1, 384]);
-    assert_eq!(shape(&s, "backbone.patch_embed.proj.weight"), [384, 3, 14, 14]);
+    assert_eq!(
+        shape(&s, "backbone.patch_embed.proj.weight"),
+        [384, 3, 14, 14]
+    );
     assert_eq!(shape(&s, "backbone.blocks.11.attn.qkv.weight"), [1152, 384]);
     assert_eq!(shape(&s, "backbone.blocks.11.ls2.gamma"), [384]);
     assert_eq!(shape(&s, "backbone.blocks.11.mlp.fc2.weight"), [384, 1536]);
     assert_eq!(shape(&s, "backbone.norm.bias"), [384]);
-    assert!(s.get("backbone.register_tokens").is_none() && s.get("backbone.blocks.12.norm1.weight").is_none());
+    assert!(
+        s.get("backbone.register_tokens").is_none()
+            && s.get("backbone.blocks.12.norm1.weight").is_none()
+    );
     let b = keys(&Preset::Base.released(true));
     assert_eq!(shape(&b, "backbone.register_tokens"), [1, 4, 768]);
     assert_eq!(shape(&b, "backbone.blocks.11.mlp.fc1.weight"), [3072, 768]);
     let l = keys(&Preset::Large.released(false));
-    assert_eq!(shape(&l, "backbone.blocks.23.attn.proj.weight"), [1024, 1024]);
+    assert_eq!(
+        shape(&l, "backbone.blocks.23.attn.proj.weight"),
+        [1024, 1024]
+    );
     let g = keys(&Preset::Giant.released(true));
     assert_eq!(shape(&g, "backbone.blocks.39.mlp.w12.weight"), [8192, 1536]);
     assert_eq!(shape(&g, "backbone.blocks.39.mlp.w3.weight"), [1536, 4096]);
@@ -247,19 +318,28 @@ fn official_init_statistics() {
     DinoHead::new(384, 2048, 256, 4096, &mut table, "dino_head.");
     let p = table.init(&mut keyed(0, &[stream::INIT]));
     let get = |k: &str| &p[table.get(k).unwrap().at.range()];
-    let std = |v: &[f32]| (v.iter().map(|x| (*x as f64).powi(2)).sum::<f64>() / v.len() as f64).sqrt();
+    let std =
+        |v: &[f32]| (v.iter().map(|x| (*x as f64).powi(2)).sum::<f64>() / v.len() as f64).sqrt();
     assert!((std(get("backbone.blocks.0.attn.qkv.weight")) - 0.02).abs() < 0.001);
     assert!((std(get("backbone.pos_embed")) - 0.02).abs() < 0.002);
     assert!(std(get("backbone.cls_token")) < 1e-5 && std(get("backbone.register_tokens")) < 1e-5);
     assert!(get("backbone.mask_token").iter().all(|v| *v == 0.0));
-    assert!(get("backbone.blocks.0.attn.qkv.bias").iter().all(|v| *v == 0.0));
-    assert!(get("backbone.blocks.3.ls1.gamma").iter().all(|v| *v == 1e-5));
+    assert!(get("backbone.blocks.0.attn.qkv.bias")
+        .iter()
+        .all(|v| *v == 0.0));
+    assert!(get("backbone.blocks.3.ls1.gamma")
+        .iter()
+        .all(|v| *v == 1e-5));
     assert!(get("backbone.norm.weight").iter().all(|v| *v == 1.0));
     let bound = 1.0 / (3.0f32 * 14.0 * 14.0).sqrt();
     let pw = get("backbone.patch_embed.proj.weight");
     assert!(pw.iter().all(|v| v.abs() <= bound) && pw.iter().any(|v| v.abs() > 0.9 * bound));
-    assert!(get("backbone.patch_embed.proj.bias").iter().all(|v| v.abs() <= bound));
-    assert!(get("dino_head.last_layer.weight_g").iter().all(|v| *v == 1.0));
+    assert!(get("backbone.patch_embed.proj.bias")
+        .iter()
+        .all(|v| v.abs() <= bound));
+    assert!(get("dino_head.last_layer.weight_g")
+        .iter()
+        .all(|v| *v == 1.0));
     let v = get("dino_head.last_layer.weight_v");
     assert!(v.iter().all(|x| x.abs() <= 1.0 / 16.0) && v.iter().any(|x| x.abs() > 0.06));
 }
@@ -272,14 +352,32 @@ fn bad_inputs_are_typed_errors() {
     assert!(vit.forward(&params, &img, 1, 16, 16, None, None).is_ok());
     assert!(vit.forward(&params, &img, 1, 16, 15, None, None).is_err()); // not a multiple of p
     assert!(vit.forward(&params, &img, 2, 16, 16, None, None).is_err()); // wrong image count
-    assert!(vit.forward(&params, &img, 1, 16, 16, Some(&[true; 3]), None).is_err()); // masks
-    assert!(vit.forward(&params[..10], &img, 1, 16, 16, None, None).is_err()); // params
+    assert!(vit
+        .forward(&params, &img, 1, 16, 16, Some(&[true; 3]), None)
+        .is_err()); // masks
+    assert!(vit
+        .forward(&params[..10], &img, 1, 16, 16, None, None)
+        .is_err()); // params
     let mut rng = keyed(0, &[]);
-    let dp = DropPath { rate: 1.0, rng: &mut rng };
-    assert!(vit.forward(&params, &img, 1, 16, 16, None, Some(dp)).is_err());
+    let dp = DropPath {
+        rate: 1.0,
+        rng: &mut rng,
+    };
+    assert!(vit
+        .forward(&params, &img, 1, 16, 16, None, Some(dp))
+        .is_err());
     let (_, cache) = vit.forward(&params, &img, 1, 16, 16, None, None).unwrap();
     let mut grads = vec![0f32; table.len()];
-    assert!(vit.backward(&params, &mut grads, &cache, &[0.0; 31], &[0.0; 16 * 32], None).is_err());
+    assert!(vit
+        .backward(
+            &params,
+            &mut grads,
+            &cache,
+            &[0.0; 31],
+            &[0.0; 16 * 32],
+            None
+        )
+        .is_err());
     let mut bad = cfg.clone();
     bad.num_heads = 3;
     assert!(bad.validate().is_err());
@@ -294,16 +392,21 @@ fn inference_forward_equals_training_forward_and_backward_accumulates() {
     let img = uniform(&mut keyed(10, &[stream::TEST]), b * 3 * h * w, 1.0);
     let (train, cache) = vit.forward(&params, &img, b, h, w, None, None).unwrap();
     let infer = vit.forward_inference(&params, &img, b, h, w, None).unwrap();
-    assert_eq!((train.cls, train.reg, train.patch), (infer.cls.clone(), infer.reg.clone(), infer.patch.clone()));
+    assert_eq!(
+        (train.cls, train.reg, train.patch),
+        (infer.cls.clone(), infer.reg.clone(), infer.patch.clone())
+    );
     // Parameter gradients accumulate: two backward passes give twice one.
     let d = cfg.embed_dim;
     let n = infer.n_patches;
     let dc = uniform(&mut keyed(11, &[stream::TEST]), b * d, 1.0);
     let dpch = uniform(&mut keyed(12, &[stream::TEST]), b * n * d, 1.0);
     let mut g1 = vec![0f32; table.len()];
-    vit.backward(&params, &mut g1, &cache, &dc, &dpch, None).unwrap();
+    vit.backward(&params, &mut g1, &cache, &dc, &dpch, None)
+        .unwrap();
     let mut g2 = g1.clone();
-    vit.backward(&params, &mut g2, &cache, &dc, &dpch, None).unwrap();
+    vit.backward(&params, &mut g2, &cache, &dc, &dpch, None)
+        .unwrap();
     for (a, b2) in g1.iter().zip(&g2) {
         assert!((2.0 * a - b2).abs() <= 1e-5 * (1.0 + a.abs()));
     }

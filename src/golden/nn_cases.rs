@@ -53,7 +53,10 @@ fn param_grads(outputs: &mut Outputs, table: &ParamTable, grads: &[f32]) {
 fn input_shaped<'a>(fx: &'a Fixture, name: &str, shape: &[usize]) -> Result<&'a Tensor> {
     let t = fx.input(name)?;
     if t.shape != shape {
-        return Err(fx.error(&format!("in.{name}"), format!("shape {:?}, expected {shape:?}", t.shape)));
+        return Err(fx.error(
+            &format!("in.{name}"),
+            format!("shape {:?}, expected {shape:?}", t.shape),
+        ));
     }
     Ok(t)
 }
@@ -63,7 +66,11 @@ fn tensor(shape: &[usize], data: Vec<f32>) -> Result<Tensor> {
 }
 
 fn layernorm(fx: &Fixture) -> Result<Outputs> {
-    let (b, t, d) = (fx.param_usize("batch")?, fx.param_usize("ntok")?, fx.param_usize("dim")?);
+    let (b, t, d) = (
+        fx.param_usize("batch")?,
+        fx.param_usize("ntok")?,
+        fx.param_usize("dim")?,
+    );
     let eps = fx.param_f64("eps")? as f32;
     let mut table = ParamTable::new();
     let ln = LayerNorm::new(&mut table, "", d, eps);
@@ -75,7 +82,9 @@ fn layernorm(fx: &Fixture) -> Result<Outputs> {
     let stats = ln.forward(&mut y, &x.data, &params, rows);
     let mut grads = vec![0f32; table.len()];
     let mut dx = vec![0f32; rows * d];
-    ln.backward(&mut dx, &mut grads, &dy.data, &x.data, &stats, &params, rows);
+    ln.backward(
+        &mut dx, &mut grads, &dy.data, &x.data, &stats, &params, rows,
+    );
     let mut o = Outputs::new();
     out(&mut o, "out", tensor(&[b, t, d], y)?);
     out(&mut o, "grad.x", tensor(&[b, t, d], dx)?);
@@ -84,7 +93,11 @@ fn layernorm(fx: &Fixture) -> Result<Outputs> {
 }
 
 fn attention(fx: &Fixture) -> Result<Outputs> {
-    let (b, t, d) = (fx.param_usize("batch")?, fx.param_usize("ntok")?, fx.param_usize("dim")?);
+    let (b, t, d) = (
+        fx.param_usize("batch")?,
+        fx.param_usize("ntok")?,
+        fx.param_usize("dim")?,
+    );
     let heads = fx.param_usize("num_heads")?;
     let mut table = ParamTable::new();
     let attn = Attention::new(
@@ -102,7 +115,9 @@ fn attention(fx: &Fixture) -> Result<Outputs> {
     let cache = attn.forward(&mut y, &x.data, &params, b, t);
     let mut grads = vec![0f32; table.len()];
     let mut dx = vec![0f32; b * t * d];
-    attn.backward(&mut dx, &mut grads, &dy.data, &x.data, &cache, &params, b, t);
+    attn.backward(
+        &mut dx, &mut grads, &dy.data, &x.data, &cache, &params, b, t,
+    );
     let mut o = Outputs::new();
     out(&mut o, "out", tensor(&[b, t, d], y)?);
     out(&mut o, "grad.x", tensor(&[b, t, d], dx)?);
@@ -111,7 +126,11 @@ fn attention(fx: &Fixture) -> Result<Outputs> {
 }
 
 fn block(fx: &Fixture) -> Result<Outputs> {
-    let (b, t, d) = (fx.param_usize("batch")?, fx.param_usize("ntok")?, fx.param_usize("dim")?);
+    let (b, t, d) = (
+        fx.param_usize("batch")?,
+        fx.param_usize("ntok")?,
+        fx.param_usize("dim")?,
+    );
     let cfg = BlockConfig {
         dim: d,
         num_heads: fx.param_usize("num_heads")?,
@@ -196,7 +215,11 @@ fn vit_forward(fx: &Fixture) -> Result<Outputs> {
         ffn_bias: fx.param_bool("ffn_bias")?,
     };
     cfg.validate()?;
-    let (b, h, w) = (fx.param_usize("batch")?, fx.param_usize("input_h")?, fx.param_usize("input_w")?);
+    let (b, h, w) = (
+        fx.param_usize("batch")?,
+        fx.param_usize("input_h")?,
+        fx.param_usize("input_w")?,
+    );
     let (c, r) = (cfg.in_chans, cfg.num_register_tokens);
     let mut table = ParamTable::new();
     let vit = Vit::new(&cfg, &mut table, "");
@@ -221,7 +244,14 @@ fn vit_forward(fx: &Fixture) -> Result<Outputs> {
         None
     };
     let mut grads = vec![0f32; table.len()];
-    let dimages = vit.backward(&params, &mut grads, &cache, &d_cls.data, &d_patch.data, d_reg.map(|v| v.as_slice()))?;
+    let dimages = vit.backward(
+        &params,
+        &mut grads,
+        &cache,
+        &d_cls.data,
+        &d_patch.data,
+        d_reg.map(|v| v.as_slice()),
+    )?;
     let mut o = Outputs::new();
     out(&mut o, "x_norm_clstoken", tensor(&[b, d], y.cls)?);
     out(&mut o, "x_norm_patchtokens", tensor(&[b, n, d], y.patch)?);
@@ -235,7 +265,11 @@ fn vit_forward(fx: &Fixture) -> Result<Outputs> {
 
 fn dino_head(fx: &Fixture) -> Result<Outputs> {
     let (in_dim, k) = (fx.param_usize("in_dim")?, fx.param_usize("out_dim")?);
-    let (hidden, bn, n) = (fx.param_usize("hidden_dim")?, fx.param_usize("bottleneck_dim")?, fx.param_usize("n")?);
+    let (hidden, bn, n) = (
+        fx.param_usize("hidden_dim")?,
+        fx.param_usize("bottleneck_dim")?,
+        fx.param_usize("n")?,
+    );
     if fx.param_usize("nlayers")? != 3 {
         return Err(Error::Unsupported("DINO head with nlayers != 3".into()));
     }

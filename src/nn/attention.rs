@@ -34,15 +34,36 @@ impl Attention {
         proj_bias: Bias,
     ) -> Self {
         Attention {
-            qkv: Linear::new(table, &format!("{name}qkv."), dim, 3 * dim, qkv_bias, LINEAR_INIT),
-            proj: Linear::new(table, &format!("{name}proj."), dim, dim, proj_bias, LINEAR_INIT),
+            qkv: Linear::new(
+                table,
+                &format!("{name}qkv."),
+                dim,
+                3 * dim,
+                qkv_bias,
+                LINEAR_INIT,
+            ),
+            proj: Linear::new(
+                table,
+                &format!("{name}proj."),
+                dim,
+                dim,
+                proj_bias,
+                LINEAR_INIT,
+            ),
             num_heads,
             dim,
         }
     }
 
     /// `out = proj(attention(qkv(inp)))` for `b` sequences of `t` tokens.
-    pub fn forward(&self, out: &mut [f32], inp: &[f32], params: &[f32], b: usize, t: usize) -> AttnCache {
+    pub fn forward(
+        &self,
+        out: &mut [f32],
+        inp: &[f32],
+        params: &[f32],
+        b: usize,
+        t: usize,
+    ) -> AttnCache {
         let (d, h) = (self.dim, self.num_heads);
         let rows = b * t;
         let mut cache = AttnCache {
@@ -72,9 +93,11 @@ impl Attention {
         let (d, h) = (self.dim, self.num_heads);
         let rows = b * t;
         let mut datt = vec![0f32; rows * d]; // [B, T, D]
-        self.proj.backward(Some(&mut datt), grads, dout, &cache.att, params, rows);
+        self.proj
+            .backward(Some(&mut datt), grads, dout, &cache.att, params, rows);
         let mut dqkv = vec![0f32; rows * 3 * d]; // [B, T, 3D]
         attention_backward(&mut dqkv, &datt, &cache.qkv, &cache.lse, b, t, h, d / h);
-        self.qkv.backward(Some(dinp), grads, &dqkv, inp, params, rows);
+        self.qkv
+            .backward(Some(dinp), grads, &dqkv, inp, params, rows);
     }
 }

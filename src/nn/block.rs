@@ -54,7 +54,7 @@ pub struct BranchCache<C> {
 pub struct BlockCache {
     pub b: usize,
     pub t: usize,
-    pub x_in: Vec<f32>,  // [b, t, d] block input
+    pub x_in: Vec<f32>, // [b, t, d] block input
     pub attn: BranchCache<AttnCache>,
     pub x_mid: Vec<f32>, // [b, t, d] after the attention residual
     pub ffn: BranchCache<FfnCache>,
@@ -79,7 +79,13 @@ impl Block {
         );
         let ls1 = gamma(table, "ls1");
         let norm2 = LayerNorm::new(table, &format!("{name}norm2."), d, cfg.eps);
-        let ffn = FfnLayer::new(table, &format!("{name}mlp."), d, cfg.ffn, Bias::from(cfg.ffn_bias));
+        let ffn = FfnLayer::new(
+            table,
+            &format!("{name}mlp."),
+            d,
+            cfg.ffn,
+            Bias::from(cfg.ffn_bias),
+        );
         let ls2 = gamma(table, "ls2");
         Block {
             norm1,
@@ -109,14 +115,28 @@ impl Block {
         };
         let attn_subset = draw();
         let x_in = x.to_vec();
-        let attn = branch_forward(x, &self.norm1, self.ls1, params, b, t, attn_subset, |out, inp, bs| {
-            self.attn.forward(out, inp, params, bs, t)
-        });
+        let attn = branch_forward(
+            x,
+            &self.norm1,
+            self.ls1,
+            params,
+            b,
+            t,
+            attn_subset,
+            |out, inp, bs| self.attn.forward(out, inp, params, bs, t),
+        );
         let ffn_subset = draw();
         let x_mid = x.to_vec();
-        let ffn = branch_forward(x, &self.norm2, self.ls2, params, b, t, ffn_subset, |out, inp, bs| {
-            self.ffn.forward(out, inp, params, bs * t)
-        });
+        let ffn = branch_forward(
+            x,
+            &self.norm2,
+            self.ls2,
+            params,
+            b,
+            t,
+            ffn_subset,
+            |out, inp, bs| self.ffn.forward(out, inp, params, bs * t),
+        );
         BlockCache {
             b,
             t,
@@ -132,15 +152,33 @@ impl Block {
     pub fn backward(&self, dx: &mut [f32], grads: &mut [f32], cache: &BlockCache, params: &[f32]) {
         let (b, t) = (cache.b, cache.t);
         branch_backward(
-            dx, grads, &cache.ffn, &cache.x_mid, &self.norm2, self.ls2, params, b, t,
+            dx,
+            grads,
+            &cache.ffn,
+            &cache.x_mid,
+            &self.norm2,
+            self.ls2,
+            params,
+            b,
+            t,
             |dinp, grads, dout, inp, bs| {
-                self.ffn.backward(dinp, grads, dout, inp, &cache.ffn.inner, params, bs * t)
+                self.ffn
+                    .backward(dinp, grads, dout, inp, &cache.ffn.inner, params, bs * t)
             },
         );
         branch_backward(
-            dx, grads, &cache.attn, &cache.x_in, &self.norm1, self.ls1, params, b, t,
+            dx,
+            grads,
+            &cache.attn,
+            &cache.x_in,
+            &self.norm1,
+            self.ls1,
+            params,
+            b,
+            t,
             |dinp, grads, dout, inp, bs| {
-                self.attn.backward(dinp, grads, dout, inp, &cache.attn.inner, params, bs, t)
+                self.attn
+                    .backward(dinp, grads, dout, inp, &cache.attn.inner, params, bs, t)
             },
         );
     }
@@ -212,9 +250,17 @@ fn branch_backward<C>(
         Some(s) => {
             let mut dy = gather_samples(dx, &s.kept, sample);
             dy.iter_mut().for_each(|v| *v *= s.scale);
-            (dy, Cow::Owned(gather_samples(x_branch_in, &s.kept, sample)), s.kept.len())
+            (
+                dy,
+                Cow::Owned(gather_samples(x_branch_in, &s.kept, sample)),
+                s.kept.len(),
+            )
         }
-        None => (dx[..b * sample].to_vec(), Cow::Borrowed(&x_branch_in[..b * sample]), b),
+        None => (
+            dx[..b * sample].to_vec(),
+            Cow::Borrowed(&x_branch_in[..b * sample]),
+            b,
+        ),
     };
     let rows = bs * t;
     if let Some(g) = ls {

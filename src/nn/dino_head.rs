@@ -27,13 +27,13 @@ pub struct DinoHead {
 #[derive(Clone, Debug, Default)]
 pub struct HeadCache {
     pub n: usize,
-    pub x: Vec<f32>,     // [n, in_dim]
-    pub pre0: Vec<f32>,  // [n, hidden]
-    pub act0: Vec<f32>,  // [n, hidden]
-    pub pre2: Vec<f32>,  // [n, hidden]
-    pub act2: Vec<f32>,  // [n, hidden]
-    pub y: Vec<f32>,     // [n, bn] before normalisation
-    pub z: Vec<f32>,     // [n, bn] normalised
+    pub x: Vec<f32>,      // [n, in_dim]
+    pub pre0: Vec<f32>,   // [n, hidden]
+    pub act0: Vec<f32>,   // [n, hidden]
+    pub pre2: Vec<f32>,   // [n, hidden]
+    pub act2: Vec<f32>,   // [n, hidden]
+    pub y: Vec<f32>,      // [n, bn] before normalisation
+    pub z: Vec<f32>,      // [n, bn] normalised
     pub y_norm: Vec<f32>, // [n] max(‖y‖, eps)
 }
 
@@ -46,7 +46,10 @@ fn effective_weight(g: &[f32], v: &[f32], k: usize, bn: usize) -> (Vec<f32>, Vec
         let norm = vr.iter().map(|a| a * a).sum::<f32>().sqrt();
         norms[r] = norm;
         let s = g[r] / norm;
-        w[r * bn..(r + 1) * bn].iter_mut().zip(vr).for_each(|(o, a)| *o = a * s);
+        w[r * bn..(r + 1) * bn]
+            .iter_mut()
+            .zip(vr)
+            .for_each(|(o, a)| *o = a * s);
     }
     (w, norms)
 }
@@ -63,12 +66,23 @@ impl DinoHead {
         prefix: &str,
     ) -> Self {
         let lin = |table: &mut ParamTable, i: usize, a: usize, b: usize| {
-            Linear::new(table, &format!("{prefix}mlp.{i}."), a, b, Bias::Yes, LINEAR_INIT)
+            Linear::new(
+                table,
+                &format!("{prefix}mlp.{i}."),
+                a,
+                b,
+                Bias::Yes,
+                LINEAR_INIT,
+            )
         };
         let mlp0 = lin(table, 0, in_dim, hidden_dim);
         let mlp2 = lin(table, 2, hidden_dim, hidden_dim);
         let mlp4 = lin(table, 4, hidden_dim, bottleneck_dim);
-        let weight_g = table.push(format!("{prefix}last_layer.weight_g"), &[out_dim, 1], Init::Const(1.0));
+        let weight_g = table.push(
+            format!("{prefix}last_layer.weight_g"),
+            &[out_dim, 1],
+            Init::Const(1.0),
+        );
         let bound = 1.0 / (bottleneck_dim as f32).sqrt();
         let weight_v = table.push(
             format!("{prefix}last_layer.weight_v"),
@@ -89,7 +103,11 @@ impl DinoHead {
     /// Logits `[n, k]` for `x [n, in_dim]`. Drop the cache for a forward-only (teacher) pass.
     pub fn forward(&self, params: &[f32], x: &[f32], n: usize) -> (Vec<f32>, HeadCache) {
         let (hidden, bn, k) = (self.mlp0.out_dim, self.bottleneck, self.out_dim);
-        assert_eq!(x.len(), n * self.mlp0.in_dim, "DinoHead::forward: x must be [n, in_dim]");
+        assert_eq!(
+            x.len(),
+            n * self.mlp0.in_dim,
+            "DinoHead::forward: x must be [n, in_dim]"
+        );
         let mut c = HeadCache {
             n,
             x: x.to_vec(),
@@ -108,29 +126,82 @@ impl DinoHead {
         self.mlp4.forward(&mut c.y, &c.act2, params, n);
         for r in 0..n {
             let y = &c.y[r * bn..(r + 1) * bn];
-            let norm = y.iter().map(|a| a * a).sum::<f32>().sqrt().max(NORMALIZE_EPS);
+            let norm = y
+                .iter()
+                .map(|a| a * a)
+                .sum::<f32>()
+                .sqrt()
+                .max(NORMALIZE_EPS);
             c.y_norm[r] = norm;
-            c.z[r * bn..(r + 1) * bn].iter_mut().zip(y).for_each(|(z, a)| *z = a / norm);
+            c.z[r * bn..(r + 1) * bn]
+                .iter_mut()
+                .zip(y)
+                .for_each(|(z, a)| *z = a / norm);
         }
-        let (w, _) = effective_weight(&params[self.weight_g.range()], &params[self.weight_v.range()], k, bn);
+        let (w, _) = effective_weight(
+            &params[self.weight_g.range()],
+            &params[self.weight_v.range()],
+            k,
+            bn,
+        );
         let mut out = vec![0f32; n * k]; // [n, k]
-        matmul(&mut out, &c.z, Transpose::No, &w, Transpose::Yes, n, bn, k, Accumulate::Overwrite);
+        matmul(
+            &mut out,
+            &c.z,
+            Transpose::No,
+            &w,
+            Transpose::Yes,
+            n,
+            bn,
+            k,
+            Accumulate::Overwrite,
+        );
         (out, c)
     }
 
     /// Backward from `d_out [n, k]`: parameter gradients accumulate; returns `d x [n, in_dim]`.
-    pub fn backward(&self, params: &[f32], grads: &mut [f32], cache: &HeadCache, d_out: &[f32]) -> Vec<f32> {
+    pub fn backward(
+        &self,
+        params: &[f32],
+        grads: &mut [f32],
+        cache: &HeadCache,
+        d_out: &[f32],
+    ) -> Vec<f32> {
         let (hidden, bn, k, n) = (self.mlp0.out_dim, self.bottleneck, self.out_dim, cache.n);
-        assert_eq!(d_out.len(), n * k, "DinoHead::backward: d_out must be [n, k]");
+        assert_eq!(
+            d_out.len(),
+            n * k,
+            "DinoHead::backward: d_out must be [n, k]"
+        );
         let g = &params[self.weight_g.range()];
         let v = &params[self.weight_v.range()];
         let (w, norms) = effective_weight(g, v, k, bn);
 
         // out = z Wᵀ: dz = d_out W ; dW = d_outᵀ z.
         let mut dz = vec![0f32; n * bn]; // [n, bn]
-        matmul(&mut dz, d_out, Transpose::No, &w, Transpose::No, n, k, bn, Accumulate::Overwrite);
+        matmul(
+            &mut dz,
+            d_out,
+            Transpose::No,
+            &w,
+            Transpose::No,
+            n,
+            k,
+            bn,
+            Accumulate::Overwrite,
+        );
         let mut dw = vec![0f32; k * bn]; // [k, bn]
-        matmul(&mut dw, d_out, Transpose::Yes, &cache.z, Transpose::No, k, n, bn, Accumulate::Overwrite);
+        matmul(
+            &mut dw,
+            d_out,
+            Transpose::Yes,
+            &cache.z,
+            Transpose::No,
+            k,
+            n,
+            bn,
+            Accumulate::Overwrite,
+        );
         // W_k = g_k v̂_k: dg_k = dW_k·v̂_k ; dv_k = (g_k/‖v_k‖)(dW_k − (dW_k·v̂_k) v̂_k).
         for r in 0..k {
             let vr = &v[r * bn..(r + 1) * bn];
@@ -151,7 +222,11 @@ impl DinoHead {
             let dzr = &dz[r * bn..(r + 1) * bn];
             let norm = cache.y_norm[r];
             let dyr = &mut dy[r * bn..(r + 1) * bn];
-            let raw = cache.y[r * bn..(r + 1) * bn].iter().map(|a| a * a).sum::<f32>().sqrt();
+            let raw = cache.y[r * bn..(r + 1) * bn]
+                .iter()
+                .map(|a| a * a)
+                .sum::<f32>()
+                .sqrt();
             if raw > NORMALIZE_EPS {
                 let dot: f32 = z.iter().zip(dzr).map(|(a, b)| a * b).sum();
                 for j in 0..bn {
@@ -164,15 +239,18 @@ impl DinoHead {
             }
         }
         let mut dact2 = vec![0f32; n * hidden];
-        self.mlp4.backward(Some(&mut dact2), grads, &dy, &cache.act2, params, n);
+        self.mlp4
+            .backward(Some(&mut dact2), grads, &dy, &cache.act2, params, n);
         let mut dpre2 = vec![0f32; n * hidden];
         gelu_backward(&mut dpre2, &dact2, &cache.pre2);
         let mut dact0 = vec![0f32; n * hidden];
-        self.mlp2.backward(Some(&mut dact0), grads, &dpre2, &cache.act0, params, n);
+        self.mlp2
+            .backward(Some(&mut dact0), grads, &dpre2, &cache.act0, params, n);
         let mut dpre0 = vec![0f32; n * hidden];
         gelu_backward(&mut dpre0, &dact0, &cache.pre0);
         let mut dx = vec![0f32; n * self.mlp0.in_dim];
-        self.mlp0.backward(Some(&mut dx), grads, &dpre0, &cache.x, params, n);
+        self.mlp0
+            .backward(Some(&mut dx), grads, &dpre0, &cache.x, params, n);
         dx
     }
 }

@@ -26,7 +26,9 @@ pub fn check_rate(rate: f32) -> Result<()> {
     if rate.is_finite() && (0.0..1.0).contains(&rate) {
         Ok(())
     } else {
-        Err(Error::Config(format!("drop path rate must be in [0, 1), got {rate}")))
+        Err(Error::Config(format!(
+            "drop path rate must be in [0, 1), got {rate}"
+        )))
     }
 }
 
@@ -64,7 +66,13 @@ pub fn gather_samples(src: &[f32], kept: &[usize], sample_len: usize) -> Vec<f32
 }
 
 /// `dst[kept[i]] += alpha · src[i]` per sample.
-pub fn scatter_add_samples(dst: &mut [f32], src: &[f32], kept: &[usize], sample_len: usize, alpha: f32) {
+pub fn scatter_add_samples(
+    dst: &mut [f32],
+    src: &[f32],
+    kept: &[usize],
+    sample_len: usize,
+    alpha: f32,
+) {
     for (j, &i) in kept.iter().enumerate() {
         let s = &src[j * sample_len..(j + 1) * sample_len];
         dst[i * sample_len..(i + 1) * sample_len]
@@ -103,7 +111,9 @@ mod tests {
 
     #[test]
     fn bad_rates_are_errors() {
-        assert!(check_rate(1.0).is_err() && check_rate(-0.1).is_err() && check_rate(f32::NAN).is_err());
+        assert!(
+            check_rate(1.0).is_err() && check_rate(-0.1).is_err() && check_rate(f32::NAN).is_err()
+        );
         assert!(check_rate(0.0).is_ok() && check_rate(0.4).is_ok());
     }
 }

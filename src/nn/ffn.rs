@@ -53,7 +53,9 @@ impl FfnLayer {
         rows: usize,
     ) {
         match (self, cache) {
-            (FfnLayer::Mlp(m), FfnCache::Mlp(c)) => m.backward(dinp, grads, dout, inp, c, params, rows),
+            (FfnLayer::Mlp(m), FfnCache::Mlp(c)) => {
+                m.backward(dinp, grads, dout, inp, c, params, rows)
+            }
             (FfnLayer::SwiGlu(s), FfnCache::SwiGlu(c)) => {
                 s.backward(dinp, grads, dout, inp, c, params, rows)
             }

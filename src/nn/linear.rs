@@ -23,7 +23,7 @@ impl From<bool> for Bias {
 /// A linear layer: parameter views and sizes.
 #[derive(Clone, Debug)]
 pub struct Linear {
-    pub weight: ParamRef, // [out_dim, in_dim]
+    pub weight: ParamRef,       // [out_dim, in_dim]
     pub bias: Option<ParamRef>, // [out_dim]
     pub in_dim: usize,
     pub out_dim: usize,
@@ -70,7 +70,17 @@ impl Linear {
         // out: [rows, out_dim], inp: [rows, in_dim]
         let (k, n) = (self.in_dim, self.out_dim);
         let w = &params[self.weight.range()];
-        matmul(out, inp, Transpose::No, w, Transpose::Yes, rows, k, n, Accumulate::Overwrite);
+        matmul(
+            out,
+            inp,
+            Transpose::No,
+            w,
+            Transpose::Yes,
+            rows,
+            k,
+            n,
+            Accumulate::Overwrite,
+        );
         if let Some(b) = self.bias {
             let b = &params[b.range()];
             for row in out[..rows * n].chunks_mut(n) {
@@ -93,10 +103,30 @@ impl Linear {
         let (k, n) = (self.in_dim, self.out_dim);
         if let Some(dinp) = dinp {
             let w = &params[self.weight.range()];
-            matmul(dinp, dout, Transpose::No, w, Transpose::No, rows, n, k, Accumulate::Overwrite);
+            matmul(
+                dinp,
+                dout,
+                Transpose::No,
+                w,
+                Transpose::No,
+                rows,
+                n,
+                k,
+                Accumulate::Overwrite,
+            );
         }
         let dw = &mut grads[self.weight.range()];
-        matmul(dw, dout, Transpose::Yes, inp, Transpose::No, n, rows, k, Accumulate::Add);
+        matmul(
+            dw,
+            dout,
+            Transpose::Yes,
+            inp,
+            Transpose::No,
+            n,
+            rows,
+            k,
+            Accumulate::Add,
+        );
         if let Some(b) = self.bias {
             let db = &mut grads[b.range()];
             for row in dout[..rows * n].chunks(n) {

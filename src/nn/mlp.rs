@@ -21,8 +21,22 @@ pub struct MlpCache {
 impl Mlp {
     pub fn new(table: &mut ParamTable, name: &str, dim: usize, hidden: usize, bias: Bias) -> Self {
         Mlp {
-            fc1: Linear::new(table, &format!("{name}fc1."), dim, hidden, bias, LINEAR_INIT),
-            fc2: Linear::new(table, &format!("{name}fc2."), hidden, dim, bias, LINEAR_INIT),
+            fc1: Linear::new(
+                table,
+                &format!("{name}fc1."),
+                dim,
+                hidden,
+                bias,
+                LINEAR_INIT,
+            ),
+            fc2: Linear::new(
+                table,
+                &format!("{name}fc2."),
+                hidden,
+                dim,
+                bias,
+                LINEAR_INIT,
+            ),
         }
     }
 
@@ -51,9 +65,11 @@ impl Mlp {
     ) {
         let hidden = self.fc1.out_dim;
         let mut dact = vec![0f32; rows * hidden]; // [rows, hidden]
-        self.fc2.backward(Some(&mut dact), grads, dout, &cache.act, params, rows);
+        self.fc2
+            .backward(Some(&mut dact), grads, dout, &cache.act, params, rows);
         let mut dpre = vec![0f32; rows * hidden];
         gelu_backward(&mut dpre, &dact, &cache.pre);
-        self.fc1.backward(Some(dinp), grads, &dpre, inp, params, rows);
+        self.fc1
+            .backward(Some(dinp), grads, &dpre, inp, params, rows);
     }
 }

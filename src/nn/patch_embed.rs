@@ -20,10 +20,20 @@ pub struct PatchEmbed {
 impl PatchEmbed {
     /// Registers `<name>proj.weight [D, c, p, p]` and `<name>proj.bias [D]` with PyTorch's
     /// default Conv2d init, U(±1/√(c·p·p)) for both.
-    pub fn new(table: &mut ParamTable, name: &str, in_chans: usize, patch: usize, dim: usize) -> Self {
+    pub fn new(
+        table: &mut ParamTable,
+        name: &str,
+        in_chans: usize,
+        patch: usize,
+        dim: usize,
+    ) -> Self {
         let k = in_chans * patch * patch;
         let bound = 1.0 / (k as f32).sqrt();
-        let weight = table.push(format!("{name}proj.weight"), &[dim, in_chans, patch, patch], Init::Uniform { bound });
+        let weight = table.push(
+            format!("{name}proj.weight"),
+            &[dim, in_chans, patch, patch],
+            Init::Uniform { bound },
+        );
         let bias = table.push(format!("{name}proj.bias"), &[dim], Init::Uniform { bound });
         PatchEmbed {
             proj: Linear {
@@ -120,7 +130,8 @@ impl PatchEmbed {
         match dimages {
             Some(dimages) => {
                 let mut dcols = vec![0f32; rows * self.proj.in_dim];
-                self.proj.backward(Some(&mut dcols), grads, dout, cols, params, rows);
+                self.proj
+                    .backward(Some(&mut dcols), grads, dout, cols, params, rows);
                 self.fold(dimages, &dcols, b, h, w);
             }
             None => self.proj.backward(None, grads, dout, cols, params, rows),

@@ -77,7 +77,12 @@ pub fn bicubic_matrix(in_size: usize, out_size: usize, scale: f32) -> Vec<f32> {
         // PyTorch's guard: index at most in−1, fraction clamped to [0, 1].
         let i0 = (src.floor() as i64).min(last);
         let t = (src - i0 as f32).clamp(0.0, 1.0);
-        let w = [cubic2(t + 1.0, A), cubic1(t, A), cubic1(1.0 - t, A), cubic2(2.0 - t, A)];
+        let w = [
+            cubic2(t + 1.0, A),
+            cubic1(t, A),
+            cubic1(1.0 - t, A),
+            cubic2(2.0 - t, A),
+        ];
         for (k, wk) in w.iter().enumerate() {
             let idx = (i0 - 1 + k as i64).clamp(0, last) as usize;
             m[i * in_size + idx] += wk;
@@ -182,10 +187,30 @@ impl PosEmbed {
                 let (gh, gw) = (*gh, *gw);
                 out[..d].copy_from_slice(&pe[..d]);
                 let mut tmp = vec![0f32; gh * m * d]; // [gh, M, D]
-                matmul(&mut tmp, wr, Transpose::No, &pe[d..], Transpose::No, gh, m, m * d, Accumulate::Overwrite);
+                matmul(
+                    &mut tmp,
+                    wr,
+                    Transpose::No,
+                    &pe[d..],
+                    Transpose::No,
+                    gh,
+                    m,
+                    m * d,
+                    Accumulate::Overwrite,
+                );
                 for i in 0..gh {
                     let dst = &mut out[d + i * gw * d..d + (i + 1) * gw * d];
-                    matmul(dst, wc, Transpose::No, &tmp[i * m * d..], Transpose::No, gw, m, d, Accumulate::Overwrite);
+                    matmul(
+                        dst,
+                        wc,
+                        Transpose::No,
+                        &tmp[i * m * d..],
+                        Transpose::No,
+                        gw,
+                        m,
+                        d,
+                        Accumulate::Overwrite,
+                    );
                 }
             }
         }
@@ -203,9 +228,29 @@ impl PosEmbed {
                 let mut dtmp = vec![0f32; gh * m * d]; // [gh, M, D]
                 for i in 0..gh {
                     let src = &dout[d + i * gw * d..d + (i + 1) * gw * d];
-                    matmul(&mut dtmp[i * m * d..], wc, Transpose::Yes, src, Transpose::No, m, gw, d, Accumulate::Overwrite);
+                    matmul(
+                        &mut dtmp[i * m * d..],
+                        wc,
+                        Transpose::Yes,
+                        src,
+                        Transpose::No,
+                        m,
+                        gw,
+                        d,
+                        Accumulate::Overwrite,
+                    );
                 }
-                matmul(&mut dpe[d..], wr, Transpose::Yes, &dtmp, Transpose::No, m, gh, m * d, Accumulate::Add);
+                matmul(
+                    &mut dpe[d..],
+                    wr,
+                    Transpose::Yes,
+                    &dtmp,
+                    Transpose::No,
+                    m,
+                    gh,
+                    m * d,
+                    Accumulate::Add,
+                );
             }
         }
     }
@@ -225,7 +270,12 @@ mod tests {
         let s = 1.890625f32;
         let want0 = [0.8671875 / s, 0.8671875 / s, 0.2265625 / s, -0.0703125 / s];
         for j in 0..4 {
-            assert!((m[j] - want0[j]).abs() < 1e-6, "{j}: {} vs {}", m[j], want0[j]);
+            assert!(
+                (m[j] - want0[j]).abs() < 1e-6,
+                "{j}: {} vs {}",
+                m[j],
+                want0[j]
+            );
             // Output 1 is the mirror image of output 0.
             assert!((m[4 + j] - want0[3 - j]).abs() < 1e-6);
         }

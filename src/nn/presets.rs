@@ -39,7 +39,12 @@ impl Preset {
     /// `num_register_tokens` registers. Training defaults: LayerScale 1e-5, all biases on,
     /// interpolation offset 0.1 without antialias (the released register models use offset 0
     /// with antialias: set those two fields to load them).
-    pub fn config(self, img_size: usize, patch_size: usize, num_register_tokens: usize) -> VitConfig {
+    pub fn config(
+        self,
+        img_size: usize,
+        patch_size: usize,
+        num_register_tokens: usize,
+    ) -> VitConfig {
         let (embed_dim, depth, num_heads, ffn) = self.sizes();
         VitConfig {
             img_size,

@@ -21,7 +21,7 @@ pub struct SwiGlu {
 /// Activations saved by [`SwiGlu::forward`].
 #[derive(Clone, Debug, Default)]
 pub struct SwiGluCache {
-    pub x12: Vec<f32>, // [rows, 2·width]
+    pub x12: Vec<f32>,   // [rows, 2·width]
     pub gated: Vec<f32>, // [rows, width]
 }
 
@@ -30,13 +30,26 @@ impl SwiGlu {
     pub fn new(table: &mut ParamTable, name: &str, dim: usize, hidden: usize, bias: Bias) -> Self {
         let width = swiglu_width(hidden);
         SwiGlu {
-            w12: Linear::new(table, &format!("{name}w12."), dim, 2 * width, bias, LINEAR_INIT),
+            w12: Linear::new(
+                table,
+                &format!("{name}w12."),
+                dim,
+                2 * width,
+                bias,
+                LINEAR_INIT,
+            ),
             w3: Linear::new(table, &format!("{name}w3."), width, dim, bias, LINEAR_INIT),
             width,
         }
     }
 
-    pub fn forward(&self, out: &mut [f32], inp: &[f32], params: &[f32], rows: usize) -> SwiGluCache {
+    pub fn forward(
+        &self,
+        out: &mut [f32],
+        inp: &[f32],
+        params: &[f32],
+        rows: usize,
+    ) -> SwiGluCache {
         let w = self.width;
         let mut cache = SwiGluCache {
             x12: vec![0.0; rows * 2 * w],
@@ -61,10 +74,12 @@ impl SwiGlu {
     ) {
         let w = self.width;
         let mut dgated = vec![0f32; rows * w];
-        self.w3.backward(Some(&mut dgated), grads, dout, &cache.gated, params, rows);
+        self.w3
+            .backward(Some(&mut dgated), grads, dout, &cache.gated, params, rows);
         let mut dx12 = vec![0f32; rows * 2 * w];
         swiglu_backward(&mut dx12, &dgated, &cache.x12, rows, w);
-        self.w12.backward(Some(dinp), grads, &dx12, inp, params, rows);
+        self.w12
+            .backward(Some(dinp), grads, &dx12, inp, params, rows);
     }
 }
 
@@ -73,7 +88,10 @@ mod tests {
     #[test]
     fn swiglu_width_matches_the_official_sizes() {
         // hidden' = 1024 (S), 2048 (B), 2736 (L), 4096 (g) for hidden = 4D.
-        let w: Vec<usize> = [384, 768, 1024, 1536].iter().map(|d| super::swiglu_width(4 * d)).collect();
+        let w: Vec<usize> = [384, 768, 1024, 1536]
+            .iter()
+            .map(|d| super::swiglu_width(4 * d))
+            .collect();
         assert_eq!(w, vec![1024, 2048, 2736, 4096]);
     }
 }

@@ -44,13 +44,22 @@ impl VitConfig {
             return bad(format!("sizes must be positive: {self:?}"));
         }
         if self.img_size % self.patch_size != 0 {
-            return bad(format!("img_size {} is not a multiple of patch_size {}", self.img_size, self.patch_size));
+            return bad(format!(
+                "img_size {} is not a multiple of patch_size {}",
+                self.img_size, self.patch_size
+            ));
         }
         if self.num_heads == 0 || self.embed_dim % self.num_heads != 0 {
-            return bad(format!("embed_dim {} is not divisible by num_heads {}", self.embed_dim, self.num_heads));
+            return bad(format!(
+                "embed_dim {} is not divisible by num_heads {}",
+                self.embed_dim, self.num_heads
+            ));
         }
         if !self.interpolate_offset.is_finite() || self.interpolate_offset < 0.0 {
-            return bad(format!("interpolate_offset {} must be >= 0", self.interpolate_offset));
+            return bad(format!(
+                "interpolate_offset {} must be >= 0",
+                self.interpolate_offset
+            ));
         }
         Ok(())
     }
@@ -113,13 +122,24 @@ impl Vit {
     /// official registration order, with the official initialisation.
     pub fn new(cfg: &VitConfig, table: &mut ParamTable, prefix: &str) -> Self {
         let d = cfg.embed_dim;
-        let cls_token = table.push(format!("{prefix}cls_token"), &[1, 1, d], Init::Normal { std: 1e-6 });
+        let cls_token = table.push(
+            format!("{prefix}cls_token"),
+            &[1, 1, d],
+            Init::Normal { std: 1e-6 },
+        );
         let resampling = if cfg.interpolate_antialias {
             Resampling::Antialias
         } else {
             Resampling::Bicubic
         };
-        let pos = PosEmbed::new(table, prefix, cfg.grid(), d, cfg.interpolate_offset, resampling);
+        let pos = PosEmbed::new(
+            table,
+            prefix,
+            cfg.grid(),
+            d,
+            cfg.interpolate_offset,
+            resampling,
+        );
         let register_tokens = (cfg.num_register_tokens > 0).then(|| {
             table.push(
                 format!("{prefix}register_tokens"),
@@ -128,7 +148,13 @@ impl Vit {
             )
         });
         let mask_token = table.push(format!("{prefix}mask_token"), &[1, d], Init::Zeros);
-        let patch_embed = PatchEmbed::new(table, &format!("{prefix}patch_embed."), cfg.in_chans, cfg.patch_size, d);
+        let patch_embed = PatchEmbed::new(
+            table,
+            &format!("{prefix}patch_embed."),
+            cfg.in_chans,
+            cfg.patch_size,
+            d,
+        );
         let bcfg = BlockConfig {
             dim: d,
             num_heads: cfg.num_heads,
@@ -161,6 +187,28 @@ impl Vit {
         1 + self.cfg.num_register_tokens + (h / p) * (w / p)
     }
 
+    /// Floating-point operations of one forward pass for one `h × w` image (multiply-add = 2;
+    /// the GEMMs and the two attention products, ignoring elementwise work). Backward costs
+    /// about twice this.
+    pub fn forward_flops(&self, h: usize, w: usize) -> f64 {
+        let p = self.cfg.patch_size;
+        let n = ((h / p) * (w / p)) as f64;
+        let t = self.tokens(h, w) as f64;
+        let d = self.cfg.embed_dim as f64;
+        let patch = 2.0 * n * self.patch_embed.proj.macs_per_row() as f64;
+        let blocks: f64 = self
+            .blocks
+            .iter()
+            .map(|blk| {
+                let linear = blk.attn.qkv.macs_per_row()
+                    + blk.attn.proj.macs_per_row()
+                    + blk.ffn.macs_per_row();
+                2.0 * t * linear as f64 + 4.0 * t * t * d
+            })
+            .sum();
+        patch + blocks
+    }
+
     /// Training forward: images `[b, c, h, w]` (NCHW), masks `[b, n]` (true = masked) or
     /// `None`, drop path `None` = off. Returns the outputs and what backward needs.
     #[allow(clippy::too_many_arguments)]
@@ -190,25 +238,54 @@ impl Vit {
         w: usize,
         masks: Option<&[bool]>,
     ) -> Result<VitOutput> {
-        Ok(self.run(params, images, b, h, w, masks, None, Keep::Nothing)?.0)
+        Ok(self
+            .run(params, images, b, h, w, masks, None, Keep::Nothing)?
+            .0)
     }
 
-    fn check_inputs(&self, params: &[f32], images: &[f32], b: usize, h: usize, w: usize, masks: Option<&[bool]>) -> Result<()> {
+    fn check_inputs(
+        &self,
+        params: &[f32],
+        images: &[f32],
+        b: usize,
+        h: usize,
+        w: usize,
+        masks: Option<&[bool]>,
+    ) -> Result<()> {
         let (p, c) = (self.cfg.patch_size, self.cfg.in_chans);
         let need = self.norm.bias.offset + self.norm.bias.len;
         if params.len() < need {
-            return Err(Error::shape("vit forward", format!("parameter buffer has {} values, the model needs {need}", params.len())));
+            return Err(Error::shape(
+                "vit forward",
+                format!(
+                    "parameter buffer has {} values, the model needs {need}",
+                    params.len()
+                ),
+            ));
         }
         if h == 0 || w == 0 || h % p != 0 || w % p != 0 {
-            return Err(Error::shape("vit forward", format!("image size {h}x{w} is not a positive multiple of the patch size {p}")));
+            return Err(Error::shape(
+                "vit forward",
+                format!("image size {h}x{w} is not a positive multiple of the patch size {p}"),
+            ));
         }
         if images.len() != b * c * h * w {
-            return Err(Error::shape("vit forward", format!("images hold {} values, expected [{b}, {c}, {h}, {w}] = {}", images.len(), b * c * h * w)));
+            return Err(Error::shape(
+                "vit forward",
+                format!(
+                    "images hold {} values, expected [{b}, {c}, {h}, {w}] = {}",
+                    images.len(),
+                    b * c * h * w
+                ),
+            ));
         }
         let n = (h / p) * (w / p);
         if let Some(m) = masks {
             if m.len() != b * n {
-                return Err(Error::shape("vit forward", format!("masks hold {} values, expected [{b}, {n}]", m.len())));
+                return Err(Error::shape(
+                    "vit forward",
+                    format!("masks hold {} values, expected [{b}, {n}]", m.len()),
+                ));
             }
         }
         Ok(())
@@ -230,7 +307,11 @@ impl Vit {
         if let Some(dp) = &drop_path {
             check_rate(dp.rate)?;
         }
-        let (p, d, r) = (self.cfg.patch_size, self.cfg.embed_dim, self.cfg.num_register_tokens);
+        let (p, d, r) = (
+            self.cfg.patch_size,
+            self.cfg.embed_dim,
+            self.cfg.num_register_tokens,
+        );
         let (gh, gw) = (h / p, w / p);
         let n = gh * gw;
         let t = 1 + r + n;
@@ -238,7 +319,8 @@ impl Vit {
         // Patch embedding, then mask-token substitution (before the position embedding).
         let mut pe = vec![0f32; b * n * d]; // [b, n, d]
         let mut cols = vec![0f32; b * n * self.patch_embed.proj.in_dim]; // [b·n, c·p·p]
-        self.patch_embed.forward(&mut pe, &mut cols, images, params, b, h, w);
+        self.patch_embed
+            .forward(&mut pe, &mut cols, images, params, b, h, w);
         if let Some(m) = masks {
             let mask_token = &params[self.mask_token.range()];
             for (row, _) in pe.chunks_mut(d).zip(m).filter(|(_, &masked)| masked) {
@@ -267,7 +349,11 @@ impl Vit {
         }
         drop(pe);
 
-        let mut block_caches = Vec::with_capacity(if keep == Keep::Cache { self.blocks.len() } else { 0 });
+        let mut block_caches = Vec::with_capacity(if keep == Keep::Cache {
+            self.blocks.len()
+        } else {
+            0
+        });
         for block in &self.blocks {
             let cache = block.forward(&mut x, params, b, t, drop_path.as_mut());
             if keep == Keep::Cache {
@@ -322,7 +408,10 @@ impl Vit {
         let (b, n) = (cache.b, cache.n);
         let t = 1 + r + n;
         let shape_err = |what: &str, got: usize, want: usize| {
-            Err(Error::shape("vit backward", format!("{what} holds {got} values, expected {want}")))
+            Err(Error::shape(
+                "vit backward",
+                format!("{what} holds {got} values, expected {want}"),
+            ))
         };
         if d_cls.len() != b * d {
             return shape_err("d_cls", d_cls.len(), b * d);
@@ -349,7 +438,15 @@ impl Vit {
             db[(1 + r) * d..].copy_from_slice(&d_patch[img * n * d..(img + 1) * n * d]);
         }
         let mut dx = vec![0f32; b * t * d]; // [b, t, d]
-        self.norm.backward(&mut dx, grads, &dxn, &cache.x_final, &cache.norm_stats, params, b * t);
+        self.norm.backward(
+            &mut dx,
+            grads,
+            &dxn,
+            &cache.x_final,
+            &cache.norm_stats,
+            params,
+            b * t,
+        );
         drop(dxn);
         for (block, bc) in self.blocks.iter().zip(&cache.blocks).rev() {
             block.backward(&mut dx, grads, bc, params);
@@ -367,7 +464,10 @@ impl Vit {
                 }
             }
             if let Some(reg) = self.register_tokens {
-                grads[reg.range()].iter_mut().zip(&db[d..(1 + r) * d]).for_each(|(g, v)| *g += v);
+                grads[reg.range()]
+                    .iter_mut()
+                    .zip(&db[d..(1 + r) * d])
+                    .for_each(|(g, v)| *g += v);
             }
             let dpatch = &db[(1 + r) * d..];
             dpos[d..].iter_mut().zip(dpatch).for_each(|(g, v)| *g += v);
@@ -375,7 +475,10 @@ impl Vit {
             for (i, (o, s)) in dst.chunks_mut(d).zip(dpatch.chunks(d)).enumerate() {
                 let masked = cache.masks.as_ref().is_some_and(|m| m[img * n + i]);
                 if masked {
-                    grads[self.mask_token.range()].iter_mut().zip(s).for_each(|(g, v)| *g += v);
+                    grads[self.mask_token.range()]
+                        .iter_mut()
+                        .zip(s)
+                        .for_each(|(g, v)| *g += v);
                 } else {
                     o.copy_from_slice(s);
                 }
@@ -384,7 +487,16 @@ impl Vit {
         self.pos.backward(grads, &dpos, &cache.plan);
         let (c, h, w) = (self.cfg.in_chans, cache.h, cache.w);
         let mut dimages = vec![0f32; b * c * h * w]; // [b, c, h, w]
-        self.patch_embed.backward(Some(&mut dimages), grads, &dpe, &cache.cols, params, b, h, w);
+        self.patch_embed.backward(
+            Some(&mut dimages),
+            grads,
+            &dpe,
+            &cache.cols,
+            params,
+            b,
+            h,
+            w,
+        );
         Ok(dimages)
     }
 }

@@ -14,7 +14,17 @@ use rayon::prelude::*;
 
 /// Copies channel block `which` (0 = q, 1 = k, 2 = v) of head `head` out of one image's qkv
 /// into a contiguous `[t, hd]` buffer, multiplied by `mul`.
-fn gather(dst: &mut [f32], qkv: &[f32], which: usize, head: usize, t: usize, h: usize, hd: usize, mul: f32) {
+#[allow(clippy::too_many_arguments)]
+fn gather(
+    dst: &mut [f32],
+    qkv: &[f32],
+    which: usize,
+    head: usize,
+    t: usize,
+    h: usize,
+    hd: usize,
+    mul: f32,
+) {
     let c3 = 3 * h * hd;
     let off = which * h * hd + head * hd;
     for i in 0..t {
@@ -74,9 +84,29 @@ pub fn attention_forward(
                 gather(&mut q, qkv, 0, head, t, h, hd, scale);
                 gather(&mut k, qkv, 1, head, t, h, hd, 1.0);
                 gather(&mut v, qkv, 2, head, t, h, hd, 1.0);
-                matmul(&mut p, &q, Transpose::No, &k, Transpose::Yes, t, hd, t, Accumulate::Overwrite);
+                matmul(
+                    &mut p,
+                    &q,
+                    Transpose::No,
+                    &k,
+                    Transpose::Yes,
+                    t,
+                    hd,
+                    t,
+                    Accumulate::Overwrite,
+                );
                 softmax_rows(&mut p, &mut lse[head * t..(head + 1) * t], t);
-                matmul(&mut o, &p, Transpose::No, &v, Transpose::No, t, t, hd, Accumulate::Overwrite);
+                matmul(
+                    &mut o,
+                    &p,
+                    Transpose::No,
+                    &v,
+                    Transpose::No,
+                    t,
+                    t,
+                    hd,
+                    Accumulate::Overwrite,
+                );
                 for i in 0..t {
                     out[i * c + head * hd..i * c + (head + 1) * hd]
                         .copy_from_slice(&o[i * hd..(i + 1) * hd]);
@@ -129,15 +159,45 @@ pub fn attention_backward(
                         .copy_from_slice(&dout[i * c + head * hd..i * c + (head + 1) * hd]);
                 }
                 // Recompute P = exp(S - lse).
-                matmul(&mut p, &q, Transpose::No, &k, Transpose::Yes, t, hd, t, Accumulate::Overwrite);
+                matmul(
+                    &mut p,
+                    &q,
+                    Transpose::No,
+                    &k,
+                    Transpose::Yes,
+                    t,
+                    hd,
+                    t,
+                    Accumulate::Overwrite,
+                );
                 for (row, &l) in p.chunks_mut(t).zip(&lse[head * t..(head + 1) * t]) {
                     for x in row.iter_mut() {
                         *x = (*x - l).exp();
                     }
                 }
                 // dV = Pᵀ dO ; dP = dO Vᵀ
-                matmul(&mut dv, &p, Transpose::Yes, &dout_h, Transpose::No, t, t, hd, Accumulate::Overwrite);
-                matmul(&mut dp, &dout_h, Transpose::No, &v, Transpose::Yes, t, hd, t, Accumulate::Overwrite);
+                matmul(
+                    &mut dv,
+                    &p,
+                    Transpose::Yes,
+                    &dout_h,
+                    Transpose::No,
+                    t,
+                    t,
+                    hd,
+                    Accumulate::Overwrite,
+                );
+                matmul(
+                    &mut dp,
+                    &dout_h,
+                    Transpose::No,
+                    &v,
+                    Transpose::Yes,
+                    t,
+                    hd,
+                    t,
+                    Accumulate::Overwrite,
+                );
                 // dS = P ∘ (dP − rowsum(P ∘ dP))
                 for (prow, dprow) in p.chunks(t).zip(dp.chunks_mut(t)) {
                     let dot: f32 = prow.iter().zip(dprow.iter()).map(|(a, b)| a * b).sum();
@@ -146,8 +206,28 @@ pub fn attention_backward(
                     }
                 }
                 // dQ = scale · dS K ; dK = dSᵀ (scale · Q)
-                matmul(&mut dq, &dp, Transpose::No, &k, Transpose::No, t, t, hd, Accumulate::Overwrite);
-                matmul(&mut dk, &dp, Transpose::Yes, &q, Transpose::No, t, t, hd, Accumulate::Overwrite);
+                matmul(
+                    &mut dq,
+                    &dp,
+                    Transpose::No,
+                    &k,
+                    Transpose::No,
+                    t,
+                    t,
+                    hd,
+                    Accumulate::Overwrite,
+                );
+                matmul(
+                    &mut dk,
+                    &dp,
+                    Transpose::Yes,
+                    &q,
+                    Transpose::No,
+                    t,
+                    t,
+                    hd,
+                    Accumulate::Overwrite,
+                );
                 for i in 0..t {
                     let row = &mut dqkv[i * c3..(i + 1) * c3];
                     for j in 0..hd {

@@ -1,0 +1,88 @@
+//! CPU throughput on ViT-S shapes: the GEMMs of one block (GFLOP/s) and a ViT-S/14 training
+//! forward + backward at 224 px, batch 8 (images/s; GFLOP/s = images/s × the FLOPs printed).
+//!
+//! `cargo bench --bench vit -- --warm-up-time 1 --measurement-time 3`
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use dinotrain::backend::cpu::{matmul, Accumulate, Transpose};
+use dinotrain::nn::params::ParamTable;
+use dinotrain::nn::presets::Preset;
+use dinotrain::nn::vit::Vit;
+use dinotrain::rng::{keyed, stream};
+use rand::Rng as _;
+use std::hint::black_box;
+
+fn random(n: usize, seed: u64) -> Vec<f32> {
+    let mut rng = keyed(seed, &[stream::TEST]);
+    (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect()
+}
+
+/// `[8·257, 384] × [384, 1152]` (qkv), `× [384, 1536]` (fc1), `[8·257, 1536] × [1536, 384]` (fc2),
+/// each as the forward uses it (`x · Wᵀ`, weight `[out, in]`).
+fn gemm(c: &mut Criterion) {
+    let rows = 8 * 257;
+    let mut group = c.benchmark_group("gemm_vits");
+    group.sample_size(10);
+    for (name, k, n) in [("qkv", 384, 1152), ("fc1", 384, 1536), ("fc2", 1536, 384)] {
+        let a = random(rows * k, 1);
+        let w = random(n * k, 2);
+        let mut out = vec![0f32; rows * n];
+        group.throughput(Throughput::Elements((2 * rows * k * n) as u64)); // FLOP
+        group.bench_function(BenchmarkId::new(name, format!("{rows}x{k}x{n}")), |bch| {
+            bch.iter(|| {
+                matmul(
+                    &mut out,
+                    black_box(&a),
+                    Transpose::No,
+                    &w,
+                    Transpose::Yes,
+                    rows,
+                    k,
+                    n,
+                    Accumulate::Overwrite,
+                );
+            })
+        });
+    }
+    group.finish();
+}
+
+fn vit_small(c: &mut Criterion) {
+    let (b, h, w) = (8, 224, 224);
+    let cfg = Preset::Small.config(224, 14, 0);
+    let mut table = ParamTable::new();
+    let vit = Vit::new(&cfg, &mut table, "backbone.");
+    let params = table.init(&mut keyed(0, &[stream::INIT]));
+    let images = random(b * 3 * h * w, 3);
+    let n = (h / 14) * (w / 14);
+    let d = cfg.embed_dim;
+    let d_cls = random(b * d, 4);
+    let d_patch = random(b * n * d, 5);
+    let fwd = vit.forward_flops(h, w);
+    eprintln!(
+        "ViT-S/14 224 px: {:.2} GFLOP forward per image, {:.1} GFLOP per batch-8 step (forward + 2x backward)",
+        fwd / 1e9,
+        3.0 * fwd * b as f64 / 1e9
+    );
+    let mut grads = vec![0f32; table.len()];
+    let mut group = c.benchmark_group("vit_s14_224_b8");
+    group.sample_size(10);
+    group.throughput(Throughput::Elements(b as u64)); // images
+    group.bench_function("forward_backward", |bch| {
+        bch.iter(|| {
+            let (_, cache) = vit.forward(&params, &images, b, h, w, None, None).unwrap();
+            vit.backward(&params, &mut grads, &cache, &d_cls, &d_patch, None)
+                .unwrap()
+        })
+    });
+    group.bench_function("forward_inference", |bch| {
+        bch.iter(|| {
+            vit.forward_inference(&params, &images, b, h, w, None)
+                .unwrap()
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, gemm, vit_small);
+criterion_main!(benches);
