@@ -5,3 +5,7 @@
 pub mod gemm;
 
 pub use gemm::{matmul, Accumulate, Transpose};
+pub mod koleo;
+pub mod loss;
+pub mod optimizer;
+pub mod sinkhorn;
