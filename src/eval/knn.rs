@@ -205,7 +205,7 @@ mod tests {
         // Train: two clusters along x (class 0) and y (class 1).
         let train = [1.0f32, 0.0, 2.0, 0.1, 0.0, 1.0, 0.1, 3.0];
         let labels = [0usize, 0, 1, 1];
-        let test = [5.0f32, 0.2, 0.0, -1.0];
+        let test = [5.0f32, 0.2, 0.1, 2.0];
         let r = knn_classify(&train, &labels, &test, 2, &[1, 3], 0.07).unwrap();
         assert_eq!(r.num_classes, 2);
         assert_eq!(&r.topk_labels[..3], &[0, 0, 1]);

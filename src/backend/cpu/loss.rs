@@ -295,8 +295,10 @@ mod tests {
         let mut p = vec![0f32; r * k];
         softmax_centered_forward(&mut p, &t, &c, r, k, 0.04).unwrap();
         for row in 0..r {
+            // The scaled logits rounded to f32 as the kernel (and torch) forms them; what is
+            // checked is everything after that rounding.
             let z: Vec<f64> = (0..k)
-                .map(|j| (t[row * k + j] as f64 - c[j] as f64) / 0.04)
+                .map(|j| ((t[row * k + j] - c[j]) / 0.04) as f64)
                 .collect();
             let m = z.iter().cloned().fold(f64::MIN, f64::max);
             let s: f64 = z.iter().map(|v| (v - m).exp()).sum();
