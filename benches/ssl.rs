@@ -40,11 +40,16 @@ fn bench_dino_loss(c: &mut Criterion) {
         let mut p = vec![0f32; rows * K];
         let mut d = vec![0f32; rows * K];
         g.throughput(Throughput::Bytes((rows * K * 4) as u64));
-        for (label, mut cent) in [("centering", Centering::softmax(K)), ("sinkhorn", Centering::sinkhorn_knopp())] {
+        for (label, mut cent) in [
+            ("centering", Centering::softmax(K)),
+            ("sinkhorn", Centering::sinkhorn_knopp()),
+        ] {
             g.bench_with_input(BenchmarkId::new(label, rows), &rows, |b, &rows| {
                 b.iter(|| {
-                    cent.teacher_probs(&mut p, black_box(&t), rows, K, 0.07).unwrap();
-                    dino_loss_forward_backward(&mut d, &mut [], &s, &[], &p, n_img, 0, K, 0.1, 1.0).unwrap()
+                    cent.teacher_probs(&mut p, black_box(&t), rows, K, 0.07)
+                        .unwrap();
+                    dino_loss_forward_backward(&mut d, &mut [], &s, &[], &p, n_img, 0, K, 0.1, 1.0)
+                        .unwrap()
                 })
             });
         }
@@ -68,11 +73,23 @@ fn bench_optimizer(c: &mut Criterion) {
     g.bench_function("adamw", |b| {
         b.iter(|| {
             step += 1;
-            adamw_step(&mut p, black_box(&grad), &mut m, &mut v, 1e-4, 0.04, &hp, step).unwrap()
+            adamw_step(
+                &mut p,
+                black_box(&grad),
+                &mut m,
+                &mut v,
+                1e-4,
+                0.04,
+                &hp,
+                step,
+            )
+            .unwrap()
         })
     });
     g.throughput(Throughput::Bytes((n * 4 * 3) as u64));
-    g.bench_function("ema", |b| b.iter(|| ema_update(&mut teacher, black_box(&p), 0.994).unwrap()));
+    g.bench_function("ema", |b| {
+        b.iter(|| ema_update(&mut teacher, black_box(&p), 0.994).unwrap())
+    });
     g.finish();
 }
 

@@ -2,7 +2,9 @@
 //! determinism, and the official upperbound.
 
 use dinotrain::rng::{keyed, stream};
-use dinotrain::ssl::masking::{collate_masks, linspace_f32, stratified_targets, MaskBatch, MaskingGenerator};
+use dinotrain::ssl::masking::{
+    collate_masks, linspace_f32, stratified_targets, MaskBatch, MaskingGenerator,
+};
 
 fn batch(seed: u64, step: u64, n_crops: usize, img: usize, patch: usize) -> MaskBatch {
     let g = MaskingGenerator::official(img, patch).unwrap();
@@ -37,7 +39,10 @@ fn ratios_are_stratified_over_equal_bins() {
     for (i, &t) in targets.iter().enumerate() {
         let lo = (n as f32 * edges[i]) as usize;
         let hi = (n as f32 * edges[i + 1]) as usize;
-        assert!(lo <= t && t <= hi, "bin {i}: target {t} outside [{lo}, {hi}]");
+        assert!(
+            lo <= t && t <= hi,
+            "bin {i}: target {t} outside [{lo}, {hi}]"
+        );
     }
     // The masks themselves: sorted counts follow the bins (a block generator may stop short of a
     // target, never exceed it).
@@ -71,8 +76,14 @@ fn mask_indices_and_weights_match_the_masks() {
 #[test]
 fn masks_are_deterministic_by_seed_and_step() {
     assert_eq!(batch(5, 9, 16, 224, 14), batch(5, 9, 16, 224, 14));
-    assert_ne!(batch(5, 9, 16, 224, 14).masks, batch(6, 9, 16, 224, 14).masks);
-    assert_ne!(batch(5, 9, 16, 224, 14).masks, batch(5, 10, 16, 224, 14).masks);
+    assert_ne!(
+        batch(5, 9, 16, 224, 14).masks,
+        batch(6, 9, 16, 224, 14).masks
+    );
+    assert_ne!(
+        batch(5, 9, 16, 224, 14).masks,
+        batch(5, 10, 16, 224, 14).masks
+    );
 }
 
 #[test]

@@ -8,10 +8,21 @@ use dinotrain::optim::{ema_update, AdamW, LayerDecay, ParamGroups, ScheduleConfi
 fn tiny_model() -> (ParamTable, Vec<f32>) {
     let mut t = ParamTable::new();
     t.push("backbone.norm.weight", &[3], Init::Const(1.0));
-    t.push("backbone.blocks.0.mlp.fc1.weight", &[4, 3], Init::Uniform { bound: 0.5 });
+    t.push(
+        "backbone.blocks.0.mlp.fc1.weight",
+        &[4, 3],
+        Init::Uniform { bound: 0.5 },
+    );
     t.push("dino_head.last_layer.weight_g", &[5, 1], Init::Const(1.0));
-    t.push("dino_head.last_layer.weight_v", &[5, 3], Init::Uniform { bound: 0.5 });
-    let flat = t.init(&mut dinotrain::rng::keyed(0, &[dinotrain::rng::stream::INIT]));
+    t.push(
+        "dino_head.last_layer.weight_v",
+        &[5, 3],
+        Init::Uniform { bound: 0.5 },
+    );
+    let flat = t.init(&mut dinotrain::rng::keyed(
+        0,
+        &[dinotrain::rng::stream::INIT],
+    ));
     (t, flat)
 }
 
@@ -28,7 +39,9 @@ fn schedules() -> Schedules {
 }
 
 fn grads(n: usize, it: u64) -> Vec<f32> {
-    (0..n).map(|i| ((i as f32 + 1.0) * (it as f32 + 1.5)).sin()).collect()
+    (0..n)
+        .map(|i| ((i as f32 + 1.0) * (it as f32 + 1.5)).sin())
+        .collect()
 }
 
 #[test]
@@ -38,9 +51,22 @@ fn last_layer_frozen_by_zero_lr_keeps_adam_state_moving() {
     let sched = schedules();
     let mut opt = AdamW::new(&table, &groups, AdamHyper::default()).unwrap();
     let mut p = init.clone();
-    let last = table.get("dino_head.last_layer.weight_g").unwrap().at.offset
-        ..table.get("dino_head.last_layer.weight_v").unwrap().at.range().end;
-    let fc1 = table.get("backbone.blocks.0.mlp.fc1.weight").unwrap().at.range();
+    let last = table
+        .get("dino_head.last_layer.weight_g")
+        .unwrap()
+        .at
+        .offset
+        ..table
+            .get("dino_head.last_layer.weight_v")
+            .unwrap()
+            .at
+            .range()
+            .end;
+    let fc1 = table
+        .get("backbone.blocks.0.mlp.fc1.weight")
+        .unwrap()
+        .at
+        .range();
     // Iterations 0 and 1 are frozen (1 epoch of 2 iterations); iteration 0 has lr 0 (warm-up).
     assert_eq!(sched.at(1).last_layer_lr, 0.0);
     assert!(sched.at(1).lr > 0.0 && sched.at(2).last_layer_lr > 0.0);
@@ -69,7 +95,10 @@ fn last_layer_frozen_by_zero_lr_keeps_adam_state_moving() {
     // iteration 2: a different update. Emulate it with an optimizer over the last layer only.
     let mut cold = AdamW::from_parts(
         vec![(
-            dinotrain::nn::params::ParamRef { offset: 0, len: last.len() },
+            dinotrain::nn::params::ParamRef {
+                offset: 0,
+                len: last.len(),
+            },
             groups.per_param[2],
         )],
         last.len(),
@@ -77,11 +106,23 @@ fn last_layer_frozen_by_zero_lr_keeps_adam_state_moving() {
     )
     .unwrap();
     let mut q = init[last.clone()].to_vec();
-    cold.step(&mut q, &g2[last.clone()], v.lr, v.last_layer_lr, v.wd).unwrap();
-    let warm_delta: Vec<f32> = p[last.clone()].iter().zip(&init[last.clone()]).map(|(a, b)| a - b).collect();
-    let cold_delta: Vec<f32> = q.iter().zip(&init[last.clone()]).map(|(a, b)| a - b).collect();
+    cold.step(&mut q, &g2[last.clone()], v.lr, v.last_layer_lr, v.wd)
+        .unwrap();
+    let warm_delta: Vec<f32> = p[last.clone()]
+        .iter()
+        .zip(&init[last.clone()])
+        .map(|(a, b)| a - b)
+        .collect();
+    let cold_delta: Vec<f32> = q
+        .iter()
+        .zip(&init[last.clone()])
+        .map(|(a, b)| a - b)
+        .collect();
     let diff = dinotrain::golden::rel_err(&warm_delta, &cold_delta);
-    assert!(diff > 0.05, "zero-lr freezing and gradient dropping should differ, rel diff {diff}");
+    assert!(
+        diff > 0.05,
+        "zero-lr freezing and gradient dropping should differ, rel diff {diff}"
+    );
 }
 
 #[test]
@@ -89,20 +130,31 @@ fn weight_g_is_trainable_decayed_and_averaged() {
     let (table, init) = tiny_model();
     let groups = ParamGroups::from_table(&table, &LayerDecay::official(1)).unwrap();
     let names: Vec<&str> = table.specs().iter().map(|s| s.name.as_str()).collect();
-    let gi = names.iter().position(|n| *n == "dino_head.last_layer.weight_g").unwrap();
+    let gi = names
+        .iter()
+        .position(|n| *n == "dino_head.last_layer.weight_g")
+        .unwrap();
     let s = groups.per_param[gi];
     assert_eq!(s.wd_multiplier, 1.0, "weight_g must get weight decay");
     assert_eq!(s.lr_multiplier, 1.0);
     assert!(s.is_last_layer);
     // It sits in a trainable group with weight_v.
-    let g = groups.groups.iter().find(|g| g.params.iter().any(|p| p.ends_with("weight_g"))).unwrap();
+    let g = groups
+        .groups
+        .iter()
+        .find(|g| g.params.iter().any(|p| p.ends_with("weight_g")))
+        .unwrap();
     assert!(g.params.iter().any(|p| p.ends_with("weight_v")));
 
     // AdamW changes it once the last-layer lr is positive; with a zero gradient only weight
     // decay acts: g · (1 − lr · wd).
     let mut opt = AdamW::new(&table, &groups, AdamHyper::default()).unwrap();
     let mut p = init.clone();
-    let r = table.get("dino_head.last_layer.weight_g").unwrap().at.range();
+    let r = table
+        .get("dino_head.last_layer.weight_g")
+        .unwrap()
+        .at
+        .range();
     let zero = vec![0f32; p.len()];
     opt.step(&mut p, &zero, 0.1, 0.1, 0.5).unwrap();
     for &v in &p[r.clone()] {
@@ -116,7 +168,10 @@ fn weight_g_is_trainable_decayed_and_averaged() {
     // EMA averages it into the teacher.
     let mut teacher = init.clone();
     ema_update(&mut teacher, &p, 0.9).unwrap();
-    for (t, (&i, &s)) in teacher[r.clone()].iter().zip(init[r.clone()].iter().zip(&p[r.clone()])) {
+    for (t, (&i, &s)) in teacher[r.clone()]
+        .iter()
+        .zip(init[r.clone()].iter().zip(&p[r.clone()]))
+    {
         assert!((t - (0.9 * i + 0.1 * s)).abs() < 1e-6);
     }
 }

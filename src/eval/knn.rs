@@ -77,15 +77,19 @@ pub fn knn_classify(
     }
     let max_k = nb_knn.iter().copied().max().unwrap_or(0);
     if nb_knn.contains(&0) || max_k == 0 {
-        return Err(Error::Config(format!("{OP}: every k must be positive, got {nb_knn:?}")));
+        return Err(Error::Config(format!(
+            "{OP}: every k must be positive, got {nb_knn:?}"
+        )));
     }
     if max_k > n_train {
         return Err(Error::Config(format!(
             "{OP}: k = {max_k} needs at least {max_k} training samples, got {n_train}"
         )));
     }
-    if !(temperature > 0.0) {
-        return Err(Error::Config(format!("{OP}: temperature must be positive, got {temperature}")));
+    if temperature.is_nan() || temperature <= 0.0 {
+        return Err(Error::Config(format!(
+            "{OP}: temperature must be positive, got {temperature}"
+        )));
     }
     let num_classes = train_labels.iter().copied().max().map_or(0, |m| m + 1);
     let n_test = test_features.len() / dim;
@@ -105,7 +109,17 @@ pub fn knn_classify(
             }
         }
         let sims = &mut sims[..rows * n_train];
-        matmul(sims, &test_n[..rows * dim], Transpose::No, train_features, Transpose::Yes, rows, dim, n_train, Accumulate::Overwrite);
+        matmul(
+            sims,
+            &test_n[..rows * dim],
+            Transpose::No,
+            train_features,
+            Transpose::Yes,
+            rows,
+            dim,
+            n_train,
+            Accumulate::Overwrite,
+        );
         sims.par_chunks_mut(n_train)
             .zip(topk_sims[c0 * max_k..(c0 + rows) * max_k].par_chunks_mut(max_k))
             .zip(topk_idx[c0 * max_k..(c0 + rows) * max_k].par_chunks_mut(max_k))
@@ -133,7 +147,10 @@ pub fn knn_classify(
     let mut weights = vec![0f32; n_test * max_k];
     for (w, s) in weights.chunks_mut(max_k).zip(topk_sims.chunks(max_k)) {
         let m = s[0] / temperature;
-        let e: Vec<f64> = s.iter().map(|&v| ((v / temperature - m) as f64).exp()).collect();
+        let e: Vec<f64> = s
+            .iter()
+            .map(|&v| ((v / temperature - m) as f64).exp())
+            .collect();
         let z: f64 = e.iter().sum();
         for (wv, ev) in w.iter_mut().zip(e) {
             *wv = (ev / z) as f32;
@@ -175,11 +192,20 @@ fn argmax(p: &[f32]) -> usize {
 
 /// Top-`top` accuracy (`top` = 1 or 5 usually): the fraction of test rows whose label is among
 /// the `top` highest class scores of `probas [n_test, C]`.
-pub fn topk_accuracy(probas: &[f32], num_classes: usize, labels: &[usize], top: usize) -> Result<f64> {
+pub fn topk_accuracy(
+    probas: &[f32],
+    num_classes: usize,
+    labels: &[usize],
+    top: usize,
+) -> Result<f64> {
     if num_classes == 0 || probas.len() != labels.len() * num_classes {
         return Err(Error::shape(
             "topk_accuracy",
-            format!("{} scores for {} labels of {num_classes} classes", probas.len(), labels.len()),
+            format!(
+                "{} scores for {} labels of {num_classes} classes",
+                probas.len(),
+                labels.len()
+            ),
         ));
     }
     if labels.is_empty() {
@@ -214,7 +240,10 @@ mod tests {
         // k = 1 keeps only the first weight: not renormalised, so below 1.
         let p = &r.per_k[0].probas;
         assert!(p[0] < 1.0 && p[0] > 0.3 && p[1] == 0.0);
-        assert_eq!(topk_accuracy(&r.per_k[1].probas, 2, &[0, 1], 1).unwrap(), 1.0);
+        assert_eq!(
+            topk_accuracy(&r.per_k[1].probas, 2, &[0, 1], 1).unwrap(),
+            1.0
+        );
         assert!(knn_classify(&train, &labels, &test, 2, &[5], 0.07).is_err());
         assert!(knn_classify(&train, &labels, &test, 3, &[1], 0.07).is_err());
     }

@@ -14,8 +14,7 @@ use crate::optim::{
     Schedules, SubmoduleSpan,
 };
 use crate::ssl::{
-    dino_loss_forward_backward, ibot_loss_forward_backward, koleo_loss_forward_backward,
-    Centering,
+    dino_loss_forward_backward, ibot_loss_forward_backward, koleo_loss_forward_backward, Centering,
 };
 use crate::tensor::Tensor;
 use std::collections::BTreeMap;
@@ -54,9 +53,10 @@ fn centering(fx: &Fixture, k: usize) -> Result<Centering> {
         other => Err(fx.error("params.mode", format!("unknown mode '{other}'"))),
     }
     .and_then(|c| match c.center() {
-        Some(center) if center.len() != k => {
-            Err(fx.error("in.center", format!("{} values, expected K = {k}", center.len())))
-        }
+        Some(center) if center.len() != k => Err(fx.error(
+            "in.center",
+            format!("{} values, expected K = {k}", center.len()),
+        )),
         _ => Ok(c),
     })
 }
@@ -73,7 +73,11 @@ fn dino_loss(fx: &Fixture) -> Result<Outputs> {
     let tg = fx.input("teacher_global")?;
     tg.expect_shape("teacher_global", &[2 * b, k])?;
     let empty = Tensor::zeros(&[0, k]);
-    let sl = if nl > 0 { fx.input("student_local")? } else { &empty };
+    let sl = if nl > 0 {
+        fx.input("student_local")?
+    } else {
+        &empty
+    };
     sl.expect_shape("student_local", &[nl * b, k])?;
 
     let mut cent = centering(fx, k)?;
@@ -95,7 +99,11 @@ fn dino_loss(fx: &Fixture) -> Result<Outputs> {
     )?;
     let mut o = Outputs::new();
     out(&mut o, "loss", Tensor::scalar(terms.total));
-    out(&mut o, "dino_global_crops_loss", Tensor::scalar(terms.global));
+    out(
+        &mut o,
+        "dino_global_crops_loss",
+        Tensor::scalar(terms.global),
+    );
     if nl > 0 {
         out(&mut o, "dino_local_crops_loss", Tensor::scalar(terms.local));
         out(&mut o, "grad.student_local", dl);
@@ -144,7 +152,11 @@ fn ibot_loss(fx: &Fixture) -> Result<Outputs> {
     out(&mut o, "teacher_probs", probs);
     out(&mut o, "grad.student_patch_masked", ds);
     if let Some(c) = cent.center() {
-        out(&mut o, "center_new", Tensor::from_vec(&[1, 1, k], c.to_vec())?);
+        out(
+            &mut o,
+            "center_new",
+            Tensor::from_vec(&[1, 1, k], c.to_vec())?,
+        );
     }
     Ok(o)
 }
@@ -156,7 +168,8 @@ fn koleo(fx: &Fixture) -> Result<Outputs> {
         _ => return Err(fx.error("in.x", format!("expected [b, d], got {:?}", x.shape))),
     };
     let mut dx = Tensor::zeros(&[b, d]);
-    let loss = koleo_loss_forward_backward(&mut dx.data, &x.data, b, d, 1.0, Accumulate::Overwrite)?;
+    let loss =
+        koleo_loss_forward_backward(&mut dx.data, &x.data, b, d, 1.0, Accumulate::Overwrite)?;
     let mut o = Outputs::new();
     out(&mut o, "loss", Tensor::scalar(loss));
     out(&mut o, "grad.x", dx);
@@ -191,7 +204,10 @@ fn schedules(fx: &Fixture) -> Result<Outputs> {
     let n_out = u("n_out")?;
     let vals: Vec<_> = (0..n_out).map(|it| s.at(it)).collect();
     let series = |g: fn(&crate::optim::ScheduledValues) -> f64| {
-        Tensor::from_vec(&[n_out as usize], vals.iter().map(|v| g(v) as f32).collect())
+        Tensor::from_vec(
+            &[n_out as usize],
+            vals.iter().map(|v| g(v) as f32).collect(),
+        )
     };
     let mut o = Outputs::new();
     out(&mut o, "lr", series(|v| v.lr)?);
@@ -232,7 +248,11 @@ fn param_groups(fx: &Fixture) -> Result<Outputs> {
         "out.is_last_layer".into(),
         Value::U8 {
             shape: vec![p],
-            data: groups.per_param.iter().map(|s| s.is_last_layer as u8).collect(),
+            data: groups
+                .per_param
+                .iter()
+                .map(|s| s.is_last_layer as u8)
+                .collect(),
         },
     );
     Ok(o)
@@ -270,9 +290,9 @@ impl Flat {
 fn adamw_freeze(fx: &Fixture) -> Result<Outputs> {
     let steps = fx.param_usize("steps")?;
     let hyper = AdamHyper {
-        beta1: f32_param(fx, "beta1")?,
-        beta2: f32_param(fx, "beta2")?,
-        eps: f32_param(fx, "eps")?,
+        beta1: fx.param_f64("beta1")?,
+        beta2: fx.param_f64("beta2")?,
+        eps: fx.param_f64("eps")?,
     };
     if fx.param_bool("amsgrad")? {
         return Err(Error::Unsupported("AMSGrad".into()));
@@ -292,7 +312,10 @@ fn adamw_freeze(fx: &Fixture) -> Result<Outputs> {
         let s = GroupSettings {
             lr_multiplier: num("lr_multiplier")?,
             wd_multiplier: num("wd_multiplier")?,
-            is_last_layer: g.get("is_last_layer").and_then(|v| v.as_bool()).unwrap_or(false),
+            is_last_layer: g
+                .get("is_last_layer")
+                .and_then(|v| v.as_bool())
+                .unwrap_or(false),
         };
         settings.push((*r, s));
     }
@@ -317,7 +340,13 @@ fn adamw_freeze(fx: &Fixture) -> Result<Outputs> {
             g.expect_shape("grads", &want)?;
             grad[r.range()].copy_from_slice(&g.data[s * r.len..(s + 1) * r.len]);
         }
-        opt.step(&mut flat.data, &grad, lr.data[s] as f64, ll.data[s] as f64, wd.data[s] as f64)?;
+        opt.step(
+            &mut flat.data,
+            &grad,
+            lr.data[s] as f64,
+            ll.data[s] as f64,
+            wd.data[s] as f64,
+        )?;
         hist[0].push(flat.data.clone());
         hist[1].push(opt.state.exp_avg.clone());
         hist[2].push(opt.state.exp_avg_sq.clone());
@@ -327,11 +356,22 @@ fn adamw_freeze(fx: &Fixture) -> Result<Outputs> {
         for ((name, r), shape) in flat.names.iter().zip(&flat.refs).zip(&flat.shapes) {
             let mut sh = vec![steps];
             sh.extend(shape);
-            let data = h.iter().flat_map(|buf| buf[r.range()].iter().copied()).collect();
-            out(&mut o, &format!("{prefix}.{name}"), Tensor::from_vec(&sh, data)?);
+            let data = h
+                .iter()
+                .flat_map(|buf| buf[r.range()].iter().copied())
+                .collect();
+            out(
+                &mut o,
+                &format!("{prefix}.{name}"),
+                Tensor::from_vec(&sh, data)?,
+            );
         }
     }
-    out(&mut o, "step", Tensor::from_vec(&[steps], (1..=steps).map(|s| s as f32).collect())?);
+    out(
+        &mut o,
+        "step",
+        Tensor::from_vec(&[steps], (1..=steps).map(|s| s as f32).collect())?,
+    );
     Ok(o)
 }
 
@@ -349,7 +389,7 @@ fn clip_grad(fx: &Fixture) -> Result<Outputs> {
         data.extend_from_slice(&flat.data);
         spans.push(SubmoduleSpan {
             name: sub.clone(),
-            ranges: vec![start..data.len()],
+            ranges: std::iter::once(start..data.len()).collect(),
         });
         flats.push((start, flat));
     }
@@ -357,7 +397,11 @@ fn clip_grad(fx: &Fixture) -> Result<Outputs> {
     for ((sub, (start, flat)), norm) in submodules.iter().zip(&flats).zip(norms) {
         for ((name, r), shape) in flat.names.iter().zip(&flat.refs).zip(&flat.shapes) {
             let d = data[start + r.offset..start + r.offset + r.len].to_vec();
-            out(&mut o, &format!("clipped.{sub}.{name}"), Tensor::from_vec(shape, d)?);
+            out(
+                &mut o,
+                &format!("clipped.{sub}.{name}"),
+                Tensor::from_vec(shape, d)?,
+            );
         }
         out(&mut o, &format!("total_norm.{sub}"), Tensor::scalar(norm));
     }
@@ -387,22 +431,43 @@ fn knn(fx: &Fixture) -> Result<Outputs> {
     let (_, labels) = fx.input_i64("train_labels")?;
     let labels: Vec<usize> = labels
         .iter()
-        .map(|&l| usize::try_from(l).map_err(|_| fx.error("in.train_labels", format!("negative label {l}"))))
+        .map(|&l| {
+            usize::try_from(l)
+                .map_err(|_| fx.error("in.train_labels", format!("negative label {l}")))
+        })
         .collect::<Result<_>>()?;
     let dim = *train.shape.last().unwrap_or(&0);
     let nb_knn: Vec<usize> = serde_json::from_value(fx.param("nb_knn")?.clone())
         .map_err(|e| fx.error("params.nb_knn", e.to_string()))?;
-    let r = knn_classify(&train.data, &labels, &test.data, dim, &nb_knn, f32_param(fx, "T")?)?;
+    let r = knn_classify(
+        &train.data,
+        &labels,
+        &test.data,
+        dim,
+        &nb_knn,
+        f32_param(fx, "T")?,
+    )?;
     let n_test = test.data.len() / dim.max(1);
     let i64s = |v: &[usize], shape: Vec<usize>| Value::I64 {
         shape,
         data: v.iter().map(|&x| x as i64).collect(),
     };
     let mut o = Outputs::new();
-    out(&mut o, "topk_sims", Tensor::from_vec(&[n_test, r.max_k], r.topk_sims.clone())?);
-    o.insert("out.topk_labels".into(), i64s(&r.topk_labels, vec![n_test, r.max_k]));
+    out(
+        &mut o,
+        "topk_sims",
+        Tensor::from_vec(&[n_test, r.max_k], r.topk_sims.clone())?,
+    );
+    o.insert(
+        "out.topk_labels".into(),
+        i64s(&r.topk_labels, vec![n_test, r.max_k]),
+    );
     for pk in &r.per_k {
-        out(&mut o, &format!("probas_k{}", pk.k), Tensor::from_vec(&[n_test, r.num_classes], pk.probas.clone())?);
+        out(
+            &mut o,
+            &format!("probas_k{}", pk.k),
+            Tensor::from_vec(&[n_test, r.num_classes], pk.probas.clone())?,
+        );
         o.insert(format!("out.top1_k{}", pk.k), i64s(&pk.top1, vec![n_test]));
     }
     Ok(o)

@@ -51,10 +51,17 @@ impl AdamWState {
     }
 
     /// The inverse of [`AdamWState::export`]; every tensor must be present with its shape.
-    pub fn import(table: &ParamTable, tensors: &BTreeMap<String, Tensor>, source: &str) -> Result<Self> {
+    pub fn import(
+        table: &ParamTable,
+        tensors: &BTreeMap<String, Tensor>,
+        source: &str,
+    ) -> Result<Self> {
         let mut state = AdamWState::zeros(table.len());
         for s in table.specs() {
-            for (prefix, buf) in [("exp_avg", &mut state.exp_avg), ("exp_avg_sq", &mut state.exp_avg_sq)] {
+            for (prefix, buf) in [
+                ("exp_avg", &mut state.exp_avg),
+                ("exp_avg_sq", &mut state.exp_avg_sq),
+            ] {
                 let key = format!("{prefix}.{}", s.name);
                 let t = tensors.get(&key).ok_or_else(|| {
                     Error::Config(format!("{source}: optimizer state '{key}' is missing"))
@@ -73,7 +80,9 @@ impl AdamWState {
             .and_then(|t| t.data.first().copied())
             .ok_or_else(|| Error::Config(format!("{source}: optimizer 'step' is missing")))?;
         if !(step >= 0.0 && step.fract() == 0.0) {
-            return Err(Error::Config(format!("{source}: optimizer step {step} is not a count")));
+            return Err(Error::Config(format!(
+                "{source}: optimizer step {step} is not a count"
+            )));
         }
         state.step = step as u64;
         Ok(state)
@@ -114,7 +123,11 @@ impl AdamW {
     }
 
     /// An optimizer over `len` flat values with explicit per-range settings.
-    pub fn from_parts(params: Vec<(ParamRef, GroupSettings)>, len: usize, hyper: AdamHyper) -> Result<Self> {
+    pub fn from_parts(
+        params: Vec<(ParamRef, GroupSettings)>,
+        len: usize,
+        hyper: AdamHyper,
+    ) -> Result<Self> {
         if let Some((r, _)) = params.iter().find(|(r, _)| r.offset + r.len > len) {
             return Err(Error::shape(
                 "AdamW::from_parts",
@@ -131,11 +144,22 @@ impl AdamW {
 
     /// One step with this iteration's scheduled values. Advances the step count, then updates
     /// every parameter (weights, moments), including those whose lr is 0.
-    pub fn step(&mut self, params: &mut [f32], grads: &[f32], lr: f64, last_layer_lr: f64, wd: f64) -> Result<()> {
+    pub fn step(
+        &mut self,
+        params: &mut [f32],
+        grads: &[f32],
+        lr: f64,
+        last_layer_lr: f64,
+        wd: f64,
+    ) -> Result<()> {
         if params.len() != self.len || self.state.exp_avg.len() != self.len {
             return Err(Error::shape(
                 "AdamW::step",
-                format!("{} parameters, optimizer built for {}", params.len(), self.len),
+                format!(
+                    "{} parameters, optimizer built for {}",
+                    params.len(),
+                    self.len
+                ),
             ));
         }
         let segments: Vec<AdamwSegment> = self

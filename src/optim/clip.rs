@@ -43,16 +43,26 @@ impl SubmoduleSpan {
 /// `coef = min(max_norm / (norm + 1e-6), 1)`, `g *= coef`. Returns the norms measured before
 /// clipping, one per span. A non-finite norm leaves that submodule's gradients unscaled (the
 /// caller sees the norm and skips the step).
-pub fn clip_grad_norms(grads: &mut [f32], spans: &[SubmoduleSpan], max_norm: f32) -> Result<Vec<f32>> {
-    if !(max_norm > 0.0) {
-        return Err(Error::Config(format!("clip_grad must be positive, got {max_norm}")));
+pub fn clip_grad_norms(
+    grads: &mut [f32],
+    spans: &[SubmoduleSpan],
+    max_norm: f32,
+) -> Result<Vec<f32>> {
+    if max_norm.is_nan() || max_norm <= 0.0 {
+        return Err(Error::Config(format!(
+            "clip_grad must be positive, got {max_norm}"
+        )));
     }
     let mut norms = Vec::with_capacity(spans.len());
     for span in spans {
         if let Some(r) = span.ranges.iter().find(|r| r.end > grads.len()) {
             return Err(Error::shape(
                 "clip_grad_norms",
-                format!("{}: range {r:?} exceeds {} gradients", span.name, grads.len()),
+                format!(
+                    "{}: range {r:?} exceeds {} gradients",
+                    span.name,
+                    grads.len()
+                ),
             ));
         }
         let sum_sq: f64 = span

@@ -11,5 +11,5 @@ pub fn ema_update(teacher: &mut [f32], student: &[f32], momentum: f64) -> Result
             "teacher momentum must lie in [0, 1], got {momentum}"
         )));
     }
-    optimizer::ema_update(teacher, student, momentum as f32)
+    optimizer::ema_update(teacher, student, momentum)
 }

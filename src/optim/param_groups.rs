@@ -178,17 +178,26 @@ mod tests {
     fn official_rules_for_vit_l() {
         let d = LayerDecay::official(24);
         let s = |n: &str| param_settings(n, &d).unwrap();
-        assert!((s("backbone.patch_embed.proj.weight").lr_multiplier - 0.9f64.powi(25) * 0.2).abs() < 1e-15);
+        assert!(
+            (s("backbone.patch_embed.proj.weight").lr_multiplier - 0.9f64.powi(25) * 0.2).abs()
+                < 1e-15
+        );
         assert!((s("backbone.cls_token").lr_multiplier - 0.9f64.powi(25)).abs() < 1e-15);
         assert!((s("backbone.blocks.23.mlp.fc1.weight").lr_multiplier - 0.9).abs() < 1e-15);
         // Chunked FSDP layout: blocks.<chunk>.<i>.
-        assert_eq!(s("backbone.blocks.1.7.attn.qkv.weight"), s("backbone.blocks.7.attn.qkv.weight"));
+        assert_eq!(
+            s("backbone.blocks.1.7.attn.qkv.weight"),
+            s("backbone.blocks.7.attn.qkv.weight")
+        );
         assert_eq!(s("backbone.norm.weight").lr_multiplier, 1.0);
         assert_eq!(s("backbone.norm.weight").wd_multiplier, 0.0);
         assert_eq!(s("backbone.blocks.0.ls1.gamma").wd_multiplier, 0.0);
         assert_eq!(s("backbone.pos_embed").wd_multiplier, 1.0);
         let g = s("dino_head.last_layer.weight_g");
-        assert_eq!((g.lr_multiplier, g.wd_multiplier, g.is_last_layer), (1.0, 1.0, true));
+        assert_eq!(
+            (g.lr_multiplier, g.wd_multiplier, g.is_last_layer),
+            (1.0, 1.0, true)
+        );
         assert!(param_settings("backbone.blocks.24.norm1.weight", &d).is_err());
         assert!(param_settings("head.weight", &d).is_err());
         assert!(param_settings("nosubmodule", &d).is_err());

@@ -54,7 +54,11 @@ impl CosineScheduler {
         if j < self.warmup_iters {
             // numpy.linspace: start + j·step, the last point exactly `base`.
             if j + 1 == self.warmup_iters {
-                return if self.warmup_iters == 1 { self.start_warmup_value } else { self.base };
+                return if self.warmup_iters == 1 {
+                    self.start_warmup_value
+                } else {
+                    self.base
+                };
             }
             let step = (self.base - self.start_warmup_value) / (self.warmup_iters - 1) as f64;
             return self.start_warmup_value + j as f64 * step;
@@ -136,16 +140,39 @@ pub struct Schedules {
 impl Schedules {
     pub fn new(c: &ScheduleConfig) -> Result<Self> {
         if c.epoch_length == 0 || c.epochs == 0 {
-            return Err(Error::Config("schedule: epochs and epoch length must be positive".into()));
+            return Err(Error::Config(
+                "schedule: epochs and epoch length must be positive".into(),
+            ));
         }
         let total = c.epochs * c.epoch_length;
         let lr_peak = c.base_lr * ((c.batch_size_per_gpu * c.world_size) as f64 / 1024.0).sqrt();
         let tw = c.warmup_teacher_temp_epochs * c.epoch_length;
         Ok(Schedules {
-            lr: CosineScheduler::new(lr_peak, c.min_lr, total, c.warmup_epochs * c.epoch_length, 0.0, 0)?,
+            lr: CosineScheduler::new(
+                lr_peak,
+                c.min_lr,
+                total,
+                c.warmup_epochs * c.epoch_length,
+                0.0,
+                0,
+            )?,
             wd: CosineScheduler::new(c.weight_decay, c.weight_decay_end, total, 0, 0.0, 0)?,
-            momentum: CosineScheduler::new(c.momentum_teacher, c.final_momentum_teacher, total, 0, 0.0, 0)?,
-            teacher_temp: CosineScheduler::new(c.teacher_temp, c.teacher_temp, tw, tw, c.warmup_teacher_temp, 0)?,
+            momentum: CosineScheduler::new(
+                c.momentum_teacher,
+                c.final_momentum_teacher,
+                total,
+                0,
+                0.0,
+                0,
+            )?,
+            teacher_temp: CosineScheduler::new(
+                c.teacher_temp,
+                c.teacher_temp,
+                tw,
+                tw,
+                c.warmup_teacher_temp,
+                0,
+            )?,
             freeze_last_layer_iters: c.freeze_last_layer_epochs * c.epoch_length,
             lr_peak,
         })
@@ -184,7 +211,10 @@ mod tests {
         assert!(s.at(9) > 0.0);
         assert_eq!(s.at(10), 0.0);
         let f = CosineScheduler::new(1.0, 0.5, 6, 2, 0.0, 2).unwrap();
-        assert_eq!([f.at(0), f.at(1), f.at(2), f.at(3), f.at(4)], [0.0, 0.0, 0.0, 1.0, 1.0]);
+        assert_eq!(
+            [f.at(0), f.at(1), f.at(2), f.at(3), f.at(4)],
+            [0.0, 0.0, 0.0, 1.0, 1.0]
+        );
         assert!(CosineScheduler::new(1.0, 0.0, 3, 2, 0.0, 2).is_err());
     }
 

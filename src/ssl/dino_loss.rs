@@ -49,7 +49,10 @@ pub fn dino_loss_forward_backward(
     const OP: &str = "dino_loss";
     let b = n_img;
     if b == 0 || k == 0 {
-        return Err(Error::shape(OP, format!("needs images and prototypes, got B {b}, K {k}")));
+        return Err(Error::shape(
+            OP,
+            format!("needs images and prototypes, got B {b}, K {k}"),
+        ));
     }
     check_len(OP, "student_global", student_global.len(), 2 * b * k)?;
     check_len(OP, "dstudent_global", dstudent_global.len(), 2 * b * k)?;
@@ -66,17 +69,7 @@ pub fn dino_loss_forward_backward(
     let (d_a, d_b) = dstudent_global.split_at_mut(b * k);
     let (l_a, l_rest) = loss_rows.split_at_mut(b);
     for (d, s, p, l) in [(d_a, s_a, p_b, l_a), (d_b, s_b, p_a, &mut l_rest[..b])] {
-        softmax_cross_entropy_forward_backward(
-            l,
-            d,
-            s,
-            p,
-            &weights[..b],
-            b,
-            b,
-            k,
-            student_temp,
-        )?;
+        softmax_cross_entropy_forward_backward(l, d, s, p, &weights[..b], b, b, k, student_temp)?;
     }
     let global = loss_rows[..2 * b].iter().map(|&v| v as f64).sum::<f64>() * scale;
 
@@ -125,12 +118,14 @@ mod tests {
         // would give a large loss.
         let s = [0.0f32, 2.0, 2.0, 0.0];
         let mut d = [0f32; 4];
-        let t = dino_loss_forward_backward(&mut d, &mut [], &s, &[], &p, 1, 0, 2, 0.1, 1.0)
-            .unwrap();
+        let t =
+            dino_loss_forward_backward(&mut d, &mut [], &s, &[], &p, 1, 0, 2, 0.1, 1.0).unwrap();
         let ce = (1.0f64 + (-20.0f64).exp()).ln(); // −log softmax([20, 0])_0
         assert!((t.global as f64 - 2.0 * ce / 3.0).abs() < 1e-7);
         assert_eq!(t.local, 0.0);
-        assert!(dino_loss_forward_backward(&mut d, &mut [], &s[..3], &[], &p, 1, 0, 2, 0.1, 1.0)
-            .is_err());
+        assert!(
+            dino_loss_forward_backward(&mut d, &mut [], &s[..3], &[], &p, 1, 0, 2, 0.1, 1.0)
+                .is_err()
+        );
     }
 }

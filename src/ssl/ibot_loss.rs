@@ -77,6 +77,9 @@ mod tests {
         assert!((l as f64 - 1.5 * std::f64::consts::LN_2 / 4.0).abs() < 1e-7);
         assert!(d.iter().all(|&v| v.abs() < 1e-7));
         assert!(ibot_loss_forward_backward(&mut d, &s, &p, &w, 0, 2, 2, 0.1, 1.0).is_err());
-        assert_eq!(ibot_loss_forward_backward(&mut [], &[], &[], &[], 4, 0, 2, 0.1, 1.0).unwrap(), 0.0);
+        assert_eq!(
+            ibot_loss_forward_backward(&mut [], &[], &[], &[], 4, 0, 2, 0.1, 1.0).unwrap(),
+            0.0
+        );
     }
 }

@@ -58,8 +58,8 @@ mod tests {
         let mut dx = vec![7f32; b * d];
         let mut saved = KoleoSaved::default();
         let l = koleo_forward(&mut saved, &x, b, d).unwrap();
-        let loss = koleo_loss_forward_backward(&mut dx, &x, b, d, 0.5, Accumulate::Overwrite)
-            .unwrap();
+        let loss =
+            koleo_loss_forward_backward(&mut dx, &x, b, d, 0.5, Accumulate::Overwrite).unwrap();
         assert_eq!(l, loss);
         let x64: Vec<f64> = x.iter().map(|&v| v as f64).collect();
         assert!((koleo_f64(&x64, b, d, &saved.nn) - loss as f64).abs() < 1e-5);
@@ -68,8 +68,13 @@ mod tests {
             let (mut a, mut c) = (x64.clone(), x64.clone());
             a[i] += h;
             c[i] -= h;
-            let fd = 0.5 * (koleo_f64(&a, b, d, &saved.nn) - koleo_f64(&c, b, d, &saved.nn)) / (2.0 * h);
-            assert!((dx[i] as f64 - fd).abs() < 1e-3 * fd.abs().max(1.0), "{i}: {} {fd}", dx[i]);
+            let fd =
+                0.5 * (koleo_f64(&a, b, d, &saved.nn) - koleo_f64(&c, b, d, &saved.nn)) / (2.0 * h);
+            assert!(
+                (dx[i] as f64 - fd).abs() < 1e-3 * fd.abs().max(1.0),
+                "{i}: {} {fd}",
+                dx[i]
+            );
         }
         // Accumulate adds on top.
         let mut acc = vec![1f32; b * d];
@@ -77,6 +82,8 @@ mod tests {
         for (a, g) in acc.iter().zip(&dx) {
             assert!((a - 1.0 - g).abs() < 1e-6);
         }
-        assert!(koleo_loss_forward_backward(&mut dx[..d], &x[..d], 1, d, 1.0, Accumulate::Add).is_err());
+        assert!(
+            koleo_loss_forward_backward(&mut dx[..d], &x[..d], 1, d, 1.0, Accumulate::Add).is_err()
+        );
     }
 }

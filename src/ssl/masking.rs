@@ -146,11 +146,19 @@ impl MaskBatch {
     }
 
     /// Builds the index list and weights from `[n_crops, N]` masks.
-    pub fn from_masks(masks: Vec<bool>, n_crops: usize, n_patches: usize, upperbound: usize) -> Result<Self> {
+    pub fn from_masks(
+        masks: Vec<bool>,
+        n_crops: usize,
+        n_patches: usize,
+        upperbound: usize,
+    ) -> Result<Self> {
         if masks.len() != n_crops * n_patches {
             return Err(Error::shape(
                 "MaskBatch::from_masks",
-                format!("{} mask values for {n_crops} crops of {n_patches}", masks.len()),
+                format!(
+                    "{} mask values for {n_crops} crops of {n_patches}",
+                    masks.len()
+                ),
             ));
         }
         let mut mask_indices = Vec::new();
@@ -253,8 +261,14 @@ mod tests {
 
     #[test]
     fn official_generator_limits() {
-        assert_eq!(MaskingGenerator::official(224, 16).unwrap().max_num_patches, 98);
-        assert_eq!(MaskingGenerator::official(224, 14).unwrap().max_num_patches, 128);
+        assert_eq!(
+            MaskingGenerator::official(224, 16).unwrap().max_num_patches,
+            98
+        );
+        assert_eq!(
+            MaskingGenerator::official(224, 14).unwrap().max_num_patches,
+            128
+        );
         assert!(MaskingGenerator::official(10, 14).is_err());
     }
 

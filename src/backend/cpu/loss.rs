@@ -28,7 +28,7 @@ pub fn exp_f32(x: f32) -> f32 {
     p = p * r + 8.333_452e-3;
     p = p * r + 4.166_579_6e-2;
     p = p * r + 1.666_666_5e-1;
-    p = p * r + 5.000_000_1e-1;
+    p = p * r + 0.5;
     let y = p * r * r + r + 1.0;
     // 2^n through the exponent bits; n = bits(t) - bits(MAGIC) fits in [-126, 127].
     let ni = (t.to_bits() as i32).wrapping_sub(MAGIC.to_bits() as i32);
@@ -319,16 +319,21 @@ mod tests {
         let w = [0.5f32, 1.0, 2.0];
         let mut loss = vec![0f32; r];
         let mut d = vec![0f32; r * k];
-        softmax_cross_entropy_forward_backward(&mut loss, &mut d, &s, &p, &w, r, r, k, ts)
-            .unwrap();
+        softmax_cross_entropy_forward_backward(&mut loss, &mut d, &s, &p, &w, r, r, k, ts).unwrap();
         let ce = |row: &[f64], p: &[f32]| -> f64 {
             let x: Vec<f64> = row.iter().map(|v| v / ts as f64).collect();
             let m = x.iter().cloned().fold(f64::MIN, f64::max);
             let lse = m + x.iter().map(|v| (v - m).exp()).sum::<f64>().ln();
-            -x.iter().zip(p).map(|(xv, &pv)| pv as f64 * (xv - lse)).sum::<f64>()
+            -x.iter()
+                .zip(p)
+                .map(|(xv, &pv)| pv as f64 * (xv - lse))
+                .sum::<f64>()
         };
         for row in 0..r {
-            let base: Vec<f64> = s[row * k..(row + 1) * k].iter().map(|&v| v as f64).collect();
+            let base: Vec<f64> = s[row * k..(row + 1) * k]
+                .iter()
+                .map(|&v| v as f64)
+                .collect();
             let pr = &p[row * k..(row + 1) * k];
             let l0 = ce(&base, pr);
             assert!((loss[row] as f64 - l0).abs() < 1e-5 * l0.abs().max(1.0));
@@ -340,7 +345,10 @@ mod tests {
                 b[j] -= h;
                 let fd = w[row] as f64 * (ce(&a, pr) - ce(&b, pr)) / (2.0 * h);
                 let got = d[row * k + j] as f64;
-                assert!((got - fd).abs() < 1e-4 * fd.abs().max(1.0), "{row},{j}: {got} {fd}");
+                assert!(
+                    (got - fd).abs() < 1e-4 * fd.abs().max(1.0),
+                    "{row},{j}: {got} {fd}"
+                );
             }
         }
     }

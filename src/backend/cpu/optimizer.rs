@@ -11,12 +11,14 @@ use rayon::prelude::*;
 /// Elements per parallel task: large enough to amortise the hand-off, small enough to balance.
 const CHUNK: usize = 1 << 15;
 
-/// AdamW constants shared by every parameter.
+/// AdamW constants shared by every parameter. Kept in f64 like PyTorch's Python floats: `1 − β`
+/// and the bias corrections are formed in f64 and only then rounded (`1 − 0.999f32` is off by
+/// 1.3e-5 relative, which the golden `exp_avg_sq` would see).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct AdamHyper {
-    pub beta1: f32,
-    pub beta2: f32,
-    pub eps: f32,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
 }
 
 impl Default for AdamHyper {
@@ -45,29 +47,30 @@ struct StepScalars {
     decay: f32,
     step_size: f32,
     inv_bc2_sqrt: f32,
+    one_minus_beta1: f32,
+    beta2: f32,
+    one_minus_beta2: f32,
+    eps: f32,
 }
 
 fn step_scalars(lr: f32, weight_decay: f32, hp: &AdamHyper, step: u64) -> StepScalars {
     let t = step.min(i32::MAX as u64) as i32;
-    let bc1 = 1.0 - (hp.beta1 as f64).powi(t);
-    let bc2 = 1.0 - (hp.beta2 as f64).powi(t);
+    let bc1 = 1.0 - hp.beta1.powi(t);
+    let bc2 = 1.0 - hp.beta2.powi(t);
     StepScalars {
         decay: (1.0 - lr as f64 * weight_decay as f64) as f32,
         step_size: (lr as f64 / bc1) as f32,
         inv_bc2_sqrt: (1.0 / bc2.sqrt()) as f32,
+        one_minus_beta1: (1.0 - hp.beta1) as f32,
+        beta2: hp.beta2 as f32,
+        one_minus_beta2: (1.0 - hp.beta2) as f32,
+        eps: hp.eps as f32,
     }
 }
 
 #[inline]
-fn adamw_inner(
-    p: &mut [f32],
-    g: &[f32],
-    m: &mut [f32],
-    v: &mut [f32],
-    s: StepScalars,
-    hp: &AdamHyper,
-) {
-    let (b1c, b2, b2c, eps) = (1.0 - hp.beta1, hp.beta2, 1.0 - hp.beta2, hp.eps);
+fn adamw_inner(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], s: StepScalars) {
+    let (b1c, b2, b2c, eps) = (s.one_minus_beta1, s.beta2, s.one_minus_beta2, s.eps);
     for (((pv, &gv), mv), vv) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
         *pv *= s.decay;
         *mv += b1c * (gv - *mv);
@@ -126,9 +129,7 @@ pub fn adamw_step_segments(
     check_len(OP, "exp_avg", exp_avg.len(), n)?;
     check_len(OP, "exp_avg_sq", exp_avg_sq.len(), n)?;
     if step == 0 {
-        return Err(Error::Config(format!(
-            "{OP}: the step number starts at 1"
-        )));
+        return Err(Error::Config(format!("{OP}: the step number starts at 1")));
     }
     // Split the buffers into per-segment slices (sorted, non-overlapping) without copying.
     let mut order: Vec<&AdamwSegment> = segments.iter().filter(|s| s.len > 0).collect();
@@ -166,16 +167,17 @@ pub fn adamw_step_segments(
             .zip(g.par_chunks(CHUNK))
             .zip(m.par_chunks_mut(CHUNK))
             .zip(v.par_chunks_mut(CHUNK))
-            .for_each(|(((p, g), m), v)| adamw_inner(p, g, m, v, s, hp));
+            .for_each(|(((p, g), m), v)| adamw_inner(p, g, m, v, s));
     });
     Ok(())
 }
 
-/// Teacher EMA: `teacher = momentum · teacher + (1 − momentum) · student`, elementwise.
-pub fn ema_update(teacher: &mut [f32], student: &[f32], momentum: f32) -> Result<()> {
+/// Teacher EMA: `teacher = momentum · teacher + (1 − momentum) · student`, elementwise
+/// (`1 − momentum` formed in f64, as PyTorch does with the Python float).
+pub fn ema_update(teacher: &mut [f32], student: &[f32], momentum: f64) -> Result<()> {
     check_len("ema_update", "student", student.len(), teacher.len())?;
-    let m = momentum;
-    let one_minus = (1.0 - momentum as f64) as f32;
+    let m = momentum as f32;
+    let one_minus = (1.0 - momentum) as f32;
     teacher
         .par_chunks_mut(CHUNK)
         .zip(student.par_chunks(CHUNK))
@@ -230,8 +232,18 @@ mod tests {
         let g = vec![0.5f32; 10];
         let (mut m, mut v) = (vec![0f32; 10], vec![0f32; 10]);
         let segs = [
-            AdamwSegment { offset: 6, len: 4, lr: 0.0, weight_decay: 0.1 },
-            AdamwSegment { offset: 0, len: 3, lr: 0.1, weight_decay: 0.0 },
+            AdamwSegment {
+                offset: 6,
+                len: 4,
+                lr: 0.0,
+                weight_decay: 0.1,
+            },
+            AdamwSegment {
+                offset: 0,
+                len: 3,
+                lr: 0.1,
+                weight_decay: 0.0,
+            },
         ];
         adamw_step_segments(&mut p, &g, &mut m, &mut v, &segs, &hp, 1).unwrap();
         // lr 0.1, first step: p - lr · m̂/(√v̂ + eps) = 1 - 0.1 · sign(g).
@@ -242,8 +254,18 @@ mod tests {
         assert_eq!(&p[6..], &[1.0; 4]);
         assert!(m[6..].iter().all(|&x| (x - 0.05).abs() < 1e-7));
         let overlap = [
-            AdamwSegment { offset: 0, len: 5, lr: 0.1, weight_decay: 0.0 },
-            AdamwSegment { offset: 4, len: 2, lr: 0.1, weight_decay: 0.0 },
+            AdamwSegment {
+                offset: 0,
+                len: 5,
+                lr: 0.1,
+                weight_decay: 0.0,
+            },
+            AdamwSegment {
+                offset: 4,
+                len: 2,
+                lr: 0.1,
+                weight_decay: 0.0,
+            },
         ];
         assert!(adamw_step_segments(&mut p, &g, &mut m, &mut v, &overlap, &hp, 2).is_err());
         assert!(adamw_step(&mut p, &g, &mut m, &mut v, 0.1, 0.0, &hp, 0).is_err());

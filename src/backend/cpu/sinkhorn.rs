@@ -42,9 +42,7 @@ pub fn sinkhorn_knopp(
     check_len(OP, "logits", logits.len(), rows * k)?;
     check_temp(OP, "teacher temperature", teacher_temp)?;
     if n_iters == 0 {
-        return Err(Error::Config(format!(
-            "{OP}: needs at least one iteration"
-        )));
+        return Err(Error::Config(format!("{OP}: needs at least one iteration")));
     }
     if rows == 0 || k == 0 {
         return Ok(());
@@ -90,11 +88,7 @@ pub fn sinkhorn_knopp(
                 }
             }
             let mut row_sum: f64 = lanes.iter().sum();
-            for (qv, &s) in chunks
-                .into_remainder()
-                .iter_mut()
-                .zip(scales.remainder())
-            {
+            for (qv, &s) in chunks.into_remainder().iter_mut().zip(scales.remainder()) {
                 *qv *= s;
                 row_sum += *qv as f64;
             }
@@ -270,7 +264,9 @@ mod tests {
         assert!(sinkhorn_knopp(&mut out, &[0.0; 5], 2, 3, 0.1, 3).is_err());
         assert!(sinkhorn_knopp(&mut out, &[0.0; 6], 2, 3, 0.0, 3).is_err());
         assert!(sinkhorn_knopp(&mut out, &[0.0; 6], 2, 3, 0.1, 0).is_err());
-        assert!(sinkhorn_knopp(&mut out, &[0.0, f32::NAN, 0.0, 0.0, 0.0, 0.0], 2, 3, 0.1, 3).is_err());
+        assert!(
+            sinkhorn_knopp(&mut out, &[0.0, f32::NAN, 0.0, 0.0, 0.0, 0.0], 2, 3, 0.1, 3).is_err()
+        );
         // Sample 1 is 100 below sample 0 on every prototype: its weights underflow.
         let t = [0.0, 0.0, 0.0, -100.0, -100.0, -100.0];
         assert!(sinkhorn_knopp(&mut out, &t, 2, 3, 0.04, 3).is_err());
