@@ -42,6 +42,10 @@ pub enum Error {
     #[error("data: {0}")]
     Data(String),
 
+    /// A numeric kernel met input it cannot process faithfully (non-finite values, underflow).
+    #[error("{op}: {detail}")]
+    Numeric { op: &'static str, detail: String },
+
     /// Training produced a non-finite value.
     #[error("non-finite {what} at step {step}")]
     NonFinite { what: String, step: u64 },

@@ -44,5 +44,15 @@ golden_cases!(
     block,
     vit_forward,
     pos_interp,
-    dino_head
+    dino_head,
+    dino_loss_centering,
+    dino_loss_sinkhorn,
+    ibot_loss,
+    koleo,
+    schedules,
+    param_groups,
+    adamw_freeze,
+    clip_grad,
+    ema,
+    knn,
 );

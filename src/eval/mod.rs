@@ -1,1 +1,5 @@
-//! Evaluation: k-NN classification and embeddings.
+//! Evaluation: k-NN classification of (teacher) features.
+
+pub mod knn;
+
+pub use knn::{knn_classify, topk_accuracy, KnnPerK, KnnResult};

@@ -376,8 +376,10 @@ fn exact<T: PartialEq + std::fmt::Debug>(name: &str, want: &[T], have: &[T]) -> 
 pub fn write_result(fixture: &Path, result: &Path) -> Result<()> {
     let fx = Fixture::load(fixture)?;
     let outputs = compute(&fx)?;
-    let mut file = TensorFile::default();
-    file.tensors = outputs;
+    let mut file = TensorFile {
+        tensors: outputs,
+        ..TensorFile::default()
+    };
     file.metadata.insert("case".into(), fx.case.clone());
     file.metadata.insert("variant".into(), fx.variant.clone());
     file.write(result)

@@ -1,11 +1,474 @@
-//! Golden cases (see `tests/golden/README.md`).
+//! Golden cases of the method pieces (see `tests/golden/README.md`): DINO and iBOT losses,
+//! KoLeo, schedules, parameter groups, AdamW with a frozen last layer, clipping, EMA, k-NN.
+//! `ssl_step` is composed by the training step and answered elsewhere.
 
-use super::{Fixture, Outputs};
+use super::{out, Fixture, Outputs};
+use crate::backend::cpu::optimizer::AdamHyper;
+use crate::backend::cpu::Accumulate;
 use crate::error::{Error, Result};
+use crate::eval::knn_classify;
+use crate::io::Value;
+use crate::nn::params::ParamRef;
+use crate::optim::{
+    clip_grad_norms, ema_update, AdamW, GroupSettings, LayerDecay, ParamGroups, ScheduleConfig,
+    Schedules, SubmoduleSpan,
+};
+use crate::ssl::{
+    dino_loss_forward_backward, ibot_loss_forward_backward, koleo_loss_forward_backward, Centering,
+};
+use crate::tensor::Tensor;
+use std::collections::BTreeMap;
 
 pub fn compute(fx: &Fixture) -> Result<Outputs> {
-    Err(Error::Unsupported(format!(
-        "golden case '{}' is not implemented yet",
-        fx.case
-    )))
+    match fx.case.as_str() {
+        "dino_loss_centering" | "dino_loss_sinkhorn" => dino_loss(fx),
+        "ibot_loss" => ibot_loss(fx),
+        "koleo" => koleo(fx),
+        "schedules" => schedules(fx),
+        "param_groups" => param_groups(fx),
+        "adamw_freeze" => adamw_freeze(fx),
+        "clip_grad" => clip_grad(fx),
+        "ema" => ema(fx),
+        "knn" => knn(fx),
+        other => Err(Error::Unsupported(format!(
+            "golden case '{other}' is composed by the training step, not computed here yet"
+        ))),
+    }
+}
+
+fn f32_param(fx: &Fixture, key: &str) -> Result<f32> {
+    fx.param_f64(key).map(|v| v as f32)
+}
+
+/// The centering mode of a loss fixture (`params.mode`), with its state from the inputs.
+fn centering(fx: &Fixture, k: usize) -> Result<Centering> {
+    match fx.param_str("mode")? {
+        "centering" => Ok(Centering::Softmax {
+            center: fx.input("center")?.data.clone(),
+            momentum: f32_param(fx, "center_momentum")?,
+        }),
+        "sinkhorn" => Ok(Centering::SinkhornKnopp {
+            n_iters: fx.param_usize("sinkhorn_iterations")?,
+        }),
+        other => Err(fx.error("params.mode", format!("unknown mode '{other}'"))),
+    }
+    .and_then(|c| match c.center() {
+        Some(center) if center.len() != k => Err(fx.error(
+            "in.center",
+            format!("{} values, expected K = {k}", center.len()),
+        )),
+        _ => Ok(c),
+    })
+}
+
+fn dino_loss(fx: &Fixture) -> Result<Outputs> {
+    let b = fx.param_usize("batch_per_crop")?;
+    let nl = fx.param_usize("n_local_crops")?;
+    let k = fx.param_usize("out_dim")?;
+    let ts = f32_param(fx, "student_temp")?;
+    let tt = f32_param(fx, "teacher_temp")?;
+    let w = f32_param(fx, "dino_loss_weight")?;
+    let sg = fx.input("student_global")?;
+    sg.expect_shape("student_global", &[2 * b, k])?;
+    let tg = fx.input("teacher_global")?;
+    tg.expect_shape("teacher_global", &[2 * b, k])?;
+    let empty = Tensor::zeros(&[0, k]);
+    let sl = if nl > 0 {
+        fx.input("student_local")?
+    } else {
+        &empty
+    };
+    sl.expect_shape("student_local", &[nl * b, k])?;
+
+    let mut cent = centering(fx, k)?;
+    let mut probs = Tensor::zeros(&[2 * b, k]);
+    cent.teacher_probs(&mut probs.data, &tg.data, 2 * b, k, tt)?;
+    let mut dg = Tensor::zeros(&[2 * b, k]);
+    let mut dl = Tensor::zeros(&[nl * b, k]);
+    let terms = dino_loss_forward_backward(
+        &mut dg.data,
+        &mut dl.data,
+        &sg.data,
+        &sl.data,
+        &probs.data,
+        b,
+        nl,
+        k,
+        ts,
+        w,
+    )?;
+    let mut o = Outputs::new();
+    out(&mut o, "loss", Tensor::scalar(terms.total));
+    out(
+        &mut o,
+        "dino_global_crops_loss",
+        Tensor::scalar(terms.global),
+    );
+    if nl > 0 {
+        out(&mut o, "dino_local_crops_loss", Tensor::scalar(terms.local));
+        out(&mut o, "grad.student_local", dl);
+    }
+    out(&mut o, "teacher_probs", probs);
+    out(&mut o, "grad.student_global", dg);
+    if let Some(c) = cent.center() {
+        out(&mut o, "center_new", Tensor::from_vec(&[1, k], c.to_vec())?);
+    }
+    Ok(o)
+}
+
+fn ibot_loss(fx: &Fixture) -> Result<Outputs> {
+    let k = fx.param_usize("out_dim")?;
+    let ts = f32_param(fx, "student_temp")?;
+    let tt = f32_param(fx, "teacher_temp")?;
+    let (mask_shape, _) = fx.input_u8("masks")?;
+    let n_crops = *mask_shape
+        .first()
+        .ok_or_else(|| fx.error("in.masks", "needs a crop dimension"))?;
+    let s = fx.input("student_patch_masked")?;
+    let t = fx.input("teacher_patch_masked")?;
+    let m = t.shape.first().copied().unwrap_or(0);
+    s.expect_shape("student_patch_masked", &[m, k])?;
+    t.expect_shape("teacher_patch_masked", &[m, k])?;
+    let weights = fx.input("masks_weight")?;
+    weights.expect_shape("masks_weight", &[m])?;
+
+    let mut cent = centering(fx, k)?;
+    let mut probs = Tensor::zeros(&[m, k]);
+    cent.teacher_probs(&mut probs.data, &t.data, m, k, tt)?;
+    let mut ds = Tensor::zeros(&[m, k]);
+    let loss = ibot_loss_forward_backward(
+        &mut ds.data,
+        &s.data,
+        &probs.data,
+        &weights.data,
+        n_crops,
+        m,
+        k,
+        ts,
+        1.0,
+    )?;
+    let mut o = Outputs::new();
+    out(&mut o, "loss", Tensor::scalar(loss));
+    out(&mut o, "teacher_probs", probs);
+    out(&mut o, "grad.student_patch_masked", ds);
+    if let Some(c) = cent.center() {
+        out(
+            &mut o,
+            "center_new",
+            Tensor::from_vec(&[1, 1, k], c.to_vec())?,
+        );
+    }
+    Ok(o)
+}
+
+fn koleo(fx: &Fixture) -> Result<Outputs> {
+    let x = fx.input("x")?;
+    let (b, d) = match x.shape[..] {
+        [b, d] => (b, d),
+        _ => return Err(fx.error("in.x", format!("expected [b, d], got {:?}", x.shape))),
+    };
+    let mut dx = Tensor::zeros(&[b, d]);
+    let loss =
+        koleo_loss_forward_backward(&mut dx.data, &x.data, b, d, 1.0, Accumulate::Overwrite)?;
+    let mut o = Outputs::new();
+    out(&mut o, "loss", Tensor::scalar(loss));
+    out(&mut o, "grad.x", dx);
+    Ok(o)
+}
+
+fn schedules(fx: &Fixture) -> Result<Outputs> {
+    let u = |k: &str| fx.param_usize(k).map(|v| v as u64);
+    let f = |k: &str| fx.param_f64(k);
+    let rule = fx.param_str("scaling_rule")?;
+    if rule != "sqrt_wrt_1024" {
+        return Err(Error::Unsupported(format!("lr scaling rule '{rule}'")));
+    }
+    let cfg = ScheduleConfig {
+        epochs: u("epochs")?,
+        epoch_length: u("OFFICIAL_EPOCH_LENGTH")?,
+        warmup_epochs: u("warmup_epochs")?,
+        freeze_last_layer_epochs: u("freeze_last_layer_epochs")?,
+        warmup_teacher_temp_epochs: u("warmup_teacher_temp_epochs")?,
+        batch_size_per_gpu: u("batch_size_per_gpu")?,
+        world_size: u("world_size")?,
+        base_lr: f("base_lr")?,
+        min_lr: f("min_lr")?,
+        weight_decay: f("weight_decay")?,
+        weight_decay_end: f("weight_decay_end")?,
+        momentum_teacher: f("momentum_teacher")?,
+        final_momentum_teacher: f("final_momentum_teacher")?,
+        warmup_teacher_temp: f("warmup_teacher_temp")?,
+        teacher_temp: f("teacher_temp")?,
+    };
+    let s = Schedules::new(&cfg)?;
+    let n_out = u("n_out")?;
+    let vals: Vec<_> = (0..n_out).map(|it| s.at(it)).collect();
+    let series = |g: fn(&crate::optim::ScheduledValues) -> f64| {
+        Tensor::from_vec(
+            &[n_out as usize],
+            vals.iter().map(|v| g(v) as f32).collect(),
+        )
+    };
+    let mut o = Outputs::new();
+    out(&mut o, "lr", series(|v| v.lr)?);
+    out(&mut o, "wd", series(|v| v.wd)?);
+    out(&mut o, "momentum", series(|v| v.momentum)?);
+    out(&mut o, "teacher_temp", series(|v| v.teacher_temp)?);
+    out(&mut o, "last_layer_lr", series(|v| v.last_layer_lr)?);
+    out(&mut o, "lr_peak", Tensor::scalar(s.lr_peak as f32));
+    Ok(o)
+}
+
+/// The layer decay of a `param_groups` fixture.
+fn fixture_layer_decay(fx: &Fixture) -> Result<LayerDecay> {
+    Ok(LayerDecay {
+        depth: fx.param_usize("depth")?,
+        layerwise_decay: fx.param_f64("layerwise_decay")?,
+        patch_embed_lr_mult: fx.param_f64("patch_embed_lr_mult")?,
+    })
+}
+
+/// The parameter names of a `param_groups` fixture (metadata `param_names`).
+fn fixture_param_names(fx: &Fixture) -> Result<Vec<String>> {
+    serde_json::from_value(fx.meta_json("param_names")?)
+        .map_err(|e| fx.error("metadata.param_names", e.to_string()))
+}
+
+fn param_groups(fx: &Fixture) -> Result<Outputs> {
+    let names = fixture_param_names(fx)?;
+    let groups = ParamGroups::from_names(&names, &fixture_layer_decay(fx)?)?;
+    let p = names.len();
+    let col = |g: fn(&GroupSettings) -> f32| {
+        Tensor::from_vec(&[p], groups.per_param.iter().map(g).collect())
+    };
+    let mut o = Outputs::new();
+    out(&mut o, "lr_multiplier", col(|s| s.lr_multiplier as f32)?);
+    out(&mut o, "wd_multiplier", col(|s| s.wd_multiplier as f32)?);
+    o.insert(
+        "out.is_last_layer".into(),
+        Value::U8 {
+            shape: vec![p],
+            data: groups
+                .per_param
+                .iter()
+                .map(|s| s.is_last_layer as u8)
+                .collect(),
+        },
+    );
+    Ok(o)
+}
+
+/// Named tensors laid out one after the other in a flat buffer (name order).
+struct Flat {
+    names: Vec<String>,
+    shapes: Vec<Vec<usize>>,
+    refs: Vec<ParamRef>,
+    data: Vec<f32>,
+}
+
+impl Flat {
+    fn new(tensors: &BTreeMap<String, Tensor>) -> Self {
+        let mut f = Flat {
+            names: Vec::new(),
+            shapes: Vec::new(),
+            refs: Vec::new(),
+            data: Vec::new(),
+        };
+        for (name, t) in tensors {
+            f.refs.push(ParamRef {
+                offset: f.data.len(),
+                len: t.numel(),
+            });
+            f.names.push(name.clone());
+            f.shapes.push(t.shape.clone());
+            f.data.extend_from_slice(&t.data);
+        }
+        f
+    }
+}
+
+fn adamw_freeze(fx: &Fixture) -> Result<Outputs> {
+    let steps = fx.param_usize("steps")?;
+    let hyper = AdamHyper {
+        beta1: fx.param_f64("beta1")?,
+        beta2: fx.param_f64("beta2")?,
+        eps: fx.param_f64("eps")?,
+    };
+    if fx.param_bool("amsgrad")? {
+        return Err(Error::Unsupported("AMSGrad".into()));
+    }
+    let groups = fx.param("groups")?;
+    let mut flat = Flat::new(&fx.inputs_with_prefix("in.param.")?);
+    let mut settings = Vec::new();
+    for (name, r) in flat.names.iter().zip(&flat.refs) {
+        let g = groups
+            .get(name)
+            .ok_or_else(|| fx.error(&format!("params.groups.{name}"), "missing"))?;
+        let num = |k: &str| {
+            g.get(k)
+                .and_then(|v| v.as_f64())
+                .ok_or_else(|| fx.error(&format!("params.groups.{name}.{k}"), "not a number"))
+        };
+        let s = GroupSettings {
+            lr_multiplier: num("lr_multiplier")?,
+            wd_multiplier: num("wd_multiplier")?,
+            is_last_layer: g
+                .get("is_last_layer")
+                .and_then(|v| v.as_bool())
+                .unwrap_or(false),
+        };
+        settings.push((*r, s));
+    }
+    let grads = fx.inputs_with_prefix("in.grads.")?;
+    let lr = fx.input("lr")?;
+    let wd = fx.input("wd")?;
+    let ll = fx.input("last_layer_lr")?;
+    lr.expect_shape("adamw_freeze lr", &[steps])?;
+    wd.expect_shape("adamw_freeze wd", &[steps])?;
+    ll.expect_shape("adamw_freeze last_layer_lr", &[steps])?;
+    let mut opt = AdamW::from_parts(settings, flat.data.len(), hyper)?;
+    // [S, P] history of each buffer.
+    let mut hist = [Vec::new(), Vec::new(), Vec::new()];
+    let mut grad = vec![0f32; flat.data.len()];
+    for s in 0..steps {
+        for ((name, r), shape) in flat.names.iter().zip(&flat.refs).zip(&flat.shapes) {
+            let g = grads
+                .get(name)
+                .ok_or_else(|| fx.error(&format!("in.grads.{name}"), "missing"))?;
+            let mut want = vec![steps];
+            want.extend(shape);
+            g.expect_shape("grads", &want)?;
+            grad[r.range()].copy_from_slice(&g.data[s * r.len..(s + 1) * r.len]);
+        }
+        opt.step(
+            &mut flat.data,
+            &grad,
+            lr.data[s] as f64,
+            ll.data[s] as f64,
+            wd.data[s] as f64,
+        )?;
+        hist[0].push(flat.data.clone());
+        hist[1].push(opt.state.exp_avg.clone());
+        hist[2].push(opt.state.exp_avg_sq.clone());
+    }
+    let mut o = Outputs::new();
+    for (prefix, h) in ["param", "exp_avg", "exp_avg_sq"].iter().zip(&hist) {
+        for ((name, r), shape) in flat.names.iter().zip(&flat.refs).zip(&flat.shapes) {
+            let mut sh = vec![steps];
+            sh.extend(shape);
+            let data = h
+                .iter()
+                .flat_map(|buf| buf[r.range()].iter().copied())
+                .collect();
+            out(
+                &mut o,
+                &format!("{prefix}.{name}"),
+                Tensor::from_vec(&sh, data)?,
+            );
+        }
+    }
+    out(
+        &mut o,
+        "step",
+        Tensor::from_vec(&[steps], (1..=steps).map(|s| s as f32).collect())?,
+    );
+    Ok(o)
+}
+
+fn clip_grad(fx: &Fixture) -> Result<Outputs> {
+    let max_norm = f32_param(fx, "max_norm")?;
+    let submodules: Vec<String> = serde_json::from_value(fx.param("submodules")?.clone())
+        .map_err(|e| fx.error("params.submodules", e.to_string()))?;
+    let mut o = Outputs::new();
+    let mut spans = Vec::new();
+    let mut flats = Vec::new();
+    let mut data = Vec::new();
+    for sub in &submodules {
+        let flat = Flat::new(&fx.inputs_with_prefix(&format!("in.grads.{sub}."))?);
+        let start = data.len();
+        data.extend_from_slice(&flat.data);
+        spans.push(SubmoduleSpan {
+            name: sub.clone(),
+            ranges: std::iter::once(start..data.len()).collect(),
+        });
+        flats.push((start, flat));
+    }
+    let norms = clip_grad_norms(&mut data, &spans, max_norm)?;
+    for ((sub, (start, flat)), norm) in submodules.iter().zip(&flats).zip(norms) {
+        for ((name, r), shape) in flat.names.iter().zip(&flat.refs).zip(&flat.shapes) {
+            let d = data[start + r.offset..start + r.offset + r.len].to_vec();
+            out(
+                &mut o,
+                &format!("clipped.{sub}.{name}"),
+                Tensor::from_vec(shape, d)?,
+            );
+        }
+        out(&mut o, &format!("total_norm.{sub}"), Tensor::scalar(norm));
+    }
+    Ok(o)
+}
+
+fn ema(fx: &Fixture) -> Result<Outputs> {
+    let m = fx.param_f64("momentum")?;
+    let teacher = fx.inputs_with_prefix("in.teacher.")?;
+    let student = fx.inputs_with_prefix("in.student.")?;
+    let mut o = Outputs::new();
+    for (name, t) in teacher {
+        let s = student
+            .get(&name)
+            .ok_or_else(|| fx.error(&format!("in.student.{name}"), "missing"))?;
+        s.expect_shape("student", &t.shape)?;
+        let mut t = t;
+        ema_update(&mut t.data, &s.data, m)?;
+        out(&mut o, &format!("teacher_new.{name}"), t);
+    }
+    Ok(o)
+}
+
+fn knn(fx: &Fixture) -> Result<Outputs> {
+    let train = fx.input("train_features")?;
+    let test = fx.input("test_features")?;
+    let (_, labels) = fx.input_i64("train_labels")?;
+    let labels: Vec<usize> = labels
+        .iter()
+        .map(|&l| {
+            usize::try_from(l)
+                .map_err(|_| fx.error("in.train_labels", format!("negative label {l}")))
+        })
+        .collect::<Result<_>>()?;
+    let dim = *train.shape.last().unwrap_or(&0);
+    let nb_knn: Vec<usize> = serde_json::from_value(fx.param("nb_knn")?.clone())
+        .map_err(|e| fx.error("params.nb_knn", e.to_string()))?;
+    let r = knn_classify(
+        &train.data,
+        &labels,
+        &test.data,
+        dim,
+        &nb_knn,
+        f32_param(fx, "T")?,
+    )?;
+    let n_test = test.data.len() / dim.max(1);
+    let i64s = |v: &[usize], shape: Vec<usize>| Value::I64 {
+        shape,
+        data: v.iter().map(|&x| x as i64).collect(),
+    };
+    let mut o = Outputs::new();
+    out(
+        &mut o,
+        "topk_sims",
+        Tensor::from_vec(&[n_test, r.max_k], r.topk_sims.clone())?,
+    );
+    o.insert(
+        "out.topk_labels".into(),
+        i64s(&r.topk_labels, vec![n_test, r.max_k]),
+    );
+    for pk in &r.per_k {
+        out(
+            &mut o,
+            &format!("probas_k{}", pk.k),
+            Tensor::from_vec(&[n_test, r.num_classes], pk.probas.clone())?,
+        );
+        o.insert(format!("out.top1_k{}", pk.k), i64s(&pk.top1, vec![n_test]));
+    }
+    Ok(o)
 }

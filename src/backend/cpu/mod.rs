@@ -5,7 +5,11 @@
 pub mod attention;
 pub mod elementwise;
 pub mod gemm;
+pub mod koleo;
 pub mod layernorm;
+pub mod loss;
+pub mod optimizer;
+pub mod sinkhorn;
 
 pub use attention::{attention_backward, attention_forward};
 pub use gemm::{matmul, Accumulate, Transpose};

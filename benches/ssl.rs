@@ -1,0 +1,97 @@
+//! Method kernels at official sizes: Sinkhorn-Knopp and the DINO loss at K = 65536 (2B = 16 and
+//! 128 rows), AdamW and EMA over 22 M parameters (ViT-S + heads), reported as GB/s of traffic.
+//!
+//! `cargo bench --bench ssl -- --warm-up-time 1 --measurement-time 3`
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use dinotrain::backend::cpu::optimizer::{adamw_step, ema_update, AdamHyper};
+use dinotrain::backend::cpu::sinkhorn::sinkhorn_knopp;
+use dinotrain::ssl::{dino_loss_forward_backward, Centering};
+use rand::Rng as _;
+use std::hint::black_box;
+
+const K: usize = 65536;
+
+fn random(n: usize, seed: u64) -> Vec<f32> {
+    let mut rng = dinotrain::rng::keyed(seed, &[dinotrain::rng::stream::TEST]);
+    (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect()
+}
+
+fn bench_sinkhorn(c: &mut Criterion) {
+    let mut g = c.benchmark_group("sinkhorn_knopp_k65536");
+    for rows in [16usize, 128] {
+        let t = random(rows * K, 1);
+        let mut p = vec![0f32; rows * K];
+        g.throughput(Throughput::Bytes((rows * K * 4) as u64));
+        g.bench_with_input(BenchmarkId::from_parameter(rows), &rows, |b, &rows| {
+            b.iter(|| sinkhorn_knopp(&mut p, black_box(&t), rows, K, 0.07, 3).unwrap())
+        });
+    }
+    g.finish();
+}
+
+/// Teacher targets plus the student cross-entropy forward and backward over the 2B global rows.
+fn bench_dino_loss(c: &mut Criterion) {
+    let mut g = c.benchmark_group("dino_loss_k65536");
+    for rows in [16usize, 128] {
+        let n_img = rows / 2;
+        let s = random(rows * K, 2);
+        let t = random(rows * K, 3);
+        let mut p = vec![0f32; rows * K];
+        let mut d = vec![0f32; rows * K];
+        g.throughput(Throughput::Bytes((rows * K * 4) as u64));
+        for (label, mut cent) in [
+            ("centering", Centering::softmax(K)),
+            ("sinkhorn", Centering::sinkhorn_knopp()),
+        ] {
+            g.bench_with_input(BenchmarkId::new(label, rows), &rows, |b, &rows| {
+                b.iter(|| {
+                    cent.teacher_probs(&mut p, black_box(&t), rows, K, 0.07)
+                        .unwrap();
+                    dino_loss_forward_backward(&mut d, &mut [], &s, &[], &p, n_img, 0, K, 0.1, 1.0)
+                        .unwrap()
+                })
+            });
+        }
+    }
+    g.finish();
+}
+
+fn bench_optimizer(c: &mut Criterion) {
+    let n = 22_000_000;
+    let mut p = random(n, 4);
+    let grad = random(n, 5);
+    let mut m = vec![0f32; n];
+    let mut v = vec![0f32; n];
+    let mut teacher = random(n, 6);
+    let hp = AdamHyper::default();
+    let mut g = c.benchmark_group("optimizer_22m");
+    g.sample_size(10);
+    // Traffic: AdamW reads p, g, m, v and writes p, m, v; EMA reads t, s and writes t.
+    g.throughput(Throughput::Bytes((n * 4 * 7) as u64));
+    let mut step = 0;
+    g.bench_function("adamw", |b| {
+        b.iter(|| {
+            step += 1;
+            adamw_step(
+                &mut p,
+                black_box(&grad),
+                &mut m,
+                &mut v,
+                1e-4,
+                0.04,
+                &hp,
+                step,
+            )
+            .unwrap()
+        })
+    });
+    g.throughput(Throughput::Bytes((n * 4 * 3) as u64));
+    g.bench_function("ema", |b| {
+        b.iter(|| ema_update(&mut teacher, black_box(&p), 0.994).unwrap())
+    });
+    g.finish();
+}
+
+criterion_group!(benches, bench_sinkhorn, bench_dino_loss, bench_optimizer);
+criterion_main!(benches);

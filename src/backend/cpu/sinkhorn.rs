@@ -1,0 +1,274 @@
+//! Sinkhorn-Knopp teacher targets (CPU reference of the CUDA Sinkhorn kernel).
+//!
+//! The official algorithm on `Q = exp(T / tt)ᵀ` (`[K, R]`): normalise the total to 1, then
+//! `n_iters` times divide every prototype row by its sum and by `K`, then every sample column by
+//! its sum and by `R`; finally multiply by `R`, so every sample sums to 1. Here the matrix stays
+//! in the logits' `[R, K]` layout (prototypes are columns) and:
+//!
+//! * before `exp`, each prototype's logits are shifted by that prototype's maximum over all rows.
+//!   The first operation after `exp` divides each prototype by its sum, so a per-prototype
+//!   constant cancels exactly (as does a global one, which the official code's total
+//!   normalisation also cancels); unlike a per-sample max, it never changes the result. It keeps
+//!   `exp` from overflowing and every prototype sum `>= 1`;
+//! * the division by the grand total is skipped for the same reason (the prototype
+//!   normalisation follows it);
+//! * the final `· R` is folded into the last sample normalisation.
+//!
+//! All sums accumulate in f64. One iteration is one pass over the rows (row-parallel): scale by
+//! the prototype factors while summing the row, scale the row, and add it into per-thread
+//! prototype sums for the next iteration.
+
+use super::loss::{check_len, check_temp, exp_f32, sum_f64};
+use crate::error::{Error, Result};
+use rayon::prelude::*;
+
+/// Sinkhorn-Knopp: `out_probs [R,K]` from teacher `logits [R,K]`, with `rows = R` samples
+/// (all jointly normalised), `k = K` prototypes, temperature `teacher_temp` and `n_iters`
+/// iterations (3 officially). Every output row sums to 1.
+///
+/// Errors: shape mismatches, a non-positive temperature, `n_iters == 0`, or a sample whose
+/// weights all underflow (its logits are more than ~87·tt below every prototype's best sample),
+/// which the official code would turn into NaN.
+pub fn sinkhorn_knopp(
+    out_probs: &mut [f32],
+    logits: &[f32],
+    rows: usize,
+    k: usize,
+    teacher_temp: f32,
+    n_iters: usize,
+) -> Result<()> {
+    const OP: &str = "sinkhorn_knopp";
+    check_len(OP, "out_probs", out_probs.len(), rows * k)?;
+    check_len(OP, "logits", logits.len(), rows * k)?;
+    check_temp(OP, "teacher temperature", teacher_temp)?;
+    if n_iters == 0 {
+        return Err(Error::Config(format!("{OP}: needs at least one iteration")));
+    }
+    if rows == 0 || k == 0 {
+        return Ok(());
+    }
+    if let Some(i) = logits.iter().position(|v| !v.is_finite()) {
+        return Err(Error::Numeric {
+            op: OP,
+            detail: format!("logit {i} (row {}) is {}", i / k, logits[i]),
+        });
+    }
+    let inv_t = 1.0 / teacher_temp;
+
+    // [K] per-prototype max over all rows (the exact-cancelling shift), in scaled units.
+    let col_max = column_reduce(logits, rows, k, f32::NEG_INFINITY, |a, v| a.max(v));
+    let shift: Vec<f32> = col_max.iter().map(|&m| m * inv_t).collect();
+
+    // Q = exp(x − shift) with its prototype sums.
+    let mut col_sum = fold_rows(out_probs, k, |r, q, acc| {
+        let t = &logits[r * k..(r + 1) * k];
+        for ((qv, &tv), (&sv, a)) in q.iter_mut().zip(t).zip(shift.iter().zip(acc.iter_mut())) {
+            *qv = exp_f32(tv * inv_t - sv);
+            *a += *qv as f64;
+        }
+        Ok(())
+    })?;
+
+    let inv_k = 1.0 / k as f64;
+    let inv_r = 1.0 / rows as f64;
+    for it in 0..n_iters {
+        let last = it + 1 == n_iters;
+        // [K] prototype factors 1 / (sum · K).
+        let col_scale: Vec<f32> = col_sum.iter().map(|&s| (inv_k / s) as f32).collect();
+        // Sample factors 1 / (sum · R), except the last, where the final · R cancels the / R.
+        let row_norm = if last { 1.0 } else { inv_r };
+        let next = fold_rows(out_probs, k, |r, q, acc| {
+            let mut lanes = [0f64; 8];
+            let mut chunks = q.chunks_exact_mut(8);
+            let mut scales = col_scale.chunks_exact(8);
+            for (c, s) in (&mut chunks).zip(&mut scales) {
+                for l in 0..8 {
+                    c[l] *= s[l];
+                    lanes[l] += c[l] as f64;
+                }
+            }
+            let mut row_sum: f64 = lanes.iter().sum();
+            for (qv, &s) in chunks.into_remainder().iter_mut().zip(scales.remainder()) {
+                *qv *= s;
+                row_sum += *qv as f64;
+            }
+            if !(row_sum > 0.0 && row_sum.is_finite()) {
+                return Err(Error::Numeric {
+                    op: OP,
+                    detail: format!(
+                        "sample {r} has total weight {row_sum} after {it} iterations: its \
+                         logits are too far below the other samples' for temperature {teacher_temp}"
+                    ),
+                });
+            }
+            let f = (row_norm / row_sum) as f32;
+            if last {
+                for qv in q.iter_mut() {
+                    *qv *= f;
+                }
+            } else {
+                for (qv, a) in q.iter_mut().zip(acc.iter_mut()) {
+                    *qv *= f;
+                    *a += *qv as f64;
+                }
+            }
+            Ok(())
+        })?;
+        col_sum = next;
+    }
+    Ok(())
+}
+
+/// Runs `body(row_index, row, acc)` over the rows of `m [R,K]` in parallel, each worker owning a
+/// `[K]` f64 accumulator; returns the sum of the accumulators.
+fn fold_rows<F>(m: &mut [f32], k: usize, body: F) -> Result<Vec<f64>>
+where
+    F: Fn(usize, &mut [f32], &mut [f64]) -> Result<()> + Sync,
+{
+    m.par_chunks_mut(k)
+        .enumerate()
+        .try_fold(
+            || vec![0f64; k],
+            |mut acc, (r, row)| {
+                body(r, row, &mut acc)?;
+                Ok(acc)
+            },
+        )
+        .try_reduce(
+            || vec![0f64; k],
+            |mut a, b| {
+                for (x, y) in a.iter_mut().zip(b) {
+                    *x += y;
+                }
+                Ok(a)
+            },
+        )
+}
+
+/// Column-wise reduction of `m [R,K]` with `f`, starting from `init`.
+fn column_reduce(m: &[f32], rows: usize, k: usize, init: f32, f: fn(f32, f32) -> f32) -> Vec<f32> {
+    const COLS: usize = 2048;
+    let mut out = vec![init; k];
+    out.par_chunks_mut(COLS).enumerate().for_each(|(blk, o)| {
+        let c0 = blk * COLS;
+        for r in 0..rows {
+            let row = &m[r * k + c0..r * k + c0 + o.len()];
+            for (a, &v) in o.iter_mut().zip(row) {
+                *a = f(*a, v);
+            }
+        }
+    });
+    out
+}
+
+/// The official algorithm, literally (f64, no shift, total normalisation, final `· R`): the
+/// reference the fast version and the CUDA kernel are tested against.
+pub fn sinkhorn_knopp_reference(
+    logits: &[f32],
+    rows: usize,
+    k: usize,
+    teacher_temp: f32,
+    n_iters: usize,
+) -> Vec<f32> {
+    // Q [K, R]
+    let mut q = vec![0f64; k * rows];
+    for r in 0..rows {
+        for j in 0..k {
+            q[j * rows + r] = (logits[r * k + j] as f64 / teacher_temp as f64).exp();
+        }
+    }
+    let total: f64 = q.iter().sum();
+    q.iter_mut().for_each(|v| *v /= total);
+    for _ in 0..n_iters {
+        for j in 0..k {
+            let s: f64 = q[j * rows..(j + 1) * rows].iter().sum();
+            for v in &mut q[j * rows..(j + 1) * rows] {
+                *v = *v / s / k as f64;
+            }
+        }
+        for r in 0..rows {
+            let s: f64 = (0..k).map(|j| q[j * rows + r]).sum();
+            for j in 0..k {
+                q[j * rows + r] = q[j * rows + r] / s / rows as f64;
+            }
+        }
+    }
+    let mut out = vec![0f32; rows * k];
+    for r in 0..rows {
+        for j in 0..k {
+            out[r * k + j] = (q[j * rows + r] * rows as f64) as f32;
+        }
+    }
+    debug_assert_eq!(sum_f64(&out).round() as usize, rows);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::Rng as _;
+
+    fn random(n: usize, seed: u64, scale: f32) -> Vec<f32> {
+        let mut rng = crate::rng::keyed(seed, &[crate::rng::stream::TEST]);
+        (0..n).map(|_| rng.random_range(-scale..scale)).collect()
+    }
+
+    #[test]
+    fn matches_the_literal_official_algorithm() {
+        for &(r, k, tt, iters) in &[(6, 40, 0.04f32, 3), (16, 1000, 0.07, 3), (7, 9, 0.05, 5)] {
+            let t = random(r * k, r as u64, 1.0);
+            let mut got = vec![0f32; r * k];
+            sinkhorn_knopp(&mut got, &t, r, k, tt, iters).unwrap();
+            let want = sinkhorn_knopp_reference(&t, r, k, tt, iters);
+            let err = crate::golden::rel_err(&got, &want);
+            assert!(err < 1e-6, "R {r} K {k}: relative error {err}");
+            for row in got.chunks(k) {
+                assert!((sum_f64(row) - 1.0).abs() < 1e-5);
+            }
+        }
+    }
+
+    #[test]
+    fn large_logits_do_not_overflow_and_a_global_shift_changes_nothing() {
+        // |t| / tt up to 250: exp would overflow in f32 without the shift.
+        let (r, k) = (8, 300);
+        let t = random(r * k, 9, 10.0);
+        let mut a = vec![0f32; r * k];
+        sinkhorn_knopp(&mut a, &t, r, k, 0.04, 3).unwrap();
+        assert!(a.iter().all(|v| v.is_finite()));
+        let shifted: Vec<f32> = t.iter().map(|v| v - 3.0).collect();
+        let mut b = vec![0f32; r * k];
+        sinkhorn_knopp(&mut b, &shifted, r, k, 0.04, 3).unwrap();
+        assert!(crate::golden::rel_err(&a, &b) < 1e-5);
+    }
+
+    #[test]
+    fn a_per_sample_shift_does_change_the_result() {
+        // Guards against "simplifying" the kernel to a per-row max: it is not equivalent.
+        let (r, k) = (4, 50);
+        let t = random(r * k, 11, 1.0);
+        let mut a = vec![0f32; r * k];
+        sinkhorn_knopp(&mut a, &t, r, k, 0.1, 3).unwrap();
+        let mut shifted = t.clone();
+        for v in &mut shifted[..k] {
+            *v -= 0.5;
+        }
+        let mut b = vec![0f32; r * k];
+        sinkhorn_knopp(&mut b, &shifted, r, k, 0.1, 3).unwrap();
+        assert!(crate::golden::rel_err(&a, &b) > 1e-4);
+    }
+
+    #[test]
+    fn bad_input_is_an_error() {
+        let mut out = vec![0f32; 6];
+        assert!(sinkhorn_knopp(&mut out, &[0.0; 5], 2, 3, 0.1, 3).is_err());
+        assert!(sinkhorn_knopp(&mut out, &[0.0; 6], 2, 3, 0.0, 3).is_err());
+        assert!(sinkhorn_knopp(&mut out, &[0.0; 6], 2, 3, 0.1, 0).is_err());
+        assert!(
+            sinkhorn_knopp(&mut out, &[0.0, f32::NAN, 0.0, 0.0, 0.0, 0.0], 2, 3, 0.1, 3).is_err()
+        );
+        // Sample 1 is 100 below sample 0 on every prototype: its weights underflow.
+        let t = [0.0, 0.0, 0.0, -100.0, -100.0, -100.0];
+        assert!(sinkhorn_knopp(&mut out, &t, 2, 3, 0.04, 3).is_err());
+    }
+}
