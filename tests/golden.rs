@@ -55,4 +55,5 @@ golden_cases!(
     clip_grad,
     ema,
     knn,
+    ssl_step,
 );

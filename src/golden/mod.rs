@@ -8,6 +8,7 @@
 
 mod nn_cases;
 mod ssl_cases;
+mod step_case;
 
 use crate::error::{Error, Result};
 use crate::io::{TensorFile, Value};
@@ -223,8 +224,8 @@ pub fn compute(fx: &Fixture) -> Result<Outputs> {
         | "adamw_freeze"
         | "clip_grad"
         | "ema"
-        | "knn"
-        | "ssl_step" => ssl_cases::compute(fx),
+        | "knn" => ssl_cases::compute(fx),
+        "ssl_step" => step_case::compute(fx),
         other => Err(Error::Unsupported(format!(
             "{}: unknown golden case '{other}'",
             fx.path.display()

@@ -9,6 +9,7 @@ pub mod dino_loss;
 pub mod ibot_loss;
 pub mod koleo;
 pub mod masking;
+pub mod step;
 
 pub use centering::Centering;
 pub use dino_loss::{dino_loss_forward_backward, DinoLossTerms};
