@@ -377,6 +377,12 @@ fn adamw_freeze(fx: &Fixture) -> Result<Outputs> {
 
 fn clip_grad(fx: &Fixture) -> Result<Outputs> {
     let max_norm = f32_param(fx, "max_norm")?;
+    let norm_type = fx.param_f64("norm_type")?;
+    if norm_type != 2.0 {
+        return Err(Error::Unsupported(format!(
+            "gradient clipping with norm type {norm_type}"
+        )));
+    }
     let submodules: Vec<String> = serde_json::from_value(fx.param("submodules")?.clone())
         .map_err(|e| fx.error("params.submodules", e.to_string()))?;
     let mut o = Outputs::new();

@@ -14,7 +14,7 @@ pub use centering::Centering;
 pub use dino_loss::{dino_loss_forward_backward, DinoLossTerms};
 pub use ibot_loss::ibot_loss_forward_backward;
 pub use koleo::koleo_loss_forward_backward;
-pub use masking::{collate_masks, MaskBatch, MaskingGenerator};
+pub use masking::{collate_masks, collate_masks_for_step, MaskBatch, MaskingGenerator};
 
 use crate::error::{Error, Result};
 use std::fmt;
