@@ -3,9 +3,9 @@
 //! against.
 
 pub mod gemm;
-
-pub use gemm::{matmul, Accumulate, Transpose};
 pub mod koleo;
 pub mod loss;
 pub mod optimizer;
 pub mod sinkhorn;
+
+pub use gemm::{matmul, Accumulate, Transpose};
