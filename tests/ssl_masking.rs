@@ -3,13 +3,13 @@
 
 use dinotrain::rng::{keyed, stream};
 use dinotrain::ssl::masking::{
-    collate_masks, linspace_f32, stratified_targets, MaskBatch, MaskingGenerator,
+    collate_masks, collate_masks_for_step, linspace_f32, stratified_targets, MaskBatch,
+    MaskingGenerator,
 };
 
 fn batch(seed: u64, step: u64, n_crops: usize, img: usize, patch: usize) -> MaskBatch {
     let g = MaskingGenerator::official(img, patch).unwrap();
-    let mut rng = keyed(seed, &[stream::MASKS, step]);
-    collate_masks(&mut rng, &g, n_crops, 0.5, (0.1, 0.5)).unwrap()
+    collate_masks_for_step(seed, step, &g, n_crops, 0.5, (0.1, 0.5)).unwrap()
 }
 
 fn crop_counts(b: &MaskBatch) -> Vec<usize> {

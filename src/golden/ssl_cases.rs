@@ -14,7 +14,7 @@ use crate::optim::{
     Schedules, SubmoduleSpan,
 };
 use crate::ssl::{
-    dino_loss_forward_backward, ibot_loss_forward_backward, koleo_loss_forward_backward, Centering,
+    dino_loss_with_targets, ibot_loss_with_targets, koleo_loss_forward_backward, Centering,
 };
 use crate::tensor::Tensor;
 use std::collections::BTreeMap;
@@ -82,18 +82,20 @@ fn dino_loss(fx: &Fixture) -> Result<Outputs> {
 
     let mut cent = centering(fx, k)?;
     let mut probs = Tensor::zeros(&[2 * b, k]);
-    cent.teacher_probs(&mut probs.data, &tg.data, 2 * b, k, tt)?;
     let mut dg = Tensor::zeros(&[2 * b, k]);
     let mut dl = Tensor::zeros(&[nl * b, k]);
-    let terms = dino_loss_forward_backward(
+    let terms = dino_loss_with_targets(
+        &mut probs.data,
         &mut dg.data,
         &mut dl.data,
+        &mut cent,
         &sg.data,
         &sl.data,
-        &probs.data,
+        &tg.data,
         b,
         nl,
         k,
+        tt,
         ts,
         w,
     )?;
@@ -134,16 +136,18 @@ fn ibot_loss(fx: &Fixture) -> Result<Outputs> {
 
     let mut cent = centering(fx, k)?;
     let mut probs = Tensor::zeros(&[m, k]);
-    cent.teacher_probs(&mut probs.data, &t.data, m, k, tt)?;
     let mut ds = Tensor::zeros(&[m, k]);
-    let loss = ibot_loss_forward_backward(
+    let loss = ibot_loss_with_targets(
+        &mut probs.data,
         &mut ds.data,
+        &mut cent,
         &s.data,
-        &probs.data,
+        &t.data,
         &weights.data,
         n_crops,
         m,
         k,
+        tt,
         ts,
         1.0,
     )?;
@@ -377,6 +381,12 @@ fn adamw_freeze(fx: &Fixture) -> Result<Outputs> {
 
 fn clip_grad(fx: &Fixture) -> Result<Outputs> {
     let max_norm = f32_param(fx, "max_norm")?;
+    let norm_type = fx.param_f64("norm_type")?;
+    if norm_type != 2.0 {
+        return Err(Error::Unsupported(format!(
+            "gradient clipping with norm type {norm_type}"
+        )));
+    }
     let submodules: Vec<String> = serde_json::from_value(fx.param("submodules")?.clone())
         .map_err(|e| fx.error("params.submodules", e.to_string()))?;
     let mut o = Outputs::new();

@@ -8,6 +8,7 @@
 
 use crate::backend::cpu::loss::{check_len, softmax_cross_entropy_forward_backward};
 use crate::error::{Error, Result};
+use crate::ssl::Centering;
 
 /// The official student temperature.
 pub const STUDENT_TEMP: f32 = 0.1;
@@ -96,6 +97,40 @@ pub fn dino_loss_forward_backward(
         global: global as f32,
         total: (loss_weight as f64 * (local + global)) as f32,
     })
+}
+
+/// The whole DINO loss of a step: teacher targets `teacher_probs [2B,K]` from `teacher_global
+/// [2B,K]` (natural row order) by `centering` (all `2B` rows jointly; the softmax center moves
+/// after use), then [`dino_loss_forward_backward`].
+#[allow(clippy::too_many_arguments)]
+pub fn dino_loss_with_targets(
+    teacher_probs: &mut [f32],
+    dstudent_global: &mut [f32],
+    dstudent_local: &mut [f32],
+    centering: &mut Centering,
+    student_global: &[f32],
+    student_local: &[f32],
+    teacher_global: &[f32],
+    n_img: usize,
+    n_local: usize,
+    k: usize,
+    teacher_temp: f32,
+    student_temp: f32,
+    loss_weight: f32,
+) -> Result<DinoLossTerms> {
+    centering.teacher_probs(teacher_probs, teacher_global, 2 * n_img, k, teacher_temp)?;
+    dino_loss_forward_backward(
+        dstudent_global,
+        dstudent_local,
+        student_global,
+        student_local,
+        teacher_probs,
+        n_img,
+        n_local,
+        k,
+        student_temp,
+        loss_weight,
+    )
 }
 
 #[cfg(test)]

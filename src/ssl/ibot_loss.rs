@@ -6,6 +6,39 @@
 
 use crate::backend::cpu::loss::{check_len, softmax_cross_entropy_forward_backward};
 use crate::error::{Error, Result};
+use crate::ssl::Centering;
+
+/// The whole iBOT loss of a step: teacher targets `teacher_probs [M,K]` from `teacher_logits
+/// [M,K]` by `centering` (softmax centering: center of the `M` masked rows, moved after use;
+/// Sinkhorn-Knopp: `n_samples = M`), then [`ibot_loss_forward_backward`]. Returns the loss.
+#[allow(clippy::too_many_arguments)]
+pub fn ibot_loss_with_targets(
+    teacher_probs: &mut [f32],
+    dstudent: &mut [f32],
+    centering: &mut Centering,
+    student: &[f32],
+    teacher_logits: &[f32],
+    masks_weight: &[f32],
+    n_global_crops: usize,
+    m: usize,
+    k: usize,
+    teacher_temp: f32,
+    student_temp: f32,
+    loss_weight: f32,
+) -> Result<f32> {
+    centering.teacher_probs(teacher_probs, teacher_logits, m, k, teacher_temp)?;
+    ibot_loss_forward_backward(
+        dstudent,
+        student,
+        teacher_probs,
+        masks_weight,
+        n_global_crops,
+        m,
+        k,
+        student_temp,
+        loss_weight,
+    )
+}
 
 /// Forward and backward of the iBOT loss. Returns the loss
 /// `−(1/n_global_crops) Σ_i masks_weight[i] Σ_k P[i,k] log_softmax(s_i/ts)_k` (unweighted);

@@ -254,6 +254,26 @@ pub fn collate_masks(
     MaskBatch::from_masks(per_crop.concat(), n_crops, n, upperbound)
 }
 
+/// [`collate_masks`] with the run's deterministic stream for training step `step`
+/// (`keyed(seed, [MASKS, step])`): a resumed run draws the masks the uninterrupted run drew.
+pub fn collate_masks_for_step(
+    seed: u64,
+    step: u64,
+    generator: &MaskingGenerator,
+    n_crops: usize,
+    mask_probability: f32,
+    ratio_min_max: (f32, f32),
+) -> Result<MaskBatch> {
+    let mut rng = crate::rng::keyed(seed, &[crate::rng::stream::MASKS, step]);
+    collate_masks(
+        &mut rng,
+        generator,
+        n_crops,
+        mask_probability,
+        ratio_min_max,
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -12,10 +12,10 @@ pub mod masking;
 pub mod step;
 
 pub use centering::Centering;
-pub use dino_loss::{dino_loss_forward_backward, DinoLossTerms};
-pub use ibot_loss::ibot_loss_forward_backward;
+pub use dino_loss::{dino_loss_forward_backward, dino_loss_with_targets, DinoLossTerms};
+pub use ibot_loss::{ibot_loss_forward_backward, ibot_loss_with_targets};
 pub use koleo::koleo_loss_forward_backward;
-pub use masking::{collate_masks, MaskBatch, MaskingGenerator};
+pub use masking::{collate_masks, collate_masks_for_step, MaskBatch, MaskingGenerator};
 
 use crate::error::{Error, Result};
 use std::fmt;

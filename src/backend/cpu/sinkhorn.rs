@@ -56,15 +56,18 @@ pub fn sinkhorn_knopp(
     let inv_t = 1.0 / teacher_temp;
 
     // [K] per-prototype max over all rows (the exact-cancelling shift), in scaled units.
-    let col_max = column_reduce(logits, rows, k, f32::NEG_INFINITY, |a, v| a.max(v));
+    let col_max = column_max(logits, rows, k);
     let shift: Vec<f32> = col_max.iter().map(|&m| m * inv_t).collect();
 
     // Q = exp(x − shift) with its prototype sums.
     let mut col_sum = fold_rows(out_probs, k, |r, q, acc| {
         let t = &logits[r * k..(r + 1) * k];
-        for ((qv, &tv), (&sv, a)) in q.iter_mut().zip(t).zip(shift.iter().zip(acc.iter_mut())) {
+        // Two simple loops vectorise; one fused loop does not.
+        for ((qv, &tv), &sv) in q.iter_mut().zip(t).zip(&shift) {
             *qv = exp_f32(tv * inv_t - sv);
-            *a += *qv as f64;
+        }
+        for (a, &qv) in acc.iter_mut().zip(q.iter()) {
+            *a += qv as f64;
         }
         Ok(())
     })?;
@@ -145,16 +148,16 @@ where
         )
 }
 
-/// Column-wise reduction of `m [R,K]` with `f`, starting from `init`.
-fn column_reduce(m: &[f32], rows: usize, k: usize, init: f32, f: fn(f32, f32) -> f32) -> Vec<f32> {
+/// `[K]` column maxima of `m [R,K]`.
+fn column_max(m: &[f32], rows: usize, k: usize) -> Vec<f32> {
     const COLS: usize = 2048;
-    let mut out = vec![init; k];
+    let mut out = vec![f32::NEG_INFINITY; k];
     out.par_chunks_mut(COLS).enumerate().for_each(|(blk, o)| {
         let c0 = blk * COLS;
         for r in 0..rows {
             let row = &m[r * k + c0..r * k + c0 + o.len()];
             for (a, &v) in o.iter_mut().zip(row) {
-                *a = f(*a, v);
+                *a = a.max(v);
             }
         }
     });
