@@ -11,10 +11,6 @@ pub mod loss;
 pub mod optimizer;
 pub mod sinkhorn;
 
-<<<<<<< HEAD
 pub use attention::{attention_backward, attention_forward};
 pub use gemm::{matmul, Accumulate, Transpose};
 pub use layernorm::{layernorm_backward, layernorm_forward};
-=======
-pub use gemm::{matmul, Accumulate, Transpose};
->>>>>>> ssl
