@@ -1,1 +1,2 @@
 //! Configuration, the training loop, checkpoints and resume, logging and plots.
+pub mod trainer;

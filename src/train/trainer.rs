@@ -1,0 +1,291 @@
+//! The training state and one full iteration: masks, schedules, the SSL step (forward and
+//! backward), gradient clipping per submodule, AdamW, and the EMA teacher (spec section 8,
+//! `train.py::do_train`). The loop around it (data, logs, checkpoints) is in `run.rs`.
+//!
+//! Everything random is keyed by (seed, step), so a run resumed from a checkpoint at step `s`
+//! computes exactly what the uninterrupted run computed.
+
+use crate::backend::cpu::optimizer::AdamHyper;
+use crate::error::{Error, Result};
+use crate::nn::VitConfig;
+use crate::optim::{
+    clip_grad_norms, ema_update, AdamW, LayerDecay, ParamGroups, ScheduleConfig, ScheduledValues,
+    Schedules, SubmoduleSpan,
+};
+use crate::rng::{keyed, stream};
+use crate::ssl::step::{
+    forward_backward, HeadConfig, LossConfig, SslModel, StepBatch, StepOutput, TeacherTargets,
+};
+use crate::ssl::{collate_masks, Centering, MaskingGenerator};
+
+/// How teacher outputs become targets (`train.centering`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CenteringMode {
+    /// Softmax with the lagged EMA center (official default).
+    Softmax,
+    /// Sinkhorn-Knopp, 3 iterations.
+    SinkhornKnopp,
+}
+
+/// Everything one iteration needs, resolved from the configuration.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TrainPlan {
+    pub vit: VitConfig,
+    pub dino_head: HeadConfig,
+    /// `Some` for a separate iBOT head.
+    pub ibot_head: Option<HeadConfig>,
+    pub losses: LossConfig,
+    pub centering: CenteringMode,
+    /// Images per step (`B`).
+    pub batch_size: usize,
+    pub n_local_crops: usize,
+    pub global_crop_size: usize,
+    pub local_crop_size: usize,
+    pub mask_probability: f32,
+    pub mask_ratio_min_max: (f32, f32),
+    /// Student stochastic depth (uniform over blocks); the teacher never drops.
+    pub drop_path_rate: f32,
+    pub schedules: ScheduleConfig,
+    pub layer_decay: LayerDecay,
+    pub adam: AdamHyper,
+    pub clip_grad: f32,
+    pub seed: u64,
+}
+
+/// What one iteration reports.
+#[derive(Clone, Debug)]
+pub struct StepRecord {
+    /// The iteration that ran (0-based).
+    pub step: u64,
+    pub losses: StepOutput,
+    pub scheduled: ScheduledValues,
+    /// Gradient norm of each student submodule before clipping, in table order.
+    pub grad_norms: Vec<(String, f32)>,
+    /// Masked patches this step (M).
+    pub n_masked: usize,
+}
+
+/// The model, its two parameter buffers, the optimizer and the teacher-target state.
+pub struct Trainer {
+    pub plan: TrainPlan,
+    pub model: SslModel,
+    /// `[P]` student parameters (trained by AdamW).
+    pub student: Vec<f32>,
+    /// `[P]` teacher parameters (EMA of the student).
+    pub teacher: Vec<f32>,
+    /// `[P]` student gradients of the current step.
+    grads: Vec<f32>,
+    pub optimizer: AdamW,
+    pub targets: TeacherTargets,
+    pub schedules: Schedules,
+    spans: Vec<SubmoduleSpan>,
+    masking: MaskingGenerator,
+    /// The next iteration to run.
+    pub step: u64,
+}
+
+impl Trainer {
+    /// A fresh run: official initialisation of the student from the seed, teacher = student.
+    pub fn new(plan: TrainPlan) -> Result<Self> {
+        let model = SslModel::new(&plan.vit, plan.dino_head, plan.ibot_head)?;
+        let student = model.table.init(&mut keyed(plan.seed, &[stream::INIT]));
+        Self::from_parts(plan, model, student)
+    }
+
+    /// A run starting from given student weights (pretrained backbone, fresh heads, ...); the
+    /// teacher starts as a copy, as in the official code.
+    pub fn from_parts(plan: TrainPlan, model: SslModel, student: Vec<f32>) -> Result<Self> {
+        if student.len() != model.table.len() {
+            return Err(Error::shape(
+                "Trainer",
+                format!(
+                    "{} parameter values for a model of {}",
+                    student.len(),
+                    model.table.len()
+                ),
+            ));
+        }
+        if plan.batch_size < 2 && plan.losses.method.uses_koleo() {
+            return Err(Error::Config(
+                "KoLeo needs at least 2 images per batch (set a larger batch size or --method ibot)"
+                    .into(),
+            ));
+        }
+        let groups = ParamGroups::from_table(&model.table, &plan.layer_decay)?;
+        let optimizer = AdamW::new(&model.table, &groups, plan.adam)?;
+        let schedules = Schedules::new(&plan.schedules)?;
+        let spans = SubmoduleSpan::from_table(&model.table);
+        let masking = MaskingGenerator::official(plan.global_crop_size, plan.vit.patch_size)?;
+        let centering = |k: usize| match plan.centering {
+            CenteringMode::Softmax => Centering::softmax(k),
+            CenteringMode::SinkhornKnopp => Centering::sinkhorn_knopp(),
+        };
+        let k_ibot = plan
+            .ibot_head
+            .map_or(plan.dino_head.n_prototypes, |h| h.n_prototypes);
+        let targets = TeacherTargets {
+            dino: centering(plan.dino_head.n_prototypes),
+            ibot: centering(k_ibot),
+        };
+        let grads = vec![0f32; student.len()];
+        Ok(Trainer {
+            teacher: student.clone(),
+            student,
+            grads,
+            optimizer,
+            targets,
+            schedules,
+            spans,
+            masking,
+            model,
+            plan,
+            step: 0,
+        })
+    }
+
+    /// Floats in one global-crop batch `[2B, 3, G, G]`.
+    pub fn global_len(&self) -> usize {
+        2 * self.plan.batch_size * 3 * self.plan.global_crop_size.pow(2)
+    }
+
+    /// Floats in one local-crop batch `[nl·B, 3, Lc, Lc]`.
+    pub fn local_len(&self) -> usize {
+        self.plan.n_local_crops * self.plan.batch_size * 3 * self.plan.local_crop_size.pow(2)
+    }
+
+    /// One iteration on crop-major crops: global `[2B, 3, G, G]`, local `[nl·B, 3, Lc, Lc]`.
+    /// A non-finite loss or gradient norm stops with an error naming the step and the term,
+    /// before any parameter changes.
+    pub fn train_step(&mut self, global: &[f32], local: &[f32]) -> Result<StepRecord> {
+        let step = self.step;
+        let plan = &self.plan;
+        if global.len() != self.global_len() || local.len() != self.local_len() {
+            return Err(Error::shape(
+                "train step",
+                format!(
+                    "crops hold {} + {} values, expected {} + {}",
+                    global.len(),
+                    local.len(),
+                    self.global_len(),
+                    self.local_len()
+                ),
+            ));
+        }
+        let scheduled = self.schedules.at(step);
+        let masks = if plan.losses.method.uses_ibot() {
+            Some(collate_masks(
+                &mut keyed(plan.seed, &[stream::MASKS, step]),
+                &self.masking,
+                2 * plan.batch_size,
+                plan.mask_probability,
+                plan.mask_ratio_min_max,
+            )?)
+        } else {
+            None
+        };
+        let batch = StepBatch {
+            global,
+            local,
+            n_img: plan.batch_size,
+            n_local: plan.n_local_crops,
+            global_size: plan.global_crop_size,
+            local_size: plan.local_crop_size,
+            masks: masks.as_ref(),
+        };
+        let mut drop_rng = keyed(plan.seed, &[stream::DROP_PATH, step]);
+        let drop_path = (plan.drop_path_rate > 0.0).then_some((plan.drop_path_rate, &mut drop_rng));
+
+        self.grads.fill(0.0);
+        let losses = forward_backward(
+            &self.model,
+            &self.student,
+            &self.teacher,
+            &mut self.grads,
+            &batch,
+            &mut self.targets,
+            scheduled.teacher_temp as f32,
+            &plan.losses,
+            drop_path,
+        )?;
+        if let Some((name, _)) = losses.terms().into_iter().find(|(_, v)| !v.is_finite()) {
+            return Err(Error::NonFinite {
+                what: name.to_string(),
+                step,
+            });
+        }
+        let norms = clip_grad_norms(&mut self.grads, &self.spans, plan.clip_grad)?;
+        let grad_norms: Vec<(String, f32)> = self
+            .spans
+            .iter()
+            .map(|s| s.name.clone())
+            .zip(norms)
+            .collect();
+        if let Some((name, _)) = grad_norms.iter().find(|(_, v)| !v.is_finite()) {
+            return Err(Error::NonFinite {
+                what: format!("{name} gradient norm"),
+                step,
+            });
+        }
+        self.optimizer.step(
+            &mut self.student,
+            &self.grads,
+            scheduled.lr,
+            scheduled.last_layer_lr,
+            scheduled.wd,
+        )?;
+        ema_update(&mut self.teacher, &self.student, scheduled.momentum)?;
+        self.step += 1;
+        Ok(StepRecord {
+            step,
+            n_masked: masks.as_ref().map_or(0, |m| m.n_masked()),
+            losses,
+            scheduled,
+            grad_norms,
+        })
+    }
+
+    /// The teacher backbone's normalised CLS token of `images [n, 3, s, s]`, `[n, D]`, in
+    /// chunks of `chunk` images (evaluation features, as the official k-NN uses them).
+    pub fn teacher_features(
+        &self,
+        images: &[f32],
+        n: usize,
+        size: usize,
+        chunk: usize,
+    ) -> Result<Vec<f32>> {
+        embed_cls(&self.model, &self.teacher, images, n, size, chunk)
+    }
+}
+
+/// The backbone's normalised CLS token of `images [n, 3, s, s]` under `params`, `[n, D]`.
+pub fn embed_cls(
+    model: &SslModel,
+    params: &[f32],
+    images: &[f32],
+    n: usize,
+    size: usize,
+    chunk: usize,
+) -> Result<Vec<f32>> {
+    let per = 3 * size * size;
+    if images.len() != n * per {
+        return Err(Error::shape(
+            "embed",
+            format!("{} values for {n} images of 3x{size}x{size}", images.len()),
+        ));
+    }
+    let d = model.backbone.cfg.embed_dim;
+    let mut out = Vec::with_capacity(n * d);
+    for start in (0..n).step_by(chunk.max(1)) {
+        let m = chunk.max(1).min(n - start);
+        let o = model.backbone.forward_inference(
+            params,
+            &images[start * per..(start + m) * per],
+            m,
+            size,
+            size,
+            None,
+        )?;
+        out.extend_from_slice(&o.cls);
+    }
+    Ok(out)
+}
