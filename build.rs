@@ -188,7 +188,10 @@ fn compile_one(
         .map_err(|e| format!("cannot run {}: {e}", nvcc.display()))?;
     let stderr = String::from_utf8_lossy(&output.stderr);
     if !output.status.success() {
-        return Err(format!("{stderr}{}", String::from_utf8_lossy(&output.stdout)));
+        return Err(format!(
+            "{stderr}{}",
+            String::from_utf8_lossy(&output.stdout)
+        ));
     }
     report_spills(stem, &stderr);
     fs::write(&stamp, key).map_err(|e| e.to_string())?;
@@ -203,7 +206,11 @@ fn report_spills(stem: &str, ptxas_log: &str) {
     for line in ptxas_log.lines() {
         if let Some(rest) = line.split("Compiling entry function '").nth(1) {
             function = rest.split('\'').next().unwrap_or("");
-            arch = rest.split("for '").nth(1).and_then(|s| s.split('\'').next()).unwrap_or("");
+            arch = rest
+                .split("for '")
+                .nth(1)
+                .and_then(|s| s.split('\'').next())
+                .unwrap_or("");
         }
         if let Some(rest) = line.split("Function properties for ").nth(1) {
             function = rest.trim();
@@ -223,7 +230,10 @@ fn report_spills(stem: &str, ptxas_log: &str) {
 fn number_before(line: &str, marker: &str) -> u64 {
     line.split(marker)
         .next()
-        .and_then(|head| head.split(|c: char| !c.is_ascii_digit()).rfind(|s| !s.is_empty()))
+        .and_then(|head| {
+            head.split(|c: char| !c.is_ascii_digit())
+                .rfind(|s| !s.is_empty())
+        })
         .and_then(|n| n.parse().ok())
         .unwrap_or(0)
 }
