@@ -30,9 +30,18 @@ fn backend_reports_a_typed_error_or_opens_the_device() {
         Err(Error::Cuda(msg)) => {
             eprintln!("no GPU here: {msg}");
             assert!(msg.contains("cpu") || msg.contains("CUDA") || msg.contains("device"));
-            assert!(matches!(resolve_device(Device::Cpu).unwrap(), ResolvedDevice::Cpu));
-            assert!(matches!(resolve_device(Device::Auto).unwrap(), ResolvedDevice::Cpu));
-            assert!(matches!(resolve_device(Device::Cuda(0)), Err(Error::Cuda(_))));
+            assert!(matches!(
+                resolve_device(Device::Cpu).unwrap(),
+                ResolvedDevice::Cpu
+            ));
+            assert!(matches!(
+                resolve_device(Device::Auto).unwrap(),
+                ResolvedDevice::Cpu
+            ));
+            assert!(matches!(
+                resolve_device(Device::Cuda(0)),
+                Err(Error::Cuda(_))
+            ));
         }
         Err(other) => panic!("expected Error::Cuda, got {other:?}"),
     }
@@ -47,14 +56,26 @@ fn every_kernel_family_is_embedded() {
     }
     // CI builds with DINOTRAIN_REQUIRE_NVCC=1: every family must then carry a fatbin.
     if option_env!("DINOTRAIN_REQUIRE_NVCC") == Some("1") {
-        assert!(all_precompiled(), "nvcc was required but a fatbin is missing");
+        assert!(
+            all_precompiled(),
+            "nvcc was required but a fatbin is missing"
+        );
     }
 }
 
 // ---- GEMM ---------------------------------------------------------------------------------
 
 #[allow(clippy::too_many_arguments)]
-fn gemm_reference(c: &mut [f64], a: &[f32], ta: Transpose, b: &[f32], tb: Transpose, m: usize, k: usize, n: usize) {
+fn gemm_reference(
+    c: &mut [f64],
+    a: &[f32],
+    ta: Transpose,
+    b: &[f32],
+    tb: Transpose,
+    m: usize,
+    k: usize,
+    n: usize,
+) {
     for i in 0..m {
         for j in 0..n {
             let mut acc = 0.0f64;
@@ -92,12 +113,18 @@ fn gemm_bf16_matches_f64_in_every_transpose_layout() {
         let c0 = randn(30 + case as u64, m * n, 1.0);
         let (da, db) = (gpu.upload_bf16(&a).unwrap(), gpu.upload_bf16(&b).unwrap());
         let mut dc = gpu.upload(&c0).unwrap();
-        gpu.matmul_bf16(&mut dc, &da, ta, &db, tb, m, k, n, Accumulate::Add).unwrap();
+        gpu.matmul_bf16(&mut dc, &da, ta, &db, tb, m, k, n, Accumulate::Add)
+            .unwrap();
         let mut reference = to_f64(&c0);
         gemm_reference(&mut reference, &a, ta, &b, tb, m, k, n);
         // Exact bf16 products, f32 accumulation over k = 96 (tensor cores may align partial
         // sums with truncation: allow 1e-4, still far below bf16 rounding).
-        assert_close(&format!("gemm {ta:?} {tb:?}"), &gpu.download(&dc).unwrap(), &reference, 1e-4);
+        assert_close(
+            &format!("gemm {ta:?} {tb:?}"),
+            &gpu.download(&dc).unwrap(),
+            &reference,
+            1e-4,
+        );
     }
 }
 
@@ -124,7 +151,10 @@ fn attention_probs(v: &HeadView, b: usize, h: usize) -> (Vec<f64>, Vec<f64>) {
     for i in 0..t {
         let row = &mut p[i * t..(i + 1) * t];
         for (j, x) in row.iter_mut().enumerate() {
-            *x = (0..hd).map(|d| v.at(b, i, 0, h, d) * v.at(b, j, 1, h, d)).sum::<f64>() * scale;
+            *x = (0..hd)
+                .map(|d| v.at(b, i, 0, h, d) * v.at(b, j, 1, h, d))
+                .sum::<f64>()
+                * scale;
         }
         let max = row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
         let sum: f64 = row.iter().map(|x| (x - max).exp()).sum();
@@ -159,14 +189,29 @@ fn run_attention_forward(gpu: &CudaBackend, s: AttentionShape, seed: u64) {
         }
     }
     // bf16 output and bf16 probabilities in P·V: about 2e-3 each.
-    assert_close(&format!("attention out {s:?}"), &gpu.download_bf16(&out).unwrap(), &ref_out, 1e-2);
-    assert_close(&format!("attention lse {s:?}"), &gpu.download(&lse).unwrap(), &ref_lse, 1e-5);
+    assert_close(
+        &format!("attention out {s:?}"),
+        &gpu.download_bf16(&out).unwrap(),
+        &ref_out,
+        1e-2,
+    );
+    assert_close(
+        &format!("attention lse {s:?}"),
+        &gpu.download(&lse).unwrap(),
+        &ref_lse,
+        1e-5,
+    );
 }
 
 #[test]
 fn attention_forward_matches_f64_at_vit_shapes() {
     let Some(gpu) = gpu() else { return };
-    let shape = |batch, tokens, heads, head_dim| AttentionShape { batch, tokens, heads, head_dim };
+    let shape = |batch, tokens, heads, head_dim| AttentionShape {
+        batch,
+        tokens,
+        heads,
+        head_dim,
+    };
     for (i, s) in [
         shape(2, 17, 3, 64),
         shape(2, 50, 2, 64),
@@ -195,8 +240,10 @@ fn run_attention_backward(gpu: &CudaBackend, s: AttentionShape, seed: u64) {
     let mut lse = gpu.alloc_zeros::<f32>(s.stats_len()).unwrap();
     let mut delta = gpu.alloc_zeros::<f32>(s.stats_len()).unwrap();
     let mut dqkv = gpu.alloc_zeros::<bf16>(s.qkv_len()).unwrap();
-    gpu.attention_forward(&mut out, &mut lse, &d_qkv, s).unwrap();
-    gpu.attention_backward(&mut dqkv, &mut delta, &d_dout, &d_qkv, &out, &lse, s).unwrap();
+    gpu.attention_forward(&mut out, &mut lse, &d_qkv, s)
+        .unwrap();
+    gpu.attention_backward(&mut dqkv, &mut delta, &d_dout, &d_qkv, &out, &lse, s)
+        .unwrap();
     let got = gpu.download_bf16(&dqkv).unwrap();
 
     let qkv64 = to_f64(&qkv);
@@ -207,14 +254,20 @@ fn run_attention_backward(gpu: &CudaBackend, s: AttentionShape, seed: u64) {
     let idx = |b: usize, tok: usize, which: usize, h: usize, d: usize| {
         ((b * t + tok) * 3 + which) * nh * hd + h * hd + d
     };
-    let dout_at = |b: usize, tok: usize, h: usize, d: usize| dout[(b * t + tok) * nh * hd + h * hd + d] as f64;
+    let dout_at = |b: usize, tok: usize, h: usize, d: usize| {
+        dout[(b * t + tok) * nh * hd + h * hd + d] as f64
+    };
     for b in 0..s.batch {
         for h in 0..nh {
             let (p, _) = attention_probs(&view, b, h);
             let mut ds = vec![0.0f64; t * t];
             for i in 0..t {
                 let dp: Vec<f64> = (0..t)
-                    .map(|j| (0..hd).map(|d| dout_at(b, i, h, d) * view.at(b, j, 2, h, d)).sum())
+                    .map(|j| {
+                        (0..hd)
+                            .map(|d| dout_at(b, i, h, d) * view.at(b, j, 2, h, d))
+                            .sum()
+                    })
                     .collect();
                 let delta_i: f64 = (0..t).map(|j| p[i * t + j] * dp[j]).sum();
                 for j in 0..t {
@@ -223,12 +276,17 @@ fn run_attention_backward(gpu: &CudaBackend, s: AttentionShape, seed: u64) {
             }
             for i in 0..t {
                 for d in 0..hd {
-                    reference[idx(b, i, 0, h, d)] =
-                        scale * (0..t).map(|j| ds[i * t + j] * view.at(b, j, 1, h, d)).sum::<f64>();
-                    reference[idx(b, i, 1, h, d)] =
-                        scale * (0..t).map(|j| ds[j * t + i] * view.at(b, j, 0, h, d)).sum::<f64>();
-                    reference[idx(b, i, 2, h, d)] =
-                        (0..t).map(|j| p[j * t + i] * dout_at(b, j, h, d)).sum::<f64>();
+                    reference[idx(b, i, 0, h, d)] = scale
+                        * (0..t)
+                            .map(|j| ds[i * t + j] * view.at(b, j, 1, h, d))
+                            .sum::<f64>();
+                    reference[idx(b, i, 1, h, d)] = scale
+                        * (0..t)
+                            .map(|j| ds[j * t + i] * view.at(b, j, 0, h, d))
+                            .sum::<f64>();
+                    reference[idx(b, i, 2, h, d)] = (0..t)
+                        .map(|j| p[j * t + i] * dout_at(b, j, h, d))
+                        .sum::<f64>();
                 }
             }
         }
@@ -240,7 +298,12 @@ fn run_attention_backward(gpu: &CudaBackend, s: AttentionShape, seed: u64) {
 #[test]
 fn attention_backward_matches_f64() {
     let Some(gpu) = gpu() else { return };
-    let shape = |batch, tokens, heads, head_dim| AttentionShape { batch, tokens, heads, head_dim };
+    let shape = |batch, tokens, heads, head_dim| AttentionShape {
+        batch,
+        tokens,
+        heads,
+        head_dim,
+    };
     for (i, s) in [
         shape(2, 17, 3, 64),
         shape(1, 50, 2, 64),
@@ -259,18 +322,35 @@ fn attention_backward_matches_f64() {
 #[test]
 fn attention_rejects_unsupported_head_dims_and_bad_lengths() {
     let Some(gpu) = gpu() else { return };
-    let s = AttentionShape { batch: 1, tokens: 5, heads: 1, head_dim: 40 };
+    let s = AttentionShape {
+        batch: 1,
+        tokens: 5,
+        heads: 1,
+        head_dim: 40,
+    };
     let qkv = gpu.alloc_zeros::<bf16>(s.qkv_len()).unwrap();
     let mut out = gpu.alloc_zeros::<bf16>(s.out_len()).unwrap();
     let mut lse = gpu.alloc_zeros::<f32>(s.stats_len()).unwrap();
-    assert!(matches!(gpu.attention_forward(&mut out, &mut lse, &qkv, s), Err(Error::Unsupported(_))));
+    assert!(matches!(
+        gpu.attention_forward(&mut out, &mut lse, &qkv, s),
+        Err(Error::Unsupported(_))
+    ));
     let s = AttentionShape { head_dim: 64, ..s };
-    assert!(matches!(gpu.attention_forward(&mut out, &mut lse, &qkv, s), Err(Error::Shape { .. })));
+    assert!(matches!(
+        gpu.attention_forward(&mut out, &mut lse, &qkv, s),
+        Err(Error::Shape { .. })
+    ));
 }
 
 // ---- LayerNorm ----------------------------------------------------------------------------
 
-fn layernorm_reference(x: &[f64], w: &[f32], b: &[f32], c: usize, eps: f64) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+fn layernorm_reference(
+    x: &[f64],
+    w: &[f32],
+    b: &[f32],
+    c: usize,
+    eps: f64,
+) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
     let rows = x.len() / c;
     let (mut out, mut mean, mut rstd) = (vec![0.0; x.len()], vec![0.0; rows], vec![0.0; rows]);
     for r in 0..rows {
@@ -309,29 +389,90 @@ fn layernorm_forward_fused_residual_and_backward_match_f64() {
     let mut out_f32 = gpu.alloc_zeros::<f32>(rows * c).unwrap();
     let mut mean = gpu.alloc_zeros::<f32>(rows).unwrap();
     let mut rstd = gpu.alloc_zeros::<f32>(rows).unwrap();
-    gpu.residual_layernorm_forward(&mut d_res, &mut out_bf16, &mut mean, &mut rstd, &d_branch, Some(&d_gamma), &d_w, &d_b, shape, eps)
-        .unwrap();
-    gpu.layernorm_forward(&mut out_f32, &mut mean, &mut rstd, &d_res, &d_w, &d_b, shape, eps).unwrap();
+    gpu.residual_layernorm_forward(
+        &mut d_res,
+        &mut out_bf16,
+        &mut mean,
+        &mut rstd,
+        &d_branch,
+        Some(&d_gamma),
+        &d_w,
+        &d_b,
+        shape,
+        eps,
+    )
+    .unwrap();
+    gpu.layernorm_forward(
+        &mut out_f32,
+        &mut mean,
+        &mut rstd,
+        &d_res,
+        &d_w,
+        &d_b,
+        shape,
+        eps,
+    )
+    .unwrap();
 
     let x: Vec<f64> = (0..rows * c)
         .map(|i| residual[i] as f64 + gamma[i % c] as f64 * branch[i] as f64)
         .collect();
     let (ref_out, ref_mean, ref_rstd) = layernorm_reference(&x, &w, &bias, c, eps as f64);
-    assert_close("residual_layernorm residual", &gpu.download(&d_res).unwrap(), &x, 1e-6);
-    assert_close("residual_layernorm out (bf16)", &gpu.download_bf16(&out_bf16).unwrap(), &ref_out, 1e-2);
-    assert_close("layernorm out (f32)", &gpu.download(&out_f32).unwrap(), &ref_out, 1e-5);
-    assert_close("layernorm mean", &gpu.download(&mean).unwrap(), &ref_mean, 1e-5);
-    assert_close("layernorm rstd", &gpu.download(&rstd).unwrap(), &ref_rstd, 1e-5);
+    assert_close(
+        "residual_layernorm residual",
+        &gpu.download(&d_res).unwrap(),
+        &x,
+        1e-6,
+    );
+    assert_close(
+        "residual_layernorm out (bf16)",
+        &gpu.download_bf16(&out_bf16).unwrap(),
+        &ref_out,
+        1e-2,
+    );
+    assert_close(
+        "layernorm out (f32)",
+        &gpu.download(&out_f32).unwrap(),
+        &ref_out,
+        1e-5,
+    );
+    assert_close(
+        "layernorm mean",
+        &gpu.download(&mean).unwrap(),
+        &ref_mean,
+        1e-5,
+    );
+    assert_close(
+        "layernorm rstd",
+        &gpu.download(&rstd).unwrap(),
+        &ref_rstd,
+        1e-5,
+    );
 
     let mut d_dinp = gpu.upload(&dinp0).unwrap();
     let (mut d_dw, mut d_db) = (gpu.upload(&dw0).unwrap(), gpu.upload(&db0).unwrap());
     let d_dout = gpu.upload(&dout).unwrap();
-    gpu.layernorm_backward(&mut d_dinp, &mut d_dw, &mut d_db, &d_dout, &d_res, &d_w, &mean, &rstd, shape, GradWrite::Accumulate)
-        .unwrap();
+    gpu.layernorm_backward(
+        &mut d_dinp,
+        &mut d_dw,
+        &mut d_db,
+        &d_dout,
+        &d_res,
+        &d_w,
+        &mean,
+        &rstd,
+        shape,
+        GradWrite::Accumulate,
+    )
+    .unwrap();
     let (mut ref_dinp, mut ref_dw, mut ref_db) = (to_f64(&dinp0), to_f64(&dw0), to_f64(&db0));
     for r in 0..rows {
-        let xhat: Vec<f64> = (0..c).map(|i| (x[r * c + i] - ref_mean[r]) * ref_rstd[r]).collect();
-        let dxhat: Vec<f64> = (0..c).map(|i| dout[r * c + i] as f64 * w[i] as f64).collect();
+        let xhat: Vec<f64> = (0..c)
+            .map(|i| (x[r * c + i] - ref_mean[r]) * ref_rstd[r])
+            .collect();
+        let dxhat: Vec<f64> = (0..c)
+            .map(|i| dout[r * c + i] as f64 * w[i] as f64)
+            .collect();
         let m1 = dxhat.iter().sum::<f64>() / c as f64;
         let m2 = dxhat.iter().zip(&xhat).map(|(a, b)| a * b).sum::<f64>() / c as f64;
         for i in 0..c {
@@ -340,9 +481,24 @@ fn layernorm_forward_fused_residual_and_backward_match_f64() {
             ref_db[i] += dout[r * c + i] as f64;
         }
     }
-    assert_close("layernorm dinp (+=)", &gpu.download(&d_dinp).unwrap(), &ref_dinp, 1e-5);
-    assert_close("layernorm dweight (+=)", &gpu.download(&d_dw).unwrap(), &ref_dw, 1e-5);
-    assert_close("layernorm dbias (+=)", &gpu.download(&d_db).unwrap(), &ref_db, 1e-5);
+    assert_close(
+        "layernorm dinp (+=)",
+        &gpu.download(&d_dinp).unwrap(),
+        &ref_dinp,
+        1e-5,
+    );
+    assert_close(
+        "layernorm dweight (+=)",
+        &gpu.download(&d_dw).unwrap(),
+        &ref_dw,
+        1e-5,
+    );
+    assert_close(
+        "layernorm dbias (+=)",
+        &gpu.download(&d_db).unwrap(),
+        &ref_db,
+        1e-5,
+    );
 }
 
 // ---- elementwise --------------------------------------------------------------------------
@@ -352,7 +508,8 @@ fn gelu(x: f64) -> f64 {
 }
 
 fn gelu_grad(x: f64) -> f64 {
-    0.5 * (1.0 + erf(x / std::f64::consts::SQRT_2)) + x * (-0.5 * x * x).exp() / (2.0 * std::f64::consts::PI).sqrt()
+    0.5 * (1.0 + erf(x / std::f64::consts::SQRT_2))
+        + x * (-0.5 * x * x).exp() / (2.0 * std::f64::consts::PI).sqrt()
 }
 
 /// erf to ~1e-15 (series for small |x|, continued fraction tail otherwise).
@@ -415,7 +572,10 @@ fn elementwise_kernels_match_f64() {
     let mut as_bf16 = gpu.alloc_zeros::<bf16>(n).unwrap();
     gpu.cast_f32_to_bf16(&mut as_bf16, &d_x).unwrap();
     let host: Vec<bf16> = gpu.download(&as_bf16).unwrap();
-    assert!(host.iter().zip(&x).all(|(h, v)| h.to_bits() == bf16::from_f32(*v).to_bits()));
+    assert!(host
+        .iter()
+        .zip(&x)
+        .all(|(h, v)| h.to_bits() == bf16::from_f32(*v).to_bits()));
     let mut back = gpu.alloc_zeros::<f32>(n).unwrap();
     gpu.cast_bf16_to_f32(&mut back, &as_bf16).unwrap();
     assert_eq!(gpu.download(&back).unwrap(), round_bf16(&x));
@@ -427,17 +587,25 @@ fn elementwise_kernels_match_f64() {
     assert_close("gelu_forward", &gpu.download(&g).unwrap(), &ref_gelu, 1e-6);
     let mut pre = gpu.upload(&x).unwrap();
     let mut act = gpu.alloc_zeros::<bf16>(n).unwrap();
-    gpu.bias_gelu_forward(&mut pre, &mut act, Some(&d_bias), rows, c).unwrap();
+    gpu.bias_gelu_forward(&mut pre, &mut act, Some(&d_bias), rows, c)
+        .unwrap();
     let pre_host = gpu.download(&pre).unwrap();
     let ref_pre: Vec<f64> = (0..n).map(|i| x[i] as f64 + bias[i % c] as f64).collect();
     assert_close("bias_gelu pre", &pre_host, &ref_pre, 1e-7);
     let ref_act: Vec<f64> = ref_pre.iter().map(|&v| gelu(v)).collect();
-    assert_close("bias_gelu act (bf16)", &gpu.download_bf16(&act).unwrap(), &ref_act, 1e-2);
+    assert_close(
+        "bias_gelu act (bf16)",
+        &gpu.download_bf16(&act).unwrap(),
+        &ref_act,
+        1e-2,
+    );
 
     let dact = randn(42, n, 1.0);
     let mut d = gpu.upload(&dact).unwrap();
     gpu.gelu_backward(&mut d, &pre).unwrap();
-    let ref_d: Vec<f64> = (0..n).map(|i| dact[i] as f64 * gelu_grad(pre_host[i] as f64)).collect();
+    let ref_d: Vec<f64> = (0..n)
+        .map(|i| dact[i] as f64 * gelu_grad(pre_host[i] as f64))
+        .collect();
     assert_close("gelu_backward", &gpu.download(&d).unwrap(), &ref_d, 1e-5);
 
     // bias add, LayerScale residual forward and backward, column sums
@@ -449,37 +617,78 @@ fn elementwise_kernels_match_f64() {
     let branch = randn(44, n, 1.0);
     let (d_gamma, d_branch) = (gpu.upload(&gamma).unwrap(), gpu.upload(&branch).unwrap());
     let mut residual = gpu.upload(&x).unwrap();
-    gpu.layerscale_residual_forward(&mut residual, &d_branch, &d_gamma, rows, c).unwrap();
-    let ref_res: Vec<f64> = (0..n).map(|i| x[i] as f64 + gamma[i % c] as f64 * branch[i] as f64).collect();
-    assert_close("layerscale_residual_forward", &gpu.download(&residual).unwrap(), &ref_res, 1e-7);
+    gpu.layerscale_residual_forward(&mut residual, &d_branch, &d_gamma, rows, c)
+        .unwrap();
+    let ref_res: Vec<f64> = (0..n)
+        .map(|i| x[i] as f64 + gamma[i % c] as f64 * branch[i] as f64)
+        .collect();
+    assert_close(
+        "layerscale_residual_forward",
+        &gpu.download(&residual).unwrap(),
+        &ref_res,
+        1e-7,
+    );
 
     let dres = randn(45, n, 1.0);
     let dgamma0 = randn(46, c, 1.0);
     let d_dres = gpu.upload(&dres).unwrap();
     let mut dbranch = gpu.alloc_zeros::<f32>(n).unwrap();
     let mut dgamma = gpu.upload(&dgamma0).unwrap();
-    gpu.layerscale_backward(&mut dbranch, &mut dgamma, &d_dres, &d_branch, &d_gamma, rows, c).unwrap();
-    let ref_dbranch: Vec<f64> = (0..n).map(|i| gamma[i % c] as f64 * dres[i] as f64).collect();
+    gpu.layerscale_backward(
+        &mut dbranch,
+        &mut dgamma,
+        &d_dres,
+        &d_branch,
+        &d_gamma,
+        rows,
+        c,
+    )
+    .unwrap();
+    let ref_dbranch: Vec<f64> = (0..n)
+        .map(|i| gamma[i % c] as f64 * dres[i] as f64)
+        .collect();
     let mut ref_dgamma = to_f64(&dgamma0);
     let mut ref_colsum = vec![0.0f64; c];
     for i in 0..n {
         ref_dgamma[i % c] += dres[i] as f64 * branch[i] as f64;
         ref_colsum[i % c] += dres[i] as f64;
     }
-    assert_close("layerscale dbranch", &gpu.download(&dbranch).unwrap(), &ref_dbranch, 1e-7);
-    assert_close("layerscale dgamma (+=)", &gpu.download(&dgamma).unwrap(), &ref_dgamma, 1e-5);
+    assert_close(
+        "layerscale dbranch",
+        &gpu.download(&dbranch).unwrap(),
+        &ref_dbranch,
+        1e-7,
+    );
+    assert_close(
+        "layerscale dgamma (+=)",
+        &gpu.download(&dgamma).unwrap(),
+        &ref_dgamma,
+        1e-5,
+    );
     let mut colsum = gpu.alloc_zeros::<f32>(c).unwrap();
-    gpu.column_sum(&mut colsum, &d_dres, None, rows, c, GradWrite::Overwrite).unwrap();
-    assert_close("column_sum", &gpu.download(&colsum).unwrap(), &ref_colsum, 1e-5);
+    gpu.column_sum(&mut colsum, &d_dres, None, rows, c, GradWrite::Overwrite)
+        .unwrap();
+    assert_close(
+        "column_sum",
+        &gpu.download(&colsum).unwrap(),
+        &ref_colsum,
+        1e-5,
+    );
 
     // full sums
     let mut total = gpu.alloc_zeros::<f32>(1).unwrap();
     gpu.sum(&mut total, &d_x, ReduceOp::Sum, 0.5).unwrap();
     let ref_sum = 0.5 * x.iter().map(|&v| v as f64).sum::<f64>();
     assert_close("sum", &gpu.download(&total).unwrap(), &[ref_sum], 1e-4);
-    gpu.sum(&mut total, &d_x, ReduceOp::SumOfSquares, 1.0).unwrap();
+    gpu.sum(&mut total, &d_x, ReduceOp::SumOfSquares, 1.0)
+        .unwrap();
     let ref_sq = x.iter().map(|&v| (v as f64).powi(2)).sum::<f64>();
-    assert_close("sum of squares", &gpu.download(&total).unwrap(), &[ref_sq], 1e-5);
+    assert_close(
+        "sum of squares",
+        &gpu.download(&total).unwrap(),
+        &[ref_sq],
+        1e-5,
+    );
 }
 
 #[test]
@@ -489,7 +698,12 @@ fn reductions_are_bit_reproducible() {
     let x = gpu.upload(&randn(50, rows * c, 1.0)).unwrap();
     let mut first = gpu.alloc_zeros::<f32>(c).unwrap();
     let mut second = gpu.alloc_zeros::<f32>(c).unwrap();
-    gpu.column_sum(&mut first, &x, None, rows, c, GradWrite::Overwrite).unwrap();
-    gpu.column_sum(&mut second, &x, None, rows, c, GradWrite::Overwrite).unwrap();
-    assert_eq!(gpu.download(&first).unwrap(), gpu.download(&second).unwrap());
+    gpu.column_sum(&mut first, &x, None, rows, c, GradWrite::Overwrite)
+        .unwrap();
+    gpu.column_sum(&mut second, &x, None, rows, c, GradWrite::Overwrite)
+        .unwrap();
+    assert_eq!(
+        gpu.download(&first).unwrap(),
+        gpu.download(&second).unwrap()
+    );
 }

@@ -59,7 +59,10 @@ pub fn rel_err(out: &[f32], reference: &[f64]) -> f64 {
 /// Asserts `rel_err <= bound` and every output finite; prints the first bad pairs on failure.
 pub fn assert_close(name: &str, out: &[f32], reference: &[f64], bound: f64) {
     assert_eq!(out.len(), reference.len(), "{name}: length mismatch");
-    assert!(out.iter().all(|v| v.is_finite()), "{name}: non-finite output");
+    assert!(
+        out.iter().all(|v| v.is_finite()),
+        "{name}: non-finite output"
+    );
     let err = rel_err(out, reference);
     if err > bound {
         let scale = reference.iter().map(|r| r.abs()).fold(0.0, f64::max);
