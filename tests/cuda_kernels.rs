@@ -10,8 +10,8 @@ mod cuda_support;
 use cuda_support::{assert_close, gpu, randn, round_bf16, to_f64};
 use dinotrain::backend::cpu::{Accumulate, Transpose};
 use dinotrain::backend::cuda::{
-    all_precompiled, bf16, resolve_device, AttentionShape, CudaBackend, GradWrite, KernelFamily,
-    NormShape, ReduceOp, ResolvedDevice,
+    all_precompiled, bf16, compile_source_with_nvrtc, resolve_device, AttentionShape, CudaBackend,
+    GradWrite, KernelFamily, NormShape, ReduceOp, ResolvedDevice,
 };
 use dinotrain::backend::Device;
 use dinotrain::Error;
@@ -60,6 +60,26 @@ fn every_kernel_family_is_embedded() {
             all_precompiled(),
             "nvcc was required but a fatbin is missing"
         );
+    }
+}
+
+#[test]
+fn nvrtc_fallback_compiles_every_embedded_kernel() {
+    // NVRTC needs no GPU: wherever libnvrtc is on the library path, the run-time fallback of a
+    // build without nvcc is checked here (the kernels must avoid every system header).
+    for family in KernelFamily::ALL {
+        let embedded = family.embedded().expect("embedded by build.rs");
+        match compile_source_with_nvrtc(embedded, "compute_90") {
+            Ok(ptx) => assert!(
+                ptx.to_src().contains(".entry"),
+                "{family:?}: no kernel entry in the PTX"
+            ),
+            Err(Error::Cuda(msg)) if msg.contains("not found") => {
+                eprintln!("skipping: {msg}");
+                return;
+            }
+            Err(e) => panic!("{family:?}: {e}"),
+        }
     }
 }
 

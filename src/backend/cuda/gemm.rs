@@ -76,6 +76,7 @@ impl CudaBackend {
 
     /// Batched form of [`matmul_bf16`](Self::matmul_bf16): entry `i` uses `a[i*stride_a..]`,
     /// `b[i*stride_b..]`, `c[i*stride_c..]`.
+    #[allow(clippy::too_many_arguments)]
     pub fn matmul_bf16_batched(
         &self,
         c: &mut CudaSlice<f32>,

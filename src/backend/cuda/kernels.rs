@@ -154,22 +154,34 @@ impl Kernels {
             .ctx
             .compute_capability()
             .map_err(|e| cuda_error("cuDeviceGetAttribute", e))?;
-        // NVRTC has no include path to the kernels folder: splice the shared header in.
-        let source = embedded
-            .source
-            .replace("#include \"common.cuh\"", COMMON_HEADER);
-        let options = CompileOptions {
-            options: vec![
-                format!("--gpu-architecture=compute_{major}{minor}"),
-                "-std=c++17".to_string(),
-            ],
-            ..Default::default()
-        };
-        cudarc::nvrtc::compile_ptx_with_opts(source, options).map_err(|e| {
-            cuda_error(
-                &format!("NVRTC compiling kernels/{}.cu", embedded.family),
-                e,
-            )
-        })
+        compile_source_with_nvrtc(embedded, &format!("compute_{major}{minor}"))
     }
+}
+
+/// Compiles one embedded source to PTX for `arch` (e.g. `compute_90`) with NVRTC. Needs only
+/// libnvrtc (no driver, no GPU), so CPU machines can check the run-time fallback too.
+pub fn compile_source_with_nvrtc(embedded: &EmbeddedKernel, arch: &str) -> Result<Ptx> {
+    // SAFETY: only tries to dlopen libnvrtc by its usual names.
+    if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+        return Err(Error::Cuda(
+            "NVRTC (libnvrtc.so.13) not found on LD_LIBRARY_PATH".into(),
+        ));
+    }
+    // NVRTC has no include path to the kernels folder: splice the shared header in.
+    let source = embedded
+        .source
+        .replace("#include \"common.cuh\"", COMMON_HEADER);
+    let options = CompileOptions {
+        options: vec![
+            format!("--gpu-architecture={arch}"),
+            "-std=c++17".to_string(),
+        ],
+        ..Default::default()
+    };
+    cudarc::nvrtc::compile_ptx_with_opts(source, options).map_err(|e| {
+        cuda_error(
+            &format!("NVRTC compiling kernels/{}.cu", embedded.family),
+            e,
+        )
+    })
 }

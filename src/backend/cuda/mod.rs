@@ -19,7 +19,7 @@ mod launch;
 pub use device::{resolve_device, ResolvedDevice};
 pub use gemm::GemmShape;
 pub use half::bf16;
-pub use kernels::{all_precompiled, KernelFamily};
+pub use kernels::{all_precompiled, compile_source_with_nvrtc, EmbeddedKernel, KernelFamily};
 pub use launch::attention::AttentionShape;
 pub use launch::elementwise::ReduceOp;
 pub use launch::koleo::{KoleoSaved, KOLEO_MAX_DIM};

@@ -59,7 +59,7 @@ impl CudaBackend {
         prototypes: usize,
     ) -> Result<()> {
         const OP: &str = "cuda teacher_softmax";
-        if !(teacher_temp > 0.0) {
+        if teacher_temp.is_nan() || teacher_temp <= 0.0 {
             return Err(Error::Config(format!(
                 "{OP}: teacher temperature must be > 0"
             )));
@@ -146,7 +146,7 @@ impl CudaBackend {
         prototypes: usize,
     ) -> Result<()> {
         const OP: &str = "cuda softmax_cross_entropy";
-        if !(student_temp > 0.0) {
+        if student_temp.is_nan() || student_temp <= 0.0 {
             return Err(Error::Config(format!(
                 "{OP}: student temperature must be > 0"
             )));

@@ -32,7 +32,7 @@ impl CudaBackend {
                 format!("empty problem: {rows} x {prototypes}, {n_samples} samples"),
             ));
         }
-        if !(teacher_temp > 0.0) {
+        if teacher_temp.is_nan() || teacher_temp <= 0.0 {
             return Err(Error::Config(format!(
                 "{OP}: teacher temperature must be > 0, got {teacher_temp}"
             )));
