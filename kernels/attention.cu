@@ -87,16 +87,19 @@ __device__ __forceinline__ void c_to_a_frag(u32 a[4], const float c0[4], const f
     a[3] = pack_bf16x2(c1[2], c1[3]);
 }
 
-// C[16 x 8*NT] += A-tile rows (smem, rows r0..) x tile_nk^T over k in [0, HD).
+// C[16 x 8*NT] += A-tile rows (smem, rows r0..) x tile_nk^T over k in [0, HD). Column pairs
+// at or beyond `n_valid` (rows past T in a partial last tile) are skipped: their C stays 0.
 template <int HD, int NT>
 __device__ __forceinline__ void mma_rows_by_tile_t(float acc[][4], bf16_t (*a_tile)[HD + PAD],
-                                                   int r0, bf16_t (*b_tile)[HD + PAD]) {
+                                                   int r0, bf16_t (*b_tile)[HD + PAD],
+                                                   int n_valid) {
 #pragma unroll
     for (int kk = 0; kk < HD / 16; kk++) {
         u32 a[4];
         load_a_frag<HD>(a, a_tile, r0, kk * 16);
 #pragma unroll
         for (int np = 0; np < NT / 2; np++) {
+            if (np * 16 >= n_valid) break;  // warp-uniform
             u32 b[4];
             load_b_frag_nk<HD>(b, b_tile, np * 16, kk * 16);
             mma_bf16_16816(acc[2 * np], a, &b[0]);
@@ -105,12 +108,14 @@ __device__ __forceinline__ void mma_rows_by_tile_t(float acc[][4], bf16_t (*a_ti
     }
 }
 
-// O[16 x HD] += P[16 x 16*KSTEPS] (f32 C fragments) x tile_kn[16*KSTEPS x HD].
+// O[16 x HD] += P[16 x 16*KSTEPS] (f32 C fragments) x tile_kn[16*KSTEPS x HD]. k-steps at or
+// beyond `k_valid` hold only zero probabilities (rows past T) and are skipped.
 template <int HD, int KSTEPS>
 __device__ __forceinline__ void mma_probs_by_tile(float o[][4], float p[][4],
-                                                  bf16_t (*tile)[HD + PAD]) {
+                                                  bf16_t (*tile)[HD + PAD], int k_valid) {
 #pragma unroll
     for (int kk = 0; kk < KSTEPS; kk++) {
+        if (kk * 16 >= k_valid) break;  // warp-uniform
         u32 a[4];
         c_to_a_frag(a, p[2 * kk], p[2 * kk + 1]);
 #pragma unroll
@@ -158,6 +163,8 @@ __device__ __forceinline__ void attention_forward(bf16_t* __restrict__ out, floa
     for (int i = 0; i < HD / 8; i++) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.0f;
     float row_max[2] = {neg_inf(), neg_inf()};  // rows g and g+8, in log2 units
     float row_sum[2] = {0.0f, 0.0f};             // this thread's partial sums
+    // A warp whose 16 queries are all past T (the last tile) skips the tensor-core work.
+    const bool warp_active = q0 + warp * 16 < T;
 
     for (int k0 = 0; k0 < T; k0 += BK) {
         __syncthreads();  // previous tile (or the Q staging) fully consumed
@@ -167,6 +174,7 @@ __device__ __forceinline__ void attention_forward(bf16_t* __restrict__ out, floa
         cp_async_commit();
         cp_async_wait<1>();  // K landed; V may still be in flight
         __syncthreads();
+        const int keys_valid = warp_active ? T - k0 : 0;  // keys past T: skipped 16 at a time
 
         float s[NT][4];
 #pragma unroll
@@ -175,6 +183,7 @@ __device__ __forceinline__ void attention_forward(bf16_t* __restrict__ out, floa
         for (int kk = 0; kk < HD / 16; kk++) {
 #pragma unroll
             for (int np = 0; np < NT / 2; np++) {
+                if (np * 16 >= keys_valid) break;  // warp-uniform
                 u32 bf[4];
                 load_b_frag_nk<HD>(bf, Ks, np * 16, kk * 16);
                 mma_bf16_16816(s[2 * np], q_frag[kk], &bf[0]);
@@ -221,7 +230,7 @@ __device__ __forceinline__ void attention_forward(bf16_t* __restrict__ out, floa
 
         cp_async_wait<0>();
         __syncthreads();
-        mma_probs_by_tile<HD, BK / 16>(o, s, Vs);
+        mma_probs_by_tile<HD, BK / 16>(o, s, Vs, keys_valid);
     }
 
     const long long out_tok_stride = (long long)H * HD;
@@ -290,6 +299,7 @@ __device__ __forceinline__ void attention_backward_dkdv(bf16_t* __restrict__ dqk
     const int k0 = blockIdx.x * BK, h = blockIdx.y, b = blockIdx.z;
     const int warp = threadIdx.x / WARP_SIZE, lane = threadIdx.x % WARP_SIZE;
     const int g = lane / 4, t4 = lane % 4;
+    const bool warp_active = k0 + warp * 16 < T;  // owns at least one real key
     const long long tok_stride = 3LL * H * HD;
     const bf16_t* q_base = qkv + (long long)b * T * tok_stride + h * HD;
     const bf16_t* k_base = q_base + (long long)H * HD;
@@ -329,8 +339,9 @@ __device__ __forceinline__ void attention_backward_dkdv(bf16_t* __restrict__ dqk
         for (int n = 0; n < NT; n++)
 #pragma unroll
             for (int e = 0; e < 4; e++) p[n][e] = dp[n][e] = 0.0f;
-        mma_rows_by_tile_t<HD, NT>(p, Ks, warp * 16, Qs);
-        mma_rows_by_tile_t<HD, NT>(dp, Vs, warp * 16, dOs);
+        if (!warp_active) continue;  // keys past T: nothing to accumulate (no barrier below)
+        mma_rows_by_tile_t<HD, NT>(p, Ks, warp * 16, Qs, T - q0);
+        mma_rows_by_tile_t<HD, NT>(dp, Vs, warp * 16, dOs, T - q0);
 
 #pragma unroll
         for (int n = 0; n < NT; n++) {
@@ -344,8 +355,8 @@ __device__ __forceinline__ void attention_backward_dkdv(bf16_t* __restrict__ dqk
                 dp[n][e] = prob * (dp[n][e] - delta_s[qi]);  // dS^T (w.r.t. the scaled logits)
             }
         }
-        mma_probs_by_tile<HD, BQ / 16>(dv, p, dOs);  // dV += P^T dO
-        mma_probs_by_tile<HD, BQ / 16>(dk, dp, Qs);  // dK += dS^T Q
+        mma_probs_by_tile<HD, BQ / 16>(dv, p, dOs, T - q0);  // dV += P^T dO
+        mma_probs_by_tile<HD, BQ / 16>(dk, dp, Qs, T - q0);  // dK += dS^T Q
     }
 
 #pragma unroll
@@ -381,6 +392,7 @@ __device__ __forceinline__ void attention_backward_dq(bf16_t* __restrict__ dqkv,
     const int q0 = blockIdx.x * BQ, h = blockIdx.y, b = blockIdx.z;
     const int warp = threadIdx.x / WARP_SIZE, lane = threadIdx.x % WARP_SIZE;
     const int g = lane / 4, t4 = lane % 4;
+    const bool warp_active = q0 + warp * 16 < T;  // owns at least one real query
     const long long tok_stride = 3LL * H * HD;
     const bf16_t* q_base = qkv + (long long)b * T * tok_stride + h * HD;
     const bf16_t* k_base = q_base + (long long)H * HD;
@@ -418,8 +430,9 @@ __device__ __forceinline__ void attention_backward_dq(bf16_t* __restrict__ dqkv,
         for (int n = 0; n < NT; n++)
 #pragma unroll
             for (int e = 0; e < 4; e++) p[n][e] = dp[n][e] = 0.0f;
-        mma_rows_by_tile_t<HD, NT>(p, Qs, warp * 16, Ks);   // S = Q K^T
-        mma_rows_by_tile_t<HD, NT>(dp, dOs, warp * 16, Vs); // dP = dO V^T
+        if (!warp_active) continue;  // queries past T: nothing to accumulate (no barrier below)
+        mma_rows_by_tile_t<HD, NT>(p, Qs, warp * 16, Ks, T - k0);   // S = Q K^T
+        mma_rows_by_tile_t<HD, NT>(dp, dOs, warp * 16, Vs, T - k0); // dP = dO V^T
 #pragma unroll
         for (int n = 0; n < NT; n++) {
 #pragma unroll
@@ -431,7 +444,7 @@ __device__ __forceinline__ void attention_backward_dq(bf16_t* __restrict__ dqkv,
                 dp[n][e] = prob * (dp[n][e] - row_delta[r]);
             }
         }
-        mma_probs_by_tile<HD, BK / 16>(dq, dp, Ks);  // dQ += dS K
+        mma_probs_by_tile<HD, BK / 16>(dq, dp, Ks, T - k0);  // dQ += dS K
     }
 
 #pragma unroll

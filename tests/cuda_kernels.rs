@@ -7,7 +7,7 @@
 
 mod cuda_support;
 
-use cuda_support::{assert_close, gpu, randn, round_bf16, to_f64};
+use cuda_support::{assert_close, gpu, randn, round_bf16, to_f64, uniform};
 use dinotrain::backend::cpu::{Accumulate, Transpose};
 use dinotrain::backend::cuda::{
     all_precompiled, bf16, compile_source_with_nvrtc, resolve_device, AttentionShape, CudaBackend,
@@ -695,11 +695,18 @@ fn elementwise_kernels_match_f64() {
         1e-5,
     );
 
-    // full sums
+    // full sums (positive terms for the plain sum: no cancellation to amplify f32 rounding)
     let mut total = gpu.alloc_zeros::<f32>(1).unwrap();
-    gpu.sum(&mut total, &d_x, ReduceOp::Sum, 0.5).unwrap();
-    let ref_sum = 0.5 * x.iter().map(|&v| v as f64).sum::<f64>();
-    assert_close("sum", &gpu.download(&total).unwrap(), &[ref_sum], 1e-4);
+    let positive = uniform(47, n, 0.0, 1.0);
+    gpu.sum(
+        &mut total,
+        &gpu.upload(&positive).unwrap(),
+        ReduceOp::Sum,
+        0.5,
+    )
+    .unwrap();
+    let ref_sum = 0.5 * positive.iter().map(|&v| v as f64).sum::<f64>();
+    assert_close("sum", &gpu.download(&total).unwrap(), &[ref_sum], 1e-5);
     gpu.sum(&mut total, &d_x, ReduceOp::SumOfSquares, 1.0)
         .unwrap();
     let ref_sq = x.iter().map(|&v| (v as f64).powi(2)).sum::<f64>();
