@@ -184,30 +184,121 @@ fn attention_probs(v: &HeadView, b: usize, h: usize) -> (Vec<f64>, Vec<f64>) {
     (p, lse)
 }
 
-fn run_attention_forward(gpu: &CudaBackend, s: AttentionShape, seed: u64) {
-    let qkv = round_bf16(&randn(seed, s.qkv_len(), 1.0));
-    let dqkv = gpu.upload_bf16(&qkv).unwrap();
-    let mut out = gpu.alloc_zeros::<bf16>(s.out_len()).unwrap();
-    let mut lse = gpu.alloc_zeros::<f32>(s.stats_len()).unwrap();
-    gpu.attention_forward(&mut out, &mut lse, &dqkv, s).unwrap();
-
-    let qkv64 = to_f64(&qkv);
-    let view = HeadView { qkv: &qkv64, s };
+/// f64 reference forward: `out [B,T,H,hd]` and `lse [B,H,T]`.
+fn attention_forward_reference(qkv: &[f64], s: AttentionShape) -> (Vec<f64>, Vec<f64>) {
+    let view = HeadView { qkv, s };
     let (t, hd, nh) = (s.tokens, s.head_dim, s.heads);
-    let mut ref_out = vec![0.0f64; s.out_len()];
-    let mut ref_lse = vec![0.0f64; s.stats_len()];
+    let mut out = vec![0.0f64; s.out_len()];
+    let mut lse = vec![0.0f64; s.stats_len()];
     for b in 0..s.batch {
         for h in 0..nh {
             let (p, lse_row) = attention_probs(&view, b, h);
-            ref_lse[(b * nh + h) * t..(b * nh + h + 1) * t].copy_from_slice(&lse_row);
+            lse[(b * nh + h) * t..(b * nh + h + 1) * t].copy_from_slice(&lse_row);
             for i in 0..t {
                 for d in 0..hd {
-                    ref_out[(b * t + i) * nh * hd + h * hd + d] =
+                    out[(b * t + i) * nh * hd + h * hd + d] =
                         (0..t).map(|j| p[i * t + j] * view.at(b, j, 2, h, d)).sum();
                 }
             }
         }
     }
+    (out, lse)
+}
+
+/// f64 reference backward: `dqkv [B,T,3,H,hd]` of `L = sum(out * dout)`.
+fn attention_backward_reference(qkv: &[f64], dout: &[f64], s: AttentionShape) -> Vec<f64> {
+    let view = HeadView { qkv, s };
+    let (t, hd, nh) = (s.tokens, s.head_dim, s.heads);
+    let scale = 1.0 / (hd as f64).sqrt();
+    let mut dqkv = vec![0.0f64; s.qkv_len()];
+    let idx = |b: usize, tok: usize, which: usize, h: usize, d: usize| {
+        ((b * t + tok) * 3 + which) * nh * hd + h * hd + d
+    };
+    let dout_at =
+        |b: usize, tok: usize, h: usize, d: usize| dout[(b * t + tok) * nh * hd + h * hd + d];
+    for b in 0..s.batch {
+        for h in 0..nh {
+            let (p, _) = attention_probs(&view, b, h);
+            let mut ds = vec![0.0f64; t * t]; // d loss / d (scaled logits)
+            for i in 0..t {
+                let dp: Vec<f64> = (0..t)
+                    .map(|j| {
+                        (0..hd)
+                            .map(|d| dout_at(b, i, h, d) * view.at(b, j, 2, h, d))
+                            .sum()
+                    })
+                    .collect();
+                let delta_i: f64 = (0..t).map(|j| p[i * t + j] * dp[j]).sum();
+                for j in 0..t {
+                    ds[i * t + j] = p[i * t + j] * (dp[j] - delta_i);
+                }
+            }
+            for i in 0..t {
+                for d in 0..hd {
+                    dqkv[idx(b, i, 0, h, d)] = scale
+                        * (0..t)
+                            .map(|j| ds[i * t + j] * view.at(b, j, 1, h, d))
+                            .sum::<f64>();
+                    dqkv[idx(b, i, 1, h, d)] = scale
+                        * (0..t)
+                            .map(|j| ds[j * t + i] * view.at(b, j, 0, h, d))
+                            .sum::<f64>();
+                    dqkv[idx(b, i, 2, h, d)] = (0..t)
+                        .map(|j| p[j * t + i] * dout_at(b, j, h, d))
+                        .sum::<f64>();
+                }
+            }
+        }
+    }
+    dqkv
+}
+
+#[test]
+fn attention_reference_gradient_matches_finite_differences() {
+    // Runs everywhere: the f64 reference the GPU tests trust is itself checked here.
+    let s = AttentionShape {
+        batch: 2,
+        tokens: 5,
+        heads: 2,
+        head_dim: 16,
+    };
+    let qkv = to_f64(&randn(7, s.qkv_len(), 1.0));
+    let dout = to_f64(&randn(8, s.out_len(), 1.0));
+    let grad = attention_backward_reference(&qkv, &dout, s);
+    let objective = |x: &[f64]| -> f64 {
+        let (out, _) = attention_forward_reference(x, s);
+        out.iter().zip(&dout).map(|(o, g)| o * g).sum()
+    };
+    let step = 1e-6;
+    for i in (0..s.qkv_len()).step_by(3) {
+        let (mut plus, mut minus) = (qkv.clone(), qkv.clone());
+        plus[i] += step;
+        minus[i] -= step;
+        let numeric = (objective(&plus) - objective(&minus)) / (2.0 * step);
+        assert!(
+            (numeric - grad[i]).abs() < 1e-6 * (1.0 + grad[i].abs()),
+            "dqkv[{i}]: {numeric} vs {}",
+            grad[i]
+        );
+    }
+    // lse is the log of the softmax denominator: exp(logit - lse) sums to one per row.
+    let (_, lse) = attention_forward_reference(&qkv, s);
+    let view = HeadView { qkv: &qkv, s };
+    let (p, lse_row) = attention_probs(&view, 1, 1);
+    assert_eq!(&lse[(2 + 1) * 5..(2 + 2) * 5], &lse_row[..]);
+    for i in 0..5 {
+        assert!((p[i * 5..(i + 1) * 5].iter().sum::<f64>() - 1.0).abs() < 1e-12);
+    }
+}
+
+fn run_attention_forward(gpu: &CudaBackend, s: AttentionShape, seed: u64) {
+    let qkv = round_bf16(&randn(seed, s.qkv_len(), 1.0));
+    let d_qkv = gpu.upload_bf16(&qkv).unwrap();
+    let mut out = gpu.alloc_zeros::<bf16>(s.out_len()).unwrap();
+    let mut lse = gpu.alloc_zeros::<f32>(s.stats_len()).unwrap();
+    gpu.attention_forward(&mut out, &mut lse, &d_qkv, s)
+        .unwrap();
+    let (ref_out, ref_lse) = attention_forward_reference(&to_f64(&qkv), s);
     // bf16 output and bf16 probabilities in P·V: about 2e-3 each.
     assert_close(
         &format!("attention out {s:?}"),
@@ -264,55 +355,14 @@ fn run_attention_backward(gpu: &CudaBackend, s: AttentionShape, seed: u64) {
         .unwrap();
     gpu.attention_backward(&mut dqkv, &mut delta, &d_dout, &d_qkv, &out, &lse, s)
         .unwrap();
-    let got = gpu.download_bf16(&dqkv).unwrap();
-
-    let qkv64 = to_f64(&qkv);
-    let view = HeadView { qkv: &qkv64, s };
-    let (t, hd, nh) = (s.tokens, s.head_dim, s.heads);
-    let scale = 1.0 / (hd as f64).sqrt();
-    let mut reference = vec![0.0f64; s.qkv_len()];
-    let idx = |b: usize, tok: usize, which: usize, h: usize, d: usize| {
-        ((b * t + tok) * 3 + which) * nh * hd + h * hd + d
-    };
-    let dout_at = |b: usize, tok: usize, h: usize, d: usize| {
-        dout[(b * t + tok) * nh * hd + h * hd + d] as f64
-    };
-    for b in 0..s.batch {
-        for h in 0..nh {
-            let (p, _) = attention_probs(&view, b, h);
-            let mut ds = vec![0.0f64; t * t];
-            for i in 0..t {
-                let dp: Vec<f64> = (0..t)
-                    .map(|j| {
-                        (0..hd)
-                            .map(|d| dout_at(b, i, h, d) * view.at(b, j, 2, h, d))
-                            .sum()
-                    })
-                    .collect();
-                let delta_i: f64 = (0..t).map(|j| p[i * t + j] * dp[j]).sum();
-                for j in 0..t {
-                    ds[i * t + j] = p[i * t + j] * (dp[j] - delta_i);
-                }
-            }
-            for i in 0..t {
-                for d in 0..hd {
-                    reference[idx(b, i, 0, h, d)] = scale
-                        * (0..t)
-                            .map(|j| ds[i * t + j] * view.at(b, j, 1, h, d))
-                            .sum::<f64>();
-                    reference[idx(b, i, 1, h, d)] = scale
-                        * (0..t)
-                            .map(|j| ds[j * t + i] * view.at(b, j, 0, h, d))
-                            .sum::<f64>();
-                    reference[idx(b, i, 2, h, d)] = (0..t)
-                        .map(|j| p[j * t + i] * dout_at(b, j, h, d))
-                        .sum::<f64>();
-                }
-            }
-        }
-    }
+    let reference = attention_backward_reference(&to_f64(&qkv), &to_f64(&dout), s);
     // bf16 P and dS feed the gradient GEMMs, and the outputs are bf16.
-    assert_close(&format!("attention dqkv {s:?}"), &got, &reference, 2e-2);
+    assert_close(
+        &format!("attention dqkv {s:?}"),
+        &gpu.download_bf16(&dqkv).unwrap(),
+        &reference,
+        2e-2,
+    );
 }
 
 #[test]

@@ -238,6 +238,74 @@ fn koleo_reference(x: &[f32], b: usize, d: usize) -> (f64, Vec<f64>) {
 }
 
 #[test]
+fn koleo_reference_gradient_matches_finite_differences() {
+    // Runs everywhere: checks the f64 reference that the GPU test trusts.
+    let (b, d) = (6, 5);
+    let x = randn(75, b * d, 1.0);
+    let (_, grad) = koleo_reference(&x, b, d);
+    let step = 1e-4f64;
+    for i in 0..b * d {
+        // The reference takes f32 input: perturb in f64 through a tiny re-implementation.
+        let loss_at = |delta: f64| {
+            let xs: Vec<f64> = x
+                .iter()
+                .enumerate()
+                .map(|(j, &v)| v as f64 + if j == i { delta } else { 0.0 })
+                .collect();
+            koleo_loss_f64(&xs, b, d)
+        };
+        let numeric = (loss_at(step) - loss_at(-step)) / (2.0 * step);
+        assert!(
+            (numeric - grad[i]).abs() < 1e-6 * (1.0 + grad[i].abs()),
+            "dx[{i}]: {numeric} vs {}",
+            grad[i]
+        );
+    }
+    let (loss, _) = koleo_reference(&x, b, d);
+    let xs = to_f64(&x);
+    assert!((loss - koleo_loss_f64(&xs, b, d)).abs() < 1e-12);
+}
+
+/// The KoLeo loss alone on f64 input (nearest neighbours re-chosen: fine for small steps).
+fn koleo_loss_f64(x: &[f64], b: usize, d: usize) -> f64 {
+    let eps = 1e-8f64;
+    let xn: Vec<f64> = (0..b * d)
+        .map(|i| {
+            let r = i / d;
+            let n = x[r * d..(r + 1) * d]
+                .iter()
+                .map(|v| v * v)
+                .sum::<f64>()
+                .sqrt();
+            x[i] / n.max(eps)
+        })
+        .collect();
+    let mut loss = 0.0;
+    for i in 0..b {
+        let dot = |j: usize| (0..d).map(|c| xn[i * d + c] * xn[j * d + c]).sum::<f64>();
+        let j = (0..b)
+            .filter(|&j| j != i)
+            .max_by(|&p, &q| dot(p).total_cmp(&dot(q)))
+            .unwrap();
+        let dist = (0..d)
+            .map(|c| (xn[i * d + c] - xn[j * d + c] + eps).powi(2))
+            .sum::<f64>()
+            .sqrt();
+        loss -= (dist + eps).ln() / b as f64;
+    }
+    loss
+}
+
+#[test]
+fn sinkhorn_reference_rows_sum_to_one() {
+    let (r, k) = (5, 12);
+    let q = sinkhorn_reference(&uniform(65, r * k, -1.0, 1.0), r, k, 0.05, r, 3);
+    for i in 0..r {
+        assert!((q[i * k..(i + 1) * k].iter().sum::<f64>() - 1.0).abs() < 1e-12);
+    }
+}
+
+#[test]
 fn koleo_forward_and_backward_match_f64() {
     let Some(mut gpu) = gpu() else { return };
     for (seed, (b, d)) in [(16usize, 32usize), (64, 384), (9, 2048)]
