@@ -244,7 +244,7 @@ fn koleo_reference_gradient_matches_finite_differences() {
     let x = randn(75, b * d, 1.0);
     let (_, grad) = koleo_reference(&x, b, d);
     let step = 1e-4f64;
-    for i in 0..b * d {
+    for (i, &analytic) in grad.iter().enumerate() {
         // The reference takes f32 input: perturb in f64 through a tiny re-implementation.
         let loss_at = |delta: f64| {
             let xs: Vec<f64> = x
