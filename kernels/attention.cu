@@ -23,16 +23,6 @@
 
 #define PAD 8  // bf16 elements of row padding: keeps ldmatrix rows 16-byte aligned, conflict-free
 
-__device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool valid) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(smem)),
-                 "l"(gmem), "r"(valid ? 16 : 0));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n"); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
-}
-
 // Copies rows [row0, row0 + ROWS) of a [T, HD] strided view into smem; rows >= T become zeros.
 template <int ROWS, int HD>
 __device__ __forceinline__ void load_tile_async(bf16_t (*dst)[HD + PAD], const bf16_t* base,

@@ -4,7 +4,10 @@
 // (build.rs) and with NVRTC at run time (the backend substitutes this file for the
 // `#include "common.cuh"` line). bf16 values travel as raw 16-bit patterns (`bf16_t`); the
 // conversions are the hardware's round-to-nearest-even `cvt` instructions (sm_80+).
-#pragma once
+// Every inline-PTX helper lives in the DINOTRAIN_HOST_EMULATION-guarded section, so
+// `kernels/emulator/` can swap in host versions and run the kernels' index math on a CPU.
+#ifndef DINOTRAIN_COMMON_CUH
+#define DINOTRAIN_COMMON_CUH
 
 typedef unsigned short bf16_t;
 typedef unsigned int u32;
@@ -15,20 +18,6 @@ typedef long long i64;
 
 __device__ __forceinline__ float bf16_to_f32(bf16_t h) {
     return __uint_as_float(((u32)h) << 16);
-}
-
-__device__ __forceinline__ bf16_t f32_to_bf16(float f) {
-    bf16_t h;
-    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(f));
-    return h;
-}
-
-// Two floats into one register: `lo` in bits 0..15, `hi` in bits 16..31 (the element order of
-// an mma fragment pair).
-__device__ __forceinline__ u32 pack_bf16x2(float lo, float hi) {
-    u32 r;
-    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
-    return r;
 }
 
 __device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }
@@ -79,6 +68,34 @@ __device__ __forceinline__ void softmax_merge(float& m, float& s, float m_other,
     m = m_new;
 }
 
+__device__ __forceinline__ float gelu_erf(float x) {
+    return 0.5f * x * (1.0f + erff(x * 0.70710678118654752f));
+}
+
+// d gelu / dx = Phi(x) + x * phi(x)
+__device__ __forceinline__ float gelu_erf_grad(float x) {
+    const float cdf = 0.5f * (1.0f + erff(x * 0.70710678118654752f));
+    const float pdf = 0.39894228040143268f * __expf(-0.5f * x * x);
+    return cdf + x * pdf;
+}
+
+#ifndef DINOTRAIN_HOST_EMULATION
+// ---- PTX helpers (sm_80+): conversions, tensor cores, ldmatrix, cp.async ----
+
+__device__ __forceinline__ bf16_t f32_to_bf16(float f) {
+    bf16_t h;
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(f));
+    return h;
+}
+
+// Two floats into one register: `lo` in bits 0..15, `hi` in bits 16..31 (the element order of
+// an mma fragment pair).
+__device__ __forceinline__ u32 pack_bf16x2(float lo, float hi) {
+    u32 r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+
 // ---- tensor-core helpers (sm_80+: mma.sync m16n8k16, bf16 in, f32 accumulate) ----
 //
 // Fragment layout (PTX ISA, "mma.m16n8k16"), with g = lane / 4 and t = lane % 4:
@@ -114,13 +131,17 @@ __device__ __forceinline__ void ldmatrix_x4_trans(u32 r[4], const void* row_ptr)
                  : "r"(smem_addr(row_ptr)));
 }
 
-__device__ __forceinline__ float gelu_erf(float x) {
-    return 0.5f * x * (1.0f + erff(x * 0.70710678118654752f));
+// Asynchronous 16-byte global -> shared copy (sm_80+); `valid = false` writes 16 zero bytes.
+__device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool valid) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(smem)),
+                 "l"(gmem), "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n"); }
+// Waits until at most N committed groups are still in flight.
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 
-// d gelu / dx = Phi(x) + x * phi(x)
-__device__ __forceinline__ float gelu_erf_grad(float x) {
-    const float cdf = 0.5f * (1.0f + erff(x * 0.70710678118654752f));
-    const float pdf = 0.39894228040143268f * __expf(-0.5f * x * x);
-    return cdf + x * pdf;
-}
+#endif  // DINOTRAIN_HOST_EMULATION
+#endif  // DINOTRAIN_COMMON_CUH
