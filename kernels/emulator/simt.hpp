@@ -83,6 +83,7 @@ inline unsigned __float_as_uint(float f) {
     return u;
 }
 inline float __expf(float x) { return std::exp(x); }
+inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
 
 inline float __shfl_xor_sync(unsigned, float v, int lane_mask) {
     auto& w = simt::warp();
