@@ -1,5 +1,6 @@
 // Runs the reduction-heavy kernels (LayerNorm, the DINO cross-entropy and teacher softmax,
-// KoLeo, Sinkhorn's row update, the deterministic sums) on the CPU through the SIMT emulator
+// KoLeo, Sinkhorn-Knopp, the deterministic sums) and the segment / index kernels (AdamW groups,
+// patch gather) on the CPU through the SIMT emulator
 // and compares them with double-precision references: a check of their warp/block reduction
 // and indexing logic. Each kernel file gets its own namespace (they share helper names).
 //   g++ -O2 -std=c++20 -pthread kernels/emulator/reductions_check.cpp -o /tmp/reductions_check
@@ -21,6 +22,12 @@ namespace koleo {
 }
 namespace sk {
 #include "../sinkhorn.cu"
+}
+namespace opt {
+#include "../optimizer.cu"
+}
+namespace patch {
+#include "../patch.cu"
 }
 
 #include <cstdio>
@@ -207,11 +214,95 @@ static void check_sinkhorn_row_update() {
     expect("sinkhorn_row_update", b, ref, 1e-6);
 }
 
+// The launcher's sequence (src/backend/cuda/launch/sinkhorn.rs) against the README's SK.
+static void check_sinkhorn() {
+    const int R = 9, K = 300, iters = 3, G = 3, per_chunk = (R + G - 1) / G;
+    const float tt = 0.05f;
+    std::vector<float> t(R * K);
+    std::mt19937 rng(12);
+    std::uniform_real_distribution<float> uni(-1.0f, 1.0f);
+    for (auto& v : t) v = uni(rng);
+    std::vector<float> q(R * K), a(K), b(R), partial(8), scalar(2), col(G * K);
+    const long long n = (long long)R * K;
+    simt::launch({8}, {256}, [&] { sk::sinkhorn_max_partial(partial.data(), t.data(), n); });
+    simt::launch({1}, {256}, [&] { sk::sinkhorn_max_finalize(&scalar[0], partial.data(), 8); });
+    simt::launch({8}, {256}, [&] { sk::sinkhorn_exp(q.data(), t.data(), &scalar[0], 1.0f / tt, n); });
+    simt::launch({8}, {256}, [&] { ew::sum_partial(partial.data(), q.data(), n, ew::REDUCE_SUM); });
+    simt::launch({1}, {256}, [&] { ew::sum_finalize(&scalar[1], partial.data(), 8, 1.0f); });
+    simt::launch({1}, {256}, [&] { sk::sinkhorn_reciprocal(b.data(), &scalar[1], R); });
+    for (int it = 0; it < iters; it++) {
+        simt::launch({(K + 255) / 256, G}, {256}, [&] { sk::sinkhorn_col_partial(col.data(), q.data(), b.data(), R, K, per_chunk); });
+        simt::launch({(K + 255) / 256}, {256}, [&] { sk::sinkhorn_col_update(a.data(), col.data(), G, K); });
+        simt::launch({R}, {256}, [&] { sk::sinkhorn_row_update(b.data(), q.data(), a.data(), R, K, (float)R); });
+    }
+    simt::launch({8}, {256}, [&] { sk::sinkhorn_finalize(q.data(), q.data(), a.data(), b.data(), R, K, (float)R); });
+    double mx = -1e300;
+    for (float v : t) mx = std::max(mx, (double)v);
+    std::vector<double> ref(R * K);
+    double total = 0;
+    for (int i = 0; i < R * K; i++) total += ref[i] = std::exp((t[i] - mx) / tt);
+    for (auto& v : ref) v /= total;
+    for (int it = 0; it < iters; it++) {
+        for (int j = 0; j < K; j++) {
+            double s = 0;
+            for (int i = 0; i < R; i++) s += ref[i * K + j];
+            for (int i = 0; i < R; i++) ref[i * K + j] /= s * K;
+        }
+        for (int i = 0; i < R; i++) {
+            double s = 0;
+            for (int j = 0; j < K; j++) s += ref[i * K + j];
+            for (int j = 0; j < K; j++) ref[i * K + j] /= s * R;
+        }
+    }
+    for (auto& v : ref) v *= R;
+    expect("sinkhorn_knopp (launcher sequence)", q, ref, 1e-5);
+}
+
+static void check_adamw_segments() {
+    const long long n = 1000;
+    std::vector<i64> start = {0, 10, 11, 500, 999};
+    std::vector<int> group = {1, 0, 2, 1, 0};
+    std::vector<float> lr = {1e-2f, 1e-3f, 0.0f}, wd = {0.1f, 0.0f, 0.05f};
+    auto p = randn(13, n), g = randn(14, n);
+    std::vector<float> m(n, 0.0f), v(n, 0.0f);
+    const float b1 = 0.9f, b2 = 0.999f, eps = 1e-8f, bc1 = 1 - b1, bc2s = std::sqrt(1 - b2);
+    std::vector<double> ref(n);
+    for (long long i = 0; i < n; i++) {
+        int s = 0;
+        while (s + 1 < (int)start.size() && start[s + 1] <= i) s++;
+        const double l = lr[group[s]], w = wd[group[s]];
+        const double mi = (1 - b1) * (double)g[i], vi = (1 - b2) * (double)g[i] * g[i];
+        ref[i] = p[i] * (1 - l * w) - l / bc1 * mi / (std::sqrt(vi) / bc2s + eps);
+    }
+    simt::launch({4}, {256}, [&] {
+        opt::adamw_update(p.data(), m.data(), v.data(), g.data(), start.data(), group.data(), lr.data(), wd.data(),
+                          (int)start.size(), n, b1, b2, eps, bc1, bc2s);
+    });
+    expect("adamw_update (5 segments, 3 groups)", p, ref, 1e-6);
+}
+
+static void check_patch_gather() {
+    const int crops = 3, T = 7, Np = 4, off = 3, C = 5;
+    std::vector<i64> idx = {0, 3, 5, 11};
+    auto tokens = randn(15, crops * T * C);
+    std::vector<float> out(idx.size() * C);
+    simt::launch({1}, {256}, [&] {
+        patch::gather_rows_f32(out.data(), tokens.data(), idx.data(), (int)idx.size(), C, Np, T, off, crops * T);
+    });
+    std::vector<double> ref;
+    for (i64 f : idx)
+        for (int c = 0; c < C; c++) ref.push_back(tokens[((f / Np) * T + off + f % Np) * C + c]);
+    expect("gather_rows_f32", out, ref, 0.0);
+}
+
 int main() {
     check_layernorm();
     check_sums();
     check_losses();
     check_koleo();
     check_sinkhorn_row_update();
+    check_sinkhorn();
+    check_adamw_segments();
+    check_patch_gather();
     return failed ? 1 : 0;
 }
