@@ -99,7 +99,11 @@ impl CudaBackend {
     /// cuBLAS, the device, or (without precompiled kernels) NVRTC is missing.
     pub fn new(ordinal: usize) -> Result<Self> {
         check_libraries(!kernels::all_precompiled())?;
-        let count = CudaContext::device_count().map_err(|e| cuda_error("cuDeviceGetCount", e))?;
+        let count = CudaContext::device_count().map_err(|e| {
+            Error::Cuda(format!(
+                "the CUDA driver found no usable device ({e}); use --device cpu"
+            ))
+        })?;
         if count <= 0 {
             return Err(Error::Cuda(
                 "the CUDA driver reports no device; use --device cpu".into(),
