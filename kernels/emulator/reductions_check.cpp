@@ -89,6 +89,46 @@ static void check_layernorm() {
     expect("layernorm_backward_input (+=)", dinp, ref_dinp, 1e-5);
 }
 
+static void check_layernorm_fused_and_params() {
+    const int N = 29, C = 70, G = 3, per_chunk = (N + G - 1) / G;
+    auto res = randn(20, N * C), branch = randn(21, N * C), gamma = randn(22, C, 0.3f);
+    auto w = randn(23, C), b = randn(24, C), dout = randn(25, N * C);
+    std::vector<float> out(N * C), mean(N), rstd(N), partial(2 * G * C), dw(C, 0.0f), db(C, 0.0f);
+    const std::vector<float> res0 = res;
+    simt::launch({(N + 7) / 8}, {256}, [&] {
+        ln::residual_layernorm_forward_f32(res.data(), out.data(), mean.data(), rstd.data(), res.data(), branch.data(),
+                                           gamma.data(), w.data(), b.data(), N, C, 1e-6f);
+    });
+    simt::launch({(C + 255) / 256, G}, {256}, [&] {
+        ln::layernorm_backward_params_partial(partial.data(), dout.data(), res.data(), mean.data(), rstd.data(), N, C,
+                                              per_chunk);
+    });
+    simt::launch({(C + 255) / 256}, {256}, [&] {
+        ew::column_partial_reduce(dw.data(), partial.data(), G, C, 1.0f, ew::GRAD_ACCUMULATE);
+    });
+    simt::launch({(C + 255) / 256}, {256}, [&] {
+        ew::column_partial_reduce(db.data(), partial.data() + G * C, G, C, 1.0f, ew::GRAD_ACCUMULATE);
+    });
+    std::vector<double> ref_x(N * C), ref_out(N * C), ref_dw(C, 0.0), ref_db(C, 0.0);
+    for (int r = 0; r < N; r++) {
+        double m = 0, v = 0;
+        for (int c = 0; c < C; c++) m += ref_x[r * C + c] = res0[r * C + c] + (double)gamma[c] * branch[r * C + c];
+        m /= C;
+        for (int c = 0; c < C; c++) v += (ref_x[r * C + c] - m) * (ref_x[r * C + c] - m);
+        const double s = 1.0 / std::sqrt(v / C + 1e-6);
+        for (int c = 0; c < C; c++) {
+            const double xh = (ref_x[r * C + c] - m) * s;
+            ref_out[r * C + c] = xh * w[c] + b[c];
+            ref_dw[c] += dout[r * C + c] * xh;
+            ref_db[c] += dout[r * C + c];
+        }
+    }
+    expect("residual_layernorm residual", res, ref_x, 1e-7);
+    expect("residual_layernorm out", out, ref_out, 1e-6);
+    expect("layernorm dweight", dw, ref_dw, 1e-5);
+    expect("layernorm dbias", db, ref_db, 1e-5);
+}
+
 static void check_sums() {
     const int N = 45, C = 300, G = 4, per_chunk = (N + G - 1) / G;
     auto x = randn(5, N * C);
@@ -297,6 +337,7 @@ static void check_patch_gather() {
 
 int main() {
     check_layernorm();
+    check_layernorm_fused_and_params();
     check_sums();
     check_losses();
     check_koleo();
