@@ -5,6 +5,7 @@
 //! resolved once at start-up into a concrete backend.
 
 pub mod cpu;
+pub mod cuda;
 
 use crate::error::{Error, Result};
 use std::fmt;

@@ -1,0 +1,330 @@
+//! Launchers of `kernels/elementwise.cu`: casts, bias, GELU, LayerScale, and the deterministic
+//! reductions (column sums for parameter gradients, full sums for losses and norms).
+
+use super::{blocks, check_len, config, dim, grid_stride, launch, row_chunks, GradWrite, BLOCK};
+use crate::backend::cuda::{bf16, CudaBackend, KernelFamily};
+use crate::error::{Error, Result};
+use cudarc::driver::CudaSlice;
+
+/// What [`CudaBackend::sum`] adds up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReduceOp {
+    Sum,
+    SumOfSquares,
+}
+
+impl ReduceOp {
+    pub(in crate::backend::cuda) fn code(self) -> i32 {
+        match self {
+            ReduceOp::Sum => 0,
+            ReduceOp::SumOfSquares => 1,
+        }
+    }
+}
+
+/// Blocks of the first stage of [`CudaBackend::sum`].
+const SUM_GROUPS: usize = 264;
+
+fn matrix(op: &'static str, rows: usize, channels: usize) -> Result<(i32, i32)> {
+    if channels == 0 {
+        return Err(Error::shape(op, "zero channels"));
+    }
+    Ok((dim(op, "rows", rows)?, dim(op, "channels", channels)?))
+}
+
+impl CudaBackend {
+    /// `out = bf16(inp)`, round to nearest even.
+    pub fn cast_f32_to_bf16(&self, out: &mut CudaSlice<bf16>, inp: &CudaSlice<f32>) -> Result<()> {
+        check_len("cuda cast_f32_to_bf16", "out", out.len(), inp.len())?;
+        let n = inp.len() as i64;
+        launch!(
+            self,
+            KernelFamily::Elementwise,
+            "cast_f32_to_bf16",
+            grid_stride(inp.len()),
+            [out, inp, &n]
+        );
+        Ok(())
+    }
+
+    /// `out = f32(inp)`.
+    pub fn cast_bf16_to_f32(&self, out: &mut CudaSlice<f32>, inp: &CudaSlice<bf16>) -> Result<()> {
+        check_len("cuda cast_bf16_to_f32", "out", out.len(), inp.len())?;
+        let n = inp.len() as i64;
+        launch!(
+            self,
+            KernelFamily::Elementwise,
+            "cast_bf16_to_f32",
+            grid_stride(inp.len()),
+            [out, inp, &n]
+        );
+        Ok(())
+    }
+
+    /// `x[r, c] += bias[c]`, x `[rows, channels]`.
+    pub fn add_bias(
+        &self,
+        x: &mut CudaSlice<f32>,
+        bias: &CudaSlice<f32>,
+        rows: usize,
+        channels: usize,
+    ) -> Result<()> {
+        const OP: &str = "cuda add_bias";
+        let (n, c) = matrix(OP, rows, channels)?;
+        check_len(OP, "x", x.len(), rows * channels)?;
+        check_len(OP, "bias", bias.len(), channels)?;
+        launch!(
+            self,
+            KernelFamily::Elementwise,
+            "add_bias",
+            grid_stride(rows * channels),
+            [x, bias, &n, &c]
+        );
+        Ok(())
+    }
+
+    /// `pre += bias` (in place: `pre` holds the GEMM output and becomes the saved
+    /// pre-activation), `act = bf16(gelu(pre))`.
+    pub fn bias_gelu_forward(
+        &self,
+        pre: &mut CudaSlice<f32>,
+        act: &mut CudaSlice<bf16>,
+        bias: Option<&CudaSlice<f32>>,
+        rows: usize,
+        channels: usize,
+    ) -> Result<()> {
+        const OP: &str = "cuda bias_gelu_forward";
+        let (n, c) = matrix(OP, rows, channels)?;
+        check_len(OP, "pre", pre.len(), rows * channels)?;
+        check_len(OP, "act", act.len(), rows * channels)?;
+        if let Some(b) = bias {
+            check_len(OP, "bias", b.len(), channels)?;
+        }
+        let bias_ptr = self.optional_ptr(bias);
+        let pre_ptr = self.device_ptr_mut_raw(pre);
+        launch!(
+            self,
+            KernelFamily::Elementwise,
+            "bias_gelu_forward",
+            grid_stride(rows * channels),
+            [&pre_ptr, act, &pre_ptr, &bias_ptr, &n, &c]
+        );
+        Ok(())
+    }
+
+    /// `out = gelu(inp)` (exact erf form), f32.
+    pub fn gelu_forward(&self, out: &mut CudaSlice<f32>, inp: &CudaSlice<f32>) -> Result<()> {
+        check_len("cuda gelu_forward", "out", out.len(), inp.len())?;
+        let n = inp.len() as i64;
+        launch!(
+            self,
+            KernelFamily::Elementwise,
+            "gelu_forward",
+            grid_stride(inp.len()),
+            [out, inp, &n]
+        );
+        Ok(())
+    }
+
+    /// In place: `d` holds dL/d(gelu output) and becomes dL/d(pre-activation).
+    pub fn gelu_backward(&self, d: &mut CudaSlice<f32>, pre: &CudaSlice<f32>) -> Result<()> {
+        check_len("cuda gelu_backward", "d", d.len(), pre.len())?;
+        let n = pre.len() as i64;
+        let d_ptr = self.device_ptr_mut_raw(d);
+        launch!(
+            self,
+            KernelFamily::Elementwise,
+            "gelu_backward",
+            grid_stride(pre.len()),
+            [&d_ptr, &d_ptr, pre, &n]
+        );
+        Ok(())
+    }
+
+    /// `residual += gamma ∘ branch`.
+    pub fn layerscale_residual_forward(
+        &self,
+        residual: &mut CudaSlice<f32>,
+        branch: &CudaSlice<f32>,
+        gamma: &CudaSlice<f32>,
+        rows: usize,
+        channels: usize,
+    ) -> Result<()> {
+        const OP: &str = "cuda layerscale_residual_forward";
+        let (n, c) = matrix(OP, rows, channels)?;
+        check_len(OP, "residual", residual.len(), rows * channels)?;
+        check_len(OP, "branch", branch.len(), rows * channels)?;
+        check_len(OP, "gamma", gamma.len(), channels)?;
+        launch!(
+            self,
+            KernelFamily::Elementwise,
+            "layerscale_residual_forward",
+            grid_stride(rows * channels),
+            [residual, branch, gamma, &n, &c]
+        );
+        Ok(())
+    }
+
+    /// LayerScale backward: `dbranch = gamma ∘ dresidual`, `dgamma += Σ_rows dresidual ∘ branch`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn layerscale_backward(
+        &mut self,
+        dbranch: &mut CudaSlice<f32>,
+        dgamma: &mut CudaSlice<f32>,
+        dresidual: &CudaSlice<f32>,
+        branch: &CudaSlice<f32>,
+        gamma: &CudaSlice<f32>,
+        rows: usize,
+        channels: usize,
+    ) -> Result<()> {
+        const OP: &str = "cuda layerscale_backward";
+        let (n, c) = matrix(OP, rows, channels)?;
+        for (name, len) in [
+            ("dbranch", dbranch.len()),
+            ("dresidual", dresidual.len()),
+            ("branch", branch.len()),
+        ] {
+            check_len(OP, name, len, rows * channels)?;
+        }
+        check_len(OP, "dgamma", dgamma.len(), channels)?;
+        check_len(OP, "gamma", gamma.len(), channels)?;
+        launch!(
+            self,
+            KernelFamily::Elementwise,
+            "layerscale_backward_input",
+            grid_stride(rows * channels),
+            [dbranch, dresidual, gamma, &n, &c]
+        );
+        self.column_sum(
+            dgamma,
+            dresidual,
+            Some(branch),
+            rows,
+            channels,
+            GradWrite::Accumulate,
+        )
+    }
+
+    /// `dbias += Σ_rows dout`, dout `[rows, channels]`.
+    pub fn bias_backward(
+        &mut self,
+        dbias: &mut CudaSlice<f32>,
+        dout: &CudaSlice<f32>,
+        rows: usize,
+        channels: usize,
+    ) -> Result<()> {
+        self.column_sum(dbias, dout, None, rows, channels, GradWrite::Accumulate)
+    }
+
+    /// `out[c] (=|+=) Σ_r x[r, c] (· y[r, c])`, deterministic (fixed-order chunks).
+    pub fn column_sum(
+        &mut self,
+        out: &mut CudaSlice<f32>,
+        x: &CudaSlice<f32>,
+        y: Option<&CudaSlice<f32>>,
+        rows: usize,
+        channels: usize,
+        write: GradWrite,
+    ) -> Result<()> {
+        const OP: &str = "cuda column_sum";
+        let (n, c) = matrix(OP, rows, channels)?;
+        check_len(OP, "x", x.len(), rows * channels)?;
+        if let Some(y) = y {
+            check_len(OP, "y", y.len(), rows * channels)?;
+        }
+        check_len(OP, "out", out.len(), channels)?;
+        let (groups, per_chunk) = row_chunks(rows);
+        self.reserve_scratch(groups * channels)?;
+        let partial = self.scratch_ptr(0);
+        let y_ptr = self.optional_ptr(y);
+        let per_chunk_i = dim(OP, "rows per chunk", per_chunk)?;
+        let grid = (
+            blocks(OP, channels.div_ceil(BLOCK as usize))?,
+            groups as u32,
+            1,
+        );
+        launch!(
+            self,
+            KernelFamily::Elementwise,
+            "column_sum_partial",
+            config(grid, BLOCK),
+            [&partial, x, &y_ptr, &n, &c, &per_chunk_i]
+        );
+        self.column_partial_reduce_raw(out, partial, groups, channels, 1.0, write)
+    }
+
+    /// `out[c] (=|+=) scale · Σ_g partial[g, c]` with `partial` a raw device address.
+    pub(in crate::backend::cuda) fn column_partial_reduce_raw(
+        &self,
+        out: &mut CudaSlice<f32>,
+        partial: u64,
+        groups: usize,
+        channels: usize,
+        scale: f32,
+        write: GradWrite,
+    ) -> Result<()> {
+        const OP: &str = "cuda column_partial_reduce";
+        check_len(OP, "out", out.len(), channels)?;
+        let g = dim(OP, "groups", groups)?;
+        let c = dim(OP, "channels", channels)?;
+        let write = write.code();
+        let grid = (blocks(OP, channels.div_ceil(BLOCK as usize))?, 1, 1);
+        launch!(
+            self,
+            KernelFamily::Elementwise,
+            "column_partial_reduce",
+            config(grid, BLOCK),
+            [out, &partial, &g, &c, &scale, &write]
+        );
+        Ok(())
+    }
+
+    /// `out[0] = scale · Σ x` (or `Σ x²`), deterministic two-stage reduction.
+    pub fn sum(
+        &mut self,
+        out: &mut CudaSlice<f32>,
+        x: &CudaSlice<f32>,
+        op: ReduceOp,
+        scale: f32,
+    ) -> Result<()> {
+        check_len("cuda sum", "out", out.len(), 1)?;
+        self.reserve_scratch(SUM_GROUPS)?;
+        let partial = self.scratch_ptr(0);
+        self.sum_raw(out, partial, x, op, scale)
+    }
+
+    /// [`sum`](Self::sum) with the partials at a raw scratch address (SUM_GROUPS floats).
+    pub(in crate::backend::cuda) fn sum_raw(
+        &self,
+        out: &mut CudaSlice<f32>,
+        partial: u64,
+        x: &CudaSlice<f32>,
+        op: ReduceOp,
+        scale: f32,
+    ) -> Result<()> {
+        let n = x.len() as i64;
+        let code = op.code();
+        let groups = SUM_GROUPS as i32;
+        launch!(
+            self,
+            KernelFamily::Elementwise,
+            "sum_partial",
+            config((SUM_GROUPS as u32, 1, 1), BLOCK),
+            [&partial, x, &n, &code]
+        );
+        launch!(
+            self,
+            KernelFamily::Elementwise,
+            "sum_finalize",
+            config((1, 1, 1), BLOCK),
+            [out, &partial, &groups, &scale]
+        );
+        Ok(())
+    }
+
+    /// The device address of a buffer that a kernel reads and writes in place.
+    pub(in crate::backend::cuda) fn device_ptr_mut_raw<T>(&self, buf: &mut CudaSlice<T>) -> u64 {
+        use cudarc::driver::DevicePtrMut;
+        buf.device_ptr_mut(self.stream.as_ref()).0
+    }
+}

@@ -1,0 +1,133 @@
+//! Launchers of `kernels/koleo.cu`: the KoLeo loss, forward and backward.
+
+use super::elementwise::ReduceOp;
+use super::{blocks, check_len, config, dim, launch, BLOCK, ROWS_PER_BLOCK};
+use crate::backend::cuda::{CudaBackend, KernelFamily};
+use crate::error::{Error, Result};
+use cudarc::driver::CudaSlice;
+
+/// Largest feature dim the backward kernel holds in registers (`KOLEO_MAX_D`).
+pub const KOLEO_MAX_DIM: usize = 2048;
+
+/// What the KoLeo forward saves for its backward.
+#[derive(Debug)]
+pub struct KoleoSaved {
+    /// `[b, d]` normalised rows.
+    pub xn: CudaSlice<f32>,
+    /// `[b]` row norms before normalisation.
+    pub norm: CudaSlice<f32>,
+    /// `[b]` nearest-neighbour index of each row.
+    pub nn: CudaSlice<i32>,
+    /// `[b]` distance to it.
+    pub dist: CudaSlice<f32>,
+    /// `[b]` per-row `-log(d + 1e-8)`.
+    pub row_loss: CudaSlice<f32>,
+}
+
+impl KoleoSaved {
+    /// Buffers for `b` rows of `d` features (allocate once, reuse every step).
+    pub fn new(backend: &CudaBackend, b: usize, d: usize) -> Result<Self> {
+        Ok(KoleoSaved {
+            xn: backend.alloc_zeros(b * d)?,
+            norm: backend.alloc_zeros(b)?,
+            nn: backend.alloc_zeros(b)?,
+            dist: backend.alloc_zeros(b)?,
+            row_loss: backend.alloc_zeros(b)?,
+        })
+    }
+}
+
+fn check(op: &'static str, saved: &KoleoSaved, b: usize, d: usize) -> Result<(i32, i32)> {
+    if b < 2 {
+        return Err(Error::shape(
+            op,
+            format!("KoLeo needs at least 2 rows, got {b}"),
+        ));
+    }
+    if d == 0 || d > KOLEO_MAX_DIM {
+        return Err(Error::Unsupported(format!(
+            "{op}: feature dim {d} (1..={KOLEO_MAX_DIM})"
+        )));
+    }
+    check_len(op, "xn", saved.xn.len(), b * d)?;
+    for (name, len) in [
+        ("norm", saved.norm.len()),
+        ("nn", saved.nn.len()),
+        ("dist", saved.dist.len()),
+        ("row_loss", saved.row_loss.len()),
+    ] {
+        check_len(op, name, len, b)?;
+    }
+    Ok((dim(op, "rows", b)?, dim(op, "dim", d)?))
+}
+
+impl CudaBackend {
+    /// `loss [1] = KL(x)` for `x [b, d]`, filling `saved` for the backward.
+    pub fn koleo_forward(
+        &mut self,
+        loss: &mut CudaSlice<f32>,
+        saved: &mut KoleoSaved,
+        x: &CudaSlice<f32>,
+        b: usize,
+        d: usize,
+    ) -> Result<()> {
+        const OP: &str = "cuda koleo_forward";
+        let (bi, di) = check(OP, saved, b, d)?;
+        check_len(OP, "x", x.len(), b * d)?;
+        check_len(OP, "loss", loss.len(), 1)?;
+        let grid = (blocks(OP, b.div_ceil(ROWS_PER_BLOCK))?, 1, 1);
+        launch!(
+            self,
+            KernelFamily::Koleo,
+            "koleo_normalize",
+            config(grid, BLOCK),
+            [&mut saved.xn, &mut saved.norm, x, &bi, &di]
+        );
+        launch!(
+            self,
+            KernelFamily::Koleo,
+            "koleo_nearest",
+            config((blocks(OP, b)?, 1, 1), BLOCK),
+            [
+                &mut saved.nn,
+                &mut saved.dist,
+                &mut saved.row_loss,
+                &saved.xn,
+                &bi,
+                &di
+            ]
+        );
+        self.sum(loss, &saved.row_loss, ReduceOp::Sum, 1.0 / b as f32)
+    }
+
+    /// `dx [b, d] = dloss · dKL/dx` (written), from the forward's `saved`.
+    pub fn koleo_backward(
+        &self,
+        dx: &mut CudaSlice<f32>,
+        saved: &KoleoSaved,
+        dloss: f32,
+        b: usize,
+        d: usize,
+    ) -> Result<()> {
+        const OP: &str = "cuda koleo_backward";
+        let (bi, di) = check(OP, saved, b, d)?;
+        check_len(OP, "dx", dx.len(), b * d)?;
+        launch!(
+            self,
+            KernelFamily::Koleo,
+            "koleo_backward",
+            config((blocks(OP, b)?, 1, 1), BLOCK),
+            [
+                dx,
+                &saved.xn,
+                &saved.norm,
+                &saved.nn,
+                &saved.dist,
+                &dloss,
+                &bi,
+                &di
+            ]
+        );
+        Ok(())
+    }
+}

@@ -1,0 +1,268 @@
+//! Launchers of `kernels/optimizer.cu`: AdamW over the flat buffer with per-group lr / weight
+//! decay, gradient clipping, the teacher EMA and the weight-normalised last layer.
+
+use super::elementwise::ReduceOp;
+use super::{blocks, check_len, config, dim, grid_stride, launch, BLOCK, ROWS_PER_BLOCK};
+use crate::backend::cuda::{CudaBackend, KernelFamily};
+use crate::error::{Error, Result};
+use cudarc::driver::CudaSlice;
+
+/// The static part of AdamW over a flat buffer: which group each parameter tensor belongs to.
+/// Uploaded once; only the per-group lr / wd change per step.
+#[derive(Debug)]
+pub struct ParamSegments {
+    /// `[S]` first flat index of each parameter tensor (strictly increasing, first 0).
+    pub start: CudaSlice<i64>,
+    /// `[S]` group of each tensor.
+    pub group: CudaSlice<i32>,
+    pub segments: usize,
+    pub groups: usize,
+    pub numel: usize,
+}
+
+impl ParamSegments {
+    /// `starts[s]` is the offset of tensor s, `groups[s]` its group (< `n_groups`).
+    pub fn new(
+        backend: &CudaBackend,
+        starts: &[usize],
+        groups: &[usize],
+        n_groups: usize,
+        numel: usize,
+    ) -> Result<Self> {
+        const OP: &str = "ParamSegments";
+        check_len(OP, "groups", groups.len(), starts.len())?;
+        if starts.first() != Some(&0)
+            || starts.windows(2).any(|w| w[0] >= w[1])
+            || starts.last().is_some_and(|&s| s >= numel)
+        {
+            return Err(Error::shape(
+                OP,
+                "segment starts must begin at 0 and increase strictly below numel",
+            ));
+        }
+        if let Some(&g) = groups.iter().find(|&&g| g >= n_groups) {
+            return Err(Error::shape(OP, format!("group {g} out of {n_groups}")));
+        }
+        let start: Vec<i64> = starts.iter().map(|&s| s as i64).collect();
+        let group: Vec<i32> = groups.iter().map(|&g| g as i32).collect();
+        Ok(ParamSegments {
+            start: backend.upload(&start)?,
+            group: backend.upload(&group)?,
+            segments: starts.len(),
+            groups: n_groups,
+            numel,
+        })
+    }
+}
+
+/// AdamW hyper-parameters of one step (torch semantics). `step` counts from 1.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdamWStep {
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub step: u64,
+}
+
+impl CudaBackend {
+    /// One AdamW step over the flat buffers; `group_lr [G]` and `group_wd [G]` hold this step's
+    /// lr and weight decay per group (schedules times multipliers, computed on the host).
+    #[allow(clippy::too_many_arguments)]
+    pub fn adamw_update(
+        &self,
+        params: &mut CudaSlice<f32>,
+        exp_avg: &mut CudaSlice<f32>,
+        exp_avg_sq: &mut CudaSlice<f32>,
+        grads: &CudaSlice<f32>,
+        segments: &ParamSegments,
+        group_lr: &CudaSlice<f32>,
+        group_wd: &CudaSlice<f32>,
+        hp: AdamWStep,
+    ) -> Result<()> {
+        const OP: &str = "cuda adamw_update";
+        let n = segments.numel;
+        for (name, len) in [
+            ("params", params.len()),
+            ("exp_avg", exp_avg.len()),
+            ("exp_avg_sq", exp_avg_sq.len()),
+            ("grads", grads.len()),
+        ] {
+            check_len(OP, name, len, n)?;
+        }
+        check_len(OP, "group_lr", group_lr.len(), segments.groups)?;
+        check_len(OP, "group_wd", group_wd.len(), segments.groups)?;
+        if hp.step == 0 {
+            return Err(Error::Config(format!("{OP}: step counts from 1")));
+        }
+        // Bias corrections in f64 on the host (beta^t underflows gracefully).
+        let t = hp.step.min(i32::MAX as u64) as i32;
+        let bc1 = (1.0 - hp.beta1.powi(t)) as f32;
+        let bc2_sqrt = (1.0 - hp.beta2.powi(t)).sqrt() as f32;
+        let (beta1, beta2, eps) = (hp.beta1 as f32, hp.beta2 as f32, hp.eps as f32);
+        let s = dim(OP, "segments", segments.segments)?;
+        let n_i64 = n as i64;
+        launch!(
+            self,
+            KernelFamily::Optimizer,
+            "adamw_update",
+            grid_stride(n),
+            [
+                params,
+                exp_avg,
+                exp_avg_sq,
+                grads,
+                &segments.start,
+                &segments.group,
+                group_lr,
+                group_wd,
+                &s,
+                &n_i64,
+                &beta1,
+                &beta2,
+                &eps,
+                &bc1,
+                &bc2_sqrt
+            ]
+        );
+        Ok(())
+    }
+
+    /// `teacher = m · teacher + (1 - m) · student`.
+    pub fn ema_update(
+        &self,
+        teacher: &mut CudaSlice<f32>,
+        student: &CudaSlice<f32>,
+        momentum: f32,
+    ) -> Result<()> {
+        check_len("cuda ema_update", "teacher", teacher.len(), student.len())?;
+        let n = student.len() as i64;
+        launch!(
+            self,
+            KernelFamily::Optimizer,
+            "ema_update",
+            grid_stride(student.len()),
+            [teacher, student, &momentum, &n]
+        );
+        Ok(())
+    }
+
+    /// Clips `grads` (one submodule's contiguous range) to `max_norm`: writes the pre-clip
+    /// norm into `norm [1]` and scales by `min(max_norm / (norm + 1e-6), 1)` without a host sync.
+    pub fn clip_grad_norm(
+        &mut self,
+        grads: &mut CudaSlice<f32>,
+        norm: &mut CudaSlice<f32>,
+        max_norm: f32,
+    ) -> Result<()> {
+        const OP: &str = "cuda clip_grad_norm";
+        check_len(OP, "norm", norm.len(), 1)?;
+        // Scratch: [0, 264) partials, 264 sum of squares, 265 coefficient.
+        self.reserve_scratch(266)?;
+        let partial = self.scratch_ptr(0);
+        let sumsq = self.scratch_ptr(264);
+        let coef = self.scratch_ptr(265);
+        let n = grads.len() as i64;
+        let code = ReduceOp::SumOfSquares.code();
+        let groups = 264i32;
+        let one = 1.0f32;
+        launch!(
+            self,
+            KernelFamily::Elementwise,
+            "sum_partial",
+            config((264, 1, 1), BLOCK),
+            [&partial, &*grads, &n, &code]
+        );
+        launch!(
+            self,
+            KernelFamily::Elementwise,
+            "sum_finalize",
+            config((1, 1, 1), BLOCK),
+            [&sumsq, &partial, &groups, &one]
+        );
+        launch!(
+            self,
+            KernelFamily::Optimizer,
+            "clip_coef",
+            config((1, 1, 1), 32),
+            [&coef, norm, &sumsq, &max_norm]
+        );
+        let cfg = grid_stride(grads.len());
+        launch!(
+            self,
+            KernelFamily::Optimizer,
+            "scale_by_coef",
+            cfg,
+            [grads, &coef, &n]
+        );
+        Ok(())
+    }
+
+    /// `W [K, Bn] = g · v / ‖v‖` per prototype row, saving `inv_norm [K]`.
+    pub fn weight_norm_forward(
+        &self,
+        w: &mut CudaSlice<f32>,
+        inv_norm: &mut CudaSlice<f32>,
+        g: &CudaSlice<f32>,
+        v: &CudaSlice<f32>,
+        prototypes: usize,
+        bottleneck: usize,
+    ) -> Result<()> {
+        const OP: &str = "cuda weight_norm_forward";
+        check_len(OP, "w", w.len(), prototypes * bottleneck)?;
+        check_len(OP, "v", v.len(), prototypes * bottleneck)?;
+        check_len(OP, "g", g.len(), prototypes)?;
+        check_len(OP, "inv_norm", inv_norm.len(), prototypes)?;
+        let (k, bn) = (
+            dim(OP, "prototypes", prototypes)?,
+            dim(OP, "bottleneck", bottleneck)?,
+        );
+        let grid = (blocks(OP, prototypes.div_ceil(ROWS_PER_BLOCK))?, 1, 1);
+        launch!(
+            self,
+            KernelFamily::Optimizer,
+            "weight_norm_forward",
+            config(grid, BLOCK),
+            [w, inv_norm, g, v, &k, &bn]
+        );
+        Ok(())
+    }
+
+    /// Weight-norm backward: `dg += ⟨dW, v̂⟩`, `dv += (g/‖v‖)(dW − v̂⟨v̂, dW⟩)` per row.
+    #[allow(clippy::too_many_arguments)]
+    pub fn weight_norm_backward(
+        &self,
+        dg: &mut CudaSlice<f32>,
+        dv: &mut CudaSlice<f32>,
+        dw: &CudaSlice<f32>,
+        g: &CudaSlice<f32>,
+        v: &CudaSlice<f32>,
+        inv_norm: &CudaSlice<f32>,
+        prototypes: usize,
+        bottleneck: usize,
+    ) -> Result<()> {
+        const OP: &str = "cuda weight_norm_backward";
+        for (name, len) in [("dv", dv.len()), ("dw", dw.len()), ("v", v.len())] {
+            check_len(OP, name, len, prototypes * bottleneck)?;
+        }
+        for (name, len) in [
+            ("dg", dg.len()),
+            ("g", g.len()),
+            ("inv_norm", inv_norm.len()),
+        ] {
+            check_len(OP, name, len, prototypes)?;
+        }
+        let (k, bn) = (
+            dim(OP, "prototypes", prototypes)?,
+            dim(OP, "bottleneck", bottleneck)?,
+        );
+        let grid = (blocks(OP, prototypes.div_ceil(ROWS_PER_BLOCK))?, 1, 1);
+        launch!(
+            self,
+            KernelFamily::Optimizer,
+            "weight_norm_backward",
+            config(grid, BLOCK),
+            [dg, dv, dw, g, v, inv_norm, &k, &bn]
+        );
+        Ok(())
+    }
+}

@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# Builds everything a GPU machine without Rust needs into gpu-bundle/ (git-ignored):
+#   gpu-bundle/dinotrain          the release binary
+#   gpu-bundle/tests/<name>       every test binary of `cargo test --release`
+#   gpu-bundle/benches/<name>     the benchmark binaries (cuda_kernels)
+#   gpu-bundle/golden/            the golden fixtures (for `dinotrain verify --device cuda`)
+#   gpu-bundle/tools/             gpu-check.sh and the PyTorch baselines
+# Kernels are compiled by the pinned nvcc (.ci/run installs it): a missing nvcc is an error.
+# Usage: tools/gpu-bundle.sh   then copy gpu-bundle/ over and run gpu-bundle/tools/gpu-check.sh LOGDIR
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ -z "${NVCC:-}" ]; then
+    NVCC="$(ls .cuda-venv/lib/python3*/site-packages/nvidia/cu13/bin/nvcc 2>/dev/null | head -n 1 || true)"
+fi
+if [ -z "$NVCC" ] || [ ! -x "$NVCC" ]; then
+    echo "gpu-bundle: no nvcc; run .ci/run once (it installs the pinned wheels) or set NVCC" >&2
+    exit 1
+fi
+export NVCC DINOTRAIN_REQUIRE_NVCC=1
+
+bundle=gpu-bundle
+rm -rf "$bundle"
+mkdir -p "$bundle/tests" "$bundle/benches" "$bundle/tools"
+
+cargo build --release --bin dinotrain
+target_dir="$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')"
+cp "$target_dir/release/dinotrain" "$bundle/"
+
+# Every executable cargo names, by its target name (kind test or bench).
+copy_executables() {  # $1 = destination folder, then the cargo command
+    dest="$1"
+    shift
+    "$@" --no-run --message-format=json 2>/dev/null | python3 -c '
+import json, shutil, sys
+dest = sys.argv[1]
+for line in sys.stdin:
+    try:
+        msg = json.loads(line)
+    except ValueError:
+        continue
+    exe = msg.get("executable")
+    if msg.get("reason") != "compiler-artifact" or not exe:
+        continue
+    target = msg["target"]
+    kind = target["kind"][0]
+    name = target["name"] if kind != "lib" else "lib"
+    if kind in ("test", "bench", "lib"):
+        shutil.copy2(exe, f"{dest}/{name}")
+        print(f"  {dest}/{name}")
+' "$dest"
+}
+echo "test binaries:"
+copy_executables "$bundle/tests" cargo test --release
+echo "bench binaries:"
+copy_executables "$bundle/benches" cargo bench  # the bench profile (release)
+# `cargo bench --no-run` also names the library's unit-test harness: tests/ has it already.
+rm -f "$bundle/benches/lib"
+
+cp -r tests/golden "$bundle/golden"
+cp tools/gpu-check.sh tools/*_baseline.py "$bundle/tools/"
+du -sh "$bundle"
+echo "bundle ready: copy $bundle/ to the GPU machine and run $bundle/tools/gpu-check.sh LOGDIR"

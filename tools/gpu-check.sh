@@ -1,0 +1,155 @@
+#!/usr/bin/env bash
+# GPU check for a machine without Rust: runs the bundle that tools/gpu-bundle.sh built.
+#   gpu-check.sh LOGDIR [BUNDLE]     (BUNDLE defaults to the folder above this script)
+# In about five minutes: device info, every GPU test binary (they must not skip),
+# compute-sanitizer (memcheck, and racecheck on attention) on the kernel tests,
+# `dinotrain verify --device cuda`, the kernel benchmark next to PyTorch SDPA; a short table
+# last. Full logs go to LOGDIR. Exit status: 0 when every check passed.
+set -uo pipefail
+
+if [ $# -lt 1 ]; then
+    echo "usage: $0 LOGDIR [BUNDLE]" >&2
+    exit 2
+fi
+LOGDIR="$1"
+BUNDLE="${2:-$(cd "$(dirname "$0")/.." && pwd)}"
+mkdir -p "$LOGDIR"
+LOGDIR="$(cd "$LOGDIR" && pwd)"
+SUMMARY="$LOGDIR/summary.txt"
+: > "$SUMMARY"
+row() { printf '%-44s %s\n' "$1" "$2" | tee -a "$SUMMARY" >/dev/null; }
+failures=0
+fail() { failures=$((failures + 1)); }
+
+# --- CUDA libraries: the toolkit's, plus the PyTorch venv's cu13 folders (never CUDA 12).
+libdirs=/usr/local/cuda/lib64
+torch_python="${TORCH_PYTHON:-}"
+if [ -z "$torch_python" ] && python3 -c 'import torch' 2>/dev/null; then
+    torch_python=python3
+fi
+search_roots="/usr/local/lib /usr/lib/python3 /opt /root /home /venv /workspace"
+if [ -n "$torch_python" ]; then
+    site="$("$torch_python" -c 'import torch, os; print(os.path.dirname(os.path.dirname(torch.__file__)))' 2>/dev/null)"
+    search_roots="$site $search_roots"
+fi
+# shellcheck disable=SC2086  # word-split the roots on purpose
+for lib in libcublas.so.13 libnvrtc.so.13; do
+    found="$(timeout 60 find $search_roots -xdev -name "$lib" -path '*nvidia/cu13/lib/*' 2>/dev/null | head -n 1)"
+    if [ -n "$found" ]; then
+        libdirs="$libdirs:$(dirname "$found")"
+        if [ -z "$torch_python" ]; then  # site-packages/nvidia/cu13/lib -> the venv's python
+            candidate="${found%%/lib/python3*}/bin/python"
+            [ -x "$candidate" ] && torch_python="$candidate"
+        fi
+    fi
+done
+export LD_LIBRARY_PATH="$libdirs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH" > "$LOGDIR/environment.txt"
+echo "torch python: ${torch_python:-none}" >> "$LOGDIR/environment.txt"
+
+# --- 1. device
+echo "== device"
+nvidia-smi > "$LOGDIR/nvidia-smi.txt" 2>&1
+device="$(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null | head -n 1)"
+echo "$device"
+row "device" "${device:-unknown (nvidia-smi failed)}"
+
+# --- 2. every GPU test binary (tests/cuda_*; the CPU tests run in CI and read fixtures by the
+# build machine's paths). They print "skipping:" when they cannot use the GPU: a failure here.
+echo "== tests"
+for bin in "$BUNDLE"/tests/cuda_*; do
+    [ -x "$bin" ] || continue
+    name="$(basename "$bin")"
+    [ "$name" = cuda_emulator ] && continue  # CPU-only (runs in CI), needs the sources
+    log="$LOGDIR/test-$name.log"
+    start=$(date +%s)
+    (cd "$BUNDLE" && timeout 300 "$bin" --test-threads 1 --nocapture) > "$log" 2>&1
+    rc=$?
+    secs=$(( $(date +%s) - start ))
+    result="$(grep -E '^test result' "$log" | tail -n 1 | sed 's/test result: //; s/; finished.*//')"
+    skips="$(grep -c '^skipping:\|skipping: ' "$log")"
+    status=pass
+    if [ $rc -ne 0 ]; then status="FAIL (rc $rc)"; fail
+    elif [ "$skips" -gt 0 ]; then status="FAIL ($skips skipped on a GPU machine)"; fail
+    fi
+    echo "$name: $status ${result:+- $result} (${secs}s)"
+    row "test $name" "$status ${result:+($result)}"
+done
+
+# --- 3. compute-sanitizer on the kernel tests (memcheck all; racecheck the attention tiles)
+echo "== compute-sanitizer"
+if command -v compute-sanitizer >/dev/null 2>&1; then
+    for bin in "$BUNDLE"/tests/cuda_kernels "$BUNDLE"/tests/cuda_ssl_kernels; do
+        [ -x "$bin" ] || continue
+        name="$(basename "$bin")"
+        log="$LOGDIR/memcheck-$name.log"
+        (cd "$BUNDLE" && timeout 240 compute-sanitizer --tool memcheck --error-exitcode 99 \
+            "$bin" --test-threads 1) > "$log" 2>&1
+        rc=$?
+        errors="$(grep -Eo 'ERROR SUMMARY: [0-9]+ error' "$log" | tail -n 1)"
+        if [ $rc -eq 0 ]; then status="pass ${errors:-}"; else status="FAIL (rc $rc) ${errors:-}"; fail; fi
+        echo "memcheck $name: $status"
+        row "memcheck $name" "$status"
+    done
+    log="$LOGDIR/racecheck-attention.log"
+    (cd "$BUNDLE" && timeout 240 compute-sanitizer --tool racecheck --error-exitcode 99 \
+        "$BUNDLE/tests/cuda_kernels" --test-threads 1 attention_forward) > "$log" 2>&1
+    rc=$?
+    if [ $rc -eq 0 ]; then status=pass; else status="FAIL (rc $rc)"; fail; fi
+    echo "racecheck attention: $status"
+    row "racecheck attention_forward" "$status"
+else
+    echo "compute-sanitizer not found"
+    row "compute-sanitizer" "not installed"
+fi
+
+# --- 4. golden fixtures on the CUDA backend
+echo "== verify --device cuda"
+log="$LOGDIR/verify-cuda.log"
+(cd "$BUNDLE" && timeout 300 ./dinotrain verify golden --device cuda) > "$log" 2>&1
+rc=$?
+tail -n 1 "$log"
+if [ $rc -eq 0 ]; then status="pass ($(tail -n 1 "$log"))"
+elif grep -qiE "unsupported|not implemented" "$log"; then status="not available yet: $(grep -iE -m1 "unsupported|not implemented" "$log")"
+else status="FAIL (rc $rc): $(tail -n 1 "$log")"; fail
+fi
+row "verify --device cuda" "$status"
+
+# --- 5. benchmarks: the Rust kernels, then PyTorch on the same card
+echo "== benchmarks"
+bench_log="$LOGDIR/bench-cuda_kernels.log"
+if [ -x "$BUNDLE/benches/cuda_kernels" ]; then
+    (cd "$BUNDLE" && timeout 300 ./benches/cuda_kernels --bench) > "$bench_log" 2>&1 || fail
+    grep -v '^RESULT' "$bench_log"
+fi
+sdpa_log="$LOGDIR/bench-sdpa.log"
+if [ -n "$torch_python" ]; then
+    timeout 300 "$torch_python" "$BUNDLE/tools/attention_baseline.py" > "$sdpa_log" 2>&1
+    grep -v '^RESULT' "$sdpa_log"
+else
+    echo "no python with torch: SDPA baseline skipped" | tee "$sdpa_log"
+fi
+result_of() { grep -h "^RESULT $1 " "$bench_log" "$sdpa_log" 2>/dev/null | awk '{print $3}' | head -n 1; }
+copy="$(result_of copy)"
+[ -n "$copy" ] && row "copy bandwidth (GB/s)" "$copy"
+for shape in vits_T257 vits_T50 vitb_T257 vitb_T50; do
+    for pass in fwd fwdbwd; do
+        ours="$(result_of "attention_${pass}_${shape}")"
+        theirs="$(result_of "sdpa_${pass}_${shape}")"
+        ratio=""
+        if [ -n "$ours" ] && [ -n "$theirs" ]; then
+            ratio="$(awk -v a="$ours" -v b="$theirs" 'BEGIN { printf "%.2fx SDPA", a / b }')"
+        fi
+        row "attention $pass $shape (TFLOP/s)" "${ours:-?} vs SDPA ${theirs:-?} ${ratio}"
+    done
+done
+for shape in vits vitb; do
+    gbs="$(result_of "layernorm_fwd_$shape")"
+    [ -n "$gbs" ] && row "layernorm fwd $shape (GB/s)" "$gbs (copy $copy)"
+done
+
+echo
+echo "================ summary (logs in $LOGDIR) ================"
+cat "$SUMMARY"
+echo "failures: $failures"
+[ $failures -eq 0 ]
