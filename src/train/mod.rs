@@ -1,1 +1,7 @@
-//! Configuration, the training loop, checkpoints and resume, logging and plots.
+//! Configuration, checkpoints and resume, the run folder, metrics, plots and progress: the
+//! pieces the training loop is written with.
+
+pub mod config;
+pub mod pretrained;
+
+pub use config::{Config, ConfigBuilder, Method, Preset, ResolvedConfig};
