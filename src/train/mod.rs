@@ -3,6 +3,7 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod export;
 pub mod metrics;
 pub mod outdir;
 pub mod plot;

@@ -320,7 +320,7 @@ fn architecture(config: &Config) -> Result<(Architecture, StartingPoint)> {
     arch.num_heads = num_heads;
     arch.ffn_hidden_dim = match arch.ffn_layer {
         FfnLayer::Mlp => 4 * embed_dim,
-        FfnLayer::Swiglu | FfnLayer::SwigluFused => (4 * embed_dim * 2 / 3 + 7) / 8 * 8,
+        FfnLayer::Swiglu | FfnLayer::SwigluFused => (4 * embed_dim * 2 / 3).div_ceil(8) * 8,
         FfnLayer::Identity => 0,
     };
     let start = weights.map_or(StartingPoint::Random, StartingPoint::Weights);
