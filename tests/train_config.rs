@@ -253,3 +253,85 @@ fn schedules_match_the_golden_fixture() {
         );
     }
 }
+
+#[test]
+fn official_default_file_equals_the_built_in_defaults() {
+    // Every key of ssl_default_config.yaml exists here with the same default: merging the
+    // file over the defaults changes nothing and warns about nothing.
+    let mut b = ConfigBuilder::new(Preset::Official).unwrap();
+    b.file(Path::new("tests/data/configs/ssl_default_config.yaml"))
+        .unwrap();
+    let (config, warnings) = b.build().unwrap();
+    assert!(warnings.is_empty(), "{warnings:?}");
+    assert_eq!(config, dinotrain::train::Config::default());
+    // And the file names every official key we have (dinotrain's own section aside).
+    let text = std::fs::read_to_string("tests/data/configs/ssl_default_config.yaml").unwrap();
+    let official_leaves = config
+        .flatten()
+        .unwrap()
+        .into_keys()
+        .filter(|k| !k.starts_with("dinotrain."))
+        .count();
+    let file_leaves = text
+        .lines()
+        .filter(|l| !l.trim_start().starts_with('#'))
+        .filter(|l| {
+            let t = l.trim();
+            (t.contains(": ") && !t.ends_with(':')) || t.starts_with("- ")
+        })
+        .count();
+    // mask_ratio_min_max and the two crop scales are lists of two lines each.
+    assert_eq!(file_leaves - 3, official_leaves, "{text}");
+}
+
+#[test]
+fn eval_config_of_a_register_model_resolves() {
+    let r = resolve("vitg14_reg4_pretrain.yaml", &[]);
+    assert_eq!(
+        (r.arch.embed_dim, r.arch.depth, r.arch.num_heads),
+        (1536, 40, 24)
+    );
+    assert_eq!(
+        (r.arch.ffn_layer, r.arch.ffn_hidden_dim),
+        (FfnLayer::SwigluFused, 4096)
+    );
+    assert_eq!(r.arch.num_register_tokens, 4);
+    assert!(r.arch.interpolate_antialias);
+    assert_eq!(r.arch.interpolate_offset, 0.0);
+    assert_eq!(r.arch.img_size, 518);
+}
+
+#[test]
+fn every_cli_flag_maps_to_a_key() {
+    use dinotrain::train::config::FLAG_KEYS;
+    let mut b = ConfigBuilder::new(Preset::Demo).unwrap();
+    for (flag, value) in [
+        ("data", "/images"),
+        ("out", "/runs/a"),
+        ("model", "dinov2/vits14"),
+        ("method", "ibot"),
+        ("epochs", "3"),
+        ("steps", "40"),
+        ("batch-size", "16"),
+        ("device", "cpu"),
+        ("seed", "9"),
+    ] {
+        b.flag(flag, value).unwrap();
+    }
+    assert_eq!(FLAG_KEYS.len(), 9);
+    let (c, _) = b.build().unwrap();
+    assert_eq!(c.dinotrain.data.as_deref(), Some(Path::new("/images")));
+    assert_eq!(c.train.output_dir, Path::new("/runs/a"));
+    assert_eq!(c.dinotrain.model.as_deref(), Some("dinov2/vits14"));
+    assert_eq!(c.dinotrain.method, Method::Ibot);
+    assert_eq!(c.optim.epochs, 3.0);
+    assert_eq!(c.dinotrain.steps, Some(40));
+    assert_eq!(c.train.batch_size_per_gpu, 16);
+    assert_eq!(c.train.seed, 9);
+    let err = b.flag("batch-size", "many").unwrap_err().to_string();
+    assert!(
+        err.contains("--batch-size") && err.contains("train.batch_size_per_gpu"),
+        "{err}"
+    );
+    assert!(b.flag("colour", "red").is_err());
+}

@@ -8,11 +8,25 @@
 //!
 //! Key names are the official ones (`optim.base_lr`, `crops.local_crops_number`,
 //! `train.OFFICIAL_EPOCH_LENGTH`, `MODEL.WEIGHTS`), so an official train config loads unchanged.
+//!
+//! ```
+//! use dinotrain::train::config::{ConfigBuilder, Preset, ResolvedConfig};
+//!
+//! let mut builder = ConfigBuilder::new(Preset::Demo)?;
+//! builder.set("optim.base_lr=0.002")?.flag("steps", "50")?;
+//! // builder.file(Path::new("vitl16_short.yaml"))? merges an official train config.
+//! let (config, warnings) = builder.build()?;
+//! let plan = ResolvedConfig::resolve(config, warnings)?;
+//! assert_eq!(plan.total_iters, 50);
+//! // lr = base_lr * sqrt(batch / 1024), batch 64 in the demo preset.
+//! assert!((plan.lr - 0.002 * 0.25).abs() < 1e-12);
+//! # Ok::<(), dinotrain::Error>(())
+//! ```
 
 mod overrides;
 mod resolve;
 
-pub use overrides::{ConfigBuilder, ConfigWarning};
+pub use overrides::{ConfigBuilder, ConfigWarning, FLAG_KEYS};
 pub use resolve::{Architecture, ResolvedConfig, ScheduleSpec, Schedules, StartingPoint};
 
 use crate::error::{Error, Result};

@@ -81,6 +81,19 @@ const IGNORED: &[(&str, &str)] = &[
     ),
 ];
 
+/// Command-line flags of `dinotrain train` and the configuration key each one sets.
+pub const FLAG_KEYS: [(&str, &str); 9] = [
+    ("data", "dinotrain.data"),
+    ("out", "train.output_dir"),
+    ("model", "dinotrain.model"),
+    ("method", "dinotrain.method"),
+    ("epochs", "optim.epochs"),
+    ("steps", "dinotrain.steps"),
+    ("batch-size", "train.batch_size_per_gpu"),
+    ("device", "dinotrain.device"),
+    ("seed", "train.seed"),
+];
+
 /// Layers a configuration: `ConfigBuilder::new(preset).file(path)?.set("optim.base_lr=1e-3")?.build()`.
 #[derive(Clone, Debug)]
 pub struct ConfigBuilder {
@@ -190,6 +203,26 @@ impl ConfigBuilder {
         parse(&tree, &context)?;
         self.tree = tree;
         Ok(self)
+    }
+
+    /// Applies a command-line flag (`--batch-size 16` → `flag("batch-size", "16")`) through
+    /// its configuration key ([`FLAG_KEYS`]).
+    pub fn flag(&mut self, flag: &str, value: &str) -> Result<&mut Self> {
+        let flag = flag.trim_start_matches('-');
+        let key = FLAG_KEYS
+            .iter()
+            .find(|(f, _)| *f == flag)
+            .map(|(_, k)| *k)
+            .ok_or_else(|| Error::Config(format!("--{flag} is not a configuration flag")))?;
+        // Paths and names are strings whatever they look like.
+        let parsed = match key {
+            "dinotrain.data" | "train.output_dir" | "dinotrain.model" => {
+                Value::String(value.to_string())
+            }
+            _ => serde_yaml_ng::from_str(value).unwrap_or_else(|_| Value::String(value.into())),
+        };
+        self.set_parsed(key, parsed)
+            .map_err(|e| Error::Config(format!("--{flag} {value} (sets {key}): {e}")))
     }
 
     /// The validated configuration and the warnings gathered on the way.
