@@ -13,11 +13,12 @@
 //! is refused with a message naming it.
 
 use crate::error::{Error, Result};
-use crate::io::{TensorFile, Value};
 use crate::nn::params::ParamTable;
 use crate::tensor::Tensor;
+use safetensors::tensor::{Dtype, SafeTensors};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 /// The `format` metadata value of every dinotrain checkpoint.
@@ -149,21 +150,34 @@ pub fn fingerprint(config: &BTreeMap<String, String>) -> String {
     format!("{h:016x}")
 }
 
-fn checksum(tensors: &BTreeMap<String, Value>) -> String {
+/// One tensor of a checkpoint as it goes to disk: a view of the caller's buffers, no copy.
+struct Entry<'a> {
+    name: String,
+    dtype: &'static str,
+    shape: Vec<usize>,
+    bytes: &'a [u8],
+}
+
+/// CRC-32 over every tensor's name and bytes, in name order.
+fn checksum<'a>(entries: impl Iterator<Item = (&'a str, &'a [u8])>) -> String {
     let mut hasher = crc32fast::Hasher::new();
-    for (name, value) in tensors {
+    for (name, bytes) in entries {
         hasher.update(name.as_bytes());
-        match value {
-            Value::F32(t) => hasher.update(bytemuck::cast_slice(&t.data)),
-            Value::I64 { data, .. } => hasher.update(bytemuck::cast_slice(data)),
-            Value::U8 { data, .. } => hasher.update(data),
-        }
+        hasher.update(bytes);
     }
     format!("{:08x}", hasher.finalize())
 }
 
 /// Writes the checkpoint of `state` into `dir` (atomically) and returns its path.
+///
+/// The file is streamed from the caller's buffers (no copy of the model in memory): a
+/// safetensors header, then each tensor's bytes, into a temp file that is fsynced and renamed.
 pub fn save(dir: &Path, state: &CheckpointRef<'_>) -> Result<PathBuf> {
+    if cfg!(target_endian = "big") {
+        return Err(Error::Unsupported(
+            "checkpoints are written on little-endian machines only".into(),
+        ));
+    }
     let path = dir.join(file_name(state.position.step));
     let table = state.params;
     for (what, buf) in [
@@ -183,7 +197,8 @@ pub fn save(dir: &Path, state: &CheckpointRef<'_>) -> Result<PathBuf> {
             ));
         }
     }
-    let mut file = TensorFile::default();
+    let adam_step = (state.adam_step as i64).to_le_bytes();
+    let mut entries = Vec::with_capacity(4 * table.specs().len() + state.buffers.len() + 1);
     for spec in table.specs() {
         for (prefix, buf) in [
             (STUDENT, state.student),
@@ -191,36 +206,102 @@ pub fn save(dir: &Path, state: &CheckpointRef<'_>) -> Result<PathBuf> {
             (EXP_AVG, state.exp_avg),
             (EXP_AVG_SQ, state.exp_avg_sq),
         ] {
-            file.insert(
-                format!("{prefix}{}", spec.name),
-                Tensor {
-                    shape: spec.shape.clone(),
-                    data: buf[spec.at.range()].to_vec(),
-                },
-            );
+            entries.push(Entry {
+                name: format!("{prefix}{}", spec.name),
+                dtype: "F32",
+                shape: spec.shape.clone(),
+                bytes: bytemuck::cast_slice(&buf[spec.at.range()]),
+            });
         }
     }
     for (name, t) in state.buffers {
-        file.insert(format!("{BUFFER}{name}"), (*t).clone());
+        entries.push(Entry {
+            name: format!("{BUFFER}{name}"),
+            dtype: "F32",
+            shape: t.shape.clone(),
+            bytes: bytemuck::cast_slice(&t.data),
+        });
     }
-    file.tensors.insert(
-        ADAM_STEP.into(),
-        Value::I64 {
-            shape: vec![1],
-            data: vec![state.adam_step as i64],
-        },
+    entries.push(Entry {
+        name: ADAM_STEP.into(),
+        dtype: "I64",
+        shape: vec![1],
+        bytes: &adam_step,
+    });
+    entries.sort_by(|a, b| a.name.cmp(&b.name));
+    if let Some(w) = entries.windows(2).find(|w| w[0].name == w[1].name) {
+        return Err(Error::Config(format!(
+            "checkpoint: two tensors are named '{}'",
+            w[0].name
+        )));
+    }
+
+    let mut meta = serde_json::Map::new();
+    let mut put = |k: &str, v: String| meta.insert(k.into(), serde_json::Value::String(v));
+    put("format", FORMAT_TAG.into());
+    put("version", FORMAT_VERSION.to_string());
+    put("position", to_json(&state.position)?);
+    put("config", to_json(state.config)?);
+    put("config_fingerprint", fingerprint(state.config));
+    put("extra", to_json(state.extra)?);
+    put(
+        "crc32",
+        checksum(entries.iter().map(|e| (e.name.as_str(), e.bytes))),
     );
-    let meta = &mut file.metadata;
-    meta.insert("format".into(), FORMAT_TAG.into());
-    meta.insert("version".into(), FORMAT_VERSION.to_string());
-    meta.insert("position".into(), to_json(&state.position)?);
-    meta.insert("config".into(), to_json(state.config)?);
-    meta.insert("config_fingerprint".into(), fingerprint(state.config));
-    meta.insert("extra".into(), to_json(state.extra)?);
-    meta.insert("crc32".into(), checksum(&file.tensors));
+    let mut header = serde_json::Map::new();
+    header.insert("__metadata__".into(), serde_json::Value::Object(meta));
+    let mut offset = 0usize;
+    for e in &entries {
+        let end = offset + e.bytes.len();
+        header.insert(
+            e.name.clone(),
+            serde_json::json!({"dtype": e.dtype, "shape": e.shape, "data_offsets": [offset, end]}),
+        );
+        offset = end;
+    }
+    let mut header = to_json(&header)?.into_bytes();
+    // safetensors pads the header with spaces so the data starts 8-byte aligned.
+    header.resize(header.len().next_multiple_of(8), b' ');
+
     std::fs::create_dir_all(dir).map_err(|e| super::outdir::io_error(dir, e))?;
-    file.write(&path).map_err(super::outdir::disk_full)?;
+    write_streamed(&path, |w| {
+        w.write_all(&(header.len() as u64).to_le_bytes())?;
+        w.write_all(&header)?;
+        for e in &entries {
+            w.write_all(e.bytes)?;
+        }
+        Ok(())
+    })?;
     Ok(path)
+}
+
+/// Atomic write from a producer: temp file beside `path`, fsync, rename, fsync of the folder.
+fn write_streamed(
+    path: &Path,
+    produce: impl FnOnce(&mut std::io::BufWriter<std::fs::File>) -> std::io::Result<()>,
+) -> Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .map_or_else(|| "checkpoint".into(), |n| n.to_string_lossy().into_owned());
+    let tmp = dir.join(format!(".{name}.tmp.{}", std::process::id()));
+    let result = (|| {
+        let file = std::fs::File::create(&tmp)?;
+        let mut w = std::io::BufWriter::with_capacity(8 << 20, file);
+        produce(&mut w)?;
+        let file = w.into_inner().map_err(|e| e.into_error())?;
+        file.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        if let Ok(d) = std::fs::File::open(dir) {
+            // Best effort: not every filesystem can sync a directory.
+            let _ = d.sync_all();
+        }
+        Ok(())
+    })();
+    result.map_err(|e: std::io::Error| {
+        let _ = std::fs::remove_file(&tmp);
+        super::outdir::io_error(path, e)
+    })
 }
 
 /// Reads and checks a checkpoint against the model's parameter table and the current settings.
@@ -235,18 +316,25 @@ pub fn load(
         detail,
     };
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    let mut file = TensorFile::from_bytes(&bytes, path).map_err(|e| {
+    let torn = |e: safetensors::SafeTensorError| {
         refuse(format!(
             "torn or truncated file, or not a safetensors file ({e}); delete it to resume \
              from the previous checkpoint"
         ))
-    })?;
+    };
+    let st = SafeTensors::deserialize(&bytes).map_err(torn)?;
+    let (_, header) = SafeTensors::read_metadata(&bytes).map_err(torn)?;
+    let metadata: BTreeMap<String, String> = header
+        .metadata()
+        .as_ref()
+        .map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+        .unwrap_or_default();
     let meta = |key: &str| -> Result<&String> {
-        file.metadata
+        metadata
             .get(key)
             .ok_or_else(|| refuse(format!("metadata '{key}' is missing")))
     };
-    match file.metadata.get("format") {
+    match metadata.get("format") {
         Some(tag) if tag == FORMAT_TAG => {}
         Some(tag) => {
             return Err(refuse(format!(
@@ -267,7 +355,9 @@ pub fn load(
             "format version {version}; this dinotrain reads version {FORMAT_VERSION}"
         )));
     }
-    if &checksum(&file.tensors) != meta("crc32")? {
+    let mut views = st.tensors();
+    views.sort_by(|a, b| a.0.cmp(&b.0));
+    if &checksum(views.iter().map(|(n, v)| (n.as_str(), v.data()))) != meta("crc32")? {
         return Err(refuse(
             "checksum mismatch: the file is damaged; delete it to resume from the previous \
              checkpoint"
@@ -292,34 +382,43 @@ pub fn load(
         });
     }
 
-    let adam_step = match file.tensors.remove(ADAM_STEP) {
-        Some(Value::I64 { data, .. }) if data.len() == 1 && data[0] >= 0 => data[0] as u64,
+    let adam_step = match st.tensor(ADAM_STEP) {
+        Ok(v) if v.dtype() == Dtype::I64 && v.data().len() == 8 => {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(v.data());
+            u64::try_from(i64::from_le_bytes(b))
+                .map_err(|_| refuse(format!("'{ADAM_STEP}' is negative")))?
+        }
         _ => return Err(refuse(format!("'{ADAM_STEP}' is missing or malformed"))),
     };
-    let mut flat = |prefix: &str| -> Result<Vec<f32>> {
+    let flat = |prefix: &str| -> Result<Vec<f32>> {
         let mut out = vec![0f32; params.len()];
         for spec in params.specs() {
             let name = format!("{prefix}{}", spec.name);
-            match file.tensors.remove(&name) {
-                Some(Value::F32(t)) if t.shape == spec.shape => {
-                    out[spec.at.range()].copy_from_slice(&t.data)
-                }
-                Some(Value::F32(t)) => {
-                    return Err(refuse(format!(
-                        "'{name}' has shape {:?}, the model needs {:?}",
-                        t.shape, spec.shape
-                    )))
-                }
-                Some(v) => {
-                    return Err(refuse(format!(
-                        "'{name}' is {}, expected F32",
-                        v.dtype_name()
-                    )))
-                }
-                None => {
-                    return Err(refuse(format!(
-                        "'{name}' is missing: the checkpoint belongs to another model"
-                    )))
+            let view = st.tensor(&name).map_err(|_| {
+                refuse(format!(
+                    "'{name}' is missing: the checkpoint belongs to another model"
+                ))
+            })?;
+            if view.dtype() != Dtype::F32 {
+                return Err(refuse(format!(
+                    "'{name}' is {:?}, expected F32",
+                    view.dtype()
+                )));
+            }
+            if view.shape() != spec.shape.as_slice() {
+                return Err(refuse(format!(
+                    "'{name}' has shape {:?}, the model needs {:?}",
+                    view.shape(),
+                    spec.shape
+                )));
+            }
+            let dst: &mut [u8] = bytemuck::cast_slice_mut(&mut out[spec.at.range()]);
+            if cfg!(target_endian = "little") {
+                dst.copy_from_slice(view.data());
+            } else {
+                for (d, s) in dst.chunks_exact_mut(4).zip(view.data().chunks_exact(4)) {
+                    d.copy_from_slice(&f32::from_le_bytes([s[0], s[1], s[2], s[3]]).to_ne_bytes());
                 }
             }
         }
@@ -331,12 +430,30 @@ pub fn load(
     let exp_avg_sq = flat(EXP_AVG_SQ)?;
     let mut buffers = BTreeMap::new();
     let mut unknown = Vec::new();
-    for (name, value) in std::mem::take(&mut file.tensors) {
-        match (name.strip_prefix(BUFFER), value) {
-            (Some(b), Value::F32(t)) => {
-                buffers.insert(b.to_string(), t);
+    for (name, view) in &views {
+        let known_param = [STUDENT, TEACHER, EXP_AVG, EXP_AVG_SQ].iter().any(|p| {
+            name.strip_prefix(p)
+                .is_some_and(|k| params.get(k).is_some())
+        });
+        if known_param || name == ADAM_STEP {
+            continue;
+        }
+        match name.strip_prefix(BUFFER) {
+            Some(b) if view.dtype() == Dtype::F32 => {
+                let data = view
+                    .data()
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect();
+                buffers.insert(
+                    b.to_string(),
+                    Tensor {
+                        shape: view.shape().to_vec(),
+                        data,
+                    },
+                );
             }
-            _ => unknown.push(name),
+            _ => unknown.push(name.clone()),
         }
     }
     if !unknown.is_empty() {
