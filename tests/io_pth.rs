@@ -292,7 +292,23 @@ fn bad_files_are_refused_with_the_reason() {
         .to_string();
     assert!(msg.contains("not a PyTorch checkpoint"), "{msg}");
 
+    // The same refusals when reading from a path (streamed from the file).
+    let dir = tempfile::tempdir().unwrap();
+    let old = dir.path().join("old.pth");
+    std::fs::write(&old, [0x80, 2, 0x8a, 0x0a]).unwrap();
+    assert!(read_pth(&old).unwrap_err().to_string().contains("legacy"));
+    let empty = dir.path().join("empty.pth");
+    std::fs::write(&empty, []).unwrap();
+    assert!(read_pth(&empty).is_err());
+    assert!(read_pth(&dir.path().join("absent.pth"))
+        .unwrap_err()
+        .to_string()
+        .contains("absent.pth"));
+
     let real = std::fs::read("tests/golden/weights/vit_forward-reg0-s0.pth").unwrap();
+    let cut = dir.path().join("cut.pth");
+    std::fs::write(&cut, &real[..real.len() / 2]).unwrap();
+    assert!(read_pth(&cut).unwrap_err().to_string().contains("cut.pth"));
     for cut in [100, real.len() / 2, real.len() - 10] {
         let err = read_pth_bytes(&real[..cut], Path::new("cut.pth"))
             .unwrap_err()

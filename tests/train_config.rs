@@ -115,12 +115,22 @@ fn resolved_yaml_reads_back_to_the_same_plan() {
     b.file(&path).unwrap();
     let (config, warnings) = b.build().unwrap();
     let again = ResolvedConfig::resolve(config, warnings).unwrap();
+    // Only what the original run warned about (block_chunks, dataset_path), nothing new.
+    assert_eq!(again.warnings, r.warnings);
     assert_eq!(again.config, r.config);
     assert_eq!(again.schedules, r.schedules);
     assert_eq!(
         again.resume_identity().unwrap(),
         r.resume_identity().unwrap()
     );
+}
+
+#[test]
+fn a_given_lr_is_replaced_with_a_warning() {
+    let r = resolve("vitl16_short.yaml", &["optim.lr=0.5"]);
+    assert!((r.lr - 0.004 * (64f64 / 1024.0).sqrt()).abs() < 1e-15);
+    let w: Vec<String> = r.warnings.iter().map(|w| w.to_string()).collect();
+    assert!(w.iter().any(|w| w.contains("optim.lr")), "{w:?}");
 }
 
 #[test]

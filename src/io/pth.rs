@@ -14,7 +14,7 @@ use self::pickle::{PVal, TensorRef};
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
 use std::collections::BTreeMap;
-use std::io::Read;
+use std::io::{Read, Seek, SeekFrom};
 use std::path::Path;
 
 /// The tensors of a `.pth` file and what was left out.
@@ -31,10 +31,15 @@ pub fn read_pth(path: &Path) -> Result<BTreeMap<String, Tensor>> {
     Ok(read_pth_file(path)?.tensors)
 }
 
-/// Reads a `.pth` file.
+/// Reads a `.pth` file, one storage at a time (the file is not held in memory whole).
 pub fn read_pth_file(path: &Path) -> Result<PthFile> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    read_pth_bytes(&bytes, path)
+    let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut magic = [0u8; 2];
+    let n = file.read(&mut magic).map_err(|e| Error::io(path, e))?;
+    check_magic(&magic[..n], path)?;
+    file.seek(SeekFrom::Start(0))
+        .map_err(|e| Error::io(path, e))?;
+    read_archive(std::io::BufReader::new(file), path)
 }
 
 fn bad(path: &Path, what: &str, detail: impl Into<String>) -> Error {
@@ -47,6 +52,12 @@ fn bad(path: &Path, what: &str, detail: impl Into<String>) -> Error {
 
 /// Parses the bytes of a `.pth` file; `path` names it in errors.
 pub fn read_pth_bytes(bytes: &[u8], path: &Path) -> Result<PthFile> {
+    check_magic(bytes, path)?;
+    read_archive(std::io::Cursor::new(bytes), path)
+}
+
+/// A zip archive starts with `PK`; the legacy format is a bare pickle (`0x80`).
+fn check_magic(bytes: &[u8], path: &Path) -> Result<()> {
     if !bytes.starts_with(b"PK") {
         let detail = if bytes.first() == Some(&0x80) {
             "legacy PyTorch format (saved before PyTorch 1.6 or with \
@@ -56,7 +67,11 @@ pub fn read_pth_bytes(bytes: &[u8], path: &Path) -> Result<PthFile> {
         };
         return Err(bad(path, "(file)", detail));
     }
-    let mut zip = zip::ZipArchive::new(std::io::Cursor::new(bytes))
+    Ok(())
+}
+
+fn read_archive<R: Read + Seek>(reader: R, path: &Path) -> Result<PthFile> {
+    let mut zip = zip::ZipArchive::new(reader)
         .map_err(|e| bad(path, "(zip)", format!("unreadable zip archive: {e}")))?;
     // Entries live under one folder named after the archive: `<name>/data.pkl`.
     let pkl = zip
@@ -93,7 +108,8 @@ pub fn read_pth_bytes(bytes: &[u8], path: &Path) -> Result<PthFile> {
     let mut leaves = Vec::new();
     flatten(&root, String::new(), &mut leaves);
     let mut out = PthFile::default();
-    let mut storages: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+    // Group the tensors by storage, so each storage is read once and dropped after use.
+    let mut by_storage: BTreeMap<String, Vec<(String, TensorRef, StorageDtype)>> = BTreeMap::new();
     for (key, value) in leaves {
         let t = match value {
             PVal::Tensor(t) => t,
@@ -107,15 +123,20 @@ pub fn read_pth_bytes(bytes: &[u8], path: &Path) -> Result<PthFile> {
                 .push(format!("{key}: {} tensor", t.storage.class));
             continue;
         };
-        if !storages.contains_key(&t.storage.key) {
-            let raw = entry(&format!("{prefix}data/{}", t.storage.key))?;
+        by_storage
+            .entry(t.storage.key.clone())
+            .or_default()
+            .push((key, t, dtype));
+    }
+    for (storage_key, views) in by_storage {
+        let raw = entry(&format!("{prefix}data/{storage_key}"))?;
+        for (key, t, dtype) in views {
             if raw.len() != t.storage.numel * dtype.size() {
                 return Err(bad(
                     path,
                     &key,
                     format!(
-                        "storage data/{} has {} bytes, expected {} ({} x {})",
-                        t.storage.key,
+                        "storage data/{storage_key} has {} bytes, expected {} ({} x {})",
                         raw.len(),
                         t.storage.numel * dtype.size(),
                         t.storage.numel,
@@ -123,12 +144,10 @@ pub fn read_pth_bytes(bytes: &[u8], path: &Path) -> Result<PthFile> {
                     ),
                 ));
             }
-            storages.insert(t.storage.key.clone(), raw);
-        }
-        let raw = &storages[&t.storage.key];
-        let tensor = gather(&t, raw, dtype).map_err(|e| bad(path, &key, e))?;
-        if out.tensors.insert(key.clone(), tensor).is_some() {
-            return Err(bad(path, &key, "two entries flatten to the same key"));
+            let tensor = gather(&t, &raw, dtype).map_err(|e| bad(path, &key, e))?;
+            if out.tensors.insert(key.clone(), tensor).is_some() {
+                return Err(bad(path, &key, "two entries flatten to the same key"));
+            }
         }
     }
     Ok(out)

@@ -3,7 +3,7 @@
 //!
 //! Two stages (ripgrep's pattern): [`Config`] is the raw user input (defaults, then a YAML file
 //! merged over them like OmegaConf, then `--set key=value` overrides; no I/O besides reading
-//! the file), and [`ResolvedConfig`] (in [`resolve`]) is the validated plan with derived values
+//! the file), and [`ResolvedConfig`] is the validated plan with derived values
 //! (the scaled learning rate, iteration counts, the architecture).
 //!
 //! Key names are the official ones (`optim.base_lr`, `crops.local_crops_number`,

@@ -75,10 +75,6 @@ const IGNORED: &[(&str, &str)] = &[
         "evaluation.eval_period_iterations",
         "use dinotrain.knn_every (in steps)",
     ),
-    (
-        "optim.lr",
-        "it is derived from optim.base_lr by the scaling rule, as in the official code",
-    ),
 ];
 
 /// Command-line flags of `dinotrain train` and the configuration key each one sets.

@@ -151,7 +151,7 @@ const RESUME_VOLATILE: &[&str] = &[
 
 impl ResolvedConfig {
     /// Validates `config` and derives the plan.
-    pub fn resolve(mut config: Config, warnings: Vec<ConfigWarning>) -> Result<Self> {
+    pub fn resolve(mut config: Config, mut warnings: Vec<ConfigWarning>) -> Result<Self> {
         validate(&config)?;
         let device: Device = config.dinotrain.device.parse()?;
         let world_size = 1;
@@ -159,6 +159,16 @@ impl ResolvedConfig {
         let lr = match config.optim.scaling_rule {
             ScalingRule::SqrtWrt1024 => config.optim.base_lr * (total_batch as f64 / 1024.0).sqrt(),
         };
+        // A given lr is overwritten, as officially; a config.yaml written by dinotrain holds
+        // the scaled value already, which is not worth a warning.
+        let given = config.optim.lr;
+        if given != 0.0 && (given - lr).abs() > 1e-9 * lr.abs() {
+            warnings.push(ConfigWarning::IgnoredKey {
+                key: "optim.lr".into(),
+                why:
+                    "it is derived from optim.base_lr by the scaling rule, as in the official code",
+            });
+        }
         config.optim.lr = lr;
 
         let o = &config.optim;
@@ -236,7 +246,7 @@ impl ResolvedConfig {
             self.total_iters,
             self.to_yaml()?
         );
-        crate::io::write_atomic(&path, text.as_bytes())?;
+        crate::io::write_atomic(&path, text.as_bytes()).map_err(crate::train::outdir::disk_full)?;
         Ok(path)
     }
 
