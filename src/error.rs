@@ -46,6 +46,27 @@ pub enum Error {
     #[error("{op}: {detail}")]
     Numeric { op: &'static str, detail: String },
 
+    /// A checkpoint file is torn, truncated, foreign, or does not fit the model.
+    #[error("checkpoint {}: {detail}", file.display())]
+    Checkpoint { file: PathBuf, detail: String },
+
+    /// A checkpoint was written with a different configuration (each entry: `key: was -> now`).
+    #[error(
+        "checkpoint {} was written with a different configuration: {}; \
+         resume with the original settings, or allow the change explicitly",
+        file.display(),
+        diffs.join("; ")
+    )]
+    ConfigChanged { file: PathBuf, diffs: Vec<String> },
+
+    /// The disk is full (ENOSPC) while writing a file.
+    #[error(
+        "disk full while writing {}: free some space, then continue with --resume \
+         (the last complete checkpoint is kept)",
+        path.display()
+    )]
+    DiskFull { path: PathBuf },
+
     /// Training produced a non-finite value.
     #[error("non-finite {what} at step {step}")]
     NonFinite { what: String, step: u64 },

@@ -1,0 +1,456 @@
+//! Stage two: a validated [`ResolvedConfig`] with every derived value the loop needs (scaled
+//! learning rate, iteration counts, schedule parameters, the architecture, the starting point).
+
+use super::{Config, ConfigWarning, FfnLayer, Method, ScalingRule, StepsSchedule};
+use crate::backend::Device;
+use crate::error::{Error, Result};
+use crate::train::pretrained::WeightsSource;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// `CosineScheduler(base, final, total_iters, warmup_iters, start_warmup_value, freeze_iters)` of
+/// the official code (spec 9.4), plus the last-layer overwrite: entries `[0, zeroed_iters)` are
+/// set to 0 after construction.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ScheduleSpec {
+    pub base: f64,
+    pub final_value: f64,
+    pub total_iters: u64,
+    pub warmup_iters: u64,
+    pub start_warmup_value: f64,
+    pub freeze_iters: u64,
+    pub zeroed_iters: u64,
+}
+
+impl ScheduleSpec {
+    fn cosine(base: f64, final_value: f64, total_iters: u64) -> Self {
+        ScheduleSpec {
+            base,
+            final_value,
+            total_iters,
+            warmup_iters: 0,
+            start_warmup_value: 0.0,
+            freeze_iters: 0,
+            zeroed_iters: 0,
+        }
+    }
+
+    /// The value at iteration `it`: zeros for the freeze, a linear warm-up whose last entry is
+    /// `base` (numpy's linspace includes its endpoint), a half cosine that stops one step short
+    /// of `final`, and `final` from `total_iters` on.
+    pub fn value(&self, it: u64) -> f64 {
+        if it < self.zeroed_iters {
+            return 0.0;
+        }
+        if it >= self.total_iters {
+            return self.final_value;
+        }
+        if it < self.freeze_iters {
+            return 0.0;
+        }
+        let i = it - self.freeze_iters;
+        if i < self.warmup_iters {
+            if self.warmup_iters == 1 {
+                return self.start_warmup_value;
+            }
+            let t = i as f64 / (self.warmup_iters - 1) as f64;
+            return self.start_warmup_value + (self.base - self.start_warmup_value) * t;
+        }
+        let i = i - self.warmup_iters;
+        let n = self.total_iters - self.warmup_iters - self.freeze_iters;
+        let phase = std::f64::consts::PI * i as f64 / n as f64;
+        self.final_value + 0.5 * (self.base - self.final_value) * (1.0 + phase.cos())
+    }
+}
+
+/// Every scheduled scalar of one iteration (spec 9.4, 9.5).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Schedules {
+    pub lr: ScheduleSpec,
+    pub weight_decay: ScheduleSpec,
+    pub momentum: ScheduleSpec,
+    pub teacher_temp: ScheduleSpec,
+    pub last_layer_lr: ScheduleSpec,
+}
+
+/// The backbone to build (student and teacher share it; the teacher has no drop path).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Architecture {
+    pub embed_dim: usize,
+    pub depth: usize,
+    pub num_heads: usize,
+    pub patch_size: usize,
+    /// Construction size (sizes the position embedding): the global crop size, or 518 for a
+    /// released backbone.
+    pub img_size: usize,
+    pub ffn_layer: FfnLayer,
+    /// 4·D for the MLP; `(int(4·D·2/3) + 7) / 8 · 8` for SwiGLU (as `SwiGLUFFNFused`).
+    pub ffn_hidden_dim: usize,
+    pub num_register_tokens: usize,
+    pub layerscale: f64,
+    pub drop_path_rate: f64,
+    pub drop_path_uniform: bool,
+    pub qkv_bias: bool,
+    pub proj_bias: bool,
+    pub ffn_bias: bool,
+    pub interpolate_offset: f64,
+    pub interpolate_antialias: bool,
+}
+
+/// Where the backbone's weights come from; heads always start fresh (official behaviour).
+#[derive(Clone, Debug, PartialEq)]
+pub enum StartingPoint {
+    /// The official initialisation, drawn from the run seed.
+    Random,
+    Weights(WeightsSource),
+}
+
+/// The validated plan.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ResolvedConfig {
+    /// The configuration as given, with `optim.lr` set by the scaling rule.
+    pub config: Config,
+    pub warnings: Vec<ConfigWarning>,
+    pub method: Method,
+    pub device: Device,
+    /// Processes taking part (dinotrain runs one).
+    pub world_size: usize,
+    /// `batch_size_per_gpu · world_size`.
+    pub total_batch: usize,
+    /// The peak learning rate after the scaling rule.
+    pub lr: f64,
+    /// Iterations of the run.
+    pub total_iters: u64,
+    /// Iterations per "epoch" as the schedules see it (OFFICIAL_EPOCH_LENGTH, or steps / epochs
+    /// when `--steps` stretches the schedules).
+    pub epoch_length: f64,
+    pub schedules: Schedules,
+    pub arch: Architecture,
+    pub start: StartingPoint,
+    pub checkpoint_every: u64,
+    pub output_dir: PathBuf,
+}
+
+/// Keys that may change between a run and its resume without changing what is computed.
+const RESUME_VOLATILE: &[&str] = &[
+    "MODEL.",
+    "compute_precision.",
+    "evaluation.",
+    "train.output_dir",
+    "train.num_workers",
+    "train.saveckp_freq",
+    "train.cache_dataset",
+    "dinotrain.device",
+    "dinotrain.workers",
+    "dinotrain.log_every",
+    "dinotrain.plot_every",
+    "dinotrain.checkpoint_every",
+    "dinotrain.keep_checkpoints",
+    "dinotrain.knn_",
+];
+
+impl ResolvedConfig {
+    /// Validates `config` and derives the plan.
+    pub fn resolve(mut config: Config, mut warnings: Vec<ConfigWarning>) -> Result<Self> {
+        validate(&config)?;
+        let device: Device = config.dinotrain.device.parse()?;
+        let world_size = 1;
+        let total_batch = config.train.batch_size_per_gpu * world_size;
+        let lr = match config.optim.scaling_rule {
+            ScalingRule::SqrtWrt1024 => config.optim.base_lr * (total_batch as f64 / 1024.0).sqrt(),
+        };
+        // A given lr is overwritten, as officially; a config.yaml written by dinotrain holds
+        // the scaled value already, which is not worth a warning.
+        let given = config.optim.lr;
+        if given != 0.0 && (given - lr).abs() > 1e-9 * lr.abs() {
+            warnings.push(ConfigWarning::IgnoredKey {
+                key: "optim.lr".into(),
+                why:
+                    "it is derived from optim.base_lr by the scaling rule, as in the official code",
+            });
+        }
+        config.optim.lr = lr;
+
+        let o = &config.optim;
+        let official_total = (o.epochs * config.train.official_epoch_length as f64).round() as u64;
+        let (total_iters, epoch_length) =
+            match (config.dinotrain.steps, config.dinotrain.steps_schedule) {
+                (None, _) => (official_total, config.train.official_epoch_length as f64),
+                (Some(steps), StepsSchedule::Stretch) => (steps, steps as f64 / o.epochs),
+                (Some(steps), StepsSchedule::Truncate) => {
+                    (steps, config.train.official_epoch_length as f64)
+                }
+            };
+        let iters = |epochs: f64| (epochs * epoch_length).round() as u64;
+        let schedule_total = iters(o.epochs);
+        let mut lr_spec = ScheduleSpec::cosine(lr, o.min_lr, schedule_total);
+        lr_spec.warmup_iters = iters(o.warmup_epochs).min(schedule_total);
+        let t = &config.teacher;
+        let temp_iters = iters(t.warmup_teacher_temp_epochs);
+        let schedules = Schedules {
+            lr: lr_spec,
+            weight_decay: ScheduleSpec::cosine(o.weight_decay, o.weight_decay_end, schedule_total),
+            momentum: ScheduleSpec::cosine(
+                t.momentum_teacher,
+                t.final_momentum_teacher,
+                schedule_total,
+            ),
+            teacher_temp: ScheduleSpec {
+                warmup_iters: temp_iters,
+                start_warmup_value: t.warmup_teacher_temp,
+                ..ScheduleSpec::cosine(t.teacher_temp, t.teacher_temp, temp_iters)
+            },
+            last_layer_lr: ScheduleSpec {
+                zeroed_iters: iters(o.freeze_last_layer_epochs),
+                ..lr_spec
+            },
+        };
+
+        let (arch, start) = architecture(&config)?;
+        let checkpoint_every = config
+            .dinotrain
+            .checkpoint_every
+            .unwrap_or(epoch_length.round().max(1.0) as u64)
+            .max(1);
+        Ok(ResolvedConfig {
+            method: config.dinotrain.method,
+            output_dir: config.train.output_dir.clone(),
+            config,
+            warnings,
+            device,
+            world_size,
+            total_batch,
+            lr,
+            total_iters,
+            epoch_length,
+            schedules,
+            arch,
+            start,
+            checkpoint_every,
+        })
+    }
+
+    /// The configuration as YAML: readable back with `--config`.
+    pub fn to_yaml(&self) -> Result<String> {
+        self.config.to_yaml()
+    }
+
+    /// Writes `config.yaml` into `dir` atomically and returns its path.
+    pub fn write_yaml(&self, dir: &Path) -> Result<PathBuf> {
+        let path = dir.join("config.yaml");
+        let text = format!(
+            "# dinotrain resolved configuration (optim.lr = base_lr * sqrt({} / 1024) = {:.6e}; \
+             {} iterations).\n# Pass it back with --config to repeat the run.\n{}",
+            self.total_batch,
+            self.lr,
+            self.total_iters,
+            self.to_yaml()?
+        );
+        crate::io::write_atomic(&path, text.as_bytes()).map_err(crate::train::outdir::disk_full)?;
+        Ok(path)
+    }
+
+    /// The keys that decide what a run computes (`key → value`): a resumed run must match them.
+    pub fn resume_identity(&self) -> Result<BTreeMap<String, String>> {
+        let mut flat = self.config.flatten()?;
+        flat.retain(|key, _| {
+            !RESUME_VOLATILE.iter().any(|pattern| {
+                key == pattern
+                    || (pattern.ends_with('.') || pattern.ends_with('_'))
+                        && key.starts_with(pattern)
+            })
+        });
+        Ok(flat)
+    }
+}
+
+fn architecture(config: &Config) -> Result<(Architecture, StartingPoint)> {
+    let s = &config.student;
+    let d = &config.dinotrain;
+    let weights = match (&d.model, s.pretrained_weights.as_str()) {
+        (Some(m), _) => Some(WeightsSource::parse(m)?),
+        (None, "") => None,
+        (None, path) => Some(WeightsSource::parse(path)?),
+    };
+    let released = match &weights {
+        Some(WeightsSource::Pretrained(m)) => Some(m.architecture()),
+        _ => None,
+    };
+    let (mut embed_dim, mut depth, mut num_heads) = s.arch.dims();
+    let mut arch = Architecture {
+        embed_dim,
+        depth,
+        num_heads,
+        patch_size: s.patch_size,
+        img_size: config.crops.global_crops_size,
+        ffn_layer: s.ffn_layer,
+        ffn_hidden_dim: 0,
+        num_register_tokens: s.num_register_tokens,
+        layerscale: s.layerscale,
+        drop_path_rate: s.drop_path_rate,
+        drop_path_uniform: s.drop_path_uniform,
+        qkv_bias: s.qkv_bias,
+        proj_bias: s.proj_bias,
+        ffn_bias: s.ffn_bias,
+        interpolate_offset: s.interpolate_offset,
+        interpolate_antialias: s.interpolate_antialias,
+    };
+    if let Some(r) = released {
+        (embed_dim, depth, num_heads) = (r.embed_dim, r.depth, r.num_heads);
+        arch.patch_size = r.patch_size;
+        arch.img_size = r.img_size;
+        arch.ffn_layer = r.ffn_layer;
+        arch.num_register_tokens = r.num_register_tokens;
+        arch.interpolate_offset = r.interpolate_offset;
+        arch.interpolate_antialias = r.interpolate_antialias;
+    } else {
+        embed_dim = d.embed_dim.unwrap_or(embed_dim);
+        depth = d.depth.unwrap_or(depth);
+        num_heads = d.num_heads.unwrap_or(num_heads);
+    }
+    if embed_dim == 0 || depth == 0 || num_heads == 0 || embed_dim % num_heads != 0 {
+        return Err(Error::Config(format!(
+            "embed dim {embed_dim} must be a positive multiple of the head count {num_heads}, \
+             with depth {depth} > 0"
+        )));
+    }
+    for (what, size) in [
+        ("crops.global_crops_size", config.crops.global_crops_size),
+        ("crops.local_crops_size", config.crops.local_crops_size),
+    ] {
+        if size == 0 || size % arch.patch_size != 0 {
+            return Err(Error::Config(format!(
+                "{what} = {size} must be a positive multiple of the patch size {}",
+                arch.patch_size
+            )));
+        }
+    }
+    arch.embed_dim = embed_dim;
+    arch.depth = depth;
+    arch.num_heads = num_heads;
+    arch.ffn_hidden_dim = match arch.ffn_layer {
+        FfnLayer::Mlp => 4 * embed_dim,
+        FfnLayer::Swiglu | FfnLayer::SwigluFused => (4 * embed_dim * 2 / 3).div_ceil(8) * 8,
+        FfnLayer::Identity => 0,
+    };
+    let start = weights.map_or(StartingPoint::Random, StartingPoint::Weights);
+    Ok((arch, start))
+}
+
+fn validate(c: &Config) -> Result<()> {
+    let mut problems = Vec::new();
+    let mut need = |ok: bool, what: String| {
+        if !ok {
+            problems.push(what);
+        }
+    };
+    need(
+        c.train.batch_size_per_gpu > 0,
+        "train.batch_size_per_gpu must be > 0".into(),
+    );
+    need(
+        c.train.official_epoch_length > 0,
+        "train.OFFICIAL_EPOCH_LENGTH must be > 0".into(),
+    );
+    need(c.optim.epochs > 0.0, "optim.epochs must be > 0".into());
+    need(
+        c.dinotrain.steps != Some(0),
+        "dinotrain.steps must be > 0".into(),
+    );
+    for (key, v) in [
+        ("optim.warmup_epochs", c.optim.warmup_epochs),
+        (
+            "optim.freeze_last_layer_epochs",
+            c.optim.freeze_last_layer_epochs,
+        ),
+        (
+            "teacher.warmup_teacher_temp_epochs",
+            c.teacher.warmup_teacher_temp_epochs,
+        ),
+        ("optim.base_lr", c.optim.base_lr),
+        ("optim.min_lr", c.optim.min_lr),
+        ("optim.clip_grad", c.optim.clip_grad),
+        ("optim.weight_decay", c.optim.weight_decay),
+        ("optim.weight_decay_end", c.optim.weight_decay_end),
+    ] {
+        need(
+            v >= 0.0 && v.is_finite(),
+            format!("{key} = {v} must be >= 0"),
+        );
+    }
+    need(
+        c.optim.warmup_epochs <= c.optim.epochs,
+        format!(
+            "optim.warmup_epochs = {} exceeds optim.epochs = {}",
+            c.optim.warmup_epochs, c.optim.epochs
+        ),
+    );
+    for (key, v) in [
+        ("teacher.momentum_teacher", c.teacher.momentum_teacher),
+        (
+            "teacher.final_momentum_teacher",
+            c.teacher.final_momentum_teacher,
+        ),
+        ("optim.adamw_beta1", c.optim.adamw_beta1),
+        ("optim.adamw_beta2", c.optim.adamw_beta2),
+        (
+            "ibot.mask_sample_probability",
+            c.ibot.mask_sample_probability,
+        ),
+        ("optim.layerwise_decay", c.optim.layerwise_decay),
+    ] {
+        need(
+            (0.0..=1.0).contains(&v),
+            format!("{key} = {v} must be in [0, 1]"),
+        );
+    }
+    need(
+        (0.0..1.0).contains(&c.student.drop_path_rate),
+        format!(
+            "student.drop_path_rate = {} must be in [0, 1)",
+            c.student.drop_path_rate
+        ),
+    );
+    for (key, t) in [
+        ("teacher.teacher_temp", c.teacher.teacher_temp),
+        ("teacher.warmup_teacher_temp", c.teacher.warmup_teacher_temp),
+    ] {
+        need(t > 0.0, format!("{key} = {t} must be > 0"));
+    }
+    for (key, [lo, hi]) in [
+        ("ibot.mask_ratio_min_max", c.ibot.mask_ratio_min_max),
+        ("crops.global_crops_scale", c.crops.global_crops_scale),
+        ("crops.local_crops_scale", c.crops.local_crops_scale),
+    ] {
+        need(
+            0.0 <= lo && lo <= hi && hi <= 1.0,
+            format!("{key} = [{lo}, {hi}] must satisfy 0 <= min <= max <= 1"),
+        );
+    }
+    for (key, n) in [
+        ("dino.head_n_prototypes", c.dino.head_n_prototypes),
+        ("dino.head_bottleneck_dim", c.dino.head_bottleneck_dim),
+        ("dino.head_hidden_dim", c.dino.head_hidden_dim),
+        ("dino.head_nlayers", c.dino.head_nlayers),
+        ("ibot.head_n_prototypes", c.ibot.head_n_prototypes),
+        ("ibot.head_bottleneck_dim", c.ibot.head_bottleneck_dim),
+        ("ibot.head_hidden_dim", c.ibot.head_hidden_dim),
+        ("ibot.head_nlayers", c.ibot.head_nlayers),
+        ("student.patch_size", c.student.patch_size),
+        ("dinotrain.keep_checkpoints", c.dinotrain.keep_checkpoints),
+        ("dinotrain.log_every", c.dinotrain.log_every as usize),
+        ("dinotrain.plot_every", c.dinotrain.plot_every as usize),
+        ("dinotrain.knn_k", c.dinotrain.knn_k),
+    ] {
+        need(n > 0, format!("{key} must be > 0"));
+    }
+    need(
+        c.dinotrain.knn_temperature > 0.0,
+        "dinotrain.knn_temperature must be > 0".into(),
+    );
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::Config(problems.join("; ")))
+    }
+}

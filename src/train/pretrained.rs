@@ -1,0 +1,337 @@
+//! Official pretrained backbones: names (`dinov2/vits14`, `dinov2/vitl14_reg4`, ...) to file
+//! name, official URL, architecture, and where the file is looked for.
+//!
+//! dinotrain never downloads at run time: a missing file is an error that names the file, the
+//! folder to put it in and the URL it is published at. A path to a `.pth` or `.safetensors`
+//! file works too ([`WeightsSource::parse`]).
+
+use super::config::{Arch, FfnLayer};
+use crate::error::{Error, Result};
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+/// Where the official checkpoints are published (spec section 10.1).
+pub const OFFICIAL_BASE_URL: &str = "https://dl.fbaipublicfiles.com/dinov2";
+
+/// Environment variable naming dinotrain's cache folder.
+pub const HOME_ENV: &str = "DINOTRAIN_HOME";
+
+/// One released backbone.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PretrainedModel {
+    pub arch: Arch,
+    /// With 4 register tokens (the `_reg4` releases).
+    pub registers: Registers,
+}
+
+/// Whether a release has register tokens.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Registers {
+    None,
+    Four,
+}
+
+/// The architecture of a released backbone, as the hub builds it (`hub/backbones.py`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct PretrainedArch {
+    pub arch: Arch,
+    pub embed_dim: usize,
+    pub depth: usize,
+    pub num_heads: usize,
+    pub patch_size: usize,
+    /// Construction size: sizes the position embedding (518 / 14 = 37, so 37·37 + 1 positions).
+    pub img_size: usize,
+    pub ffn_layer: FfnLayer,
+    pub num_register_tokens: usize,
+    pub interpolate_offset: f64,
+    pub interpolate_antialias: bool,
+    /// LayerScale init (the hub passes 1.0; the trained gammas are loaded anyway).
+    pub layerscale: f64,
+}
+
+impl PretrainedModel {
+    /// Every released name.
+    pub const NAMES: [&'static str; 8] = [
+        "dinov2/vits14",
+        "dinov2/vitb14",
+        "dinov2/vitl14",
+        "dinov2/vitg14",
+        "dinov2/vits14_reg4",
+        "dinov2/vitb14_reg4",
+        "dinov2/vitl14_reg4",
+        "dinov2/vitg14_reg4",
+    ];
+
+    /// Parses `dinov2/vit{s,b,l,g}14[_reg4]` (the `dinov2/` prefix is optional).
+    pub fn from_name(name: &str) -> Option<Self> {
+        let bare = name.strip_prefix("dinov2/").unwrap_or(name);
+        let bare = bare.strip_prefix("dinov2_").unwrap_or(bare);
+        let (size, registers) = match bare.strip_suffix("_reg4") {
+            Some(s) => (s, Registers::Four),
+            None => (bare, Registers::None),
+        };
+        let arch = match size {
+            "vits14" => Arch::VitSmall,
+            "vitb14" => Arch::VitBase,
+            "vitl14" => Arch::VitLarge,
+            "vitg14" => Arch::VitGiant2,
+            _ => return None,
+        };
+        Some(PretrainedModel { arch, registers })
+    }
+
+    fn size_letter(self) -> &'static str {
+        match self.arch {
+            Arch::VitSmall => "s",
+            Arch::VitBase => "b",
+            Arch::VitLarge => "l",
+            // vit_tiny has no release; from_name never builds it.
+            Arch::VitGiant2 | Arch::VitTiny => "g",
+        }
+    }
+
+    /// `dinov2/vits14_reg4`.
+    pub fn name(self) -> String {
+        format!("dinov2/{}", self.stem())
+    }
+
+    fn stem(self) -> String {
+        let reg = match self.registers {
+            Registers::None => "",
+            Registers::Four => "_reg4",
+        };
+        format!("vit{}14{reg}", self.size_letter())
+    }
+
+    /// `dinov2_vits14_reg4_pretrain.pth`.
+    pub fn file_name(self) -> String {
+        format!("dinov2_{}_pretrain.pth", self.stem())
+    }
+
+    /// The official download URL.
+    pub fn url(self) -> String {
+        format!(
+            "{OFFICIAL_BASE_URL}/dinov2_vit{}14/{}",
+            self.size_letter(),
+            self.file_name()
+        )
+    }
+
+    /// The architecture the weights belong to.
+    pub fn architecture(self) -> PretrainedArch {
+        let (embed_dim, depth, num_heads) = self.arch.dims();
+        let (num_register_tokens, interpolate_offset, interpolate_antialias) = match self.registers
+        {
+            Registers::None => (0, 0.1, false),
+            Registers::Four => (4, 0.0, true),
+        };
+        PretrainedArch {
+            arch: self.arch,
+            embed_dim,
+            depth,
+            num_heads,
+            patch_size: 14,
+            img_size: 518,
+            ffn_layer: if self.arch == Arch::VitGiant2 {
+                FfnLayer::SwigluFused
+            } else {
+                FfnLayer::Mlp
+            },
+            num_register_tokens,
+            interpolate_offset,
+            interpolate_antialias,
+            layerscale: 1.0,
+        }
+    }
+
+    /// The file in the cache folder, which must exist.
+    pub fn locate(self) -> Result<PathBuf> {
+        self.locate_in(&cache_dir()?)
+    }
+
+    /// The file in `dir`, which must exist.
+    pub fn locate_in(self, dir: &Path) -> Result<PathBuf> {
+        let path = dir.join(self.file_name());
+        if path.is_file() {
+            return Ok(path);
+        }
+        Err(Error::Config(format!(
+            "pretrained model {} needs the file {} in {} (set {HOME_ENV} to use another folder); \
+             it is published at {} (dinotrain does not download: fetch it once, e.g. with curl -LO)",
+            self.name(),
+            self.file_name(),
+            dir.display(),
+            self.url()
+        )))
+    }
+}
+
+impl fmt::Display for PretrainedModel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.name())
+    }
+}
+
+/// dinotrain's cache folder: `$DINOTRAIN_HOME`, else `$HOME/.cache/dinotrain`.
+pub fn cache_dir() -> Result<PathBuf> {
+    cache_dir_from(
+        std::env::var_os(HOME_ENV).map(PathBuf::from),
+        std::env::var_os("HOME").map(PathBuf::from),
+    )
+}
+
+fn cache_dir_from(dinotrain_home: Option<PathBuf>, home: Option<PathBuf>) -> Result<PathBuf> {
+    match (dinotrain_home, home) {
+        (Some(d), _) if !d.as_os_str().is_empty() => Ok(d),
+        (_, Some(h)) if !h.as_os_str().is_empty() => Ok(h.join(".cache").join("dinotrain")),
+        _ => Err(Error::Config(format!(
+            "no cache folder: set {HOME_ENV} (or HOME) to a folder for pretrained weights"
+        ))),
+    }
+}
+
+/// The file format of a weights file, by extension.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WeightsFormat {
+    /// PyTorch zip checkpoint (`.pth`, `.pt`): official releases and teacher checkpoints.
+    Pth,
+    /// safetensors: dinotrain exports (official keys) or Hugging Face `Dinov2Model`.
+    Safetensors,
+}
+
+/// Where starting weights come from (`--model NAME|PATH`).
+#[derive(Clone, Debug, PartialEq)]
+pub enum WeightsSource {
+    Pretrained(PretrainedModel),
+    File {
+        path: PathBuf,
+        format: WeightsFormat,
+    },
+}
+
+impl WeightsSource {
+    /// A released name, or a path ending in `.pth`, `.pt` or `.safetensors`.
+    pub fn parse(spec: &str) -> Result<Self> {
+        if let Some(m) = PretrainedModel::from_name(spec) {
+            return Ok(WeightsSource::Pretrained(m));
+        }
+        let path = Path::new(spec);
+        let ext = path
+            .extension()
+            .map(|e| e.to_string_lossy().to_ascii_lowercase());
+        let format = match ext.as_deref() {
+            Some("pth" | "pt") => WeightsFormat::Pth,
+            Some("safetensors") => WeightsFormat::Safetensors,
+            _ => {
+                return Err(Error::Config(format!(
+                    "model '{spec}' is neither a released name ({}) nor a .pth/.safetensors file",
+                    PretrainedModel::NAMES.join(", ")
+                )))
+            }
+        };
+        Ok(WeightsSource::File {
+            path: path.to_path_buf(),
+            format,
+        })
+    }
+
+    /// The file to read: the cache file for a name (must exist), the path itself otherwise
+    /// (must exist).
+    pub fn locate(&self) -> Result<(PathBuf, WeightsFormat)> {
+        match self {
+            WeightsSource::Pretrained(m) => Ok((m.locate()?, WeightsFormat::Pth)),
+            WeightsSource::File { path, format } => {
+                if path.is_file() {
+                    Ok((path.clone(), *format))
+                } else {
+                    Err(Error::Config(format!(
+                        "weights file {} does not exist",
+                        path.display()
+                    )))
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_map_to_official_files_urls_and_architectures() {
+        let s = PretrainedModel::from_name("dinov2/vits14").unwrap();
+        assert_eq!(s.file_name(), "dinov2_vits14_pretrain.pth");
+        assert_eq!(
+            s.url(),
+            "https://dl.fbaipublicfiles.com/dinov2/dinov2_vits14/dinov2_vits14_pretrain.pth"
+        );
+        let a = s.architecture();
+        assert_eq!((a.embed_dim, a.depth, a.num_heads), (384, 12, 6));
+        assert_eq!(
+            (a.patch_size, a.img_size, a.num_register_tokens),
+            (14, 518, 0)
+        );
+        assert_eq!(
+            (a.interpolate_offset, a.interpolate_antialias),
+            (0.1, false)
+        );
+
+        let g = PretrainedModel::from_name("dinov2/vitg14_reg4").unwrap();
+        assert_eq!(
+            g.url(),
+            "https://dl.fbaipublicfiles.com/dinov2/dinov2_vitg14/dinov2_vitg14_reg4_pretrain.pth"
+        );
+        let a = g.architecture();
+        assert_eq!(
+            (a.embed_dim, a.depth, a.ffn_layer),
+            (1536, 40, FfnLayer::SwigluFused)
+        );
+        assert_eq!((a.num_register_tokens, a.interpolate_offset), (4, 0.0));
+        assert!(a.interpolate_antialias);
+
+        for name in PretrainedModel::NAMES {
+            assert_eq!(PretrainedModel::from_name(name).unwrap().name(), name);
+        }
+        assert!(PretrainedModel::from_name("dinov2/vitt14").is_none());
+    }
+
+    #[test]
+    fn cache_dir_prefers_dinotrain_home() {
+        let d = cache_dir_from(Some("/x".into()), Some("/home/u".into())).unwrap();
+        assert_eq!(d, PathBuf::from("/x"));
+        let d = cache_dir_from(None, Some("/home/u".into())).unwrap();
+        assert_eq!(d, PathBuf::from("/home/u/.cache/dinotrain"));
+        assert!(cache_dir_from(None, None).is_err());
+    }
+
+    #[test]
+    fn sources_parse_names_and_paths_and_missing_files_say_where() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(matches!(
+            WeightsSource::parse("dinov2/vitb14_reg4").unwrap(),
+            WeightsSource::Pretrained(_)
+        ));
+        let p = dir.path().join("w.safetensors");
+        let src = WeightsSource::parse(p.to_str().unwrap()).unwrap();
+        let err = src.locate().unwrap_err().to_string();
+        assert!(err.contains("w.safetensors"), "{err}");
+        std::fs::write(&p, b"x").unwrap();
+        assert_eq!(src.locate().unwrap().1, WeightsFormat::Safetensors);
+        assert!(WeightsSource::parse("model.bin").is_err());
+
+        // The message names the file, the folder and the URL.
+        let m = PretrainedModel::from_name("vitl14").unwrap();
+        let err = m.locate_in(dir.path()).unwrap_err().to_string();
+        for needle in [
+            "dinov2_vitl14_pretrain.pth",
+            dir.path().to_str().unwrap(),
+            "https://dl.fbaipublicfiles.com/dinov2/dinov2_vitl14/dinov2_vitl14_pretrain.pth",
+            "DINOTRAIN_HOME",
+        ] {
+            assert!(err.contains(needle), "{needle}: {err}");
+        }
+        std::fs::write(dir.path().join(m.file_name()), b"x").unwrap();
+        assert!(m.locate_in(dir.path()).is_ok());
+    }
+}
