@@ -7,7 +7,7 @@
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use dinotrain::backend::cpu::optimizer::AdamHyper;
 use dinotrain::nn::Preset;
-use dinotrain::optim::{LayerDecay, ScheduleConfig};
+use dinotrain::optim::{LayerDecay, ScheduleConfig, Schedules};
 use dinotrain::rng::{keyed, stream};
 use dinotrain::ssl::step::{HeadConfig, LossConfig};
 use dinotrain::ssl::Method;
@@ -45,10 +45,11 @@ fn plan(
         mask_probability: 0.5,
         mask_ratio_min_max: (0.1, 0.5),
         drop_path_rate: 0.1,
-        schedules: ScheduleConfig {
+        schedules: Schedules::new(&ScheduleConfig {
             batch_size_per_gpu: batch as u64,
             ..ScheduleConfig::default()
-        },
+        })
+        .unwrap(),
         adam: AdamHyper::default(),
         clip_grad: 3.0,
         seed: 0,
@@ -59,8 +60,12 @@ fn bench_step(c: &mut Criterion, name: &str, plan: TrainPlan) {
     let batch = plan.batch_size;
     let mut t = Trainer::new(plan).unwrap();
     let mut rng = keyed(1, &[stream::TEST]);
-    let g: Vec<f32> = (0..t.global_len()).map(|_| rng.random_range(-2.0..2.0)).collect();
-    let l: Vec<f32> = (0..t.local_len()).map(|_| rng.random_range(-2.0..2.0)).collect();
+    let g: Vec<f32> = (0..t.global_len())
+        .map(|_| rng.random_range(-2.0..2.0))
+        .collect();
+    let l: Vec<f32> = (0..t.local_len())
+        .map(|_| rng.random_range(-2.0..2.0))
+        .collect();
     let mut group = c.benchmark_group("train_step");
     group.sample_size(10);
     group.throughput(Throughput::Elements(batch as u64));
@@ -73,10 +78,18 @@ fn bench_step(c: &mut Criterion, name: &str, plan: TrainPlan) {
 fn train_step(c: &mut Criterion) {
     // D 192, depth 6, 3 heads, patch 4, 32 px global, 8 × 16 px local, batch 64, K 4096,
     // head hidden 512, bottleneck 128.
-    bench_step(c, "demo_d192_b64", plan(Preset::Tiny, 4, 32, 16, 64, 4096, 512, 128));
+    bench_step(
+        c,
+        "demo_d192_b64",
+        plan(Preset::Tiny, 4, 32, 16, 64, 4096, 512, 128),
+    );
     if std::env::var_os("DINOTRAIN_BENCH_VITS").is_some() {
         // ViT-S/14 at 224/98 px, batch 8, K 65536 (official head 2048/256).
-        bench_step(c, "vits14_b8", plan(Preset::Small, 14, 224, 98, 8, 65536, 2048, 256));
+        bench_step(
+            c,
+            "vits14_b8",
+            plan(Preset::Small, 14, 224, 98, 8, 65536, 2048, 256),
+        );
     }
 }
 

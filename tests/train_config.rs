@@ -49,7 +49,7 @@ fn vitl16_short_resolves_to_the_official_recipe() {
     assert_eq!(r.config.train.centering, Centering::Softmax);
     assert_eq!(r.schedules.lr.warmup_iters, 12_500);
     assert_eq!(r.schedules.teacher_temp.total_iters, 37_500);
-    assert_eq!(r.schedules.last_layer_lr.zeroed_iters, 1_250);
+    assert_eq!(r.schedules.freeze_last_layer_iters, 1_250);
     assert_eq!(r.start, StartingPoint::Random);
     // block_chunks only changes FSDP wrapping: accepted with a warning that says so.
     let w: Vec<String> = r.warnings.iter().map(|w| w.to_string()).collect();
@@ -64,7 +64,7 @@ fn vitl14_resolves_to_the_official_recipe() {
     assert!(close(r.lr, 3.464e-4, 1e-3), "{}", r.lr);
     assert_eq!(r.total_iters, 500 * 1250);
     assert_eq!(r.schedules.lr.warmup_iters, 80 * 1250);
-    assert_eq!(r.schedules.weight_decay.final_value, 0.2);
+    assert_eq!(r.schedules.wd.final_value, 0.2);
     assert_eq!(r.schedules.momentum.base, 0.994);
     assert_eq!(r.config.train.centering, Centering::SinkhornKnopp);
     assert_eq!(r.arch.patch_size, 14);
@@ -96,7 +96,7 @@ fn steps_stretch_or_truncate_the_schedules() {
     assert_eq!(r.schedules.lr.total_iters, 1000);
     assert_eq!(r.schedules.lr.warmup_iters, 100);
     assert_eq!(r.schedules.teacher_temp.total_iters, 300);
-    assert_eq!(r.schedules.last_layer_lr.zeroed_iters, 10);
+    assert_eq!(r.schedules.freeze_last_layer_iters, 10);
     let r = resolve(
         "vitl16_short.yaml",
         &["dinotrain.steps=1000", "dinotrain.steps_schedule=truncate"],
@@ -240,16 +240,17 @@ fn schedules_match_the_golden_fixture() {
     let n_out = p["n_out"].as_u64().unwrap();
     let peak = fx.f32("out.lr_peak").unwrap().data[0] as f64;
     assert!(close(r.lr, peak, 1e-6), "{} vs {peak}", r.lr);
-    let s = &r.schedules;
-    for (name, spec) in [
-        ("lr", s.lr),
-        ("wd", s.weight_decay),
-        ("momentum", s.momentum),
-        ("teacher_temp", s.teacher_temp),
-        ("last_layer_lr", s.last_layer_lr),
-    ] {
+    let values: Vec<_> = (0..n_out).map(|it| r.schedules.at(it)).collect();
+    let pick: [(&str, fn(&dinotrain::optim::ScheduledValues) -> f64); 5] = [
+        ("lr", |v| v.lr),
+        ("wd", |v| v.wd),
+        ("momentum", |v| v.momentum),
+        ("teacher_temp", |v| v.teacher_temp),
+        ("last_layer_lr", |v| v.last_layer_lr),
+    ];
+    for (name, field) in pick {
         let want = fx.f32(&format!("out.{name}")).unwrap();
-        let got: Vec<f64> = (0..n_out).map(|it| spec.value(it)).collect();
+        let got: Vec<f64> = values.iter().map(field).collect();
         let (mut num, mut den) = (0f64, 0f64);
         for (g, w) in got.iter().zip(&want.data) {
             num += (g - *w as f64).powi(2);

@@ -3,7 +3,7 @@
 
 use dinotrain::backend::cpu::optimizer::AdamHyper;
 use dinotrain::nn::Preset;
-use dinotrain::optim::{LayerDecay, ScheduleConfig};
+use dinotrain::optim::{LayerDecay, ScheduleConfig, Schedules};
 use dinotrain::rng::{keyed, stream};
 use dinotrain::ssl::step::{HeadConfig, LossConfig};
 use dinotrain::ssl::Method;
@@ -30,7 +30,7 @@ fn micro_plan(method: Method) -> TrainPlan {
         mask_probability: 0.5,
         mask_ratio_min_max: (0.1, 0.5),
         drop_path_rate: 0.1,
-        schedules: ScheduleConfig {
+        schedules: Schedules::new(&ScheduleConfig {
             epochs: 2,
             epoch_length: 3,
             warmup_epochs: 1,
@@ -38,7 +38,8 @@ fn micro_plan(method: Method) -> TrainPlan {
             warmup_teacher_temp_epochs: 1,
             batch_size_per_gpu: 4,
             ..ScheduleConfig::default()
-        },
+        })
+        .unwrap(),
         adam: AdamHyper::default(),
         clip_grad: 3.0,
         seed: 7,

@@ -27,7 +27,7 @@ mod overrides;
 mod resolve;
 
 pub use overrides::{ConfigBuilder, ConfigWarning, FLAG_KEYS};
-pub use resolve::{Architecture, ResolvedConfig, ScheduleSpec, Schedules, StartingPoint};
+pub use resolve::{Architecture, ResolvedConfig, StartingPoint};
 
 use crate::error::{Error, Result};
 use serde::{Deserialize, Serialize};

@@ -16,7 +16,7 @@
 //! let mut metrics = MetricsWriter::open(&run.metrics_path(), resume_step)?;
 //! let mut progress = Progress::new(ProgressMode::auto(log_every), first_step, plan.total_iters);
 //! for step in first_step..plan.total_iters {
-//!     let lr = plan.schedules.lr.value(step); ...              // every scheduled scalar
+//!     let values = plan.schedules.at(step);                 // every scheduled scalar
 //!     ... one training step ...
 //!     metrics.write(&record)?;  if let Some((term, v)) = record.non_finite_loss() { stop }
 //!     progress.step(&report);

@@ -9,8 +9,8 @@ use crate::backend::cpu::optimizer::AdamHyper;
 use crate::error::{Error, Result};
 use crate::nn::VitConfig;
 use crate::optim::{
-    clip_grad_norms, ema_update, AdamW, LayerDecay, ParamGroups, ScheduleConfig, ScheduledValues,
-    Schedules, SubmoduleSpan,
+    clip_grad_norms, ema_update, AdamW, LayerDecay, ParamGroups, ScheduledValues, Schedules,
+    SubmoduleSpan,
 };
 use crate::rng::{keyed, stream};
 use crate::ssl::step::{
@@ -45,7 +45,8 @@ pub struct TrainPlan {
     pub mask_ratio_min_max: (f32, f32),
     /// Student stochastic depth (uniform over blocks); the teacher never drops.
     pub drop_path_rate: f32,
-    pub schedules: ScheduleConfig,
+    /// lr, weight decay, teacher momentum and temperature, last-layer freeze, per iteration.
+    pub schedules: Schedules,
     pub layer_decay: LayerDecay,
     pub adam: AdamHyper,
     pub clip_grad: f32,
@@ -77,7 +78,6 @@ pub struct Trainer {
     grads: Vec<f32>,
     pub optimizer: AdamW,
     pub targets: TeacherTargets,
-    pub schedules: Schedules,
     spans: Vec<SubmoduleSpan>,
     masking: MaskingGenerator,
     /// The next iteration to run.
@@ -113,7 +113,6 @@ impl Trainer {
         }
         let groups = ParamGroups::from_table(&model.table, &plan.layer_decay)?;
         let optimizer = AdamW::new(&model.table, &groups, plan.adam)?;
-        let schedules = Schedules::new(&plan.schedules)?;
         let spans = SubmoduleSpan::from_table(&model.table);
         let masking = MaskingGenerator::official(plan.global_crop_size, plan.vit.patch_size)?;
         let centering = |k: usize| match plan.centering {
@@ -134,7 +133,6 @@ impl Trainer {
             grads,
             optimizer,
             targets,
-            schedules,
             spans,
             masking,
             model,
@@ -171,7 +169,7 @@ impl Trainer {
                 ),
             ));
         }
-        let scheduled = self.schedules.at(step);
+        let scheduled = plan.schedules.at(step);
         let masks = if plan.losses.method.uses_ibot() {
             Some(collate_masks(
                 &mut keyed(plan.seed, &[stream::MASKS, step]),

@@ -4,74 +4,10 @@
 use super::{Config, ConfigWarning, FfnLayer, Method, ScalingRule, StepsSchedule};
 use crate::backend::Device;
 use crate::error::{Error, Result};
+use crate::optim::{CosineScheduler, Schedules};
 use crate::train::pretrained::WeightsSource;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-
-/// `CosineScheduler(base, final, total_iters, warmup_iters, start_warmup_value, freeze_iters)` of
-/// the official code (spec 9.4), plus the last-layer overwrite: entries `[0, zeroed_iters)` are
-/// set to 0 after construction.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct ScheduleSpec {
-    pub base: f64,
-    pub final_value: f64,
-    pub total_iters: u64,
-    pub warmup_iters: u64,
-    pub start_warmup_value: f64,
-    pub freeze_iters: u64,
-    pub zeroed_iters: u64,
-}
-
-impl ScheduleSpec {
-    fn cosine(base: f64, final_value: f64, total_iters: u64) -> Self {
-        ScheduleSpec {
-            base,
-            final_value,
-            total_iters,
-            warmup_iters: 0,
-            start_warmup_value: 0.0,
-            freeze_iters: 0,
-            zeroed_iters: 0,
-        }
-    }
-
-    /// The value at iteration `it`: zeros for the freeze, a linear warm-up whose last entry is
-    /// `base` (numpy's linspace includes its endpoint), a half cosine that stops one step short
-    /// of `final`, and `final` from `total_iters` on.
-    pub fn value(&self, it: u64) -> f64 {
-        if it < self.zeroed_iters {
-            return 0.0;
-        }
-        if it >= self.total_iters {
-            return self.final_value;
-        }
-        if it < self.freeze_iters {
-            return 0.0;
-        }
-        let i = it - self.freeze_iters;
-        if i < self.warmup_iters {
-            if self.warmup_iters == 1 {
-                return self.start_warmup_value;
-            }
-            let t = i as f64 / (self.warmup_iters - 1) as f64;
-            return self.start_warmup_value + (self.base - self.start_warmup_value) * t;
-        }
-        let i = i - self.warmup_iters;
-        let n = self.total_iters - self.warmup_iters - self.freeze_iters;
-        let phase = std::f64::consts::PI * i as f64 / n as f64;
-        self.final_value + 0.5 * (self.base - self.final_value) * (1.0 + phase.cos())
-    }
-}
-
-/// Every scheduled scalar of one iteration (spec 9.4, 9.5).
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct Schedules {
-    pub lr: ScheduleSpec,
-    pub weight_decay: ScheduleSpec,
-    pub momentum: ScheduleSpec,
-    pub teacher_temp: ScheduleSpec,
-    pub last_layer_lr: ScheduleSpec,
-}
 
 /// The backbone to build (student and teacher share it; the teacher has no drop path).
 #[derive(Clone, Debug, PartialEq)]
@@ -183,27 +119,37 @@ impl ResolvedConfig {
             };
         let iters = |epochs: f64| (epochs * epoch_length).round() as u64;
         let schedule_total = iters(o.epochs);
-        let mut lr_spec = ScheduleSpec::cosine(lr, o.min_lr, schedule_total);
-        lr_spec.warmup_iters = iters(o.warmup_epochs).min(schedule_total);
+        let lr_warmup = iters(o.warmup_epochs).min(schedule_total);
         let t = &config.teacher;
         let temp_iters = iters(t.warmup_teacher_temp_epochs);
         let schedules = Schedules {
-            lr: lr_spec,
-            weight_decay: ScheduleSpec::cosine(o.weight_decay, o.weight_decay_end, schedule_total),
-            momentum: ScheduleSpec::cosine(
+            lr: CosineScheduler::new(lr, o.min_lr, schedule_total, lr_warmup, 0.0, 0)?,
+            wd: CosineScheduler::new(
+                o.weight_decay,
+                o.weight_decay_end,
+                schedule_total,
+                0,
+                0.0,
+                0,
+            )?,
+            momentum: CosineScheduler::new(
                 t.momentum_teacher,
                 t.final_momentum_teacher,
                 schedule_total,
-            ),
-            teacher_temp: ScheduleSpec {
-                warmup_iters: temp_iters,
-                start_warmup_value: t.warmup_teacher_temp,
-                ..ScheduleSpec::cosine(t.teacher_temp, t.teacher_temp, temp_iters)
-            },
-            last_layer_lr: ScheduleSpec {
-                zeroed_iters: iters(o.freeze_last_layer_epochs),
-                ..lr_spec
-            },
+                0,
+                0.0,
+                0,
+            )?,
+            teacher_temp: CosineScheduler::new(
+                t.teacher_temp,
+                t.teacher_temp,
+                temp_iters,
+                temp_iters,
+                t.warmup_teacher_temp,
+                0,
+            )?,
+            freeze_last_layer_iters: iters(o.freeze_last_layer_epochs),
+            lr_peak: lr,
         };
 
         let (arch, start) = architecture(&config)?;
