@@ -134,5 +134,19 @@ fn vit_tiny(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, gemm, vit_small, vit_tiny);
+/// `DINOTRAIN_BENCH_PLAIN_MALLOC=1` measures without [`tune_allocator`] (for comparison).
+fn setup() {
+    if std::env::var_os("DINOTRAIN_BENCH_PLAIN_MALLOC").is_none() {
+        dinotrain::backend::cpu::tune_allocator();
+    }
+}
+
+fn all(c: &mut Criterion) {
+    setup();
+    gemm(c);
+    vit_small(c);
+    vit_tiny(c);
+}
+
+criterion_group!(benches, all);
 criterion_main!(benches);

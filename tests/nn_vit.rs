@@ -392,6 +392,12 @@ fn inference_forward_equals_training_forward_and_backward_accumulates() {
     let img = uniform(&mut keyed(10, &[stream::TEST]), b * 3 * h * w, 1.0);
     let (train, cache) = vit.forward(&params, &img, b, h, w, None, None).unwrap();
     let infer = vit.forward_inference(&params, &img, b, h, w, None).unwrap();
+    // Per block at least: two stream copies, two LN outputs, qkv (3d), attention output, two
+    // branch outputs and the MLP's two hidden buffers (2 · 4d) per token.
+    let tokens = b * vit.tokens(h, w);
+    let per_block = tokens * (2 + 2 + 3 + 1 + 2 + 8) * cfg.embed_dim * 4;
+    assert!(cache.activation_bytes() >= cfg.depth * per_block);
+    assert!(cache.activation_bytes() < 2 * cfg.depth * per_block + (1 << 20));
     assert_eq!(
         (train.cls, train.reg, train.patch),
         (infer.cls.clone(), infer.reg.clone(), infer.patch.clone())

@@ -61,6 +61,29 @@ pub struct BlockCache {
     pub ffn: BranchCache<FfnCache>,
 }
 
+impl BlockCache {
+    /// f32 values held (for memory planning).
+    pub fn floats(&self) -> usize {
+        let branch = |stats: &LnStats, ln: &[f32], pre: &[f32]| {
+            stats.mean.len() + stats.rstd.len() + ln.len() + pre.len()
+        };
+        let a = &self.attn;
+        let f = &self.ffn;
+        let ffn_inner = match &f.inner {
+            FfnCache::Mlp(m) => m.pre.len() + m.act.len(),
+            FfnCache::SwiGlu(s) => s.x12.len() + s.gated.len(),
+        };
+        self.x_in.len()
+            + self.x_mid.len()
+            + branch(&a.stats, &a.ln_out, &a.pre_ls)
+            + a.inner.qkv.len()
+            + a.inner.lse.len()
+            + a.inner.att.len()
+            + branch(&f.stats, &f.ln_out, &f.pre_ls)
+            + ffn_inner
+    }
+}
+
 impl Block {
     /// Registers `<name>norm1.*`, `attn.*`, `ls1.gamma`, `norm2.*`, `mlp.*`, `ls2.gamma`.
     pub fn new(table: &mut ParamTable, name: &str, cfg: &BlockConfig) -> Self {

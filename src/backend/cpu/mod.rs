@@ -2,11 +2,13 @@
 //! products. It runs everything everywhere and is the reference the CUDA kernels are checked
 //! against.
 
+pub mod alloc;
 pub mod attention;
 pub mod elementwise;
 pub mod gemm;
 pub mod layernorm;
 
+pub use alloc::tune_allocator;
 pub use attention::{attention_backward, attention_forward};
 pub use gemm::{matmul, Accumulate, Transpose};
 pub use layernorm::{layernorm_backward, layernorm_forward};
