@@ -1,6 +1,9 @@
 //! Elementwise ops: exact-erf GELU, SwiGLU's SiLU gate, LayerScale, residual add.
 //!
 //! Activation gradients are written (`=`), parameter gradients (`dgamma`) accumulate (`+=`).
+//!
+//! Kernels panic if a slice is shorter than its declared shape: a programming error inside the
+//! engine, never user input (the layers above validate sizes).
 
 use rayon::prelude::*;
 
