@@ -84,5 +84,69 @@ fn vit_small(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, gemm, vit_small);
+/// The CPU demo model (D 192, depth 6, 3 heads, patch 4) on one training step's crops for 64
+/// images: 2 global crops of 32 px and 8 local crops of 16 px, forward + backward.
+fn vit_tiny(c: &mut Criterion) {
+    let n_img = 64;
+    let cfg = Preset::Tiny.config(32, 4, 0);
+    let mut table = ParamTable::new();
+    let vit = Vit::new(&cfg, &mut table, "backbone.");
+    let params = table.init(&mut keyed(0, &[stream::INIT]));
+    let d = cfg.embed_dim;
+    let crops = [(2 * n_img, 32usize), (8 * n_img, 16usize)];
+    let inputs: Vec<_> = crops
+        .iter()
+        .enumerate()
+        .map(|(i, &(b, s))| {
+            let n = (s / 4) * (s / 4);
+            (
+                b,
+                s,
+                random(b * 3 * s * s, 10 + i as u64),
+                random(b * d, 20 + i as u64),
+                random(b * n * d, 30 + i as u64),
+            )
+        })
+        .collect();
+    let flops: f64 = crops
+        .iter()
+        .map(|&(b, s)| 3.0 * b as f64 * vit.forward_flops(s, s))
+        .sum();
+    eprintln!(
+        "tiny demo step: {:.1} GFLOP (student forward + backward, all crops)",
+        flops / 1e9
+    );
+    let mut grads = vec![0f32; table.len()];
+    let mut group = c.benchmark_group("vit_tiny_demo_64img");
+    group.sample_size(10);
+    group.throughput(Throughput::Elements(n_img as u64)); // images
+    group.bench_function("student_forward_backward", |bch| {
+        bch.iter(|| {
+            for (b, s, images, d_cls, d_patch) in &inputs {
+                let (_, cache) = vit
+                    .forward(&params, images, *b, *s, *s, None, None)
+                    .unwrap();
+                vit.backward(&params, &mut grads, &cache, d_cls, d_patch, None)
+                    .unwrap();
+            }
+        })
+    });
+    group.finish();
+}
+
+/// `DINOTRAIN_BENCH_PLAIN_MALLOC=1` measures without [`tune_allocator`] (for comparison).
+fn setup() {
+    if std::env::var_os("DINOTRAIN_BENCH_PLAIN_MALLOC").is_none() {
+        dinotrain::backend::cpu::tune_allocator();
+    }
+}
+
+fn all(c: &mut Criterion) {
+    setup();
+    gemm(c);
+    vit_small(c);
+    vit_tiny(c);
+}
+
+criterion_group!(benches, all);
 criterion_main!(benches);

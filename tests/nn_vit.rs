@@ -392,6 +392,12 @@ fn inference_forward_equals_training_forward_and_backward_accumulates() {
     let img = uniform(&mut keyed(10, &[stream::TEST]), b * 3 * h * w, 1.0);
     let (train, cache) = vit.forward(&params, &img, b, h, w, None, None).unwrap();
     let infer = vit.forward_inference(&params, &img, b, h, w, None).unwrap();
+    // Per block at least: two stream copies, two LN outputs, qkv (3d), attention output, two
+    // branch outputs and the MLP's two hidden buffers (2 · 4d) per token.
+    let tokens = b * vit.tokens(h, w);
+    let per_block = tokens * (2 + 2 + 3 + 1 + 2 + 8) * cfg.embed_dim * 4;
+    assert!(cache.activation_bytes() >= cfg.depth * per_block);
+    assert!(cache.activation_bytes() < 2 * cfg.depth * per_block + (1 << 20));
     assert_eq!(
         (train.cls, train.reg, train.patch),
         (infer.cls.clone(), infer.reg.clone(), infer.patch.clone())
@@ -410,4 +416,34 @@ fn inference_forward_equals_training_forward_and_backward_accumulates() {
     for (a, b2) in g1.iter().zip(&g2) {
         assert!((2.0 * a - b2).abs() <= 1e-5 * (1.0 + a.abs()));
     }
+}
+
+/// Drop path through the whole backbone: deterministic per seed, different across seeds, and
+/// rate 0 gives exactly the plain forward.
+#[test]
+fn vit_drop_path_is_seeded_and_rate_zero_is_plain() {
+    let cfg = Preset::Micro.config(16, 4, 0);
+    let (vit, _, params) = model(&cfg, 12);
+    let (b, h, w) = (6, 16, 16);
+    let img = uniform(&mut keyed(13, &[stream::TEST]), b * 3 * h * w, 1.0);
+    let run = |seed: u64, rate: f32| {
+        let mut rng = keyed(seed, &[stream::DROP_PATH]);
+        let dp = DropPath {
+            rate,
+            rng: &mut rng,
+        };
+        vit.forward(&params, &img, b, h, w, None, Some(dp))
+            .unwrap()
+            .0
+            .cls
+    };
+    let plain = vit
+        .forward(&params, &img, b, h, w, None, None)
+        .unwrap()
+        .0
+        .cls;
+    assert_eq!(run(1, 0.0), plain);
+    assert_eq!(run(1, 0.5), run(1, 0.5));
+    assert_ne!(run(1, 0.5), run(2, 0.5));
+    assert_ne!(run(1, 0.5), plain);
 }

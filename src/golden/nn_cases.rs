@@ -139,9 +139,10 @@ fn block(fx: &Fixture) -> Result<Outputs> {
         },
         layerscale: fx.param_bool("layerscale")?.then_some(1.0),
         eps: fx.param_f64("ln_eps")? as f32,
-        qkv_bias: true,
-        proj_bias: true,
-        ffn_bias: true,
+        // The case lists no bias flags: a bias exists exactly when the fixture has it.
+        qkv_bias: fx.has("in.param.attn.qkv.bias"),
+        proj_bias: fx.has("in.param.attn.proj.bias"),
+        ffn_bias: fx.has("in.param.mlp.fc1.bias"),
     };
     let mut table = ParamTable::new();
     let blk = Block::new(&mut table, "", &cfg);

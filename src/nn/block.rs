@@ -10,7 +10,8 @@ use super::ffn::{Ffn, FfnCache, FfnLayer};
 use super::layernorm::{LayerNorm, LnStats};
 use super::linear::Bias;
 use super::params::{Init, ParamRef, ParamTable};
-use crate::backend::cpu::elementwise::{layerscale_backward, layerscale_forward};
+use crate::backend::cpu::elementwise::layerscale_backward;
+use rayon::prelude::*;
 use std::borrow::Cow;
 
 /// Block hyper-parameters.
@@ -58,6 +59,29 @@ pub struct BlockCache {
     pub attn: BranchCache<AttnCache>,
     pub x_mid: Vec<f32>, // [b, t, d] after the attention residual
     pub ffn: BranchCache<FfnCache>,
+}
+
+impl BlockCache {
+    /// f32 values held (for memory planning).
+    pub fn floats(&self) -> usize {
+        let branch = |stats: &LnStats, ln: &[f32], pre: &[f32]| {
+            stats.mean.len() + stats.rstd.len() + ln.len() + pre.len()
+        };
+        let a = &self.attn;
+        let f = &self.ffn;
+        let ffn_inner = match &f.inner {
+            FfnCache::Mlp(m) => m.pre.len() + m.act.len(),
+            FfnCache::SwiGlu(s) => s.x12.len() + s.gated.len(),
+        };
+        self.x_in.len()
+            + self.x_mid.len()
+            + branch(&a.stats, &a.ln_out, &a.pre_ls)
+            + a.inner.qkv.len()
+            + a.inner.lse.len()
+            + a.inner.att.len()
+            + branch(&f.stats, &f.ln_out, &f.pre_ls)
+            + ffn_inner
+    }
 }
 
 impl Block {
@@ -208,19 +232,11 @@ fn branch_forward<C>(
     drop(xs);
     let mut pre_ls = vec![0f32; rows * d]; // [b', t, d]
     let inner = f(&mut pre_ls, &ln_out, bs);
-    let scaled: Cow<[f32]> = match ls {
-        Some(g) => {
-            let mut y = vec![0f32; rows * d];
-            layerscale_forward(&mut y, &pre_ls, &params[g.range()], rows, d);
-            Cow::Owned(y)
-        }
-        None => Cow::Borrowed(&pre_ls),
-    };
+    let gamma = ls.map(|g| &params[g.range()]);
     match &subset {
-        Some(s) => scatter_add_samples(x, &scaled, &s.kept, sample, s.scale),
-        None => crate::backend::cpu::elementwise::residual_add(&mut x[..b * sample], &scaled, 1.0),
+        Some(s) => add_branch(x, &pre_ls, gamma, Some(&s.kept), b, sample, d, s.scale),
+        None => add_branch(x, &pre_ls, gamma, None, b, sample, d, 1.0),
     }
-    drop(scaled);
     BranchCache {
         subset,
         stats,
@@ -228,6 +244,44 @@ fn branch_forward<C>(
         inner,
         pre_ls,
     }
+}
+
+/// The residual add fused with LayerScale: `x[kept[j]] += alpha · gamma ∘ y[j]` (all samples
+/// in order when `kept` is `None`; `gamma` `None` = no LayerScale).
+#[allow(clippy::too_many_arguments)]
+fn add_branch(
+    x: &mut [f32], // [b, t, d]
+    y: &[f32],     // [b', t, d]
+    gamma: Option<&[f32]>,
+    kept: Option<&[usize]>,
+    b: usize,
+    sample: usize,
+    d: usize,
+    alpha: f32,
+) {
+    // Where each sample's branch output lives in `y` (None = dropped).
+    let mut src: Vec<Option<usize>> = vec![None; b];
+    match kept {
+        Some(kept) => kept.iter().enumerate().for_each(|(j, &i)| src[i] = Some(j)),
+        None => src.iter_mut().enumerate().for_each(|(i, s)| *s = Some(i)),
+    }
+    x[..b * sample]
+        .par_chunks_mut(sample)
+        .zip(src.par_iter())
+        .for_each(|(xs, j)| {
+            let Some(j) = *j else { return };
+            let ys = &y[j * sample..(j + 1) * sample];
+            match gamma {
+                Some(g) => {
+                    for (xr, yr) in xs.chunks_mut(d).zip(ys.chunks(d)) {
+                        for c in 0..d {
+                            xr[c] += alpha * g[c] * yr[c];
+                        }
+                    }
+                }
+                None => xs.iter_mut().zip(ys).for_each(|(a, v)| *a += alpha * v),
+            }
+        });
 }
 
 /// Backward of [`branch_forward`]: `dx[kept] += LN'ᵀ f'ᵀ LS'ᵀ (scale · dx[kept])`.

@@ -101,6 +101,8 @@ impl DinoHead {
     }
 
     /// Logits `[n, k]` for `x [n, in_dim]`. Drop the cache for a forward-only (teacher) pass.
+    ///
+    /// Panics if `x` is not `[n, in_dim]` (a caller bug: sizes come from the model).
     pub fn forward(&self, params: &[f32], x: &[f32], n: usize) -> (Vec<f32>, HeadCache) {
         let (hidden, bn, k) = (self.mlp0.out_dim, self.bottleneck, self.out_dim);
         assert_eq!(
@@ -160,6 +162,8 @@ impl DinoHead {
     }
 
     /// Backward from `d_out [n, k]`: parameter gradients accumulate; returns `d x [n, in_dim]`.
+    ///
+    /// Panics if `d_out` is not `[n, k]` for the cache's `n`.
     pub fn backward(
         &self,
         params: &[f32],

@@ -2,6 +2,10 @@
 
 use super::params::{Init, ParamRef, ParamTable};
 use crate::backend::cpu::{matmul, Accumulate, Transpose};
+use rayon::prelude::*;
+
+/// Rows per rayon task in the bias loops.
+const ROWS_PER_TASK: usize = 256;
 
 /// Whether a linear layer has a bias.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -83,9 +87,13 @@ impl Linear {
         );
         if let Some(b) = self.bias {
             let b = &params[b.range()];
-            for row in out[..rows * n].chunks_mut(n) {
-                row.iter_mut().zip(b).for_each(|(o, b)| *o += b);
-            }
+            out[..rows * n]
+                .par_chunks_mut(ROWS_PER_TASK * n)
+                .for_each(|chunk| {
+                    for row in chunk.chunks_mut(n) {
+                        row.iter_mut().zip(b).for_each(|(o, b)| *o += b);
+                    }
+                });
         }
     }
 
@@ -128,9 +136,21 @@ impl Linear {
             Accumulate::Add,
         );
         if let Some(b) = self.bias {
+            // Partial column sums per fixed row chunk, added in order: the result does not
+            // depend on the thread count.
+            let partials: Vec<Vec<f32>> = dout[..rows * n]
+                .par_chunks(ROWS_PER_TASK * n)
+                .map(|chunk| {
+                    let mut acc = vec![0f32; n];
+                    for row in chunk.chunks(n) {
+                        acc.iter_mut().zip(row).for_each(|(a, g)| *a += g);
+                    }
+                    acc
+                })
+                .collect();
             let db = &mut grads[b.range()];
-            for row in dout[..rows * n].chunks(n) {
-                db.iter_mut().zip(row).for_each(|(d, g)| *d += g);
+            for p in &partials {
+                db.iter_mut().zip(p).for_each(|(d, g)| *d += g);
             }
         }
     }

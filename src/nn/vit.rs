@@ -117,6 +117,18 @@ enum Keep {
     Nothing,
 }
 
+impl VitCache {
+    /// Bytes held for backward (activations and saved statistics), for memory planning.
+    pub fn activation_bytes(&self) -> usize {
+        let blocks: usize = self.blocks.iter().map(BlockCache::floats).sum();
+        let floats = self.cols.len()
+            + self.x_final.len()
+            + self.norm_stats.mean.len()
+            + self.norm_stats.rstd.len();
+        4 * (blocks + floats) + self.masks.as_ref().map_or(0, Vec::len)
+    }
+}
+
 impl Vit {
     /// Declares every parameter in `table` under `prefix` (`"backbone."` or `""`), in the
     /// official registration order, with the official initialisation.

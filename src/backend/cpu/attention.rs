@@ -8,6 +8,9 @@
 //! only the log-sum-exp of every score row (`[b, h, t]`), and backward recomputes the
 //! probabilities from it (flash-attention style), so memory is O(b·h·t) beyond the tiles.
 //! Images run in parallel; a tile is at most t² floats (7.8 MB at t = 1400).
+//!
+//! Kernels panic if a slice is shorter than its declared shape: a programming error inside the
+//! engine, never user input (the layers above validate sizes).
 
 use super::gemm::{matmul, Accumulate, Transpose};
 use rayon::prelude::*;

@@ -1,6 +1,9 @@
 //! Elementwise ops: exact-erf GELU, SwiGLU's SiLU gate, LayerScale, residual add.
 //!
 //! Activation gradients are written (`=`), parameter gradients (`dgamma`) accumulate (`+=`).
+//!
+//! Kernels panic if a slice is shorter than its declared shape: a programming error inside the
+//! engine, never user input (the layers above validate sizes).
 
 use rayon::prelude::*;
 
@@ -127,16 +130,25 @@ pub fn layerscale_backward(
 ) {
     assert!(dinp.len() >= rows * dim && dout.len() >= rows * dim && inp.len() >= rows * dim);
     assert!(dgamma.len() == dim && gamma.len() == dim);
-    for r in 0..rows {
-        let (di, dy, x) = (
-            &mut dinp[r * dim..(r + 1) * dim],
-            &dout[r * dim..(r + 1) * dim],
-            &inp[r * dim..(r + 1) * dim],
-        );
-        for i in 0..dim {
-            di[i] = dy[i] * gamma[i];
-            dgamma[i] += dy[i] * x[i];
-        }
+    const ROWS_PER_TASK: usize = 256;
+    // Partial dgamma per fixed row chunk, summed in order (independent of the thread count).
+    let partials: Vec<Vec<f32>> = dinp[..rows * dim]
+        .par_chunks_mut(ROWS_PER_TASK * dim)
+        .zip(dout[..rows * dim].par_chunks(ROWS_PER_TASK * dim))
+        .zip(inp[..rows * dim].par_chunks(ROWS_PER_TASK * dim))
+        .map(|((di, dy), x)| {
+            let mut acc = vec![0f32; dim];
+            for ((di, dy), x) in di.chunks_mut(dim).zip(dy.chunks(dim)).zip(x.chunks(dim)) {
+                for i in 0..dim {
+                    di[i] = dy[i] * gamma[i];
+                    acc[i] += dy[i] * x[i];
+                }
+            }
+            acc
+        })
+        .collect();
+    for p in &partials {
+        dgamma.iter_mut().zip(p).for_each(|(g, v)| *g += v);
     }
 }
 

@@ -1,6 +1,9 @@
 //! LayerNorm over the last dimension (f32 statistics, biased variance).
 //!
 //! Dimensions: `rows` independent rows (B·T), `dim` channels (C).
+//!
+//! Kernels panic if a slice is shorter than its declared shape: a programming error inside the
+//! engine, never user input (the layers above validate sizes).
 
 use rayon::prelude::*;
 

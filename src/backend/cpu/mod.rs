@@ -2,6 +2,7 @@
 //! products. It runs everything everywhere and is the reference the CUDA kernels are checked
 //! against.
 
+pub mod alloc;
 pub mod attention;
 pub mod elementwise;
 pub mod gemm;
@@ -11,6 +12,7 @@ pub mod loss;
 pub mod optimizer;
 pub mod sinkhorn;
 
+pub use alloc::tune_allocator;
 pub use attention::{attention_backward, attention_forward};
 pub use gemm::{matmul, Accumulate, Transpose};
 pub use layernorm::{layernorm_backward, layernorm_forward};
