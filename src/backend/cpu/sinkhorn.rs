@@ -18,7 +18,7 @@
 //! factors while summing the row, then scale the row, which is still in cache) and one
 //! column-block-parallel pass for the next prototype sums.
 
-use super::loss::{check_len, check_temp, exp_f32, sum_f64};
+use super::loss::{check_len, check_temp, exp_f32, has_avx2, sum_f64};
 use crate::error::{Error, Result};
 use rayon::prelude::*;
 
@@ -60,13 +60,19 @@ pub fn sinkhorn_knopp(
     let shift: Vec<f32> = col_max.iter().map(|&m| m * inv_t).collect();
 
     // Q = exp(x − shift), then its prototype sums.
+    let simd = has_avx2();
     out_probs
         .par_chunks_mut(k)
         .zip(logits.par_chunks(k))
         .for_each(|(q, t)| {
-            for ((qv, &tv), &sv) in q.iter_mut().zip(t).zip(&shift) {
-                *qv = exp_f32(tv * inv_t - sv);
+            #[cfg(not(target_arch = "x86_64"))]
+            let _ = simd;
+            #[cfg(target_arch = "x86_64")]
+            if simd {
+                // SAFETY: `simd` is true only when the CPU has AVX2 (checked at run time).
+                return unsafe { exp_row_avx2(q, t, &shift, inv_t) };
             }
+            exp_row(q, t, &shift, inv_t)
         });
     let mut col_sum = column_sums(out_probs, rows, k);
 
@@ -115,6 +121,21 @@ pub fn sinkhorn_knopp(
         }
     }
     Ok(())
+}
+
+/// `q = exp(t · inv_t − shift)` over one row.
+#[inline(always)]
+fn exp_row(q: &mut [f32], t: &[f32], shift: &[f32], inv_t: f32) {
+    for ((qv, &tv), &sv) in q.iter_mut().zip(t).zip(shift) {
+        *qv = exp_f32(tv * inv_t - sv);
+    }
+}
+
+/// [`exp_row`] built for AVX2 (bit-identical results, see `loss::has_avx2`).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn exp_row_avx2(q: &mut [f32], t: &[f32], shift: &[f32], inv_t: f32) {
+    exp_row(q, t, shift, inv_t)
 }
 
 /// Columns per parallel task of the column reductions (a 16 KiB f64 accumulator stays in L1).
