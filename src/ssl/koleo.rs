@@ -86,4 +86,24 @@ mod tests {
             koleo_loss_forward_backward(&mut dx[..d], &x[..d], 1, d, 1.0, Accumulate::Add).is_err()
         );
     }
+
+    #[test]
+    fn zero_rows_and_exact_duplicates_stay_finite() {
+        let (b, d) = (4, 3);
+        let x = [
+            0.0f32, 0.0, 0.0, 1.0, 2.0, 3.0, 1.0, 2.0, 3.0, -1.0, 0.5, 0.0,
+        ];
+        let mut dx = vec![0f32; b * d];
+        let loss =
+            koleo_loss_forward_backward(&mut dx, &x, b, d, 1.0, Accumulate::Overwrite).unwrap();
+        assert!(loss.is_finite());
+        assert!(dx.iter().all(|v| v.is_finite()));
+        // The duplicates sit at distance ‖eps·1‖ from each other: a large loss term.
+        assert!(loss > 4.0);
+        let mut bad = x;
+        bad[4] = f32::NAN;
+        assert!(
+            koleo_loss_forward_backward(&mut dx, &bad, b, d, 1.0, Accumulate::Overwrite).is_err()
+        );
+    }
 }

@@ -222,6 +222,17 @@ pub fn stratified_targets(
     (targets, upperbound)
 }
 
+/// `int(n_crops · mask_probability)` as Python computes it from the configured decimal: the f32 is
+/// widened through its shortest decimal form (0.35f32 → 0.35), so 20 · 0.35 gives 7, not the
+/// 6 that f32 or a plain widening (0.3499999940…) would give.
+pub fn masked_crop_count(n_crops: usize, mask_probability: f32) -> usize {
+    let p: f64 = mask_probability
+        .to_string()
+        .parse()
+        .unwrap_or(mask_probability as f64); // Display of a finite f32 always parses.
+    (n_crops as f64 * p) as usize
+}
+
 /// Draws the masks of `n_crops` global crops (the collate step): `int(n_crops ·
 /// mask_probability)` masked crops with stratified ratios in `ratio_min_max`, shuffled.
 pub fn collate_masks(
@@ -243,7 +254,7 @@ pub fn collate_masks(
         )));
     }
     let n = generator.num_patches();
-    let n_masked_crops = (n_crops as f32 * mask_probability) as usize;
+    let n_masked_crops = masked_crop_count(n_crops, mask_probability);
     let (targets, upperbound) = stratified_targets(rng, n_masked_crops, n, ratio_min_max);
     let mut per_crop: Vec<Vec<bool>> = targets
         .iter()
@@ -303,6 +314,15 @@ mod tests {
             assert!(delta <= budget);
             assert_eq!(mask.iter().filter(|&&m| m).count(), delta);
         }
+    }
+
+    #[test]
+    fn masked_crop_count_follows_the_decimal_config_value() {
+        assert_eq!(masked_crop_count(20, 0.35), 7);
+        assert_eq!(masked_crop_count(128, 0.5), 64);
+        assert_eq!(masked_crop_count(7, 0.5), 3);
+        assert_eq!(masked_crop_count(10, 0.3), 3);
+        assert_eq!(masked_crop_count(4, 1.0), 4);
     }
 
     #[test]

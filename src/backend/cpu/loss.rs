@@ -41,7 +41,7 @@ pub fn exp_f32(x: f32) -> f32 {
 }
 
 /// Sum in f64 over eight lanes (vectorises; exact enough for K = 131072).
-#[inline]
+#[inline(always)]
 pub fn sum_f64(x: &[f32]) -> f64 {
     let mut acc = [0f64; 8];
     let chunks = x.chunks_exact(8);
@@ -59,7 +59,7 @@ pub fn sum_f64(x: &[f32]) -> f64 {
 }
 
 /// Dot product in f64 over eight lanes.
-#[inline]
+#[inline(always)]
 pub fn dot_f64(a: &[f32], b: &[f32]) -> f64 {
     let mut acc = [0f64; 8];
     let ca = a.chunks_exact(8);
@@ -78,7 +78,7 @@ pub fn dot_f64(a: &[f32], b: &[f32]) -> f64 {
 }
 
 /// Largest value of a slice (`-inf` when empty).
-#[inline]
+#[inline(always)]
 pub fn max_f32(x: &[f32]) -> f32 {
     let mut acc = [f32::NEG_INFINITY; 8];
     let chunks = x.chunks_exact(8);
@@ -133,22 +133,19 @@ pub fn softmax_centered_forward(
     if k == 0 {
         return Ok(());
     }
+    let simd = has_avx2();
     probs
         .par_chunks_mut(k)
         .zip(logits.par_chunks(k))
         .for_each(|(p, t)| {
-            // [K] scaled logits first (the division is the official order: (t - c) / temp).
-            for ((pv, &tv), &cv) in p.iter_mut().zip(t).zip(center) {
-                *pv = (tv - cv) / temp;
+            #[cfg(not(target_arch = "x86_64"))]
+            let _ = simd;
+            #[cfg(target_arch = "x86_64")]
+            if simd {
+                // SAFETY: `simd` is true only when the CPU has AVX2 (checked at run time).
+                return unsafe { softmax_centered_row_avx2(p, t, center, temp) };
             }
-            let max = max_f32(p);
-            for pv in p.iter_mut() {
-                *pv = exp_f32(*pv - max);
-            }
-            let inv = (1.0 / sum_f64(p)) as f32;
-            for pv in p.iter_mut() {
-                *pv *= inv;
-            }
+            softmax_centered_row(p, t, center, temp)
         });
     Ok(())
 }
@@ -234,6 +231,7 @@ pub fn softmax_cross_entropy_forward_backward(
         ));
     }
     let inv_t = 1.0 / student_temp;
+    let simd = has_avx2();
     loss_rows
         .par_iter_mut()
         .zip(dstudent.par_chunks_mut(k))
@@ -241,25 +239,82 @@ pub fn softmax_cross_entropy_forward_backward(
         .enumerate()
         .for_each(|(r, ((loss, d), s))| {
             let p = &targets[(r % target_rows) * k..(r % target_rows + 1) * k];
-            let max = max_f32(s) * inv_t;
-            // Pass 1: e = exp(x − max) into d, with Σe, Σp and Σ p·x in f64.
-            for (dv, &sv) in d.iter_mut().zip(s) {
-                *dv = exp_f32(sv * inv_t - max);
-            }
-            let sum_e = sum_f64(d);
-            let sum_p = sum_f64(p);
-            let p_dot_x = dot_f64(p, s) * inv_t as f64;
-            let lse = max as f64 + sum_e.ln();
-            *loss = (sum_p * lse - p_dot_x) as f32;
-            // Pass 2: d = w · (q · Σp − p) / ts.
             let w = row_weights[r];
-            let qs = (sum_p / sum_e) as f32;
-            let wt = w * inv_t;
-            for (dv, &pv) in d.iter_mut().zip(p) {
-                *dv = wt * (*dv * qs - pv);
+            #[cfg(not(target_arch = "x86_64"))]
+            let _ = simd;
+            #[cfg(target_arch = "x86_64")]
+            if simd {
+                // SAFETY: `simd` is true only when the CPU has AVX2 (checked at run time).
+                *loss = unsafe { cross_entropy_row_avx2(d, s, p, inv_t, w) };
+                return;
             }
+            *loss = cross_entropy_row(d, s, p, inv_t, w);
         });
     Ok(())
+}
+
+/// Whether the row kernels can use their AVX2 build. Both builds give bit-identical results:
+/// every reduction has fixed lanes and Rust never contracts `a·b + c` into an FMA, so the wider
+/// vectors only change speed.
+pub(crate) fn has_avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::is_x86_feature_detected!("avx2")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// One row of [`softmax_centered_forward`]: `p [K]`, `t [K]`, `center [K]`.
+#[inline(always)]
+fn softmax_centered_row(p: &mut [f32], t: &[f32], center: &[f32], temp: f32) {
+    // [K] scaled logits first (the division is the official order: (t - c) / temp).
+    for ((pv, &tv), &cv) in p.iter_mut().zip(t).zip(center) {
+        *pv = (tv - cv) / temp;
+    }
+    let max = max_f32(p);
+    for pv in p.iter_mut() {
+        *pv = exp_f32(*pv - max);
+    }
+    let inv = (1.0 / sum_f64(p)) as f32;
+    for pv in p.iter_mut() {
+        *pv *= inv;
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn softmax_centered_row_avx2(p: &mut [f32], t: &[f32], center: &[f32], temp: f32) {
+    softmax_centered_row(p, t, center, temp)
+}
+
+/// One row of [`softmax_cross_entropy_forward_backward`]: writes `d [K]`, returns the loss.
+#[inline(always)]
+fn cross_entropy_row(d: &mut [f32], s: &[f32], p: &[f32], inv_t: f32, w: f32) -> f32 {
+    let max = max_f32(s) * inv_t;
+    // Pass 1: e = exp(x − max) into d, with Σe, Σp and Σ p·x in f64.
+    for (dv, &sv) in d.iter_mut().zip(s) {
+        *dv = exp_f32(sv * inv_t - max);
+    }
+    let sum_e = sum_f64(d);
+    let sum_p = sum_f64(p);
+    let p_dot_x = dot_f64(p, s) * inv_t as f64;
+    let lse = max as f64 + sum_e.ln();
+    // Pass 2: d = w · (q · Σp − p) / ts.
+    let qs = (sum_p / sum_e) as f32;
+    let wt = w * inv_t;
+    for (dv, &pv) in d.iter_mut().zip(p) {
+        *dv = wt * (*dv * qs - pv);
+    }
+    (sum_p * lse - p_dot_x) as f32
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn cross_entropy_row_avx2(d: &mut [f32], s: &[f32], p: &[f32], inv_t: f32, w: f32) -> f32 {
+    cross_entropy_row(d, s, p, inv_t, w)
 }
 
 #[cfg(test)]
@@ -351,6 +406,30 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn avx2_row_kernels_are_bit_identical_to_the_baseline() {
+        if !has_avx2() {
+            eprintln!("no AVX2 on this CPU: nothing to compare");
+            return;
+        }
+        let k = 4099;
+        let t = random(k, 7, 3.0);
+        let c = random(k, 8, 1.0);
+        let (mut a, mut b) = (vec![0f32; k], vec![0f32; k]);
+        softmax_centered_row(&mut a, &t, &c, 0.04);
+        // SAFETY: AVX2 checked above.
+        #[cfg(target_arch = "x86_64")]
+        unsafe {
+            softmax_centered_row_avx2(&mut b, &t, &c, 0.04)
+        };
+        assert_eq!(a, b);
+        let (mut da, mut db) = (vec![0f32; k], vec![0f32; k]);
+        let la = cross_entropy_row(&mut da, &t, &a, 10.0, 0.3);
+        #[cfg(target_arch = "x86_64")]
+        let lb = unsafe { cross_entropy_row_avx2(&mut db, &t, &a, 10.0, 0.3) };
+        assert_eq!((la, da), (lb, db));
     }
 
     #[test]

@@ -14,11 +14,11 @@
 //!   normalisation follows it);
 //! * the final `· R` is folded into the last sample normalisation.
 //!
-//! All sums accumulate in f64. One iteration is one pass over the rows (row-parallel): scale by
-//! the prototype factors while summing the row, scale the row, and add it into per-thread
-//! prototype sums for the next iteration.
+//! All sums accumulate in f64. One iteration is one row-parallel pass (scale by the prototype
+//! factors while summing the row, then scale the row, which is still in cache) and one
+//! column-block-parallel pass for the next prototype sums.
 
-use super::loss::{check_len, check_temp, exp_f32, sum_f64};
+use super::loss::{check_len, check_temp, exp_f32, has_avx2, sum_f64};
 use crate::error::{Error, Result};
 use rayon::prelude::*;
 
@@ -59,98 +59,106 @@ pub fn sinkhorn_knopp(
     let col_max = column_max(logits, rows, k);
     let shift: Vec<f32> = col_max.iter().map(|&m| m * inv_t).collect();
 
-    // Q = exp(x − shift) with its prototype sums.
-    let mut col_sum = fold_rows(out_probs, k, |r, q, acc| {
-        let t = &logits[r * k..(r + 1) * k];
-        // Two simple loops vectorise; one fused loop does not.
-        for ((qv, &tv), &sv) in q.iter_mut().zip(t).zip(&shift) {
-            *qv = exp_f32(tv * inv_t - sv);
-        }
-        for (a, &qv) in acc.iter_mut().zip(q.iter()) {
-            *a += qv as f64;
-        }
-        Ok(())
-    })?;
+    // Q = exp(x − shift), then its prototype sums.
+    let simd = has_avx2();
+    out_probs
+        .par_chunks_mut(k)
+        .zip(logits.par_chunks(k))
+        .for_each(|(q, t)| {
+            #[cfg(not(target_arch = "x86_64"))]
+            let _ = simd;
+            #[cfg(target_arch = "x86_64")]
+            if simd {
+                // SAFETY: `simd` is true only when the CPU has AVX2 (checked at run time).
+                return unsafe { exp_row_avx2(q, t, &shift, inv_t) };
+            }
+            exp_row(q, t, &shift, inv_t)
+        });
+    let mut col_sum = column_sums(out_probs, rows, k);
 
     let inv_k = 1.0 / k as f64;
     let inv_r = 1.0 / rows as f64;
     for it in 0..n_iters {
-        let last = it + 1 == n_iters;
         // [K] prototype factors 1 / (sum · K).
         let col_scale: Vec<f32> = col_sum.iter().map(|&s| (inv_k / s) as f32).collect();
         // Sample factors 1 / (sum · R), except the last, where the final · R cancels the / R.
-        let row_norm = if last { 1.0 } else { inv_r };
-        let next = fold_rows(out_probs, k, |r, q, acc| {
-            let mut lanes = [0f64; 8];
-            let mut chunks = q.chunks_exact_mut(8);
-            let mut scales = col_scale.chunks_exact(8);
-            for (c, s) in (&mut chunks).zip(&mut scales) {
-                for l in 0..8 {
-                    c[l] *= s[l];
-                    lanes[l] += c[l] as f64;
+        let row_norm = if it + 1 == n_iters { 1.0 } else { inv_r };
+        out_probs
+            .par_chunks_mut(k)
+            .enumerate()
+            .try_for_each(|(r, q)| {
+                let mut lanes = [0f64; 8];
+                let mut chunks = q.chunks_exact_mut(8);
+                let mut scales = col_scale.chunks_exact(8);
+                for (c, s) in (&mut chunks).zip(&mut scales) {
+                    for l in 0..8 {
+                        c[l] *= s[l];
+                        lanes[l] += c[l] as f64;
+                    }
                 }
-            }
-            let mut row_sum: f64 = lanes.iter().sum();
-            for (qv, &s) in chunks.into_remainder().iter_mut().zip(scales.remainder()) {
-                *qv *= s;
-                row_sum += *qv as f64;
-            }
-            if !(row_sum > 0.0 && row_sum.is_finite()) {
-                return Err(Error::Numeric {
-                    op: OP,
-                    detail: format!(
-                        "sample {r} has total weight {row_sum} after {it} iterations: its \
-                         logits are too far below the other samples' for temperature {teacher_temp}"
-                    ),
-                });
-            }
-            let f = (row_norm / row_sum) as f32;
-            if last {
+                let mut row_sum: f64 = lanes.iter().sum();
+                for (qv, &s) in chunks.into_remainder().iter_mut().zip(scales.remainder()) {
+                    *qv *= s;
+                    row_sum += *qv as f64;
+                }
+                if !(row_sum > 0.0 && row_sum.is_finite()) {
+                    return Err(Error::Numeric {
+                        op: OP,
+                        detail: format!(
+                            "sample {r} has total weight {row_sum} after {it} iterations: its \
+                             logits are too far below the other samples' for temperature {teacher_temp}"
+                        ),
+                    });
+                }
+                let f = (row_norm / row_sum) as f32;
                 for qv in q.iter_mut() {
                     *qv *= f;
                 }
-            } else {
-                for (qv, a) in q.iter_mut().zip(acc.iter_mut()) {
-                    *qv *= f;
-                    *a += *qv as f64;
-                }
-            }
-            Ok(())
-        })?;
-        col_sum = next;
+                Ok(())
+            })?;
+        if it + 1 < n_iters {
+            col_sum = column_sums(out_probs, rows, k);
+        }
     }
     Ok(())
 }
 
-/// Runs `body(row_index, row, acc)` over the rows of `m [R,K]` in parallel, each worker owning a
-/// `[K]` f64 accumulator; returns the sum of the accumulators.
-fn fold_rows<F>(m: &mut [f32], k: usize, body: F) -> Result<Vec<f64>>
-where
-    F: Fn(usize, &mut [f32], &mut [f64]) -> Result<()> + Sync,
-{
-    m.par_chunks_mut(k)
-        .enumerate()
-        .try_fold(
-            || vec![0f64; k],
-            |mut acc, (r, row)| {
-                body(r, row, &mut acc)?;
-                Ok(acc)
-            },
-        )
-        .try_reduce(
-            || vec![0f64; k],
-            |mut a, b| {
-                for (x, y) in a.iter_mut().zip(b) {
-                    *x += y;
-                }
-                Ok(a)
-            },
-        )
+/// `q = exp(t · inv_t − shift)` over one row.
+#[inline(always)]
+fn exp_row(q: &mut [f32], t: &[f32], shift: &[f32], inv_t: f32) {
+    for ((qv, &tv), &sv) in q.iter_mut().zip(t).zip(shift) {
+        *qv = exp_f32(tv * inv_t - sv);
+    }
+}
+
+/// [`exp_row`] built for AVX2 (bit-identical results, see `loss::has_avx2`).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn exp_row_avx2(q: &mut [f32], t: &[f32], shift: &[f32], inv_t: f32) {
+    exp_row(q, t, shift, inv_t)
+}
+
+/// Columns per parallel task of the column reductions (a 16 KiB f64 accumulator stays in L1).
+const COLS: usize = 2048;
+
+/// `[K]` column sums of `m [R,K]`, in f64, parallel over column blocks (no per-thread `[K]`
+/// buffers to allocate and merge).
+fn column_sums(m: &[f32], rows: usize, k: usize) -> Vec<f64> {
+    let mut out = vec![0f64; k];
+    out.par_chunks_mut(COLS).enumerate().for_each(|(blk, o)| {
+        let c0 = blk * COLS;
+        for r in 0..rows {
+            let row = &m[r * k + c0..r * k + c0 + o.len()];
+            for (a, &v) in o.iter_mut().zip(row) {
+                *a += v as f64;
+            }
+        }
+    });
+    out
 }
 
 /// `[K]` column maxima of `m [R,K]`.
 fn column_max(m: &[f32], rows: usize, k: usize) -> Vec<f32> {
-    const COLS: usize = 2048;
     let mut out = vec![f32::NEG_INFINITY; k];
     out.par_chunks_mut(COLS).enumerate().for_each(|(blk, o)| {
         let c0 = blk * COLS;
