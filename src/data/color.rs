@@ -1,0 +1,190 @@
+//! Colour transforms on 8-bit RGB pixels (`[H, W, 3]`), as torchvision computes them on PIL
+//! images in the official pipeline: `ImageEnhance` blends for brightness, contrast and
+//! saturation, a shift of the 8-bit hue channel of Pillow's HSV for hue, Pillow's `L`
+//! conversion for grayscale, `ImageOps.solarize`.
+
+/// Pillow's `Image.blend(degenerate, img, factor)` on 8-bit values: truncation toward zero,
+/// clipped to [0, 255] (Pillow only clips when extrapolating; inside [0, 1] it cannot overflow).
+#[inline]
+fn blend(degenerate: u8, value: u8, factor: f32) -> u8 {
+    let v = degenerate as f32 + factor * (value as f32 - degenerate as f32);
+    if v <= 0.0 {
+        0
+    } else if v >= 255.0 {
+        255
+    } else {
+        v as u8
+    }
+}
+
+/// Pillow's 8-bit luma: `L = (19595 R + 38470 G + 7471 B + 2^15) >> 16`.
+#[inline]
+pub fn luma(r: u8, g: u8, b: u8) -> u8 {
+    ((r as u32 * 19595 + g as u32 * 38470 + b as u32 * 7471 + 0x8000) >> 16) as u8
+}
+
+/// `ImageEnhance.Brightness(img).enhance(factor)`: a blend with black.
+pub fn adjust_brightness(pixels: &mut [u8], factor: f32) {
+    for v in pixels.iter_mut() {
+        *v = blend(0, *v, factor);
+    }
+}
+
+/// `ImageEnhance.Contrast(img).enhance(factor)`: a blend with the rounded mean luma.
+pub fn adjust_contrast(pixels: &mut [u8], factor: f32) {
+    let n = pixels.len() / 3;
+    if n == 0 {
+        return;
+    }
+    let sum: u64 = pixels
+        .chunks_exact(3)
+        .map(|p| luma(p[0], p[1], p[2]) as u64)
+        .sum();
+    let mean = (sum as f64 / n as f64 + 0.5) as u8;
+    for v in pixels.iter_mut() {
+        *v = blend(mean, *v, factor);
+    }
+}
+
+/// `ImageEnhance.Color(img).enhance(factor)`: a blend with the pixel's own luma.
+pub fn adjust_saturation(pixels: &mut [u8], factor: f32) {
+    for p in pixels.chunks_exact_mut(3) {
+        let l = luma(p[0], p[1], p[2]);
+        for v in p.iter_mut() {
+            *v = blend(l, *v, factor);
+        }
+    }
+}
+
+/// Pillow's RGB → HSV (each channel 8-bit).
+#[inline]
+pub fn rgb_to_hsv(r: u8, g: u8, b: u8) -> (u8, u8, u8) {
+    let maxc = r.max(g).max(b);
+    let minc = r.min(g).min(b);
+    if maxc == minc {
+        return (0, 0, maxc);
+    }
+    let (rf, gf, bf, maxf) = (r as f32, g as f32, b as f32, maxc as f32);
+    let cr = maxf - minc as f32;
+    let s = cr / maxf;
+    let rc = (maxf - rf) / cr;
+    let gc = (maxf - gf) / cr;
+    let bc = (maxf - bf) / cr;
+    let h = if r == maxc {
+        bc - gc
+    } else if g == maxc {
+        2.0 + rc - bc
+    } else {
+        4.0 + gc - rc
+    };
+    let h = (h / 6.0 + 1.0) % 1.0;
+    let to8 = |x: f32| ((x * 255.0) as i32).clamp(0, 255) as u8;
+    (to8(h), to8(s), maxc)
+}
+
+/// Pillow's HSV → RGB (each channel 8-bit).
+#[inline]
+pub fn hsv_to_rgb(h: u8, s: u8, v: u8) -> (u8, u8, u8) {
+    if s == 0 {
+        return (v, v, v);
+    }
+    let h6 = h as f32 * 6.0 / 255.0;
+    let i = h6.floor();
+    let f = h6 - i;
+    let fs = s as f32 / 255.0;
+    let vf = v as f32;
+    let to8 = |x: f32| (x.round() as i32).clamp(0, 255) as u8;
+    let p = to8(vf * (1.0 - fs));
+    let q = to8(vf * (1.0 - fs * f));
+    let t = to8(vf * (1.0 - fs * (1.0 - f)));
+    match i as i32 % 6 {
+        0 => (v, t, p),
+        1 => (q, v, p),
+        2 => (p, v, t),
+        3 => (p, q, v),
+        4 => (t, p, v),
+        _ => (v, p, q),
+    }
+}
+
+/// torchvision's `adjust_hue` on a PIL image: the 8-bit hue channel shifted (wrapping) by
+/// `hue_factor · 255` truncated to an integer, `hue_factor` in [-0.5, 0.5].
+pub fn adjust_hue(pixels: &mut [u8], hue_factor: f32) {
+    let shift = (hue_factor * 255.0) as i32 as u8; // wraps like numpy's uint8 cast
+    if shift == 0 {
+        return;
+    }
+    for p in pixels.chunks_exact_mut(3) {
+        let (h, s, v) = rgb_to_hsv(p[0], p[1], p[2]);
+        let (r, g, b) = hsv_to_rgb(h.wrapping_add(shift), s, v);
+        p[0] = r;
+        p[1] = g;
+        p[2] = b;
+    }
+}
+
+/// `rgb_to_grayscale(img, num_output_channels=3)`: Pillow's luma in all three channels.
+pub fn grayscale(pixels: &mut [u8]) {
+    for p in pixels.chunks_exact_mut(3) {
+        let l = luma(p[0], p[1], p[2]);
+        p.fill(l);
+    }
+}
+
+/// `ImageOps.solarize(img, threshold)`: values at or above the threshold are inverted.
+pub fn solarize(pixels: &mut [u8], threshold: u8) {
+    for v in pixels.iter_mut() {
+        if *v >= threshold {
+            *v = 255 - *v;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hsv_round_trip_is_close_for_every_colour_sample() {
+        let mut worst = 0i32;
+        for r in (0..=255u32).step_by(5) {
+            for g in (0..=255u32).step_by(7) {
+                for b in (0..=255u32).step_by(11) {
+                    let (h, s, v) = rgb_to_hsv(r as u8, g as u8, b as u8);
+                    let (r2, g2, b2) = hsv_to_rgb(h, s, v);
+                    for (x, y) in [(r, r2), (g, g2), (b, b2)] {
+                        worst = worst.max((x as i32 - y as i32).abs());
+                    }
+                }
+            }
+        }
+        // 8-bit hue and saturation lose up to a few levels; Pillow behaves the same.
+        assert!(worst <= 8, "worst round-trip error {worst}");
+    }
+
+    #[test]
+    fn primaries_have_the_expected_hues() {
+        assert_eq!(rgb_to_hsv(255, 0, 0), (0, 255, 255));
+        assert_eq!(rgb_to_hsv(0, 255, 0), (85, 255, 255));
+        assert_eq!(rgb_to_hsv(0, 0, 255), (170, 255, 255));
+        assert_eq!(rgb_to_hsv(10, 10, 10), (0, 0, 10));
+    }
+
+    #[test]
+    fn blends_match_pillow_arithmetic() {
+        let mut p = vec![100u8, 200, 50];
+        adjust_brightness(&mut p, 1.3);
+        assert_eq!(p, vec![130, 255, 65]);
+        let mut p = vec![100u8, 200, 50];
+        adjust_brightness(&mut p, 0.7);
+        // 0.7 · 100 = 70.00000x in f32 → 70; 0.7 · 50 = 35.
+        assert_eq!(p, vec![70, 140, 35]);
+        let mut p = vec![10u8, 20, 30, 200, 210, 220];
+        grayscale(&mut p);
+        assert_eq!(p[0], luma(10, 20, 30));
+        assert_eq!(p[3..], [luma(200, 210, 220); 3]);
+        let mut p = vec![0u8, 127, 128, 255];
+        solarize(&mut p, 128);
+        assert_eq!(p, vec![0, 127, 127, 0]);
+    }
+}
