@@ -246,6 +246,131 @@ pub fn flip_horizontal(pixels: &mut [u8], width: usize) {
     }
 }
 
+/// Every random decision of one crop, drawn before any pixel is touched.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CropPlan {
+    pub region: Rect,
+    pub flip: bool,
+    /// Colour jitter, when applied.
+    pub jitter: Option<JitterPlan>,
+    pub grayscale: bool,
+    /// Blur σ, when blurred.
+    pub blur_sigma: Option<f32>,
+    pub solarize: bool,
+}
+
+/// The factors of one colour jitter and the order of its four operations.
+#[derive(Clone, Debug, PartialEq)]
+pub struct JitterPlan {
+    /// A permutation of [`JitterOp`]s.
+    pub order: [JitterOp; 4],
+    pub brightness: f32,
+    pub contrast: f32,
+    pub saturation: f32,
+    pub hue: f32,
+}
+
+/// The four colour-jitter operations.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum JitterOp {
+    Brightness,
+    Contrast,
+    Saturation,
+    Hue,
+}
+
+/// Draws one crop's decisions in torchvision's order: RandomResizedCrop, flip, RandomApply of
+/// the jitter (then its order and four factors), grayscale, blur (then σ), solarize.
+pub fn draw_crop_plan(
+    rng: &mut Rng,
+    width: u32,
+    height: u32,
+    cfg: &MultiCropConfig,
+    kind: CropKind,
+) -> CropPlan {
+    let scale = match kind {
+        CropKind::Global1 | CropKind::Global2 => cfg.global_scale,
+        CropKind::Local => cfg.local_scale,
+    };
+    let region = random_resized_crop_params(rng, width, height, scale, cfg.ratio);
+    let flip = coin(rng, cfg.flip_p);
+    let j = &cfg.jitter;
+    let jitter = coin(rng, j.p).then(|| {
+        let mut order = [
+            JitterOp::Brightness,
+            JitterOp::Contrast,
+            JitterOp::Saturation,
+            JitterOp::Hue,
+        ];
+        for i in (1..4).rev() {
+            order.swap(i, rng.random_range(0..=i));
+        }
+        JitterPlan {
+            order,
+            brightness: uniform(rng, (1.0 - j.brightness).max(0.0), 1.0 + j.brightness) as f32,
+            contrast: uniform(rng, (1.0 - j.contrast).max(0.0), 1.0 + j.contrast) as f32,
+            saturation: uniform(rng, (1.0 - j.saturation).max(0.0), 1.0 + j.saturation) as f32,
+            hue: uniform(rng, -j.hue, j.hue) as f32,
+        }
+    });
+    let grayscale = coin(rng, cfg.grayscale_p);
+    let blur_p = match kind {
+        CropKind::Global1 => cfg.blur.global1_p,
+        CropKind::Global2 => cfg.blur.global2_p,
+        CropKind::Local => cfg.blur.local_p,
+    };
+    // The official global crop 1 has no blur transform at all: no draw when p is 0.
+    let blur_sigma = (blur_p > 0.0 && coin(rng, blur_p))
+        .then(|| uniform(rng, cfg.blur.sigma.0, cfg.blur.sigma.1) as f32);
+    let solarize = kind == CropKind::Global2 && coin(rng, cfg.solarize_p);
+    CropPlan {
+        region,
+        flip,
+        jitter,
+        grayscale,
+        blur_sigma,
+        solarize,
+    }
+}
+
+/// Applies a plan: the crop of `img` at `size`², written as normalised CHW to `out`.
+pub fn apply_crop_plan(
+    out: &mut [f32],
+    scratch: &mut Scratch,
+    img: &RgbImage,
+    cfg: &MultiCropConfig,
+    size: u32,
+    plan: &CropPlan,
+) {
+    let side = size as usize;
+    let px = &mut scratch.crop;
+    px.resize(side * side * 3, 0);
+    resize_bicubic(px, &mut scratch.resize, &img.data, img.width, plan.region, size, size);
+    if plan.flip {
+        flip_horizontal(px, side);
+    }
+    if let Some(j) = &plan.jitter {
+        for op in j.order {
+            match op {
+                JitterOp::Brightness => color::adjust_brightness(px, j.brightness),
+                JitterOp::Contrast => color::adjust_contrast(px, j.contrast),
+                JitterOp::Saturation => color::adjust_saturation(px, j.saturation),
+                JitterOp::Hue => color::adjust_hue(px, j.hue),
+            }
+        }
+    }
+    if plan.grayscale {
+        color::grayscale(px);
+    }
+    if let Some(sigma) = plan.blur_sigma {
+        gaussian_blur(px, &mut scratch.blur, side, side, cfg.blur.kernel_size, sigma);
+    }
+    if plan.solarize {
+        color::solarize(px, 128);
+    }
+    normalize_chw(out, px, cfg.mean, cfg.std);
+}
+
 /// One crop of the recipe: all its draws from `rng`, result written as normalised CHW to `out`.
 pub fn augment_crop(
     out: &mut [f32],
@@ -255,61 +380,12 @@ pub fn augment_crop(
     kind: CropKind,
     rng: &mut Rng,
 ) {
-    let (size, scale) = match kind {
-        CropKind::Global1 | CropKind::Global2 => (cfg.global_size, cfg.global_scale),
-        CropKind::Local => (cfg.local_size, cfg.local_scale),
+    let size = match kind {
+        CropKind::Global1 | CropKind::Global2 => cfg.global_size,
+        CropKind::Local => cfg.local_size,
     };
-    let side = size as usize;
-    let region = random_resized_crop_params(rng, img.width, img.height, scale, cfg.ratio);
-    let px = &mut scratch.crop;
-    px.resize(side * side * 3, 0);
-    resize_bicubic(px, &mut scratch.resize, &img.data, img.width, region, size, size);
-    if coin(rng, cfg.flip_p) {
-        flip_horizontal(px, side);
-    }
-    // RandomApply draws first; ColorJitter.get_params then draws the order and all four factors.
-    let j = &cfg.jitter;
-    if coin(rng, j.p) {
-        let mut order = [0usize, 1, 2, 3];
-        for i in (1..4).rev() {
-            order.swap(i, rng.random_range(0..=i));
-        }
-        let b = uniform(rng, (1.0 - j.brightness).max(0.0), 1.0 + j.brightness) as f32;
-        let c = uniform(rng, (1.0 - j.contrast).max(0.0), 1.0 + j.contrast) as f32;
-        let s = uniform(rng, (1.0 - j.saturation).max(0.0), 1.0 + j.saturation) as f32;
-        let h = uniform(rng, -j.hue, j.hue) as f32;
-        for op in order {
-            match op {
-                0 => color::adjust_brightness(px, b),
-                1 => color::adjust_contrast(px, c),
-                2 => color::adjust_saturation(px, s),
-                _ => color::adjust_hue(px, h),
-            }
-        }
-    }
-    if coin(rng, cfg.grayscale_p) {
-        color::grayscale(px);
-    }
-    let blur_p = match kind {
-        CropKind::Global1 => cfg.blur.global1_p,
-        CropKind::Global2 => cfg.blur.global2_p,
-        CropKind::Local => cfg.blur.local_p,
-    };
-    if blur_p > 0.0 && coin(rng, blur_p) {
-        let sigma = uniform(rng, cfg.blur.sigma.0, cfg.blur.sigma.1) as f32;
-        gaussian_blur(
-            px,
-            &mut scratch.blur,
-            side,
-            side,
-            cfg.blur.kernel_size,
-            sigma,
-        );
-    }
-    if kind == CropKind::Global2 && coin(rng, cfg.solarize_p) {
-        color::solarize(px, 128);
-    }
-    normalize_chw(out, px, cfg.mean, cfg.std);
+    let plan = draw_crop_plan(rng, img.width, img.height, cfg, kind);
+    apply_crop_plan(out, scratch, img, cfg, size, &plan);
 }
 
 /// `ToTensor` then `Normalize`: `[H, W, 3]` u8 → `[3, H, W]` f32, `(v / 255 - mean) / std`.
