@@ -106,17 +106,20 @@ pub fn scan_folder(root: &Path, opts: &ScanOptions) -> Result<ScanResult> {
                 continue;
             }
         };
+        // Sorted per folder so that which of two links to one folder is kept is stable.
+        let mut children: Vec<fs::DirEntry> = Vec::new();
         for entry in read {
-            let entry = match entry {
-                Ok(e) => e,
-                Err(e) => {
-                    result.unreadable.push(Skipped {
-                        path: dir.clone(),
-                        reason: e.to_string(),
-                    });
-                    continue;
-                }
-            };
+            match entry {
+                Ok(e) => children.push(e),
+                Err(e) => result.unreadable.push(Skipped {
+                    path: dir.clone(),
+                    reason: e.to_string(),
+                }),
+            }
+        }
+        children.sort_unstable_by_key(|e| e.file_name());
+        let mut subdirs = Vec::new();
+        for entry in children {
             let path = entry.path();
             let mut file_type = match entry.file_type() {
                 Ok(t) => t,
@@ -162,7 +165,7 @@ pub fn scan_folder(root: &Path, opts: &ScanOptions) -> Result<ScanResult> {
                     },
                 };
                 if seen_dirs.insert(dir_id(&m)) {
-                    stack.push(path);
+                    subdirs.push(path);
                 } else {
                     result.repeated_dirs += 1;
                 }
@@ -173,6 +176,8 @@ pub fn scan_folder(root: &Path, opts: &ScanOptions) -> Result<ScanResult> {
                 }
             }
         }
+        // Depth first, smallest name first.
+        stack.extend(subdirs.into_iter().rev());
     }
     found.sort_unstable_by(|a, b| a.0.cmp(&b.0));
     result.unreadable.sort_by(|a, b| a.path.cmp(&b.path));
