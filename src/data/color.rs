@@ -56,7 +56,8 @@ pub fn adjust_saturation(pixels: &mut [u8], factor: f32) {
     }
 }
 
-/// Pillow's RGB → HSV (each channel 8-bit).
+/// Pillow's RGB → HSV (each channel 8-bit). Pillow mixes float and double arithmetic (its
+/// constants are doubles); the casts below follow it step by step so results match exactly.
 #[inline]
 pub fn rgb_to_hsv(r: u8, g: u8, b: u8) -> (u8, u8, u8) {
     let maxc = r.max(g).max(b);
@@ -64,40 +65,40 @@ pub fn rgb_to_hsv(r: u8, g: u8, b: u8) -> (u8, u8, u8) {
     if maxc == minc {
         return (0, 0, maxc);
     }
-    let (rf, gf, bf, maxf) = (r as f32, g as f32, b as f32, maxc as f32);
-    let cr = maxf - minc as f32;
-    let s = cr / maxf;
-    let rc = (maxf - rf) / cr;
-    let gc = (maxf - gf) / cr;
-    let bc = (maxf - bf) / cr;
-    let h = if r == maxc {
+    let cr = (maxc - minc) as f32;
+    let s = cr / maxc as f32;
+    let rc = (maxc - r) as f32 / cr;
+    let gc = (maxc - g) as f32 / cr;
+    let bc = (maxc - b) as f32 / cr;
+    let h: f32 = if r == maxc {
         bc - gc
     } else if g == maxc {
-        2.0 + rc - bc
+        (2.0 + rc as f64 - bc as f64) as f32
     } else {
-        4.0 + gc - rc
+        (4.0 + gc as f64 - rc as f64) as f32
     };
-    let h = (h / 6.0 + 1.0) % 1.0;
-    let to8 = |x: f32| ((x * 255.0) as i32).clamp(0, 255) as u8;
+    let h = ((h as f64 / 6.0 + 1.0) % 1.0) as f32;
+    let to8 = |x: f32| ((x as f64 * 255.0) as i32).clamp(0, 255) as u8;
     (to8(h), to8(s), maxc)
 }
 
-/// Pillow's HSV → RGB (each channel 8-bit).
+/// Pillow's HSV → RGB (each channel 8-bit), with Pillow's float/double mix.
 #[inline]
 pub fn hsv_to_rgb(h: u8, s: u8, v: u8) -> (u8, u8, u8) {
     if s == 0 {
         return (v, v, v);
     }
-    let h6 = h as f32 * 6.0 / 255.0;
-    let i = h6.floor();
-    let f = h6 - i;
-    let fs = s as f32 / 255.0;
-    let vf = v as f32;
-    let to8 = |x: f32| (x.round() as i32).clamp(0, 255) as u8;
-    let p = to8(vf * (1.0 - fs));
-    let q = to8(vf * (1.0 - fs * f));
-    let t = to8(vf * (1.0 - fs * (1.0 - f)));
-    match i as i32 % 6 {
+    let h6 = h as f64 * 6.0 / 255.0;
+    let i = h6.floor() as i32;
+    let f = (h6 - i as f64) as f32;
+    let fs = (s as f64 / 255.0) as f32;
+    let vf = v as f64;
+    // C's round(): half away from zero, like f64::round.
+    let to8 = |x: f64| (x.round() as i32).clamp(0, 255) as u8;
+    let p = to8(vf * (1.0 - fs as f64));
+    let q = to8(vf * (1.0 - (fs * f) as f64));
+    let t = to8(vf * (1.0 - fs as f64 * (1.0 - f as f64)));
+    match i % 6 {
         0 => (v, t, p),
         1 => (q, v, p),
         2 => (p, v, t),
