@@ -52,7 +52,7 @@ def photos():
     out = {}
     for name, arr in src.items():
         img = Image.fromarray(arr).convert("RGB")
-        # ImageNet-like size: 500x375 landscape (the rocket stays portrait, 375x500).
+        # ImageNet-like size: 500x375 (375x500 for a portrait source; all four are landscape).
         w, h = (375, 500) if img.height > img.width else (500, 375)
         img = fit(img, w, h)
         img.save(os.path.join(PHOTOS, f"{name}.jpg"), quality=90)

@@ -62,9 +62,15 @@ pub struct Batch {
 /// Bad-file bookkeeping shared by the workers.
 #[derive(Default)]
 struct BadFiles {
+    /// Images known to fail: replacements skip them.
     known: HashSet<usize>,
+    /// Images already named in a warning (each is named once).
+    named: HashSet<usize>,
+    /// Warnings printed.
     warned: u64,
+    /// Failed loads of a sample's own image, in all epochs.
     total: u64,
+    /// The same, per epoch: once an epoch is delivered, the number of its unreadable images.
     per_epoch: BTreeMap<u64, u64>,
 }
 
@@ -180,9 +186,15 @@ impl Loader {
         self.waited
     }
 
-    /// Unreadable images met so far (each time one was replaced).
+    /// Samples whose image was unreadable and replaced, so far (workers run ahead of the
+    /// trainer, so this may include batches not yet delivered).
     pub fn bad_images(&self) -> u64 {
         lock(&self.shared.bad).total
+    }
+
+    /// Unreadable images in `epoch` (final once the epoch's last batch was delivered).
+    pub fn bad_in_epoch(&self, epoch: u64) -> u64 {
+        lock(&self.shared.bad).per_epoch.get(&epoch).copied().unwrap_or(0)
     }
 
     /// Prints one line per epoch that ended with `step`'s batch and had unreadable images.
@@ -231,7 +243,6 @@ fn first_readable(shared: &Shared) -> Result<()> {
                 return Ok(());
             }
             Err(e) => {
-                lock(&shared.bad).known.insert(i);
                 if first_error.is_none() {
                     first_error = Some(format!("{}: {e}", shared.source.name(i)));
                 }
@@ -336,25 +347,27 @@ fn load_or_replace(
         }
         match shared.source.load(index) {
             Ok(img) => return Ok((index, img)),
-            Err(e) => note_bad(shared, index, epoch, &e),
+            // Only the slot's own image counts: which replacements were tried depends on
+            // what other workers learned first, and the counts must not.
+            Err(e) => note_bad(shared, index, (t == 0).then_some(epoch), &e),
         }
     }
     Err(Error::Data("no image of the source can be read any more".into()))
 }
 
-fn note_bad(shared: &Shared, index: usize, epoch: u64, e: &DecodeError) {
+fn note_bad(shared: &Shared, index: usize, epoch: Option<u64>, e: &DecodeError) {
     let mut bad = lock(&shared.bad);
     bad.known.insert(index);
-    bad.total += 1;
-    *bad.per_epoch.entry(epoch).or_insert(0) += 1;
-    if bad.warned < shared.max_warnings {
-        bad.warned += 1;
-        eprintln!(
-            "warning: skipping {}: {e}",
-            shared.source.name(index)
-        );
-        if bad.warned == shared.max_warnings {
-            eprintln!("warning: further unreadable images are only counted");
+    if let Some(epoch) = epoch {
+        bad.total += 1;
+        *bad.per_epoch.entry(epoch).or_insert(0) += 1;
+    }
+    if bad.named.insert(index) {
+        if bad.warned < shared.max_warnings {
+            eprintln!("warning: skipping {}: {e}", shared.source.name(index));
+        } else if bad.warned == shared.max_warnings {
+            eprintln!("warning: more unreadable images: only counted from now on");
         }
+        bad.warned += 1;
     }
 }
