@@ -15,15 +15,23 @@ use std::io::Read;
 use std::path::Path;
 
 fn reference(name: &str) -> RgbImage {
-    let base = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/reference/transforms").join(name);
+    let base = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/data/reference/transforms")
+        .join(name);
     let header = std::fs::read_to_string(format!("{}.rgb.txt", base.display())).unwrap();
     let mut it = header.split_whitespace().map(|v| v.parse::<u32>().unwrap());
     let (width, height) = (it.next().unwrap(), it.next().unwrap());
     let gz = std::fs::read(format!("{}.rgb.gz", base.display())).unwrap();
     let mut data = Vec::new();
-    flate2::read::GzDecoder::new(&gz[..]).read_to_end(&mut data).unwrap();
+    flate2::read::GzDecoder::new(&gz[..])
+        .read_to_end(&mut data)
+        .unwrap();
     assert_eq!(data.len(), (width * height * 3) as usize, "{name}");
-    RgbImage { width, height, data }
+    RgbImage {
+        width,
+        height,
+        data,
+    }
 }
 
 /// Number of values that differ, and the largest difference.
@@ -39,12 +47,25 @@ fn mismatches(got: &[u8], want: &[u8]) -> (usize, u8) {
 fn bicubic_resize_of_a_crop_matches_pillow_exactly() {
     let input = reference("input");
     // The box Pillow cropped: x 9..56, y 5..43.
-    let region = Rect { x: 9, y: 5, width: 47, height: 38 };
+    let region = Rect {
+        x: 9,
+        y: 5,
+        width: 47,
+        height: 38,
+    };
     let mut tmp = Vec::new();
     for size in [160u32, 21, 38] {
         let want = reference(&format!("resize-{size}"));
         let mut got = vec![0u8; (size * size * 3) as usize];
-        resize_bicubic(&mut got, &mut tmp, &input.data, input.width, region, size, size);
+        resize_bicubic(
+            &mut got,
+            &mut tmp,
+            &input.data,
+            input.width,
+            region,
+            size,
+            size,
+        );
         assert_eq!(mismatches(&got, &want.data), (0, 0), "size {size}");
     }
 }
@@ -54,12 +75,27 @@ fn colour_operations_match_pillow_exactly() {
     let input = reference("input");
     type Op = Box<dyn Fn(&mut [u8])>;
     let cases: Vec<(&str, Op)> = vec![
-        ("brightness-1.3", Box::new(|p| color::adjust_brightness(p, 1.3))),
-        ("brightness-0.62", Box::new(|p| color::adjust_brightness(p, 0.62))),
+        (
+            "brightness-1.3",
+            Box::new(|p| color::adjust_brightness(p, 1.3)),
+        ),
+        (
+            "brightness-0.62",
+            Box::new(|p| color::adjust_brightness(p, 0.62)),
+        ),
         ("contrast-0.7", Box::new(|p| color::adjust_contrast(p, 0.7))),
-        ("contrast-1.35", Box::new(|p| color::adjust_contrast(p, 1.35))),
-        ("saturation-1.15", Box::new(|p| color::adjust_saturation(p, 1.15))),
-        ("saturation-0.83", Box::new(|p| color::adjust_saturation(p, 0.83))),
+        (
+            "contrast-1.35",
+            Box::new(|p| color::adjust_contrast(p, 1.35)),
+        ),
+        (
+            "saturation-1.15",
+            Box::new(|p| color::adjust_saturation(p, 1.15)),
+        ),
+        (
+            "saturation-0.83",
+            Box::new(|p| color::adjust_saturation(p, 0.83)),
+        ),
         ("hue-0.07", Box::new(|p| color::adjust_hue(p, 0.07))),
         ("hue--0.09", Box::new(|p| color::adjust_hue(p, -0.09))),
         ("grayscale", Box::new(color::grayscale)),
@@ -80,11 +116,21 @@ fn gaussian_blur_matches_torchvision_up_to_float_summation_order() {
     for (sigma, name) in [(0.4f32, "blur-0.4"), (1.3, "blur-1.3"), (2.0, "blur-2.0")] {
         let want = reference(name);
         let mut got = input.data.clone();
-        gaussian_blur(&mut got, &mut tmp, input.width as usize, input.height as usize, 9, sigma);
+        gaussian_blur(
+            &mut got,
+            &mut tmp,
+            input.width as usize,
+            input.height as usize,
+            9,
+            sigma,
+        );
         // The reference sums a 2-D kernel in another order: a value sitting on .5 may round
         // the other way, nothing more.
         let (n, max) = mismatches(&got, &want.data);
-        assert!(max <= 1 && n * 200 <= got.len(), "sigma {sigma}: {n} values differ, max {max}");
+        assert!(
+            max <= 1 && n * 200 <= got.len(),
+            "sigma {sigma}: {n} values differ, max {max}"
+        );
     }
 }
 
@@ -110,19 +156,46 @@ fn random_resized_crop_falls_back_to_the_centre_crop() {
     // and torchvision takes the centre crop of ratio 4/3: h 10, w round(13.33) = 13.
     let mut rng = keyed(2, &[stream::TEST]);
     let r = random_resized_crop_params(&mut rng, 1000, 10, (0.9, 1.0), (0.75, 4.0 / 3.0));
-    assert_eq!(r, Rect { x: 493, y: 0, width: 13, height: 10 });
+    assert_eq!(
+        r,
+        Rect {
+            x: 493,
+            y: 0,
+            width: 13,
+            height: 10
+        }
+    );
     let r = random_resized_crop_params(&mut rng, 10, 1000, (0.9, 1.0), (0.75, 4.0 / 3.0));
-    assert_eq!(r, Rect { x: 0, y: 493, width: 10, height: 13 });
+    assert_eq!(
+        r,
+        Rect {
+            x: 0,
+            y: 493,
+            width: 10,
+            height: 13
+        }
+    );
     // Half-way values round to even like Python's round: 10 / 0.8 = 12.5 -> 12.
     let r = random_resized_crop_params(&mut rng, 10, 1000, (0.9, 1.0), (0.8, 1.25));
-    assert_eq!(r, Rect { x: 0, y: 494, width: 10, height: 12 });
+    assert_eq!(
+        r,
+        Rect {
+            x: 0,
+            y: 494,
+            width: 10,
+            height: 12
+        }
+    );
 }
 
 /// Observed frequency within 5 standard deviations of p.
 fn assert_rate(hits: usize, n: usize, p: f64, what: &str) {
     let rate = hits as f64 / n as f64;
     let sd = (p * (1.0 - p) / n as f64).sqrt();
-    assert!((rate - p).abs() <= 5.0 * sd + 1e-12, "{what}: rate {rate}, expected {p}");
+    assert!(
+        (rate - p).abs() <= 5.0 * sd + 1e-12,
+        "{what}: rate {rate}, expected {p}"
+    );
 }
 
 #[test]
@@ -131,9 +204,12 @@ fn crop_decisions_follow_the_official_effective_probabilities() {
     let n = 20_000;
     let mut rng = keyed(3, &[stream::TEST]);
     let mut plans = |kind| -> Vec<CropPlan> {
-        (0..n).map(|_| draw_crop_plan(&mut rng, 500, 375, &cfg, kind)).collect()
+        (0..n)
+            .map(|_| draw_crop_plan(&mut rng, 500, 375, &cfg, kind))
+            .collect()
     };
-    let count = |plans: &[CropPlan], f: &dyn Fn(&CropPlan) -> bool| plans.iter().filter(|p| f(p)).count();
+    let count =
+        |plans: &[CropPlan], f: &dyn Fn(&CropPlan) -> bool| plans.iter().filter(|p| f(p)).count();
     for (kind, blur_p, solarize_p) in [
         (CropKind::Global1, 0.0, 0.0),
         (CropKind::Global2, 0.9, 0.2),
@@ -171,10 +247,18 @@ fn test_image(w: u32, h: u32) -> RgbImage {
     let data = (0..w * h)
         .flat_map(|i| {
             let (x, y) = (i % w, i / w);
-            [(x * 255 / w) as u8, (y * 255 / h) as u8, ((x + y) * 7 % 256) as u8]
+            [
+                (x * 255 / w) as u8,
+                (y * 255 / h) as u8,
+                ((x + y) * 7 % 256) as u8,
+            ]
         })
         .collect();
-    RgbImage { width: w, height: h, data }
+    RgbImage {
+        width: w,
+        height: h,
+        data,
+    }
 }
 
 fn run(img: &RgbImage, cfg: &MultiCropConfig, seed: u64, index: u64) -> (Vec<f32>, Vec<f32>) {
@@ -188,7 +272,12 @@ fn run(img: &RgbImage, cfg: &MultiCropConfig, seed: u64, index: u64) -> (Vec<f32
 }
 
 fn small_config() -> MultiCropConfig {
-    MultiCropConfig { global_size: 32, local_size: 16, n_local: 3, ..MultiCropConfig::default() }
+    MultiCropConfig {
+        global_size: 32,
+        local_size: 16,
+        n_local: 3,
+        ..MultiCropConfig::default()
+    }
 }
 
 #[test]
@@ -255,7 +344,10 @@ fn plans_apply_the_same_pixels_as_the_pipeline() {
     let mut rng = keyed(11, &[stream::CROPS, 0, 5]);
     let mut scratch = Scratch::default();
     let mut out = vec![0f32; cfg.global_len()];
-    for (i, kind) in [CropKind::Global1, CropKind::Global2].into_iter().enumerate() {
+    for (i, kind) in [CropKind::Global1, CropKind::Global2]
+        .into_iter()
+        .enumerate()
+    {
         let plan = draw_crop_plan(&mut rng, img.width, img.height, &cfg, kind);
         apply_crop_plan(&mut out, &mut scratch, &img, &cfg, cfg.global_size, &plan);
         assert_eq!(out, g[i * cfg.global_len()..(i + 1) * cfg.global_len()]);
@@ -278,15 +370,25 @@ fn tiny_images_are_upsampled_and_bad_shapes_are_errors() {
     let mut short = vec![0f32; 10];
     let mut gs: Vec<&mut [f32]> = vec![&mut short];
     assert!(multi_crop(&img, &cfg, &mut rng, &mut gs, &mut []).is_err());
-    let broken = RgbImage { width: 4, height: 4, data: vec![0; 5] };
+    let broken = RgbImage {
+        width: 4,
+        height: 4,
+        data: vec![0; 5],
+    };
     let mut g = vec![0f32; 2 * cfg.global_len()];
     let mut l = vec![0f32; 3 * cfg.local_len()];
     let mut gs: Vec<&mut [f32]> = g.chunks_exact_mut(cfg.global_len()).collect();
     let mut ls: Vec<&mut [f32]> = l.chunks_exact_mut(cfg.local_len()).collect();
     assert!(multi_crop(&broken, &cfg, &mut rng, &mut gs, &mut ls).is_err());
-    let bad = MultiCropConfig { n_global: 3, ..MultiCropConfig::default() };
+    let bad = MultiCropConfig {
+        n_global: 3,
+        ..MultiCropConfig::default()
+    };
     assert!(bad.validate().is_err());
-    let bad = MultiCropConfig { global_scale: (0.0, 1.0), ..MultiCropConfig::default() };
+    let bad = MultiCropConfig {
+        global_scale: (0.0, 1.0),
+        ..MultiCropConfig::default()
+    };
     assert!(bad.validate().is_err());
     assert!(MultiCropConfig::default().validate().is_ok());
 }

@@ -1,14 +1,18 @@
 //! Decoding and scanning real files of every kind (fixtures in tests/data, made by
 //! tools/make-test-images.py; references are what Pillow decodes).
 
-use dinotrain::data::decode::{decode, decode_file, jpeg_orientation, DecodeError, DEFAULT_MAX_PIXELS};
+use dinotrain::data::decode::{
+    decode, decode_file, jpeg_orientation, DecodeError, DEFAULT_MAX_PIXELS,
+};
 use dinotrain::data::scan::{scan_folder, Labels, ScanOptions, Symlinks};
 use dinotrain::data::{ImageFormat, RgbImage};
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
 fn data(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data").join(rel)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/data")
+        .join(rel)
 }
 
 /// A reference image: gzipped raw RGB plus its `W H` header.
@@ -19,16 +23,21 @@ fn reference(rel: &str) -> RgbImage {
     let (width, height) = (it.next().unwrap(), it.next().unwrap());
     let gz = std::fs::read(format!("{}.gz", base.display())).unwrap();
     let mut raw = Vec::new();
-    flate2::read::GzDecoder::new(&gz[..]).read_to_end(&mut raw).unwrap();
+    flate2::read::GzDecoder::new(&gz[..])
+        .read_to_end(&mut raw)
+        .unwrap();
     assert_eq!(raw.len(), (width * height * 3) as usize);
-    RgbImage { width, height, data: raw }
+    RgbImage {
+        width,
+        height,
+        data: raw,
+    }
 }
 
 fn decode_kind(name: &str) -> RgbImage {
     let path = data(&format!("kinds/{name}"));
     let hint = ImageFormat::from_path(&path).unwrap();
-    decode_file(&path, hint, DEFAULT_MAX_PIXELS, None)
-        .unwrap_or_else(|e| panic!("{name}: {e}"))
+    decode_file(&path, hint, DEFAULT_MAX_PIXELS, None).unwrap_or_else(|e| panic!("{name}: {e}"))
 }
 
 /// (mean, max) absolute difference per channel value.
@@ -90,7 +99,10 @@ fn jpegs_of_every_kind_match_pillow_within_decoder_rounding() {
         let got = decode_kind(name);
         let want = reference(&format!("kinds/{name}"));
         let (mean, max) = diff(&got, &want);
-        assert!(mean <= mean_tol && max <= max_tol, "{name}: mean {mean:.3} max {max}");
+        assert!(
+            mean <= mean_tol && max <= max_tol,
+            "{name}: mean {mean:.3} max {max}"
+        );
     }
 }
 
@@ -120,18 +132,44 @@ fn exif_orientation_is_read_and_applied() {
 fn bad_files_give_typed_errors() {
     let err = |name: &str| {
         let path = data(&format!("bad/{name}"));
-        decode_file(&path, ImageFormat::from_path(&path).unwrap(), DEFAULT_MAX_PIXELS, None)
-            .unwrap_err()
+        decode_file(
+            &path,
+            ImageFormat::from_path(&path).unwrap(),
+            DEFAULT_MAX_PIXELS,
+            None,
+        )
+        .unwrap_err()
     };
     assert!(matches!(err("empty.jpg"), DecodeError::Empty));
     assert!(matches!(err("text.jpg"), DecodeError::NotAnImage { .. }));
-    assert!(matches!(err("truncated.jpg"), DecodeError::Corrupt { format: ImageFormat::Jpeg, .. }));
-    assert!(matches!(err("truncated.png"), DecodeError::Corrupt { format: ImageFormat::Png, .. }));
+    assert!(matches!(
+        err("truncated.jpg"),
+        DecodeError::Corrupt {
+            format: ImageFormat::Jpeg,
+            ..
+        }
+    ));
+    assert!(matches!(
+        err("truncated.png"),
+        DecodeError::Corrupt {
+            format: ImageFormat::Png,
+            ..
+        }
+    ));
     assert!(matches!(
         err("bomb.png"),
-        DecodeError::TooLarge { width: 100_000, height: 100_000, .. }
+        DecodeError::TooLarge {
+            width: 100_000,
+            height: 100_000,
+            ..
+        }
     ));
-    let missing = decode_file(&data("bad/missing.jpg"), ImageFormat::Jpeg, DEFAULT_MAX_PIXELS, None);
+    let missing = decode_file(
+        &data("bad/missing.jpg"),
+        ImageFormat::Jpeg,
+        DEFAULT_MAX_PIXELS,
+        None,
+    );
     assert!(matches!(missing, Err(DecodeError::Io(_))));
 }
 
@@ -139,7 +177,17 @@ fn bad_files_give_typed_errors() {
 fn pixel_limit_refuses_before_decoding() {
     let bytes = std::fs::read(data("photos/coffee.jpg")).unwrap();
     let e = decode(&bytes, ImageFormat::Jpeg, 500 * 375 - 1, None).unwrap_err();
-    assert!(matches!(e, DecodeError::TooLarge { width: 500, height: 375, .. }), "{e}");
+    assert!(
+        matches!(
+            e,
+            DecodeError::TooLarge {
+                width: 500,
+                height: 375,
+                ..
+            }
+        ),
+        "{e}"
+    );
     let img = decode(&bytes, ImageFormat::Jpeg, 500 * 375, None).unwrap();
     assert_eq!((img.width, img.height), (500, 375));
     let png = std::fs::read(data("kinds/rgb.png")).unwrap();
@@ -165,7 +213,13 @@ fn size_hint_downscales_only_with_turbojpeg() {
 
 #[test]
 fn progressive_photo_decodes_like_its_baseline_twin() {
-    let a = decode_file(&data("photos/coffee.jpg"), ImageFormat::Jpeg, DEFAULT_MAX_PIXELS, None).unwrap();
+    let a = decode_file(
+        &data("photos/coffee.jpg"),
+        ImageFormat::Jpeg,
+        DEFAULT_MAX_PIXELS,
+        None,
+    )
+    .unwrap();
     let b = decode_file(
         &data("photos/coffee-progressive.jpg"),
         ImageFormat::Jpeg,
@@ -206,12 +260,28 @@ fn scan_is_sorted_case_insensitive_labelled_and_survives_symlink_loops() {
         .iter()
         .map(|e| e.path.strip_prefix(root).unwrap().display().to_string())
         .collect();
-    assert_eq!(rel, ["ant/deep/er/c.webp", "top.bmp", "zebra/a.Png", "zebra/b.JPG"]);
+    assert_eq!(
+        rel,
+        [
+            "ant/deep/er/c.webp",
+            "top.bmp",
+            "zebra/a.Png",
+            "zebra/b.JPG"
+        ]
+    );
     assert_eq!(r.classes, ["ant", "zebra"]);
     let labels: Vec<Option<u32>> = r.entries.iter().map(|e| e.label).collect();
     assert_eq!(labels, [Some(0), None, Some(1), Some(1)]);
     let formats: Vec<ImageFormat> = r.entries.iter().map(|e| e.format).collect();
-    assert_eq!(formats, [ImageFormat::Webp, ImageFormat::Bmp, ImageFormat::Png, ImageFormat::Jpeg]);
+    assert_eq!(
+        formats,
+        [
+            ImageFormat::Webp,
+            ImageFormat::Bmp,
+            ImageFormat::Png,
+            ImageFormat::Jpeg
+        ]
+    );
     assert_eq!(r.repeated_dirs, 2);
     assert_eq!(r.other_files, 1);
     assert_eq!(r.unreadable.len(), 1);
@@ -239,7 +309,10 @@ fn run_scan(dir: &Path) -> (i32, String) {
         .arg(dir)
         .output()
         .unwrap();
-    (out.status.code().unwrap(), String::from_utf8_lossy(&out.stdout).into_owned())
+    (
+        out.status.code().unwrap(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
 }
 
 #[test]

@@ -31,8 +31,14 @@ impl ImageSource for Synthetic {
             return Err(DecodeError::Empty);
         }
         let (w, h) = (20 + index as u32 % 7, 18 + index as u32 % 5);
-        let data = (0..w * h * 3).map(|i| (i as usize * 31 + index * 57) as u8).collect();
-        Ok(RgbImage { width: w, height: h, data })
+        let data = (0..w * h * 3)
+            .map(|i| (i as usize * 31 + index * 57) as u8)
+            .collect();
+        Ok(RgbImage {
+            width: w,
+            height: h,
+            data,
+        })
     }
     fn name(&self, index: usize) -> String {
         format!("synthetic-{index}")
@@ -43,21 +49,41 @@ impl ImageSource for Synthetic {
 }
 
 fn crops() -> MultiCropConfig {
-    MultiCropConfig { global_size: 16, local_size: 8, n_local: 3, ..MultiCropConfig::default() }
+    MultiCropConfig {
+        global_size: 16,
+        local_size: 8,
+        n_local: 3,
+        ..MultiCropConfig::default()
+    }
 }
 
 fn config(workers: usize) -> LoaderConfig {
-    LoaderConfig { crops: crops(), workers, prefetch: 2, max_warnings: 5 }
+    LoaderConfig {
+        crops: crops(),
+        workers,
+        prefetch: 2,
+        max_warnings: 5,
+    }
 }
 
-fn batches(source: Arc<dyn ImageSource>, workers: usize, b: usize, seed: u64, start: u64, count: usize) -> Vec<Batch> {
+fn batches(
+    source: Arc<dyn ImageSource>,
+    workers: usize,
+    b: usize,
+    seed: u64,
+    start: u64,
+    count: usize,
+) -> Vec<Batch> {
     let mut loader = Loader::new(source, config(workers), b, seed, start).unwrap();
     (0..count).map(|_| loader.next_batch().unwrap()).collect()
 }
 
 #[test]
 fn batches_are_crop_major_and_match_multi_crop_of_each_image() {
-    let source = Arc::new(Synthetic { n: 10, bad: HashSet::new() });
+    let source = Arc::new(Synthetic {
+        n: 10,
+        bad: HashSet::new(),
+    });
     let b = 4;
     let cfg = crops();
     for batch in batches(source.clone(), 2, b, 5, 0, 4) {
@@ -72,7 +98,14 @@ fn batches_are_crop_major_and_match_multi_crop_of_each_image() {
             let mut gs: Vec<&mut [f32]> = g.chunks_exact_mut(cfg.global_len()).collect();
             let mut ls: Vec<&mut [f32]> = l.chunks_exact_mut(cfg.local_len()).collect();
             let mut rng = keyed(5, &[stream::CROPS, epoch, index as u64]);
-            multi_crop(&source.load(index).unwrap(), &cfg, &mut rng, &mut gs, &mut ls).unwrap();
+            multi_crop(
+                &source.load(index).unwrap(),
+                &cfg,
+                &mut rng,
+                &mut gs,
+                &mut ls,
+            )
+            .unwrap();
             for c in 0..2 {
                 let row = &batch.global[(c * b + i) * cfg.global_len()..][..cfg.global_len()];
                 assert_eq!(row, &g[c * cfg.global_len()..][..cfg.global_len()]);
@@ -87,9 +120,17 @@ fn batches_are_crop_major_and_match_multi_crop_of_each_image() {
 
 #[test]
 fn each_epoch_is_a_shuffled_permutation_and_epochs_differ() {
-    let source = Arc::new(Synthetic { n: 12, bad: HashSet::new() });
+    let source = Arc::new(Synthetic {
+        n: 12,
+        bad: HashSet::new(),
+    });
     let all = batches(source, 3, 4, 9, 0, 6);
-    let epoch = |e: usize| -> Vec<usize> { all[e * 3..e * 3 + 3].iter().flat_map(|b| b.indices.clone()).collect() };
+    let epoch = |e: usize| -> Vec<usize> {
+        all[e * 3..e * 3 + 3]
+            .iter()
+            .flat_map(|b| b.indices.clone())
+            .collect()
+    };
     for e in 0..2 {
         let mut sorted = epoch(e);
         sorted.sort_unstable();
@@ -103,7 +144,10 @@ fn each_epoch_is_a_shuffled_permutation_and_epochs_differ() {
 #[test]
 fn a_resumed_loader_yields_exactly_the_uninterrupted_batches() {
     // 10 images, batch 4: batches straddle epochs, which is where resume bugs live.
-    let source = Arc::new(Synthetic { n: 10, bad: HashSet::new() });
+    let source = Arc::new(Synthetic {
+        n: 10,
+        bad: HashSet::new(),
+    });
     let full = batches(source.clone(), 2, 4, 3, 0, 8);
     let resumed = batches(source.clone(), 1, 4, 3, 5, 3);
     for (a, b) in full[5..].iter().zip(&resumed) {
@@ -119,7 +163,10 @@ fn a_resumed_loader_yields_exactly_the_uninterrupted_batches() {
 #[test]
 fn unreadable_images_are_replaced_and_counted() {
     let bad: HashSet<usize> = [0, 3, 7].into_iter().collect();
-    let source = Arc::new(Synthetic { n: 9, bad: bad.clone() });
+    let source = Arc::new(Synthetic {
+        n: 9,
+        bad: bad.clone(),
+    });
     let mut loader = Loader::new(source, config(2), 3, 1, 0).unwrap();
     let mut seen = HashSet::new();
     for _ in 0..6 {
@@ -141,12 +188,21 @@ fn unreadable_images_are_replaced_and_counted() {
 
 #[test]
 fn a_source_without_a_readable_image_is_an_error_before_training() {
-    let source = Arc::new(Synthetic { n: 4, bad: (0..4).collect() });
+    let source = Arc::new(Synthetic {
+        n: 4,
+        bad: (0..4).collect(),
+    });
     let err = Loader::new(source, config(1), 2, 0, 0).err().unwrap();
     assert!(err.to_string().contains("none of the 4 images"), "{err}");
-    let empty = Arc::new(Synthetic { n: 0, bad: HashSet::new() });
+    let empty = Arc::new(Synthetic {
+        n: 0,
+        bad: HashSet::new(),
+    });
     assert!(Loader::new(empty, config(1), 2, 0, 0).is_err());
-    let ok = Arc::new(Synthetic { n: 4, bad: HashSet::new() });
+    let ok = Arc::new(Synthetic {
+        n: 4,
+        bad: HashSet::new(),
+    });
     assert!(Loader::new(ok.clone(), config(1), 0, 0, 0).is_err());
     let mut bad_crops = config(1);
     bad_crops.crops.n_global = 0;
@@ -154,7 +210,9 @@ fn a_source_without_a_readable_image_is_an_error_before_training() {
 }
 
 fn data(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data").join(rel)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/data")
+        .join(rel)
 }
 
 #[test]
@@ -170,7 +228,12 @@ fn folder_source_trains_through_a_folder_of_good_and_bad_files() {
     ] {
         std::fs::copy(data(from), tmp.path().join(to)).unwrap();
     }
-    let source = FolderSource::open(tmp.path(), &ScanOptions::default(), DecodeOptions::default()).unwrap();
+    let source = FolderSource::open(
+        tmp.path(),
+        &ScanOptions::default(),
+        DecodeOptions::default(),
+    )
+    .unwrap();
     assert_eq!(source.len(), 6);
     assert!(source.name(3).ends_with("d.jpg"));
     let mut loader = Loader::new(Arc::new(source), config(2), 4, 0, 0).unwrap();
@@ -183,7 +246,12 @@ fn folder_source_trains_through_a_folder_of_good_and_bad_files() {
 
     let empty = tempfile::tempdir().unwrap();
     std::fs::write(empty.path().join("notes.txt"), "x").unwrap();
-    assert!(FolderSource::open(empty.path(), &ScanOptions::default(), DecodeOptions::default()).is_err());
+    assert!(FolderSource::open(
+        empty.path(),
+        &ScanOptions::default(),
+        DecodeOptions::default()
+    )
+    .is_err());
 }
 
 #[test]
@@ -194,11 +262,21 @@ fn decoded_cache_is_built_once_downscaled_and_rebuilt_when_the_folder_changes() 
     }
     std::fs::copy(data("bad/empty.jpg"), folder.path().join("zzz.jpg")).unwrap();
     let cache_dir = tempfile::tempdir().unwrap();
-    let entries = || -> Vec<ImageEntry> { scan_folder(folder.path(), &ScanOptions::default()).unwrap().entries };
+    let entries = || -> Vec<ImageEntry> {
+        scan_folder(folder.path(), &ScanOptions::default())
+            .unwrap()
+            .entries
+    };
     // Two runs building the same cache at once both succeed and agree.
     let (a, b) = std::thread::scope(|s| {
-        let t1 = s.spawn(|| DecodedCache::open_or_build(cache_dir.path(), &entries(), 200, DEFAULT_MAX_PIXELS).unwrap());
-        let t2 = s.spawn(|| DecodedCache::open_or_build(cache_dir.path(), &entries(), 200, DEFAULT_MAX_PIXELS).unwrap());
+        let t1 = s.spawn(|| {
+            DecodedCache::open_or_build(cache_dir.path(), &entries(), 200, DEFAULT_MAX_PIXELS)
+                .unwrap()
+        });
+        let t2 = s.spawn(|| {
+            DecodedCache::open_or_build(cache_dir.path(), &entries(), 200, DEFAULT_MAX_PIXELS)
+                .unwrap()
+        });
         (t1.join().unwrap(), t2.join().unwrap())
     });
     assert_eq!(a.path, b.path);
@@ -211,9 +289,20 @@ fn decoded_cache_is_built_once_downscaled_and_rebuilt_when_the_folder_changes() 
     assert!(a.load(2).unwrap_err().to_string().contains("empty file"));
     assert!(a.load(3).is_err());
     // The cached image is the full decode, downscaled.
-    let full = dinotrain::data::decode_file(&entries()[0].path, ImageFormat::Jpeg, DEFAULT_MAX_PIXELS, None).unwrap();
+    let full = dinotrain::data::decode_file(
+        &entries()[0].path,
+        ImageFormat::Jpeg,
+        DEFAULT_MAX_PIXELS,
+        None,
+    )
+    .unwrap();
     let small = dinotrain::data::cache::downscale_to_short_side(full, 200);
-    let mean_diff = small.data.iter().zip(&astronaut.data).map(|(&x, &y)| x.abs_diff(y) as f64).sum::<f64>()
+    let mean_diff = small
+        .data
+        .iter()
+        .zip(&astronaut.data)
+        .map(|(&x, &y)| x.abs_diff(y) as f64)
+        .sum::<f64>()
         / small.data.len() as f64;
     if cfg!(feature = "turbojpeg") {
         assert!(mean_diff < 3.0, "{mean_diff}"); // DCT-scaled decode first
@@ -222,12 +311,21 @@ fn decoded_cache_is_built_once_downscaled_and_rebuilt_when_the_folder_changes() 
     }
     // Same folder: same file, not rebuilt.
     let modified = std::fs::metadata(&a.path).unwrap().modified().unwrap();
-    let again = DecodedCache::open_or_build(cache_dir.path(), &entries(), 200, DEFAULT_MAX_PIXELS).unwrap();
+    let again =
+        DecodedCache::open_or_build(cache_dir.path(), &entries(), 200, DEFAULT_MAX_PIXELS).unwrap();
     assert_eq!(again.path, a.path);
-    assert_eq!(std::fs::metadata(&again.path).unwrap().modified().unwrap(), modified);
+    assert_eq!(
+        std::fs::metadata(&again.path).unwrap().modified().unwrap(),
+        modified
+    );
     // A changed folder gets a new cache.
-    std::fs::copy(data("photos/chelsea.jpg"), folder.path().join("chelsea.jpg")).unwrap();
-    let changed = DecodedCache::open_or_build(cache_dir.path(), &entries(), 200, DEFAULT_MAX_PIXELS).unwrap();
+    std::fs::copy(
+        data("photos/chelsea.jpg"),
+        folder.path().join("chelsea.jpg"),
+    )
+    .unwrap();
+    let changed =
+        DecodedCache::open_or_build(cache_dir.path(), &entries(), 200, DEFAULT_MAX_PIXELS).unwrap();
     assert_ne!(changed.path, a.path);
     assert_eq!(changed.len(), 4);
     // A damaged cache file is refused with an error, not a crash.
@@ -236,18 +334,36 @@ fn decoded_cache_is_built_once_downscaled_and_rebuilt_when_the_folder_changes() 
     assert!(DecodedCache::open(&broken).is_err());
 
     // Through the folder source.
-    let source = FolderSource::open(folder.path(), &ScanOptions::default(), DecodeOptions::default())
-        .unwrap()
-        .with_cache(cache_dir.path(), 200)
-        .unwrap();
-    assert_eq!(source.load(1).unwrap().height.min(source.load(1).unwrap().width), 200);
+    let source = FolderSource::open(
+        folder.path(),
+        &ScanOptions::default(),
+        DecodeOptions::default(),
+    )
+    .unwrap()
+    .with_cache(cache_dir.path(), 200)
+    .unwrap();
+    assert_eq!(
+        source
+            .load(1)
+            .unwrap()
+            .height
+            .min(source.load(1).unwrap().width),
+        200
+    );
 }
 
 /// Label counts read straight from the embedded gzipped IDX file, independently of the reader.
 fn histogram_from_file(name: &str) -> [usize; 10] {
-    let gz = std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("src/data/demo").join(name)).unwrap();
+    let gz = std::fs::read(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("src/data/demo")
+            .join(name),
+    )
+    .unwrap();
     let mut raw = Vec::new();
-    flate2::read::GzDecoder::new(&gz[..]).read_to_end(&mut raw).unwrap();
+    flate2::read::GzDecoder::new(&gz[..])
+        .read_to_end(&mut raw)
+        .unwrap();
     let mut h = [0usize; 10];
     for &l in &raw[8..] {
         h[l as usize] += 1;
@@ -289,7 +405,12 @@ fn demo_data_has_the_documented_sizes_and_label_histograms() {
 fn the_demo_source_feeds_the_loader() {
     let d = Arc::new(demo_split(Split::Test).unwrap());
     let cfg = LoaderConfig {
-        crops: MultiCropConfig { global_size: 32, local_size: 16, n_local: 8, ..MultiCropConfig::default() },
+        crops: MultiCropConfig {
+            global_size: 32,
+            local_size: 16,
+            n_local: 8,
+            ..MultiCropConfig::default()
+        },
         workers: 2,
         prefetch: 2,
         max_warnings: 5,

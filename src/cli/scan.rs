@@ -32,7 +32,9 @@ pub fn scan(dir: &Path, max_pixels: u64) -> anyhow::Result<ExitCode> {
     let results: Vec<Result<(u32, u32), DecodeError>> = found
         .entries
         .par_iter()
-        .map(|e| decode_file(&e.path, e.format, max_pixels, None).map(|img| (img.width, img.height)))
+        .map(|e| {
+            decode_file(&e.path, e.format, max_pixels, None).map(|img| (img.width, img.height))
+        })
         .collect();
 
     println!(
@@ -72,7 +74,11 @@ pub fn scan(dir: &Path, max_pixels: u64) -> anyhow::Result<ExitCode> {
             *kinds.entry(k).or_default() += 1;
         }
         let summary: Vec<String> = kinds.iter().map(|(k, n)| format!("{n} {k}")).collect();
-        println!("unreadable images: {} ({})", unreadable.len(), summary.join(", "));
+        println!(
+            "unreadable images: {} ({})",
+            unreadable.len(),
+            summary.join(", ")
+        );
         for (path, reason, _) in &unreadable {
             println!("  {}: {reason}", path.display());
         }
@@ -102,7 +108,10 @@ fn print_sizes(sizes: &mut [(u32, u32)]) {
     let mut counts = [0usize; SIDE_BUCKETS.len() + 1];
     for &(w, h) in sizes.iter() {
         let short = w.min(h);
-        let i = SIDE_BUCKETS.iter().position(|&b| short < b).unwrap_or(SIDE_BUCKETS.len());
+        let i = SIDE_BUCKETS
+            .iter()
+            .position(|&b| short < b)
+            .unwrap_or(SIDE_BUCKETS.len());
         counts[i] += 1;
     }
     let mut line = String::from("shorter side:");

@@ -122,7 +122,9 @@ impl MultiCropConfig {
             ("local_scale", self.local_scale),
         ] {
             if !(lo > 0.0 && lo <= hi && hi <= 1.0) {
-                return bad(format!("{name} must satisfy 0 < lo <= hi <= 1, got ({lo}, {hi})"));
+                return bad(format!(
+                    "{name} must satisfy 0 < lo <= hi <= 1, got ({lo}, {hi})"
+                ));
             }
         }
         let (r0, r1) = self.ratio;
@@ -150,11 +152,16 @@ impl MultiCropConfig {
             return bad(format!("jitter.hue must be in [0, 0.5], got {}", j.hue));
         }
         if self.blur.kernel_size % 2 == 0 {
-            return bad(format!("blur kernel size must be odd, got {}", self.blur.kernel_size));
+            return bad(format!(
+                "blur kernel size must be odd, got {}",
+                self.blur.kernel_size
+            ));
         }
         let (s0, s1) = self.blur.sigma;
         if !(s0 > 0.0 && s0 <= s1) {
-            return bad(format!("blur sigma range must be positive, got ({s0}, {s1})"));
+            return bad(format!(
+                "blur sigma range must be positive, got ({s0}, {s1})"
+            ));
         }
         if self.std.iter().any(|&s| s <= 0.0) {
             return bad("std must be positive".into());
@@ -345,7 +352,15 @@ pub fn apply_crop_plan(
     let side = size as usize;
     let px = &mut scratch.crop;
     px.resize(side * side * 3, 0);
-    resize_bicubic(px, &mut scratch.resize, &img.data, img.width, plan.region, size, size);
+    resize_bicubic(
+        px,
+        &mut scratch.resize,
+        &img.data,
+        img.width,
+        plan.region,
+        size,
+        size,
+    );
     if plan.flip {
         flip_horizontal(px, side);
     }
@@ -363,7 +378,14 @@ pub fn apply_crop_plan(
         color::grayscale(px);
     }
     if let Some(sigma) = plan.blur_sigma {
-        gaussian_blur(px, &mut scratch.blur, side, side, cfg.blur.kernel_size, sigma);
+        gaussian_blur(
+            px,
+            &mut scratch.blur,
+            side,
+            side,
+            cfg.blur.kernel_size,
+            sigma,
+        );
     }
     if plan.solarize {
         color::solarize(px, 128);
@@ -447,7 +469,9 @@ pub fn multi_crop_with(
             format!("local output of {} floats, expected {ll}", o.len()),
         ));
     }
-    if img.width == 0 || img.height == 0 || img.data.len() != img.width as usize * img.height as usize * 3
+    if img.width == 0
+        || img.height == 0
+        || img.data.len() != img.width as usize * img.height as usize * 3
     {
         return Err(Error::shape(
             "multi_crop",

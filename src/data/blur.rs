@@ -35,6 +35,14 @@ pub fn reflect(mut i: isize, n: usize) -> usize {
     }
 }
 
+/// `torch.round` (half to even) for 0 <= x < 2^23 without a libm call: adding 2^23 leaves no
+/// fraction bits, so the FPU's default rounding (to nearest, ties to even) does the work.
+#[inline]
+fn round_half_even(x: f32) -> f32 {
+    const SHIFT: f32 = 8_388_608.0;
+    (x + SHIFT) - SHIFT
+}
+
 /// Blurs `pixels` (`[H, W, 3]`) in place; `tmp` is scratch space.
 pub fn gaussian_blur(
     pixels: &mut [u8],
@@ -60,21 +68,26 @@ pub fn gaussian_blur(
             }
         }
     }
-    // Horizontal pass back to 8-bit.
+    // Horizontal pass back to 8-bit, over a reflect-padded copy of each row.
+    let pad = half as usize;
+    let mut padded = vec![0f32; (width + 2 * pad) * 3];
     for y in 0..height {
         let row = &tmp[y * row_len..][..row_len];
+        for (px, dst) in padded.chunks_exact_mut(3).enumerate() {
+            let sx = reflect(px as isize - half, width);
+            dst.copy_from_slice(&row[sx * 3..sx * 3 + 3]);
+        }
         let out = &mut pixels[y * row_len..][..row_len];
-        for x in 0..width {
+        for (x, o) in out.chunks_exact_mut(3).enumerate() {
+            let window = &padded[x * 3..(x + kernel_size) * 3];
             let mut acc = [0f32; 3];
-            for (t, &kt) in k.iter().enumerate() {
-                let sx = reflect(x as isize + t as isize - half, width);
-                let p = &row[sx * 3..sx * 3 + 3];
+            for (&kt, p) in k.iter().zip(window.chunks_exact(3)) {
                 acc[0] += kt * p[0];
                 acc[1] += kt * p[1];
                 acc[2] += kt * p[2];
             }
             for c in 0..3 {
-                out[x * 3 + c] = acc[c].round_ties_even().clamp(0.0, 255.0) as u8;
+                o[c] = round_half_even(acc[c]).clamp(0.0, 255.0) as u8;
             }
         }
     }
@@ -103,6 +116,21 @@ mod tests {
         for i in 0..4 {
             assert_eq!(k[i], k[8 - i]);
             assert!(k[i] < k[i + 1]);
+        }
+    }
+
+    #[test]
+    fn rounding_is_half_to_even() {
+        for (x, r) in [
+            (0.5f32, 0.0f32),
+            (1.5, 2.0),
+            (2.5, 2.0),
+            (2.4999, 2.0),
+            (254.5, 254.0),
+            (3.7, 4.0),
+        ] {
+            assert_eq!(round_half_even(x), r, "{x}");
+            assert_eq!(x.round_ties_even(), r);
         }
     }
 

@@ -139,7 +139,8 @@ impl DecodedCache {
         // Safety: the file is never modified after the rename that publishes it (writers
         // always write a new file), so the mapping cannot change under us.
         let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
-        let bad = |d: &str| Error::Data(format!("{}: not a valid image cache: {d}", path.display()));
+        let bad =
+            |d: &str| Error::Data(format!("{}: not a valid image cache: {d}", path.display()));
         if map.len() < HEADER || &map[..8] != MAGIC {
             return Err(bad("bad magic"));
         }
@@ -158,7 +159,10 @@ impl DecodedCache {
         };
         for i in 0..count {
             let r = cache.record(i);
-            if r.offset.checked_add(r.len as u64).is_none_or(|end| end > cache.map.len() as u64) {
+            if r.offset
+                .checked_add(r.len as u64)
+                .is_none_or(|end| end > cache.map.len() as u64)
+            {
                 return Err(bad(&format!("record {i} points outside the file")));
             }
         }
@@ -231,7 +235,8 @@ fn build(path: &Path, entries: &[ImageEntry], short_side: u32, max_pixels: u64) 
     let dir = path.parent().unwrap_or(Path::new("."));
     let tmp = dir.join(format!(
         ".{}.tmp-{}-{:x}",
-        path.file_name().map_or_else(String::new, |n| n.to_string_lossy().into_owned()),
+        path.file_name()
+            .map_or_else(String::new, |n| n.to_string_lossy().into_owned()),
         std::process::id(),
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -243,7 +248,8 @@ fn build(path: &Path, entries: &[ImageEntry], short_side: u32, max_pixels: u64) 
     // Header and a zeroed table, filled in once all offsets are known.
     let table_len = entries.len() * RECORD;
     out.write_all(MAGIC).map_err(io)?;
-    out.write_all(&(entries.len() as u64).to_le_bytes()).map_err(io)?;
+    out.write_all(&(entries.len() as u64).to_le_bytes())
+        .map_err(io)?;
     out.write_all(&vec![0u8; table_len]).map_err(io)?;
     let mut table = Vec::with_capacity(table_len);
     let mut offset = (HEADER + table_len) as u64;
@@ -267,8 +273,9 @@ fn build(path: &Path, entries: &[ImageEntry], short_side: u32, max_pixels: u64) 
                 message = d.as_ref().err().map(|e| e.to_string()).unwrap_or_default();
                 message.as_bytes()
             };
-            let len = u32::try_from(bytes.len())
-                .map_err(|_| Error::Data(format!("image of {} bytes too large to cache", bytes.len())))?;
+            let len = u32::try_from(bytes.len()).map_err(|_| {
+                Error::Data(format!("image of {} bytes too large to cache", bytes.len()))
+            })?;
             table.extend_from_slice(&offset.to_le_bytes());
             table.extend_from_slice(&w.to_le_bytes());
             table.extend_from_slice(&h.to_le_bytes());

@@ -56,6 +56,24 @@ pub fn adjust_saturation(pixels: &mut [u8], factor: f32) {
     }
 }
 
+/// `a as f32 / b as f32` for all bytes a, b (b > 0): the same correctly rounded quotients as
+/// the divisions, looked up (256 KiB, built once).
+fn quotients() -> &'static [f32] {
+    static TABLE: std::sync::OnceLock<Vec<f32>> = std::sync::OnceLock::new();
+    TABLE.get_or_init(|| {
+        (0..65536usize)
+            .map(|i| {
+                let (a, b) = (i >> 8, i & 255);
+                if b == 0 {
+                    0.0
+                } else {
+                    a as f32 / b as f32
+                }
+            })
+            .collect()
+    })
+}
+
 /// Pillow's RGB → HSV (each channel 8-bit). Pillow mixes float and double arithmetic (its
 /// constants are doubles); the casts below follow it step by step so results match exactly.
 #[inline]
@@ -65,11 +83,13 @@ pub fn rgb_to_hsv(r: u8, g: u8, b: u8) -> (u8, u8, u8) {
     if maxc == minc {
         return (0, 0, maxc);
     }
-    let cr = (maxc - minc) as f32;
-    let s = cr / maxc as f32;
-    let rc = (maxc - r) as f32 / cr;
-    let gc = (maxc - g) as f32 / cr;
-    let bc = (maxc - b) as f32 / cr;
+    let div = quotients();
+    let q = |a: u8, b: u8| div[(a as usize) << 8 | b as usize];
+    let cr = maxc - minc;
+    let s = q(cr, maxc);
+    let rc = q(maxc - r, cr);
+    let gc = q(maxc - g, cr);
+    let bc = q(maxc - b, cr);
     let h: f32 = if r == maxc {
         bc - gc
     } else if g == maxc {
@@ -77,7 +97,9 @@ pub fn rgb_to_hsv(r: u8, g: u8, b: u8) -> (u8, u8, u8) {
     } else {
         (4.0 + gc as f64 - rc as f64) as f32
     };
-    let h = ((h as f64 / 6.0 + 1.0) % 1.0) as f32;
+    // fmod(x, 1) for x in [5/6, 11/6): subtracting 1 is exact there (and avoids a libm call).
+    let x = h as f64 / 6.0 + 1.0;
+    let h = (if x >= 1.0 { x - 1.0 } else { x }) as f32;
     let to8 = |x: f32| ((x as f64 * 255.0) as i32).clamp(0, 255) as u8;
     (to8(h), to8(s), maxc)
 }
@@ -89,12 +111,16 @@ pub fn hsv_to_rgb(h: u8, s: u8, v: u8) -> (u8, u8, u8) {
         return (v, v, v);
     }
     let h6 = h as f64 * 6.0 / 255.0;
-    let i = h6.floor() as i32;
+    let i = h6 as i32; // floor: h6 >= 0
     let f = (h6 - i as f64) as f32;
     let fs = (s as f64 / 255.0) as f32;
     let vf = v as f64;
-    // C's round(): half away from zero, like f64::round.
-    let to8 = |x: f64| (x.round() as i32).clamp(0, 255) as u8;
+    // C's round() (half away from zero) for x in [0, 255], without a libm call: x - trunc(x)
+    // is exact.
+    let to8 = |x: f64| {
+        let t = x as i32;
+        (if x - t as f64 >= 0.5 { t + 1 } else { t }).clamp(0, 255) as u8
+    };
     let p = to8(vf * (1.0 - fs as f64));
     let q = to8(vf * (1.0 - (fs * f) as f64));
     let t = to8(vf * (1.0 - fs as f64 * (1.0 - f as f64)));

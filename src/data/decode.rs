@@ -50,10 +50,7 @@ pub enum DecodeError {
     #[error("not an image (named {named}, contents match no supported format)")]
     NotAnImage { named: String },
     #[error("unsupported {format} image: {detail}")]
-    Unsupported {
-        format: ImageFormat,
-        detail: String,
-    },
+    Unsupported { format: ImageFormat, detail: String },
     #[error("{width}x{height} image has more than {max_pixels} pixels (decompression bomb?)")]
     TooLarge {
         width: u32,
@@ -61,10 +58,7 @@ pub enum DecodeError {
         max_pixels: u64,
     },
     #[error("corrupt or truncated {format}: {detail}")]
-    Corrupt {
-        format: ImageFormat,
-        detail: String,
-    },
+    Corrupt { format: ImageFormat, detail: String },
 }
 
 impl DecodeError {
@@ -176,7 +170,8 @@ fn decode_with_image_crate(
     let orientation = decoder
         .orientation()
         .unwrap_or(image::metadata::Orientation::NoTransforms);
-    let mut dynamic = image::DynamicImage::from_decoder(decoder).map_err(|e| image_error(format, e))?;
+    let mut dynamic =
+        image::DynamicImage::from_decoder(decoder).map_err(|e| image_error(format, e))?;
     dynamic.apply_orientation(orientation);
     let rgb = dynamic.into_rgb8();
     Ok(RgbImage {
@@ -248,7 +243,10 @@ mod turbo {
         let mut dec = turbojpeg::Decompressor::new().map_err(corrupt)?;
         let header = dec.read_header(bytes).map_err(corrupt)?;
         check_pixels(header.width as u32, header.height as u32, max_pixels)?;
-        if matches!(header.colorspace, turbojpeg::Colorspace::CMYK | turbojpeg::Colorspace::YCCK) {
+        if matches!(
+            header.colorspace,
+            turbojpeg::Colorspace::CMYK | turbojpeg::Colorspace::YCCK
+        ) {
             return Ok(None);
         }
         let short = header.width.min(header.height);
@@ -274,7 +272,8 @@ mod turbo {
             height: scaled.height,
             format: turbojpeg::PixelFormat::RGB,
         };
-        dec.decompress(bytes, image.as_deref_mut()).map_err(corrupt)?;
+        dec.decompress(bytes, image.as_deref_mut())
+            .map_err(corrupt)?;
         let mut img = RgbImage {
             width: scaled.width as u32,
             height: scaled.height as u32,

@@ -65,8 +65,14 @@ pub fn demo_split(split: Split) -> Result<DemoImages> {
             labels.dims[0]
         )));
     }
-    if let Some(&l) = labels.data.iter().find(|&&l| l as usize >= CLASS_NAMES.len()) {
-        return Err(Error::Data(format!("embedded demo {split:?}: label {l} out of range")));
+    if let Some(&l) = labels
+        .data
+        .iter()
+        .find(|&&l| l as usize >= CLASS_NAMES.len())
+    {
+        return Err(Error::Data(format!(
+            "embedded demo {split:?}: label {l} out of range"
+        )));
     }
     Ok(DemoImages {
         split,

@@ -105,16 +105,31 @@ mod tests {
         assert_eq!(ImageFormat::from_extension("Png"), Some(ImageFormat::Png));
         assert_eq!(ImageFormat::from_extension("TIF"), Some(ImageFormat::Tiff));
         assert_eq!(ImageFormat::from_extension("txt"), None);
-        assert_eq!(ImageFormat::from_path(Path::new("a/b.WEBP")), Some(ImageFormat::Webp));
+        assert_eq!(
+            ImageFormat::from_path(Path::new("a/b.WEBP")),
+            Some(ImageFormat::Webp)
+        );
         assert_eq!(ImageFormat::from_path(Path::new("a/noext")), None);
     }
 
     #[test]
     fn sniff_recognises_magic_bytes() {
-        assert_eq!(ImageFormat::sniff(&[0xFF, 0xD8, 0xFF, 0xE0]), Some(ImageFormat::Jpeg));
-        assert_eq!(ImageFormat::sniff(b"\x89PNG\r\n\x1a\nrest"), Some(ImageFormat::Png));
-        assert_eq!(ImageFormat::sniff(b"RIFF\0\0\0\0WEBPVP8 "), Some(ImageFormat::Webp));
-        assert_eq!(ImageFormat::sniff(b"P6\n2 2\n255\n"), Some(ImageFormat::Pnm));
+        assert_eq!(
+            ImageFormat::sniff(&[0xFF, 0xD8, 0xFF, 0xE0]),
+            Some(ImageFormat::Jpeg)
+        );
+        assert_eq!(
+            ImageFormat::sniff(b"\x89PNG\r\n\x1a\nrest"),
+            Some(ImageFormat::Png)
+        );
+        assert_eq!(
+            ImageFormat::sniff(b"RIFF\0\0\0\0WEBPVP8 "),
+            Some(ImageFormat::Webp)
+        );
+        assert_eq!(
+            ImageFormat::sniff(b"P6\n2 2\n255\n"),
+            Some(ImageFormat::Pnm)
+        );
         assert_eq!(ImageFormat::sniff(b"hello world"), None);
         assert_eq!(ImageFormat::sniff(b""), None);
     }

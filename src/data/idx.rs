@@ -105,12 +105,24 @@ mod tests {
     #[test]
     fn bad_magic_short_files_and_bad_gzip_are_typed_errors() {
         let labels = idx(0x801, &[3], &[1, 2, 3]);
-        assert!(matches!(read_idx(&labels, 3), Err(IdxError::BadMagic { magic: 0x801, .. })));
+        assert!(matches!(
+            read_idx(&labels, 3),
+            Err(IdxError::BadMagic { magic: 0x801, .. })
+        ));
         let short = idx(0x803, &[2, 2, 2], &[1, 2, 3]);
-        assert!(matches!(read_idx(&short, 3), Err(IdxError::Short { got: 19, want: 24 })));
+        assert!(matches!(
+            read_idx(&short, 3),
+            Err(IdxError::Short { got: 19, want: 24 })
+        ));
         assert!(matches!(read_idx(&[0, 0], 1), Err(IdxError::Short { .. })));
         let header_cut = &idx(0x803, &[2, 2, 2], &[])[..10];
-        assert!(matches!(read_idx(header_cut, 3), Err(IdxError::Short { got: 10, want: 16 })));
-        assert!(matches!(read_idx(&[0x1F, 0x8B, 8, 0, 1], 1), Err(IdxError::Gzip(_))));
+        assert!(matches!(
+            read_idx(header_cut, 3),
+            Err(IdxError::Short { got: 10, want: 16 })
+        ));
+        assert!(matches!(
+            read_idx(&[0x1F, 0x8B, 8, 0, 1], 1),
+            Err(IdxError::Gzip(_))
+        ));
     }
 }

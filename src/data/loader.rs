@@ -194,7 +194,11 @@ impl Loader {
 
     /// Unreadable images in `epoch` (final once the epoch's last batch was delivered).
     pub fn bad_in_epoch(&self, epoch: u64) -> u64 {
-        lock(&self.shared.bad).per_epoch.get(&epoch).copied().unwrap_or(0)
+        lock(&self.shared.bad)
+            .per_epoch
+            .get(&epoch)
+            .copied()
+            .unwrap_or(0)
     }
 
     /// Prints one line per epoch that ended with `step`'s batch and had unreadable images.
@@ -303,7 +307,8 @@ fn build_batch(shared: &Shared, scratch: &mut Scratch, step: u64) -> Result<Batc
     let first = step * b_size as u64;
     batch.epoch = first / n;
 
-    let mut globals: Vec<Option<&mut [f32]>> = batch.global.chunks_exact_mut(gl).map(Some).collect();
+    let mut globals: Vec<Option<&mut [f32]>> =
+        batch.global.chunks_exact_mut(gl).map(Some).collect();
     let mut locals: Vec<Option<&mut [f32]>> = if ll == 0 {
         Vec::new()
     } else {
@@ -352,7 +357,9 @@ fn load_or_replace(
             Err(e) => note_bad(shared, index, (t == 0).then_some(epoch), &e),
         }
     }
-    Err(Error::Data("no image of the source can be read any more".into()))
+    Err(Error::Data(
+        "no image of the source can be read any more".into(),
+    ))
 }
 
 fn note_bad(shared: &Shared, index: usize, epoch: Option<u64>, e: &DecodeError) {

@@ -200,13 +200,8 @@ pub fn scan_folder(root: &Path, opts: &ScanOptions) -> Result<ScanResult> {
         .map(|(path, format)| {
             let label = match opts.labels {
                 Labels::None => None,
-                Labels::Subfolder => class_of(&path).and_then(|c| {
-                    result
-                        .classes
-                        .binary_search(&c)
-                        .ok()
-                        .map(|i| i as u32)
-                }),
+                Labels::Subfolder => class_of(&path)
+                    .and_then(|c| result.classes.binary_search(&c).ok().map(|i| i as u32)),
             };
             ImageEntry {
                 path,
