@@ -23,11 +23,20 @@ pub fn luma(r: u8, g: u8, b: u8) -> u8 {
     ((r as u32 * 19595 + g as u32 * 38470 + b as u32 * 7471 + 0x8000) >> 16) as u8
 }
 
+/// Applies a per-value map, tabulated once (exact: the map only depends on the value).
+fn apply_table(pixels: &mut [u8], f: impl Fn(u8) -> u8) {
+    let mut table = [0u8; 256];
+    for (v, t) in table.iter_mut().enumerate() {
+        *t = f(v as u8);
+    }
+    for v in pixels.iter_mut() {
+        *v = table[*v as usize];
+    }
+}
+
 /// `ImageEnhance.Brightness(img).enhance(factor)`: a blend with black.
 pub fn adjust_brightness(pixels: &mut [u8], factor: f32) {
-    for v in pixels.iter_mut() {
-        *v = blend(0, *v, factor);
-    }
+    apply_table(pixels, |v| blend(0, v, factor));
 }
 
 /// `ImageEnhance.Contrast(img).enhance(factor)`: a blend with the rounded mean luma.
@@ -41,9 +50,7 @@ pub fn adjust_contrast(pixels: &mut [u8], factor: f32) {
         .map(|p| luma(p[0], p[1], p[2]) as u64)
         .sum();
     let mean = (sum as f64 / n as f64 + 0.5) as u8;
-    for v in pixels.iter_mut() {
-        *v = blend(mean, *v, factor);
-    }
+    apply_table(pixels, |v| blend(mean, v, factor));
 }
 
 /// `ImageEnhance.Color(img).enhance(factor)`: a blend with the pixel's own luma.
@@ -104,16 +111,42 @@ pub fn rgb_to_hsv(r: u8, g: u8, b: u8) -> (u8, u8, u8) {
     (to8(h), to8(s), maxc)
 }
 
+/// Per-hue sector and fraction, per-saturation fraction: the divisions of Pillow's HSV → RGB
+/// that depend on one channel only, computed once.
+struct HsvTables {
+    sector: [u8; 256],
+    frac: [f32; 256],
+    sat: [f32; 256],
+}
+
+fn hsv_tables() -> &'static HsvTables {
+    static TABLES: std::sync::OnceLock<HsvTables> = std::sync::OnceLock::new();
+    TABLES.get_or_init(|| {
+        let mut t = HsvTables {
+            sector: [0; 256],
+            frac: [0.0; 256],
+            sat: [0.0; 256],
+        };
+        for x in 0..256usize {
+            let h6 = x as f64 * 6.0 / 255.0;
+            let i = h6 as i32; // floor: h6 >= 0
+            t.sector[x] = (i % 6) as u8;
+            t.frac[x] = (h6 - i as f64) as f32;
+            t.sat[x] = (x as f64 / 255.0) as f32;
+        }
+        t
+    })
+}
+
 /// Pillow's HSV → RGB (each channel 8-bit), with Pillow's float/double mix.
 #[inline]
 pub fn hsv_to_rgb(h: u8, s: u8, v: u8) -> (u8, u8, u8) {
     if s == 0 {
         return (v, v, v);
     }
-    let h6 = h as f64 * 6.0 / 255.0;
-    let i = h6 as i32; // floor: h6 >= 0
-    let f = (h6 - i as f64) as f32;
-    let fs = (s as f64 / 255.0) as f32;
+    let tables = hsv_tables();
+    let f = tables.frac[h as usize];
+    let fs = tables.sat[s as usize];
     let vf = v as f64;
     // C's round() (half away from zero) for x in [0, 255], without a libm call: x - trunc(x)
     // is exact.
@@ -124,7 +157,7 @@ pub fn hsv_to_rgb(h: u8, s: u8, v: u8) -> (u8, u8, u8) {
     let p = to8(vf * (1.0 - fs as f64));
     let q = to8(vf * (1.0 - (fs * f) as f64));
     let t = to8(vf * (1.0 - fs as f64 * (1.0 - f as f64)));
-    match i % 6 {
+    match tables.sector[h as usize] {
         0 => (v, t, p),
         1 => (q, v, p),
         2 => (p, v, t),
@@ -160,11 +193,7 @@ pub fn grayscale(pixels: &mut [u8]) {
 
 /// `ImageOps.solarize(img, threshold)`: values at or above the threshold are inverted.
 pub fn solarize(pixels: &mut [u8], threshold: u8) {
-    for v in pixels.iter_mut() {
-        if *v >= threshold {
-            *v = 255 - *v;
-        }
-    }
+    apply_table(pixels, |v| if v >= threshold { 255 - v } else { v });
 }
 
 #[cfg(test)]
