@@ -17,6 +17,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             cli::verify::golden(&fixture, &result)?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Scan { dir, max_pixels } => cli::scan::scan(&dir, max_pixels),
         Command::Verify { dir, device } => {
             check_cpu(&device)?;
             let ok = cli::verify::verify(&dir)?;

@@ -1,5 +1,6 @@
 //! The command-line interface: a thin layer over the library.
 
+pub mod scan;
 pub mod verify;
 
 use clap::{Parser, Subcommand};
@@ -34,5 +35,14 @@ pub enum Command {
         /// Device to compute on.
         #[arg(long, default_value = "cpu")]
         device: String,
+    },
+    /// Decode every image under DIR and report formats, sizes and unreadable files.
+    /// Exit code 0: all readable; 3: some unreadable; 4: none readable.
+    Scan {
+        /// The image folder (searched recursively).
+        dir: PathBuf,
+        /// Images with more pixels are refused as decompression bombs.
+        #[arg(long, default_value_t = dinotrain::data::decode::DEFAULT_MAX_PIXELS)]
+        max_pixels: u64,
     },
 }

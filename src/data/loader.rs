@@ -1,0 +1,380 @@
+//! The parallel loader: worker threads turn steps into crop-major batches, ahead of the
+//! trainer, in a bounded queue.
+//!
+//! Sample `k` of the run (`k = step · B + b`) is image `perm_e[k mod N]` of epoch `e = k / N`,
+//! where `perm_e` is a shuffle keyed by (seed, epoch). Its crops are drawn from
+//! `keyed(seed, [CROPS, e, image])`. Both depend only on (seed, k), so a run resumed at any
+//! step sees exactly the batches of the uninterrupted run.
+//!
+//! An image that fails to load is reported (a warning naming it, capped, then counted) and
+//! replaced by the next loadable image of the epoch's order, so batch shapes never change.
+
+use crate::data::augment::{multi_crop_with, MultiCropConfig, Scratch};
+use crate::data::decode::{DecodeError, RgbImage};
+pub use crate::data::source::ImageSource;
+use crate::error::{Error, Result};
+use crate::rng::{keyed, stream};
+use rand::Rng as _;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+/// How the loader runs.
+#[derive(Clone, Debug)]
+pub struct LoaderConfig {
+    pub crops: MultiCropConfig,
+    /// Worker threads (each builds whole batches).
+    pub workers: usize,
+    /// Finished batches waiting for the trainer, at most.
+    pub prefetch: usize,
+    /// Bad-file warnings printed before only counting them.
+    pub max_warnings: u64,
+}
+
+impl Default for LoaderConfig {
+    fn default() -> Self {
+        LoaderConfig {
+            crops: MultiCropConfig::default(),
+            workers: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            prefetch: 2,
+            max_warnings: 20,
+        }
+    }
+}
+
+/// One training batch, crop-major.
+#[derive(Clone, Debug, Default)]
+pub struct Batch {
+    /// `[G·B, 3, S, S]`: every image's global crop 1, then every image's global crop 2.
+    pub global: Vec<f32>,
+    /// `[L·B, 3, s, s]`: local crop 1 of every image, then local crop 2, ...
+    pub local: Vec<f32>,
+    /// `[B]`: the image each row came from (after replacing unreadable ones).
+    pub indices: Vec<usize>,
+    pub step: u64,
+    /// The epoch of the batch's first sample.
+    pub epoch: u64,
+}
+
+/// Bad-file bookkeeping shared by the workers.
+#[derive(Default)]
+struct BadFiles {
+    /// Images known to fail: replacements skip them.
+    known: HashSet<usize>,
+    /// Images already named in a warning (each is named once).
+    named: HashSet<usize>,
+    /// Warnings printed.
+    warned: u64,
+    /// Failed loads of a sample's own image, in all epochs.
+    total: u64,
+    /// The same, per epoch: once an epoch is delivered, the number of its unreadable images.
+    per_epoch: BTreeMap<u64, u64>,
+}
+
+struct Shared {
+    source: Arc<dyn ImageSource>,
+    crops: MultiCropConfig,
+    batch_size: usize,
+    seed: u64,
+    max_warnings: u64,
+    next_step: AtomicU64,
+    stop: AtomicBool,
+    bad: Mutex<BadFiles>,
+    perms: Mutex<HashMap<u64, Arc<Vec<u32>>>>,
+    spare: Mutex<Vec<Batch>>,
+}
+
+/// Worker threads producing batches in step order.
+pub struct Loader {
+    shared: Arc<Shared>,
+    rx: Option<Receiver<(u64, Result<Batch>)>>,
+    workers: Vec<JoinHandle<()>>,
+    pending: BTreeMap<u64, Result<Batch>>,
+    next_step: u64,
+    waited: f64,
+    epochs_reported: u64,
+}
+
+impl Loader {
+    /// Starts the workers at `start_step`. Fails before any work when the recipe is invalid or
+    /// when no image of the source can be read.
+    pub fn new(
+        source: Arc<dyn ImageSource>,
+        cfg: LoaderConfig,
+        batch_size: usize,
+        seed: u64,
+        start_step: u64,
+    ) -> Result<Self> {
+        cfg.crops.validate()?;
+        if batch_size == 0 {
+            return Err(Error::Config("batch size must be positive".into()));
+        }
+        if source.is_empty() {
+            return Err(Error::Data("the image source is empty".into()));
+        }
+        let shared = Arc::new(Shared {
+            source,
+            crops: cfg.crops,
+            batch_size,
+            seed,
+            max_warnings: cfg.max_warnings,
+            next_step: AtomicU64::new(start_step),
+            stop: AtomicBool::new(false),
+            bad: Mutex::new(BadFiles::default()),
+            perms: Mutex::new(HashMap::new()),
+            spare: Mutex::new(Vec::new()),
+        });
+        first_readable(&shared)?;
+        let (tx, rx) = sync_channel(cfg.prefetch.max(1));
+        let workers = (0..cfg.workers.max(1))
+            .map(|w| {
+                let shared = Arc::clone(&shared);
+                let tx = tx.clone();
+                std::thread::Builder::new()
+                    .name(format!("dinotrain-loader-{w}"))
+                    .spawn(move || worker(&shared, &tx))
+                    .map_err(|e| Error::Data(format!("cannot start loader thread: {e}")))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let n = shared.source.len() as u64;
+        Ok(Loader {
+            shared,
+            rx: Some(rx),
+            workers,
+            pending: BTreeMap::new(),
+            next_step: start_step,
+            waited: 0.0,
+            epochs_reported: start_step * batch_size as u64 / n,
+        })
+    }
+
+    /// The next batch in step order (blocks until it is ready).
+    pub fn next_batch(&mut self) -> Result<Batch> {
+        let step = self.next_step;
+        let start = Instant::now();
+        let result = loop {
+            if let Some(r) = self.pending.remove(&step) {
+                break r;
+            }
+            let Some(rx) = &self.rx else {
+                return Err(Error::Data("loader is shut down".into()));
+            };
+            match rx.recv() {
+                Ok((s, r)) => {
+                    self.pending.insert(s, r);
+                }
+                Err(_) => return Err(Error::Data("all loader threads stopped".into())),
+            }
+        };
+        self.waited += start.elapsed().as_secs_f64();
+        self.next_step += 1;
+        let batch = result?;
+        self.report_finished_epochs(step);
+        Ok(batch)
+    }
+
+    /// Gives a batch's buffers back for reuse.
+    pub fn recycle(&self, batch: Batch) {
+        lock(&self.shared.spare).push(batch);
+    }
+
+    /// Seconds the caller has spent waiting in [`Loader::next_batch`].
+    pub fn wait_seconds(&self) -> f64 {
+        self.waited
+    }
+
+    /// Samples whose image was unreadable and replaced, so far (workers run ahead of the
+    /// trainer, so this may include batches not yet delivered).
+    pub fn bad_images(&self) -> u64 {
+        lock(&self.shared.bad).total
+    }
+
+    /// Unreadable images in `epoch` (final once the epoch's last batch was delivered).
+    pub fn bad_in_epoch(&self, epoch: u64) -> u64 {
+        lock(&self.shared.bad)
+            .per_epoch
+            .get(&epoch)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// Prints one line per epoch that ended with `step`'s batch and had unreadable images.
+    fn report_finished_epochs(&mut self, step: u64) {
+        let n = self.shared.source.len() as u64;
+        let done = (step + 1) * self.shared.batch_size as u64 / n; // epochs fully delivered
+        while self.epochs_reported < done {
+            let e = self.epochs_reported;
+            let bad = lock(&self.shared.bad);
+            if let Some(&count) = bad.per_epoch.get(&e) {
+                eprintln!(
+                    "warning: epoch {e}: {count} unreadable images skipped and replaced ({} distinct files so far)",
+                    bad.known.len()
+                );
+            }
+            self.epochs_reported += 1;
+        }
+    }
+}
+
+impl Drop for Loader {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::SeqCst);
+        // Dropping the receiver wakes workers blocked on a full queue.
+        self.rx = None;
+        for w in self.workers.drain(..) {
+            let _ = w.join();
+        }
+    }
+}
+
+/// A poisoned lock only means another worker panicked; the data is still consistent counters.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn first_readable(shared: &Shared) -> Result<()> {
+    let n = shared.source.len();
+    let mut first_error = None;
+    for i in 0..n {
+        match shared.source.load(i) {
+            Ok(_) => {
+                if i > 0 {
+                    eprintln!("warning: the first {i} images are unreadable");
+                }
+                return Ok(());
+            }
+            Err(e) => {
+                if first_error.is_none() {
+                    first_error = Some(format!("{}: {e}", shared.source.name(i)));
+                }
+            }
+        }
+    }
+    Err(Error::Data(format!(
+        "none of the {n} images can be read (first: {})",
+        first_error.unwrap_or_default()
+    )))
+}
+
+/// The shuffled order of epoch `epoch` (cached: workers share the current epochs).
+fn epoch_order(shared: &Shared, epoch: u64) -> Arc<Vec<u32>> {
+    let mut perms = lock(&shared.perms);
+    if let Some(p) = perms.get(&epoch) {
+        return Arc::clone(p);
+    }
+    let n = shared.source.len();
+    let mut order: Vec<u32> = (0..n as u32).collect();
+    let mut rng = keyed(shared.seed, &[stream::SHUFFLE, epoch]);
+    for i in (1..n).rev() {
+        order.swap(i, rng.random_range(0..=i));
+    }
+    let order = Arc::new(order);
+    // Keep the orders of a few recent epochs only.
+    if perms.len() >= 4 {
+        if let Some(&oldest) = perms.keys().min() {
+            perms.remove(&oldest);
+        }
+    }
+    perms.insert(epoch, Arc::clone(&order));
+    order
+}
+
+fn worker(shared: &Shared, tx: &SyncSender<(u64, Result<Batch>)>) {
+    let mut scratch = Scratch::default();
+    while !shared.stop.load(Ordering::SeqCst) {
+        let step = shared.next_step.fetch_add(1, Ordering::SeqCst);
+        let batch = build_batch(shared, &mut scratch, step);
+        let failed = batch.is_err();
+        if tx.send((step, batch)).is_err() || failed {
+            return;
+        }
+    }
+}
+
+fn build_batch(shared: &Shared, scratch: &mut Scratch, step: u64) -> Result<Batch> {
+    let cfg = &shared.crops;
+    let b_size = shared.batch_size;
+    let (gl, ll) = (cfg.global_len(), cfg.local_len());
+    let mut batch = lock(&shared.spare).pop().unwrap_or_default();
+    batch.global.resize(cfg.n_global * b_size * gl, 0.0);
+    batch.local.resize(cfg.n_local * b_size * ll, 0.0);
+    batch.indices.clear();
+    batch.step = step;
+    let n = shared.source.len() as u64;
+    let first = step * b_size as u64;
+    batch.epoch = first / n;
+
+    let mut globals: Vec<Option<&mut [f32]>> =
+        batch.global.chunks_exact_mut(gl).map(Some).collect();
+    let mut locals: Vec<Option<&mut [f32]>> = if ll == 0 {
+        Vec::new()
+    } else {
+        batch.local.chunks_exact_mut(ll).map(Some).collect()
+    };
+    for b in 0..b_size {
+        let k = first + b as u64;
+        let (epoch, pos) = (k / n, (k % n) as usize);
+        let order = epoch_order(shared, epoch);
+        let slot = order[pos] as usize;
+        let (index, img) = load_or_replace(shared, &order, pos, epoch)?;
+        // Each slot has its own stream, so a replacement image drawn twice gets other crops.
+        let mut rng = keyed(shared.seed, &[stream::CROPS, epoch, slot as u64]);
+        // Crop c of image b sits at row c·B + b; every row is taken exactly once.
+        let mut g: Vec<&mut [f32]> = (0..cfg.n_global)
+            .filter_map(|c| globals[c * b_size + b].take())
+            .collect();
+        let mut l: Vec<&mut [f32]> = (0..cfg.n_local)
+            .filter_map(|c| locals.get_mut(c * b_size + b).and_then(Option::take))
+            .collect();
+        multi_crop_with(scratch, &img, cfg, &mut rng, &mut g, &mut l)?;
+        batch.indices.push(index);
+    }
+    drop(globals);
+    drop(locals);
+    Ok(batch)
+}
+
+/// Loads the image at `pos` of the epoch order, or the next loadable one after it.
+fn load_or_replace(
+    shared: &Shared,
+    order: &[u32],
+    pos: usize,
+    epoch: u64,
+) -> Result<(usize, RgbImage)> {
+    let n = order.len();
+    for t in 0..n {
+        let index = order[(pos + t) % n] as usize;
+        if t > 0 && lock(&shared.bad).known.contains(&index) {
+            continue;
+        }
+        match shared.source.load(index) {
+            Ok(img) => return Ok((index, img)),
+            // Only the slot's own image counts: which replacements were tried depends on
+            // what other workers learned first, and the counts must not.
+            Err(e) => note_bad(shared, index, (t == 0).then_some(epoch), &e),
+        }
+    }
+    Err(Error::Data(
+        "no image of the source can be read any more".into(),
+    ))
+}
+
+fn note_bad(shared: &Shared, index: usize, epoch: Option<u64>, e: &DecodeError) {
+    let mut bad = lock(&shared.bad);
+    bad.known.insert(index);
+    if let Some(epoch) = epoch {
+        bad.total += 1;
+        *bad.per_epoch.entry(epoch).or_insert(0) += 1;
+    }
+    if bad.named.insert(index) {
+        if bad.warned < shared.max_warnings {
+            eprintln!("warning: skipping {}: {e}", shared.source.name(index));
+        } else if bad.warned == shared.max_warnings {
+            eprintln!("warning: more unreadable images: only counted from now on");
+        }
+        bad.warned += 1;
+    }
+}
