@@ -11,7 +11,8 @@ use dinotrain::optim::{LayerDecay, ScheduleConfig, Schedules};
 use dinotrain::rng::{keyed, stream};
 use dinotrain::ssl::step::{HeadConfig, LossConfig};
 use dinotrain::ssl::Method;
-use dinotrain::train::trainer::{CenteringMode, TrainPlan, Trainer};
+use dinotrain::train::config::Centering;
+use dinotrain::train::trainer::{TrainPlan, Trainer};
 use rand::Rng as _;
 use std::hint::black_box;
 
@@ -37,7 +38,7 @@ fn plan(
         },
         ibot_head: None,
         losses: LossConfig::official(Method::Dinov2),
-        centering: CenteringMode::Softmax,
+        centering: Centering::Softmax,
         batch_size: batch,
         n_local_crops: 8,
         global_crop_size: global,

@@ -7,7 +7,8 @@ use dinotrain::optim::{LayerDecay, ScheduleConfig, Schedules};
 use dinotrain::rng::{keyed, stream};
 use dinotrain::ssl::step::{HeadConfig, LossConfig};
 use dinotrain::ssl::Method;
-use dinotrain::train::trainer::{CenteringMode, TrainPlan, Trainer};
+use dinotrain::train::config::Centering;
+use dinotrain::train::trainer::{TrainPlan, Trainer};
 use rand::Rng as _;
 
 fn micro_plan(method: Method) -> TrainPlan {
@@ -22,7 +23,7 @@ fn micro_plan(method: Method) -> TrainPlan {
         },
         ibot_head: None,
         losses: LossConfig::official(method),
-        centering: CenteringMode::Softmax,
+        centering: Centering::Softmax,
         batch_size: 4,
         n_local_crops: 2,
         global_crop_size: 16,

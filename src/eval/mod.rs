@@ -1,5 +1,6 @@
 //! Evaluation: k-NN classification of (teacher) features.
 
+pub mod embed;
 pub mod knn;
 
 pub use knn::{knn_classify, topk_accuracy, KnnPerK, KnnResult};

@@ -23,7 +23,8 @@ use std::str::FromStr;
 
 /// Which stage of the method to train (`--method`): the seed's lesson is to validate stage by
 /// stage.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Method {
     /// DINO: the CLS-token loss only.
     Dino,

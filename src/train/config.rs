@@ -288,19 +288,8 @@ pub struct EvaluationSection {
     pub eval_period_iterations: u64,
 }
 
-/// Which stage of the method trains (`--method`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Method {
-    /// DINO CLS loss only.
-    #[serde(rename = "dino")]
-    Dino,
-    /// DINO + iBOT masked patch loss.
-    #[serde(rename = "ibot")]
-    Ibot,
-    /// DINO + iBOT + KoLeo (the official recipe).
-    #[serde(rename = "dinov2")]
-    Dinov2,
-}
+/// Which stage of the method trains (`dinotrain.method`, `--method`).
+pub use crate::ssl::Method;
 
 /// What `dinotrain.steps` does to the epoch-denominated schedules.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -17,15 +17,7 @@ use crate::ssl::step::{
     forward_backward, HeadConfig, LossConfig, SslModel, StepBatch, StepOutput, TeacherTargets,
 };
 use crate::ssl::{collate_masks, Centering, MaskingGenerator};
-
-/// How teacher outputs become targets (`train.centering`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum CenteringMode {
-    /// Softmax with the lagged EMA center (official default).
-    Softmax,
-    /// Sinkhorn-Knopp, 3 iterations.
-    SinkhornKnopp,
-}
+use crate::train::config::Centering as CenteringMode;
 
 /// Everything one iteration needs, resolved from the configuration.
 #[derive(Clone, Debug, PartialEq)]
@@ -35,6 +27,7 @@ pub struct TrainPlan {
     /// `Some` for a separate iBOT head.
     pub ibot_head: Option<HeadConfig>,
     pub losses: LossConfig,
+    /// `train.centering`: softmax with the lagged center, or Sinkhorn-Knopp.
     pub centering: CenteringMode,
     /// Images per step (`B`).
     pub batch_size: usize,

@@ -1,0 +1,142 @@
+//! Evaluation features: the official evaluation transform and the teacher backbone's normalised
+//! CLS token (what the official k-NN uses), and k-NN accuracy of a labelled source.
+
+use crate::data::augment::normalize_chw;
+use crate::data::resize::{resize_bicubic, Rect};
+use crate::data::{ImageSource, RgbImage};
+use crate::error::{Error, Result};
+use crate::eval::knn_classify;
+use crate::ssl::step::SslModel;
+use rayon::prelude::*;
+
+/// ImageNet normalisation (the official transforms).
+pub const MEAN: [f32; 3] = [0.485, 0.456, 0.406];
+pub const STD: [f32; 3] = [0.229, 0.224, 0.225];
+
+/// The official evaluation transform at `size` (224 officially): resize the shorter side to
+/// `size · 256/224` (bicubic), centre-crop `size × size`, normalise. Writes `[3, size, size]`.
+pub fn eval_transform(out: &mut [f32], img: &RgbImage, size: usize) {
+    let short = (size as f64 * 256.0 / 224.0).round() as u32;
+    let (w, h) = (img.width.max(1), img.height.max(1));
+    let (rw, rh) = if w <= h {
+        (short, ((h as u64 * short as u64) / w as u64).max(1) as u32)
+    } else {
+        (((w as u64 * short as u64) / h as u64).max(1) as u32, short)
+    };
+    let mut resized = vec![0u8; (rw * rh * 3) as usize];
+    let mut tmp = Vec::new();
+    let whole = Rect {
+        x: 0,
+        y: 0,
+        width: img.width,
+        height: img.height,
+    };
+    resize_bicubic(&mut resized, &mut tmp, &img.data, img.width, whole, rw, rh);
+    let s = size as u32;
+    let (x0, y0) = ((rw.saturating_sub(s)) / 2, (rh.saturating_sub(s)) / 2);
+    let mut crop = vec![0u8; size * size * 3];
+    for y in 0..s.min(rh) {
+        let src = ((y0 + y) * rw + x0) as usize * 3;
+        let n = s.min(rw) as usize * 3;
+        crop[y as usize * size * 3..y as usize * size * 3 + n]
+            .copy_from_slice(&resized[src..src + n]);
+    }
+    normalize_chw(out, &crop, MEAN, STD);
+}
+
+/// Normalised CLS features `[n, D]` of every image of `source` under `params`, at `size`
+/// pixels, in chunks of `chunk` images. Unreadable images are an error naming the file.
+pub fn source_features(
+    model: &SslModel,
+    params: &[f32],
+    source: &dyn ImageSource,
+    size: usize,
+    chunk: usize,
+) -> Result<Vec<f32>> {
+    let n = source.len();
+    let per = 3 * size * size;
+    let d = model.backbone.cfg.embed_dim;
+    let mut features = Vec::with_capacity(n * d);
+    for start in (0..n).step_by(chunk.max(1)) {
+        let m = chunk.max(1).min(n - start);
+        let mut images = vec![0f32; m * per];
+        images
+            .par_chunks_mut(per)
+            .enumerate()
+            .try_for_each(|(j, out)| {
+                let img = source
+                    .load(start + j)
+                    .map_err(|e| Error::Data(format!("{}: {e}", source.name(start + j))))?;
+                eval_transform(out, &img, size);
+                Ok::<(), Error>(())
+            })?;
+        let o = model
+            .backbone
+            .forward_inference(params, &images, m, size, size, None)?;
+        features.extend_from_slice(&o.cls);
+    }
+    Ok(features)
+}
+
+/// The labels of every image of `source`; an unlabelled image is an error.
+pub fn source_labels(source: &dyn ImageSource) -> Result<Vec<usize>> {
+    (0..source.len())
+        .map(|i| {
+            source
+                .label(i)
+                .map(|l| l as usize)
+                .ok_or_else(|| Error::Data(format!("{} has no class label", source.name(i))))
+        })
+        .collect()
+}
+
+/// k-NN top-1 accuracy (in %) for each k of `nb_knn`, with the official weighting.
+pub fn knn_top1(
+    train: &[f32],
+    train_labels: &[usize],
+    test: &[f32],
+    test_labels: &[usize],
+    dim: usize,
+    nb_knn: &[usize],
+    temperature: f32,
+) -> Result<Vec<(usize, f64)>> {
+    let result = knn_classify(train, train_labels, test, dim, nb_knn, temperature)?;
+    Ok(result
+        .per_k
+        .iter()
+        .map(|pk| {
+            let correct = pk
+                .top1
+                .iter()
+                .zip(test_labels)
+                .filter(|(p, l)| p == l)
+                .count();
+            (
+                pk.k,
+                100.0 * correct as f64 / test_labels.len().max(1) as f64,
+            )
+        })
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn eval_transform_keeps_a_uniform_image_uniform_and_centres_the_crop() {
+        let img = RgbImage {
+            width: 28,
+            height: 40,
+            data: [10u8, 128, 250].repeat(28 * 40),
+        };
+        let mut out = vec![0f32; 3 * 32 * 32];
+        eval_transform(&mut out, &img, 32);
+        for (c, &v) in [10u8, 128, 250].iter().enumerate() {
+            let want = (v as f32 / 255.0 - MEAN[c]) / STD[c];
+            assert!(out[c * 1024..(c + 1) * 1024]
+                .iter()
+                .all(|&x| (x - want).abs() < 1e-5));
+        }
+    }
+}
