@@ -7,7 +7,10 @@ use cli::{Cli, Command};
 use std::process::ExitCode;
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    match cli.command {
+    let command = cli
+        .command
+        .unwrap_or_else(|| Command::Train(cli::train::TrainArgs::parse_from(["train"])));
+    match command {
         Command::Golden {
             fixture,
             result,
@@ -15,6 +18,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => {
             check_cpu(&device)?;
             cli::verify::golden(&fixture, &result)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Train(args) => {
+            cli::train::run(args)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Scan { dir, max_pixels } => cli::scan::scan(&dir, max_pixels),
@@ -39,6 +46,8 @@ fn check_cpu(device: &str) -> anyhow::Result<()> {
 }
 
 fn main() -> ExitCode {
+    // Keep activation pages mapped between steps (the CPU step allocates per step).
+    dinotrain::backend::cpu::tune_allocator();
     match run(Cli::parse()) {
         Ok(code) => code,
         Err(e) => {

@@ -1,6 +1,7 @@
 //! The command-line interface: a thin layer over the library.
 
 pub mod scan;
+pub mod train;
 pub mod verify;
 
 use clap::{Parser, Subcommand};
@@ -10,12 +11,16 @@ use std::path::PathBuf;
 #[derive(Parser, Debug)]
 #[command(name = "dinotrain", version, about, long_about = None)]
 pub struct Cli {
+    /// Without a command, `dinotrain` runs `train` with its defaults (the demo).
     #[command(subcommand)]
-    pub command: Command,
+    pub command: Option<Command>,
 }
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
+    /// Train a ViT with DINOv2 (or its DINO / iBOT stages) on a folder of images; with no
+    /// --data, on the embedded Fashion-MNIST demo subset, ending with k-NN accuracy.
+    Train(train::TrainArgs),
     /// Compute the outputs of one golden fixture with this project's code and write them
     /// (every `out.*` tensor the schema names) to RESULT as safetensors.
     Golden {

@@ -35,6 +35,8 @@ pub mod outdir;
 pub mod plot;
 pub mod pretrained;
 pub mod progress;
+pub mod run;
 pub mod trainer;
 
 pub use config::{Config, ConfigBuilder, Method, Preset, ResolvedConfig};
+pub use run::{train, KnnReport, TrainOptions, TrainSummary};
