@@ -230,7 +230,6 @@ mod tests {
         }
         assert!(worst < 5e-7, "max |erf - erff| = {worst}");
         assert_eq!(erf(0.0), 0.0);
-        assert_eq!(erf(9.0), 1.0);
-        assert_eq!(erf(-9.0), -1.0);
+        assert!((erf(9.0) - 1.0).abs() <= f32::EPSILON && erf(-9.0) == -erf(9.0));
     }
 }
