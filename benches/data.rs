@@ -17,6 +17,7 @@ use dinotrain::rng::{keyed, stream};
 use std::hint::black_box;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 const PHOTOS: [&str; 4] = ["astronaut.jpg", "chelsea.jpg", "coffee.jpg", "rocket.jpg"];
 
@@ -40,6 +41,27 @@ fn crop_all(
     let mut ls: Vec<&mut [f32]> = l.chunks_exact_mut(cfg.local_len()).collect();
     let mut rng = keyed(0, &[stream::CROPS, 0, key]);
     multi_crop_with(scratch, img, cfg, &mut rng, &mut gs, &mut ls).expect("valid shapes");
+}
+
+/// This thread's CPU time (Linux: `/proc/thread-self/schedstat`, nanoseconds on a CPU), or
+/// `None` elsewhere. On a shared machine, images per CPU-second is what "per core" means.
+fn thread_cpu_time() -> Option<Duration> {
+    let s = std::fs::read_to_string("/proc/thread-self/schedstat").ok()?;
+    let ns: u64 = s.split_whitespace().next()?.parse().ok()?;
+    Some(Duration::from_nanos(ns))
+}
+
+/// Runs `f` `iters` times and returns the CPU time it took (wall time where unavailable).
+fn cpu_timed(iters: u64, mut f: impl FnMut()) -> Duration {
+    let wall = Instant::now();
+    let cpu = thread_cpu_time();
+    for _ in 0..iters {
+        f();
+    }
+    match (cpu, thread_cpu_time()) {
+        (Some(a), Some(b)) => b - a,
+        _ => wall.elapsed(),
+    }
 }
 
 fn bench(c: &mut Criterion) {
@@ -117,6 +139,45 @@ fn bench(c: &mut Criterion) {
                     .expect("photo decodes");
                 crop_all(&mut scratch, &img, &cfg, &mut gbuf, &mut lbuf, key);
             }
+        })
+    });
+    // The same in CPU time of this thread: images per CPU-second, robust to a busy machine.
+    g.bench_function("decode+augment-cpu-time", |b| {
+        b.iter_custom(|iters| {
+            cpu_timed(iters, || {
+                for j in &jpegs {
+                    key += 1;
+                    let img = decode(j, ImageFormat::Jpeg, DEFAULT_MAX_PIXELS, None)
+                        .expect("photo decodes");
+                    crop_all(&mut scratch, &img, &cfg, &mut gbuf, &mut lbuf, key);
+                }
+            })
+        })
+    });
+    g.bench_function("augment-only-cpu-time", |b| {
+        b.iter_custom(|iters| {
+            cpu_timed(iters, || {
+                for img in &images {
+                    key += 1;
+                    crop_all(&mut scratch, img, &cfg, &mut gbuf, &mut lbuf, key);
+                }
+            })
+        })
+    });
+    g.finish();
+
+    let mut g = c.benchmark_group(format!("decode-500x375-{decoder}"));
+    g.throughput(Throughput::Elements(jpegs.len() as u64));
+    g.bench_function("baseline-cpu-time", |b| {
+        b.iter_custom(|iters| {
+            cpu_timed(iters, || {
+                for j in &jpegs {
+                    black_box(
+                        decode(j, ImageFormat::Jpeg, DEFAULT_MAX_PIXELS, None)
+                            .expect("photo decodes"),
+                    );
+                }
+            })
         })
     });
     g.finish();

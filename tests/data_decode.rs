@@ -352,3 +352,27 @@ fn scan_command_reports_mixed_good_and_bad_files_with_distinct_exit_codes() {
     let (code, _) = run_scan(&tmp.path().join("missing"));
     assert_eq!(code, 2);
 }
+
+#[test]
+fn scan_command_survives_a_closed_output_pipe() {
+    // Regression: `dinotrain scan DIR | head` used to panic on the broken pipe.
+    let tmp = tempfile::tempdir().unwrap();
+    copy("kinds/baseline.jpg", &tmp.path().join("ok.jpg"));
+    copy("bad/text.jpg", &tmp.path().join("bad.jpg"));
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_dinotrain"))
+        .arg("scan")
+        .arg(tmp.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("panicked"));
+}

@@ -111,6 +111,23 @@ pub fn decode(
     let format = ImageFormat::sniff(bytes).ok_or_else(|| DecodeError::NotAnImage {
         named: hint.to_string(),
     })?;
+    // Decoders parse hostile bytes; should one of them panic, that file is skipped like any
+    // other corrupt file instead of stopping a training run.
+    std::panic::catch_unwind(|| decode_format(bytes, format, max_pixels, min_side_hint))
+        .unwrap_or_else(|_| {
+            Err(DecodeError::Corrupt {
+                format,
+                detail: "the decoder panicked on this file".into(),
+            })
+        })
+}
+
+fn decode_format(
+    bytes: &[u8],
+    format: ImageFormat,
+    max_pixels: u64,
+    min_side_hint: Option<u32>,
+) -> Result<RgbImage, DecodeError> {
     #[cfg(feature = "turbojpeg")]
     if format == ImageFormat::Jpeg {
         if let Some(img) = turbo::decode(bytes, max_pixels, min_side_hint)? {

@@ -1,5 +1,7 @@
-//! The parallel loader: worker threads turn steps into crop-major batches, ahead of the
-//! trainer, in a bounded queue.
+//! The parallel loader: a producer thread turns steps into crop-major batches, ahead of the
+//! trainer, in a bounded queue; the images of each batch are decoded and cropped in parallel on
+//! a pool of worker threads. At most `prefetch + 1` batches exist, reused via
+//! [`Loader::recycle`].
 //!
 //! Sample `k` of the run (`k = step · B + b`) is image `perm_e[k mod N]` of epoch `e = k / N`,
 //! where `perm_e` is a shuffle keyed by (seed, epoch). Its crops are drawn from
@@ -15,6 +17,8 @@ pub use crate::data::source::ImageSource;
 use crate::error::{Error, Result};
 use crate::rng::{keyed, stream};
 use rand::Rng as _;
+use rayon::prelude::*;
+use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
@@ -26,7 +30,7 @@ use std::time::Instant;
 #[derive(Clone, Debug)]
 pub struct LoaderConfig {
     pub crops: MultiCropConfig,
-    /// Worker threads (each builds whole batches).
+    /// Worker threads: the images of a batch are decoded and cropped in parallel on them.
     pub workers: usize,
     /// Finished batches waiting for the trainer, at most.
     pub prefetch: usize,
@@ -87,7 +91,7 @@ struct Shared {
     spare: Mutex<Vec<Batch>>,
 }
 
-/// Worker threads producing batches in step order.
+/// Crop-major batches in step order, built ahead of the trainer.
 pub struct Loader {
     shared: Arc<Shared>,
     rx: Option<Receiver<(u64, Result<Batch>)>>,
@@ -129,16 +133,16 @@ impl Loader {
         });
         first_readable(&shared)?;
         let (tx, rx) = sync_channel(cfg.prefetch.max(1));
-        let workers = (0..cfg.workers.max(1))
-            .map(|w| {
-                let shared = Arc::clone(&shared);
-                let tx = tx.clone();
-                std::thread::Builder::new()
-                    .name(format!("dinotrain-loader-{w}"))
-                    .spawn(move || worker(&shared, &tx))
-                    .map_err(|e| Error::Data(format!("cannot start loader thread: {e}")))
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(cfg.workers.max(1))
+            .thread_name(|i| format!("dinotrain-loader-{i}"))
+            .build()
+            .map_err(|e| Error::Data(format!("cannot start loader threads: {e}")))?;
+        let producer_shared = Arc::clone(&shared);
+        let workers = vec![std::thread::Builder::new()
+            .name("dinotrain-loader".into())
+            .spawn(move || producer(&producer_shared, &pool, &tx))
+            .map_err(|e| Error::Data(format!("cannot start loader thread: {e}")))?];
         let n = shared.source.len() as u64;
         Ok(Loader {
             shared,
@@ -282,11 +286,12 @@ fn epoch_order(shared: &Shared, epoch: u64) -> Arc<Vec<u32>> {
     order
 }
 
-fn worker(shared: &Shared, tx: &SyncSender<(u64, Result<Batch>)>) {
-    let mut scratch = Scratch::default();
+/// The producer: builds batches in step order, the images of each batch in parallel on the
+/// pool, so that only `prefetch + 1` batches ever exist.
+fn producer(shared: &Shared, pool: &rayon::ThreadPool, tx: &SyncSender<(u64, Result<Batch>)>) {
     while !shared.stop.load(Ordering::SeqCst) {
         let step = shared.next_step.fetch_add(1, Ordering::SeqCst);
-        let batch = build_batch(shared, &mut scratch, step);
+        let batch = pool.install(|| build_batch(shared, step));
         let failed = batch.is_err();
         if tx.send((step, batch)).is_err() || failed {
             return;
@@ -294,19 +299,27 @@ fn worker(shared: &Shared, tx: &SyncSender<(u64, Result<Batch>)>) {
     }
 }
 
-fn build_batch(shared: &Shared, scratch: &mut Scratch, step: u64) -> Result<Batch> {
+thread_local! {
+    /// Crop buffers of one pool thread, reused from image to image.
+    static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
+}
+
+/// The global and local output rows of one image.
+type ImageRows<'a> = (Vec<&'a mut [f32]>, Vec<&'a mut [f32]>);
+
+fn build_batch(shared: &Shared, step: u64) -> Result<Batch> {
     let cfg = &shared.crops;
     let b_size = shared.batch_size;
     let (gl, ll) = (cfg.global_len(), cfg.local_len());
     let mut batch = lock(&shared.spare).pop().unwrap_or_default();
     batch.global.resize(cfg.n_global * b_size * gl, 0.0);
     batch.local.resize(cfg.n_local * b_size * ll, 0.0);
-    batch.indices.clear();
     batch.step = step;
     let n = shared.source.len() as u64;
     let first = step * b_size as u64;
     batch.epoch = first / n;
 
+    // Crop c of image b sits at row c·B + b: hand every image its own rows.
     let mut globals: Vec<Option<&mut [f32]>> =
         batch.global.chunks_exact_mut(gl).map(Some).collect();
     let mut locals: Vec<Option<&mut [f32]>> = if ll == 0 {
@@ -314,26 +327,35 @@ fn build_batch(shared: &Shared, scratch: &mut Scratch, step: u64) -> Result<Batc
     } else {
         batch.local.chunks_exact_mut(ll).map(Some).collect()
     };
-    for b in 0..b_size {
-        let k = first + b as u64;
-        let (epoch, pos) = (k / n, (k % n) as usize);
-        let order = epoch_order(shared, epoch);
-        let slot = order[pos] as usize;
-        let (index, img) = load_or_replace(shared, &order, pos, epoch)?;
-        // Each slot has its own stream, so a replacement image drawn twice gets other crops.
-        let mut rng = keyed(shared.seed, &[stream::CROPS, epoch, slot as u64]);
-        // Crop c of image b sits at row c·B + b; every row is taken exactly once.
-        let mut g: Vec<&mut [f32]> = (0..cfg.n_global)
-            .filter_map(|c| globals[c * b_size + b].take())
-            .collect();
-        let mut l: Vec<&mut [f32]> = (0..cfg.n_local)
-            .filter_map(|c| locals.get_mut(c * b_size + b).and_then(Option::take))
-            .collect();
-        multi_crop_with(scratch, &img, cfg, &mut rng, &mut g, &mut l)?;
-        batch.indices.push(index);
-    }
-    drop(globals);
-    drop(locals);
+    let rows: Vec<ImageRows> = (0..b_size)
+        .map(|b| {
+            let g = (0..cfg.n_global)
+                .filter_map(|c| globals[c * b_size + b].take())
+                .collect();
+            let l = (0..cfg.n_local)
+                .filter_map(|c| locals.get_mut(c * b_size + b).and_then(Option::take))
+                .collect();
+            (g, l)
+        })
+        .collect();
+    let indices = rows
+        .into_par_iter()
+        .enumerate()
+        .map(|(b, (mut g, mut l))| -> Result<usize> {
+            let k = first + b as u64;
+            let (epoch, pos) = (k / n, (k % n) as usize);
+            let order = epoch_order(shared, epoch);
+            let slot = order[pos] as usize;
+            let (index, img) = load_or_replace(shared, &order, pos, epoch)?;
+            // Each slot has its own stream, so a replacement image drawn twice gets other crops.
+            let mut rng = keyed(shared.seed, &[stream::CROPS, epoch, slot as u64]);
+            SCRATCH.with_borrow_mut(|scratch| {
+                multi_crop_with(scratch, &img, cfg, &mut rng, &mut g, &mut l)
+            })?;
+            Ok(index)
+        })
+        .collect::<Result<Vec<usize>>>()?;
+    batch.indices = indices;
     Ok(batch)
 }
 
