@@ -315,6 +315,9 @@ pub struct DinotrainSection {
     pub steps_schedule: StepsSchedule,
     /// Image folder to train on; null = the embedded demo data.
     pub data: Option<PathBuf>,
+    /// Evaluate k-NN at all (at initialisation, every `knn_every` steps, and at the end) when
+    /// labelled data is available (the demo split, or `knn_train` + `knn_val`).
+    pub knn: bool,
     /// Labelled folders (one subfolder per class) for k-NN during and after training.
     pub knn_train: Option<PathBuf>,
     pub knn_val: Option<PathBuf>,
@@ -443,6 +446,7 @@ impl Default for Config {
                 steps: None,
                 steps_schedule: StepsSchedule::Stretch,
                 data: None,
+                knn: true,
                 knn_train: None,
                 knn_val: None,
                 knn_every: 0,

@@ -206,6 +206,9 @@ fn training_source(r: &ResolvedConfig) -> Result<Arc<dyn ImageSource>> {
 /// Labelled (train, test) sources for k-NN, when the run has them.
 fn knn_sources(r: &ResolvedConfig) -> Result<Option<(Arc<dyn ImageSource>, Arc<dyn ImageSource>)>> {
     let d = &r.config.dinotrain;
+    if !d.knn {
+        return Ok(None);
+    }
     let labelled = |dir: &PathBuf| -> Result<Arc<dyn ImageSource>> {
         let scan = ScanOptions {
             labels: Labels::Subfolder,
@@ -426,6 +429,27 @@ fn metrics_of(
 }
 
 /// Trains as configured. See the module documentation.
+///
+/// ```
+/// use dinotrain::train::config::{ConfigBuilder, Preset, ResolvedConfig};
+/// use dinotrain::train::{outdir::OutdirMode, progress::ProgressMode, train, TrainOptions};
+///
+/// let out = std::env::temp_dir().join(format!("dinotrain-doc-{}", std::process::id()));
+/// let mut b = ConfigBuilder::new(Preset::Demo)?; // the demo model on the embedded images
+/// b.flag("out", &out.to_string_lossy())?.flag("steps", "2")?.flag("batch-size", "8")?;
+/// b.set("dinotrain.knn=false")?; // skip k-NN to keep the example fast
+/// let (config, warnings) = b.build()?;
+/// let summary = train(TrainOptions {
+///     config: ResolvedConfig::resolve(config, warnings)?,
+///     outdir: OutdirMode::Fresh,
+///     allow_config_change: false,
+///     progress: ProgressMode::Silent,
+/// })?;
+/// assert_eq!(summary.steps, 2);
+/// assert!(summary.export.exists());
+/// # std::fs::remove_dir_all(&out).ok();
+/// # Ok::<(), dinotrain::Error>(())
+/// ```
 pub fn train(options: TrainOptions) -> Result<TrainSummary> {
     let started = Instant::now();
     let r = &options.config;
