@@ -81,12 +81,25 @@ fn exported_micro_models_reload_bit_for_bit_from_a_run_a_file_and_both_key_namin
             &want,
             &x,
         );
-        assert_same_model(&load_backbone(file.to_str().unwrap()).unwrap(), &cfg, &want, &x);
+        assert_same_model(
+            &load_backbone(file.to_str().unwrap()).unwrap(),
+            &cfg,
+            &want,
+            &x,
+        );
 
         for keys in ["official", "hf"] {
             let out = run_dir.path().join(format!("export-{keys}.safetensors"));
             let out_s = out.to_str().unwrap();
-            run(&["export", "--model", file.to_str().unwrap(), "--out", out_s, "--keys", keys]);
+            run(&[
+                "export",
+                "--model",
+                file.to_str().unwrap(),
+                "--out",
+                out_s,
+                "--keys",
+                keys,
+            ]);
             let written = TensorFile::read(&out).unwrap();
             let official = written.tensors.contains_key("blocks.0.attn.qkv.weight");
             assert_eq!(official, keys == "official", "{keys}");
@@ -114,12 +127,21 @@ fn the_official_pth_loads_with_an_inferred_architecture_and_matches_the_golden_f
     assert_eq!(b.cfg.num_register_tokens, 0);
     let images = fx.input("images").unwrap();
     let (bs, h, w) = (images.shape[0], images.shape[2], images.shape[3]);
-    let masks: Vec<bool> = fx.input_u8("masks").unwrap().1.iter().map(|&m| m != 0).collect();
+    let masks: Vec<bool> = fx
+        .input_u8("masks")
+        .unwrap()
+        .1
+        .iter()
+        .map(|&m| m != 0)
+        .collect();
     let o = b
         .vit
         .forward_inference(&b.params, &images.data, bs, h, w, Some(&masks))
         .unwrap();
-    for (name, got) in [("out.x_norm_clstoken", &o.cls), ("out.x_norm_patchtokens", &o.patch)] {
+    for (name, got) in [
+        ("out.x_norm_clstoken", &o.cls),
+        ("out.x_norm_patchtokens", &o.patch),
+    ] {
         let want = fx.f32(name).unwrap();
         assert_eq!(got.len(), want.data.len(), "{name}");
         let err = rel_err(got, &want.data);
@@ -133,11 +155,15 @@ fn the_official_pth_loads_with_an_inferred_architecture_and_matches_the_golden_f
 #[test]
 fn missing_and_incomplete_backbones_are_errors_that_name_the_file_and_the_part() {
     let dir = tempfile::tempdir().unwrap();
-    let err = load_backbone(dir.path().to_str().unwrap()).unwrap_err().to_string();
+    let err = load_backbone(dir.path().to_str().unwrap())
+        .unwrap_err()
+        .to_string();
     assert!(err.contains(RUN_BACKBONE_FILE), "{err}");
 
     let missing = dir.path().join("nope.safetensors");
-    let err = load_backbone(missing.to_str().unwrap()).unwrap_err().to_string();
+    let err = load_backbone(missing.to_str().unwrap())
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("nope.safetensors"), "{err}");
 
     let err = load_backbone("model.bin").unwrap_err().to_string();
@@ -151,7 +177,10 @@ fn missing_and_incomplete_backbones_are_errors_that_name_the_file_and_the_part()
         let key = spec.name.strip_prefix("backbone.").unwrap();
         if key != "norm.weight" {
             let data = params[spec.at.range()].to_vec();
-            file.insert(key, dinotrain::tensor::Tensor::from_vec(&spec.shape, data).unwrap());
+            file.insert(
+                key,
+                dinotrain::tensor::Tensor::from_vec(&spec.shape, data).unwrap(),
+            );
         }
     }
     let path = dir.path().join("partial.safetensors");
@@ -160,5 +189,30 @@ fn missing_and_incomplete_backbones_are_errors_that_name_the_file_and_the_part()
     let err = load_backbone_with(path.to_str().unwrap(), heads)
         .unwrap_err()
         .to_string();
-    assert!(err.contains("partial.safetensors") && err.contains("norm.weight"), "{err}");
+    assert!(
+        err.contains("partial.safetensors") && err.contains("norm.weight"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_released_name_without_its_file_says_which_file_where_and_its_url() {
+    let home = tempfile::tempdir().unwrap();
+    let out = home.path().join("x.safetensors");
+    let run = Command::new(BIN)
+        .args(["export", "--model", "dinov2/vits14_reg4", "--out"])
+        .arg(&out)
+        .env("DINOTRAIN_HOME", home.path())
+        .output()
+        .unwrap();
+    assert!(!run.status.success());
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    for needle in [
+        "dinov2_vits14_reg4_pretrain.pth",
+        home.path().to_str().unwrap(),
+        "https://dl.fbaipublicfiles.com/dinov2/dinov2_vits14/dinov2_vits14_reg4_pretrain.pth",
+    ] {
+        assert!(stderr.contains(needle), "{needle}: {stderr}");
+    }
+    assert!(!out.exists());
 }

@@ -97,7 +97,9 @@ fn embed_writes_every_format_in_scan_order_and_skips_a_corrupt_file() {
 
     // safetensors with the patch mean; batch 2 so the corrupt file falls inside a batch.
     let st = out("emb.safetensors");
-    let args = ["embed", "--model", m, "--data", d, "--out", &st, "--size", "16"];
+    let args = [
+        "embed", "--model", m, "--data", d, "--out", &st, "--size", "16",
+    ];
     let run = ok(&[&args[..], &["--patch-mean", "--batch", "2"]].concat());
     let stderr = String::from_utf8_lossy(&run.stderr);
     assert!(stderr.contains("broken.jpg"), "{stderr}");
@@ -118,7 +120,9 @@ fn embed_writes_every_format_in_scan_order_and_skips_a_corrupt_file() {
 
     // npy without the patch mean: [5, D], equal to the safetensors rows.
     let np = out("emb.npy");
-    ok(&["embed", "--model", m, "--data", d, "--out", &np, "--size", "16"]);
+    ok(&[
+        "embed", "--model", m, "--data", d, "--out", &np, "--size", "16",
+    ]);
     let (header, values) = npy(Path::new(&np));
     assert!(header.contains("'shape': (5, 32)"), "{header}");
     assert!(header.contains("'<f4'"), "{header}");
@@ -128,7 +132,18 @@ fn embed_writes_every_format_in_scan_order_and_skips_a_corrupt_file() {
 
     // npy with the patch mean: [5, 2D], CLS then mean per row.
     let np2 = out("both.npy");
-    ok(&["embed", "--model", m, "--data", d, "--out", &np2, "--size", "16", "--patch-mean"]);
+    ok(&[
+        "embed",
+        "--model",
+        m,
+        "--data",
+        d,
+        "--out",
+        &np2,
+        "--size",
+        "16",
+        "--patch-mean",
+    ]);
     let (header, values) = npy(Path::new(&np2));
     assert!(header.contains("'shape': (5, 64)"), "{header}");
     assert_eq!(values[2 * D..3 * D], cls.data[D..2 * D]);
@@ -136,7 +151,9 @@ fn embed_writes_every_format_in_scan_order_and_skips_a_corrupt_file() {
 
     // CSV (format by flag): header + one row per image, the comma in a name quoted.
     let csv = out("emb.txt");
-    ok(&["embed", "--model", m, "--data", d, "--out", &csv, "--size", "16", "--format", "csv"]);
+    ok(&[
+        "embed", "--model", m, "--data", d, "--out", &csv, "--size", "16", "--format", "csv",
+    ]);
     let text = std::fs::read_to_string(&csv).unwrap();
     let lines: Vec<&str> = text.lines().collect();
     assert_eq!(lines.len(), 6);
@@ -159,7 +176,15 @@ fn embed_refuses_an_empty_folder_and_a_size_off_the_patch_grid() {
     std::fs::create_dir(&empty).unwrap();
     let out = tmp.path().join("x.safetensors");
     let (m, o) = (model.to_str().unwrap(), out.to_str().unwrap());
-    let run = dinotrain(&["embed", "--model", m, "--data", empty.to_str().unwrap(), "--out", o]);
+    let run = dinotrain(&[
+        "embed",
+        "--model",
+        m,
+        "--data",
+        empty.to_str().unwrap(),
+        "--out",
+        o,
+    ]);
     assert!(!run.status.success());
     let stderr = String::from_utf8_lossy(&run.stderr);
     assert!(stderr.contains("no image files"), "{stderr}");
@@ -167,7 +192,9 @@ fn embed_refuses_an_empty_folder_and_a_size_off_the_patch_grid() {
 
     let data = image_folder(tmp.path());
     let d = data.to_str().unwrap();
-    let run = dinotrain(&["embed", "--model", m, "--data", d, "--out", o, "--size", "18"]);
+    let run = dinotrain(&[
+        "embed", "--model", m, "--data", d, "--out", o, "--size", "18",
+    ]);
     assert!(!run.status.success());
     let stderr = String::from_utf8_lossy(&run.stderr);
     assert!(stderr.contains("patch size 4"), "{stderr}");
@@ -206,7 +233,10 @@ fn knn_on_labelled_folders_finds_exact_copies_and_runs_on_the_demo() {
 
     let run = ok(&["knn", "--model", m, "--demo", "--k", "10", "--size", "16"]);
     let stdout = String::from_utf8_lossy(&run.stdout);
-    assert!(stdout.contains("10000 train and 2000 val images, 10 classes"), "{stdout}");
+    assert!(
+        stdout.contains("10000 train and 2000 val images, 10 classes"),
+        "{stdout}"
+    );
     let line = stdout.lines().find(|l| l.starts_with("k=10")).unwrap();
     let top1: f64 = line.split_whitespace().nth(2).unwrap().parse().unwrap();
     // Ten balanced classes: a random backbone's features still beat chance by far.

@@ -60,7 +60,11 @@ pub struct EmbedArgs {
 pub fn run(args: &EmbedArgs) -> anyhow::Result<()> {
     let format = args.format.unwrap_or_else(|| format_of(&args.out));
     let backbone = load_backbone(&args.model)?;
-    let source = FolderSource::open(&args.data, &ScanOptions::default(), DecodeOptions::default())?;
+    let source = FolderSource::open(
+        &args.data,
+        &ScanOptions::default(),
+        DecodeOptions::default(),
+    )?;
     let mode = if args.patch_mean {
         PatchMean::Compute
     } else {
@@ -69,7 +73,11 @@ pub fn run(args: &EmbedArgs) -> anyhow::Result<()> {
     let start = std::time::Instant::now();
     let emb = backbone.embed(&source, args.size, args.batch, mode)?;
     warn_skipped(&source, &emb);
-    let names: Vec<String> = emb.kept.iter().map(|&i| relative_name(&source, i)).collect();
+    let names: Vec<String> = emb
+        .kept
+        .iter()
+        .map(|&i| relative_name(&source, i))
+        .collect();
     match format {
         Format::Safetensors => write_safetensors(&args.out, &emb, &names)?,
         Format::Npy => write_npy_with_names(&args.out, &emb, &names)?,

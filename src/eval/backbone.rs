@@ -183,9 +183,7 @@ pub fn infer_config(t: &Tensors, overrides: BackboneOverrides) -> Result<VitConf
     let depth = block_count(t)?;
     let has = |key: &str| t.contains_key(&format!("blocks.0.{key}"));
     let ffn = if let Some(x) = t.get("blocks.0.mlp.fc1.weight") {
-        Ffn::Mlp {
-            hidden: x.shape[0],
-        }
+        Ffn::Mlp { hidden: x.shape[0] }
     } else {
         let s = shape("blocks.0.mlp.w12.weight")?;
         swiglu_ffn(s, embed_dim).ok_or_else(|| bad("blocks.0.mlp.w12.weight", s, "[2·w, D]"))?
@@ -405,7 +403,10 @@ mod tests {
             .iter()
             .map(|s| {
                 let len = s.shape.iter().product();
-                (s.name.clone(), Tensor::from_vec(&s.shape, vec![0.0; len]).unwrap())
+                (
+                    s.name.clone(),
+                    Tensor::from_vec(&s.shape, vec![0.0; len]).unwrap(),
+                )
             })
             .collect()
     }
@@ -428,8 +429,11 @@ mod tests {
         assert!(err.to_string().contains("head count"), "{err}");
         let heads = BackboneOverrides { num_heads: Some(2) };
         let mut want = cfg.clone();
-        (want.layerscale, want.interpolate_offset, want.interpolate_antialias) =
-            (Some(1.0), 0.0, true);
+        (
+            want.layerscale,
+            want.interpolate_offset,
+            want.interpolate_antialias,
+        ) = (Some(1.0), 0.0, true);
         assert_eq!(infer_config(&t, heads).unwrap(), want);
         t.remove("pos_embed");
         let err = infer_config(&t, heads).unwrap_err();
