@@ -216,3 +216,32 @@ fn a_released_name_without_its_file_says_which_file_where_and_its_url() {
     }
     assert!(!out.exists());
 }
+
+#[test]
+fn a_hugging_face_file_without_metadata_loads_by_inference_bit_for_bit() {
+    let cfg = Preset::Micro.config(16, 4, 0);
+    let (vit, table, params) = random_model(&cfg, 21);
+    let x = images(&cfg, 2, 21);
+    let want = forward(&vit, &params, &x, 2, 16);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("hf.safetensors");
+    export_backbone(
+        &path,
+        &table,
+        &params,
+        KeyNaming::HuggingFace,
+        &Default::default(),
+    )
+    .unwrap();
+    let mut file = TensorFile::read(&path).unwrap();
+    file.metadata.clear();
+    file.write(&path).unwrap();
+    let heads = BackboneOverrides { num_heads: Some(2) };
+    let got = load_backbone_with(path.to_str().unwrap(), heads).unwrap();
+    // Everything but the LayerScale init value (the trained gammas are loaded) is recovered.
+    let mut expected = cfg.clone();
+    expected.layerscale = Some(1.0);
+    assert_eq!(got.cfg, expected);
+    let o = forward(&got.vit, &got.params, &x, 2, 16);
+    assert_eq!((o.cls, o.patch), (want.cls, want.patch));
+}
