@@ -115,7 +115,10 @@ fn load_file(
     overrides: BackboneOverrides,
 ) -> Result<LoadedBackbone> {
     let (tensors, meta) = read_backbone_with_metadata(path, format)?;
-    let in_file = |e: Error| Error::Config(format!("{}: {e}", path.display()));
+    let in_file = |e: Error| match e {
+        Error::Config(msg) => Error::Config(format!("{}: {msg}", path.display())),
+        other => other,
+    };
     let mut cfg = match known {
         Some(cfg) => cfg,
         None => match arch_from_metadata(&meta).map_err(in_file)? {
