@@ -231,6 +231,16 @@ fn knn_on_labelled_folders_finds_exact_copies_and_runs_on_the_demo() {
     assert!(stdout.contains("k=3    top-1"), "{stdout}");
     assert!(!stdout.contains("top-5"), "two classes: {stdout}");
 
+    // A val class the training folder lacks is refused by name.
+    copy("photos/coffee.jpg", &val.join("mugs/m.jpg"));
+    let (t, v) = (train.to_str().unwrap(), val.to_str().unwrap());
+    let run = dinotrain(&[
+        "knn", "--model", m, "--train", t, "--val", v, "--size", "16",
+    ]);
+    assert!(!run.status.success());
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(stderr.contains("class 'mugs'"), "{stderr}");
+
     let run = ok(&["knn", "--model", m, "--demo", "--k", "10", "--size", "16"]);
     let stdout = String::from_utf8_lossy(&run.stdout);
     assert!(
