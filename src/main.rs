@@ -25,6 +25,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Scan { dir, max_pixels } => cli::scan::scan(&dir, max_pixels),
+        Command::Embed(args) => cli::embed::run(&args).map(|()| ExitCode::SUCCESS),
+        Command::Knn(args) => cli::knn::run(&args).map(|()| ExitCode::SUCCESS),
+        Command::Export(args) => cli::export::run(&args).map(|()| ExitCode::SUCCESS),
         Command::Verify { dir, device } => {
             check_cpu(&device)?;
             let ok = cli::verify::verify(&dir)?;

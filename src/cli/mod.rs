@@ -1,5 +1,8 @@
 //! The command-line interface: a thin layer over the library.
 
+pub mod embed;
+pub mod export;
+pub mod knn;
 pub mod scan;
 pub mod train;
 pub mod verify;
@@ -50,4 +53,11 @@ pub enum Command {
         #[arg(long, default_value_t = dinotrain::data::decode::DEFAULT_MAX_PIXELS)]
         max_pixels: u64,
     },
+    /// CLS (and optionally mean patch-token) embeddings of every image of a folder, to
+    /// safetensors, .npy or CSV.
+    Embed(embed::EmbedArgs),
+    /// k-NN top-1 (and top-5) accuracy of a backbone on labelled folders or the demo split.
+    Knn(knn::KnnArgs),
+    /// Write a backbone as safetensors with official or Hugging Face keys.
+    Export(export::ExportArgs),
 }

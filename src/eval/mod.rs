@@ -1,5 +1,6 @@
 //! Evaluation: k-NN classification of (teacher) features.
 
+pub mod backbone;
 pub mod embed;
 pub mod knn;
 

@@ -7,7 +7,7 @@ use super::swiglu::{SwiGlu, SwiGluCache};
 
 /// Which FFN a block uses; `hidden` is the nominal width D·mlp_ratio (SwiGLU derives its own
 /// width from it, see [`super::swiglu::swiglu_width`]).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Ffn {
     Mlp { hidden: usize },
     SwiGlu { hidden: usize },

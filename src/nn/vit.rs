@@ -15,8 +15,9 @@ use super::patch_embed::PatchEmbed;
 use super::pos_embed::{PosEmbed, PosPlan, Resampling};
 use crate::error::{Error, Result};
 
-/// Backbone hyper-parameters (the official constructor's arguments).
-#[derive(Clone, Debug, PartialEq)]
+/// Backbone hyper-parameters (the official constructor's arguments). Serialised as JSON in
+/// exported files (`dinotrain.arch` metadata) so a backbone reloads with its architecture.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct VitConfig {
     /// Construction size in pixels: the position embedding covers (img_size/p)² patches.
     pub img_size: usize,

@@ -93,8 +93,17 @@ pub fn export_backbone(
 /// Reads a backbone from a `.pth` (official release, teacher checkpoint) or `.safetensors`
 /// (dinotrain export, Hugging Face) file, returning official backbone keys.
 pub fn read_backbone(path: &Path, format: WeightsFormat) -> Result<Tensors> {
-    let tensors = match format {
-        WeightsFormat::Pth => crate::io::pth::read_pth(path)?,
+    Ok(read_backbone_with_metadata(path, format)?.0)
+}
+
+/// [`read_backbone`], also returning the file's metadata (safetensors header metadata; empty
+/// for `.pth`).
+pub fn read_backbone_with_metadata(
+    path: &Path,
+    format: WeightsFormat,
+) -> Result<(Tensors, BTreeMap<String, String>)> {
+    let (tensors, metadata) = match format {
+        WeightsFormat::Pth => (crate::io::pth::read_pth(path)?, BTreeMap::new()),
         WeightsFormat::Safetensors => {
             let file = TensorFile::read(path)?;
             let mut out = Tensors::new();
@@ -103,7 +112,7 @@ pub fn read_backbone(path: &Path, format: WeightsFormat) -> Result<Tensors> {
                     out.insert(k, t);
                 }
             }
-            out
+            (out, file.metadata)
         }
     };
     let backbone = keys::import_backbone(tensors)?;
@@ -113,7 +122,7 @@ pub fn read_backbone(path: &Path, format: WeightsFormat) -> Result<Tensors> {
             path.display()
         )));
     }
-    Ok(backbone)
+    Ok((backbone, metadata))
 }
 
 /// Copies a backbone (official keys, relative) into the `backbone.*` entries of `flat`, as
