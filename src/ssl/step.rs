@@ -173,7 +173,7 @@ fn scatter_add_rows(dx: &mut [f32], dy: &[f32], d: usize, indices: &[usize]) {
 fn reborrow<'a>(drop_path: &'a mut Option<(f32, &mut Rng)>) -> Option<DropPath<'a>> {
     drop_path.as_mut().map(|(rate, rng)| DropPath {
         rate: *rate,
-        rng: &mut **rng,
+        rng: &mut *rng,
     })
 }
 

@@ -23,6 +23,7 @@ use crate::data::{
     ScanOptions, Split,
 };
 use crate::error::{Error, Result};
+use crate::eval::backbone::arch_metadata;
 use crate::eval::embed::{knn_top1, source_features, source_labels};
 use crate::nn::{Ffn, VitConfig};
 use crate::optim::LayerDecay;
@@ -629,7 +630,7 @@ pub fn train(options: TrainOptions) -> Result<TrainSummary> {
         plot::write_png(&records, "dinotrain", &run.plot_path())?;
     }
     let export = run.export_path();
-    let mut meta = BTreeMap::new();
+    let mut meta = arch_metadata(&trainer.model.backbone.cfg);
     meta.insert("dinotrain.step".into(), trainer.step.to_string());
     export_backbone(
         &export,
