@@ -39,8 +39,9 @@ pub fn erf(x: f32) -> f32 {
     ];
     let x = x.clamp(-4.0, 4.0);
     let x2 = x * x;
-    let p = ALPHA.iter().fold(0.0f32, |acc, &a| acc.mul_add(x2, a));
-    let q = BETA.iter().fold(0.0f32, |acc, &b| acc.mul_add(x2, b));
+    // Plain multiply-add, not `mul_add`: without a target FMA feature that is a libm call.
+    let p = ALPHA.iter().fold(0.0f32, |acc, &a| acc * x2 + a);
+    let q = BETA.iter().fold(0.0f32, |acc, &b| acc * x2 + b);
     x * p / q
 }
 
