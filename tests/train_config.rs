@@ -241,7 +241,8 @@ fn schedules_match_the_golden_fixture() {
     let peak = fx.f32("out.lr_peak").unwrap().data[0] as f64;
     assert!(close(r.lr, peak, 1e-6), "{} vs {peak}", r.lr);
     let values: Vec<_> = (0..n_out).map(|it| r.schedules.at(it)).collect();
-    let pick: [(&str, fn(&dinotrain::optim::ScheduledValues) -> f64); 5] = [
+    type Field = fn(&dinotrain::optim::ScheduledValues) -> f64;
+    let pick: [(&str, Field); 5] = [
         ("lr", |v| v.lr),
         ("wd", |v| v.wd),
         ("momentum", |v| v.momentum),

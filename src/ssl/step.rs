@@ -171,10 +171,9 @@ fn scatter_add_rows(dx: &mut [f32], dy: &[f32], d: usize, indices: &[usize]) {
 
 /// A fresh [`DropPath`] borrowing the step's generator, one per backbone call.
 fn reborrow<'a>(drop_path: &'a mut Option<(f32, &mut Rng)>) -> Option<DropPath<'a>> {
-    drop_path.as_mut().map(|(rate, rng)| DropPath {
-        rate: *rate,
-        rng: &mut *rng,
-    })
+    drop_path
+        .as_mut()
+        .map(|(rate, rng)| DropPath { rate: *rate, rng })
 }
 
 fn mean_entropy(probs: &[f32], k: usize) -> f32 {

@@ -315,6 +315,9 @@ pub struct DinotrainSection {
     pub steps_schedule: StepsSchedule,
     /// Image folder to train on; null = the embedded demo data.
     pub data: Option<PathBuf>,
+    /// Stop this invocation after this many iterations without a final checkpoint, export or
+    /// k-NN, exactly as if the process were killed (time-limited jobs; resume tests).
+    pub stop_after: Option<u64>,
     /// Evaluate k-NN at all (at initialisation, every `knn_every` steps, and at the end) when
     /// labelled data is available (the demo split, or `knn_train` + `knn_val`).
     pub knn: bool,
@@ -446,6 +449,7 @@ impl Default for Config {
                 steps: None,
                 steps_schedule: StepsSchedule::Stretch,
                 data: None,
+                stop_after: None,
                 knn: true,
                 knn_train: None,
                 knn_val: None,
@@ -515,7 +519,8 @@ impl Preset {
             c.train.batch_size_per_gpu = 64;
             c.train.dataset_path = "demo:fashion-mnist".into();
             c.dinotrain.device = "cpu".into();
-            c.dinotrain.steps = Some(300);
+            // 200 steps: about 8.5 minutes on the 2-core build machine, k-NN included.
+            c.dinotrain.steps = Some(200);
             c.dinotrain.checkpoint_every = Some(100);
             c.dinotrain.knn_every = 100;
         }

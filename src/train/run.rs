@@ -205,7 +205,10 @@ fn training_source(r: &ResolvedConfig) -> Result<Arc<dyn ImageSource>> {
 }
 
 /// Labelled (train, test) sources for k-NN, when the run has them.
-fn knn_sources(r: &ResolvedConfig) -> Result<Option<(Arc<dyn ImageSource>, Arc<dyn ImageSource>)>> {
+/// Labelled (train, test) images for k-NN.
+type KnnSources = (Arc<dyn ImageSource>, Arc<dyn ImageSource>);
+
+fn knn_sources(r: &ResolvedConfig) -> Result<Option<KnnSources>> {
     let d = &r.config.dinotrain;
     if !d.knn {
         return Ok(None);
@@ -238,7 +241,7 @@ fn knn_sources(r: &ResolvedConfig) -> Result<Option<(Arc<dyn ImageSource>, Arc<d
 fn knn_accuracy(
     trainer: &Trainer,
     params: &[f32],
-    sources: &(Arc<dyn ImageSource>, Arc<dyn ImageSource>),
+    sources: &KnnSources,
     k: usize,
     temperature: f32,
 ) -> Result<f64> {
@@ -604,6 +607,27 @@ pub fn train(options: TrainOptions) -> Result<TrainSummary> {
         }
         if every(d.plot_every, step) {
             plot::write_png(&records, "dinotrain", &run.plot_path())?;
+        }
+        if d.stop_after == Some(trainer.step - first_step) && trainer.step < total {
+            progress.finish();
+            log.line(&format!(
+                "stopped after {} steps (dinotrain.stop_after), at step {}",
+                trainer.step - first_step,
+                trainer.step
+            ))?;
+            return Ok(TrainSummary {
+                output_dir: run.root.clone(),
+                steps: trainer.step,
+                steps_this_run: trainer.step - first_step,
+                last: records.last().cloned(),
+                knn: None,
+                checkpoint: last_checkpoint,
+                export: run.export_path(),
+                wall_seconds: started.elapsed().as_secs_f64(),
+                images_per_s: (trainer.step - first_step) as f64 * plan.batch_size as f64
+                    / train_seconds.max(1e-9),
+                data_wait_share: wait_seconds / train_seconds.max(1e-9),
+            });
         }
         if let Some(sources) = &knn {
             if every(d.knn_every, step) && trainer.step < total {

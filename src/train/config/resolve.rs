@@ -82,6 +82,7 @@ const RESUME_VOLATILE: &[&str] = &[
     "dinotrain.plot_every",
     "dinotrain.checkpoint_every",
     "dinotrain.keep_checkpoints",
+    "dinotrain.stop_after",
     "dinotrain.knn_",
 ];
 
