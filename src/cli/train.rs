@@ -160,7 +160,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
         );
     }
     println!(
-        "{} steps in {:.0} s ({:.1} images/s, {:.0}% of step time waiting for data)",
+        "{} steps, {:.0} s in all with k-NN ({:.1} images/s while training, {:.0}% of step time waiting for data)",
         summary.steps_this_run,
         summary.wall_seconds,
         summary.images_per_s,
