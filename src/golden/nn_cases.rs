@@ -15,7 +15,7 @@ use crate::nn::layernorm::LayerNorm;
 use crate::nn::linear::Bias;
 use crate::nn::params::ParamTable;
 use crate::nn::pos_embed::{PosEmbed, Resampling};
-use crate::nn::vit::{Vit, VitConfig};
+use crate::nn::vit::Vit;
 use crate::tensor::Tensor;
 
 pub fn compute(fx: &Fixture) -> Result<Outputs> {
@@ -192,30 +192,8 @@ fn pos_interp(fx: &Fixture) -> Result<Outputs> {
 }
 
 fn vit_forward(fx: &Fixture) -> Result<Outputs> {
-    let d = fx.param_usize("embed_dim")?;
-    let hidden = fx.param_usize("mlp_hidden_dim")?;
-    let ffn = match fx.param_str("ffn_layer")? {
-        "mlp" => Ffn::Mlp { hidden },
-        s if s.starts_with("swiglu") => Ffn::SwiGlu { hidden },
-        other => return Err(fx.error("params.ffn_layer", format!("unknown FFN '{other}'"))),
-    };
-    let cfg = VitConfig {
-        img_size: fx.param_usize("img_size")?,
-        patch_size: fx.param_usize("patch_size")?,
-        in_chans: fx.param_usize("in_chans")?,
-        embed_dim: d,
-        depth: fx.param_usize("depth")?,
-        num_heads: fx.param_usize("num_heads")?,
-        ffn,
-        num_register_tokens: fx.param_usize("num_register_tokens")?,
-        layerscale: fx.param_bool("layerscale")?.then_some(1.0),
-        interpolate_offset: fx.param_f64("interpolate_offset")? as f32,
-        interpolate_antialias: fx.param_bool("interpolate_antialias")?,
-        qkv_bias: fx.param_bool("qkv_bias")?,
-        proj_bias: fx.param_bool("proj_bias")?,
-        ffn_bias: fx.param_bool("ffn_bias")?,
-    };
-    cfg.validate()?;
+    let cfg = super::step_case::vit_config(fx)?;
+    let d = cfg.embed_dim;
     let (b, h, w) = (
         fx.param_usize("batch")?,
         fx.param_usize("input_h")?,

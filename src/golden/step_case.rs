@@ -10,7 +10,7 @@ use crate::ssl::step::{
 use crate::ssl::{Centering, MaskBatch, Method};
 use crate::tensor::Tensor;
 
-/// The backbone configuration a fixture's `params` describe.
+/// The backbone configuration a fixture's `params` describe (`vit_forward`, `ssl_step`).
 pub(super) fn vit_config(fx: &Fixture) -> Result<VitConfig> {
     let hidden = fx.param_usize("mlp_hidden_dim")?;
     let ffn = match fx.param_str("ffn_layer")? {

@@ -234,49 +234,4 @@ impl Trainer {
             grad_norms,
         })
     }
-
-    /// The teacher backbone's normalised CLS token of `images [n, 3, s, s]`, `[n, D]`, in
-    /// chunks of `chunk` images (evaluation features, as the official k-NN uses them).
-    pub fn teacher_features(
-        &self,
-        images: &[f32],
-        n: usize,
-        size: usize,
-        chunk: usize,
-    ) -> Result<Vec<f32>> {
-        embed_cls(&self.model, &self.teacher, images, n, size, chunk)
-    }
-}
-
-/// The backbone's normalised CLS token of `images [n, 3, s, s]` under `params`, `[n, D]`.
-pub fn embed_cls(
-    model: &SslModel,
-    params: &[f32],
-    images: &[f32],
-    n: usize,
-    size: usize,
-    chunk: usize,
-) -> Result<Vec<f32>> {
-    let per = 3 * size * size;
-    if images.len() != n * per {
-        return Err(Error::shape(
-            "embed",
-            format!("{} values for {n} images of 3x{size}x{size}", images.len()),
-        ));
-    }
-    let d = model.backbone.cfg.embed_dim;
-    let mut out = Vec::with_capacity(n * d);
-    for start in (0..n).step_by(chunk.max(1)) {
-        let m = chunk.max(1).min(n - start);
-        let o = model.backbone.forward_inference(
-            params,
-            &images[start * per..(start + m) * per],
-            m,
-            size,
-            size,
-            None,
-        )?;
-        out.extend_from_slice(&o.cls);
-    }
-    Ok(out)
 }
