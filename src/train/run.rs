@@ -432,6 +432,42 @@ fn metrics_of(
     }
 }
 
+/// Wall time of a call and the time its steps took, for the summary.
+struct LoopTimes {
+    started: Instant,
+    /// Seconds spent in steps (waiting for data included).
+    train_seconds: f64,
+    /// Seconds of those spent waiting for the loader.
+    wait_seconds: f64,
+}
+
+impl LoopTimes {
+    fn summary(
+        &self,
+        run: &RunDir,
+        trainer: &Trainer,
+        first_step: u64,
+        records: &[StepMetrics],
+        knn: Option<KnnReport>,
+        checkpoint: Option<PathBuf>,
+    ) -> TrainSummary {
+        let steps_this_run = trainer.step - first_step;
+        let images = steps_this_run as f64 * trainer.plan.batch_size as f64;
+        TrainSummary {
+            output_dir: run.root.clone(),
+            steps: trainer.step,
+            steps_this_run,
+            last: records.last().cloned(),
+            knn,
+            checkpoint,
+            export: run.export_path(),
+            wall_seconds: self.started.elapsed().as_secs_f64(),
+            images_per_s: images / self.train_seconds.max(1e-9),
+            data_wait_share: self.wait_seconds / self.train_seconds.max(1e-9),
+        }
+    }
+}
+
 /// Trains as configured. See the module documentation.
 ///
 /// ```
@@ -455,7 +491,11 @@ fn metrics_of(
 /// # Ok::<(), dinotrain::Error>(())
 /// ```
 pub fn train(options: TrainOptions) -> Result<TrainSummary> {
-    let started = Instant::now();
+    let mut times = LoopTimes {
+        started: Instant::now(),
+        train_seconds: 0.0,
+        wait_seconds: 0.0,
+    };
     let r = &options.config;
     match r.device {
         Device::Cpu | Device::Auto => {}
@@ -553,8 +593,6 @@ pub fn train(options: TrainOptions) -> Result<TrainSummary> {
     let every = |n: u64, step: u64| n > 0 && (step + 1) % n == 0;
     let d = &r.config.dinotrain;
     let mut last_checkpoint = None;
-    let mut train_seconds = 0.0;
-    let mut wait_seconds = 0.0;
     let loop_start = Instant::now();
     while trainer.step < total {
         let step_start = Instant::now();
@@ -573,8 +611,8 @@ pub fn train(options: TrainOptions) -> Result<TrainSummary> {
         loader.recycle(batch);
         let step_seconds = step_start.elapsed().as_secs_f64();
         let waited = loader.wait_seconds() - waited_before;
-        train_seconds += step_seconds;
-        wait_seconds += waited;
+        times.train_seconds += step_seconds;
+        times.wait_seconds += waited;
         let images_per_s = plan.batch_size as f64 / step_seconds.max(1e-9);
         let wait_share = waited / step_seconds.max(1e-9);
         let m = metrics_of(
@@ -615,19 +653,7 @@ pub fn train(options: TrainOptions) -> Result<TrainSummary> {
                 trainer.step - first_step,
                 trainer.step
             ))?;
-            return Ok(TrainSummary {
-                output_dir: run.root.clone(),
-                steps: trainer.step,
-                steps_this_run: trainer.step - first_step,
-                last: records.last().cloned(),
-                knn: None,
-                checkpoint: last_checkpoint,
-                export: run.export_path(),
-                wall_seconds: started.elapsed().as_secs_f64(),
-                images_per_s: (trainer.step - first_step) as f64 * plan.batch_size as f64
-                    / train_seconds.max(1e-9),
-                data_wait_share: wait_seconds / train_seconds.max(1e-9),
-            });
+            return Ok(times.summary(&run, &trainer, first_step, &records, None, last_checkpoint));
         }
         if let Some(sources) = &knn {
             if every(d.knn_every, step) && trainer.step < total {
@@ -696,19 +722,14 @@ pub fn train(options: TrainOptions) -> Result<TrainSummary> {
             "{bad} unreadable images were replaced during training"
         ))?;
     }
-    let images = steps_this_run as f64 * plan.batch_size as f64;
-    Ok(TrainSummary {
-        output_dir: run.root.clone(),
-        steps: trainer.step,
-        steps_this_run,
-        last: records.last().cloned(),
-        knn: knn_report,
-        checkpoint: last_checkpoint,
-        export,
-        wall_seconds: started.elapsed().as_secs_f64(),
-        images_per_s: images / train_seconds.max(1e-9),
-        data_wait_share: wait_seconds / train_seconds.max(1e-9),
-    })
+    Ok(times.summary(
+        &run,
+        &trainer,
+        first_step,
+        &records,
+        knn_report,
+        last_checkpoint,
+    ))
 }
 
 /// The k-NN accuracy summary line for people.
