@@ -7,14 +7,12 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use dinotrain::backend::cpu::optimizer::{adamw_step, ema_update, AdamHyper};
 use dinotrain::backend::cpu::sinkhorn::sinkhorn_knopp;
 use dinotrain::ssl::{dino_loss_forward_backward, Centering};
-use rand::Rng as _;
 use std::hint::black_box;
 
 const K: usize = 65536;
 
 fn random(n: usize, seed: u64) -> Vec<f32> {
-    let mut rng = dinotrain::rng::keyed(seed, &[dinotrain::rng::stream::TEST]);
-    (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect()
+    dinotrain::rng::uniform_vec(seed, n, 1.0)
 }
 
 fn bench_sinkhorn(c: &mut Criterion) {

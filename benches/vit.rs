@@ -9,12 +9,10 @@ use dinotrain::nn::params::ParamTable;
 use dinotrain::nn::presets::Preset;
 use dinotrain::nn::vit::Vit;
 use dinotrain::rng::{keyed, stream};
-use rand::Rng as _;
 use std::hint::black_box;
 
 fn random(n: usize, seed: u64) -> Vec<f32> {
-    let mut rng = keyed(seed, &[stream::TEST]);
-    (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect()
+    dinotrain::rng::uniform_vec(seed, n, 1.0)
 }
 
 /// `[8·257, 384] × [384, 1152]` (qkv), `× [384, 1536]` (fc1), `[8·257, 1536] × [1536, 384]` (fc2),

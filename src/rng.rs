@@ -37,6 +37,14 @@ pub fn keyed(seed: u64, keys: &[u64]) -> Rng {
     Rng::from_seed(((h as u128) << 64 | lo).to_le_bytes())
 }
 
+/// `n` values drawn uniformly from `[-scale, scale)` on the test stream of `seed`: the seeded
+/// inputs of tests and benchmarks.
+pub fn uniform_vec(seed: u64, n: usize, scale: f32) -> Vec<f32> {
+    use rand::Rng as _;
+    let mut rng = keyed(seed, &[stream::TEST]);
+    (0..n).map(|_| rng.random_range(-scale..scale)).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -6,7 +6,6 @@ use dinotrain::golden::{rel_err, Fixture};
 use dinotrain::io::Value;
 use dinotrain::optim::{LayerDecay, ParamGroups};
 use dinotrain::ssl::{dino_loss_forward_backward, Centering, MaskBatch};
-use rand::Rng as _;
 use std::path::Path;
 
 fn fixture(name: &str) -> Fixture {
@@ -88,8 +87,7 @@ fn mask_index_list_and_weights_rebuild_from_the_fixture_masks() {
 }
 
 fn random(n: usize, seed: u64, scale: f32) -> Vec<f32> {
-    let mut rng = dinotrain::rng::keyed(seed, &[dinotrain::rng::stream::TEST]);
-    (0..n).map(|_| rng.random_range(-scale..scale)).collect()
+    dinotrain::rng::uniform_vec(seed, n, scale)
 }
 
 /// Literal DINO loss in f64: every (student crop, teacher crop) pair, mean over images.

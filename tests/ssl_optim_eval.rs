@@ -6,11 +6,9 @@ use dinotrain::nn::params::{Init, ParamTable};
 use dinotrain::optim::{
     clip_grad_norms, AdamW, AdamWState, LayerDecay, ParamGroups, SubmoduleSpan,
 };
-use rand::Rng as _;
 
 fn random(n: usize, seed: u64) -> Vec<f32> {
-    let mut rng = dinotrain::rng::keyed(seed, &[dinotrain::rng::stream::TEST]);
-    (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect()
+    dinotrain::rng::uniform_vec(seed, n, 1.0)
 }
 
 fn table() -> ParamTable {

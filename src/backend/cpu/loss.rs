@@ -320,11 +320,9 @@ fn cross_entropy_row_avx2(d: &mut [f32], s: &[f32], p: &[f32], inv_t: f32, w: f3
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rand::Rng as _;
 
     fn random(n: usize, seed: u64, scale: f32) -> Vec<f32> {
-        let mut rng = crate::rng::keyed(seed, &[crate::rng::stream::TEST]);
-        (0..n).map(|_| rng.random_range(-scale..scale)).collect()
+        crate::rng::uniform_vec(seed, n, scale)
     }
 
     #[test]

@@ -217,11 +217,9 @@ pub fn sinkhorn_knopp_reference(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rand::Rng as _;
 
     fn random(n: usize, seed: u64, scale: f32) -> Vec<f32> {
-        let mut rng = crate::rng::keyed(seed, &[crate::rng::stream::TEST]);
-        (0..n).map(|_| rng.random_range(-scale..scale)).collect()
+        crate::rng::uniform_vec(seed, n, scale)
     }
 
     #[test]
