@@ -6,11 +6,22 @@ mod cuda_support;
 
 use dinotrain::backend::cuda::{CudaBackend, ResolvedDevice};
 use dinotrain::golden::{fixture_files, verify_file_on};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
-fn fixtures_dir() -> std::path::PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden")
+/// The fixtures: `$DINOTRAIN_GOLDEN_DIR`, else the repository's `tests/golden`, else `golden/`
+/// beside the working directory (the GPU bundle's layout, where the build machine's paths do
+/// not exist).
+fn fixtures_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("DINOTRAIN_GOLDEN_DIR") {
+        return PathBuf::from(dir);
+    }
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden");
+    if repo.is_dir() {
+        repo
+    } else {
+        PathBuf::from("golden")
+    }
 }
 
 #[test]
