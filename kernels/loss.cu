@@ -48,12 +48,12 @@ extern "C" __global__ void teacher_softmax(float* __restrict__ probs,
 extern "C" __global__ void center_ema(float* __restrict__ center_new,
                                       const float* __restrict__ partial,
                                       const float* __restrict__ center, int G, int K,
-                                      float momentum, float inv_rows) {
+                                      float momentum, float one_minus_momentum, float inv_rows) {
     const int k = blockIdx.x * blockDim.x + threadIdx.x;
     if (k >= K) return;
     float acc = 0.0f;
     for (int g = 0; g < G; g++) acc += partial[(long long)g * K + k];
-    center_new[k] = momentum * center[k] + (1.0f - momentum) * acc * inv_rows;
+    center_new[k] = momentum * center[k] + one_minus_momentum * acc * inv_rows;
 }
 
 #define MAX_PAIRS 16

@@ -40,16 +40,20 @@ extern "C" __global__ void adamw_update(float* __restrict__ params, float* __res
                                         const int* __restrict__ seg_group,
                                         const float* __restrict__ group_lr,
                                         const float* __restrict__ group_wd, int S, long long n,
-                                        float beta1, float beta2, float eps, float bc1,
+                                        float beta1, float one_minus_beta1, float beta2,
+                                        float one_minus_beta2, float eps, float bc1,
                                         float bc2_sqrt) {
     GRID_STRIDE(i, n) {
         const int group = seg_group[find_segment(seg_start, S, i)];
         const float lr = group_lr[group];
         const float wd = group_wd[group];
         const float g = grads[i];
-        float p = params[i] * (1.0f - lr * wd);
-        const float m = beta1 * exp_avg[i] + (1.0f - beta1) * g;
-        const float v = beta2 * exp_avg_sq[i] + (1.0f - beta2) * g * g;
+        // p·(1 - lr·wd) as p - (lr·wd)·p: `1.0f - lr·wd` would round the tiny decay to f32's
+        // spacing near 1 (a relative error of the decay of up to 1e-2).
+        float p = params[i] - (lr * wd) * params[i];
+        // 1 - beta arrive from the host (f64 there): 1.0f - 0.999f is off by 1.3e-5 relative.
+        const float m = beta1 * exp_avg[i] + one_minus_beta1 * g;
+        const float v = beta2 * exp_avg_sq[i] + one_minus_beta2 * g * g;
         p -= (lr / bc1) * m / (sqrtf(v) / bc2_sqrt + eps);
         params[i] = p;
         exp_avg[i] = m;
@@ -58,8 +62,8 @@ extern "C" __global__ void adamw_update(float* __restrict__ params, float* __res
 }
 
 extern "C" __global__ void ema_update(float* __restrict__ teacher, const float* __restrict__ student,
-                                      float momentum, long long n) {
-    GRID_STRIDE(i, n) teacher[i] = momentum * teacher[i] + (1.0f - momentum) * student[i];
+                                      float momentum, float one_minus_momentum, long long n) {
+    GRID_STRIDE(i, n) teacher[i] = momentum * teacher[i] + one_minus_momentum * student[i];
 }
 
 extern "C" __global__ void clip_coef(float* __restrict__ coef, float* __restrict__ norm,

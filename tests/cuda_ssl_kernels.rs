@@ -343,7 +343,7 @@ fn koleo_forward_and_backward_match_f64() {
 fn dino_loss_with_centering_matches_f64_at_k_65536() {
     let Some(mut gpu) = gpu() else { return };
     let (n_img, n_local, k) = (3usize, 2usize, 65_536usize);
-    let (tt, ts, momentum, weight) = (0.04f32, 0.1f32, 0.9f32, 1.0f32);
+    let (tt, ts, momentum, weight) = (0.04f32, 0.1f32, 0.9f64, 1.0f32);
     let rt = 2 * n_img;
     let rs = rt + n_local * n_img;
     let teacher = randn(80, rt * k, 2.0);
@@ -409,8 +409,8 @@ fn dino_loss_with_centering_matches_f64_at_k_65536() {
     }
     let ref_center: Vec<f64> = (0..k)
         .map(|j| {
-            momentum as f64 * center[j] as f64
-                + (1.0 - momentum as f64) * (0..rt).map(|r| teacher[r * k + j] as f64).sum::<f64>()
+            momentum * center[j] as f64
+                + (1.0 - momentum) * (0..rt).map(|r| teacher[r * k + j] as f64).sum::<f64>()
                     / rt as f64
         })
         .collect();
@@ -532,7 +532,7 @@ fn ema_clip_and_weight_norm_match_f64() {
     gpu.ema_update(&mut d_t, &gpu.upload(&student).unwrap(), 0.996)
         .unwrap();
     let ref_t: Vec<f64> = (0..n)
-        .map(|i| 0.996f32 as f64 * teacher[i] as f64 + (1.0 - 0.996f32 as f64) * student[i] as f64)
+        .map(|i| 0.996 * teacher[i] as f64 + (1.0 - 0.996) * student[i] as f64)
         .collect();
     assert_close("ema", &gpu.download(&d_t).unwrap(), &ref_t, 1e-6);
 

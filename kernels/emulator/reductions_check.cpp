@@ -311,12 +311,12 @@ static void check_adamw_segments() {
         int s = 0;
         while (s + 1 < (int)start.size() && start[s + 1] <= i) s++;
         const double l = lr[group[s]], w = wd[group[s]];
-        const double mi = (1 - b1) * (double)g[i], vi = (1 - b2) * (double)g[i] * g[i];
+        const double mi = (1 - 0.9) * (double)g[i], vi = (1 - 0.999) * (double)g[i] * g[i];
         ref[i] = p[i] * (1 - l * w) - l / bc1 * mi / (std::sqrt(vi) / bc2s + eps);
     }
     simt::launch({4}, {256}, [&] {
         opt::adamw_update(p.data(), m.data(), v.data(), g.data(), start.data(), group.data(), lr.data(), wd.data(),
-                          (int)start.size(), n, b1, b2, eps, bc1, bc2s);
+                          (int)start.size(), n, b1, (float)(1 - 0.9), b2, (float)(1 - 0.999), eps, bc1, bc2s);
     });
     expect("adamw_update (5 segments, 3 groups)", p, ref, 1e-6);
 }

@@ -88,7 +88,7 @@ impl CudaBackend {
         center_new: &mut CudaSlice<f32>,
         teacher: &CudaSlice<f32>,
         center: &CudaSlice<f32>,
-        momentum: f32,
+        momentum: f64,
         rows: usize,
         prototypes: usize,
     ) -> Result<()> {
@@ -119,12 +119,23 @@ impl CudaBackend {
         );
         let g = dim(OP, "groups", groups)?;
         let inv_rows = 1.0 / rows as f32;
+        // 1 - m in f64 (m is near 1), as the CPU twin forms it.
+        let (m, one_minus_m) = (momentum as f32, (1.0 - momentum) as f32);
         launch!(
             self,
             KernelFamily::Loss,
             "center_ema",
             config((grid.0, 1, 1), BLOCK),
-            [center_new, &partial, center, &g, &k, &momentum, &inv_rows]
+            [
+                center_new,
+                &partial,
+                center,
+                &g,
+                &k,
+                &m,
+                &one_minus_m,
+                &inv_rows
+            ]
         );
         Ok(())
     }

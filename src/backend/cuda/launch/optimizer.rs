@@ -99,6 +99,8 @@ impl CudaBackend {
         let bc1 = (1.0 - hp.beta1.powi(t)) as f32;
         let bc2_sqrt = (1.0 - hp.beta2.powi(t)).sqrt() as f32;
         let (beta1, beta2, eps) = (hp.beta1 as f32, hp.beta2 as f32, hp.eps as f32);
+        // 1 - beta in f64, as torch forms its scalars (1.0f - 0.999f is off by 1.3e-5).
+        let (one_minus_beta1, one_minus_beta2) = ((1.0 - hp.beta1) as f32, (1.0 - hp.beta2) as f32);
         let s = dim(OP, "segments", segments.segments)?;
         let n_i64 = n as i64;
         launch!(
@@ -118,7 +120,9 @@ impl CudaBackend {
                 &s,
                 &n_i64,
                 &beta1,
+                &one_minus_beta1,
                 &beta2,
+                &one_minus_beta2,
                 &eps,
                 &bc1,
                 &bc2_sqrt
@@ -127,21 +131,22 @@ impl CudaBackend {
         Ok(())
     }
 
-    /// `teacher = m · teacher + (1 - m) · student`.
+    /// `teacher = m · teacher + (1 - m) · student`; `1 - m` is formed in f64 (m is near 1).
     pub fn ema_update(
         &self,
         teacher: &mut CudaSlice<f32>,
         student: &CudaSlice<f32>,
-        momentum: f32,
+        momentum: f64,
     ) -> Result<()> {
         check_len("cuda ema_update", "teacher", teacher.len(), student.len())?;
         let n = student.len() as i64;
+        let (m, one_minus_m) = (momentum as f32, (1.0 - momentum) as f32);
         launch!(
             self,
             KernelFamily::Optimizer,
             "ema_update",
             grid_stride(student.len()),
-            [teacher, student, &momentum, &n]
+            [teacher, student, &m, &one_minus_m, &n]
         );
         Ok(())
     }

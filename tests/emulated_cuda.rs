@@ -1,0 +1,220 @@
+//! The CUDA code path on a machine without a GPU: `kernels/emulator/fake_cuda.cpp` is built into
+//! a stand-in for libcuda / libcublas / libcublasLt (device memory is host memory, every launch
+//! runs the real kernel source through the SIMT emulation, the bf16 GEMM is a plain loop), and
+//! the GPU programs run against it unchanged with that folder first on `LD_LIBRARY_PATH`:
+//! `dinotrain verify --device cuda` on every golden fixture and the GPU test binaries.
+//!
+//! This checks the host orchestration (buffer sizes, offsets, launch arguments, the order of
+//! passes, where bf16 rounding happens) and the kernels' index math end to end, in CI. It says
+//! nothing about speed or races between blocks (blocks run one after another), which only a
+//! real GPU shows (`tools/gpu-check.sh`).
+//!
+//! Skips, saying why, without g++ or when this build has no precompiled kernels (the emulation
+//! serves kernels by name and cannot run NVRTC).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+fn manifest() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// `KERNEL(family namespace, name)` for every `extern "C"` kernel of the preprocessed
+/// `all_kernels.hpp` (macros such as `LN_FORWARD(bf16, ...)` expanded).
+fn kernel_registry(preprocessed: &str) -> Vec<String> {
+    let mut lines = Vec::new();
+    for section in preprocessed.split("namespace fam_").skip(1) {
+        let family: String = section
+            .chars()
+            .take_while(|c| c.is_alphanumeric() || *c == '_')
+            .collect();
+        for after in section.split("extern \"C\"").skip(1) {
+            let Some(rest) = after.trim_start().strip_prefix("void") else {
+                continue;
+            };
+            let name: String = rest
+                .trim_start()
+                .chars()
+                .take_while(|c| c.is_alphanumeric() || *c == '_')
+                .collect();
+            if !name.is_empty() {
+                lines.push(format!("KERNEL(fam_{family}, {name})"));
+            }
+        }
+    }
+    lines
+}
+
+/// Runs a build step; a failure is a broken emulator source, so the test fails.
+fn run_checked(what: &str, command: &mut Command) -> Output {
+    let output = command
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {what}: {e}"));
+    assert!(
+        output.status.success(),
+        "{what} failed:\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    output
+}
+
+/// Builds the emulated driver (once per test binary) into a folder holding libcuda.so,
+/// libcublas.so and libcublasLt.so. `Err` carries the reason to skip.
+fn build_driver() -> Result<PathBuf, String> {
+    if !dinotrain::backend::cuda::all_precompiled() {
+        return Err("this build has no precompiled kernels (nvcc was missing)".into());
+    }
+    let compiler = std::env::var("CXX").unwrap_or_else(|_| "g++".to_string());
+    if Command::new(&compiler).arg("--version").output().is_err() {
+        return Err(format!("no C++ compiler ({compiler})"));
+    }
+    let emulator = manifest().join("kernels/emulator");
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("emulated-cuda");
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    let probe = dir.join("all_kernels.cpp");
+    std::fs::write(&probe, "#include \"all_kernels.hpp\"\n").map_err(|e| e.to_string())?;
+    let pre = run_checked(
+        "the preprocessor",
+        Command::new(&compiler)
+            .args(["-std=c++20", "-E", "-w", "-I"])
+            .arg(&emulator)
+            .arg(&probe),
+    );
+    let registry = kernel_registry(&String::from_utf8_lossy(&pre.stdout));
+    assert!(
+        registry.len() >= 60,
+        "only {} kernels found in the sources",
+        registry.len()
+    );
+    std::fs::write(dir.join("registry.inc"), registry.join("\n") + "\n")
+        .map_err(|e| e.to_string())?;
+    let library = dir.join("libcuda.so");
+    run_checked(
+        "the emulated driver's build",
+        Command::new(&compiler)
+            .args(["-O1", "-std=c++20", "-pthread", "-shared", "-fPIC", "-w"])
+            .arg("-I")
+            .arg(&dir)
+            .arg(emulator.join("fake_cuda.cpp"))
+            .arg("-o")
+            .arg(&library),
+    );
+    for alias in ["libcublas.so", "libcublasLt.so"] {
+        std::fs::copy(&library, dir.join(alias)).map_err(|e| e.to_string())?;
+    }
+    Ok(dir)
+}
+
+/// The emulated driver's folder, or `None` after printing why the test is skipped.
+fn driver() -> Option<&'static Path> {
+    static DRIVER: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    match DRIVER.get_or_init(build_driver) {
+        Ok(dir) => Some(dir.as_path()),
+        Err(reason) => {
+            eprintln!("skipping: {reason}");
+            None
+        }
+    }
+}
+
+/// `program` with the emulated driver first on the library path.
+fn emulated(program: &Path, driver: &Path) -> Command {
+    let mut command = Command::new(program);
+    let path = match std::env::var("LD_LIBRARY_PATH") {
+        Ok(rest) if !rest.is_empty() => format!("{}:{rest}", driver.display()),
+        _ => driver.display().to_string(),
+    };
+    command.env("LD_LIBRARY_PATH", path).current_dir(manifest());
+    command
+}
+
+fn report(output: &Output) -> String {
+    format!(
+        "status {:?}\n--- stdout\n{}\n--- stderr\n{}",
+        output.status.code(),
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+#[test]
+fn registry_reads_kernel_names_through_macros_and_launch_bounds() {
+    let text = "namespace fam_a {\nextern \"C\" void k1(int x) {}\nextern \"C\" void\n  k2 (float* p) {}\n}\nnamespace fam_b {\nextern \"C\" int helper();\nextern \"C\" void k3() {}\n}";
+    assert_eq!(
+        kernel_registry(text),
+        [
+            "KERNEL(fam_a, k1)",
+            "KERNEL(fam_a, k2)",
+            "KERNEL(fam_b, k3)"
+        ]
+    );
+}
+
+#[test]
+fn verify_passes_every_golden_fixture_on_the_emulated_device() {
+    let Some(driver) = driver() else { return };
+    let output = emulated(Path::new(env!("CARGO_BIN_EXE_dinotrain")), driver)
+        .args(["verify", "--device", "cuda", "tests/golden"])
+        .output()
+        .unwrap();
+    let text = report(&output);
+    eprintln!("{text}");
+    assert!(output.status.success(), "{text}");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        stdout.contains("emulated CUDA device"),
+        "the fixtures did not run on the emulated device:\n{stdout}"
+    );
+}
+
+/// The newest build of test binary `name` beside this one (cargo builds every test target
+/// before it runs any).
+fn sibling_test_binary(name: &str) -> Option<PathBuf> {
+    let me = std::env::current_exe().ok()?;
+    let deps = me.parent()?;
+    std::fs::read_dir(deps)
+        .ok()?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            let file = p.file_name().map(|f| f.to_string_lossy().into_owned());
+            file.is_some_and(|f| {
+                f.strip_prefix(name)
+                    .and_then(|rest| rest.strip_prefix('-'))
+                    .is_some_and(|hash| hash.chars().all(|c| c.is_ascii_hexdigit()))
+            })
+        })
+        .max_by_key(|p| p.metadata().and_then(|m| m.modified()).ok())
+}
+
+fn run_gpu_tests(name: &str) {
+    let Some(driver) = driver() else { return };
+    let Some(binary) = sibling_test_binary(name) else {
+        eprintln!("skipping: no {name} test binary beside this one (run the whole `cargo test`)");
+        return;
+    };
+    let output = emulated(&binary, driver)
+        .args(["--test-threads", "2"])
+        .output()
+        .unwrap();
+    let text = report(&output);
+    eprintln!("{text}");
+    assert!(
+        output.status.success(),
+        "{name} on the emulated device:\n{text}"
+    );
+    let combined = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        !combined.contains("skipping:"),
+        "{name} skipped tests on the emulated device:\n{text}"
+    );
+}
+
+#[test]
+fn kernel_tests_of_the_method_pass_on_the_emulated_device() {
+    run_gpu_tests("cuda_ssl_kernels");
+}
