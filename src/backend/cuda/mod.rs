@@ -15,6 +15,8 @@ mod device;
 mod gemm;
 mod kernels;
 mod launch;
+pub mod model;
+mod view;
 
 pub use device::{resolve_device, ResolvedDevice};
 pub use gemm::GemmShape;
@@ -28,6 +30,7 @@ pub use launch::loss::{CrossEntropyPairs, MAX_PAIRS};
 pub use launch::optimizer::{AdamWStep, ParamSegments};
 pub use launch::patch::{GatherElement, PatchLayout};
 pub use launch::GradWrite;
+pub use view::{SubSlice, SubSliceMut};
 
 use crate::error::{Error, Result};
 use cudarc::cublas::CudaBlas;

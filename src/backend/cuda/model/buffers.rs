@@ -1,0 +1,136 @@
+//! Workspace buffers of the GPU step: device buffers that grow to the largest size a step asks
+//! for and are reused afterwards (the number of masked patches changes every step, so buffers
+//! sized by it keep a capacity and expose only their current length), host-to-device copies
+//! into existing buffers, and a counter of the allocations made, so a test can check that the
+//! steady-state step allocates nothing.
+
+use crate::backend::cuda::{cuda_error, CudaBackend, SubSlice, SubSliceMut};
+use crate::error::{Error, Result};
+use cudarc::driver::{CudaSlice, DeviceRepr, ValidAsZeroBits};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
+
+/// Device allocations made by the step's workspaces since the process started.
+pub fn allocation_count() -> u64 {
+    ALLOCATIONS.load(Ordering::Relaxed)
+}
+
+/// A zero-filled device buffer, counted.
+pub fn alloc_counted<T: DeviceRepr + ValidAsZeroBits>(
+    gpu: &CudaBackend,
+    len: usize,
+) -> Result<CudaSlice<T>> {
+    ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+    gpu.alloc_zeros(len)
+}
+
+/// Copies `src` into the first `src.len()` elements of the existing buffer `dst`.
+pub fn upload_into<T: DeviceRepr>(
+    gpu: &CudaBackend,
+    dst: &mut CudaSlice<T>,
+    src: &[T],
+) -> Result<()> {
+    if src.len() > dst.len() {
+        return Err(Error::shape(
+            "cuda upload_into",
+            format!("{} values into a buffer of {}", src.len(), dst.len()),
+        ));
+    }
+    if src.is_empty() {
+        return Ok(());
+    }
+    gpu.stream()
+        .memcpy_htod(src, dst)
+        .map_err(|e| cuda_error("cuMemcpyHtoD", e))
+}
+
+/// A device buffer with a capacity and a current length (the first `len` elements).
+#[derive(Debug)]
+pub struct Grow<T> {
+    buf: Option<CudaSlice<T>>,
+    len: usize,
+}
+
+impl<T> Default for Grow<T> {
+    fn default() -> Self {
+        Grow { buf: None, len: 0 }
+    }
+}
+
+impl<T: DeviceRepr + ValidAsZeroBits> Grow<T> {
+    /// Sets the current length, allocating (zeroed) only when it exceeds the capacity.
+    pub fn resize(&mut self, gpu: &CudaBackend, len: usize) -> Result<()> {
+        let capacity = self.buf.as_ref().map_or(0, |b| b.len());
+        if self.buf.is_none() || capacity < len {
+            self.buf = Some(alloc_counted(gpu, len.max(1))?);
+        }
+        self.len = len;
+        Ok(())
+    }
+
+    /// The current length.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the current length is zero.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    fn buffer(&self) -> Result<&CudaSlice<T>> {
+        self.buf
+            .as_ref()
+            .ok_or_else(|| Error::Cuda("a workspace buffer was used before it was sized".into()))
+    }
+
+    /// The first `len` elements, read-only.
+    pub fn get<'a>(&'a self, gpu: &CudaBackend) -> Result<SubSlice<'a, T>> {
+        gpu.sub(self.buffer()?, 0..self.len)
+    }
+
+    /// The first `len` elements, writable.
+    pub fn get_mut<'a>(&'a mut self, gpu: &CudaBackend) -> Result<SubSliceMut<'a, T>> {
+        let len = self.len;
+        let buf = self
+            .buf
+            .as_mut()
+            .ok_or_else(|| Error::Cuda("a workspace buffer was used before it was sized".into()))?;
+        gpu.sub_mut(buf, 0..len)
+    }
+
+    /// Elements `range` of the current length, read-only.
+    pub fn rows<'a>(
+        &'a self,
+        gpu: &CudaBackend,
+        range: std::ops::Range<usize>,
+    ) -> Result<SubSlice<'a, T>> {
+        if range.end > self.len {
+            return Err(Error::shape(
+                "workspace window",
+                format!("{range:?} beyond the current length {}", self.len),
+            ));
+        }
+        gpu.sub(self.buffer()?, range)
+    }
+
+    /// Elements `range` of the current length, writable.
+    pub fn rows_mut<'a>(
+        &'a mut self,
+        gpu: &CudaBackend,
+        range: std::ops::Range<usize>,
+    ) -> Result<SubSliceMut<'a, T>> {
+        if range.end > self.len {
+            return Err(Error::shape(
+                "workspace window",
+                format!("{range:?} beyond the current length {}", self.len),
+            ));
+        }
+        let buf = self
+            .buf
+            .as_mut()
+            .ok_or_else(|| Error::Cuda("a workspace buffer was used before it was sized".into()))?;
+        gpu.sub_mut(buf, range)
+    }
+}
