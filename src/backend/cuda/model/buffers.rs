@@ -134,3 +134,23 @@ impl<T: DeviceRepr + ValidAsZeroBits> Grow<T> {
         gpu.sub_mut(buf, range)
     }
 }
+
+/// Counts allocations made through other constructors (launcher-owned tables and buffers).
+pub fn count_allocations(n: u64) {
+    ALLOCATIONS.fetch_add(n, Ordering::Relaxed);
+}
+
+/// Copies `src` over the whole of `dst` (same length).
+pub fn upload_exact<T: DeviceRepr>(
+    gpu: &CudaBackend,
+    dst: &mut CudaSlice<T>,
+    src: &[T],
+) -> Result<()> {
+    if src.len() != dst.len() {
+        return Err(Error::shape(
+            "cuda upload",
+            format!("{} values for a buffer of {}", src.len(), dst.len()),
+        ));
+    }
+    upload_into(gpu, dst, src)
+}
