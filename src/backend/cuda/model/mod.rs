@@ -7,6 +7,7 @@
 
 pub mod buffers;
 pub mod head;
+pub mod losses;
 pub mod optim;
 pub mod step;
 pub mod targets;

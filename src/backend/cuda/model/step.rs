@@ -15,15 +15,15 @@
 
 use super::buffers::{upload_into, Grow};
 use super::head::{GpuHead, HeadCache, HeadScratch};
+use super::losses::{dino_loss_forward_backward, ibot_loss_forward_backward, DinoPairs, IbotPairs};
 use super::targets::GpuTargets;
 use super::vit::GpuVit;
 use super::DeviceWeights;
 use crate::backend::cpu::Accumulate;
-use crate::backend::cuda::{cuda_error, CrossEntropyPairs, CudaBackend, KoleoSaved, PatchLayout};
+use crate::backend::cuda::{cuda_error, CudaBackend, KoleoSaved, PatchLayout};
 use crate::error::{Error, Result};
 use crate::nn::DropPath;
 use crate::rng::Rng;
-use crate::ssl::dino_loss::dino_loss_denominator;
 use crate::ssl::step::{LossConfig, SslModel, StepBatch, StepOutput};
 use cudarc::driver::{CudaSlice, DeviceRepr, ValidAsZeroBits};
 
@@ -93,18 +93,6 @@ impl Heads {
     }
 }
 
-/// Cross-entropy pairing tables, rebuilt only when their layout changes.
-#[derive(Debug, Default)]
-struct Pairs {
-    /// (B, nl) the DINO tables were built for.
-    dino_key: Option<(usize, usize)>,
-    dino_global: Option<CrossEntropyPairs>,
-    dino_local: Option<CrossEntropyPairs>,
-    /// iBOT: one teacher row per masked patch; capacity in rows, current rows in the struct.
-    ibot: Option<CrossEntropyPairs>,
-    ibot_capacity: usize,
-}
-
 /// Every buffer of the step, grown on the first step of a size and reused after.
 #[derive(Debug, Default)]
 struct Workspace {
@@ -129,7 +117,8 @@ struct Workspace {
     d_cls_local: Grow<f32>,    // [nl·B, D]
     d_patch_local: Grow<f32>,  // [nl·B, Nl, D], always zero (no patch loss on local crops)
     koleo: Option<KoleoSaved>, // [B, D]
-    pairs: Pairs,
+    dino_pairs: DinoPairs,
+    ibot_pairs: IbotPairs,
     readback: Option<CudaSlice<f32>>, // [SLOT_NORMS + MAX_NORMS]
 }
 
@@ -289,12 +278,12 @@ impl GpuStep {
         }
         student_heads.prepare(gpu, &student.f32)?;
         teacher_heads.prepare(gpu, &teacher.f32)?;
-        ws.ensure_pairs(gpu, b, nl)?;
         if let Some(m) = masks {
             let host: Vec<i64> = m.mask_indices.iter().map(|&i| i as i64).collect();
             ws.mask_indices.resize(gpu, n_masked)?;
             upload_into(gpu, &mut *ws.mask_indices.get_mut(gpu)?, &host)?;
-            ws.ensure_ibot_pairs(gpu, m, n_global, m.upperbound)?;
+            ws.ibot_pairs
+                .set(gpu, &m.masks_weight, n_global, m.upperbound)?;
         }
         let readback = ws
             .readback
@@ -484,84 +473,46 @@ impl GpuStep {
             )?;
         }
 
-        // ---- Losses. DINO pair weights carry 1 / (B · Dn) and the gradient the loss weight,
-        // so the summed rows are the unweighted terms the logs show.
+        // ---- Losses.
         ws.ds_global.resize(gpu, n_global * k)?;
-        {
-            let pairs = ws
-                .pairs
-                .dino_global
-                .as_ref()
-                .ok_or_else(|| Error::Cuda("DINO pairs missing".into()))?;
-            let mut loss = gpu.sub_mut(readback, SLOT_DINO_GLOBAL..SLOT_DINO_GLOBAL + 1)?;
-            ws.row_loss.resize(gpu, n_global)?;
-            let mut row_loss = ws.row_loss.get_mut(gpu)?;
-            let mut ds = ws.ds_global.get_mut(gpu)?;
-            let s = ws.s_dino_global.logits.get(gpu)?;
-            let probs = ws.dino_probs.get(gpu)?;
-            gpu.softmax_cross_entropy(
-                &mut loss,
-                &mut row_loss,
-                &mut ds,
-                &s,
-                &probs,
-                pairs,
-                losses.student_temp,
-                losses.dino_loss_weight,
-                n_global,
-                k,
-            )?;
-        }
         ws.ds_local.resize(gpu, nl * b * k)?;
-        if nl > 0 {
-            let pairs = ws
-                .pairs
-                .dino_local
-                .as_ref()
-                .ok_or_else(|| Error::Cuda("DINO local pairs missing".into()))?;
-            let mut loss = gpu.sub_mut(readback, SLOT_DINO_LOCAL..SLOT_DINO_LOCAL + 1)?;
-            ws.row_loss.resize(gpu, nl * b)?;
-            let mut row_loss = ws.row_loss.get_mut(gpu)?;
-            let mut ds = ws.ds_local.get_mut(gpu)?;
-            let s = ws.s_dino_local.logits.get(gpu)?;
-            let probs = ws.dino_probs.get(gpu)?;
-            gpu.softmax_cross_entropy(
-                &mut loss,
-                &mut row_loss,
-                &mut ds,
-                &s,
-                &probs,
-                pairs,
+        {
+            let mut terms = gpu.sub_mut(readback, SLOT_DINO_GLOBAL..SLOT_DINO_LOCAL + 1)?;
+            if nl == 0 {
+                ws.s_dino_local.logits.resize(gpu, 0)?;
+            }
+            let s_local = ws.s_dino_local.logits.get(gpu)?;
+            dino_loss_forward_backward(
+                gpu,
+                &mut ws.dino_pairs,
+                &mut terms,
+                &mut ws.row_loss,
+                &mut *ws.ds_global.get_mut(gpu)?,
+                &mut *ws.ds_local.get_mut(gpu)?,
+                &*ws.s_dino_global.logits.get(gpu)?,
+                &s_local,
+                &*ws.dino_probs.get(gpu)?,
+                b,
+                nl,
+                k,
                 losses.student_temp,
                 losses.dino_loss_weight,
-                n_global,
-                k,
             )?;
         }
         ws.ds_ibot.resize(gpu, n_masked * ki)?;
         if masks.is_some() && n_masked > 0 {
-            let pairs = ws
-                .pairs
-                .ibot
-                .as_ref()
-                .ok_or_else(|| Error::Cuda("iBOT pairs missing".into()))?;
             let mut loss = gpu.sub_mut(readback, SLOT_IBOT..SLOT_IBOT + 1)?;
-            ws.row_loss.resize(gpu, n_masked)?;
-            let mut row_loss = ws.row_loss.get_mut(gpu)?;
-            let mut ds = ws.ds_ibot.get_mut(gpu)?;
-            let s = ws.s_ibot.logits.get(gpu)?;
-            let probs = ws.ibot_probs.get(gpu)?;
-            gpu.softmax_cross_entropy(
+            ibot_loss_forward_backward(
+                gpu,
+                &ws.ibot_pairs,
                 &mut loss,
-                &mut row_loss,
-                &mut ds,
-                &s,
-                &probs,
-                pairs,
+                &mut ws.row_loss,
+                &mut *ws.ds_ibot.get_mut(gpu)?,
+                &*ws.s_ibot.logits.get(gpu)?,
+                &*ws.ibot_probs.get(gpu)?,
+                ki,
                 losses.student_temp,
                 losses.ibot_loss_weight,
-                n_masked,
-                ki,
             )?;
         }
 
@@ -735,80 +686,6 @@ impl GpuStep {
             };
         }
         Ok((out, host[SLOT_NORMS..SLOT_NORMS + n_norms].to_vec()))
-    }
-}
-
-impl Workspace {
-    /// The DINO pairing tables for (B, nl): each global crop against the other crop's teacher,
-    /// each local crop against both, every pair weighted `1 / (B · Dn)`.
-    fn ensure_pairs(&mut self, gpu: &CudaBackend, b: usize, nl: usize) -> Result<()> {
-        if self.pairs.dino_key == Some((b, nl)) {
-            return Ok(());
-        }
-        let scale = (1.0 / (b as f64 * dino_loss_denominator(nl) as f64)) as f32;
-        let global_teacher: Vec<i32> = (0..2 * b).map(|r| ((r + b) % (2 * b)) as i32).collect();
-        super::buffers::count_allocations(2);
-        self.pairs.dino_global = Some(CrossEntropyPairs::new(
-            gpu,
-            2 * b,
-            1,
-            &global_teacher,
-            &vec![scale; 2 * b],
-        )?);
-        self.pairs.dino_local = if nl > 0 {
-            let teacher: Vec<i32> = (0..nl * b)
-                .flat_map(|r| [(r % b) as i32, (b + r % b) as i32])
-                .collect();
-            super::buffers::count_allocations(2);
-            Some(CrossEntropyPairs::new(
-                gpu,
-                nl * b,
-                2,
-                &teacher,
-                &vec![scale; 2 * nl * b],
-            )?)
-        } else {
-            None
-        };
-        self.pairs.dino_key = Some((b, nl));
-        Ok(())
-    }
-
-    /// The iBOT pairing table of this step's masks: masked patch i against teacher row i with
-    /// weight `masks_weight[i] / 2B` (iBOT divides by all global crops). Grows to the masks'
-    /// official upper bound, so later steps only copy.
-    fn ensure_ibot_pairs(
-        &mut self,
-        gpu: &CudaBackend,
-        masks: &crate::ssl::MaskBatch,
-        n_global: usize,
-        upperbound: usize,
-    ) -> Result<()> {
-        let m = masks.n_masked();
-        let teacher: Vec<i32> = (0..m as i32).collect();
-        let inv_crops = 1.0 / n_global as f64;
-        let weight: Vec<f32> = masks
-            .masks_weight
-            .iter()
-            .map(|&w| (w as f64 * inv_crops) as f32)
-            .collect();
-        if self.pairs.ibot.is_none() || self.pairs.ibot_capacity < m {
-            let capacity = m.max(upperbound).max(1);
-            let mut t = vec![-1i32; capacity];
-            t[..m].copy_from_slice(&teacher);
-            let mut w = vec![0f32; capacity];
-            w[..m].copy_from_slice(&weight);
-            super::buffers::count_allocations(2);
-            self.pairs.ibot = Some(CrossEntropyPairs::new(gpu, capacity, 1, &t, &w)?);
-            self.pairs.ibot_capacity = capacity;
-        } else if let Some(p) = self.pairs.ibot.as_mut() {
-            upload_into(gpu, &mut p.teacher, &teacher)?;
-            upload_into(gpu, &mut p.weight, &weight)?;
-        }
-        if let Some(p) = self.pairs.ibot.as_mut() {
-            p.student_rows = m;
-        }
-        Ok(())
     }
 }
 

@@ -32,11 +32,11 @@ impl GpuCentering {
     pub fn upload(gpu: &CudaBackend, host: &Centering) -> Result<Self> {
         match host {
             Centering::Softmax { center, momentum } => {
-                let mut c = alloc_counted(gpu, center.len().max(1))?;
-                upload_into(gpu, &mut c, center)?;
                 if center.is_empty() {
                     return Err(Error::shape("GpuCentering", "an empty center"));
                 }
+                let mut c = alloc_counted(gpu, center.len())?;
+                upload_into(gpu, &mut c, center)?;
                 Ok(GpuCentering::Softmax {
                     center: c,
                     next: alloc_counted(gpu, center.len())?,
