@@ -69,6 +69,17 @@ impl<T: DeviceRepr + ValidAsZeroBits> Grow<T> {
         Ok(())
     }
 
+    /// Makes the capacity at least `capacity` (the contents are not kept when it grows), so
+    /// later [`resize`](Self::resize) calls up to it allocate nothing.
+    pub fn reserve(&mut self, gpu: &CudaBackend, capacity: usize) -> Result<()> {
+        let current = self.buf.as_ref().map_or(0, |b| b.len());
+        if self.buf.is_none() || current < capacity {
+            self.buf = Some(alloc_counted(gpu, capacity.max(1))?);
+            self.len = self.len.min(capacity);
+        }
+        Ok(())
+    }
+
     /// The current length.
     pub fn len(&self) -> usize {
         self.len

@@ -53,6 +53,25 @@ pub struct HeadCache {
 }
 
 impl HeadCache {
+    /// Capacity for `rows` rows of `head` (a row count that varies per step, such as the masked
+    /// patches, then never reallocates below its bound).
+    pub fn reserve(&mut self, gpu: &CudaBackend, head: &DinoHead, rows: usize) -> Result<()> {
+        let (in_dim, hidden, bn, k) = dims(head);
+        self.x_bf16.reserve(gpu, rows * in_dim)?;
+        for buf in [&mut self.pre0, &mut self.pre2] {
+            buf.reserve(gpu, rows * hidden)?;
+        }
+        for buf in [&mut self.act0, &mut self.act2] {
+            buf.reserve(gpu, rows * hidden)?;
+        }
+        for buf in [&mut self.y, &mut self.z] {
+            buf.reserve(gpu, rows * bn)?;
+        }
+        self.z_bf16.reserve(gpu, rows * bn)?;
+        self.y_norm.reserve(gpu, rows)?;
+        self.logits.reserve(gpu, rows * k)
+    }
+
     /// Rows of the last forward.
     pub fn rows(&self) -> usize {
         self.n
@@ -69,6 +88,26 @@ pub struct HeadScratch {
     dact: Grow<f32>,        // [n, hidden] dL/d(activation), then in place dL/d(pre-activation)
     dpre_bf16: Grow<bf16>,  // [n, hidden]
     dw: Grow<f32>,          // [k, bn] dL/dW of the effective prototypes
+}
+
+impl HeadScratch {
+    /// Capacity for backward calls of up to `rows` rows of `head`.
+    pub fn reserve(&mut self, gpu: &CudaBackend, head: &DinoHead, rows: usize) -> Result<()> {
+        let (_, hidden, bn, k) = dims(head);
+        self.d_out_bf16.reserve(gpu, rows * k)?;
+        for buf in [&mut self.dz, &mut self.dy] {
+            buf.reserve(gpu, rows * bn)?;
+        }
+        self.dy_bf16.reserve(gpu, rows * bn)?;
+        self.dact.reserve(gpu, rows * hidden)?;
+        self.dpre_bf16.reserve(gpu, rows * hidden)?;
+        self.dw.reserve(gpu, k * bn)
+    }
+}
+
+/// (in_dim, hidden, bottleneck, prototypes) of a head.
+fn dims(h: &DinoHead) -> (usize, usize, usize, usize) {
+    (h.mlp0.in_dim, h.mlp0.out_dim, h.bottleneck, h.out_dim)
 }
 
 /// `out (=|+=) inp · Wᵀ` for a Linear `W [out, in]` read from the bf16 parameter copy.

@@ -278,10 +278,27 @@ impl GpuStep {
         }
         student_heads.prepare(gpu, &student.f32)?;
         teacher_heads.prepare(gpu, &teacher.f32)?;
+        // [M] flat `crop·N + patch` indices of the masked patches, on the host and the device.
+        let mask_host: Vec<i64> = masks.map_or_else(Vec::new, |m| {
+            m.mask_indices.iter().map(|&i| i as i64).collect()
+        });
         if let Some(m) = masks {
-            let host: Vec<i64> = m.mask_indices.iter().map(|&i| i as i64).collect();
+            // Buffers sized by M reserve the masks' upper bound once: M changes every step.
+            let cap = m.upperbound.max(n_masked);
+            let patch_head = &student_heads.patch().head;
+            ws.mask_indices.reserve(gpu, cap)?;
+            for buf in [&mut ws.t_masked, &mut ws.s_masked, &mut ws.d_masked] {
+                buf.reserve(gpu, cap * d)?;
+            }
+            for buf in [&mut ws.ibot_probs, &mut ws.ds_ibot] {
+                buf.reserve(gpu, cap * ki)?;
+            }
+            ws.row_loss.reserve(gpu, cap.max(n_global).max(nl * b))?;
+            ws.t_ibot.reserve(gpu, patch_head, cap)?;
+            ws.s_ibot.reserve(gpu, patch_head, cap)?;
+            ws.head_scratch.reserve(gpu, patch_head, cap)?;
             ws.mask_indices.resize(gpu, n_masked)?;
-            upload_into(gpu, &mut *ws.mask_indices.get_mut(gpu)?, &host)?;
+            upload_into(gpu, &mut *ws.mask_indices.get_mut(gpu)?, &mask_host)?;
             ws.ibot_pairs
                 .set(gpu, &m.masks_weight, n_global, m.upperbound)?;
         }
@@ -290,9 +307,6 @@ impl GpuStep {
             .as_mut()
             .ok_or_else(|| Error::Cuda("read-back buffer missing".into()))?;
         zero(gpu, readback)?;
-        let mask_host: Vec<i64> = masks.map_or_else(Vec::new, |m| {
-            m.mask_indices.iter().map(|&i| i as i64).collect()
-        });
 
         // ---- Teacher: no gradient, no masks, no drop path.
         {
