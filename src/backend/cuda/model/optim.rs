@@ -7,7 +7,7 @@ use super::buffers::{alloc_counted, upload_into};
 use crate::backend::cpu::optimizer::AdamHyper;
 use crate::backend::cuda::{AdamWStep, CudaBackend, ParamSegments};
 use crate::error::{Error, Result};
-use crate::nn::params::ParamTable;
+use crate::nn::params::{ParamRef, ParamTable};
 use crate::optim::{GroupSettings, ParamGroups, SubmoduleSpan};
 use cudarc::driver::CudaSlice;
 use std::ops::Range;
@@ -29,34 +29,28 @@ pub struct GpuOptimizer {
     pub norms: CudaSlice<f32>,
 }
 
-/// The device groups of `groups.per_param` (distinct settings, first-appearance order) and one
-/// segment per run of consecutive parameters sharing a group (empty tensors skipped).
+/// The device groups (distinct settings, first-appearance order) and one segment per run of
+/// consecutive parameters sharing a group (empty tensors skipped). `params` must tile the flat
+/// buffer in order.
 fn segments_of(
-    table: &ParamTable,
-    groups: &ParamGroups,
+    params: &[(ParamRef, GroupSettings)],
 ) -> Result<(Vec<usize>, Vec<usize>, Vec<GroupSettings>)> {
-    if groups.per_param.len() != table.specs().len() {
-        return Err(Error::shape(
-            "GpuOptimizer",
-            format!(
-                "{} group settings for {} parameters",
-                groups.per_param.len(),
-                table.specs().len()
-            ),
-        ));
-    }
     let mut distinct: Vec<GroupSettings> = Vec::new();
     let (mut starts, mut seg_groups) = (Vec::new(), Vec::new());
     let mut expected_start = 0;
-    for (spec, settings) in table.specs().iter().zip(&groups.per_param) {
-        if spec.at.offset != expected_start {
+    for (at, settings) in params {
+        if at.offset != expected_start {
             return Err(Error::shape(
                 "GpuOptimizer",
-                format!("parameter {} does not follow the previous one", spec.name),
+                format!(
+                    "parameter at {}..{} does not follow the previous one (ends at {expected_start})",
+                    at.offset,
+                    at.offset + at.len
+                ),
             ));
         }
-        expected_start = spec.at.offset + spec.at.len;
-        if spec.at.len == 0 {
+        expected_start = at.offset + at.len;
+        if at.len == 0 {
             continue;
         }
         let g = match distinct.iter().position(|s| s == settings) {
@@ -67,7 +61,7 @@ fn segments_of(
             }
         };
         if seg_groups.last() != Some(&g) {
-            starts.push(spec.at.offset);
+            starts.push(at.offset);
             seg_groups.push(g);
         }
     }
@@ -87,7 +81,35 @@ impl GpuOptimizer {
         exp_avg: &[f32],
         exp_avg_sq: &[f32],
     ) -> Result<Self> {
-        let n = table.len();
+        if groups.per_param.len() != table.specs().len() {
+            return Err(Error::shape(
+                "GpuOptimizer",
+                format!(
+                    "{} group settings for {} parameters",
+                    groups.per_param.len(),
+                    table.specs().len()
+                ),
+            ));
+        }
+        let params: Vec<(ParamRef, GroupSettings)> = table
+            .specs()
+            .iter()
+            .map(|s| s.at)
+            .zip(groups.per_param.iter().copied())
+            .collect();
+        Self::from_parts(gpu, &params, table.len(), spans, hyper, exp_avg, exp_avg_sq)
+    }
+
+    /// As [`new`](Self::new) from explicit `(range, settings)` pairs tiling `n` flat values.
+    pub fn from_parts(
+        gpu: &CudaBackend,
+        params: &[(ParamRef, GroupSettings)],
+        n: usize,
+        spans: &[SubmoduleSpan],
+        hyper: AdamHyper,
+        exp_avg: &[f32],
+        exp_avg_sq: &[f32],
+    ) -> Result<Self> {
         if exp_avg.len() != n || exp_avg_sq.len() != n {
             return Err(Error::shape(
                 "GpuOptimizer",
@@ -98,7 +120,7 @@ impl GpuOptimizer {
                 ),
             ));
         }
-        let (starts, seg_groups, distinct) = segments_of(table, groups)?;
+        let (starts, seg_groups, distinct) = segments_of(params)?;
         let segments = ParamSegments::new(gpu, &starts, &seg_groups, distinct.len(), n)?;
         let spans = spans
             .iter()
