@@ -15,6 +15,7 @@ mod device;
 mod gemm;
 mod kernels;
 mod launch;
+pub mod model;
 
 pub use device::{resolve_device, ResolvedDevice};
 pub use gemm::GemmShape;
