@@ -6,6 +6,7 @@
 //! schema's rule (relative L2 error ≤ `tol` for floats, exact equality for integers, identical
 //! shapes and names).
 
+pub mod cuda_nn_cases;
 mod nn_cases;
 mod ssl_cases;
 mod step_case;

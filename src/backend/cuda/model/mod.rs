@@ -5,7 +5,15 @@
 //! `nn` structs' `ParamRef`s index it unchanged; the GEMMs read a bf16 copy refreshed once per
 //! step ([`DeviceWeights::refresh_bf16`]). Gradients are one flat f32 buffer of the same layout.
 
+pub mod block;
+pub(crate) mod branch;
+mod embed;
+mod linear;
 pub mod vit;
+
+pub use block::GpuBlock;
+pub use embed::ImageGrad;
+pub use vit::{GpuVit, GpuVitOutput};
 
 use super::{bf16, CudaBackend};
 use crate::error::Result;
