@@ -16,6 +16,7 @@ mod gemm;
 mod kernels;
 mod launch;
 pub mod model;
+mod view;
 
 pub use device::{resolve_device, ResolvedDevice};
 pub use gemm::GemmShape;
@@ -30,6 +31,7 @@ pub use launch::optimizer::{AdamWStep, ParamSegments};
 pub use launch::patch::{GatherElement, PatchLayout};
 pub use launch::tokens::{SampleSubset, TokenLayout};
 pub use launch::GradWrite;
+pub use view::{SubSlice, SubSliceMut};
 
 use crate::error::{Error, Result};
 use cudarc::cublas::CudaBlas;

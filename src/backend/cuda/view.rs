@@ -1,0 +1,164 @@
+//! Borrowed windows of device buffers: a parameter inside the flat parameter buffer, one
+//! layer's gradient inside the flat gradient buffer, one crop's rows inside an activation.
+//!
+//! Every launcher takes `&CudaSlice<T>` / `&mut CudaSlice<T>` and checks lengths against its
+//! dimensions. A window is a non-owning `CudaSlice` over `[start, end)` of its parent (built with
+//! cudarc's `upgrade_device_ptr`, never freed: it is leaked back on drop), wrapped so that the
+//! borrow checker ties it to the parent: [`SubSlice`] to a shared borrow, [`SubSliceMut`] to an
+//! exclusive one. They deref to `CudaSlice<T>`, so launchers take them unchanged.
+//!
+//! The backend disables cudarc's per-buffer event tracking (one stream), so a window carries no
+//! events and dropping it touches nothing on the device.
+
+use super::{CudaBackend, Error, Result};
+use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut};
+use std::marker::PhantomData;
+use std::mem::ManuallyDrop;
+use std::ops::{Deref, DerefMut, Range};
+
+/// A read-only window of a device buffer.
+pub struct SubSlice<'a, T> {
+    window: ManuallyDrop<CudaSlice<T>>,
+    _parent: PhantomData<&'a CudaSlice<T>>,
+}
+
+/// A writable window of a device buffer.
+pub struct SubSliceMut<'a, T> {
+    window: ManuallyDrop<CudaSlice<T>>,
+    _parent: PhantomData<&'a mut CudaSlice<T>>,
+}
+
+impl<T> Deref for SubSlice<'_, T> {
+    type Target = CudaSlice<T>;
+    fn deref(&self) -> &CudaSlice<T> {
+        &self.window
+    }
+}
+
+impl<T> Deref for SubSliceMut<'_, T> {
+    type Target = CudaSlice<T>;
+    fn deref(&self) -> &CudaSlice<T> {
+        &self.window
+    }
+}
+
+impl<T> DerefMut for SubSliceMut<'_, T> {
+    /// Only for passing the window to a launcher; swapping an owned buffer into it would leak
+    /// that buffer.
+    fn deref_mut(&mut self) -> &mut CudaSlice<T> {
+        &mut self.window
+    }
+}
+
+/// Gives the window back without freeing the parent's memory (drops only the stream handle).
+fn release<T>(window: &mut ManuallyDrop<CudaSlice<T>>) {
+    // SAFETY: the window is taken exactly once, in drop, and never used after.
+    let window = unsafe { ManuallyDrop::take(window) };
+    let _ = window.leak();
+}
+
+impl<T> Drop for SubSlice<'_, T> {
+    fn drop(&mut self) {
+        release(&mut self.window);
+    }
+}
+
+impl<T> Drop for SubSliceMut<'_, T> {
+    fn drop(&mut self) {
+        release(&mut self.window);
+    }
+}
+
+fn check_range(op: &'static str, parent_len: usize, range: &Range<usize>) -> Result<()> {
+    if range.start > range.end || range.end > parent_len {
+        return Err(Error::shape(
+            op,
+            format!(
+                "window {}..{} outside a buffer of {parent_len} elements",
+                range.start, range.end
+            ),
+        ));
+    }
+    Ok(())
+}
+
+impl CudaBackend {
+    /// `buf[range]` as a read-only buffer.
+    pub fn sub<'a, T>(
+        &self,
+        buf: &'a CudaSlice<T>,
+        range: Range<usize>,
+    ) -> Result<SubSlice<'a, T>> {
+        check_range("cuda sub", buf.len(), &range)?;
+        let (base, _record) = buf.device_ptr(self.stream.as_ref());
+        let ptr = base + (range.start * std::mem::size_of::<T>()) as u64;
+        // SAFETY: `ptr..ptr + len` lies inside `buf` (checked above), which outlives the window
+        // ('a); the window is never freed (see `release`).
+        let window = unsafe { self.stream.upgrade_device_ptr::<T>(ptr, range.len()) };
+        Ok(SubSlice {
+            window: ManuallyDrop::new(window),
+            _parent: PhantomData,
+        })
+    }
+
+    /// `buf[range]` as a writable buffer.
+    pub fn sub_mut<'a, T>(
+        &self,
+        buf: &'a mut CudaSlice<T>,
+        range: Range<usize>,
+    ) -> Result<SubSliceMut<'a, T>> {
+        let [window] = self.sub_mut_disjoint(buf, [range])?;
+        Ok(window)
+    }
+
+    /// Several writable windows of one buffer at once (for example a layer's weight and bias
+    /// gradients inside the flat gradient buffer); the ranges must not overlap.
+    pub fn sub_mut_disjoint<'a, T, const N: usize>(
+        &self,
+        buf: &'a mut CudaSlice<T>,
+        ranges: [Range<usize>; N],
+    ) -> Result<[SubSliceMut<'a, T>; N]> {
+        const OP: &str = "cuda sub_mut";
+        for (i, r) in ranges.iter().enumerate() {
+            check_range(OP, buf.len(), r)?;
+            let overlaps = ranges[..i]
+                .iter()
+                .any(|q| r.start < q.end && q.start < r.end && !r.is_empty() && !q.is_empty());
+            if overlaps {
+                return Err(Error::shape(
+                    OP,
+                    format!("window {}..{} overlaps another window", r.start, r.end),
+                ));
+            }
+        }
+        let (base, _record) = buf.device_ptr_mut(self.stream.as_ref());
+        let size = std::mem::size_of::<T>() as u64;
+        Ok(ranges.map(|r| {
+            // SAFETY: each window lies inside `buf` (checked), the windows are pairwise disjoint
+            // (checked), and `buf` stays exclusively borrowed for as long as they live ('a).
+            let window = unsafe {
+                self.stream
+                    .upgrade_device_ptr::<T>(base + r.start as u64 * size, r.len())
+            };
+            SubSliceMut {
+                window: ManuallyDrop::new(window),
+                _parent: PhantomData,
+            }
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_range;
+
+    #[test]
+    fn windows_outside_the_buffer_are_refused() {
+        assert!(check_range("t", 10, &(0..10)).is_ok());
+        assert!(check_range("t", 10, &(3..3)).is_ok());
+        assert!(check_range("t", 10, &(5..11)).is_err());
+        #[allow(clippy::reversed_empty_ranges)]
+        let backwards = 6..5;
+        assert!(check_range("t", 10, &backwards).is_err());
+    }
+}
