@@ -784,3 +784,34 @@ fn reductions_are_bit_reproducible() {
         gpu.download(&second).unwrap()
     );
 }
+
+#[test]
+fn windows_read_and_write_only_their_range_of_the_parent_buffer() {
+    let Some(gpu) = gpu() else { return };
+    let src: Vec<f32> = (0..40).map(|i| i as f32 * 0.5 - 3.0).collect();
+    let d_src = gpu.upload(&src).unwrap();
+    let mut d_dst = gpu.upload(&[7.0f32; 40]).unwrap();
+    // dst[10..20] := bf16(src[25..35]) through a bf16 window, then back into two windows of dst.
+    let mut tmp = gpu.alloc_zeros::<bf16>(10).unwrap();
+    gpu.cast_f32_to_bf16(&mut tmp, &gpu.sub(&d_src, 25..35).unwrap())
+        .unwrap();
+    {
+        let [mut a, mut b] = gpu.sub_mut_disjoint(&mut d_dst, [10..15, 15..20]).unwrap();
+        gpu.cast_bf16_to_f32(&mut a, &gpu.sub(&tmp, 0..5).unwrap())
+            .unwrap();
+        gpu.cast_bf16_to_f32(&mut b, &gpu.sub(&tmp, 5..10).unwrap())
+            .unwrap();
+    }
+    let got = gpu.download(&d_dst).unwrap();
+    let want: Vec<f32> = (0..40)
+        .map(|i| match i {
+            10..20 => f32::from(bf16::from_f32(src[i + 15])),
+            _ => 7.0,
+        })
+        .collect();
+    assert_eq!(got, want);
+    // The parent is intact after the windows are gone (they never free its memory).
+    assert_eq!(gpu.download(&d_src).unwrap(), src);
+    assert!(gpu.sub(&d_src, 30..41).is_err());
+    assert!(gpu.sub_mut_disjoint(&mut d_dst, [0..5, 4..8]).is_err());
+}

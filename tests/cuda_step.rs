@@ -14,7 +14,7 @@ mod cuda_support;
 use cuda_support::{assert_close, gpu, randn, to_f64, uniform};
 use dinotrain::backend::cpu::optimizer::AdamHyper;
 use dinotrain::backend::cpu::Accumulate;
-use dinotrain::backend::cuda::model::buffers::{allocation_count, Grow};
+use dinotrain::backend::cuda::model::buffers::Grow;
 use dinotrain::backend::cuda::model::head::{GpuHead, HeadCache, HeadScratch};
 use dinotrain::backend::cuda::model::losses::{
     dino_loss_forward_backward, ibot_loss_forward_backward, DinoPairs, IbotPairs,
@@ -720,7 +720,7 @@ fn three_trainer_iterations_on_cuda_follow_the_cpu() {
         let (g, l) = crops(&cpu, step);
         let r_cpu = cpu.train_step(&g, &l).unwrap();
         let r_gpu = cuda.train_step(&g, &l).unwrap();
-        allocations.push(allocation_count());
+        allocations.push(cuda.device_allocations().unwrap());
         assert_eq!((r_gpu.step, r_gpu.n_masked), (r_cpu.step, r_cpu.n_masked));
         for ((name, v), (_, r)) in r_gpu.losses.terms().into_iter().zip(r_cpu.losses.terms()) {
             // Losses after updated weights: bf16 GEMMs plus the drift of earlier steps.
@@ -794,6 +794,7 @@ fn new_on_the_cpu_is_trainer_new() {
     assert_eq!(a.teacher, b.teacher);
     assert_eq!(b.device_name(), "cpu");
     assert_eq!(b.peak_device_memory(), None);
+    assert_eq!(b.device_allocations(), None);
     b.sync_to_host().unwrap();
     b.sync_to_device().unwrap();
     for step in 0..2 {

@@ -1,12 +1,17 @@
 #!/usr/bin/env bash
-# Builds everything a GPU machine without Rust needs into gpu-bundle/ (git-ignored):
+# Builds everything a GPU machine without Rust needs into gpu-bundle/ and packs it into
+# gpu-bundle.tar.xz (both git-ignored):
 #   gpu-bundle/dinotrain          the release binary
-#   gpu-bundle/tests/<name>       every test binary of `cargo test --release`
-#   gpu-bundle/benches/<name>     the benchmark binaries (cuda_kernels)
+#   gpu-bundle/tests/cuda_*       the GPU test binaries of `cargo test --release`
+#   gpu-bundle/benches/cuda_*     the GPU benchmark binaries
 #   gpu-bundle/golden/            the golden fixtures (for `dinotrain verify --device cuda`)
 #   gpu-bundle/tools/             gpu-check.sh and the PyTorch baselines
+# Binaries lose their debug info (line tables are 5x their code) and the archive is solid, so
+# the copies of the library in every binary compress away: the device tool carries at most
+# 64 MiB with the working tree.
 # Kernels are compiled by the pinned nvcc (.ci/run installs it): a missing nvcc is an error.
-# Usage: tools/gpu-bundle.sh   then copy gpu-bundle/ over and run gpu-bundle/tools/gpu-check.sh LOGDIR
+# Usage: tools/gpu-bundle.sh, then on the GPU machine (from the repository root):
+#   tar xJf gpu-bundle.tar.xz && gpu-bundle/tools/gpu-check.sh LOGDIR
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -44,8 +49,9 @@ for line in sys.stdin:
         continue
     target = msg["target"]
     kind = target["kind"][0]
-    name = target["name"] if kind != "lib" else "lib"
-    if kind in ("test", "bench", "lib"):
+    name = target["name"]
+    # Only the GPU binaries: the CPU tests run in CI and read fixtures by the build machine paths.
+    if kind in ("test", "bench") and name.startswith("cuda_") and name != "cuda_emulator":
         shutil.copy2(exe, f"{dest}/{name}")
         print(f"  {dest}/{name}")
 ' "$dest"
@@ -54,10 +60,16 @@ echo "test binaries:"
 copy_executables "$bundle/tests" cargo test --release
 echo "bench binaries:"
 copy_executables "$bundle/benches" cargo bench  # the bench profile (release)
-# `cargo bench --no-run` also names the library's unit-test harness: tests/ has it already.
-rm -f "$bundle/benches/lib"
+strip --strip-debug "$bundle/dinotrain" "$bundle"/tests/* "$bundle"/benches/*
 
 cp -r tests/golden "$bundle/golden"
 cp tools/gpu-check.sh tools/*_baseline.py "$bundle/tools/"
 du -sh "$bundle"
-echo "bundle ready: copy $bundle/ to the GPU machine and run $bundle/tools/gpu-check.sh LOGDIR"
+XZ_OPT="-6 -T0" tar cJf "$bundle.tar.xz" "$bundle"
+size=$(stat -c %s "$bundle.tar.xz")
+echo "$bundle.tar.xz: $((size / 1024 / 1024)) MiB"
+if [ "$size" -gt $((40 * 1024 * 1024)) ]; then
+    echo "gpu-bundle: the archive is over 40 MiB; with the working tree it may not travel" >&2
+    exit 1
+fi
+echo "bundle ready: carry $bundle.tar.xz; there: tar xJf $bundle.tar.xz && $bundle/tools/gpu-check.sh LOGDIR"

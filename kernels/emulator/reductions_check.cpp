@@ -335,6 +335,67 @@ static void check_patch_gather() {
     expect("gather_rows_f32", out, ref, 0.0);
 }
 
+static void check_assemble_tokens() {
+    const int B = 2, Np = 5, R = 2, C = 6, T = 1 + R + Np;
+    auto pe = randn(30, B * Np * C), cls = randn(31, C), reg = randn(32, R * C), pos = randn(33, (1 + Np) * C);
+    std::vector<float> x(B * T * C, -7.0f);
+    simt::launch({2}, {64}, [&] {  // fewer threads than elements: exercises the grid stride
+        patch::assemble_tokens(x.data(), pe.data(), cls.data(), reg.data(), pos.data(), B, Np, R, C);
+    });
+    std::vector<double> ref;
+    for (int b = 0; b < B; b++)
+        for (int t = 0; t < T; t++)
+            for (int c = 0; c < C; c++) {
+                if (t == 0) ref.push_back((double)cls[c] + pos[c]);
+                else if (t <= R) ref.push_back(reg[(t - 1) * C + c]);
+                else ref.push_back((double)pe[(b * Np + t - 1 - R) * C + c] + pos[(t - R) * C + c]);
+            }
+    expect("assemble_tokens (registers)", x, ref, 1e-7);
+    // Without registers the register pointer is null and never read.
+    std::vector<float> x0(B * (1 + Np) * C);
+    simt::launch({1}, {256}, [&] {
+        patch::assemble_tokens(x0.data(), pe.data(), cls.data(), nullptr, pos.data(), B, Np, 0, C);
+    });
+    std::vector<double> ref0;
+    for (int b = 0; b < B; b++)
+        for (int t = 0; t <= Np; t++)
+            for (int c = 0; c < C; c++)
+                ref0.push_back(t == 0 ? (double)cls[c] + pos[c] : (double)pe[(b * Np + t - 1) * C + c] + pos[t * C + c]);
+    expect("assemble_tokens (no registers)", x0, ref0, 1e-7);
+}
+
+static void check_sample_subsets() {
+    const int B = 5, S = 3, C = 4, T = 3;
+    const long long L = T * C;
+    std::vector<i64> kept = {0, 2, 4};
+    auto x = randn(40, B * L), y = randn(41, S * L), gamma = randn(42, C);
+    std::vector<float> gathered(S * L);
+    simt::launch({1}, {32}, [&] { ew::gather_samples_scaled(gathered.data(), x.data(), kept.data(), S, L, 1.5f); });
+    std::vector<double> ref_g;
+    for (int j = 0; j < S; j++)
+        for (long long e = 0; e < L; e++) ref_g.push_back(1.5 * x[kept[j] * L + e]);
+    expect("gather_samples_scaled", gathered, ref_g, 1e-7);
+
+    auto xs = x;
+    simt::launch({1}, {64}, [&] {
+        ew::residual_add_samples(xs.data(), y.data(), gamma.data(), kept.data(), S, L, C, 2.5f);
+    });
+    std::vector<double> ref_s(x.begin(), x.end());
+    for (int j = 0; j < S; j++)
+        for (long long e = 0; e < L; e++) ref_s[kept[j] * L + e] += 2.5 * gamma[e % C] * y[j * L + e];
+    expect("residual_add_samples (subset, gamma)", xs, ref_s, 1e-6);
+
+    // Full batch, no gamma: a plain residual add.
+    auto y_full = randn(43, B * L);
+    auto xf = x;
+    simt::launch({1}, {256}, [&] {
+        ew::residual_add_samples(xf.data(), y_full.data(), nullptr, nullptr, B, L, C, 1.0f);
+    });
+    std::vector<double> ref_f;
+    for (long long i = 0; i < B * L; i++) ref_f.push_back((double)x[i] + y_full[i]);
+    expect("residual_add_samples (all, plain)", xf, ref_f, 1e-7);
+}
+
 int main() {
     check_layernorm();
     check_layernorm_fused_and_params();
@@ -345,5 +406,7 @@ int main() {
     check_sinkhorn();
     check_adamw_segments();
     check_patch_gather();
+    check_assemble_tokens();
+    check_sample_subsets();
     return failed ? 1 : 0;
 }

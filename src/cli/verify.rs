@@ -1,29 +1,41 @@
 //! `dinotrain golden` and `dinotrain verify`.
 
 use anyhow::{Context, Result};
+use dinotrain::backend::cuda::{resolve_device, ResolvedDevice};
+use dinotrain::backend::Device;
 use dinotrain::golden;
 use std::path::Path;
 
-/// `dinotrain golden FIXTURE RESULT`
-pub fn golden(fixture: &Path, result: &Path) -> Result<()> {
-    golden::write_result(fixture, result)
+/// The backend the fixtures run on (`--device`).
+fn open_device(device: &str) -> Result<ResolvedDevice> {
+    let device: Device = device.parse()?;
+    Ok(resolve_device(device)?)
+}
+
+/// `dinotrain golden FIXTURE RESULT [--device D]`
+pub fn golden(fixture: &Path, result: &Path, device: &str) -> Result<()> {
+    let mut device = open_device(device)?;
+    golden::write_result(fixture, result, &mut device)
         .with_context(|| format!("computing {}", fixture.display()))?;
     Ok(())
 }
 
-/// `dinotrain verify [DIR]`: prints a table and returns whether every fixture passed.
-pub fn verify(dir: &Path) -> Result<bool> {
+/// `dinotrain verify [DIR] [--device D]`: prints a table and returns whether every fixture
+/// passed.
+pub fn verify(dir: &Path, device: &str) -> Result<bool> {
     let files = golden::fixture_files(dir)?;
     if files.is_empty() {
         anyhow::bail!("no *.safetensors fixtures in {}", dir.display());
     }
+    let mut device = open_device(device)?;
+    println!("device: {}", device.describe());
     println!(
         "{:<34} {:>12} {:>10}  {:<6} worst output",
         "fixture", "max rel err", "tol", "result"
     );
     let mut failed = 0;
     for path in &files {
-        let v = golden::verify_file(path);
+        let v = golden::verify_file_on(path, &mut device);
         let name = format!("{}-{}", v.case, v.variant);
         match &v.outcome {
             Ok(report) => {

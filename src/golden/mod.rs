@@ -6,11 +6,16 @@
 //! schema's rule (relative L2 error ≤ `tol` for floats, exact equality for integers, identical
 //! shapes and names).
 
+pub mod cuda_nn_cases;
 pub mod cuda_ssl_cases;
+mod device;
 mod nn_cases;
 mod ssl_cases;
 mod step_case;
 
+pub use device::{compute_on, cuda_case, tolerance_on, CudaCase};
+
+use crate::backend::cuda::ResolvedDevice;
 use crate::error::{Error, Result};
 use crate::io::{TensorFile, Value};
 use crate::tensor::Tensor;
@@ -285,6 +290,12 @@ pub fn rel_err(a: &[f32], b: &[f32]) -> f64 {
 
 /// Compares computed outputs with the fixture's `out.*` tensors, by the schema's rule.
 pub fn compare(fx: &Fixture, got: &Outputs) -> Report {
+    compare_with_tol(fx, got, fx.tol)
+}
+
+/// [`compare`] with the tolerance of the device the outputs were computed on
+/// ([`tolerance_on`]).
+pub fn compare_with_tol(fx: &Fixture, got: &Outputs, tol: f64) -> Report {
     let mut checks = Vec::new();
     let expected: BTreeMap<&String, &Value> = fx
         .file
@@ -300,7 +311,7 @@ pub fn compare(fx: &Fixture, got: &Outputs) -> Report {
                 pass: false,
                 detail: "not computed".into(),
             },
-            Some(have) => check_one(name, want, have, fx.tol),
+            Some(have) => check_one(name, want, have, tol),
         };
         checks.push(check);
     }
@@ -312,10 +323,7 @@ pub fn compare(fx: &Fixture, got: &Outputs) -> Report {
             detail: "computed but not in the fixture".into(),
         });
     }
-    Report {
-        checks,
-        tol: fx.tol,
-    }
+    Report { checks, tol }
 }
 
 fn check_one(name: &str, want: &Value, have: &Value, tol: f64) -> TensorCheck {
@@ -375,9 +383,9 @@ fn exact<T: PartialEq + std::fmt::Debug>(name: &str, want: &[T], have: &[T]) -> 
 }
 
 /// Runs `dinotrain golden`: computes the outputs of `fixture` and writes them to `result`.
-pub fn write_result(fixture: &Path, result: &Path) -> Result<()> {
+pub fn write_result(fixture: &Path, result: &Path, device: &mut ResolvedDevice) -> Result<()> {
     let fx = Fixture::load(fixture)?;
-    let outputs = compute(&fx)?;
+    let outputs = compute_on(&fx, device)?;
     let mut file = TensorFile {
         tensors: outputs,
         ..TensorFile::default()
@@ -407,8 +415,13 @@ pub fn fixture_files(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(files)
 }
 
-/// Loads, computes and compares one fixture.
+/// Loads, computes and compares one fixture on the CPU.
 pub fn verify_file(path: &Path) -> Verified {
+    verify_file_on(path, &mut ResolvedDevice::Cpu)
+}
+
+/// Loads, computes on `device` and compares one fixture (with the device's tolerance).
+pub fn verify_file_on(path: &Path, device: &mut ResolvedDevice) -> Verified {
     match Fixture::load(path) {
         Err(e) => Verified {
             path: path.to_path_buf(),
@@ -417,7 +430,8 @@ pub fn verify_file(path: &Path) -> Verified {
             outcome: Err(e),
         },
         Ok(fx) => {
-            let outcome = compute(&fx).map(|got| compare(&fx, &got));
+            let tol = tolerance_on(&fx, device);
+            let outcome = compute_on(&fx, device).map(|got| compare_with_tol(&fx, &got, tol));
             Verified {
                 path: path.to_path_buf(),
                 case: fx.case,

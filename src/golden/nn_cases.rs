@@ -61,7 +61,7 @@ pub(crate) fn input_shaped<'a>(fx: &'a Fixture, name: &str, shape: &[usize]) -> 
     Ok(t)
 }
 
-fn tensor(shape: &[usize], data: Vec<f32>) -> Result<Tensor> {
+pub(crate) fn tensor(shape: &[usize], data: Vec<f32>) -> Result<Tensor> {
     Tensor::from_vec(shape, data)
 }
 
@@ -131,19 +131,7 @@ fn block(fx: &Fixture) -> Result<Outputs> {
         fx.param_usize("ntok")?,
         fx.param_usize("dim")?,
     );
-    let cfg = BlockConfig {
-        dim: d,
-        num_heads: fx.param_usize("num_heads")?,
-        ffn: Ffn::Mlp {
-            hidden: fx.param_usize("mlp_hidden_dim")?,
-        },
-        layerscale: fx.param_bool("layerscale")?.then_some(1.0),
-        eps: fx.param_f64("ln_eps")? as f32,
-        // The case lists no bias flags: a bias exists exactly when the fixture has it.
-        qkv_bias: fx.has("in.param.attn.qkv.bias"),
-        proj_bias: fx.has("in.param.attn.proj.bias"),
-        ffn_bias: fx.has("in.param.mlp.fc1.bias"),
-    };
+    let cfg = block_config(fx, d)?;
     let mut table = ParamTable::new();
     let blk = Block::new(&mut table, "", &cfg);
     let params = load_params(fx, &table)?;
@@ -159,6 +147,23 @@ fn block(fx: &Fixture) -> Result<Outputs> {
     out(&mut o, "grad.x", tensor(&[b, t, d], dx)?);
     param_grads(&mut o, &table, &grads);
     Ok(o)
+}
+
+/// The `block` case's configuration.
+pub(crate) fn block_config(fx: &Fixture, d: usize) -> Result<BlockConfig> {
+    Ok(BlockConfig {
+        dim: d,
+        num_heads: fx.param_usize("num_heads")?,
+        ffn: Ffn::Mlp {
+            hidden: fx.param_usize("mlp_hidden_dim")?,
+        },
+        layerscale: fx.param_bool("layerscale")?.then_some(1.0),
+        eps: fx.param_f64("ln_eps")? as f32,
+        // The case lists no bias flags: a bias exists exactly when the fixture has it.
+        qkv_bias: fx.has("in.param.attn.qkv.bias"),
+        proj_bias: fx.has("in.param.attn.proj.bias"),
+        ffn_bias: fx.has("in.param.mlp.fc1.bias"),
+    })
 }
 
 fn resampling(fx: &Fixture) -> Result<Resampling> {
@@ -205,15 +210,7 @@ fn vit_forward(fx: &Fixture) -> Result<Outputs> {
     let params = load_params(fx, &table)?;
     let images = input_shaped(fx, "images", &[b, c, h, w])?;
     let n = (h / cfg.patch_size) * (w / cfg.patch_size);
-    let masks: Option<Vec<bool>> = if fx.has("in.masks") {
-        let (shape, data) = fx.input_u8("masks")?;
-        if shape != [b, n] {
-            return Err(fx.error("in.masks", format!("shape {shape:?}, expected [{b}, {n}]")));
-        }
-        Some(data.iter().map(|&v| v != 0).collect())
-    } else {
-        None
-    };
+    let masks = vit_masks(fx, b, n)?;
     let (y, cache) = vit.forward(&params, &images.data, b, h, w, masks.as_deref(), None)?;
     let d_cls = input_shaped(fx, "grad_x_norm_clstoken", &[b, d])?;
     let d_patch = input_shaped(fx, "grad_x_norm_patchtokens", &[b, n, d])?;
@@ -240,6 +237,18 @@ fn vit_forward(fx: &Fixture) -> Result<Outputs> {
     out(&mut o, "grad.images", tensor(&[b, c, h, w], dimages)?);
     param_grads(&mut o, &table, &grads);
     Ok(o)
+}
+
+/// The `vit_forward` case's optional masks `[b, n]`.
+pub(crate) fn vit_masks(fx: &Fixture, b: usize, n: usize) -> Result<Option<Vec<bool>>> {
+    if !fx.has("in.masks") {
+        return Ok(None);
+    }
+    let (shape, data) = fx.input_u8("masks")?;
+    if shape != [b, n] {
+        return Err(fx.error("in.masks", format!("shape {shape:?}, expected [{b}, {n}]")));
+    }
+    Ok(Some(data.iter().map(|&v| v != 0).collect()))
 }
 
 /// The inputs of a `dino_head` fixture.

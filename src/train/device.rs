@@ -147,6 +147,13 @@ impl DeviceTrainer {
         Ok(result)
     }
 
+    /// Device buffers allocated by the step so far: the workspaces of this thread (heads,
+    /// losses, targets, optimizer) and the backbone's. Constant once the step is warm.
+    pub fn allocations(&self) -> u64 {
+        crate::backend::cuda::model::buffers::allocation_count()
+            + self.step.backbone_allocations() as u64
+    }
+
     /// The submodule names of the gradient norms, in order.
     pub fn span_names(&self) -> Vec<String> {
         self.optimizer.span_names().map(String::from).collect()

@@ -145,6 +145,12 @@ impl Trainer {
         self.device.as_ref().map(|d| d.peak_memory())
     }
 
+    /// Device buffers allocated so far by the CUDA step (see `DeviceTrainer::allocations`);
+    /// `None` on the CPU. A steady-state iteration leaves it unchanged.
+    pub fn device_allocations(&self) -> Option<u64> {
+        self.device.as_ref().map(|d| d.allocations())
+    }
+
     /// Refreshes the host copies (student, teacher, AdamW moments, centers) from the device;
     /// call before reading them (checkpoint, export, k-NN). Nothing to do on the CPU.
     pub fn sync_to_host(&mut self) -> Result<()> {

@@ -7,13 +7,18 @@
 use crate::backend::cuda::{cuda_error, CudaBackend, SubSlice, SubSliceMut};
 use crate::error::{Error, Result};
 use cudarc::driver::{CudaSlice, DeviceRepr, ValidAsZeroBits};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::cell::Cell;
 
-static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
+thread_local! {
+    /// Per thread: the GPU work of one trainer runs on the thread that owns it, so parallel
+    /// tests do not see each other's allocations.
+    static ALLOCATIONS: Cell<u64> = const { Cell::new(0) };
+}
 
-/// Device allocations made by the step's workspaces since the process started.
+/// Device allocations made on this thread by the step's workspaces (heads, losses, targets,
+/// optimizer; the backbone counts its own, [`super::vit::GpuVit::allocations`]).
 pub fn allocation_count() -> u64 {
-    ALLOCATIONS.load(Ordering::Relaxed)
+    ALLOCATIONS.with(Cell::get)
 }
 
 /// A zero-filled device buffer, counted.
@@ -21,7 +26,7 @@ pub fn alloc_counted<T: DeviceRepr + ValidAsZeroBits>(
     gpu: &CudaBackend,
     len: usize,
 ) -> Result<CudaSlice<T>> {
-    ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+    count_allocations(1);
     gpu.alloc_zeros(len)
 }
 
@@ -148,7 +153,7 @@ impl<T: DeviceRepr + ValidAsZeroBits> Grow<T> {
 
 /// Counts allocations made through other constructors (launcher-owned tables and buffers).
 pub fn count_allocations(n: u64) {
-    ALLOCATIONS.fetch_add(n, Ordering::Relaxed);
+    ALLOCATIONS.with(|c| c.set(c.get() + n));
 }
 
 /// Copies `src` over the whole of `dst` (same length).

@@ -5,13 +5,21 @@
 //! `nn` structs' `ParamRef`s index it unchanged; the GEMMs read a bf16 copy refreshed once per
 //! step ([`DeviceWeights::refresh_bf16`]). Gradients are one flat f32 buffer of the same layout.
 
+pub mod block;
+pub(crate) mod branch;
 pub mod buffers;
+mod embed;
 pub mod head;
+mod linear;
 pub mod losses;
 pub mod optim;
 pub mod step;
 pub mod targets;
 pub mod vit;
+
+pub use block::GpuBlock;
+pub use embed::ImageGrad;
+pub use vit::{GpuVit, GpuVitOutput};
 
 use super::{bf16, CudaBackend};
 use crate::error::Result;

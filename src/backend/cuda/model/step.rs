@@ -165,6 +165,11 @@ impl GpuStep {
         })
     }
 
+    /// Device buffers the two backbone workspaces allocated so far.
+    pub fn backbone_allocations(&self) -> usize {
+        self.vit_global.allocations() + self.vit_local.allocations()
+    }
+
     /// Forward and backward of one step, then one download of the loss terms: the whole of
     /// [`crate::ssl::step::forward_backward`] on the GPU. Student gradients **accumulate** into
     /// `grads [P]` (zero it first).
