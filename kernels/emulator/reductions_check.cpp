@@ -396,6 +396,61 @@ static void check_sample_subsets() {
     expect("residual_add_samples (all, plain)", xf, ref_f, 1e-7);
 }
 
+// The heads' row L2 normalisation (forward with its bf16 copy, backward), one row below eps, and
+// the teacher-entropy rows.
+static void check_l2_normalize_and_entropy() {
+    const int R = 13, C = 70;
+    const float eps = 1e-12f;
+    auto y = randn(40, R * C), dz = randn(41, R * C);
+    for (int c = 0; c < C; c++) y[5 * C + c] = 0.0f;  // a zero row: clamped by eps
+    std::vector<float> z(R * C), norm(R), dy(R * C);
+    std::vector<bf16_t> z_bf16(R * C), dy_bf16(R * C);
+    simt::launch({(R + 7) / 8}, {256}, [&] {
+        koleo::l2_normalize_forward(z.data(), z_bf16.data(), norm.data(), y.data(), eps, R, C);
+    });
+    simt::launch({(R + 7) / 8}, {256}, [&] {
+        koleo::l2_normalize_backward(dy.data(), dy_bf16.data(), dz.data(), z.data(), norm.data(), eps, R, C);
+    });
+    std::vector<double> rz(R * C), rnorm(R), rdy(R * C);
+    bool bf16_ok = true;
+    for (int r = 0; r < R; r++) {
+        double n = 0;
+        for (int c = 0; c < C; c++) n += (double)y[r * C + c] * y[r * C + c];
+        rnorm[r] = std::sqrt(n);
+        const double d = std::max(rnorm[r], (double)eps);
+        double dot = 0;
+        for (int c = 0; c < C; c++) {
+            rz[r * C + c] = y[r * C + c] / d;
+            dot += rz[r * C + c] * dz[r * C + c];
+        }
+        if (!(rnorm[r] > eps)) dot = 0;
+        for (int c = 0; c < C; c++) rdy[r * C + c] = (dz[r * C + c] - rz[r * C + c] * dot) / d;
+        for (int c = 0; c < C; c++) {
+            bf16_ok &= z_bf16[r * C + c] == f32_to_bf16(z[r * C + c]);
+            bf16_ok &= dy_bf16[r * C + c] == f32_to_bf16(dy[r * C + c]);
+        }
+    }
+    expect("l2_normalize z", z, rz, 1e-6);
+    expect("l2_normalize norm", norm, rnorm, 1e-6);
+    expect("l2_normalize_backward dy", dy, rdy, 1e-5);
+    std::printf("%-34s %s\n", "l2_normalize bf16 copies", bf16_ok ? "ok" : "MISMATCH");
+    failed |= !bf16_ok;
+
+    const int Rt = 5, K = 600;
+    auto t = randn(42, Rt * K, 2.0f);
+    std::vector<float> probs(Rt * K), entropy(Rt);
+    simt::launch({Rt}, {256}, [&] { loss::teacher_softmax(probs.data(), t.data(), nullptr, 1.0f / 0.5f, Rt, K); });
+    probs[3] = 0.0f;  // p = 0 contributes nothing (0 log 0 = 0)
+    simt::launch({Rt}, {256}, [&] { loss::row_entropy(entropy.data(), probs.data(), Rt, K); });
+    std::vector<double> rent(Rt, 0.0);
+    for (int r = 0; r < Rt; r++)
+        for (int k = 0; k < K; k++) {
+            const double p = probs[r * K + k];
+            if (p > 0) rent[r] -= p * std::log(p);
+        }
+    expect("row_entropy", entropy, rent, 1e-5);
+}
+
 int main() {
     check_layernorm();
     check_layernorm_fused_and_params();
@@ -408,5 +463,6 @@ int main() {
     check_patch_gather();
     check_assemble_tokens();
     check_sample_subsets();
+    check_l2_normalize_and_entropy();
     return failed ? 1 : 0;
 }
