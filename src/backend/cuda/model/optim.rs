@@ -183,6 +183,7 @@ impl GpuOptimizer {
 
     /// One AdamW step number `step` (counted from 1) with this iteration's scheduled values:
     /// group lr = (`last_layer_lr` for the last layer, else `lr`) × multiplier, wd × multiplier.
+    #[allow(clippy::too_many_arguments)]
     pub fn step(
         &mut self,
         gpu: &CudaBackend,
