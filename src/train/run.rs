@@ -551,6 +551,7 @@ pub fn train(options: TrainOptions) -> Result<TrainSummary> {
     let k = r.config.dinotrain.knn_k;
     let temperature = r.config.dinotrain.knn_temperature as f32;
     let mut progress = Progress::new(options.progress, first_step, total);
+    progress.message(&format!("training on {}", trainer.device_name()));
     let initial_knn = match &knn {
         Some(sources) if first_step < total || !resuming => {
             progress.message("k-NN of the model at initialisation ...");
