@@ -353,6 +353,20 @@ fn vit_at_crop_sizes_that_interpolate_the_position_embedding_matches_cpu() {
 }
 
 #[test]
+fn vit_without_blocks_matches_cpu() {
+    // Depth 0: the embedding (patch GEMM, mask tokens, position embedding, registers) and the
+    // final norm alone, at the construction size and an interpolated one.
+    let Some(mut gpu) = gpu() else { return };
+    let mut cfg = micro(3, Some(0.5));
+    cfg.depth = 0;
+    let m = model(&cfg, 71);
+    let w = DeviceWeights::upload(&gpu, &m.params).unwrap();
+    let mut gvit = GpuVit::new(&m.vit);
+    vit_matches_cpu(&mut gpu, &mut gvit, &m, &w, (2, 32, 32), true, 0.0, 72);
+    vit_matches_cpu(&mut gpu, &mut gvit, &m, &w, (2, 20, 28), true, 0.0, 73);
+}
+
+#[test]
 fn inference_forward_matches_cpu_forward_inference() {
     let Some(mut gpu) = gpu() else { return };
     let m = model(&micro(2, Some(0.5)), 41);
