@@ -481,6 +481,11 @@ fn bad_inputs_and_swiglu_are_typed_errors() {
     let bad_masks = gvit.forward(&mut gpu, &m.vit, &w, &images, 2, 32, 32, Some(&masks), None);
     assert!(matches!(bad_masks, Err(Error::Shape { .. })));
     assert!(gvit.output(2, 32, 32).is_err(), "no forward has succeeded");
+    // Workspaces belong to one architecture.
+    let other = model(&micro(1, None), 64);
+    let ow = DeviceWeights::upload(&gpu, &other.params).unwrap();
+    let mixed = gvit.forward_inference(&mut gpu, &other.vit, &ow, &images, 2, 32, 32);
+    assert!(matches!(mixed, Err(Error::Config(_))));
 
     let mut cfg = micro(0, None);
     cfg.ffn = Ffn::SwiGlu { hidden: 128 };
