@@ -353,6 +353,20 @@ fn vit_at_crop_sizes_that_interpolate_the_position_embedding_matches_cpu() {
 }
 
 #[test]
+fn vit_without_blocks_matches_cpu() {
+    // Depth 0: the embedding (patch GEMM, mask tokens, position embedding, registers) and the
+    // final norm alone, at the construction size and an interpolated one.
+    let Some(mut gpu) = gpu() else { return };
+    let mut cfg = micro(3, Some(0.5));
+    cfg.depth = 0;
+    let m = model(&cfg, 71);
+    let w = DeviceWeights::upload(&gpu, &m.params).unwrap();
+    let mut gvit = GpuVit::new(&m.vit);
+    vit_matches_cpu(&mut gpu, &mut gvit, &m, &w, (2, 32, 32), true, 0.0, 72);
+    vit_matches_cpu(&mut gpu, &mut gvit, &m, &w, (2, 20, 28), true, 0.0, 73);
+}
+
+#[test]
 fn inference_forward_matches_cpu_forward_inference() {
     let Some(mut gpu) = gpu() else { return };
     let m = model(&micro(2, Some(0.5)), 41);
@@ -467,6 +481,11 @@ fn bad_inputs_and_swiglu_are_typed_errors() {
     let bad_masks = gvit.forward(&mut gpu, &m.vit, &w, &images, 2, 32, 32, Some(&masks), None);
     assert!(matches!(bad_masks, Err(Error::Shape { .. })));
     assert!(gvit.output(2, 32, 32).is_err(), "no forward has succeeded");
+    // Workspaces belong to one architecture.
+    let other = model(&micro(1, None), 64);
+    let ow = DeviceWeights::upload(&gpu, &other.params).unwrap();
+    let mixed = gvit.forward_inference(&mut gpu, &other.vit, &ow, &images, 2, 32, 32);
+    assert!(matches!(mixed, Err(Error::Config(_))));
 
     let mut cfg = micro(0, None);
     cfg.ffn = Ffn::SwiGlu { hidden: 128 };

@@ -79,15 +79,18 @@ impl Stack {
         keep: Keep,
     ) -> Result<Self> {
         let Dims { b, t, d } = dims;
-        let first = blocks
-            .first()
-            .ok_or_else(|| Error::Unsupported("cuda: a backbone with no blocks".into()))?;
-        let hidden = match &first.ffn {
-            FfnLayer::Mlp(m) => m.fc1.out_dim,
-            FfnLayer::SwiGlu(_) => {
-                Body::ffn(&first.ffn)?;
-                0
+        // Every block has the same shape; a stack without blocks (depth 0) only carries the
+        // stream to the final norm.
+        let (hidden, heads) = match blocks.first() {
+            Some(first) => {
+                Body::ffn(&first.ffn)?; // SwiGLU: a typed Unsupported error
+                let hidden = match &first.ffn {
+                    FfnLayer::Mlp(m) => m.fc1.out_dim,
+                    FfnLayer::SwiGlu(s) => 2 * s.width,
+                };
+                (hidden, first.attn.num_heads)
             }
+            None => (0, 1),
         };
         let n_xs = match keep {
             Keep::Cache => 2 * blocks.len() + 1,
@@ -95,7 +98,7 @@ impl Stack {
         };
         let n_branches = match keep {
             Keep::Cache => 2 * blocks.len(),
-            Keep::Nothing => 2,
+            Keep::Nothing => 2 * blocks.len().min(1),
         };
         let xs = (0..n_xs)
             .map(|_| alloc.zeros(b * t * d))
@@ -113,7 +116,7 @@ impl Stack {
                 a: alloc.zeros(b * t * d)?,
                 b: alloc.zeros(b * t * d)?,
             },
-            scratch: BodyScratch::new(alloc, b, t, d, (3 * d).max(hidden), first.attn.num_heads)?,
+            scratch: BodyScratch::new(alloc, b, t, d, (3 * d).max(hidden), heads)?,
             dims,
             keep,
         })
@@ -136,19 +139,20 @@ impl Stack {
         mut final_norm: Option<FinalNorm<'_>>,
     ) -> Result<()> {
         let n = 2 * blocks.len();
-        match self.keep {
-            Keep::Cache if self.branches.len() != n => {
-                return Err(Error::shape(
-                    "cuda blocks",
-                    "workspace built for another depth",
-                ))
-            }
-            Keep::Nothing if subsets.iter().any(Option::is_some) => {
-                return Err(Error::Unsupported(
-                    "cuda: stochastic depth in an inference forward".into(),
-                ))
-            }
-            _ => {}
+        let want = match self.keep {
+            Keep::Cache => n,
+            Keep::Nothing => 2 * n.min(1),
+        };
+        if self.branches.len() != want {
+            return Err(Error::shape(
+                "cuda blocks",
+                "workspace built for another depth",
+            ));
+        }
+        if self.keep == Keep::Nothing && subsets.iter().any(Option::is_some) {
+            return Err(Error::Unsupported(
+                "cuda: stochastic depth in an inference forward".into(),
+            ));
         }
         if !subsets.is_empty() && subsets.len() != n {
             return Err(Error::shape(
@@ -188,50 +192,42 @@ impl Stack {
                 dims,
                 ln_done,
             )?;
-            let last = k + 1 == n;
-            let next = if !last {
-                let (next_norm, _, _) = branch_parts(blocks, k + 1)?;
-                let (bufs, next_bufs) = pair(&mut self.branches, bi, (k + 1) % len);
-                ln_done = branch_residual(
-                    gpu,
-                    bufs,
-                    ls,
-                    w,
-                    x,
-                    dims,
-                    Next::Branch(next_norm, next_bufs),
-                )?;
-                continue;
+            let next_norm = if k + 1 < n {
+                Some(branch_parts(blocks, k + 1)?.0)
             } else {
-                match final_norm.as_mut() {
-                    Some(f) => Next::FinalNorm {
-                        norm: f.norm,
-                        out: &mut *f.out,
-                        mean: &mut *f.mean,
-                        rstd: &mut *f.rstd,
-                    },
-                    None => Next::Nothing,
+                None
+            };
+            ln_done = match next_norm {
+                Some(next_norm) => {
+                    let (bufs, next_bufs) = pair(&mut self.branches, bi, (k + 1) % len);
+                    let next = Next::Branch(next_norm, next_bufs);
+                    branch_residual(gpu, bufs, ls, w, x, dims, next)?
+                }
+                None => {
+                    let next = match final_norm.as_mut() {
+                        Some(f) => Next::FinalNorm {
+                            norm: f.norm,
+                            out: &mut *f.out,
+                            mean: &mut *f.mean,
+                            rstd: &mut *f.rstd,
+                        },
+                        None => Next::Nothing,
+                    };
+                    branch_residual(gpu, &self.branches[bi], ls, w, x, dims, next)?
                 }
             };
-            let fused = branch_residual(gpu, &self.branches[bi], ls, w, x, dims, next)?;
-            if let (false, Some(f)) = (fused, final_norm.as_mut()) {
-                let weight = gpu.sub(&w.f32, f.norm.weight.range())?;
-                let bias = gpu.sub(&w.f32, f.norm.bias.range())?;
-                let shape = NormShape {
-                    rows: dims.b * dims.t,
-                    channels: dims.d,
-                };
-                gpu.layernorm_forward(
-                    &mut *f.out,
-                    &mut *f.mean,
-                    &mut *f.rstd,
-                    &*x,
-                    &weight,
-                    &bias,
-                    shape,
-                    f.norm.eps,
-                )?;
-            }
+        }
+        // The final norm, unless the last residual add ran it (no blocks, or the last branch
+        // covered a batch subset).
+        if let (false, Some(f)) = (ln_done, final_norm) {
+            let weight = gpu.sub(&w.f32, f.norm.weight.range())?;
+            let bias = gpu.sub(&w.f32, f.norm.bias.range())?;
+            let shape = NormShape {
+                rows: dims.b * dims.t,
+                channels: dims.d,
+            };
+            let x = &self.xs[self.xs.len() - 1];
+            gpu.layernorm_forward(f.out, f.mean, f.rstd, x, &weight, &bias, shape, f.norm.eps)?;
         }
         Ok(())
     }

@@ -19,6 +19,10 @@ use crate::nn::params::ParamRef;
 use crate::nn::pos_embed::{PosEmbed, PosPlan};
 use crate::nn::Vit;
 use cudarc::driver::CudaSlice;
+use rayon::prelude::*;
+
+/// Values per rayon task when rounding the unfolded patches to bf16.
+const CONVERT_CHUNK: usize = 1 << 16;
 
 /// Whether backward also returns the image gradient (golden checks; costs a GEMM, a download
 /// and an allocation).
@@ -164,9 +168,15 @@ impl EmbedBufs {
         let htod = |e| cuda_error("cuMemcpyHtoD", e);
         vit.patch_embed
             .unfold(&mut self.cols_host, images, b, self.h, self.w);
-        for (o, &v) in self.cols_host_bf16.iter_mut().zip(&self.cols_host) {
-            *o = bf16::from_f32(v);
-        }
+        // Rounded on the host in parallel: the upload then moves half the bytes.
+        self.cols_host_bf16
+            .par_chunks_mut(CONVERT_CHUNK)
+            .zip(self.cols_host.par_chunks(CONVERT_CHUNK))
+            .for_each(|(o, v)| {
+                o.iter_mut()
+                    .zip(v)
+                    .for_each(|(o, &v)| *o = bf16::from_f32(v))
+            });
         stream
             .memcpy_htod(&self.cols_host_bf16, &mut self.cols)
             .map_err(htod)?;

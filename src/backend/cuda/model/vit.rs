@@ -13,7 +13,7 @@ use super::DeviceWeights;
 use crate::backend::cuda::{cuda_error, CudaBackend, GradWrite, NormShape, PatchLayout};
 use crate::error::{Error, Result};
 use crate::nn::drop_path::{check_rate, draw_subset, Subset};
-use crate::nn::{DropPath, Vit};
+use crate::nn::{DropPath, Vit, VitConfig};
 use cudarc::driver::CudaSlice;
 
 /// The backbone's outputs after the final LayerNorm (f32), owned by the workspace of their size.
@@ -169,6 +169,8 @@ impl Workspace {
 
 /// The backbone's GPU workspaces, one per input size (b, h, w), reused across steps.
 pub struct GpuVit {
+    /// The architecture the workspaces are built for.
+    cfg: VitConfig,
     train: Vec<Workspace>,
     inference: Vec<Workspace>,
     allocations: usize,
@@ -179,8 +181,9 @@ fn find(list: &[Workspace], key: (usize, usize, usize)) -> Option<usize> {
 }
 
 impl GpuVit {
-    pub fn new(_vit: &Vit) -> Self {
+    pub fn new(vit: &Vit) -> Self {
         GpuVit {
+            cfg: vit.cfg.clone(),
             train: Vec::new(),
             inference: Vec::new(),
             allocations: 0,
@@ -193,6 +196,17 @@ impl GpuVit {
         self.allocations
     }
 
+    /// Refuses a model of another architecture than the one this `GpuVit` was made for.
+    fn check_model(&self, vit: &Vit) -> Result<()> {
+        if vit.cfg != self.cfg {
+            return Err(Error::Config(format!(
+                "cuda vit: made for {:?}, called with {:?}",
+                self.cfg, vit.cfg
+            )));
+        }
+        Ok(())
+    }
+
     /// The workspace for `key` in `train` or `inference`, built on first use.
     fn workspace(
         &mut self,
@@ -201,6 +215,7 @@ impl GpuVit {
         key: (usize, usize, usize),
         keep: Keep,
     ) -> Result<&mut Workspace> {
+        self.check_model(vit)?;
         let list = match keep {
             Keep::Cache => &mut self.train,
             Keep::Nothing => &mut self.inference,
@@ -305,6 +320,7 @@ impl GpuVit {
         d_reg: Option<&CudaSlice<f32>>,
         image_grad: ImageGrad,
     ) -> Result<Option<Vec<f32>>> {
+        self.check_model(vit)?;
         if grads.len() != w.f32.len() {
             return Err(Error::shape(
                 "cuda vit backward",
