@@ -12,6 +12,11 @@
 //   gelu_backward                              dpre = dact * gelu'(pre) (dpre may alias dact)
 //   layerscale_residual_forward                residual += gamma * branch
 //   layerscale_backward_input                  dbranch = gamma * dresidual
+// Batch-subset residual branches (stochastic depth): S samples of L values (L = T * C), kept
+// [S] i64 the sample indices (unique):
+//   gather_samples_scaled                      out[j, e] = alpha * x[kept[j], e]
+//   residual_add_samples                       x[kept[j], e] += alpha * gamma[e % C] * y[j, e]
+//                                              (gamma null: 1; kept null: sample j itself)
 // Reductions (fixed order, bit-reproducible; no atomics):
 //   column_sum_partial: grid (ceil(C / 256), G), block 256 -> partial [G, C] of sum_r x (or x * y)
 //   column_partial_reduce: grid ceil(C / 256), block 256 -> out[c] (= or +=) scale * sum_g partial
@@ -72,6 +77,25 @@ extern "C" __global__ void layerscale_backward_input(float* __restrict__ dbranch
                                                      const float* __restrict__ gamma, int N,
                                                      int C) {
     GRID_STRIDE(i, (long long)N * C) dbranch[i] = gamma[i % C] * dresidual[i];
+}
+
+extern "C" __global__ void gather_samples_scaled(float* __restrict__ out,
+                                                 const float* __restrict__ x,
+                                                 const i64* __restrict__ kept, int S,
+                                                 long long L, float alpha) {
+    GRID_STRIDE(i, S * L) out[i] = alpha * x[kept[i / L] * L + i % L];
+}
+
+extern "C" __global__ void residual_add_samples(float* __restrict__ x, const float* __restrict__ y,
+                                                const float* __restrict__ gamma,
+                                                const i64* __restrict__ kept, int S, long long L,
+                                                int C, float alpha) {
+    GRID_STRIDE(i, S * L) {
+        const long long j = i / L;
+        const long long e = i % L;
+        const long long sample = kept ? kept[j] : j;
+        x[sample * L + e] += alpha * (gamma ? gamma[e % C] : 1.0f) * y[i];
+    }
 }
 
 extern "C" __global__ void column_sum_partial(float* __restrict__ partial,

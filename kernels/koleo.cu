@@ -13,6 +13,12 @@
 //   koleo_nearest:    grid b, block 256 (one block per row; warps scan candidates j)
 //   koleo_backward:   grid b, block 256; dx (=) for row r, gathering every i with nn[i] = r
 //                     in increasing i (deterministic, no atomics); dloss = dL/dKL
+//
+// Row L2 normalisation of the projection heads (F.normalize: z = y / max(||y||, eps), the
+// heads use eps 1e-12), the same row pass as koleo_normalize with the eps as an argument:
+//   y, z, dz, dy [R, C] f32;  z_bf16, dy_bf16 [R, C] bf16 (GEMM operands);  norm [R] = ||y||
+//   l2_normalize_forward:   grid ceil(R / 8), block 256 (one warp per row)
+//   l2_normalize_backward:  same; dy (=) (dz - z <z, dz>) / ||y|| when ||y|| > eps, else dz / eps
 #include "common.cuh"
 
 #define KOLEO_MAX_D 2048
@@ -137,5 +143,48 @@ extern "C" __global__ void __launch_bounds__(KOLEO_THREADS)
     for (int s = 0; s < PER_THREAD; s++) {
         const int k = threadIdx.x + s * KOLEO_THREADS;
         if (k < d) dx[(long long)r * d + k] = clamped ? g[s] * inv : (g[s] - xr[k] * dot) * inv;
+    }
+}
+
+extern "C" __global__ void l2_normalize_forward(float* __restrict__ z, bf16_t* __restrict__ z_bf16,
+                                                float* __restrict__ norm,
+                                                const float* __restrict__ y, float eps, int R,
+                                                int C) {
+    const int row = blockIdx.x * (blockDim.x / WARP_SIZE) + threadIdx.x / WARP_SIZE;
+    if (row >= R) return;
+    const int lane = threadIdx.x % WARP_SIZE;
+    const long long off = (long long)row * C;
+    float sq = 0.0f;
+    for (int k = lane; k < C; k += WARP_SIZE) sq += y[off + k] * y[off + k];
+    const float n = sqrtf(warp_sum(sq));
+    const float inv = 1.0f / fmaxf(n, eps);
+    for (int k = lane; k < C; k += WARP_SIZE) {
+        const float v = y[off + k] * inv;
+        z[off + k] = v;
+        z_bf16[off + k] = f32_to_bf16(v);
+    }
+    if (lane == 0) norm[row] = n;
+}
+
+extern "C" __global__ void l2_normalize_backward(float* __restrict__ dy,
+                                                 bf16_t* __restrict__ dy_bf16,
+                                                 const float* __restrict__ dz,
+                                                 const float* __restrict__ z,
+                                                 const float* __restrict__ norm, float eps, int R,
+                                                 int C) {
+    const int row = blockIdx.x * (blockDim.x / WARP_SIZE) + threadIdx.x / WARP_SIZE;
+    if (row >= R) return;
+    const int lane = threadIdx.x % WARP_SIZE;
+    const long long off = (long long)row * C;
+    const float n = norm[row];
+    const bool clamped = !(n > eps);
+    float dot = 0.0f;
+    for (int k = lane; k < C; k += WARP_SIZE) dot += z[off + k] * dz[off + k];
+    dot = clamped ? 0.0f : warp_sum(dot);
+    const float inv = 1.0f / fmaxf(n, eps);
+    for (int k = lane; k < C; k += WARP_SIZE) {
+        const float v = (dz[off + k] - z[off + k] * dot) * inv;
+        dy[off + k] = v;
+        dy_bf16[off + k] = f32_to_bf16(v);
     }
 }

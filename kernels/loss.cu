@@ -19,6 +19,8 @@
 //                            (1 - m) * inv_rows * sum_g partial[g] (partial [G, K] from
 //                            elementwise.cu column_sum_partial over the teacher logits)
 //   softmax_cross_entropy:   grid Rs, block 256 (one block per student row, two passes over K)
+//   row_entropy:             grid R, block 256: entropy[r] = -sum_k p log p over p > 0 (nats;
+//                            the mean over rows is the teacher-collapse signal of the logs)
 #include "common.cuh"
 
 extern "C" __global__ void teacher_softmax(float* __restrict__ probs,
@@ -105,4 +107,19 @@ extern "C" __global__ void softmax_cross_entropy(float* __restrict__ row_loss,
     }
     loss = block_sum(loss, scratch);
     if (threadIdx.x == 0) row_loss[r] = loss;
+}
+
+extern "C" __global__ void row_entropy(float* __restrict__ entropy, const float* __restrict__ probs,
+                                       int R, int K) {
+    __shared__ float scratch[32];
+    const int r = blockIdx.x;
+    if (r >= R) return;
+    const float* p = probs + (long long)r * K;
+    float acc = 0.0f;
+    for (int k = threadIdx.x; k < K; k += blockDim.x) {
+        const float v = p[k];
+        if (v > 0.0f) acc -= v * logf(v);
+    }
+    acc = block_sum(acc, scratch);
+    if (threadIdx.x == 0) entropy[r] = acc;
 }

@@ -17,6 +17,8 @@
 //                                 (the mask token replaced them); reduce with column_partial_reduce
 //   gather_rows_{f32,bf16}:       gathered[m] = tokens[crop * T + token_offset + patch]
 //   scatter_rows_add_f32:         dtokens[...] += dgathered[m] (indices are unique: no races)
+//   assemble_tokens:              x [B, T, C] = [cls + pos[0], reg[0..n_reg], pe[b, p] + pos[1 + p]]
+//                                 with T = 1 + n_reg + Np; reg may be null when n_reg = 0
 // Out-of-range indices are skipped (the launcher validates them on the host first).
 #include "common.cuh"
 
@@ -77,5 +79,32 @@ extern "C" __global__ void scatter_rows_add_f32(float* __restrict__ dtokens,
     GRID_STRIDE(i, (long long)M * C) {
         const long long row = token_row(indices[i / C], n_patches, T, token_offset);
         if (row >= 0 && row < n_token_rows) dtokens[row * C + i % C] += dgathered[i];
+    }
+}
+
+// The backbone's input tokens (the registers go in after the position embedding, as the
+// official model does): x[b, 0] = cls + pos[0], x[b, 1 + i] = reg[i], x[b, 1 + n_reg + p] =
+// pe[b, p] + pos[1 + p]. pe [B, Np, C], pos [1 + Np, C], reg [n_reg, C], cls [C].
+extern "C" __global__ void assemble_tokens(float* __restrict__ x, const float* __restrict__ pe,
+                                           const float* __restrict__ cls,
+                                           const float* __restrict__ reg,
+                                           const float* __restrict__ pos, int B, int n_patches,
+                                           int n_reg, int C) {
+    const long long T = 1 + n_reg + n_patches;
+    GRID_STRIDE(i, B * T * C) {
+        const long long c = i % C;
+        const long long row = i / C;
+        const long long t = row % T;
+        const long long b = row / T;
+        float v;
+        if (t == 0) {
+            v = cls[c] + pos[c];
+        } else if (t <= n_reg) {
+            v = reg[(t - 1) * C + c];
+        } else {
+            const long long p = t - 1 - n_reg;
+            v = pe[(b * n_patches + p) * C + c] + pos[(1 + p) * C + c];
+        }
+        x[i] = v;
     }
 }

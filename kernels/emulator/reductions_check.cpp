@@ -335,6 +335,122 @@ static void check_patch_gather() {
     expect("gather_rows_f32", out, ref, 0.0);
 }
 
+static void check_assemble_tokens() {
+    const int B = 2, Np = 5, R = 2, C = 6, T = 1 + R + Np;
+    auto pe = randn(30, B * Np * C), cls = randn(31, C), reg = randn(32, R * C), pos = randn(33, (1 + Np) * C);
+    std::vector<float> x(B * T * C, -7.0f);
+    simt::launch({2}, {64}, [&] {  // fewer threads than elements: exercises the grid stride
+        patch::assemble_tokens(x.data(), pe.data(), cls.data(), reg.data(), pos.data(), B, Np, R, C);
+    });
+    std::vector<double> ref;
+    for (int b = 0; b < B; b++)
+        for (int t = 0; t < T; t++)
+            for (int c = 0; c < C; c++) {
+                if (t == 0) ref.push_back((double)cls[c] + pos[c]);
+                else if (t <= R) ref.push_back(reg[(t - 1) * C + c]);
+                else ref.push_back((double)pe[(b * Np + t - 1 - R) * C + c] + pos[(t - R) * C + c]);
+            }
+    expect("assemble_tokens (registers)", x, ref, 1e-7);
+    // Without registers the register pointer is null and never read.
+    std::vector<float> x0(B * (1 + Np) * C);
+    simt::launch({1}, {256}, [&] {
+        patch::assemble_tokens(x0.data(), pe.data(), cls.data(), nullptr, pos.data(), B, Np, 0, C);
+    });
+    std::vector<double> ref0;
+    for (int b = 0; b < B; b++)
+        for (int t = 0; t <= Np; t++)
+            for (int c = 0; c < C; c++)
+                ref0.push_back(t == 0 ? (double)cls[c] + pos[c] : (double)pe[(b * Np + t - 1) * C + c] + pos[t * C + c]);
+    expect("assemble_tokens (no registers)", x0, ref0, 1e-7);
+}
+
+static void check_sample_subsets() {
+    const int B = 5, S = 3, C = 4, T = 3;
+    const long long L = T * C;
+    std::vector<i64> kept = {0, 2, 4};
+    auto x = randn(40, B * L), y = randn(41, S * L), gamma = randn(42, C);
+    std::vector<float> gathered(S * L);
+    simt::launch({1}, {32}, [&] { ew::gather_samples_scaled(gathered.data(), x.data(), kept.data(), S, L, 1.5f); });
+    std::vector<double> ref_g;
+    for (int j = 0; j < S; j++)
+        for (long long e = 0; e < L; e++) ref_g.push_back(1.5 * x[kept[j] * L + e]);
+    expect("gather_samples_scaled", gathered, ref_g, 1e-7);
+
+    auto xs = x;
+    simt::launch({1}, {64}, [&] {
+        ew::residual_add_samples(xs.data(), y.data(), gamma.data(), kept.data(), S, L, C, 2.5f);
+    });
+    std::vector<double> ref_s(x.begin(), x.end());
+    for (int j = 0; j < S; j++)
+        for (long long e = 0; e < L; e++) ref_s[kept[j] * L + e] += 2.5 * gamma[e % C] * y[j * L + e];
+    expect("residual_add_samples (subset, gamma)", xs, ref_s, 1e-6);
+
+    // Full batch, no gamma: a plain residual add.
+    auto y_full = randn(43, B * L);
+    auto xf = x;
+    simt::launch({1}, {256}, [&] {
+        ew::residual_add_samples(xf.data(), y_full.data(), nullptr, nullptr, B, L, C, 1.0f);
+    });
+    std::vector<double> ref_f;
+    for (long long i = 0; i < B * L; i++) ref_f.push_back((double)x[i] + y_full[i]);
+    expect("residual_add_samples (all, plain)", xf, ref_f, 1e-7);
+}
+
+// The heads' row L2 normalisation (forward with its bf16 copy, backward), one row below eps, and
+// the teacher-entropy rows.
+static void check_l2_normalize_and_entropy() {
+    const int R = 13, C = 70;
+    const float eps = 1e-12f;
+    auto y = randn(40, R * C), dz = randn(41, R * C);
+    for (int c = 0; c < C; c++) y[5 * C + c] = 0.0f;  // a zero row: clamped by eps
+    std::vector<float> z(R * C), norm(R), dy(R * C);
+    std::vector<bf16_t> z_bf16(R * C), dy_bf16(R * C);
+    simt::launch({(R + 7) / 8}, {256}, [&] {
+        koleo::l2_normalize_forward(z.data(), z_bf16.data(), norm.data(), y.data(), eps, R, C);
+    });
+    simt::launch({(R + 7) / 8}, {256}, [&] {
+        koleo::l2_normalize_backward(dy.data(), dy_bf16.data(), dz.data(), z.data(), norm.data(), eps, R, C);
+    });
+    std::vector<double> rz(R * C), rnorm(R), rdy(R * C);
+    bool bf16_ok = true;
+    for (int r = 0; r < R; r++) {
+        double n = 0;
+        for (int c = 0; c < C; c++) n += (double)y[r * C + c] * y[r * C + c];
+        rnorm[r] = std::sqrt(n);
+        const double d = std::max(rnorm[r], (double)eps);
+        double dot = 0;
+        for (int c = 0; c < C; c++) {
+            rz[r * C + c] = y[r * C + c] / d;
+            dot += rz[r * C + c] * dz[r * C + c];
+        }
+        if (!(rnorm[r] > eps)) dot = 0;
+        for (int c = 0; c < C; c++) rdy[r * C + c] = (dz[r * C + c] - rz[r * C + c] * dot) / d;
+        for (int c = 0; c < C; c++) {
+            bf16_ok &= z_bf16[r * C + c] == f32_to_bf16(z[r * C + c]);
+            bf16_ok &= dy_bf16[r * C + c] == f32_to_bf16(dy[r * C + c]);
+        }
+    }
+    expect("l2_normalize z", z, rz, 1e-6);
+    expect("l2_normalize norm", norm, rnorm, 1e-6);
+    expect("l2_normalize_backward dy", dy, rdy, 1e-5);
+    std::printf("%-34s %s\n", "l2_normalize bf16 copies", bf16_ok ? "ok" : "MISMATCH");
+    failed |= !bf16_ok;
+
+    const int Rt = 5, K = 600;
+    auto t = randn(42, Rt * K, 2.0f);
+    std::vector<float> probs(Rt * K), entropy(Rt);
+    simt::launch({Rt}, {256}, [&] { loss::teacher_softmax(probs.data(), t.data(), nullptr, 1.0f / 0.5f, Rt, K); });
+    probs[3] = 0.0f;  // p = 0 contributes nothing (0 log 0 = 0)
+    simt::launch({Rt}, {256}, [&] { loss::row_entropy(entropy.data(), probs.data(), Rt, K); });
+    std::vector<double> rent(Rt, 0.0);
+    for (int r = 0; r < Rt; r++)
+        for (int k = 0; k < K; k++) {
+            const double p = probs[r * K + k];
+            if (p > 0) rent[r] -= p * std::log(p);
+        }
+    expect("row_entropy", entropy, rent, 1e-5);
+}
+
 int main() {
     check_layernorm();
     check_layernorm_fused_and_params();
@@ -345,5 +461,8 @@ int main() {
     check_sinkhorn();
     check_adamw_segments();
     check_patch_gather();
+    check_assemble_tokens();
+    check_sample_subsets();
+    check_l2_normalize_and_entropy();
     return failed ? 1 : 0;
 }

@@ -6,6 +6,8 @@
 //! schema's rule (relative L2 error ≤ `tol` for floats, exact equality for integers, identical
 //! shapes and names).
 
+pub mod cuda_nn_cases;
+pub mod cuda_ssl_cases;
 mod device;
 mod nn_cases;
 mod ssl_cases;

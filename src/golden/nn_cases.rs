@@ -31,7 +31,7 @@ pub fn compute(fx: &Fixture) -> Result<Outputs> {
 }
 
 /// The fixture's parameters loaded into `table`'s layout.
-fn load_params(fx: &Fixture, table: &ParamTable) -> Result<Vec<f32>> {
+pub(crate) fn load_params(fx: &Fixture, table: &ParamTable) -> Result<Vec<f32>> {
     let mut flat = vec![0f32; table.len()];
     let named = fx.inputs_with_prefix("in.param.")?;
     table.load(&mut flat, &named, &fx.path.display().to_string())?;
@@ -39,7 +39,7 @@ fn load_params(fx: &Fixture, table: &ParamTable) -> Result<Vec<f32>> {
 }
 
 /// `out.grad.param.<key>` for every parameter of `table`.
-fn param_grads(outputs: &mut Outputs, table: &ParamTable, grads: &[f32]) {
+pub(crate) fn param_grads(outputs: &mut Outputs, table: &ParamTable, grads: &[f32]) {
     for spec in table.specs() {
         let t = Tensor {
             shape: spec.shape.clone(),
@@ -50,7 +50,7 @@ fn param_grads(outputs: &mut Outputs, table: &ParamTable, grads: &[f32]) {
 }
 
 /// The input `name`, checked to have `shape`.
-fn input_shaped<'a>(fx: &'a Fixture, name: &str, shape: &[usize]) -> Result<&'a Tensor> {
+pub(crate) fn input_shaped<'a>(fx: &'a Fixture, name: &str, shape: &[usize]) -> Result<&'a Tensor> {
     let t = fx.input(name)?;
     if t.shape != shape {
         return Err(fx.error(
@@ -61,7 +61,7 @@ fn input_shaped<'a>(fx: &'a Fixture, name: &str, shape: &[usize]) -> Result<&'a 
     Ok(t)
 }
 
-fn tensor(shape: &[usize], data: Vec<f32>) -> Result<Tensor> {
+pub(crate) fn tensor(shape: &[usize], data: Vec<f32>) -> Result<Tensor> {
     Tensor::from_vec(shape, data)
 }
 
@@ -131,19 +131,7 @@ fn block(fx: &Fixture) -> Result<Outputs> {
         fx.param_usize("ntok")?,
         fx.param_usize("dim")?,
     );
-    let cfg = BlockConfig {
-        dim: d,
-        num_heads: fx.param_usize("num_heads")?,
-        ffn: Ffn::Mlp {
-            hidden: fx.param_usize("mlp_hidden_dim")?,
-        },
-        layerscale: fx.param_bool("layerscale")?.then_some(1.0),
-        eps: fx.param_f64("ln_eps")? as f32,
-        // The case lists no bias flags: a bias exists exactly when the fixture has it.
-        qkv_bias: fx.has("in.param.attn.qkv.bias"),
-        proj_bias: fx.has("in.param.attn.proj.bias"),
-        ffn_bias: fx.has("in.param.mlp.fc1.bias"),
-    };
+    let cfg = block_config(fx, d)?;
     let mut table = ParamTable::new();
     let blk = Block::new(&mut table, "", &cfg);
     let params = load_params(fx, &table)?;
@@ -159,6 +147,23 @@ fn block(fx: &Fixture) -> Result<Outputs> {
     out(&mut o, "grad.x", tensor(&[b, t, d], dx)?);
     param_grads(&mut o, &table, &grads);
     Ok(o)
+}
+
+/// The `block` case's configuration.
+pub(crate) fn block_config(fx: &Fixture, d: usize) -> Result<BlockConfig> {
+    Ok(BlockConfig {
+        dim: d,
+        num_heads: fx.param_usize("num_heads")?,
+        ffn: Ffn::Mlp {
+            hidden: fx.param_usize("mlp_hidden_dim")?,
+        },
+        layerscale: fx.param_bool("layerscale")?.then_some(1.0),
+        eps: fx.param_f64("ln_eps")? as f32,
+        // The case lists no bias flags: a bias exists exactly when the fixture has it.
+        qkv_bias: fx.has("in.param.attn.qkv.bias"),
+        proj_bias: fx.has("in.param.attn.proj.bias"),
+        ffn_bias: fx.has("in.param.mlp.fc1.bias"),
+    })
 }
 
 fn resampling(fx: &Fixture) -> Result<Resampling> {
@@ -205,15 +210,7 @@ fn vit_forward(fx: &Fixture) -> Result<Outputs> {
     let params = load_params(fx, &table)?;
     let images = input_shaped(fx, "images", &[b, c, h, w])?;
     let n = (h / cfg.patch_size) * (w / cfg.patch_size);
-    let masks: Option<Vec<bool>> = if fx.has("in.masks") {
-        let (shape, data) = fx.input_u8("masks")?;
-        if shape != [b, n] {
-            return Err(fx.error("in.masks", format!("shape {shape:?}, expected [{b}, {n}]")));
-        }
-        Some(data.iter().map(|&v| v != 0).collect())
-    } else {
-        None
-    };
+    let masks = vit_masks(fx, b, n)?;
     let (y, cache) = vit.forward(&params, &images.data, b, h, w, masks.as_deref(), None)?;
     let d_cls = input_shaped(fx, "grad_x_norm_clstoken", &[b, d])?;
     let d_patch = input_shaped(fx, "grad_x_norm_patchtokens", &[b, n, d])?;
@@ -242,7 +239,29 @@ fn vit_forward(fx: &Fixture) -> Result<Outputs> {
     Ok(o)
 }
 
-fn dino_head(fx: &Fixture) -> Result<Outputs> {
+/// The `vit_forward` case's optional masks `[b, n]`.
+pub(crate) fn vit_masks(fx: &Fixture, b: usize, n: usize) -> Result<Option<Vec<bool>>> {
+    if !fx.has("in.masks") {
+        return Ok(None);
+    }
+    let (shape, data) = fx.input_u8("masks")?;
+    if shape != [b, n] {
+        return Err(fx.error("in.masks", format!("shape {shape:?}, expected [{b}, {n}]")));
+    }
+    Ok(Some(data.iter().map(|&v| v != 0).collect()))
+}
+
+/// The inputs of a `dino_head` fixture.
+pub(crate) struct HeadCase<'a> {
+    pub table: ParamTable,
+    pub head: DinoHead,
+    pub params: Vec<f32>,
+    pub n: usize,
+    pub x: &'a Tensor,        // [n, in_dim]
+    pub grad_out: &'a Tensor, // [n, k]
+}
+
+pub(crate) fn dino_head_case(fx: &Fixture) -> Result<HeadCase<'_>> {
     let (in_dim, k) = (fx.param_usize("in_dim")?, fx.param_usize("out_dim")?);
     let (hidden, bn, n) = (
         fx.param_usize("hidden_dim")?,
@@ -255,14 +274,37 @@ fn dino_head(fx: &Fixture) -> Result<Outputs> {
     let mut table = ParamTable::new();
     let head = DinoHead::new(in_dim, hidden, bn, k, &mut table, "");
     let params = load_params(fx, &table)?;
-    let x = input_shaped(fx, "x", &[n, in_dim])?;
-    let dy = input_shaped(fx, "grad_out", &[n, k])?;
-    let (y, cache) = head.forward(&params, &x.data, n);
-    let mut grads = vec![0f32; table.len()];
-    let dx = head.backward(&params, &mut grads, &cache, &dy.data);
+    Ok(HeadCase {
+        x: input_shaped(fx, "x", &[n, in_dim])?,
+        grad_out: input_shaped(fx, "grad_out", &[n, k])?,
+        table,
+        head,
+        params,
+        n,
+    })
+}
+
+/// The `out.*` tensors of a `dino_head` case.
+pub(crate) fn dino_head_outputs(
+    case: &HeadCase<'_>,
+    y: Vec<f32>,
+    dx: Vec<f32>,
+    grads: &[f32],
+) -> Result<Outputs> {
+    let (n, in_dim, k) = (case.n, case.head.mlp0.in_dim, case.head.out_dim);
     let mut o = Outputs::new();
     out(&mut o, "out", tensor(&[n, k], y)?);
     out(&mut o, "grad.x", tensor(&[n, in_dim], dx)?);
-    param_grads(&mut o, &table, &grads);
+    param_grads(&mut o, &case.table, grads);
     Ok(o)
+}
+
+fn dino_head(fx: &Fixture) -> Result<Outputs> {
+    let case = dino_head_case(fx)?;
+    let (y, cache) = case.head.forward(&case.params, &case.x.data, case.n);
+    let mut grads = vec![0f32; case.table.len()];
+    let dx = case
+        .head
+        .backward(&case.params, &mut grads, &cache, &case.grad_out.data);
+    dino_head_outputs(&case, y, dx, &grads)
 }

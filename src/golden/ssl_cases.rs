@@ -15,6 +15,7 @@ use crate::optim::{
 };
 use crate::ssl::{
     dino_loss_with_targets, ibot_loss_with_targets, koleo_loss_forward_backward, Centering,
+    DinoLossTerms,
 };
 use crate::tensor::Tensor;
 use std::collections::BTreeMap;
@@ -36,12 +37,12 @@ pub fn compute(fx: &Fixture) -> Result<Outputs> {
     }
 }
 
-fn f32_param(fx: &Fixture, key: &str) -> Result<f32> {
+pub(crate) fn f32_param(fx: &Fixture, key: &str) -> Result<f32> {
     fx.param_f64(key).map(|v| v as f32)
 }
 
 /// The centering mode of a loss fixture (`params.mode`), with its state from the inputs.
-fn centering(fx: &Fixture, k: usize) -> Result<Centering> {
+pub(crate) fn centering(fx: &Fixture, k: usize) -> Result<Centering> {
     match fx.param_str("mode")? {
         "centering" => Ok(Centering::Softmax {
             center: fx.input("center")?.data.clone(),
@@ -61,44 +62,60 @@ fn centering(fx: &Fixture, k: usize) -> Result<Centering> {
     })
 }
 
-fn dino_loss(fx: &Fixture) -> Result<Outputs> {
+/// The inputs of a `dino_loss_*` fixture.
+pub(crate) struct DinoLossCase<'a> {
+    pub b: usize,
+    pub nl: usize,
+    pub k: usize,
+    pub student_temp: f32,
+    pub teacher_temp: f32,
+    pub loss_weight: f32,
+    pub student_global: &'a [f32], // [2B, K]
+    pub student_local: Vec<f32>,   // [nl·B, K]
+    pub teacher_global: &'a [f32], // [2B, K]
+    pub centering: Centering,
+}
+
+pub(crate) fn dino_loss_case(fx: &Fixture) -> Result<DinoLossCase<'_>> {
     let b = fx.param_usize("batch_per_crop")?;
     let nl = fx.param_usize("n_local_crops")?;
     let k = fx.param_usize("out_dim")?;
-    let ts = f32_param(fx, "student_temp")?;
-    let tt = f32_param(fx, "teacher_temp")?;
-    let w = f32_param(fx, "dino_loss_weight")?;
     let sg = fx.input("student_global")?;
     sg.expect_shape("student_global", &[2 * b, k])?;
     let tg = fx.input("teacher_global")?;
     tg.expect_shape("teacher_global", &[2 * b, k])?;
-    let empty = Tensor::zeros(&[0, k]);
-    let sl = if nl > 0 {
-        fx.input("student_local")?
+    let student_local = if nl > 0 {
+        let sl = fx.input("student_local")?;
+        sl.expect_shape("student_local", &[nl * b, k])?;
+        sl.data.clone()
     } else {
-        &empty
+        Vec::new()
     };
-    sl.expect_shape("student_local", &[nl * b, k])?;
-
-    let mut cent = centering(fx, k)?;
-    let mut probs = Tensor::zeros(&[2 * b, k]);
-    let mut dg = Tensor::zeros(&[2 * b, k]);
-    let mut dl = Tensor::zeros(&[nl * b, k]);
-    let terms = dino_loss_with_targets(
-        &mut probs.data,
-        &mut dg.data,
-        &mut dl.data,
-        &mut cent,
-        &sg.data,
-        &sl.data,
-        &tg.data,
+    Ok(DinoLossCase {
         b,
         nl,
         k,
-        tt,
-        ts,
-        w,
-    )?;
+        student_temp: f32_param(fx, "student_temp")?,
+        teacher_temp: f32_param(fx, "teacher_temp")?,
+        loss_weight: f32_param(fx, "dino_loss_weight")?,
+        student_global: &sg.data,
+        student_local,
+        teacher_global: &tg.data,
+        centering: centering(fx, k)?,
+    })
+}
+
+/// The `out.*` tensors of a `dino_loss_*` case (`probs`, `dg`, `dl` as computed; the centering
+/// after its update).
+pub(crate) fn dino_loss_outputs(
+    case: &DinoLossCase<'_>,
+    terms: DinoLossTerms,
+    probs: Vec<f32>,
+    dg: Vec<f32>,
+    dl: Vec<f32>,
+    centering: &Centering,
+) -> Result<Outputs> {
+    let (b, nl, k) = (case.b, case.nl, case.k);
     let mut o = Outputs::new();
     out(&mut o, "loss", Tensor::scalar(terms.total));
     out(
@@ -108,20 +125,68 @@ fn dino_loss(fx: &Fixture) -> Result<Outputs> {
     );
     if nl > 0 {
         out(&mut o, "dino_local_crops_loss", Tensor::scalar(terms.local));
-        out(&mut o, "grad.student_local", dl);
+        out(
+            &mut o,
+            "grad.student_local",
+            Tensor::from_vec(&[nl * b, k], dl)?,
+        );
     }
-    out(&mut o, "teacher_probs", probs);
-    out(&mut o, "grad.student_global", dg);
-    if let Some(c) = cent.center() {
+    out(
+        &mut o,
+        "teacher_probs",
+        Tensor::from_vec(&[2 * b, k], probs)?,
+    );
+    out(
+        &mut o,
+        "grad.student_global",
+        Tensor::from_vec(&[2 * b, k], dg)?,
+    );
+    if let Some(c) = centering.center() {
         out(&mut o, "center_new", Tensor::from_vec(&[1, k], c.to_vec())?);
     }
     Ok(o)
 }
 
-fn ibot_loss(fx: &Fixture) -> Result<Outputs> {
+fn dino_loss(fx: &Fixture) -> Result<Outputs> {
+    let case = dino_loss_case(fx)?;
+    let (b, nl, k) = (case.b, case.nl, case.k);
+    let mut cent = case.centering.clone();
+    let mut probs = vec![0f32; 2 * b * k];
+    let mut dg = vec![0f32; 2 * b * k];
+    let mut dl = vec![0f32; nl * b * k];
+    let terms = dino_loss_with_targets(
+        &mut probs,
+        &mut dg,
+        &mut dl,
+        &mut cent,
+        case.student_global,
+        &case.student_local,
+        case.teacher_global,
+        b,
+        nl,
+        k,
+        case.teacher_temp,
+        case.student_temp,
+        case.loss_weight,
+    )?;
+    dino_loss_outputs(&case, terms, probs, dg, dl, &cent)
+}
+
+/// The inputs of an `ibot_loss` fixture.
+pub(crate) struct IbotLossCase<'a> {
+    pub m: usize,
+    pub k: usize,
+    pub n_crops: usize,
+    pub student_temp: f32,
+    pub teacher_temp: f32,
+    pub student: &'a [f32],      // [M, K]
+    pub teacher: &'a [f32],      // [M, K]
+    pub masks_weight: &'a [f32], // [M]
+    pub centering: Centering,
+}
+
+pub(crate) fn ibot_loss_case(fx: &Fixture) -> Result<IbotLossCase<'_>> {
     let k = fx.param_usize("out_dim")?;
-    let ts = f32_param(fx, "student_temp")?;
-    let tt = f32_param(fx, "teacher_temp")?;
     let (mask_shape, _) = fx.input_u8("masks")?;
     let n_crops = *mask_shape
         .first()
@@ -133,29 +198,36 @@ fn ibot_loss(fx: &Fixture) -> Result<Outputs> {
     t.expect_shape("teacher_patch_masked", &[m, k])?;
     let weights = fx.input("masks_weight")?;
     weights.expect_shape("masks_weight", &[m])?;
-
-    let mut cent = centering(fx, k)?;
-    let mut probs = Tensor::zeros(&[m, k]);
-    let mut ds = Tensor::zeros(&[m, k]);
-    let loss = ibot_loss_with_targets(
-        &mut probs.data,
-        &mut ds.data,
-        &mut cent,
-        &s.data,
-        &t.data,
-        &weights.data,
-        n_crops,
+    Ok(IbotLossCase {
         m,
         k,
-        tt,
-        ts,
-        1.0,
-    )?;
+        n_crops,
+        student_temp: f32_param(fx, "student_temp")?,
+        teacher_temp: f32_param(fx, "teacher_temp")?,
+        student: &s.data,
+        teacher: &t.data,
+        masks_weight: &weights.data,
+        centering: centering(fx, k)?,
+    })
+}
+
+pub(crate) fn ibot_loss_outputs(
+    case: &IbotLossCase<'_>,
+    loss: f32,
+    probs: Vec<f32>,
+    ds: Vec<f32>,
+    centering: &Centering,
+) -> Result<Outputs> {
+    let (m, k) = (case.m, case.k);
     let mut o = Outputs::new();
     out(&mut o, "loss", Tensor::scalar(loss));
-    out(&mut o, "teacher_probs", probs);
-    out(&mut o, "grad.student_patch_masked", ds);
-    if let Some(c) = cent.center() {
+    out(&mut o, "teacher_probs", Tensor::from_vec(&[m, k], probs)?);
+    out(
+        &mut o,
+        "grad.student_patch_masked",
+        Tensor::from_vec(&[m, k], ds)?,
+    );
+    if let Some(c) = centering.center() {
         out(
             &mut o,
             "center_new",
@@ -165,12 +237,40 @@ fn ibot_loss(fx: &Fixture) -> Result<Outputs> {
     Ok(o)
 }
 
-fn koleo(fx: &Fixture) -> Result<Outputs> {
+fn ibot_loss(fx: &Fixture) -> Result<Outputs> {
+    let case = ibot_loss_case(fx)?;
+    let (m, k) = (case.m, case.k);
+    let mut cent = case.centering.clone();
+    let mut probs = vec![0f32; m * k];
+    let mut ds = vec![0f32; m * k];
+    let loss = ibot_loss_with_targets(
+        &mut probs,
+        &mut ds,
+        &mut cent,
+        case.student,
+        case.teacher,
+        case.masks_weight,
+        case.n_crops,
+        m,
+        k,
+        case.teacher_temp,
+        case.student_temp,
+        1.0,
+    )?;
+    ibot_loss_outputs(&case, loss, probs, ds, &cent)
+}
+
+/// The `[b, d]` input of a `koleo` fixture.
+pub(crate) fn koleo_input(fx: &Fixture) -> Result<(&Tensor, usize, usize)> {
     let x = fx.input("x")?;
-    let (b, d) = match x.shape[..] {
-        [b, d] => (b, d),
-        _ => return Err(fx.error("in.x", format!("expected [b, d], got {:?}", x.shape))),
-    };
+    match x.shape[..] {
+        [b, d] => Ok((x, b, d)),
+        _ => Err(fx.error("in.x", format!("expected [b, d], got {:?}", x.shape))),
+    }
+}
+
+fn koleo(fx: &Fixture) -> Result<Outputs> {
+    let (x, b, d) = koleo_input(fx)?;
     let mut dx = Tensor::zeros(&[b, d]);
     let loss =
         koleo_loss_forward_backward(&mut dx.data, &x.data, b, d, 1.0, Accumulate::Overwrite)?;
@@ -263,11 +363,11 @@ fn param_groups(fx: &Fixture) -> Result<Outputs> {
 }
 
 /// Named tensors laid out one after the other in a flat buffer (name order).
-struct Flat {
-    names: Vec<String>,
-    shapes: Vec<Vec<usize>>,
-    refs: Vec<ParamRef>,
-    data: Vec<f32>,
+pub(crate) struct Flat {
+    pub names: Vec<String>,
+    pub shapes: Vec<Vec<usize>>,
+    pub refs: Vec<ParamRef>,
+    pub data: Vec<f32>,
 }
 
 impl Flat {
@@ -291,7 +391,21 @@ impl Flat {
     }
 }
 
-fn adamw_freeze(fx: &Fixture) -> Result<Outputs> {
+/// The inputs of an `adamw_freeze` fixture: the parameters laid out flat (name order), their
+/// settings, and each step's flat gradients and scheduled scalars.
+pub(crate) struct AdamwCase {
+    pub steps: usize,
+    pub hyper: AdamHyper,
+    pub flat: Flat,
+    pub settings: Vec<(ParamRef, GroupSettings)>,
+    /// `[steps][P]`
+    pub grads: Vec<Vec<f32>>,
+    pub lr: Vec<f32>,
+    pub wd: Vec<f32>,
+    pub last_layer_lr: Vec<f32>,
+}
+
+pub(crate) fn adamw_case(fx: &Fixture) -> Result<AdamwCase> {
     let steps = fx.param_usize("steps")?;
     let hyper = AdamHyper {
         beta1: fx.param_f64("beta1")?,
@@ -302,7 +416,7 @@ fn adamw_freeze(fx: &Fixture) -> Result<Outputs> {
         return Err(Error::Unsupported("AMSGrad".into()));
     }
     let groups = fx.param("groups")?;
-    let mut flat = Flat::new(&fx.inputs_with_prefix("in.param.")?);
+    let flat = Flat::new(&fx.inputs_with_prefix("in.param.")?);
     let mut settings = Vec::new();
     for (name, r) in flat.names.iter().zip(&flat.refs) {
         let g = groups
@@ -330,11 +444,9 @@ fn adamw_freeze(fx: &Fixture) -> Result<Outputs> {
     lr.expect_shape("adamw_freeze lr", &[steps])?;
     wd.expect_shape("adamw_freeze wd", &[steps])?;
     ll.expect_shape("adamw_freeze last_layer_lr", &[steps])?;
-    let mut opt = AdamW::from_parts(settings, flat.data.len(), hyper)?;
-    // [S, P] history of each buffer.
-    let mut hist = [Vec::new(), Vec::new(), Vec::new()];
-    let mut grad = vec![0f32; flat.data.len()];
+    let mut per_step = Vec::with_capacity(steps);
     for s in 0..steps {
+        let mut grad = vec![0f32; flat.data.len()];
         for ((name, r), shape) in flat.names.iter().zip(&flat.refs).zip(&flat.shapes) {
             let g = grads
                 .get(name)
@@ -344,19 +456,26 @@ fn adamw_freeze(fx: &Fixture) -> Result<Outputs> {
             g.expect_shape("grads", &want)?;
             grad[r.range()].copy_from_slice(&g.data[s * r.len..(s + 1) * r.len]);
         }
-        opt.step(
-            &mut flat.data,
-            &grad,
-            lr.data[s] as f64,
-            ll.data[s] as f64,
-            wd.data[s] as f64,
-        )?;
-        hist[0].push(flat.data.clone());
-        hist[1].push(opt.state.exp_avg.clone());
-        hist[2].push(opt.state.exp_avg_sq.clone());
+        per_step.push(grad);
     }
+    Ok(AdamwCase {
+        steps,
+        hyper,
+        flat,
+        settings,
+        grads: per_step,
+        lr: lr.data.clone(),
+        wd: wd.data.clone(),
+        last_layer_lr: ll.data.clone(),
+    })
+}
+
+/// The `out.*` tensors of an `adamw_freeze` case from the `[steps]` histories of the flat
+/// parameters, first and second moments.
+pub(crate) fn adamw_outputs(case: &AdamwCase, hist: &[Vec<Vec<f32>>; 3]) -> Result<Outputs> {
+    let (flat, steps) = (&case.flat, case.steps);
     let mut o = Outputs::new();
-    for (prefix, h) in ["param", "exp_avg", "exp_avg_sq"].iter().zip(&hist) {
+    for (prefix, h) in ["param", "exp_avg", "exp_avg_sq"].iter().zip(hist) {
         for ((name, r), shape) in flat.names.iter().zip(&flat.refs).zip(&flat.shapes) {
             let mut sh = vec![steps];
             sh.extend(shape);
@@ -379,7 +498,38 @@ fn adamw_freeze(fx: &Fixture) -> Result<Outputs> {
     Ok(o)
 }
 
-fn clip_grad(fx: &Fixture) -> Result<Outputs> {
+fn adamw_freeze(fx: &Fixture) -> Result<Outputs> {
+    let case = adamw_case(fx)?;
+    let mut params = case.flat.data.clone();
+    let mut opt = AdamW::from_parts(case.settings.clone(), params.len(), case.hyper)?;
+    // [S, P] history of each buffer.
+    let mut hist = [Vec::new(), Vec::new(), Vec::new()];
+    for s in 0..case.steps {
+        opt.step(
+            &mut params,
+            &case.grads[s],
+            case.lr[s] as f64,
+            case.last_layer_lr[s] as f64,
+            case.wd[s] as f64,
+        )?;
+        hist[0].push(params.clone());
+        hist[1].push(opt.state.exp_avg.clone());
+        hist[2].push(opt.state.exp_avg_sq.clone());
+    }
+    adamw_outputs(&case, &hist)
+}
+
+/// The inputs of a `clip_grad` fixture: every submodule's gradients in one flat buffer.
+pub(crate) struct ClipCase {
+    pub max_norm: f32,
+    pub submodules: Vec<String>,
+    /// Each submodule's start in `data` and its tensors.
+    pub flats: Vec<(usize, Flat)>,
+    pub spans: Vec<SubmoduleSpan>,
+    pub data: Vec<f32>,
+}
+
+pub(crate) fn clip_case(fx: &Fixture) -> Result<ClipCase> {
     let max_norm = f32_param(fx, "max_norm")?;
     let norm_type = fx.param_f64("norm_type")?;
     if norm_type != 2.0 {
@@ -389,7 +539,6 @@ fn clip_grad(fx: &Fixture) -> Result<Outputs> {
     }
     let submodules: Vec<String> = serde_json::from_value(fx.param("submodules")?.clone())
         .map_err(|e| fx.error("params.submodules", e.to_string()))?;
-    let mut o = Outputs::new();
     let mut spans = Vec::new();
     let mut flats = Vec::new();
     let mut data = Vec::new();
@@ -403,10 +552,21 @@ fn clip_grad(fx: &Fixture) -> Result<Outputs> {
         });
         flats.push((start, flat));
     }
-    let norms = clip_grad_norms(&mut data, &spans, max_norm)?;
-    for ((sub, (start, flat)), norm) in submodules.iter().zip(&flats).zip(norms) {
+    Ok(ClipCase {
+        max_norm,
+        submodules,
+        flats,
+        spans,
+        data,
+    })
+}
+
+/// The `out.*` tensors of a `clip_grad` case from the clipped flat buffer and the norms.
+pub(crate) fn clip_outputs(case: &ClipCase, clipped: &[f32], norms: &[f32]) -> Result<Outputs> {
+    let mut o = Outputs::new();
+    for ((sub, (start, flat)), &norm) in case.submodules.iter().zip(&case.flats).zip(norms) {
         for ((name, r), shape) in flat.names.iter().zip(&flat.refs).zip(&flat.shapes) {
-            let d = data[start + r.offset..start + r.offset + r.len].to_vec();
+            let d = clipped[start + r.offset..start + r.offset + r.len].to_vec();
             out(
                 &mut o,
                 &format!("clipped.{sub}.{name}"),
@@ -416,6 +576,13 @@ fn clip_grad(fx: &Fixture) -> Result<Outputs> {
         out(&mut o, &format!("total_norm.{sub}"), Tensor::scalar(norm));
     }
     Ok(o)
+}
+
+fn clip_grad(fx: &Fixture) -> Result<Outputs> {
+    let case = clip_case(fx)?;
+    let mut data = case.data.clone();
+    let norms = clip_grad_norms(&mut data, &case.spans, case.max_norm)?;
+    clip_outputs(&case, &data, &norms)
 }
 
 fn ema(fx: &Fixture) -> Result<Outputs> {

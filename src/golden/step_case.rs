@@ -5,7 +5,7 @@ use super::{out, Fixture, Outputs};
 use crate::error::Result;
 use crate::nn::{Ffn, VitConfig};
 use crate::ssl::step::{
-    forward_backward, HeadConfig, LossConfig, SslModel, StepBatch, TeacherTargets,
+    forward_backward, HeadConfig, LossConfig, SslModel, StepBatch, StepOutput, TeacherTargets,
 };
 use crate::ssl::{Centering, MaskBatch, Method};
 use crate::tensor::Tensor;
@@ -56,7 +56,41 @@ fn head_config(fx: &Fixture, key: &str) -> Result<Option<HeadConfig>> {
     }))
 }
 
-pub fn compute(fx: &Fixture) -> Result<Outputs> {
+/// Everything a `ssl_step` fixture describes, parsed and checked (shared by the CPU and the
+/// CUDA computation of the case).
+pub(crate) struct StepInputs<'a> {
+    pub model: SslModel,
+    pub student: Vec<f32>,
+    pub teacher: Vec<f32>,
+    pub global: &'a [f32],
+    pub local: &'a [f32],
+    pub n_img: usize,
+    pub n_local: usize,
+    pub global_size: usize,
+    pub local_size: usize,
+    pub masks: MaskBatch,
+    pub targets: TeacherTargets,
+    pub losses: LossConfig,
+    pub teacher_temp: f32,
+}
+
+impl StepInputs<'_> {
+    /// The fixture's batch.
+    pub fn batch(&self) -> StepBatch<'_> {
+        StepBatch {
+            global: self.global,
+            local: self.local,
+            n_img: self.n_img,
+            n_local: self.n_local,
+            global_size: self.global_size,
+            local_size: self.local_size,
+            masks: Some(&self.masks),
+        }
+    }
+}
+
+/// Reads and checks a `ssl_step` fixture's inputs.
+pub(crate) fn parse(fx: &Fixture) -> Result<StepInputs<'_>> {
     let vit = vit_config(fx)?;
     let dino =
         head_config(fx, "dino_head")?.ok_or_else(|| fx.error("params.dino_head", "missing"))?;
@@ -133,7 +167,7 @@ pub fn compute(fx: &Fixture) -> Result<Outputs> {
     let k = dino.n_prototypes;
     let ki = ibot.map_or(k, |h| h.n_prototypes);
     let centering = fx.param_str("centering")?;
-    let mut targets = match centering {
+    let targets = match centering {
         "centering" => {
             let momentum = fx.param_f64("center_momentum")? as f32;
             let dino_center = fx.input("dino_center")?;
@@ -164,28 +198,51 @@ pub fn compute(fx: &Fixture) -> Result<Outputs> {
         ibot_loss_weight: fx.param_f64("ibot_loss_weight")? as f32,
         student_temp: fx.param_f64("student_temp")? as f32,
     };
-    let batch = StepBatch {
+    Ok(StepInputs {
+        model,
+        student,
+        teacher,
         global: &global.data,
         local: local_data,
         n_img,
         n_local,
         global_size: g_size,
         local_size: l_size,
-        masks: Some(&masks),
-    };
-    let mut grads = vec![0f32; model.table.len()];
+        masks,
+        targets,
+        losses,
+        teacher_temp: fx.param_f64("teacher_temp")? as f32,
+    })
+}
+
+pub fn compute(fx: &Fixture) -> Result<Outputs> {
+    let mut inputs = parse(fx)?;
+    let mut grads = vec![0f32; inputs.model.table.len()];
+    let mut targets = inputs.targets.clone();
     let step = forward_backward(
-        &model,
-        &student,
-        &teacher,
+        &inputs.model,
+        &inputs.student,
+        &inputs.teacher,
         &mut grads,
-        &batch,
+        &inputs.batch(),
         &mut targets,
-        fx.param_f64("teacher_temp")? as f32,
-        &losses,
+        inputs.teacher_temp,
+        &inputs.losses,
         None,
     )?;
+    inputs.targets = targets;
+    outputs(&inputs, step, &grads)
+}
 
+/// The case's `out.*` tensors from a step's output, the moved teacher targets (in
+/// `inputs.targets`) and the student gradients.
+pub(crate) fn outputs(inputs: &StepInputs<'_>, step: StepOutput, grads: &[f32]) -> Result<Outputs> {
+    let model = &inputs.model;
+    let targets = &inputs.targets;
+    let masks = &inputs.masks;
+    let n_img = inputs.n_img;
+    let k = model.dino_head.out_dim;
+    let ki = model.patch_head().out_dim;
     let mut outputs = Outputs::new();
     for (name, value) in step.terms() {
         out(&mut outputs, name, Tensor::scalar(value));

@@ -29,6 +29,7 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod device;
 pub mod export;
 pub mod metrics;
 pub mod outdir;

@@ -15,7 +15,7 @@ use super::plot;
 use super::progress::{Progress, ProgressMode, StepReport};
 use super::trainer::{StepRecord, TrainPlan, Trainer};
 use crate::backend::cpu::optimizer::AdamHyper;
-use crate::backend::Device;
+use crate::backend::cuda::resolve_device;
 use crate::data::scan::Labels;
 use crate::data::source::needed_short_side;
 use crate::data::{
@@ -497,16 +497,6 @@ pub fn train(options: TrainOptions) -> Result<TrainSummary> {
         wait_seconds: 0.0,
     };
     let r = &options.config;
-    match r.device {
-        Device::Cpu | Device::Auto => {}
-        Device::Cuda(_) => {
-            return Err(Error::Unsupported(
-                "training on CUDA is not implemented yet (the kernels are compile-checked, the \
-                 GPU step is the next milestone); use --device cpu"
-                    .into(),
-            ))
-        }
-    }
     let plan = plan_from_config(r)?;
     let run = RunDir::prepare(&r.output_dir, options.outdir)?;
     r.write_yaml(&run.root)?;
@@ -520,7 +510,10 @@ pub fn train(options: TrainOptions) -> Result<TrainSummary> {
     let source = training_source(r)?;
     let n_images = source.len() as u64;
     let knn = knn_sources(r)?;
-    let mut trainer = Trainer::new(plan.clone())?;
+    // The device is resolved once: `auto` falls back to the CPU with one line saying why.
+    let device = resolve_device(r.device)?;
+    let mut trainer = Trainer::new_on(plan.clone(), device)?;
+    log.line(&format!("device: {}", trainer.device_name()))?;
     let initial = initial_student(&trainer, &r.start)?;
     let resuming = options.outdir == OutdirMode::Resume;
     if resuming {
@@ -535,6 +528,7 @@ pub fn train(options: TrainOptions) -> Result<TrainSummary> {
         trainer.student = initial.clone();
         trainer.teacher = initial.clone();
     }
+    trainer.sync_to_device()?;
     let first_step = trainer.step;
     let total = r.total_iters;
     log.line(&format!(
@@ -557,6 +551,7 @@ pub fn train(options: TrainOptions) -> Result<TrainSummary> {
     let k = r.config.dinotrain.knn_k;
     let temperature = r.config.dinotrain.knn_temperature as f32;
     let mut progress = Progress::new(options.progress, first_step, total);
+    progress.message(&format!("training on {}", trainer.device_name()));
     let initial_knn = match &knn {
         Some(sources) if first_step < total || !resuming => {
             progress.message("k-NN of the model at initialisation ...");
@@ -634,6 +629,7 @@ pub fn train(options: TrainOptions) -> Result<TrainSummary> {
         let step = record.step;
         let images_seen = trainer.step * plan.batch_size as u64;
         if every(r.checkpoint_every, step) && trainer.step < total {
+            trainer.sync_to_host()?;
             last_checkpoint = Some(save_checkpoint(
                 &run,
                 &trainer,
@@ -657,6 +653,7 @@ pub fn train(options: TrainOptions) -> Result<TrainSummary> {
         }
         if let Some(sources) = &knn {
             if every(d.knn_every, step) && trainer.step < total {
+                trainer.sync_to_host()?;
                 let acc = knn_accuracy(&trainer, &trainer.teacher, sources, k, temperature)?;
                 progress.message(&format!("step {}: k-NN top-1 (k={k}) {acc:.2}%", step + 1));
                 log.line(&format!("step {}: k-NN top-1 (k={k}) {acc:.2}%", step + 1))?;
@@ -664,6 +661,7 @@ pub fn train(options: TrainOptions) -> Result<TrainSummary> {
         }
     }
     progress.finish();
+    trainer.sync_to_host()?;
     let steps_this_run = trainer.step - first_step;
     if steps_this_run > 0 || last_checkpoint.is_none() {
         let images_seen = trainer.step * plan.batch_size as u64;

@@ -4,8 +4,15 @@
 //!
 //! Everything random is keyed by (seed, step), so a run resumed from a checkpoint at step `s`
 //! computes exactly what the uninterrupted run computed.
+//!
+//! Built on a CUDA device ([`Trainer::new_on`]), the iteration runs there (`super::device`):
+//! the same masks, drop-path draws and schedules, bf16 GEMMs. The host fields (`student`,
+//! `teacher`, the optimizer moments, the centers) are then a copy that
+//! [`Trainer::sync_to_host`] refreshes and [`Trainer::sync_to_device`] uploads.
 
+use super::device::{DeviceTrainer, IterationInputs};
 use crate::backend::cpu::optimizer::AdamHyper;
+use crate::backend::cuda::ResolvedDevice;
 use crate::error::{Error, Result};
 use crate::nn::VitConfig;
 use crate::optim::{
@@ -75,14 +82,98 @@ pub struct Trainer {
     masking: MaskingGenerator,
     /// The next iteration to run.
     pub step: u64,
+    /// The CUDA state when the trainer runs on a GPU.
+    device: Option<Box<DeviceTrainer>>,
+}
+
+impl std::fmt::Debug for Trainer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Trainer")
+            .field("step", &self.step)
+            .field("device", &self.device_name())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Trainer {
     /// A fresh run: official initialisation of the student from the seed, teacher = student.
     pub fn new(plan: TrainPlan) -> Result<Self> {
+        Self::new_on(plan, ResolvedDevice::Cpu)
+    }
+
+    /// A fresh run on `device` (the CPU, or a CUDA device the state is uploaded to).
+    pub fn new_on(plan: TrainPlan, device: ResolvedDevice) -> Result<Self> {
         let model = SslModel::new(&plan.vit, plan.dino_head, plan.ibot_head)?;
         let student = model.table.init(&mut keyed(plan.seed, &[stream::INIT]));
-        Self::from_parts(plan, model, student)
+        Self::from_parts_on(plan, model, student, device)
+    }
+
+    /// [`Trainer::from_parts`] on `device`.
+    pub fn from_parts_on(
+        plan: TrainPlan,
+        model: SslModel,
+        student: Vec<f32>,
+        device: ResolvedDevice,
+    ) -> Result<Self> {
+        let mut trainer = Self::from_parts(plan, model, student)?;
+        if let ResolvedDevice::Cuda(gpu) = device {
+            let groups = ParamGroups::from_table(&trainer.model.table, &trainer.plan.layer_decay)?;
+            trainer.device = Some(Box::new(DeviceTrainer::new(
+                *gpu,
+                &trainer.model,
+                &groups,
+                &trainer.spans,
+                &trainer.student,
+                &trainer.teacher,
+                &trainer.optimizer,
+                &trainer.targets,
+            )?));
+        }
+        Ok(trainer)
+    }
+
+    /// Where the iterations run (`cpu`, or the CUDA device's name).
+    pub fn device_name(&self) -> String {
+        match &self.device {
+            Some(d) => d.device_name(),
+            None => "cpu".to_string(),
+        }
+    }
+
+    /// The most device memory seen in use after an iteration (bytes), on a CUDA device.
+    pub fn peak_device_memory(&self) -> Option<u64> {
+        self.device.as_ref().map(|d| d.peak_memory())
+    }
+
+    /// Device buffers allocated so far by the CUDA step (see `DeviceTrainer::allocations`);
+    /// `None` on the CPU. A steady-state iteration leaves it unchanged.
+    pub fn device_allocations(&self) -> Option<u64> {
+        self.device.as_ref().map(|d| d.allocations())
+    }
+
+    /// Refreshes the host copies (student, teacher, AdamW moments, centers) from the device;
+    /// call before reading them (checkpoint, export, k-NN). Nothing to do on the CPU.
+    pub fn sync_to_host(&mut self) -> Result<()> {
+        match &self.device {
+            Some(d) => d.sync_to_host(
+                &mut self.student,
+                &mut self.teacher,
+                &mut self.optimizer,
+                &mut self.targets,
+            ),
+            None => Ok(()),
+        }
+    }
+
+    /// Uploads the host copies to the device after they were replaced (resume, pretrained
+    /// weights). Nothing to do on the CPU.
+    pub fn sync_to_device(&mut self) -> Result<()> {
+        match &mut self.device {
+            Some(d) => {
+                d.sync_to_device(&self.student, &self.teacher, &self.optimizer, &self.targets)
+            }
+            None => Ok(()),
+        }
     }
 
     /// A run starting from given student weights (pretrained backbone, fresh heads, ...); the
@@ -131,6 +222,7 @@ impl Trainer {
             model,
             plan,
             step: 0,
+            device: None,
         })
     }
 
@@ -186,6 +278,30 @@ impl Trainer {
         let mut drop_rng = keyed(plan.seed, &[stream::DROP_PATH, step]);
         let drop_path = (plan.drop_path_rate > 0.0).then_some((plan.drop_path_rate, &mut drop_rng));
 
+        if let Some(device) = &mut self.device {
+            let inputs = IterationInputs {
+                batch,
+                scheduled: &scheduled,
+                losses: &plan.losses,
+                clip_grad: plan.clip_grad,
+                drop_path,
+            };
+            let names = device.span_names();
+            let adam_step = self.optimizer.state.step + 1;
+            let result = device.iteration(&self.model, inputs, adam_step, |r| {
+                non_finite_check(&r.losses, &names, &r.norms, step)
+            })?;
+            self.optimizer.state.step = adam_step;
+            self.step += 1;
+            return Ok(StepRecord {
+                step,
+                n_masked: masks.as_ref().map_or(0, |m| m.n_masked()),
+                losses: result.losses,
+                scheduled,
+                grad_norms: names.into_iter().zip(result.norms).collect(),
+            });
+        }
+
         self.grads.fill(0.0);
         let losses = forward_backward(
             &self.model,
@@ -234,4 +350,21 @@ impl Trainer {
             grad_norms,
         })
     }
+}
+
+/// The error a non-finite loss term or gradient norm stops the run with (before any update).
+fn non_finite_check(losses: &StepOutput, names: &[String], norms: &[f32], step: u64) -> Result<()> {
+    if let Some((name, _)) = losses.terms().into_iter().find(|(_, v)| !v.is_finite()) {
+        return Err(Error::NonFinite {
+            what: name.to_string(),
+            step,
+        });
+    }
+    if let Some((name, _)) = names.iter().zip(norms).find(|(_, v)| !v.is_finite()) {
+        return Err(Error::NonFinite {
+            what: format!("{name} gradient norm"),
+            step,
+        });
+    }
+    Ok(())
 }

@@ -15,6 +15,7 @@ mod device;
 mod gemm;
 mod kernels;
 mod launch;
+pub mod model;
 mod view;
 
 pub use device::{resolve_device, ResolvedDevice};
@@ -28,6 +29,7 @@ pub use launch::layernorm::{LayerNormOutput, NormShape};
 pub use launch::loss::{CrossEntropyPairs, MAX_PAIRS};
 pub use launch::optimizer::{AdamWStep, ParamSegments};
 pub use launch::patch::{GatherElement, PatchLayout};
+pub use launch::tokens::{SampleSubset, TokenLayout};
 pub use launch::GradWrite;
 pub use view::{SubSlice, SubSliceMut};
 

@@ -1,8 +1,9 @@
-//! Launchers of `kernels/koleo.cu`: the KoLeo loss, forward and backward.
+//! Launchers of `kernels/koleo.cu`: the KoLeo loss, forward and backward, and the row L2
+//! normalisation of the projection heads.
 
 use super::elementwise::ReduceOp;
 use super::{blocks, check_len, config, dim, launch, BLOCK, ROWS_PER_BLOCK};
-use crate::backend::cuda::{CudaBackend, KernelFamily};
+use crate::backend::cuda::{bf16, CudaBackend, KernelFamily};
 use crate::error::{Error, Result};
 use cudarc::driver::CudaSlice;
 
@@ -127,6 +128,84 @@ impl CudaBackend {
                 &bi,
                 &di
             ]
+        );
+        Ok(())
+    }
+}
+
+fn check_rows(op: &'static str, rows: usize, channels: usize, eps: f32) -> Result<(i32, i32)> {
+    if channels == 0 {
+        return Err(Error::shape(op, "zero channels"));
+    }
+    if eps.is_nan() || eps <= 0.0 {
+        return Err(Error::Config(format!("{op}: eps must be > 0, got {eps}")));
+    }
+    Ok((dim(op, "rows", rows)?, dim(op, "channels", channels)?))
+}
+
+impl CudaBackend {
+    /// Row L2 normalisation `z [R, C] = y / max(‖y‖, eps)` (also as bf16 for the next GEMM),
+    /// saving `norm [R] = ‖y‖`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn l2_normalize_forward(
+        &self,
+        z: &mut CudaSlice<f32>,
+        z_bf16: &mut CudaSlice<bf16>,
+        norm: &mut CudaSlice<f32>,
+        y: &CudaSlice<f32>,
+        eps: f32,
+        rows: usize,
+        channels: usize,
+    ) -> Result<()> {
+        const OP: &str = "cuda l2_normalize_forward";
+        let (r, c) = check_rows(OP, rows, channels, eps)?;
+        check_len(OP, "y", y.len(), rows * channels)?;
+        check_len(OP, "z", z.len(), rows * channels)?;
+        check_len(OP, "z_bf16", z_bf16.len(), rows * channels)?;
+        check_len(OP, "norm", norm.len(), rows)?;
+        let grid = (blocks(OP, rows.div_ceil(ROWS_PER_BLOCK))?, 1, 1);
+        launch!(
+            self,
+            KernelFamily::Koleo,
+            "l2_normalize_forward",
+            config(grid, BLOCK),
+            [z, z_bf16, norm, y, &eps, &r, &c]
+        );
+        Ok(())
+    }
+
+    /// Backward of [`l2_normalize_forward`](Self::l2_normalize_forward): `dy [R, C]` (=, and as
+    /// bf16) from `dz`, the saved `z` and `norm`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn l2_normalize_backward(
+        &self,
+        dy: &mut CudaSlice<f32>,
+        dy_bf16: &mut CudaSlice<bf16>,
+        dz: &CudaSlice<f32>,
+        z: &CudaSlice<f32>,
+        norm: &CudaSlice<f32>,
+        eps: f32,
+        rows: usize,
+        channels: usize,
+    ) -> Result<()> {
+        const OP: &str = "cuda l2_normalize_backward";
+        let (r, c) = check_rows(OP, rows, channels, eps)?;
+        for (name, len) in [
+            ("dy", dy.len()),
+            ("dy_bf16", dy_bf16.len()),
+            ("dz", dz.len()),
+            ("z", z.len()),
+        ] {
+            check_len(OP, name, len, rows * channels)?;
+        }
+        check_len(OP, "norm", norm.len(), rows)?;
+        let grid = (blocks(OP, rows.div_ceil(ROWS_PER_BLOCK))?, 1, 1);
+        launch!(
+            self,
+            KernelFamily::Koleo,
+            "l2_normalize_backward",
+            config(grid, BLOCK),
+            [dy, dy_bf16, dz, z, norm, &eps, &r, &c]
         );
         Ok(())
     }

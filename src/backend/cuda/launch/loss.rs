@@ -198,3 +198,33 @@ impl CudaBackend {
         self.sum(loss, row_loss, ReduceOp::Sum, 1.0)
     }
 }
+
+impl CudaBackend {
+    /// `mean_entropy [1] = (1/R) Σ_r −Σ_k p log p` of `probs [R, K]`; `row_entropy [R]` is the
+    /// caller's per-row scratch.
+    pub fn mean_row_entropy(
+        &mut self,
+        mean_entropy: &mut CudaSlice<f32>,
+        row_entropy: &mut CudaSlice<f32>,
+        probs: &CudaSlice<f32>,
+        rows: usize,
+        prototypes: usize,
+    ) -> Result<()> {
+        const OP: &str = "cuda mean_row_entropy";
+        if rows == 0 {
+            return Err(Error::shape(OP, "no rows"));
+        }
+        check_len(OP, "mean_entropy", mean_entropy.len(), 1)?;
+        check_len(OP, "row_entropy", row_entropy.len(), rows)?;
+        check_len(OP, "probs", probs.len(), rows * prototypes)?;
+        let (r, k) = (dim(OP, "rows", rows)?, dim(OP, "prototypes", prototypes)?);
+        launch!(
+            self,
+            KernelFamily::Loss,
+            "row_entropy",
+            config((blocks(OP, rows)?, 1, 1), BLOCK),
+            [&mut *row_entropy, probs, &r, &k]
+        );
+        self.sum(mean_entropy, row_entropy, ReduceOp::Sum, 1.0 / rows as f32)
+    }
+}

@@ -9,6 +9,7 @@ pub mod loss;
 pub mod optimizer;
 pub mod patch;
 pub mod sinkhorn;
+pub mod tokens;
 
 use super::CudaBackend;
 use crate::error::{Error, Result};
