@@ -258,5 +258,5 @@ pub fn ema(
             "teacher momentum must lie in [0, 1], got {momentum}"
         )));
     }
-    gpu.ema_update(teacher, student, momentum as f32)
+    gpu.ema_update(teacher, student, momentum)
 }

@@ -132,7 +132,7 @@ impl GpuCentering {
                     ));
                 }
                 gpu.teacher_softmax(probs, logits, Some(center), teacher_temp, rows, k)?;
-                gpu.center_ema(next, logits, center, *momentum, rows, k)?;
+                gpu.center_ema(next, logits, center, f64::from(*momentum), rows, k)?;
                 std::mem::swap(center, next);
                 Ok(())
             }
