@@ -57,11 +57,14 @@ fn download(gpu: &CudaBackend, buf: &Grow<f32>) -> Vec<f32> {
 
 fn params_with_random_gains(table: &ParamTable, seed: u64) -> Vec<f32> {
     let mut p = table.init(&mut keyed(seed, &[stream::TEST]));
-    // weight_g starts at 1: vary it so its gradient path is exercised.
+    // weight_g starts at 1: vary it so its gradient path is exercised. LayerScale starts at
+    // 1e-5, which leaves every image's CLS token within ~1e-5 of the others: KoLeo's
+    // `-log(nearest distance)` would then compare bf16 noise (a mid-training model has grown
+    // gammas; give it those).
     for spec in table
         .specs()
         .iter()
-        .filter(|s| s.name.ends_with("weight_g"))
+        .filter(|s| s.name.ends_with("weight_g") || s.name.ends_with(".gamma"))
     {
         let g = uniform(seed + 1, spec.at.len, 0.5, 1.5);
         p[spec.at.range()].copy_from_slice(&g);

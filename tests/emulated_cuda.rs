@@ -215,6 +215,21 @@ fn run_gpu_tests(name: &str) {
 }
 
 #[test]
+fn backbone_tests_pass_on_the_emulated_device() {
+    run_gpu_tests("cuda_model");
+}
+
+#[test]
+fn training_step_tests_pass_on_the_emulated_device() {
+    run_gpu_tests("cuda_step");
+}
+
+#[test]
+fn kernel_tests_pass_on_the_emulated_device() {
+    run_gpu_tests("cuda_kernels");
+}
+
+#[test]
 fn kernel_tests_of_the_method_pass_on_the_emulated_device() {
     run_gpu_tests("cuda_ssl_kernels");
 }

@@ -118,10 +118,32 @@ struct Event {
     std::chrono::steady_clock::time_point at;
 };
 
+constexpr size_t total_memory = 8ull << 30;
+std::map<void*, size_t> allocations;  // for cuMemGetInfo: free = total - live bytes
+size_t live_bytes = 0;
+
 void* fresh(size_t bytes) {
+    std::lock_guard<std::mutex> guard(lock);
+    if (live_bytes + bytes > total_memory) return nullptr;  // out of device memory
     void* p = std::malloc(bytes ? bytes : 1);
-    if (p) std::memset(p, 0xff, bytes);
+    if (!p) return nullptr;
+    std::memset(p, 0xff, bytes);
+    allocations[p] = bytes;
+    live_bytes += bytes;
     return p;
+}
+
+void release(void* p) {
+    if (!p) return;
+    {
+        std::lock_guard<std::mutex> guard(lock);
+        auto it = allocations.find(p);
+        if (it != allocations.end()) {
+            live_bytes -= it->second;
+            allocations.erase(it);
+        }
+    }
+    std::free(p);
 }
 
 float bf16_value(const void* base, long long i) {
@@ -156,10 +178,11 @@ CUresult cuDeviceGetAttribute(int* v, int attribute, CUdevice) {
     }
     return CUDA_SUCCESS;
 }
-CUresult cuDeviceTotalMem_v2(size_t* bytes, CUdevice) { *bytes = 8ull << 30; return CUDA_SUCCESS; }
+CUresult cuDeviceTotalMem_v2(size_t* bytes, CUdevice) { *bytes = fake::total_memory; return CUDA_SUCCESS; }
 CUresult cuMemGetInfo_v2(size_t* free_bytes, size_t* total) {
-    *free_bytes = 8ull << 30;
-    *total = 8ull << 30;
+    std::lock_guard<std::mutex> guard(fake::lock);
+    *free_bytes = fake::total_memory - fake::live_bytes;
+    *total = fake::total_memory;
     return CUDA_SUCCESS;
 }
 CUresult cuDevicePrimaryCtxRetain(void** ctx, CUdevice) { *ctx = &fake::opaque_context; return CUDA_SUCCESS; }
@@ -201,7 +224,7 @@ CUresult cuMemAlloc_v2(CUdeviceptr* p, size_t bytes) {
     return CUDA_SUCCESS;
 }
 CUresult cuMemAllocAsync(CUdeviceptr* p, size_t bytes, void*) { return cuMemAlloc_v2(p, bytes); }
-CUresult cuMemFree_v2(CUdeviceptr p) { std::free((void*)p); return CUDA_SUCCESS; }
+CUresult cuMemFree_v2(CUdeviceptr p) { fake::release((void*)p); return CUDA_SUCCESS; }
 CUresult cuMemFreeAsync(CUdeviceptr p, void*) { return cuMemFree_v2(p); }
 CUresult cuMemcpyHtoD_v2(CUdeviceptr dst, const void* src, size_t n) { std::memcpy((void*)dst, src, n); return CUDA_SUCCESS; }
 CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void* src, size_t n, void*) { return cuMemcpyHtoD_v2(dst, src, n); }
