@@ -10,8 +10,8 @@
 //
 // What it checks: the host orchestration (buffer sizes and offsets, launch arguments, the order
 // of operations, bf16 rounding points) and the kernels' index math, end to end. What it cannot:
-// speed, hardware rounding of fast-math intrinsics, and races between blocks (blocks run one
-// after another; within a block every CUDA thread is a host thread, as in simt.hpp).
+// speed, hardware rounding of fast-math intrinsics, and races (blocks run one after another,
+// the threads of a block as fibers that switch only at barriers, as in simt.hpp).
 //
 // Fresh allocations are filled with 0xFF bytes (NaN in f32 and bf16), so a read of memory that
 // was never written shows up as NaN in the results.
@@ -26,7 +26,6 @@
 #include <functional>
 #include <map>
 #include <mutex>
-#include <optional>
 #include <string>
 #include <type_traits>
 #include <utility>
@@ -48,41 +47,6 @@ namespace fake {
 
 using Launch = std::function<void(Dim3, Dim3, void**)>;
 
-// Runs `kernel` over the grid, block after block, one host thread per CUDA thread. Unlike
-// simt::launch the threads live for the whole grid, and a thread that returns early leaves the
-// block's barriers (arrive_and_drop), as an exited GPU thread stops counting at __syncthreads.
-inline void launch_grid(Dim3 grid, Dim3 block, const std::function<void()>& kernel) {
-    gridDim = grid;
-    blockDim = block;
-    const unsigned threads = block.x;
-    const unsigned long long blocks = (unsigned long long)grid.x * grid.y * grid.z;
-    std::barrier<> between_blocks(threads);
-    std::optional<std::barrier<>> block_barrier;
-    std::vector<std::thread> pool;
-    pool.reserve(threads);
-    for (unsigned t = 0; t < threads; t++)
-        pool.emplace_back([&, t] {
-            threadIdx = Dim3{t, 0, 0};
-            for (unsigned long long i = 0; i < blocks; i++) {
-                if (t == 0) {  // set up the block while the others wait
-                    block_barrier.emplace(threads);
-                    simt::block_barrier = &*block_barrier;
-                    simt::warps.clear();
-                    for (unsigned w = 0; w < threads / 32; w++)
-                        simt::warps.push_back(std::make_unique<simt::Warp>());
-                }
-                between_blocks.arrive_and_wait();
-                blockIdx = Dim3{(unsigned)(i % grid.x), (unsigned)((i / grid.x) % grid.y),
-                                (unsigned)(i / ((unsigned long long)grid.x * grid.y))};
-                kernel();
-                block_barrier->arrive_and_drop();
-                simt::warp().bar.arrive_and_drop();
-                between_blocks.arrive_and_wait();
-            }
-        });
-    for (auto& th : pool) th.join();
-}
-
 template <class... A, size_t... I>
 void call_with(void (*k)(A...), void** params, std::index_sequence<I...>) {
     k(*static_cast<std::remove_reference_t<A>*>(params[I])...);
@@ -91,7 +55,7 @@ void call_with(void (*k)(A...), void** params, std::index_sequence<I...>) {
 template <class... A>
 Launch wrap(void (*k)(A...)) {
     return [k](Dim3 grid, Dim3 block, void** params) {
-        launch_grid(grid, block, [&] { call_with(k, params, std::index_sequence_for<A...>{}); });
+        simt::launch(grid, block, [&] { call_with(k, params, std::index_sequence_for<A...>{}); });
     };
 }
 

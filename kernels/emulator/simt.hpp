@@ -1,17 +1,21 @@
 // Host emulation of the CUDA features the kernels use, for checking their index math on a CPU
-// (no GPU in the build machines). One std::thread per CUDA thread, one block at a time;
-// `__shared__` becomes `static` (shared by the block's threads, reused block after block);
-// warp-level operations exchange values through a per-warp buffer between two barriers.
-// The tensor-core and ldmatrix fragment layouts follow the PTX ISA (see common.cuh).
-// Include order: simt.hpp, ../common.cuh, ptx_host.hpp, then a kernel file.
+// (no GPU in the build machines). Every CUDA thread of a block is a fiber (ucontext) on the one
+// calling OS thread; blocks run one after another. A fiber runs until it reaches a barrier
+// (__syncthreads, or the warp exchange inside a shuffle / mma / ldmatrix), then the next fiber
+// runs; a barrier opens when every thread still running has arrived, so a thread that returned
+// early stops counting, as on the GPU. `__shared__` becomes `static` (shared by the block's
+// threads, reused block after block). The tensor-core and ldmatrix fragment layouts follow the
+// PTX ISA (see common.cuh). Include order: simt.hpp, ../common.cuh, ptx_host.hpp, then a kernel.
 #pragma once
-#include <barrier>
+#include <ucontext.h>
+
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <memory>
-#include <thread>
 #include <vector>
 
 #define DINOTRAIN_HOST_EMULATION 1
@@ -25,42 +29,123 @@
 struct Dim3 {
     unsigned x = 1, y = 1, z = 1;
 };
-inline thread_local Dim3 threadIdx, blockIdx;
+inline Dim3 threadIdx, blockIdx;  // the running fiber's (set by the scheduler before each switch)
 inline Dim3 blockDim, gridDim;
 
 namespace simt {
+
+void yield();
+inline unsigned long long barriers_opened = 0;  // progress measure of the deadlock check
+
+// A barrier among fibers: arrive, then yield until the phase turns.
+struct Barrier {
+    unsigned expected;
+    unsigned arrived = 0;
+    unsigned long long phase = 0;
+    explicit Barrier(unsigned n) : expected(n) {}
+    void arrive_and_wait() {
+        const unsigned long long mine = phase;
+        if (++arrived >= expected) {
+            arrived = 0;
+            ++phase;
+            ++barriers_opened;
+            return;
+        }
+        while (phase == mine) yield();
+    }
+    // A participant that has returned: the others no longer wait for it.
+    void drop() {
+        if (expected == 0) return;
+        --expected;
+        if (expected > 0 && arrived >= expected) {
+            arrived = 0;
+            ++phase;
+            ++barriers_opened;
+        }
+    }
+};
+
 struct Warp {
-    std::barrier<> bar{32};
+    Barrier bar{32};
     float f[32];
     unsigned a[32][4];
     unsigned b[32][2];
     const void* ptr[32];
 };
-inline std::barrier<>* block_barrier = nullptr;
+
+inline Barrier* block_barrier = nullptr;
 inline std::vector<std::unique_ptr<Warp>> warps;
 inline Warp& warp() { return *warps[threadIdx.x / 32]; }
 inline int lane() { return threadIdx.x % 32; }
+
+constexpr size_t FIBER_STACK = 256 * 1024;
+
+struct Fiber {
+    ucontext_t context;
+    bool done = false;
+};
+
+inline ucontext_t scheduler;
+inline std::vector<Fiber> fibers;
+inline std::vector<std::unique_ptr<char[]>> stacks;  // grown once, reused by every launch
+inline unsigned current = 0;
+inline const std::function<void()>* running_kernel = nullptr;
+
+inline void yield() { swapcontext(&fibers[current].context, &scheduler); }
+
+inline void fiber_main() {
+    (*running_kernel)();
+    fibers[current].done = true;
+    block_barrier->drop();
+    warp().bar.drop();
+    // returning resumes `scheduler` (uc_link)
+}
 
 // Runs `kernel` over the grid, block after block (blockDim.x a multiple of 32).
 inline void launch(Dim3 grid, Dim3 block, const std::function<void()>& kernel) {
     gridDim = grid;
     blockDim = block;
     const unsigned threads = block.x;
+    running_kernel = &kernel;
+    while (stacks.size() < threads) stacks.push_back(std::make_unique<char[]>(FIBER_STACK));
+    fibers.assign(threads, Fiber{});
     for (unsigned z = 0; z < grid.z; z++)
         for (unsigned y = 0; y < grid.y; y++)
             for (unsigned x = 0; x < grid.x; x++) {
-                std::barrier<> bar(threads);
+                Barrier bar(threads);
                 block_barrier = &bar;
                 warps.clear();
                 for (unsigned w = 0; w < threads / 32; w++) warps.push_back(std::make_unique<Warp>());
-                std::vector<std::thread> pool;
-                for (unsigned t = 0; t < threads; t++)
-                    pool.emplace_back([&, t] {
+                blockIdx = Dim3{x, y, z};
+                for (unsigned t = 0; t < threads; t++) {
+                    Fiber& f = fibers[t];
+                    f.done = false;
+                    getcontext(&f.context);
+                    f.context.uc_stack.ss_sp = stacks[t].get();
+                    f.context.uc_stack.ss_size = FIBER_STACK;
+                    f.context.uc_link = &scheduler;
+                    makecontext(&f.context, fiber_main, 0);
+                }
+                // Round robin until every thread has returned. Each fiber runs to its next
+                // barrier, so a round in which no barrier opened and no thread returned can
+                // never end: a deadlock (a barrier that some threads skip).
+                unsigned live = threads;
+                while (live > 0) {
+                    const unsigned long long opened = barriers_opened;
+                    unsigned returned = 0;
+                    for (unsigned t = 0; t < threads; t++) {
+                        if (fibers[t].done) continue;
+                        current = t;
                         threadIdx = Dim3{t, 0, 0};
-                        blockIdx = Dim3{x, y, z};
-                        kernel();
-                    });
-                for (auto& th : pool) th.join();
+                        swapcontext(&scheduler, &fibers[t].context);
+                        if (fibers[t].done) returned++;
+                    }
+                    live -= returned;
+                    if (live > 0 && returned == 0 && barriers_opened == opened) {
+                        std::fprintf(stderr, "simt: deadlock in block (%u,%u,%u)\n", x, y, z);
+                        std::abort();
+                    }
+                }
             }
 }
 }  // namespace simt
