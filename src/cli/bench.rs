@@ -122,7 +122,13 @@ fn table(r: &BenchReport) -> String {
             "model",
             format!(
                 "{} (D {}, depth {}, {} heads, patch {}), {}, K {}",
-                r.model, r.embed_dim, r.depth, r.num_heads, r.patch_size, r.method, r.dino_prototypes
+                r.model,
+                r.embed_dim,
+                r.depth,
+                r.num_heads,
+                r.patch_size,
+                r.method,
+                r.dino_prototypes
             ),
         ),
         ("device", r.device.clone()),

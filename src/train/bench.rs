@@ -81,8 +81,9 @@ pub enum BenchModel {
 }
 
 impl BenchModel {
-    pub const NAMES: [&'static str; 7] =
-        ["demo", "micro", "tiny", "vits14", "vitb14", "vitl14", "vitg14"];
+    pub const NAMES: [&'static str; 7] = [
+        "demo", "micro", "tiny", "vits14", "vitb14", "vitl14", "vitg14",
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -370,10 +371,15 @@ pub fn head_forward_flops(head: &HeadConfig, embed_dim: usize) -> f64 {
 /// `int(2B·p)/B · mean(ratio range) · patches per global crop`.
 fn expected_masked_patches(plan: &TrainPlan) -> f64 {
     let b = plan.batch_size as f64;
-    let masked_crops = (2.0 * b * plan.mask_probability as f64).floor();
+    let masked_crops = (2.0 * b * decimal(plan.mask_probability)).floor();
     let (lo, hi) = plan.mask_ratio_min_max;
     let grid = (plan.global_crop_size / plan.vit.patch_size) as f64;
-    masked_crops / b * 0.5 * (lo + hi) as f64 * grid * grid
+    masked_crops / b * 0.5 * (decimal(lo) + decimal(hi)) * grid * grid
+}
+
+/// The configured decimal value of an f32 setting (0.3, not 0.30000001192...).
+fn decimal(v: f32) -> f64 {
+    format!("{v}").parse().unwrap_or(v as f64)
 }
 
 /// Median, min and mean of the timed steps.
@@ -472,7 +478,9 @@ pub fn run(opts: &BenchOptions, on_step: &mut dyn FnMut(&StepTiming)) -> Result<
     let mut trainer = match Trainer::new_on(plan_from_config(&config)?, device) {
         Ok(t) => t,
         // `auto` found a GPU but this build cannot train on it: fall back like a missing GPU.
-        Err(Error::Unsupported(why)) if opts.device == Device::Auto && kind == BenchDevice::Cuda => {
+        Err(Error::Unsupported(why))
+            if opts.device == Device::Auto && kind == BenchDevice::Cuda =>
+        {
             eprintln!("device auto: using the CPU ({why})");
             kind = BenchDevice::Cpu;
             config = bench_config(opts, kind)?;
@@ -517,7 +525,10 @@ pub fn run(opts: &BenchOptions, on_step: &mut dyn FnMut(&StepTiming)) -> Result<
     }
 
     let (peak_memory_bytes, peak_memory_source) = match kind {
-        BenchDevice::Cpu => (peak_rss_bytes(), "VmHWM (process resident peak)".to_string()),
+        BenchDevice::Cpu => (
+            peak_rss_bytes(),
+            "VmHWM (process resident peak)".to_string(),
+        ),
         BenchDevice::Cuda => (
             trainer.peak_device_memory(),
             "GPU memory allocated by the trainer (peak)".to_string(),
@@ -647,12 +658,14 @@ fn parse_vm_hwm(status: &str) -> Option<u64> {
 
 /// `cpu (model name, N threads)`.
 pub fn cpu_description() -> String {
-    let model = std::fs::read_to_string("/proc/cpuinfo").ok().and_then(|info| {
-        info.lines()
-            .find(|l| l.starts_with("model name"))
-            .and_then(|l| l.split_once(':'))
-            .map(|(_, name)| name.trim().to_string())
-    });
+    let model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|info| {
+            info.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, name)| name.trim().to_string())
+        });
     let threads = rayon::current_num_threads();
     match model {
         Some(m) => format!("cpu ({m}, {threads} threads)"),
@@ -751,7 +764,10 @@ mod tests {
         };
         let p = plan_from_config(&bench_config(&opts, BenchDevice::Cpu).unwrap()).unwrap();
         assert_eq!((p.vit.embed_dim, p.vit.depth, p.vit.num_heads), (32, 2, 2));
-        assert_eq!((p.batch_size, p.global_crop_size, p.local_crop_size), (3, 56, 28));
+        assert_eq!(
+            (p.batch_size, p.global_crop_size, p.local_crop_size),
+            (3, 56, 28)
+        );
         assert_eq!(p.n_local_crops, 2);
         assert_eq!(p.losses.method, Method::Ibot);
         assert_eq!(p.dino_head.n_prototypes, 128);
