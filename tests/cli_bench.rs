@@ -104,6 +104,10 @@ fn tiny_cpu_bench_writes_the_documented_json() {
     assert!((median - 0.5 * (all[0] + all[1])).abs() < 1e-12);
     assert_eq!(number(steps, "min"), all[0].min(all[1]));
 
+    let cpu = r["cpu_seconds"]["all"].as_array().unwrap();
+    assert_eq!(cpu.len(), 2, "{r}");
+    assert!(cpu.iter().all(|v| v.as_f64().unwrap() >= 0.0), "{r}");
+
     let images_per_s = number(&r, "images_per_s");
     assert!(images_per_s > 0.0 && images_per_s.is_finite());
     assert!((images_per_s - 3.0 / median).abs() < 1e-9 * images_per_s);

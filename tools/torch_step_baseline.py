@@ -497,7 +497,7 @@ def main(argv):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
 
-    losses, seconds = [], []
+    losses, seconds, cpu_seconds = [], [], []
     if device.type == "cuda":
         events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(total)]
         for i in range(total):
@@ -508,9 +508,10 @@ def main(argv):
         seconds = [start.elapsed_time(end) / 1e3 for start, end in events]
     else:
         for i in range(total):
-            start = time.perf_counter()
+            cpu_start, start = time.process_time(), time.perf_counter()
             losses.append(trainer.step(global_crops, local_crops, *masks[i]))
             seconds.append(time.perf_counter() - start)
+            cpu_seconds.append(time.process_time() - cpu_start)
             print(f"step {i + 1}/{total}: {seconds[-1]:.3f} s, loss {losses[-1].item():.4f}", file=sys.stderr)
     losses = [float(v) for v in losses]
     timed_seconds = seconds[args.warmup :]
@@ -558,6 +559,8 @@ def main(argv):
             "mean": statistics.fmean(timed_seconds),
             "all": timed_seconds,
         },
+        # CPU time of the process per timed step (all threads; CPU runs only).
+        "cpu_seconds": None,
         "images_per_s": images_per_s,
         "flops_per_image": flops,
         "flops": parts,
@@ -569,6 +572,14 @@ def main(argv):
         "peak_memory_source": memory_source,
         "losses": losses,
     }
+    timed_cpu = cpu_seconds[args.warmup :]
+    if timed_cpu:
+        report["cpu_seconds"] = {
+            "median": statistics.median(timed_cpu),
+            "min": min(timed_cpu),
+            "mean": statistics.fmean(timed_cpu),
+            "all": timed_cpu,
+        }
     g = 1e9
     print("torch DINOv2 step baseline")
     print(f"  model            {args.model} (patch {PATCH}), dinov2, K {args.prototypes}, {report['precision']}"
@@ -578,6 +589,9 @@ def main(argv):
     print(f"  steps            {args.steps} timed after {args.warmup} warm-up")
     print(f"  step time        median {median:.4f} s, min {min(timed_seconds):.4f} s, mean {statistics.fmean(timed_seconds):.4f} s")
     print(f"  images/s         {images_per_s:.2f}")
+    if timed_cpu:
+        cpu_median = report["cpu_seconds"]["median"]
+        print(f"  CPU time         median {cpu_median:.4f} s per step ({b / cpu_median:.2f} images per CPU-second)")
     print(f"  FLOPs per image  {flops / g:.1f} GFLOP (student {parts['student_backbone'] / g:.1f}, teacher "
           f"{parts['teacher_backbone'] / g:.1f}, heads {(parts['student_heads'] + parts['teacher_heads']) / g:.1f}; "
           f"forward {parts['forward_global_crop'] / g:.2f} per global crop)")

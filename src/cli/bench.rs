@@ -152,6 +152,17 @@ fn table(r: &BenchReport) -> String {
         ),
         ("images/s", format!("{:.2}", r.images_per_s)),
         (
+            "CPU time",
+            match &r.cpu_seconds {
+                Some(c) => format!(
+                    "median {:.4} s per step ({:.2} images per CPU-second)",
+                    c.median,
+                    r.batch_size as f64 / c.median
+                ),
+                None => "not measured on this device".to_string(),
+            },
+        ),
+        (
             "FLOPs per image",
             format!(
                 "{:.1} GFLOP (student {:.1}, teacher {:.1}, heads {:.1}; forward {:.2} per \

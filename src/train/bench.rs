@@ -33,7 +33,8 @@
 //! `schema` ("dinotrain-bench/1"), `device`, `device_kind` (cpu|cuda), `model`, `method`,
 //! `embed_dim`, `depth`, `num_heads`, `patch_size`, `batch_size`, `global_crops`, `global_size`,
 //! `local_crops`, `local_size`, `dino_prototypes`, `warmup_steps`, `timed_steps`,
-//! `step_seconds {median, min, mean, all}`, `images_per_s` (batch / median step time),
+//! `step_seconds {median, min, mean, all}`, `cpu_seconds` (the same over the process's CPU time
+//! per step, CPU runs only, else null), `images_per_s` (batch / median step time),
 //! `flops_per_image`, `flops {student_backbone, teacher_backbone, student_heads, teacher_heads,
 //! forward_global_crop, forward_local_crop, masked_patches_per_image}`, `achieved_tflops`,
 //! `peak_tflops`, `peak_source`, `utilisation` (fraction of the peak), `peak_memory_bytes`
@@ -446,6 +447,9 @@ pub struct BenchReport {
     pub warmup_steps: usize,
     pub timed_steps: usize,
     pub step_seconds: StepSeconds,
+    /// CPU time of the process per timed step (all threads; CPU runs only). On a shared
+    /// machine it moves less with the load than the wall-clock time does.
+    pub cpu_seconds: Option<StepSeconds>,
     pub images_per_s: f64,
     pub flops_per_image: f64,
     pub flops: StepFlops,
@@ -503,8 +507,10 @@ pub fn run(opts: &BenchOptions, on_step: &mut dyn FnMut(&StepTiming)) -> Result<
 
     let total = warmup + steps;
     let mut timed = Vec::with_capacity(steps);
+    let mut timed_cpu = Vec::with_capacity(steps);
     let mut losses = Vec::with_capacity(total);
     for index in 0..total {
+        let cpu_start = process_cpu_seconds();
         let start = Instant::now();
         // `train_step` returns host losses: on CUDA that copy waits for the step's queued
         // work, so the clock stops after the GPU is done.
@@ -513,6 +519,9 @@ pub fn run(opts: &BenchOptions, on_step: &mut dyn FnMut(&StepTiming)) -> Result<
         let is_warmup = index < warmup;
         if !is_warmup {
             timed.push(seconds);
+            if let (Some(a), Some(b)) = (cpu_start, process_cpu_seconds()) {
+                timed_cpu.push(b - a);
+            }
         }
         losses.push(record.losses.loss);
         on_step(&StepTiming {
@@ -557,6 +566,12 @@ pub fn run(opts: &BenchOptions, on_step: &mut dyn FnMut(&StepTiming)) -> Result<
     let plan = &trainer.plan;
     let flops = StepFlops::of(plan);
     let step_seconds = StepSeconds::of(&timed)?;
+    // Only where every timed step was measured, and only on the CPU (a GPU step's host time
+    // says little about the step).
+    let cpu_seconds = match kind {
+        BenchDevice::Cpu if timed_cpu.len() == timed.len() => Some(StepSeconds::of(&timed_cpu)?),
+        _ => None,
+    };
     let images_per_s = plan.batch_size as f64 / step_seconds.median;
     let achieved_tflops = flops.total() * images_per_s / 1e12;
     Ok(BenchReport {
@@ -591,6 +606,7 @@ pub fn run(opts: &BenchOptions, on_step: &mut dyn FnMut(&StepTiming)) -> Result<
         loss_last: losses.last().copied().unwrap_or(f32::NAN),
         config_warnings: config.warnings.iter().map(|w| w.to_string()).collect(),
         step_seconds,
+        cpu_seconds,
     })
 }
 
@@ -654,6 +670,26 @@ fn parse_vm_hwm(status: &str) -> Option<u64> {
         Some("kB") => Some(value * 1024),
         _ => None,
     }
+}
+
+/// User + system CPU time of this process, all threads (`/proc/self/stat` fields 14 and 15),
+/// where Linux provides it.
+pub fn process_cpu_seconds() -> Option<f64> {
+    parse_proc_stat_cpu(&std::fs::read_to_string("/proc/self/stat").ok()?)
+}
+
+/// The kernel reports these times in USER_HZ ticks, which is 100 on every Linux architecture
+/// the project builds for (the /proc ABI fixes it, whatever the kernel's internal HZ).
+const USER_HZ: f64 = 100.0;
+
+fn parse_proc_stat_cpu(stat: &str) -> Option<f64> {
+    // The command name (field 2) is in parentheses and may hold spaces: split after it.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let mut fields = rest.split_whitespace();
+    // `rest` starts at field 3 (state); utime and stime are fields 14 and 15.
+    let utime: u64 = fields.nth(11)?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some((utime + stime) as f64 / USER_HZ)
 }
 
 /// `cpu (model name, N threads)`.
@@ -835,5 +871,9 @@ mod tests {
         assert_eq!(parse_vm_hwm(status), Some(2048 * 1024));
         assert_eq!(parse_vm_hwm("VmRSS: 1 kB\n"), None);
         assert!(peak_rss_bytes().is_some_and(|b| b > 0));
+        let stat = "4242 (a name) with) R 1 2 3 4 5 6 7 8 9 10 250 31 0 0 20 0";
+        assert_eq!(parse_proc_stat_cpu(stat), Some(2.81));
+        assert_eq!(parse_proc_stat_cpu("4242 (x) R 1 2"), None);
+        assert!(process_cpu_seconds().is_some_and(|s| s >= 0.0));
     }
 }
