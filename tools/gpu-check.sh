@@ -151,8 +151,15 @@ done
 
 # --- 6. the full training step: `dinotrain bench` next to the PyTorch DINOv2 step, same model,
 # batch and crops (2 x 224 + 8 x 98 px). About 20 s per run on an H100; a failing or missing
-# bench is reported and counted, but the other rows still print.
+# bench is reported and counted, but the other rows still print. Each run is bounded by what
+# is left of the script's budget (GPU_CHECK_BUDGET seconds since it started, default 540, under
+# the machine's 10-minute limit); a run that no longer fits is skipped with a row saying so.
 echo "== training step"
+run_limit() {  # seconds a run may take now: at most 120, and what the budget leaves
+    left=$(( ${GPU_CHECK_BUDGET:-540} - SECONDS ))
+    [ $left -gt 120 ] && left=120
+    echo "$left"
+}
 STEP_BATCH="${STEP_BATCH:-64}"
 STEP_STEPS="${STEP_STEPS:-10}"
 STEP_WARMUP="${STEP_WARMUP:-3}"
@@ -175,7 +182,11 @@ for model in vits14 vitb14; do
     torch_json="$LOGDIR/torch-step-$model.json"
     rm -f "$ours_json" "$torch_json"
     log="$LOGDIR/bench-step-$model.log"
-    (cd "$BUNDLE" && timeout 150 ./dinotrain bench --device cuda --model "$model" \
+    if [ "$(run_limit)" -lt 30 ]; then
+        row "step $model" "skipped: the check's time budget is spent (${SECONDS}s)"
+        continue
+    fi
+    (cd "$BUNDLE" && timeout "$(run_limit)" ./dinotrain bench --device cuda --model "$model" \
         --batch-size "$STEP_BATCH" --steps "$STEP_STEPS" --warmup "$STEP_WARMUP" \
         --json "$ours_json") > "$log" 2>&1
     rc=$?
@@ -189,8 +200,10 @@ for model in vits14 vitb14; do
         fi
     fi
     tlog="$LOGDIR/torch-step-$model.log"
-    if [ -n "$torch_python" ]; then
-        timeout 150 "$torch_python" "$BUNDLE/tools/torch_step_baseline.py" --device cuda \
+    if [ -n "$torch_python" ] && [ "$(run_limit)" -lt 30 ]; then
+        echo "time budget spent: step baseline skipped" | tee "$tlog"
+    elif [ -n "$torch_python" ]; then
+        timeout "$(run_limit)" "$torch_python" "$BUNDLE/tools/torch_step_baseline.py" --device cuda \
             --model "$model" --batch-size "$STEP_BATCH" --steps "$STEP_STEPS" \
             --warmup "$STEP_WARMUP" --json "$torch_json" > "$tlog" 2>&1
         trc=$?
