@@ -545,7 +545,7 @@ pub fn run(opts: &BenchOptions, on_step: &mut dyn FnMut(&StepTiming)) -> Result<
         ),
         BenchDevice::Cuda => (
             trainer.peak_device_memory(),
-            "GPU memory allocated by the trainer (peak)".to_string(),
+            "device memory in use, the trainer's peak (Trainer::peak_device_memory)".to_string(),
         ),
     };
     let device_description = match kind {
