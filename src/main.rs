@@ -27,6 +27,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Embed(args) => cli::embed::run(&args).map(|()| ExitCode::SUCCESS),
         Command::Knn(args) => cli::knn::run(&args).map(|()| ExitCode::SUCCESS),
         Command::Export(args) => cli::export::run(&args).map(|()| ExitCode::SUCCESS),
+        Command::Bench(args) => cli::bench::run(&args).map(|()| ExitCode::SUCCESS),
         Command::Verify { dir, device } => {
             let ok = cli::verify::verify(&dir, &device)?;
             Ok(if ok {

@@ -3,8 +3,9 @@
 #   gpu-check.sh LOGDIR [BUNDLE]     (BUNDLE defaults to the folder above this script)
 # In about five minutes: device info, every GPU test binary (they must not skip),
 # compute-sanitizer (memcheck, and racecheck on attention) on the kernel tests,
-# `dinotrain verify --device cuda`, the kernel benchmark next to PyTorch SDPA; a short table
-# last. Full logs go to LOGDIR. Exit status: 0 when every check passed.
+# `dinotrain verify --device cuda`, the kernel benchmark next to PyTorch SDPA, and the full
+# training step (`dinotrain bench`, ViT-S/14 and ViT-B/14) next to tools/torch_step_baseline.py;
+# a short table last. Full logs go to LOGDIR. Exit status: 0 when every check passed.
 set -uo pipefail
 
 if [ $# -lt 1 ]; then
@@ -146,6 +147,85 @@ done
 for shape in vits vitb; do
     gbs="$(result_of "layernorm_fwd_$shape")"
     [ -n "$gbs" ] && row "layernorm fwd $shape (GB/s)" "$gbs (copy $copy)"
+done
+
+# --- 6. the full training step: `dinotrain bench` next to the PyTorch DINOv2 step, same model,
+# batch and crops (2 x 224 + 8 x 98 px). About 20 s per run on an H100; a failing or missing
+# bench is reported and counted, but the other rows still print. Each run is bounded by what
+# is left of the script's budget (GPU_CHECK_BUDGET seconds since it started, default 540, under
+# the machine's 10-minute limit); a run that no longer fits is skipped with a row saying so.
+echo "== training step"
+run_limit() {  # seconds a run may take now: at most 120, and what the budget leaves
+    left=$(( ${GPU_CHECK_BUDGET:-540} - SECONDS ))
+    [ $left -gt 120 ] && left=120
+    echo "$left"
+}
+STEP_BATCH="${STEP_BATCH:-64}"
+STEP_STEPS="${STEP_STEPS:-10}"
+STEP_WARMUP="${STEP_WARMUP:-3}"
+json_get() {  # $1 = JSON file, $2 = key (nested with dots); prints nothing when absent
+    python3 - "$1" "$2" <<'PY' 2>/dev/null
+import json, sys
+value = json.load(open(sys.argv[1]))
+for part in sys.argv[2].split("."):
+    value = value[part]
+print(value if value is not None else "")
+PY
+}
+fmt() {  # $1 = value, $2 = scale, $3 = decimals, $4 = suffix: value·scale, or "?" when empty
+    if [ -z "$1" ]; then echo "?"; return; fi
+    awk -v v="$1" -v s="$2" -v d="${3:-1}" -v suffix="${4:-}" \
+        'BEGIN { f = "%." d "f%s"; printf f, v * s, suffix }'
+}
+for model in vits14 vitb14; do
+    ours_json="$LOGDIR/bench-step-$model.json"
+    torch_json="$LOGDIR/torch-step-$model.json"
+    rm -f "$ours_json" "$torch_json"
+    log="$LOGDIR/bench-step-$model.log"
+    if [ "$(run_limit)" -lt 30 ]; then
+        row "step $model" "skipped: the check's time budget is spent (${SECONDS}s)"
+        continue
+    fi
+    (cd "$BUNDLE" && timeout "$(run_limit)" ./dinotrain bench --device cuda --model "$model" \
+        --batch-size "$STEP_BATCH" --steps "$STEP_STEPS" --warmup "$STEP_WARMUP" \
+        --json "$ours_json") > "$log" 2>&1
+    rc=$?
+    grep -v '^step ' "$log"
+    ours_status=""
+    if [ $rc -ne 0 ]; then
+        if grep -q "not in this build" "$log"; then
+            ours_status="n/a (the CUDA training step is not in this build yet)"
+        else
+            ours_status="FAIL (rc $rc): $(tail -n 1 "$log")"; fail
+        fi
+    fi
+    tlog="$LOGDIR/torch-step-$model.log"
+    if [ -n "$torch_python" ] && [ "$(run_limit)" -lt 30 ]; then
+        echo "time budget spent: step baseline skipped" | tee "$tlog"
+    elif [ -n "$torch_python" ]; then
+        timeout "$(run_limit)" "$torch_python" "$BUNDLE/tools/torch_step_baseline.py" --device cuda \
+            --model "$model" --batch-size "$STEP_BATCH" --steps "$STEP_STEPS" \
+            --warmup "$STEP_WARMUP" --json "$torch_json" > "$tlog" 2>&1
+        trc=$?
+        cat "$tlog"
+        [ $trc -ne 0 ] && { echo "torch step baseline failed (rc $trc)"; fail; }
+    else
+        echo "no python with torch: step baseline skipped" | tee "$tlog"
+    fi
+    ours_ips="$(json_get "$ours_json" images_per_s)"
+    torch_ips="$(json_get "$torch_json" images_per_s)"
+    ratio=""
+    if [ -n "$ours_ips" ] && [ -n "$torch_ips" ]; then
+        ratio="$(awk -v a="$ours_ips" -v b="$torch_ips" 'BEGIN { printf " = %.2fx torch", a / b }')"
+    fi
+    ours_cell="${ours_status:-$(fmt "$ours_ips" 1 1)}"
+    row "step $model b$STEP_BATCH images/s" "dinotrain ${ours_cell:-?} vs torch $(fmt "$torch_ips" 1 1)${ratio}"
+    row "step $model utilisation (989 TFLOP/s)" \
+        "dinotrain $(fmt "$(json_get "$ours_json" utilisation)" 100 1 %) vs torch $(fmt "$(json_get "$torch_json" utilisation)" 100 1 %)"
+    row "step $model peak memory" \
+        "dinotrain $(fmt "$(json_get "$ours_json" peak_memory_bytes)" 1e-9 2 ' GB') vs torch $(fmt "$(json_get "$torch_json" peak_memory_bytes)" 1e-9 2 ' GB')"
+    row "step $model GFLOP/image (ours | torch)" \
+        "$(fmt "$(json_get "$ours_json" flops_per_image)" 1e-9 1) | $(fmt "$(json_get "$torch_json" flops_per_image)" 1e-9 1)"
 done
 
 echo

@@ -1,5 +1,6 @@
 //! The command-line interface: a thin layer over the library.
 
+pub mod bench;
 pub mod embed;
 pub mod export;
 pub mod knn;
@@ -60,4 +61,7 @@ pub enum Command {
     Knn(knn::KnnArgs),
     /// Write a backbone as safetensors with official or Hugging Face keys.
     Export(export::ExportArgs),
+    /// Time the full training iteration on synthetic crops: images/s, FLOPs per image,
+    /// utilisation against the device's peak, peak memory.
+    Bench(bench::BenchArgs),
 }

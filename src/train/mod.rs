@@ -27,6 +27,7 @@
 //! export::export_backbone(&run.export_path(), &table, &teacher, KeyNaming::Official, &meta)?;
 //! ```
 
+pub mod bench;
 pub mod checkpoint;
 pub mod config;
 pub mod device;
