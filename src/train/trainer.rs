@@ -176,27 +176,6 @@ impl Trainer {
         }
     }
 
-    /// A fresh trainer on `device` (the CPU path is [`Trainer::new`]).
-    pub fn new_on(plan: TrainPlan, device: crate::backend::cuda::ResolvedDevice) -> Result<Self> {
-        match device {
-            crate::backend::cuda::ResolvedDevice::Cpu => Self::new(plan),
-            crate::backend::cuda::ResolvedDevice::Cuda(_) => Err(Error::Unsupported(
-                "the CUDA training step is not in this build yet; use --device cpu".into(),
-            )),
-        }
-    }
-
-    /// Peak device memory in bytes since creation (CPU: None; callers read the process's
-    /// resident peak themselves).
-    pub fn peak_device_memory(&self) -> Option<u64> {
-        None
-    }
-
-    /// A short description of where the step runs (`cpu`, `cuda (NVIDIA H100 ..., sm_90)`).
-    pub fn device_name(&self) -> String {
-        "cpu".to_string()
-    }
-
     /// A run starting from given student weights (pretrained backbone, fresh heads, ...); the
     /// teacher starts as a copy, as in the official code.
     pub fn from_parts(plan: TrainPlan, model: SslModel, student: Vec<f32>) -> Result<Self> {
