@@ -12,6 +12,8 @@
 //! Skips, saying why, without g++ or when this build has no precompiled kernels (the emulation
 //! serves kernels by name and cannot run NVRTC).
 
+mod run_support;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
@@ -93,7 +95,7 @@ fn build_driver() -> Result<PathBuf, String> {
     run_checked(
         "the emulated driver's build",
         Command::new(&compiler)
-            .args(["-O1", "-std=c++20", "-pthread", "-shared", "-fPIC", "-w"])
+            .args(["-O2", "-std=c++20", "-pthread", "-shared", "-fPIC", "-w"])
             .arg("-I")
             .arg(&dir)
             .arg(emulator.join("fake_cuda.cpp"))
@@ -232,4 +234,75 @@ fn kernel_tests_pass_on_the_emulated_device() {
 #[test]
 fn kernel_tests_of_the_method_pass_on_the_emulated_device() {
     run_gpu_tests("cuda_ssl_kernels");
+}
+
+#[test]
+fn training_on_the_emulated_device_resumes_bit_for_bit() {
+    let Some(driver) = driver() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    run_support::check_resume_reproduces_the_run(tmp.path(), &|args| {
+        let output = emulated(Path::new(env!("CARGO_BIN_EXE_dinotrain")), driver)
+            .args(args)
+            .args(run_support::SMALL)
+            .args(["--device", "cuda"])
+            .output()
+            .unwrap();
+        let text = report(&output);
+        assert!(output.status.success(), "dinotrain {args:?}:\n{text}");
+        assert!(
+            String::from_utf8_lossy(&output.stderr).contains("emulated CUDA device")
+                || String::from_utf8_lossy(&output.stdout).contains("emulated CUDA device"),
+            "the run did not say it trains on the emulated device:\n{text}"
+        );
+    });
+}
+
+#[test]
+fn bench_times_the_step_on_the_emulated_device() {
+    let Some(driver) = driver() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let json = tmp.path().join("bench.json");
+    let output = emulated(Path::new(env!("CARGO_BIN_EXE_dinotrain")), driver)
+        .args([
+            "bench", "--device", "cuda", "--model", "micro", "--steps", "1", "--warmup", "1",
+        ])
+        .args([
+            "--batch-size",
+            "4",
+            "--global-size",
+            "28",
+            "--local-size",
+            "14",
+        ])
+        .args([
+            "--set",
+            "dino.head_n_prototypes=64",
+            "--set",
+            "ibot.head_n_prototypes=64",
+        ])
+        .args([
+            "--set",
+            "dino.head_hidden_dim=32",
+            "--set",
+            "dino.head_bottleneck_dim=16",
+        ])
+        .arg("--json")
+        .arg(&json)
+        .output()
+        .unwrap();
+    let text = report(&output);
+    assert!(output.status.success(), "{text}");
+    let result: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(result["device_kind"], "cuda", "{result}");
+    assert!(
+        result["images_per_s"].as_f64().is_some_and(|v| v > 0.0),
+        "{result}"
+    );
+    assert!(
+        result["peak_memory_bytes"]
+            .as_f64()
+            .is_some_and(|v| v > 0.0),
+        "{result}"
+    );
 }

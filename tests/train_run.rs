@@ -2,38 +2,15 @@
 //! uninterrupted run's losses bit for bit; a folder of real images trains, and its exported
 //! teacher feeds `embed`, `knn` and `export`; a non-empty output folder is refused.
 
+mod run_support;
+
+use run_support::{check_resume_reproduces_the_run, SMALL};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 fn dinotrain() -> Command {
     Command::new(env!("CARGO_BIN_EXE_dinotrain"))
 }
-
-/// A small model on the demo images: fast enough for a test, every loss term on.
-const SMALL: &[&str] = &[
-    "--set",
-    "dinotrain.embed_dim=32",
-    "--set",
-    "dinotrain.depth=2",
-    "--set",
-    "dinotrain.num_heads=2",
-    "--set",
-    "dino.head_n_prototypes=64",
-    "--set",
-    "ibot.head_n_prototypes=64",
-    "--set",
-    "dino.head_hidden_dim=32",
-    "--set",
-    "dino.head_bottleneck_dim=16",
-    "--set",
-    "crops.local_crops_number=2",
-    "--set",
-    "student.drop_path_rate=0.1",
-    "--set",
-    "dinotrain.knn=false",
-    "--batch-size",
-    "8",
-];
 
 fn run(args: &[&str]) -> std::process::Output {
     let out = dinotrain().args(args).args(SMALL).output().unwrap();
@@ -46,52 +23,12 @@ fn run(args: &[&str]) -> std::process::Output {
     out
 }
 
-/// `(step, total loss bits)` of every record in a run's metrics.jsonl.
-fn losses(dir: &Path) -> Vec<(u64, u64)> {
-    let records = dinotrain::train::metrics::read(&dir.join("metrics.jsonl")).unwrap();
-    records
-        .iter()
-        .map(|r| (r.step, r.losses["total"].to_bits()))
-        .collect()
-}
-
 #[test]
 fn a_resumed_run_reproduces_the_uninterrupted_losses_bit_for_bit() {
     let tmp = tempfile::tempdir().unwrap();
-    let whole = tmp.path().join("whole");
-    let parts = tmp.path().join("parts");
-    let (whole_s, parts_s) = (whole.to_str().unwrap(), parts.to_str().unwrap());
-    let common = ["--set", "dinotrain.checkpoint_every=3"];
-    run(&[&["train", "--out", whole_s, "--steps", "6"], &common[..]].concat());
-    // The same run killed after 4 steps (its last checkpoint is from step 3), then resumed:
-    // step 4 runs again from the checkpoint and must come out identical.
-    run(&[
-        &["train", "--out", parts_s, "--steps", "6"],
-        &common[..],
-        &["--set", "dinotrain.stop_after=4"],
-    ]
-    .concat());
-    assert_eq!(losses(&parts).len(), 4);
-    assert!(!parts.join("teacher_backbone.safetensors").exists());
-    run(&[
-        &["train", "--out", parts_s, "--steps", "6", "--resume"],
-        &common[..],
-    ]
-    .concat());
-    let want = losses(&whole);
-    assert_eq!(want.len(), 6);
-    assert_eq!(losses(&parts), want);
-    // The exported teachers are identical too.
-    let read = |dir: &Path| {
-        dinotrain::io::TensorFile::read(&dir.join("teacher_backbone.safetensors"))
-            .unwrap()
-            .tensors
-    };
-    let (a, b) = (read(&whole), read(&parts));
-    assert_eq!(a.len(), b.len());
-    for (name, t) in &a {
-        assert!(b[name] == *t, "exported {name} differs after resume");
-    }
+    check_resume_reproduces_the_run(tmp.path(), &|args| {
+        run(args);
+    });
 }
 
 #[test]

@@ -1,12 +1,19 @@
 // Host emulation of the CUDA features the kernels use, for checking their index math on a CPU
-// (no GPU in the build machines). Every CUDA thread of a block is a fiber (ucontext) on the one
-// calling OS thread; blocks run one after another. A fiber runs until it reaches a barrier
+// (no GPU in the build machines). Every CUDA thread of a block is a fiber on the one calling OS
+// thread (started once with ucontext, then switched with _setjmp/_longjmp: no system call per
+// switch, and each fiber runs block after block); blocks run one after another. A fiber runs until it reaches a barrier
 // (__syncthreads, or the warp exchange inside a shuffle / mma / ldmatrix), then the next fiber
 // runs; a barrier opens when every thread still running has arrived, so a thread that returned
 // early stops counting, as on the GPU. `__shared__` becomes `static` (shared by the block's
 // threads, reused block after block). The tensor-core and ldmatrix fragment layouts follow the
 // PTX ISA (see common.cuh). Include order: simt.hpp, ../common.cuh, ptx_host.hpp, then a kernel.
 #pragma once
+// Fibers switch with _setjmp/_longjmp between their own stacks, which glibc's fortified
+// longjmp would reject; the emulation never needs the check.
+#ifdef _FORTIFY_SOURCE
+#undef _FORTIFY_SOURCE
+#endif
+#include <setjmp.h>
 #include <ucontext.h>
 
 #include <cmath>
@@ -81,24 +88,49 @@ inline int lane() { return threadIdx.x % 32; }
 constexpr size_t FIBER_STACK = 256 * 1024;
 
 struct Fiber {
-    ucontext_t context;
+    ucontext_t start;  // used once, to enter the fiber the first time
+    jmp_buf resume;    // where the fiber continues
+    bool started = false;
     bool done = false;
 };
 
-inline ucontext_t scheduler;
+inline jmp_buf scheduler;
 inline std::vector<Fiber> fibers;
-inline std::vector<std::unique_ptr<char[]>> stacks;  // grown once, reused by every launch
+inline std::vector<std::unique_ptr<char[]>> stacks;
 inline unsigned current = 0;
 inline const std::function<void()>* running_kernel = nullptr;
 
-inline void yield() { swapcontext(&fibers[current].context, &scheduler); }
+inline void yield() {
+    if (!_setjmp(fibers[current].resume)) _longjmp(scheduler, 1);
+}
 
+// A fiber runs the current kernel as thread `current` of the current block, then parks until
+// the scheduler hands it the next block (or the next launch's first block).
 inline void fiber_main() {
-    (*running_kernel)();
-    fibers[current].done = true;
-    block_barrier->drop();
-    warp().bar.drop();
-    // returning resumes `scheduler` (uc_link)
+    for (;;) {
+        (*running_kernel)();
+        fibers[current].done = true;
+        block_barrier->drop();
+        warp().bar.drop();
+        yield();
+    }
+}
+
+inline void switch_to(unsigned t) {
+    current = t;
+    threadIdx = Dim3{t, 0, 0};
+    Fiber& f = fibers[t];
+    if (_setjmp(scheduler)) return;  // back from the fiber
+    if (!f.started) {
+        f.started = true;
+        getcontext(&f.start);
+        f.start.uc_stack.ss_sp = stacks[t].get();
+        f.start.uc_stack.ss_size = FIBER_STACK;
+        f.start.uc_link = nullptr;  // fiber_main never returns
+        makecontext(&f.start, fiber_main, 0);
+        setcontext(&f.start);
+    }
+    _longjmp(f.resume, 1);
 }
 
 // Runs `kernel` over the grid, block after block (blockDim.x a multiple of 32).
@@ -107,8 +139,10 @@ inline void launch(Dim3 grid, Dim3 block, const std::function<void()>& kernel) {
     blockDim = block;
     const unsigned threads = block.x;
     running_kernel = &kernel;
-    while (stacks.size() < threads) stacks.push_back(std::make_unique<char[]>(FIBER_STACK));
-    fibers.assign(threads, Fiber{});
+    while (stacks.size() < threads) {
+        stacks.push_back(std::make_unique<char[]>(FIBER_STACK));
+        fibers.emplace_back();
+    }
     for (unsigned z = 0; z < grid.z; z++)
         for (unsigned y = 0; y < grid.y; y++)
             for (unsigned x = 0; x < grid.x; x++) {
@@ -117,15 +151,7 @@ inline void launch(Dim3 grid, Dim3 block, const std::function<void()>& kernel) {
                 warps.clear();
                 for (unsigned w = 0; w < threads / 32; w++) warps.push_back(std::make_unique<Warp>());
                 blockIdx = Dim3{x, y, z};
-                for (unsigned t = 0; t < threads; t++) {
-                    Fiber& f = fibers[t];
-                    f.done = false;
-                    getcontext(&f.context);
-                    f.context.uc_stack.ss_sp = stacks[t].get();
-                    f.context.uc_stack.ss_size = FIBER_STACK;
-                    f.context.uc_link = &scheduler;
-                    makecontext(&f.context, fiber_main, 0);
-                }
+                for (unsigned t = 0; t < threads; t++) fibers[t].done = false;
                 // Round robin until every thread has returned. Each fiber runs to its next
                 // barrier, so a round in which no barrier opened and no thread returned can
                 // never end: a deadlock (a barrier that some threads skip).
@@ -135,9 +161,7 @@ inline void launch(Dim3 grid, Dim3 block, const std::function<void()>& kernel) {
                     unsigned returned = 0;
                     for (unsigned t = 0; t < threads; t++) {
                         if (fibers[t].done) continue;
-                        current = t;
-                        threadIdx = Dim3{t, 0, 0};
-                        swapcontext(&scheduler, &fibers[t].context);
+                        switch_to(t);
                         if (fibers[t].done) returned++;
                     }
                     live -= returned;
