@@ -39,18 +39,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
-/// Dies quietly on a closed stdout (`dinotrain verify | head`), like other Unix tools, instead
-/// of panicking in `println!`.
-fn restore_sigpipe() {
-    #[cfg(unix)]
-    // SAFETY: resetting a signal's disposition to its default at start-up, before any thread.
-    unsafe {
-        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-    }
-}
-
 fn main() -> ExitCode {
-    restore_sigpipe();
     // Keep activation pages mapped between steps (the CPU step allocates per step).
     dinotrain::backend::cpu::tune_allocator();
     match run(Cli::parse()) {

@@ -57,3 +57,23 @@ golden_cases!(
     knn,
     ssl_step,
 );
+
+#[test]
+fn verify_survives_a_closed_output_pipe() {
+    // `dinotrain verify | head`: printing stops, the verdict still decides the exit status.
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_dinotrain"))
+        .arg("verify")
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -4,7 +4,35 @@ use anyhow::{Context, Result};
 use dinotrain::backend::cuda::{resolve_device, ResolvedDevice};
 use dinotrain::backend::Device;
 use dinotrain::golden;
+use std::io::Write;
 use std::path::Path;
+
+/// Table lines on stdout; a closed pipe (`dinotrain verify | head`) is the reader's choice:
+/// printing stops, the verification goes on and decides the exit status.
+struct Lines {
+    out: std::io::StdoutLock<'static>,
+    closed: bool,
+}
+
+impl Lines {
+    fn stdout() -> Self {
+        Lines {
+            out: std::io::stdout().lock(),
+            closed: false,
+        }
+    }
+
+    fn line(&mut self, text: std::fmt::Arguments<'_>) -> Result<()> {
+        if self.closed {
+            return Ok(());
+        }
+        match writeln!(self.out, "{text}") {
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => self.closed = true,
+            other => other?,
+        }
+        Ok(())
+    }
+}
 
 /// The backend the fixtures run on (`--device`).
 fn open_device(device: &str) -> Result<ResolvedDevice> {
@@ -28,11 +56,12 @@ pub fn verify(dir: &Path, device: &str) -> Result<bool> {
         anyhow::bail!("no *.safetensors fixtures in {}", dir.display());
     }
     let mut device = open_device(device)?;
-    println!("device: {}", device.describe());
-    println!(
+    let mut out = Lines::stdout();
+    out.line(format_args!("device: {}", device.describe()))?;
+    out.line(format_args!(
         "{:<34} {:>12} {:>10}  {:<6} worst output",
         "fixture", "max rel err", "tol", "result"
-    );
+    ))?;
     let mut failed = 0;
     for path in &files {
         let v = golden::verify_file_on(path, &mut device);
@@ -46,33 +75,36 @@ pub fn verify(dir: &Path, device: &str) -> Result<bool> {
                     .map(|c| c.name.as_str())
                     .unwrap_or("-");
                 let ok = report.pass();
-                println!(
+                out.line(format_args!(
                     "{:<34} {:>12.3e} {:>10.1e}  {:<6} {}",
                     name,
                     report.max_err(),
                     report.tol,
                     if ok { "pass" } else { "FAIL" },
                     worst
-                );
+                ))?;
                 if !ok {
                     failed += 1;
                     for line in report.failures() {
-                        println!("    {line}");
+                        out.line(format_args!("    {line}"))?;
                     }
                 }
             }
             Err(e) => {
                 failed += 1;
-                println!("{:<34} {:>12} {:>10}  {:<6} {}", name, "-", "-", "FAIL", e);
+                out.line(format_args!(
+                    "{:<34} {:>12} {:>10}  {:<6} {}",
+                    name, "-", "-", "FAIL", e
+                ))?;
             }
         }
     }
-    println!(
+    out.line(format_args!(
         "{} passed, {} failed ({} fixtures in {})",
         files.len() - failed,
         failed,
         files.len(),
         dir.display()
-    );
+    ))?;
     Ok(failed == 0)
 }
