@@ -120,13 +120,38 @@ fn driver() -> Option<&'static Path> {
     }
 }
 
-/// `program` with the emulated driver first on the library path.
+/// The folder of the pinned NVRTC (`libnvrtc.so.13`) beside nvcc: `$NVCC/../lib`, or the
+/// repository's `.cuda-venv` (both put there by `.ci/run`).
+fn nvrtc_dir() -> Option<PathBuf> {
+    let has_nvrtc = |dir: &Path| dir.join("libnvrtc.so.13").exists();
+    if let Some(nvcc) = std::env::var_os("NVCC") {
+        let lib = Path::new(&nvcc).parent()?.parent()?.join("lib");
+        if has_nvrtc(&lib) {
+            return Some(lib);
+        }
+    }
+    let venv_lib = manifest().join(".cuda-venv/lib");
+    for python in std::fs::read_dir(venv_lib).ok()?.filter_map(|e| e.ok()) {
+        let lib = python.path().join("site-packages/nvidia/cu13/lib");
+        if has_nvrtc(&lib) {
+            return Some(lib);
+        }
+    }
+    None
+}
+
+/// `program` with the emulated driver first on the library path (and NVRTC after it, so the
+/// NVRTC fallback compiles every kernel source too).
 fn emulated(program: &Path, driver: &Path) -> Command {
     let mut command = Command::new(program);
-    let path = match std::env::var("LD_LIBRARY_PATH") {
-        Ok(rest) if !rest.is_empty() => format!("{}:{rest}", driver.display()),
-        _ => driver.display().to_string(),
-    };
+    let mut dirs = vec![driver.display().to_string()];
+    dirs.extend(nvrtc_dir().map(|d| d.display().to_string()));
+    dirs.extend(
+        std::env::var("LD_LIBRARY_PATH")
+            .ok()
+            .filter(|p| !p.is_empty()),
+    );
+    let path = dirs.join(":");
     command.env("LD_LIBRARY_PATH", path).current_dir(manifest());
     command
 }
@@ -171,10 +196,12 @@ fn verify_passes_every_golden_fixture_on_the_emulated_device() {
 }
 
 /// The newest build of test binary `name` beside this one (cargo builds every test target
-/// before it runs any).
+/// before it runs any). A bench target may share the name: cargo's dependency file beside each
+/// binary names its source, which must be `tests/<name>.rs`.
 fn sibling_test_binary(name: &str) -> Option<PathBuf> {
     let me = std::env::current_exe().ok()?;
     let deps = me.parent()?;
+    let source = format!("tests/{name}.rs");
     std::fs::read_dir(deps)
         .ok()?
         .filter_map(|e| e.ok().map(|e| e.path()))
@@ -186,6 +213,10 @@ fn sibling_test_binary(name: &str) -> Option<PathBuf> {
                     .is_some_and(|hash| hash.chars().all(|c| c.is_ascii_hexdigit()))
             })
         })
+        .filter(|p| {
+            std::fs::read_to_string(p.with_extension("d"))
+                .is_ok_and(|deps| deps.lines().next().is_some_and(|l| l.contains(&source)))
+        })
         .max_by_key(|p| p.metadata().and_then(|m| m.modified()).ok())
 }
 
@@ -195,8 +226,13 @@ fn run_gpu_tests(name: &str) {
         eprintln!("skipping: no {name} test binary beside this one (run the whole `cargo test`)");
         return;
     };
+    if nvrtc_dir().is_none() {
+        eprintln!("skipping: no NVRTC (libnvrtc.so.13) beside nvcc for the NVRTC fallback test");
+        return;
+    }
+    // --nocapture: a test that skips says so on stderr, which must stay empty of skips here.
     let output = emulated(&binary, driver)
-        .args(["--test-threads", "2"])
+        .args(["--test-threads", "2", "--nocapture"])
         .output()
         .unwrap();
     let text = report(&output);
