@@ -341,25 +341,14 @@ impl GpuStep {
                     .teacher_probs(gpu, &mut probs, &logits, n_global, k, teacher_temp)?;
             }
             if masks.is_some() && n_masked > 0 {
-                let layout = PatchLayout {
-                    crops: n_global,
-                    tokens: t_out.n_patches,
-                    patches: t_out.n_patches,
-                    token_offset: 0,
-                    channels: d,
-                };
-                ws.t_masked.resize(gpu, n_masked * d)?;
-                {
-                    let mut gathered = ws.t_masked.get_mut(gpu)?;
-                    let indices = ws.mask_indices.get(gpu)?;
-                    gpu.gather_masked_patches(
-                        &mut gathered,
-                        &t_out.patch,
-                        &indices,
-                        &mask_host,
-                        layout,
-                    )?;
-                }
+                gather_masked(
+                    gpu,
+                    &mut ws.t_masked,
+                    &t_out.patch,
+                    &ws.mask_indices,
+                    &mask_host,
+                    patch_layout(n_global, t_out.n_patches, d),
+                )?;
                 let t_masked = ws.t_masked.get(gpu)?;
                 teacher_heads.patch().forward(
                     gpu,
@@ -436,25 +425,14 @@ impl GpuStep {
                 }
             }
             if masks.is_some() && n_masked > 0 {
-                let layout = PatchLayout {
-                    crops: n_global,
-                    tokens: g.n_patches,
-                    patches: g.n_patches,
-                    token_offset: 0,
-                    channels: d,
-                };
-                ws.s_masked.resize(gpu, n_masked * d)?;
-                {
-                    let mut gathered = ws.s_masked.get_mut(gpu)?;
-                    let indices = ws.mask_indices.get(gpu)?;
-                    gpu.gather_masked_patches(
-                        &mut gathered,
-                        &g.patch,
-                        &indices,
-                        &mask_host,
-                        layout,
-                    )?;
-                }
+                gather_masked(
+                    gpu,
+                    &mut ws.s_masked,
+                    &g.patch,
+                    &ws.mask_indices,
+                    &mask_host,
+                    patch_layout(n_global, g.n_patches, d),
+                )?;
                 let s_masked = ws.s_masked.get(gpu)?;
                 student_heads.patch().forward(
                     gpu,
@@ -575,13 +553,7 @@ impl GpuStep {
                     &ds,
                 )?;
             }
-            let layout = PatchLayout {
-                crops: n_global,
-                tokens: n_patches,
-                patches: n_patches,
-                token_offset: 0,
-                channels: d,
-            };
+            let layout = patch_layout(n_global, n_patches, d);
             let mut d_patch = ws.d_patch_global.get_mut(gpu)?;
             let d_masked = ws.d_masked.get(gpu)?;
             let indices = ws.mask_indices.get(gpu)?;
@@ -713,4 +685,32 @@ fn reborrow<'a>(drop_path: &'a mut Option<(f32, &mut Rng)>) -> Option<DropPath<'
     drop_path
         .as_mut()
         .map(|(rate, rng)| DropPath { rate: *rate, rng })
+}
+
+/// The patch tokens of `crops` crops as the masked-patch kernels see them (`[crops, n, d]`,
+/// patches only: the backbone's patch output holds no CLS or register rows).
+fn patch_layout(crops: usize, n_patches: usize, d: usize) -> PatchLayout {
+    PatchLayout {
+        crops,
+        tokens: n_patches,
+        patches: n_patches,
+        token_offset: 0,
+        channels: d,
+    }
+}
+
+/// `out [M, D]` = the masked rows of `patch [crops, N, D]` (flat indices `indices`, host copy
+/// `indices_host` for the bounds check).
+fn gather_masked(
+    gpu: &CudaBackend,
+    out: &mut Grow<f32>,
+    patch: &CudaSlice<f32>,
+    indices: &Grow<i64>,
+    indices_host: &[i64],
+    layout: PatchLayout,
+) -> Result<()> {
+    out.resize(gpu, indices_host.len() * layout.channels)?;
+    let mut gathered = out.get_mut(gpu)?;
+    let indices = indices.get(gpu)?;
+    gpu.gather_masked_patches(&mut gathered, patch, &indices, indices_host, layout)
 }
