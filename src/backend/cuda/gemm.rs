@@ -52,6 +52,17 @@ impl GemmShape {
     }
 }
 
+/// GEMM operand element types: bf16 (tensor cores) or f32.
+trait GemmOperand {
+    const CUDA_TYPE: cudaDataType;
+}
+impl GemmOperand for bf16 {
+    const CUDA_TYPE: cudaDataType = cudaDataType::CUDA_R_16BF;
+}
+impl GemmOperand for f32 {
+    const CUDA_TYPE: cudaDataType = cudaDataType::CUDA_R_32F;
+}
+
 fn to_i32(what: &str, v: usize) -> Result<i32> {
     i32::try_from(v).map_err(|_| Error::shape("cuda gemm", format!("{what} = {v} exceeds i32")))
 }
@@ -83,6 +94,37 @@ impl CudaBackend {
         a: &CudaSlice<bf16>,
         ta: Transpose,
         b: &CudaSlice<bf16>,
+        tb: Transpose,
+        shape: GemmShape,
+        acc: Accumulate,
+    ) -> Result<()> {
+        self.matmul_batched(c, a, ta, b, tb, shape, acc)
+    }
+
+    /// [`matmul_bf16_batched`](Self::matmul_bf16_batched) with f32 operands and plain f32
+    /// arithmetic (no TF32): for the small products that must stay exact, such as resampling
+    /// the position embedding.
+    #[allow(clippy::too_many_arguments)]
+    pub fn matmul_f32_batched(
+        &self,
+        c: &mut CudaSlice<f32>,
+        a: &CudaSlice<f32>,
+        ta: Transpose,
+        b: &CudaSlice<f32>,
+        tb: Transpose,
+        shape: GemmShape,
+        acc: Accumulate,
+    ) -> Result<()> {
+        self.matmul_batched(c, a, ta, b, tb, shape, acc)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn matmul_batched<T: GemmOperand>(
+        &self,
+        c: &mut CudaSlice<f32>,
+        a: &CudaSlice<T>,
+        ta: Transpose,
+        b: &CudaSlice<T>,
         tb: Transpose,
         shape: GemmShape,
         acc: Accumulate,
@@ -134,11 +176,11 @@ impl CudaBackend {
                 to_i32("k", k)?,
                 (&alpha) as *const f32 as *const c_void,
                 b_ptr as *const c_void,
-                cudaDataType::CUDA_R_16BF,
+                T::CUDA_TYPE,
                 to_i32("ldb", ld_b)?,
                 shape.stride_b as i64,
                 a_ptr as *const c_void,
-                cudaDataType::CUDA_R_16BF,
+                T::CUDA_TYPE,
                 to_i32("lda", ld_a)?,
                 shape.stride_a as i64,
                 (&beta) as *const f32 as *const c_void,

@@ -3,20 +3,18 @@
 //! CLS and register tokens; and the backward into their parameters (no image gradient in the
 //! training step; on request for the golden case).
 //!
-//! The position embedding is resampled on the host when the crop needs it: the interpolated
-//! grid depends only on `pos_embed` and the crop size, so each forward downloads `pos_embed`
-//! (`(1 + M²)·d` floats) and uploads the grid, and backward downloads the token gradient sums
-//! and uploads `d pos_embed`. At the construction size no copy is made. (A device version
-//! would remove these two small synchronising copies per crop size and step.)
+//! The position embedding is resampled on the device when the crop needs it: the plan's
+//! separable bicubic weights (fixed per crop size) are uploaded once with the workspace and
+//! applied by two f32 GEMMs (no TF32), forward and backward, the CPU `PosEmbed`'s products; no
+//! host round trip or synchronisation per step.
 
-use super::branch::{head, head_mut, Allocator};
+use super::branch::{head, Allocator};
 use super::linear::{linear_backward, linear_forward};
 use super::DeviceWeights;
 use crate::backend::cpu::{Accumulate, Transpose};
-use crate::backend::cuda::{bf16, cuda_error, CudaBackend, GradWrite, TokenLayout};
+use crate::backend::cuda::{bf16, cuda_error, CudaBackend, GemmShape, GradWrite, TokenLayout};
 use crate::error::{Error, Result};
-use crate::nn::params::ParamRef;
-use crate::nn::pos_embed::{PosEmbed, PosPlan};
+use crate::nn::pos_embed::PosPlan;
 use crate::nn::Vit;
 use cudarc::driver::CudaSlice;
 use rayon::prelude::*;
@@ -68,21 +66,26 @@ pub(crate) struct EmbedBufs {
     masks: CudaSlice<u8>, // [b·n]
     masked: bool,         // the last forward substituted mask tokens
     plan: PosPlan,
-    /// `vit.pos` re-addressed to a buffer holding only `pos_embed` (offset 0).
-    local_pos: PosEmbed,
-    param_host: Vec<f32>, // [(1 + M²)·d]  pos_embed (resampled plans only)
-    pos_host: Vec<f32>,   // [(1 + n)·d]
-    pos: CudaSlice<f32>,  // [(1 + n)·d]  the resampled embedding
+    /// The resampling weights and buffers when the crop size needs them.
+    resample: Option<DeviceResample>,
+    pos: CudaSlice<f32>, // [(1 + n)·d]  the resampled embedding
     grad: Option<EmbedGrad>,
+}
+
+/// The position-embedding resampling on the device: the separable bicubic weights of the
+/// plan (fixed per crop size, uploaded once) applied with two f32 GEMMs, forward and backward,
+/// exactly the CPU `PosEmbed` products; no host round trip per step.
+struct DeviceResample {
+    gh: usize,
+    gw: usize,
+    wr: CudaSlice<f32>,  // [gh, M] row weights
+    wc: CudaSlice<f32>,  // [gw, M] column weights
+    tmp: CudaSlice<f32>, // [gh, M·d] rows resampled (forward) / its gradient (backward)
 }
 
 /// Backward buffers of the embedding (training workspaces only).
 struct EmbedGrad {
     dtok: CudaSlice<f32>,      // [t·d] token gradients summed over the batch
-    dtok_host: Vec<f32>,       // [t·d]
-    dpos_host: Vec<f32>,       // [(1 + n)·d]
-    dparam_host: Vec<f32>,     // [(1 + M²)·d]
-    dparam: CudaSlice<f32>,    // [(1 + M²)·d]
     dpe_bf16: CudaSlice<bf16>, // [b·n, d]
 }
 
@@ -107,22 +110,33 @@ impl EmbedBufs {
             channels: d,
         };
         let plan = vit.pos.plan(h, w, gh, gw);
-        let param_len = vit.pos.pos_embed.len;
-        let local_pos = PosEmbed {
-            pos_embed: ParamRef {
-                offset: 0,
-                len: param_len,
-            },
-            ..vit.pos.clone()
+        let resample = match &plan {
+            PosPlan::Identity => None,
+            PosPlan::Resample { gh, gw, wr, wc } => {
+                let m = vit.pos.grid;
+                let mut upload = |host: &[f32]| -> Result<CudaSlice<f32>> {
+                    let mut buf = alloc.zeros(host.len())?;
+                    alloc
+                        .gpu
+                        .stream()
+                        .memcpy_htod(host, &mut buf)
+                        .map_err(|e| cuda_error("cuMemcpyHtoD", e))?;
+                    Ok(buf)
+                };
+                let (wr, wc) = (upload(wr)?, upload(wc)?);
+                Some(DeviceResample {
+                    gh: *gh,
+                    gw: *gw,
+                    wr,
+                    wc,
+                    tmp: alloc.zeros(gh * m * d)?,
+                })
+            }
         };
-        let resampled = matches!(plan, PosPlan::Resample { .. });
+        let resampled = resample.is_some();
         let grad = if with_grad {
             Some(EmbedGrad {
                 dtok: alloc.zeros(layout.tokens() * d)?,
-                dtok_host: vec![0.0; layout.tokens() * d],
-                dpos_host: vec![0.0; (1 + n) * d],
-                dparam_host: vec![0.0; param_len],
-                dparam: alloc.zeros(if resampled { param_len } else { 1 })?,
                 dpe_bf16: alloc.zeros(b * n * d)?,
             })
         } else {
@@ -140,9 +154,7 @@ impl EmbedBufs {
             masks: alloc.zeros(b * n)?,
             masked: false,
             plan,
-            local_pos,
-            param_host: vec![0.0; if resampled { param_len } else { 0 }],
-            pos_host: vec![0.0; if resampled { (1 + n) * d } else { 0 }],
+            resample,
             pos: alloc.zeros(if resampled { (1 + n) * d } else { 1 })?,
             grad,
         })
@@ -211,20 +223,53 @@ impl EmbedBufs {
                 gpu.assemble_tokens(x0, &self.pe, &cls, reg.as_deref(), &pos, self.layout)
             }
             PosPlan::Resample { .. } => {
-                let param = gpu.sub(&w.f32, vit.pos.pos_embed.range())?;
-                stream
-                    .memcpy_dtoh(&*param, &mut self.param_host)
-                    .map_err(|e| cuda_error("cuMemcpyDtoH", e))?;
-                // The host reads the copy next (pageable copies are synchronous; be explicit).
-                gpu.synchronize()?;
-                self.local_pos
-                    .forward(&mut self.pos_host, &self.param_host, &self.plan);
-                let mut pos = head_mut(gpu, &mut self.pos, self.pos_host.len())?;
-                stream
-                    .memcpy_htod(&self.pos_host, &mut *pos)
-                    .map_err(htod)?;
-                drop(pos);
-                let pos = head(gpu, &self.pos, self.pos_host.len())?;
+                let rs = self.resample.as_mut().ok_or_else(|| {
+                    Error::Unsupported("cuda embedding: resampling weights missing".into())
+                })?;
+                let (m, d) = (vit.pos.grid, vit.cfg.embed_dim);
+                let param = gpu.sub(&w.f32, vit.pos.pos_embed.range())?; // [1 + M², d]
+                let len = (1 + rs.gh * rs.gw) * d;
+                // pos[0] = pos_embed[0] (the CLS row is not resampled).
+                {
+                    let mut cls_row = gpu.sub_mut(&mut self.pos, 0..d)?;
+                    let src = gpu.sub(&param, 0..d)?;
+                    gpu.stream()
+                        .memcpy_dtod(&*src, &mut *cls_row)
+                        .map_err(|e| cuda_error("cuMemcpyDtoD", e))?;
+                }
+                // tmp [gh, M·d] = wr [gh, M] · grid [M, M·d]
+                let grid = gpu.sub(&param, d..(1 + m * m) * d)?;
+                gpu.matmul_f32_batched(
+                    &mut rs.tmp,
+                    &rs.wr,
+                    Transpose::No,
+                    &grid,
+                    Transpose::No,
+                    GemmShape::single(rs.gh, m, m * d),
+                    Accumulate::Overwrite,
+                )?;
+                // pos row block i [gw, d] = wc [gw, M] · tmp_i [M, d], for every i < gh.
+                {
+                    let mut rows = gpu.sub_mut(&mut self.pos, d..len)?;
+                    gpu.matmul_f32_batched(
+                        &mut rows,
+                        &rs.wc,
+                        Transpose::No,
+                        &rs.tmp,
+                        Transpose::No,
+                        GemmShape {
+                            m: rs.gw,
+                            k: m,
+                            n: d,
+                            batch: rs.gh,
+                            stride_a: 0,
+                            stride_b: m * d,
+                            stride_c: rs.gw * d,
+                        },
+                        Accumulate::Overwrite,
+                    )?;
+                }
+                let pos = head(gpu, &self.pos, len)?;
                 gpu.assemble_tokens(x0, &self.pe, &cls, reg.as_deref(), &pos, self.layout)
             }
         }
@@ -274,19 +319,42 @@ impl EmbedBufs {
                 )?;
             }
             PosPlan::Resample { .. } => {
-                gpu.stream()
-                    .memcpy_dtoh(&g.dtok, &mut g.dtok_host)
-                    .map_err(|e| cuda_error("cuMemcpyDtoH", e))?;
-                gpu.synchronize()?;
-                g.dpos_host[..d].copy_from_slice(&g.dtok_host[..d]);
-                g.dpos_host[d..].copy_from_slice(&g.dtok_host[(1 + r) * d..]);
-                g.dparam_host.fill(0.0);
-                self.local_pos
-                    .backward(&mut g.dparam_host, &g.dpos_host, &self.plan);
-                gpu.stream()
-                    .memcpy_htod(&g.dparam_host, &mut g.dparam)
-                    .map_err(|e| cuda_error("cuMemcpyHtoD", e))?;
-                add_rows(gpu, grads, pos.range(), &g.dparam, 0)?;
+                let rs = self.resample.as_mut().ok_or_else(|| {
+                    Error::Unsupported("cuda embedding: resampling weights missing".into())
+                })?;
+                let m = vit.pos.grid;
+                add_rows(gpu, grads, pos.offset..pos.offset + d, &g.dtok, 0)?;
+                // dtmp_i [M, d] = wcᵀ [M, gw] · dpos_i [gw, d]
+                let dgrid = gpu.sub(&g.dtok, (1 + r) * d..t * d)?;
+                gpu.matmul_f32_batched(
+                    &mut rs.tmp,
+                    &rs.wc,
+                    Transpose::Yes,
+                    &dgrid,
+                    Transpose::No,
+                    GemmShape {
+                        m,
+                        k: rs.gw,
+                        n: d,
+                        batch: rs.gh,
+                        stride_a: 0,
+                        stride_b: rs.gw * d,
+                        stride_c: m * d,
+                    },
+                    Accumulate::Overwrite,
+                )?;
+                drop(dgrid);
+                // d grid [M, M·d] += wrᵀ [M, gh] · dtmp [gh, M·d]
+                let mut dparam = gpu.sub_mut(grads, pos.offset + d..pos.offset + pos.len)?;
+                gpu.matmul_f32_batched(
+                    &mut dparam,
+                    &rs.wr,
+                    Transpose::Yes,
+                    &rs.tmp,
+                    Transpose::No,
+                    GemmShape::single(m, rs.gh, m * d),
+                    Accumulate::Add,
+                )?;
             }
         }
         // Patch rows of dx into pe (now the patch-embedding gradient); masked rows feed the
