@@ -10,6 +10,7 @@
 //! 2^-9 per operand) get 1e-2 per GEMM and a few times that after chains of them.
 
 mod cuda_support;
+mod trainer_support;
 
 use cuda_support::{assert_close, gpu, randn, to_f64, uniform};
 use dinotrain::backend::cpu::optimizer::AdamHyper;
@@ -27,8 +28,7 @@ use dinotrain::backend::cuda::{CudaBackend, ResolvedDevice};
 use dinotrain::nn::params::ParamTable;
 use dinotrain::nn::{DinoHead, Preset};
 use dinotrain::optim::{
-    clip_grad_norms, ema_update, AdamW, LayerDecay, ParamGroups, ScheduleConfig, Schedules,
-    SubmoduleSpan,
+    clip_grad_norms, ema_update, AdamW, LayerDecay, ParamGroups, SubmoduleSpan,
 };
 use dinotrain::rng::{keyed, stream};
 use dinotrain::ssl::step::{
@@ -39,8 +39,9 @@ use dinotrain::ssl::{
     ibot_loss_forward_backward as cpu_ibot_loss, Centering, MaskingGenerator, Method,
 };
 use dinotrain::train::config::Centering as CenteringMode;
-use dinotrain::train::trainer::{TrainPlan, Trainer};
+use dinotrain::train::trainer::Trainer;
 use rand::Rng as _;
+use trainer_support::{crops, micro_plan};
 
 /// One GEMM with bf16 operands and f32 accumulation.
 const BF16_ONE_GEMM: f64 = 1e-2;
@@ -666,53 +667,6 @@ fn whole_gpu_step_matches_the_cpu_step() {
 }
 
 // ---- the trainer -----------------------------------------------------------------------------
-
-fn micro_plan(method: Method) -> TrainPlan {
-    let vit = Preset::Micro.config(16, 4, 1);
-    TrainPlan {
-        layer_decay: LayerDecay::official(vit.depth),
-        vit,
-        dino_head: HeadConfig {
-            hidden_dim: 24,
-            bottleneck_dim: 8,
-            n_prototypes: 16,
-        },
-        ibot_head: None,
-        losses: LossConfig::official(method),
-        centering: CenteringMode::Softmax,
-        batch_size: 4,
-        n_local_crops: 2,
-        global_crop_size: 16,
-        local_crop_size: 8,
-        mask_probability: 0.5,
-        mask_ratio_min_max: (0.1, 0.5),
-        drop_path_rate: 0.1,
-        schedules: Schedules::new(&ScheduleConfig {
-            epochs: 2,
-            epoch_length: 3,
-            warmup_epochs: 1,
-            freeze_last_layer_epochs: 1,
-            warmup_teacher_temp_epochs: 1,
-            batch_size_per_gpu: 4,
-            ..ScheduleConfig::default()
-        })
-        .unwrap(),
-        adam: AdamHyper::default(),
-        clip_grad: 3.0,
-        seed: 7,
-    }
-}
-
-fn crops(t: &Trainer, step: u64) -> (Vec<f32>, Vec<f32>) {
-    let mut rng = keyed(123, &[stream::TEST, step]);
-    let g = (0..t.global_len())
-        .map(|_| rng.random_range(-2.0..2.0))
-        .collect();
-    let l = (0..t.local_len())
-        .map(|_| rng.random_range(-2.0..2.0))
-        .collect();
-    (g, l)
-}
 
 #[test]
 fn three_trainer_iterations_on_cuda_follow_the_cpu() {
