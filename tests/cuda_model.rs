@@ -10,14 +10,14 @@
 mod cuda_support;
 
 use cuda_support::{gpu, rel_err, to_f64};
-use dinotrain::backend::cuda::model::{DeviceWeights, GpuBlock, GpuVit, ImageGrad};
+use dinotrain::backend::cuda::model::{DeviceWeights, GpuBlock, GpuVit, GpuVitOutput, ImageGrad};
 use dinotrain::backend::cuda::CudaBackend;
 use dinotrain::nn::block::{Block, BlockConfig};
 use dinotrain::nn::drop_path::{draw_subset, DropPath};
 use dinotrain::nn::ffn::Ffn;
 use dinotrain::nn::params::{Init, ParamTable};
 use dinotrain::nn::presets::Preset;
-use dinotrain::nn::vit::{Vit, VitConfig};
+use dinotrain::nn::vit::{Vit, VitConfig, VitOutput};
 use dinotrain::rng::{keyed, stream, uniform_vec};
 use dinotrain::Error;
 use rand::Rng as _;
@@ -58,6 +58,32 @@ fn check(name: &str, got: &[f32], want: &[f32], bound: f64) {
 
 /// The whole gradient, then each parameter's (skipping those whose gradient is negligible
 /// next to the whole, where relative error means nothing).
+/// A GPU backbone's outputs against the CPU's: CLS, patch tokens, and the registers exactly
+/// when the model has them.
+fn check_outputs(gpu: &CudaBackend, name: &str, out: &GpuVitOutput, y: &VitOutput) {
+    check(
+        &format!("{name} cls"),
+        &gpu.download(&out.cls).unwrap(),
+        &y.cls,
+        OUT_BOUND,
+    );
+    check(
+        &format!("{name} patch"),
+        &gpu.download(&out.patch).unwrap(),
+        &y.patch,
+        OUT_BOUND,
+    );
+    match &out.reg {
+        Some(reg) => check(
+            &format!("{name} reg"),
+            &gpu.download(reg).unwrap(),
+            &y.reg,
+            OUT_BOUND,
+        ),
+        None => assert_eq!(y.n_registers, 0, "{name}: registers missing"),
+    }
+}
+
 fn check_grads(name: &str, table: &ParamTable, got: &[f32], want: &[f32]) {
     let total = norm(want);
     for spec in table.specs() {
@@ -269,27 +295,7 @@ fn vit_matches_cpu(
         (b, n, r, d)
     );
     let name = format!("vit {b}x{h}x{w_px} (masks {masked}, drop {drop_rate})");
-    check(
-        &format!("{name} cls"),
-        &gpu.download(&out.cls).unwrap(),
-        &y.cls,
-        OUT_BOUND,
-    );
-    check(
-        &format!("{name} patch"),
-        &gpu.download(&out.patch).unwrap(),
-        &y.patch,
-        OUT_BOUND,
-    );
-    match &out.reg {
-        Some(reg) => check(
-            &format!("{name} reg"),
-            &gpu.download(reg).unwrap(),
-            &y.reg,
-            OUT_BOUND,
-        ),
-        None => assert_eq!(r, 0),
-    }
+    check_outputs(gpu, &name, out, &y);
 
     let mut grads_gpu = gpu.alloc_zeros::<f32>(m.table.len()).unwrap();
     let d_cls = gpu.upload(&d_cls).unwrap();
@@ -381,26 +387,8 @@ fn inference_forward_matches_cpu_forward_inference() {
         let out = gvit
             .forward_inference(&mut gpu, &m.vit, &w, &images, b, h, w_px)
             .unwrap();
-        let name = format!("inference {b}x{h}x{w_px}");
-        check(
-            &format!("{name} cls"),
-            &gpu.download(&out.cls).unwrap(),
-            &y.cls,
-            OUT_BOUND,
-        );
-        check(
-            &format!("{name} patch"),
-            &gpu.download(&out.patch).unwrap(),
-            &y.patch,
-            OUT_BOUND,
-        );
-        let reg = out.reg.as_ref().expect("two registers");
-        check(
-            &format!("{name} reg"),
-            &gpu.download(reg).unwrap(),
-            &y.reg,
-            OUT_BOUND,
-        );
+        check_outputs(&gpu, &format!("inference {b}x{h}x{w_px}"), out, &y);
+        assert!(out.reg.is_some(), "two registers");
     }
     // Inference keeps no cache: backward at that size is refused with a typed error.
     let mut grads = gpu.alloc_zeros::<f32>(m.table.len()).unwrap();
