@@ -84,40 +84,19 @@ pub fn compute_on(fx: &Fixture, device: &mut ResolvedDevice) -> Result<Outputs> 
 
 fn compute_cuda(fx: &Fixture, gpu: &mut CudaBackend) -> Result<Outputs> {
     match cuda_case(&fx.case) {
-        Some(_)
-            if matches!(
-                fx.case.as_str(),
-                "layernorm" | "attention" | "block" | "vit_forward"
-            ) =>
-        {
-            super::cuda_nn_cases::compute(fx, gpu)
-        }
-        Some(_)
-            if matches!(
-                fx.case.as_str(),
-                "dino_head"
-                    | "dino_loss_centering"
-                    | "dino_loss_sinkhorn"
-                    | "ibot_loss"
-                    | "koleo"
-                    | "clip_grad"
-                    | "ema"
-                    | "adamw_freeze"
-                    | "ssl_step"
-            ) =>
-        {
-            super::cuda_ssl_cases::compute(fx, gpu)
-        }
         None => Err(Error::Unsupported(format!(
             "{}: unknown golden case '{}'",
             fx.path.display(),
             fx.case
         ))),
         Some(CudaCase::Host) => compute(fx),
-        Some(_) => Err(Error::Unsupported(format!(
-            "golden case '{}' has no CUDA implementation in this build yet",
-            fx.case
-        ))),
+        // On the device: the backbone's cases, then the method's (each module names its own).
+        Some(_) => match fx.case.as_str() {
+            "layernorm" | "attention" | "block" | "vit_forward" => {
+                super::cuda_nn_cases::compute(fx, gpu)
+            }
+            _ => super::cuda_ssl_cases::compute(fx, gpu),
+        },
     }
 }
 
