@@ -11,7 +11,7 @@ use cuda_support::{assert_close, gpu, randn, round_bf16, to_f64, uniform};
 use dinotrain::backend::cpu::{Accumulate, Transpose};
 use dinotrain::backend::cuda::{
     all_precompiled, bf16, compile_source_with_nvrtc, resolve_device, AttentionShape, CudaBackend,
-    GradWrite, KernelFamily, NormShape, ReduceOp, ResolvedDevice,
+    EpilogueRun, GemmPath, GemmStats, GradWrite, KernelFamily, NormShape, ReduceOp, ResolvedDevice,
 };
 use dinotrain::backend::Device;
 use dinotrain::Error;
@@ -115,36 +115,199 @@ fn gemm_reference(
     }
 }
 
+/// Both GEMM libraries: cuBLASLt (with its cuBLAS fallback) and cuBLAS alone.
+const PATHS: [GemmPath; 2] = [GemmPath::CublasLt, GemmPath::Cublas];
+
 #[test]
 fn gemm_bf16_matches_f64_in_every_transpose_layout() {
-    let Some(gpu) = gpu() else { return };
+    let Some(mut gpu) = gpu() else { return };
     let (m, k, n) = (70, 96, 50);
-    for (case, (ta, tb)) in [
-        (Transpose::No, Transpose::No),
-        (Transpose::No, Transpose::Yes),
-        (Transpose::Yes, Transpose::No),
-        (Transpose::Yes, Transpose::Yes),
-    ]
-    .into_iter()
-    .enumerate()
-    {
-        let a = round_bf16(&randn(10 + case as u64, m * k, 1.0));
-        let b = round_bf16(&randn(20 + case as u64, k * n, 1.0));
-        let c0 = randn(30 + case as u64, m * n, 1.0);
-        let (da, db) = (gpu.upload_bf16(&a).unwrap(), gpu.upload_bf16(&b).unwrap());
-        let mut dc = gpu.upload(&c0).unwrap();
-        gpu.matmul_bf16(&mut dc, &da, ta, &db, tb, m, k, n, Accumulate::Add)
+    for path in PATHS {
+        gpu.set_gemm_path(path);
+        for (case, (ta, tb)) in [
+            (Transpose::No, Transpose::No),
+            (Transpose::No, Transpose::Yes),
+            (Transpose::Yes, Transpose::No),
+            (Transpose::Yes, Transpose::Yes),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let a = round_bf16(&randn(10 + case as u64, m * k, 1.0));
+            let b = round_bf16(&randn(20 + case as u64, k * n, 1.0));
+            let c0 = randn(30 + case as u64, m * n, 1.0);
+            let (da, db) = (gpu.upload_bf16(&a).unwrap(), gpu.upload_bf16(&b).unwrap());
+            let mut dc = gpu.upload(&c0).unwrap();
+            let before = gpu.gemm_stats();
+            gpu.matmul_bf16(&mut dc, &da, ta, &db, tb, m, k, n, Accumulate::Add)
+                .unwrap();
+            let ran = gemms_since(&gpu, before);
+            assert_eq!(
+                ran.cublaslt + ran.cublas,
+                1,
+                "{path:?}: one GEMM, counted once"
+            );
+            if path == GemmPath::Cublas {
+                assert_eq!(ran.cublas, 1, "the cuBLAS path never calls cuBLASLt");
+            }
+            let mut reference = to_f64(&c0);
+            gemm_reference(&mut reference, &a, ta, &b, tb, m, k, n);
+            // Exact bf16 products, f32 accumulation over k = 96 (tensor cores may align partial
+            // sums with truncation: allow 1e-4, still far below bf16 rounding).
+            assert_close(
+                &format!("gemm {path:?} {ta:?} {tb:?} ({ran})"),
+                &gpu.download(&dc).unwrap(),
+                &reference,
+                1e-4,
+            );
+        }
+    }
+}
+
+/// What ran since `before`.
+fn gemms_since(gpu: &CudaBackend, before: GemmStats) -> GemmStats {
+    gpu.gemm_stats().since(&before)
+}
+
+/// The emulated device's cuBLASLt has an algorithm for every valid problem, so there every
+/// epilogue must fuse; a GPU's may decline some (then the separate kernel is checked).
+fn is_emulated(gpu: &CudaBackend) -> bool {
+    gpu.describe().is_ok_and(|d| d.contains("emulated"))
+}
+
+#[test]
+fn gemm_bias_epilogue_matches_f64_fused_or_separate() {
+    let Some(mut gpu) = gpu() else { return };
+    let (m, k, n) = (66, 96, 48);
+    let x = round_bf16(&randn(40, m * k, 1.0)); // [m, k] activations
+    let w = round_bf16(&randn(41, n * k, 0.2)); // [n, k] weight
+    let bias = randn(42, n, 1.0);
+    let mut reference = vec![0.0f64; m * n];
+    gemm_reference(
+        &mut reference,
+        &x,
+        Transpose::No,
+        &w,
+        Transpose::Yes,
+        m,
+        k,
+        n,
+    );
+    for (i, r) in reference.iter_mut().enumerate() {
+        *r += bias[i % n] as f64;
+    }
+    let (dx, dw) = (gpu.upload_bf16(&x).unwrap(), gpu.upload_bf16(&w).unwrap());
+    for path in PATHS {
+        gpu.set_gemm_path(path);
+        // The bias at element offset 0 (256-byte aligned) and 1 (4 bytes: never fused).
+        for shift in [0usize, 1] {
+            let mut holder = vec![f32::NAN; shift];
+            holder.extend_from_slice(&bias);
+            let holder = gpu.upload(&holder).unwrap();
+            let bias_view = gpu.sub(&holder, shift..shift + n).unwrap();
+            let mut dc = gpu.upload(&vec![f32::NAN; m * n]).unwrap(); // overwritten
+            let before = gpu.gemm_stats();
+            gpu.matmul_bf16_bias(&mut dc, &dx, &dw, Transpose::Yes, &bias_view, m, k, n)
+                .unwrap();
+            let ran = gemms_since(&gpu, before);
+            assert_eq!(ran.fused_epilogues + ran.separate_epilogues, 1, "{ran}");
+            if path == GemmPath::Cublas || shift == 1 {
+                assert_eq!(ran.separate_epilogues, 1, "{path:?}, shift {shift}: {ran}");
+            } else if is_emulated(&gpu) {
+                assert_eq!(ran.fused_epilogues, 1, "{ran}");
+            }
+            assert_close(
+                &format!("gemm+bias {path:?} shift {shift} ({ran})"),
+                &gpu.download(&dc).unwrap(),
+                &reference,
+                1e-4,
+            );
+        }
+    }
+}
+
+#[test]
+fn gemm_row_sums_epilogue_accumulates_the_bias_gradient() {
+    let Some(mut gpu) = gpu() else { return };
+    // A linear layer's backward: dW[out, in] += doutᵀ · inp, db[out] += Σ_rows dout.
+    let (rows, inp_dim, out_dim) = (90, 40, 24);
+    let dout = round_bf16(&randn(50, rows * out_dim, 1.0)); // [rows, out]
+    let inp = round_bf16(&randn(51, rows * inp_dim, 1.0)); // [rows, in]
+    let dw0 = randn(52, out_dim * inp_dim, 1.0);
+    let db0 = randn(53, out_dim, 1.0);
+    let mut dw_ref = to_f64(&dw0);
+    gemm_reference(
+        &mut dw_ref,
+        &dout,
+        Transpose::Yes,
+        &inp,
+        Transpose::No,
+        out_dim,
+        rows,
+        inp_dim,
+    );
+    let mut db_ref = to_f64(&db0);
+    for r in 0..rows {
+        for (o, acc) in db_ref.iter_mut().enumerate() {
+            *acc += dout[r * out_dim + o] as f64;
+        }
+    }
+    let (d_dout, d_inp) = (
+        gpu.upload_bf16(&dout).unwrap(),
+        gpu.upload_bf16(&inp).unwrap(),
+    );
+    for path in PATHS {
+        gpu.set_gemm_path(path);
+        let mut dw = gpu.upload(&dw0).unwrap();
+        let mut db = gpu.upload(&db0).unwrap();
+        let before = gpu.gemm_stats();
+        let run = gpu
+            .matmul_bf16_row_sums(
+                &mut dw,
+                &d_dout,
+                Transpose::Yes,
+                &d_inp,
+                Transpose::No,
+                out_dim,
+                rows,
+                inp_dim,
+                Accumulate::Add,
+                &mut db,
+            )
             .unwrap();
-        let mut reference = to_f64(&c0);
-        gemm_reference(&mut reference, &a, ta, &b, tb, m, k, n);
-        // Exact bf16 products, f32 accumulation over k = 96 (tensor cores may align partial
-        // sums with truncation: allow 1e-4, still far below bf16 rounding).
+        let ran = gemms_since(&gpu, before);
+        let name = format!("gemm+row sums {path:?} ({ran})");
         assert_close(
-            &format!("gemm {ta:?} {tb:?}"),
-            &gpu.download(&dc).unwrap(),
-            &reference,
+            &format!("{name} dW"),
+            &gpu.download(&dw).unwrap(),
+            &dw_ref,
             1e-4,
         );
+        match run {
+            EpilogueRun::Fused => {
+                assert_eq!(path, GemmPath::CublasLt, "cuBLAS cannot fuse");
+                assert_eq!(ran.fused_epilogues, 1, "{ran}");
+                // Sums of bf16 values in f32 over 90 rows.
+                assert_close(
+                    &format!("{name} db"),
+                    &gpu.download(&db).unwrap(),
+                    &db_ref,
+                    1e-5,
+                );
+            }
+            EpilogueRun::Separate => {
+                assert!(
+                    path == GemmPath::Cublas || !is_emulated(&gpu),
+                    "the emulated cuBLASLt fuses every bias gradient"
+                );
+                assert_eq!(ran.separate_epilogues, 1, "{ran}");
+                assert_eq!(
+                    gpu.download(&db).unwrap(),
+                    db0,
+                    "{name}: sums left to the caller"
+                );
+            }
+        }
     }
 }
 

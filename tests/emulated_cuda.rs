@@ -341,4 +341,13 @@ fn bench_times_the_step_on_the_emulated_device() {
             .is_some_and(|v| v > 0.0),
         "{result}"
     );
+    // The emulated cuBLASLt has an algorithm for every problem: every linear layer's bias
+    // (forward) and bias gradient (backward) rides in its GEMM, none takes a separate pass.
+    let gemms = &result["gemms_per_step"];
+    assert!(
+        gemms["fused_epilogues"].as_u64().is_some_and(|v| v > 0),
+        "{gemms}"
+    );
+    assert_eq!(gemms["separate_epilogues"], 0, "{gemms}");
+    assert_eq!(gemms["cublas"], 0, "{gemms}");
 }

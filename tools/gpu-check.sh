@@ -161,6 +161,7 @@ done
 # bench is reported and counted, but the other rows still print. Each run is bounded by what
 # is left of the script's budget (GPU_CHECK_BUDGET seconds since it started, default 540, under
 # the machine's 10-minute limit); a run that no longer fits is skipped with a row saying so.
+# DINOTRAIN_GEMM=cublas (exported before this script) times the step without cuBLASLt.
 echo "== training step"
 run_limit() {  # seconds a run may take now: at most 120, and what the budget leaves
     left=$(( ${GPU_CHECK_BUDGET:-540} - SECONDS ))
@@ -231,6 +232,8 @@ for model in vits14 vitb14; do
         "dinotrain $(fmt "$(json_get "$ours_json" utilisation)" 100 1 %) vs torch $(fmt "$(json_get "$torch_json" utilisation)" 100 1 %)"
     row "step $model peak memory" \
         "dinotrain $(fmt "$(json_get "$ours_json" peak_memory_bytes)" 1e-9 2 ' GB') vs torch $(fmt "$(json_get "$torch_json" peak_memory_bytes)" 1e-9 2 ' GB')"
+    row "step $model GEMMs/step" \
+        "$(json_get "$ours_json" gemms_per_step.cublaslt) cuBLASLt ($(json_get "$ours_json" gemms_per_step.fused_epilogues) fused bias epilogues), $(json_get "$ours_json" gemms_per_step.cublas) cuBLAS, $(json_get "$ours_json" gemms_per_step.separate_epilogues) separate"
     row "step $model GFLOP/image (ours | torch)" \
         "$(fmt "$(json_get "$ours_json" flops_per_image)" 1e-9 1) | $(fmt "$(json_get "$torch_json" flops_per_image)" 1e-9 1)"
 done

@@ -13,6 +13,11 @@
 // speed, hardware rounding of fast-math intrinsics, and races (blocks run one after another,
 // the threads of a block as fibers that switch only at barriers, as in simt.hpp).
 //
+// cuBLASLt: descriptors, a heuristic that answers one algorithm per valid problem (recording
+// the alignments it was promised, which the matmul then checks against the pointers), and the
+// DEFAULT, BIAS and BGRADB epilogues; anything else is NOT_SUPPORTED, as an algorithm-less
+// problem is on a GPU.
+//
 // Fresh allocations are filled with 0xFF bytes (NaN in f32 and bf16), so a read of memory that
 // was never written shows up as NaN in the results.
 //
@@ -89,7 +94,8 @@ size_t live_bytes = 0;
 void* fresh(size_t bytes) {
     std::lock_guard<std::mutex> guard(lock);
     if (live_bytes + bytes > total_memory) return nullptr;  // out of device memory
-    void* p = std::malloc(bytes ? bytes : 1);
+    // 256-byte aligned like cuMemAlloc, so alignment-dependent paths (cuBLASLt) behave alike.
+    void* p = std::aligned_alloc(256, (bytes + 255) / 256 * 256 + (bytes ? 0 : 256));
     if (!p) return nullptr;
     std::memset(p, 0xff, bytes);
     allocations[p] = bytes;
@@ -282,4 +288,196 @@ cublasStatus_t cublasGemmStridedBatchedEx(void*, int transa, int transb, int m, 
     return 0;
 }
 
+}  // extern "C"
+
+// ---- cuBLASLt: descriptors, heuristic, matmul with the BIAS and BGRADB epilogues ----------------
+
+namespace fake {
+struct LtLayout {
+    int type;
+    uint64_t rows, cols;
+    int64_t ld;
+    int order = 0;  // CUBLASLT_ORDER_COL
+    int batch = 1;
+    int64_t stride = 0;
+};
+struct LtDesc {
+    int compute, scale;
+    int transa = 0, transb = 0;
+    int epilogue = 1;  // CUBLASLT_EPILOGUE_DEFAULT
+    const void* bias = nullptr;
+    int bias_type = -1;
+};
+struct LtPref {
+    uint64_t max_workspace = 0;
+    uint32_t align[4] = {256, 256, 256, 256};  // A, B, C, D
+};
+struct LtHeuristicResult {  // cublasLtMatmulHeuristicResult_t
+    uint64_t algo[8];
+    size_t workspace;
+    int state;
+    float waves;
+    int reserved[4];
+};
+enum : int { LT_OK = 0, LT_INVALID_VALUE = 7, LT_NOT_SUPPORTED = 15 };
+enum : int { EPI_DEFAULT = 1, EPI_BIAS = 4, EPI_BGRADB = 512 };
+constexpr uint64_t ALGO_TAG = 0x64696e6f6c74ull;  // marks algorithms this heuristic made
+
+template <class T>
+int set_attr(T& field, const void* buf, size_t size) {
+    if (size != sizeof(T)) return LT_INVALID_VALUE;
+    std::memcpy(&field, buf, sizeof(T));
+    return LT_OK;
+}
+
+// The shape of op(X) for a stored layout and an operation (0 = N, 1 = T).
+std::pair<uint64_t, uint64_t> op_shape(const LtLayout& l, int trans) {
+    return trans ? std::make_pair(l.cols, l.rows) : std::make_pair(l.rows, l.cols);
+}
+
+float lt_load(const void* base, int type, long long i) {
+    return type == 14 ? bf16_value(base, i) : static_cast<const float*>(base)[i];
+}
+
+// Why a problem has no algorithm, or nullptr when it has one.
+const char* lt_unsupported(const LtDesc& d, const LtLayout& a, const LtLayout& b,
+                           const LtLayout& c, const LtLayout& dl) {
+    const int F32 = 0, BF16 = 14, COMPUTE_32F = 68;
+    if (d.compute != COMPUTE_32F || d.scale != F32) return "compute/scale type";
+    if (a.type != b.type || (a.type != BF16 && a.type != F32)) return "A/B type";
+    if (c.type != F32 || dl.type != F32) return "C/D type";
+    if (a.order || b.order || c.order || dl.order) return "non-column-major order";
+    if (d.epilogue != EPI_DEFAULT && d.epilogue != EPI_BIAS && d.epilogue != EPI_BGRADB) return "epilogue";
+    if (d.epilogue != EPI_DEFAULT && (d.bias_type != -1 && d.bias_type != F32)) return "bias type";
+    if (d.epilogue != EPI_DEFAULT && (a.batch != 1 || dl.batch != 1)) return "batched epilogue";
+    return nullptr;
+}
+
+// Why a problem is malformed (INVALID_VALUE on a GPU), or nullptr.
+const char* lt_invalid(const LtDesc& d, const LtLayout& a, const LtLayout& b, const LtLayout& c,
+                       const LtLayout& dl) {
+    auto [am, ak] = op_shape(a, d.transa);
+    auto [bk, bn] = op_shape(b, d.transb);
+    if (am != dl.rows || bn != dl.cols || ak != bk) return "operand shapes disagree";
+    if (c.rows != dl.rows || c.cols != dl.cols) return "C and D shapes differ";
+    for (const LtLayout* l : {&a, &b, &c, &dl})
+        if (l->ld < (int64_t)l->rows || l->batch < 1) return "leading dimension or batch";
+    if (a.batch != dl.batch || b.batch != dl.batch || c.batch != dl.batch) return "batch counts differ";
+    if (d.epilogue != EPI_DEFAULT && !d.bias) return "epilogue without a bias pointer";
+    return nullptr;
+}
+}  // namespace fake
+
+extern "C" {
+cublasStatus_t cublasLtMatrixLayoutCreate(void** l, int type, uint64_t rows, uint64_t cols, int64_t ld) {
+    *l = new fake::LtLayout{type, rows, cols, ld};
+    return fake::LT_OK;
+}
+cublasStatus_t cublasLtMatrixLayoutDestroy(void* l) { delete static_cast<fake::LtLayout*>(l); return fake::LT_OK; }
+cublasStatus_t cublasLtMatrixLayoutSetAttribute(void* p, int attr, const void* buf, size_t size) {
+    auto& l = *static_cast<fake::LtLayout*>(p);
+    switch (attr) {
+        case 1: return fake::set_attr(l.order, buf, size);
+        case 5: return fake::set_attr(l.batch, buf, size);
+        case 6: return fake::set_attr(l.stride, buf, size);
+        default: std::fprintf(stderr, "emulated cuBLASLt: layout attribute %d not emulated\n", attr); return fake::LT_NOT_SUPPORTED;
+    }
+}
+cublasStatus_t cublasLtMatmulDescCreate(void** d, int compute, int scale) {
+    *d = new fake::LtDesc{compute, scale};
+    return fake::LT_OK;
+}
+cublasStatus_t cublasLtMatmulDescDestroy(void* d) { delete static_cast<fake::LtDesc*>(d); return fake::LT_OK; }
+cublasStatus_t cublasLtMatmulDescSetAttribute(void* p, int attr, const void* buf, size_t size) {
+    auto& d = *static_cast<fake::LtDesc*>(p);
+    switch (attr) {
+        case 3: return fake::set_attr(d.transa, buf, size);
+        case 4: return fake::set_attr(d.transb, buf, size);
+        case 7: return fake::set_attr(d.epilogue, buf, size);
+        case 8: return fake::set_attr(d.bias, buf, size);
+        case 26: return fake::set_attr(d.bias_type, buf, size);
+        default: std::fprintf(stderr, "emulated cuBLASLt: matmul attribute %d not emulated\n", attr); return fake::LT_NOT_SUPPORTED;
+    }
+}
+cublasStatus_t cublasLtMatmulPreferenceCreate(void** p) { *p = new fake::LtPref{}; return fake::LT_OK; }
+cublasStatus_t cublasLtMatmulPreferenceDestroy(void* p) { delete static_cast<fake::LtPref*>(p); return fake::LT_OK; }
+cublasStatus_t cublasLtMatmulPreferenceSetAttribute(void* p, int attr, const void* buf, size_t size) {
+    auto& pref = *static_cast<fake::LtPref*>(p);
+    switch (attr) {
+        case 1: return fake::set_attr(pref.max_workspace, buf, size);
+        case 5: case 6: case 7: case 8: return fake::set_attr(pref.align[attr - 5], buf, size);
+        default: std::fprintf(stderr, "emulated cuBLASLt: preference attribute %d not emulated\n", attr); return fake::LT_NOT_SUPPORTED;
+    }
+}
+cublasStatus_t cublasLtMatmulAlgoGetHeuristic(void*, void* desc, void* a, void* b, void* c, void* d, void* pref,
+                                              int requested, fake::LtHeuristicResult* results, int* returned) {
+    auto& ds = *static_cast<fake::LtDesc*>(desc);
+    auto &la = *static_cast<fake::LtLayout*>(a), &lb = *static_cast<fake::LtLayout*>(b);
+    auto &lc = *static_cast<fake::LtLayout*>(c), &ld = *static_cast<fake::LtLayout*>(d);
+    auto& pr = *static_cast<fake::LtPref*>(pref);
+    *returned = 0;
+    if (requested < 1) return fake::LT_INVALID_VALUE;
+    if (const char* why = fake::lt_invalid(ds, la, lb, lc, ld)) {
+        std::fprintf(stderr, "emulated cuBLASLt: heuristic on an invalid problem: %s\n", why);
+        return fake::LT_INVALID_VALUE;
+    }
+    if (fake::lt_unsupported(ds, la, lb, lc, ld)) return fake::LT_NOT_SUPPORTED;
+    fake::LtHeuristicResult r{};
+    r.algo[0] = fake::ALGO_TAG;
+    for (int i = 0; i < 4; i++) r.algo[1 + i] = pr.align[i];
+    r.algo[5] = (uint64_t)ds.epilogue;
+    r.workspace = pr.max_workspace < (1u << 20) ? pr.max_workspace : (1u << 20);
+    r.waves = 1.0f;
+    results[0] = r;
+    *returned = 1;
+    return fake::LT_OK;
+}
+cublasStatus_t cublasLtMatmul(void*, void* desc, const void* alpha, const void* A, void* a, const void* B, void* b,
+                              const void* beta, const void* C, void* c, void* D, void* d,
+                              const fake::LtHeuristicResult* algo, void* workspace, size_t workspace_bytes, void*) {
+    auto& ds = *static_cast<fake::LtDesc*>(desc);
+    auto &la = *static_cast<fake::LtLayout*>(a), &lb = *static_cast<fake::LtLayout*>(b);
+    auto &lc = *static_cast<fake::LtLayout*>(c), &ld = *static_cast<fake::LtLayout*>(d);
+    const char* why = fake::lt_invalid(ds, la, lb, lc, ld);
+    if (!why && fake::lt_unsupported(ds, la, lb, lc, ld)) why = "a problem the heuristic has no algorithm for";
+    if (!why && (!algo || algo->algo[0] != fake::ALGO_TAG)) why = "an algorithm the heuristic did not give";
+    if (!why && algo->algo[5] != (uint64_t)ds.epilogue) why = "an algorithm found for another epilogue";
+    const void* ptrs[4] = {A, B, C, D};
+    for (int i = 0; i < 4 && !why; i++)
+        if ((uintptr_t)ptrs[i] % algo->algo[1 + i]) why = "a pointer less aligned than the heuristic was told";
+    if (!why && workspace_bytes > 0 && !workspace) why = "a null workspace";
+    if (why) {
+        std::fprintf(stderr, "emulated cuBLASLt: matmul with %s\n", why);
+        return fake::LT_INVALID_VALUE;
+    }
+    std::lock_guard<std::mutex> guard(fake::lock);
+    const float al = *static_cast<const float*>(alpha), be = *static_cast<const float*>(beta);
+    const long long k = (long long)fake::op_shape(la, ds.transa).second;
+    for (int e = 0; e < ld.batch; e++) {
+        auto a_at = [&](long long i, long long p) {  // op(A)[i, p]
+            return fake::lt_load(A, la.type, e * la.stride + (ds.transa ? p + i * la.ld : i + p * la.ld));
+        };
+        auto b_at = [&](long long p, long long j) {  // op(B)[p, j]
+            return fake::lt_load(B, lb.type, e * lb.stride + (ds.transb ? j + p * lb.ld : p + j * lb.ld));
+        };
+        const float* cin = static_cast<const float*>(C) + e * lc.stride;
+        float* dout = static_cast<float*>(D) + e * ld.stride;
+        for (long long j = 0; j < (long long)ld.cols; j++)
+            for (long long i = 0; i < (long long)ld.rows; i++) {
+                float acc = 0.0f;
+                for (long long p = 0; p < k; p++) acc += a_at(i, p) * b_at(p, j);
+                float v = al * acc;
+                if (be != 0.0f) v += be * cin[i + j * lc.ld];  // beta 0 ignores C (may be NaN)
+                if (ds.epilogue == fake::EPI_BIAS) v += static_cast<const float*>(ds.bias)[i];
+                dout[i + j * ld.ld] = v;
+            }
+        if (ds.epilogue == fake::EPI_BGRADB)  // one sum per column of D, over k, from B
+            for (long long j = 0; j < (long long)ld.cols; j++) {
+                float sum = 0.0f;
+                for (long long p = 0; p < k; p++) sum += b_at(p, j);
+                const_cast<float*>(static_cast<const float*>(ds.bias))[j] = sum;
+            }
+    }
+    return fake::LT_OK;
+}
 }  // extern "C"

@@ -182,6 +182,13 @@ fn table(r: &BenchReport) -> String {
         ("utilisation", format!("{:.1}%", 100.0 * r.utilisation)),
         ("peak memory", memory),
         (
+            "GEMMs per step",
+            match &r.gemms_per_step {
+                Some(g) => g.to_string(),
+                None => "-".to_string(),
+            },
+        ),
+        (
             "loss",
             format!("{:.4} first, {:.4} last", r.loss_first, r.loss_last),
         ),

@@ -23,7 +23,9 @@
 //! `flops_per_image`, `flops {student_backbone, teacher_backbone, student_heads, teacher_heads,
 //! forward_global_crop, forward_local_crop, masked_patches_per_image}`, `achieved_tflops`,
 //! `peak_tflops`, `peak_source`, `utilisation` (fraction of the peak), `peak_memory_bytes`
-//! (null when unknown), `peak_memory_source`, `loss_first`, `loss_last`, `config_warnings`.
+//! (null when unknown), `peak_memory_source`, `gemms_per_step` (CUDA: `{cublaslt,
+//! fused_epilogues, cublas, separate_epilogues}` per timed step, else null), `loss_first`,
+//! `loss_last`, `config_warnings`.
 
 mod flops;
 
@@ -33,7 +35,7 @@ use super::config::{ConfigBuilder, Method, Preset, ResolvedConfig};
 use super::run::plan_from_config;
 use super::trainer::Trainer;
 use crate::backend::cpu::{matmul, Accumulate, Transpose};
-use crate::backend::cuda::{resolve_device, ResolvedDevice};
+use crate::backend::cuda::{resolve_device, GemmStats, ResolvedDevice};
 use crate::backend::Device;
 use crate::error::{Error, Result};
 use crate::nn::{Ffn, Preset as SizePreset};
@@ -352,6 +354,8 @@ pub struct BenchReport {
     pub utilisation: f64,
     pub peak_memory_bytes: Option<u64>,
     pub peak_memory_source: String,
+    /// GEMMs of one timed step by library (CUDA runs; the same every step).
+    pub gemms_per_step: Option<GemmStats>,
     pub loss_first: f32,
     pub loss_last: f32,
     pub config_warnings: Vec<String>,
@@ -406,7 +410,11 @@ pub fn run(opts: &BenchOptions, on_step: &mut dyn FnMut(&StepTiming)) -> Result<
     let mut timed = Vec::with_capacity(steps);
     let mut timed_cpu = Vec::with_capacity(steps);
     let mut losses = Vec::with_capacity(total);
+    let mut gemms_before_timing = None;
     for index in 0..total {
+        if index == warmup {
+            gemms_before_timing = trainer.gemm_stats();
+        }
         let cpu_start = process_cpu_seconds();
         let start = Instant::now();
         // `train_step` returns host losses: on CUDA that copy waits for the step's queued
@@ -430,6 +438,19 @@ pub fn run(opts: &BenchOptions, on_step: &mut dyn FnMut(&StepTiming)) -> Result<
         });
     }
 
+    let steps_u64 = steps.max(1) as u64;
+    let gemms_per_step = match (trainer.gemm_stats(), gemms_before_timing) {
+        (Some(now), Some(before)) => {
+            let d = now.since(&before);
+            Some(GemmStats {
+                cublaslt: d.cublaslt / steps_u64,
+                fused_epilogues: d.fused_epilogues / steps_u64,
+                cublas: d.cublas / steps_u64,
+                separate_epilogues: d.separate_epilogues / steps_u64,
+            })
+        }
+        _ => None,
+    };
     let (peak_memory_bytes, peak_memory_source) = match kind {
         BenchDevice::Cpu => (
             peak_rss_bytes(),
@@ -498,6 +519,7 @@ pub fn run(opts: &BenchOptions, on_step: &mut dyn FnMut(&StepTiming)) -> Result<
         utilisation: achieved_tflops / peak_tflops,
         peak_memory_bytes,
         peak_memory_source,
+        gemms_per_step,
         // `total >= steps >= 1`, so there is a first and a last loss.
         loss_first: losses.first().copied().unwrap_or(f32::NAN),
         loss_last: losses.last().copied().unwrap_or(f32::NAN),

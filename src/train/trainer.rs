@@ -151,6 +151,12 @@ impl Trainer {
         self.device.as_ref().map(|d| d.allocations())
     }
 
+    /// Which library ran the GEMMs how often so far (cuBLASLt with fused epilogues, or cuBLAS);
+    /// `None` on the CPU.
+    pub fn gemm_stats(&self) -> Option<crate::backend::cuda::GemmStats> {
+        self.device.as_ref().map(|d| d.gpu.gemm_stats())
+    }
+
     /// Refreshes the host copies (student, teacher, AdamW moments, centers) from the device;
     /// call before reading them (checkpoint, export, k-NN). Nothing to do on the CPU.
     pub fn sync_to_host(&mut self) -> Result<()> {

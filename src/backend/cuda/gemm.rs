@@ -1,5 +1,5 @@
-//! bf16 GEMMs with f32 output and f32 accumulation through cuBLAS (`cublasGemmStridedBatchedEx`,
-//! tensor cores).
+//! bf16 GEMMs with f32 output and f32 accumulation on the tensor cores: cuBLASLt with fused
+//! epilogues (`gemm_lt.rs`), or `cublasGemmStridedBatchedEx` where cuBLASLt has no algorithm.
 //!
 //! Row-major convention, the same as the CPU [`matmul`](crate::backend::cpu::matmul):
 //! `C[m,n] (=|+=) op(A)[m,k] · op(B)[k,n]`, `a` holds `A` as `[m,k]` (or `[k,m]` with
@@ -8,12 +8,24 @@
 //! row-major `C = A·B` is computed as the column-major `Cᵀ = Bᵀ·Aᵀ` (operands swapped, m and n
 //! swapped, each operand's transpose flag kept).
 
+use super::gemm_lt::{Epilogue, LtOutcome, LtProblem};
+use super::launch::GradWrite;
 use super::{bf16, cuda_error, CudaBackend};
 use crate::backend::cpu::{Accumulate, Transpose};
 use crate::error::{Error, Result};
 use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType};
+use cudarc::cublaslt::sys::cudaDataType as LtDataType;
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut};
 use std::ffi::c_void;
+use std::sync::atomic::Ordering;
+
+/// Whether a GEMM's epilogue ran fused into it, or must still be applied by the caller.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EpilogueRun {
+    Fused,
+    /// The GEMM ran without it (cuBLAS path): the caller runs the separate kernel.
+    Separate,
+}
 
 /// Shape of one (possibly batched) GEMM; strides in elements between batch entries.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -55,12 +67,16 @@ impl GemmShape {
 /// GEMM operand element types: bf16 (tensor cores) or f32.
 trait GemmOperand {
     const CUDA_TYPE: cudaDataType;
+    /// The same type in cuBLASLt's bindings.
+    const LT_TYPE: LtDataType;
 }
 impl GemmOperand for bf16 {
     const CUDA_TYPE: cudaDataType = cudaDataType::CUDA_R_16BF;
+    const LT_TYPE: LtDataType = LtDataType::CUDA_R_16BF;
 }
 impl GemmOperand for f32 {
     const CUDA_TYPE: cudaDataType = cudaDataType::CUDA_R_32F;
+    const LT_TYPE: LtDataType = LtDataType::CUDA_R_32F;
 }
 
 fn to_i32(what: &str, v: usize) -> Result<i32> {
@@ -98,7 +114,101 @@ impl CudaBackend {
         shape: GemmShape,
         acc: Accumulate,
     ) -> Result<()> {
-        self.matmul_batched(c, a, ta, b, tb, shape, acc)
+        self.matmul_batched(c, a, ta, b, tb, shape, acc, &mut Epilogue::None)
+            .map(drop)
+    }
+
+    /// `C[m,n] = A[m,k] · op(B) + bias[n]` (broadcast over rows), bias fused into the GEMM when
+    /// cuBLASLt can, else added by a separate pass.
+    #[allow(clippy::too_many_arguments)]
+    pub fn matmul_bf16_bias(
+        &self,
+        c: &mut CudaSlice<f32>,
+        a: &CudaSlice<bf16>,
+        b: &CudaSlice<bf16>,
+        tb: Transpose,
+        bias: &CudaSlice<f32>,
+        m: usize,
+        k: usize,
+        n: usize,
+    ) -> Result<()> {
+        if bias.len() != n {
+            return Err(Error::shape(
+                "cuda gemm bias",
+                format!("bias holds {} values, expected {n}", bias.len()),
+            ));
+        }
+        let shape = GemmShape::single(m, k, n);
+        let mut epilogue = Epilogue::AddColumnBias(bias);
+        let run = self.matmul_batched(
+            c,
+            a,
+            Transpose::No,
+            b,
+            tb,
+            shape,
+            Accumulate::Overwrite,
+            &mut epilogue,
+        )?;
+        if run == EpilogueRun::Separate {
+            self.add_bias(c, bias, m, n)?;
+        }
+        Ok(())
+    }
+
+    /// `C (=|+=) op(A)[m,k] · op(B)` and `sums[i] += Σ_p op(A)[i, p]` (the bias gradient of a
+    /// linear layer from its weight-gradient GEMM, `dW = doutᵀ · inp`, `db += Σ_rows dout`)
+    /// fused when cuBLASLt can. Returns [`EpilogueRun::Separate`] when it could not: the GEMM
+    /// ran and `sums` is untouched, for the caller to update from its f32 copy of `A`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn matmul_bf16_row_sums(
+        &mut self,
+        c: &mut CudaSlice<f32>,
+        a: &CudaSlice<bf16>,
+        ta: Transpose,
+        b: &CudaSlice<bf16>,
+        tb: Transpose,
+        m: usize,
+        k: usize,
+        n: usize,
+        acc: Accumulate,
+        sums: &mut CudaSlice<f32>,
+    ) -> Result<EpilogueRun> {
+        if sums.len() != m {
+            return Err(Error::shape(
+                "cuda gemm row sums",
+                format!("sums hold {} values, expected {m}", sums.len()),
+            ));
+        }
+        // cuBLASLt writes the sums; they are accumulated into `sums` from a buffer of its own.
+        let mut written = match self.lt_sums.take() {
+            Some(buf) if buf.len() >= m => buf,
+            _ => self.alloc_zeros::<f32>(m.next_power_of_two())?,
+        };
+        let run = {
+            let mut window = self.sub_mut(&mut written, 0..m)?;
+            let mut epilogue = Epilogue::RowSumsOfA(&mut window);
+            self.matmul_batched(
+                c,
+                a,
+                ta,
+                b,
+                tb,
+                GemmShape::single(m, k, n),
+                acc,
+                &mut epilogue,
+            )
+        };
+        let run = match run {
+            Ok(EpilogueRun::Fused) => {
+                let (ptr, _sync) = written.device_ptr(self.stream.as_ref());
+                self.column_partial_reduce_raw(sums, ptr, 1, m, 1.0, GradWrite::Accumulate)
+                    .map(|()| EpilogueRun::Fused)
+            }
+            other => other,
+        };
+        self.lt_sums = Some(written);
+        run
     }
 
     /// [`matmul_bf16_batched`](Self::matmul_bf16_batched) with f32 operands and plain f32
@@ -115,9 +225,11 @@ impl CudaBackend {
         shape: GemmShape,
         acc: Accumulate,
     ) -> Result<()> {
-        self.matmul_batched(c, a, ta, b, tb, shape, acc)
+        self.matmul_batched(c, a, ta, b, tb, shape, acc, &mut Epilogue::None)
+            .map(drop)
     }
 
+    /// cuBLASLt (with `epilogue` fused) when it has an algorithm, else cuBLAS without it.
     #[allow(clippy::too_many_arguments)]
     fn matmul_batched<T: GemmOperand>(
         &self,
@@ -128,7 +240,8 @@ impl CudaBackend {
         tb: Transpose,
         shape: GemmShape,
         acc: Accumulate,
-    ) -> Result<()> {
+        epilogue: &mut Epilogue<'_>,
+    ) -> Result<EpilogueRun> {
         let (need_a, need_b, need_c) = shape.required();
         if a.len() < need_a || b.len() < need_b || c.len() < need_c {
             return Err(Error::shape(
@@ -142,7 +255,7 @@ impl CudaBackend {
             ));
         }
         if shape.m == 0 || shape.n == 0 || shape.batch == 0 {
-            return Ok(());
+            return Ok(EpilogueRun::Separate);
         }
         let GemmShape { m, k, n, .. } = shape;
         // Column-major view: C^T[n,m] = op(B)^T[n,k] · op(A)^T[k,m].
@@ -163,6 +276,40 @@ impl CudaBackend {
         let (a_ptr, _a_sync) = a.device_ptr(stream);
         let (b_ptr, _b_sync) = b.device_ptr(stream);
         let (c_ptr, _c_sync) = c.device_ptr_mut(stream);
+        if k > 0 {
+            // The stored layouts (rows, cols, ld, batch stride) of cuBLASLt's A (our B), B (our
+            // A) and D; op N stores op(X) as is, op T its transpose.
+            let stored = |op: cublasOperation_t, rows: usize, cols: usize, stride: usize| {
+                let (r, c) = match op {
+                    cublasOperation_t::CUBLAS_OP_N => (rows, cols),
+                    _ => (cols, rows),
+                };
+                (r as u64, c as u64, r as i64, stride as i64)
+            };
+            let problem = LtProblem {
+                data_type: T::LT_TYPE,
+                op_a: op_b,
+                op_b: op_a,
+                rows: n as u64,
+                cols: m as u64,
+                depth: k as u64,
+                batch: shape.batch,
+                a: stored(op_b, n, k, shape.stride_b),
+                b: stored(op_a, k, m, shape.stride_a),
+                c: (n as u64, m as u64, n as i64, shape.stride_c as i64),
+                ptr_a: b_ptr,
+                ptr_b: a_ptr,
+                ptr_c: c_ptr,
+                acc,
+            };
+            if self.matmul_lt(&problem, epilogue)? == LtOutcome::Done {
+                return Ok(EpilogueRun::Fused);
+            }
+        }
+        self.lt.cublas.fetch_add(1, Ordering::Relaxed);
+        if !matches!(epilogue, Epilogue::None) {
+            self.lt.separate.fetch_add(1, Ordering::Relaxed);
+        }
         // SAFETY: the lengths were checked against the shape and strides above; the pointers
         // are live device allocations of this context; alpha/beta are f32 as the compute type
         // CUBLAS_COMPUTE_32F requires.
@@ -193,6 +340,7 @@ impl CudaBackend {
                 cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
             )
         }
-        .map_err(|e| cuda_error("cublasGemmStridedBatchedEx", e))
+        .map_err(|e| cuda_error("cublasGemmStridedBatchedEx", e))?;
+        Ok(EpilogueRun::Separate)
     }
 }

@@ -1,6 +1,7 @@
 //! The CUDA backend: a cudarc context and stream, the hand-written kernels of `kernels/*.cu`
 //! (fatbins embedded by `build.rs`, or NVRTC-compiled from the embedded sources), cuBLAS for
-//! bf16 GEMMs with f32 accumulation, and one launcher per kernel with shape checks.
+//! bf16 GEMMs with f32 accumulation (cuBLASLt with fused epilogues, cuBLAS where it has no
+//! algorithm), and one launcher per kernel with shape checks.
 //!
 //! Everything here is compiled in every build (no `cfg`): the CUDA libraries are loaded at run
 //! time, so a machine without them gets a typed [`Error::Cuda`] from [`CudaBackend::new`],
@@ -13,13 +14,15 @@
 
 mod device;
 mod gemm;
+mod gemm_lt;
 mod kernels;
 mod launch;
 pub mod model;
 mod view;
 
 pub use device::{resolve_device, ResolvedDevice};
-pub use gemm::GemmShape;
+pub use gemm::{EpilogueRun, GemmShape};
+pub use gemm_lt::{GemmPath, GemmStats};
 pub use half::bf16;
 pub use kernels::{all_precompiled, compile_source_with_nvrtc, EmbeddedKernel, KernelFamily};
 pub use launch::attention::AttentionShape;
@@ -85,6 +88,9 @@ pub struct CudaBackend {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     blas: CudaBlas,
+    lt: gemm_lt::LtGemm,
+    /// The bias-gradient vector cuBLASLt writes before it is accumulated (grows on demand).
+    lt_sums: Option<CudaSlice<f32>>,
     kernels: kernels::Kernels,
     /// Reduction partials; grows on demand and is then reused (no steady-state allocation).
     scratch: CudaSlice<f32>,
@@ -127,6 +133,13 @@ impl CudaBackend {
         unsafe { ctx.disable_event_tracking() };
         let stream = ctx.default_stream();
         let blas = CudaBlas::new(stream.clone()).map_err(|e| cuda_error("cublasCreate", e))?;
+        let (major, _) = ctx
+            .compute_capability()
+            .map_err(|e| cuda_error("cuDeviceGetAttribute", e))?;
+        let workspace = stream
+            .alloc_zeros::<u8>(gemm_lt::workspace_bytes(major))
+            .map_err(|e| cuda_error("cuMemAlloc", e))?;
+        let lt = gemm_lt::LtGemm::new(workspace, gemm_lt::GemmPath::from_env()?)?;
         let kernels = kernels::Kernels::new(ctx.clone())?;
         let scratch = stream
             .alloc_zeros::<f32>(1)
@@ -135,6 +148,8 @@ impl CudaBackend {
             ctx,
             stream,
             blas,
+            lt,
+            lt_sums: None,
             kernels,
             scratch,
         })

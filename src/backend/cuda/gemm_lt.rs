@@ -1,0 +1,562 @@
+//! The cuBLASLt path of the GEMMs: the same row-major products as [`super::gemm`], with the
+//! epilogues that save a pass over the output fused into the GEMM kernel:
+//!
+//! - [`Epilogue::AddColumnBias`]: `C[i, j] += bias[j]` (cuBLASLt `BIAS`), the linear layers'
+//!   forward bias, instead of a separate read-modify-write of `C`;
+//! - [`Epilogue::RowSumsOfA`]: `sums[i] = Σ_p op(A)[i, p]` (cuBLASLt `BGRADB`), the bias
+//!   gradient computed while the weight-gradient GEMM reads `dout`, instead of a separate
+//!   column-sum pass over `dout`.
+//!
+//! cuBLASLt's GELU epilogues use the tanh approximation; DINOv2 uses the exact erf GELU, so
+//! GELU stays in its own kernel (`bias_gelu_forward`, which also adds fc1's bias).
+//!
+//! Each distinct problem (shapes, transposes, types, epilogue, accumulation and the pointers'
+//! alignments) asks the heuristic once; the answer, an algorithm or "not supported", is cached.
+//! When cuBLASLt has no algorithm (an unusual alignment, a combination the library lacks), the
+//! caller falls back to `cublasGemmStridedBatchedEx` plus the separate epilogue kernel, and the
+//! fallback is counted ([`GemmStats`]) so a run can say which path it took.
+//!
+//! Column-major mapping (see `gemm.rs`): the row-major `C[m,n] = op(A)·op(B)` is the
+//! column-major `Cᵀ[n,m] = op(B)ᵀ·op(A)ᵀ`, so cuBLASLt's `A` is our `B`, its `B` is our `A`, and
+//! its `D` has `n` rows and `m` columns. Its `BIAS` vector (one per row of `D`) is therefore one
+//! per column `j` of our `C`, and its `BGRADB` (one per column of `D`, reduced over `k` from its
+//! `B`) is the row sums of our `op(A)`.
+
+use super::{cuda_error, CudaBackend};
+use crate::backend::cpu::Accumulate;
+use crate::error::{Error, Result};
+use cudarc::cublas::sys::cublasOperation_t;
+use cudarc::cublaslt::result as lt;
+use cudarc::cublaslt::sys::{
+    cublasComputeType_t, cublasLtEpilogue_t, cublasLtHandle_t, cublasLtMatmulAlgo_t,
+    cublasLtMatmulDescAttributes_t as DescAttr, cublasLtMatmulDesc_t,
+    cublasLtMatmulPreferenceAttributes_t as PrefAttr, cublasLtMatmulPreference_t,
+    cublasLtMatrixLayoutAttribute_t as LayoutAttr, cublasLtMatrixLayout_t, cudaDataType,
+};
+use cudarc::driver::CudaSlice;
+use std::collections::HashMap;
+use std::ffi::c_void;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+/// Which library runs the GEMMs. `DINOTRAIN_GEMM=cublas` selects [`GemmPath::Cublas`] for a
+/// whole process (to rule cuBLASLt in or out when diagnosing a GPU).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GemmPath {
+    /// cuBLASLt with fused epilogues, falling back to cuBLAS where it has no algorithm.
+    CublasLt,
+    /// `cublasGemmStridedBatchedEx` and separate epilogue kernels.
+    Cublas,
+}
+
+impl GemmPath {
+    /// The path named by `DINOTRAIN_GEMM` (`cublaslt`, the default, or `cublas`).
+    pub fn from_env() -> Result<Self> {
+        match std::env::var("DINOTRAIN_GEMM") {
+            Err(_) => Ok(GemmPath::CublasLt),
+            Ok(v) => match v.as_str() {
+                "" | "cublaslt" => Ok(GemmPath::CublasLt),
+                "cublas" => Ok(GemmPath::Cublas),
+                other => Err(Error::Config(format!(
+                    "DINOTRAIN_GEMM={other}: expected cublaslt or cublas"
+                ))),
+            },
+        }
+    }
+}
+
+/// What a GEMM does besides writing `C` (row-major terms).
+pub enum Epilogue<'e> {
+    None,
+    /// `C[i, j] += bias[j]`, `bias` `[n]` f32.
+    AddColumnBias(&'e CudaSlice<f32>),
+    /// `sums[i] = Σ_p op(A)[i, p]` (written, not accumulated), `sums` `[m]` f32: the bias
+    /// gradient of a linear layer from the weight-gradient GEMM `dW = doutᵀ · inp`.
+    RowSumsOfA(&'e mut CudaSlice<f32>),
+}
+
+impl Epilogue<'_> {
+    fn kind(&self) -> EpilogueKind {
+        match self {
+            Epilogue::None => EpilogueKind::None,
+            Epilogue::AddColumnBias(_) => EpilogueKind::Bias,
+            Epilogue::RowSumsOfA(_) => EpilogueKind::RowSums,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum EpilogueKind {
+    None,
+    Bias,
+    RowSums,
+}
+
+/// Whether a GEMM ran on cuBLASLt with its epilogue, or the caller must take the other path.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LtOutcome {
+    Done,
+    Unsupported,
+}
+
+/// How many GEMMs took each path since the backend was made.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct GemmStats {
+    /// GEMMs run by cuBLASLt.
+    pub cublaslt: u64,
+    /// ... of which with a fused epilogue (bias, bias gradient).
+    pub fused_epilogues: u64,
+    /// GEMMs run by `cublasGemmStridedBatchedEx` (path chosen, or no cuBLASLt algorithm).
+    pub cublas: u64,
+    /// Epilogues run as separate kernels because cuBLASLt had no algorithm for them.
+    pub separate_epilogues: u64,
+}
+
+impl GemmStats {
+    /// The counts since `earlier` (a snapshot of the same backend).
+    pub fn since(&self, earlier: &GemmStats) -> GemmStats {
+        GemmStats {
+            cublaslt: self.cublaslt.saturating_sub(earlier.cublaslt),
+            fused_epilogues: self.fused_epilogues.saturating_sub(earlier.fused_epilogues),
+            cublas: self.cublas.saturating_sub(earlier.cublas),
+            separate_epilogues: self
+                .separate_epilogues
+                .saturating_sub(earlier.separate_epilogues),
+        }
+    }
+}
+
+impl std::fmt::Display for GemmStats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} cuBLASLt ({} with fused bias/bias-gradient epilogue), {} cuBLAS, {} epilogues as separate kernels",
+            self.cublaslt, self.fused_epilogues, self.cublas, self.separate_epilogues
+        )
+    }
+}
+
+/// One GEMM problem in column-major cuBLASLt terms, with operand pointers.
+pub(super) struct LtProblem {
+    pub data_type: cudaDataType,
+    pub op_a: cublasOperation_t,
+    pub op_b: cublasOperation_t,
+    /// Rows and columns of `D`, and the reduction length.
+    pub rows: u64,
+    pub cols: u64,
+    pub depth: u64,
+    pub batch: usize,
+    /// Stored layouts `(rows, cols, ld)` and batch strides (elements) of A, B and C = D.
+    pub a: (u64, u64, i64, i64),
+    pub b: (u64, u64, i64, i64),
+    pub c: (u64, u64, i64, i64),
+    pub ptr_a: u64,
+    pub ptr_b: u64,
+    pub ptr_c: u64,
+    pub acc: Accumulate,
+}
+
+/// The heuristic's answer for one problem: the algorithm and its workspace, or none.
+type Choice = Option<(cublasLtMatmulAlgo_t, usize)>;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct ProblemKey {
+    data_type: u32,
+    ops: (u32, u32),
+    dims: (u64, u64, u64, usize),
+    layouts: [(u64, u64, i64, i64); 3],
+    beta_one: bool,
+    epilogue: EpilogueKind,
+    alignments: [u32; 4],
+}
+
+/// The cuBLASLt handle, its workspace, the heuristic cache and the path counters.
+pub(super) struct LtGemm {
+    handle: cublasLtHandle_t,
+    workspace: CudaSlice<u8>,
+    pub path: GemmPath,
+    choices: Mutex<HashMap<ProblemKey, Choice>>,
+    pub cublaslt: AtomicU64,
+    pub fused: AtomicU64,
+    pub cublas: AtomicU64,
+    pub separate: AtomicU64,
+}
+
+// SAFETY: the handle is only used on the backend's single stream, under `&CudaBackend`; the
+// cache is behind a mutex and the counters are atomics.
+unsafe impl Send for LtGemm {}
+unsafe impl Sync for LtGemm {}
+
+impl Drop for LtGemm {
+    fn drop(&mut self) {
+        // SAFETY: the handle was created in `new` and is destroyed once, here.
+        let _ = unsafe { lt::destroy_handle(self.handle) };
+    }
+}
+
+/// NVIDIA's recommended cuBLASLt workspace: 32 MiB on Hopper and later, 4 MiB before.
+pub(super) fn workspace_bytes(compute_major: i32) -> usize {
+    if compute_major >= 9 {
+        32 << 20
+    } else {
+        4 << 20
+    }
+}
+
+/// The largest power of two (at most 256, cuBLASLt's default requirement) dividing `ptr`.
+pub(super) fn alignment(ptr: u64) -> u32 {
+    if ptr == 0 {
+        return 256;
+    }
+    1u32 << ptr.trailing_zeros().min(8)
+}
+
+/// The epilogue vector must be 16-byte aligned for the fused path (the vectorised epilogue
+/// loads); a less aligned one takes the separate kernel.
+const EPILOGUE_VECTOR_ALIGNMENT: u32 = 16;
+
+impl LtGemm {
+    pub fn new(workspace: CudaSlice<u8>, path: GemmPath) -> Result<Self> {
+        let handle = lt::create_handle().map_err(|e| cuda_error("cublasLtCreate", e))?;
+        Ok(LtGemm {
+            handle,
+            workspace,
+            path,
+            choices: Mutex::new(HashMap::new()),
+            cublaslt: AtomicU64::new(0),
+            fused: AtomicU64::new(0),
+            cublas: AtomicU64::new(0),
+            separate: AtomicU64::new(0),
+        })
+    }
+
+    pub fn stats(&self) -> GemmStats {
+        GemmStats {
+            cublaslt: self.cublaslt.load(Ordering::Relaxed),
+            fused_epilogues: self.fused.load(Ordering::Relaxed),
+            cublas: self.cublas.load(Ordering::Relaxed),
+            separate_epilogues: self.separate.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// Owned cuBLASLt descriptors, destroyed on drop.
+struct Desc(cublasLtMatmulDesc_t);
+struct Layout(cublasLtMatrixLayout_t);
+struct Pref(cublasLtMatmulPreference_t);
+
+impl Drop for Desc {
+    fn drop(&mut self) {
+        // SAFETY: created by `create_matmul_desc`, destroyed once.
+        let _ = unsafe { lt::destroy_matmul_desc(self.0) };
+    }
+}
+impl Drop for Layout {
+    fn drop(&mut self) {
+        // SAFETY: created by `create_matrix_layout`, destroyed once.
+        let _ = unsafe { lt::destroy_matrix_layout(self.0) };
+    }
+}
+impl Drop for Pref {
+    fn drop(&mut self) {
+        // SAFETY: created by `create_matmul_pref`, destroyed once.
+        let _ = unsafe { lt::destroy_matmul_pref(self.0) };
+    }
+}
+
+fn lt_error(op: &str) -> impl Fn(lt::CublasError) -> Error + '_ {
+    move |e| cuda_error(op, e)
+}
+
+/// Sets one attribute from a plain value.
+///
+/// SAFETY (for the callers): `T` must be the attribute's documented type.
+unsafe fn set_desc<T>(desc: &Desc, attr: DescAttr, value: &T) -> Result<()> {
+    lt::set_matmul_desc_attribute(
+        desc.0,
+        attr,
+        value as *const T as *const c_void,
+        std::mem::size_of::<T>(),
+    )
+    .map_err(lt_error("cublasLtMatmulDescSetAttribute"))
+}
+
+unsafe fn set_layout<T>(layout: &Layout, attr: LayoutAttr, value: &T) -> Result<()> {
+    lt::set_matrix_layout_attribute(
+        layout.0,
+        attr,
+        value as *const T as *const c_void,
+        std::mem::size_of::<T>(),
+    )
+    .map_err(lt_error("cublasLtMatrixLayoutSetAttribute"))
+}
+
+unsafe fn set_pref<T>(pref: &Pref, attr: PrefAttr, value: &T) -> Result<()> {
+    lt::set_matmul_pref_attribute(
+        pref.0,
+        attr,
+        value as *const T as *const c_void,
+        std::mem::size_of::<T>(),
+    )
+    .map_err(lt_error("cublasLtMatmulPreferenceSetAttribute"))
+}
+
+fn layout(
+    data_type: cudaDataType,
+    (rows, cols, ld, stride): (u64, u64, i64, i64),
+    batch: usize,
+) -> Result<Layout> {
+    let l = Layout(
+        lt::create_matrix_layout(data_type, rows, cols, ld)
+            .map_err(lt_error("cublasLtMatrixLayoutCreate"))?,
+    );
+    if batch > 1 {
+        let count = i32::try_from(batch)
+            .map_err(|_| Error::shape("cuda gemm", format!("batch {batch} exceeds i32")))?;
+        // SAFETY: BATCH_COUNT is an int32_t, STRIDED_BATCH_OFFSET an int64_t.
+        unsafe {
+            set_layout(&l, LayoutAttr::CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT, &count)?;
+            set_layout(
+                &l,
+                LayoutAttr::CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET,
+                &stride,
+            )?;
+        }
+    }
+    Ok(l)
+}
+
+impl CudaBackend {
+    /// The GEMM counters since this backend was made (which path ran how often).
+    pub fn gemm_stats(&self) -> GemmStats {
+        self.lt.stats()
+    }
+
+    /// The library the GEMMs use from now on (tests compare both paths).
+    pub fn set_gemm_path(&mut self, path: GemmPath) {
+        self.lt.path = path;
+    }
+
+    /// The library the GEMMs use.
+    pub fn gemm_path(&self) -> GemmPath {
+        self.lt.path
+    }
+
+    /// Runs `problem` with `epilogue` on cuBLASLt, or says it cannot (path set to cuBLAS, no
+    /// algorithm, or an epilogue vector too little aligned); nothing is queued then.
+    pub(super) fn matmul_lt(
+        &self,
+        problem: &LtProblem,
+        epilogue: &mut Epilogue<'_>,
+    ) -> Result<LtOutcome> {
+        if self.lt.path == GemmPath::Cublas {
+            return Ok(LtOutcome::Unsupported);
+        }
+        let stream = self.stream.as_ref();
+        let vector_ptr = match epilogue {
+            Epilogue::None => None,
+            Epilogue::AddColumnBias(bias) => Some(device_address(*bias, stream)),
+            Epilogue::RowSumsOfA(sums) => Some(device_address(*sums, stream)),
+        };
+        if let Some(ptr) = vector_ptr {
+            if alignment(ptr) < EPILOGUE_VECTOR_ALIGNMENT || problem.batch > 1 {
+                return Ok(LtOutcome::Unsupported);
+            }
+        }
+        let kind = epilogue.kind();
+        let key = ProblemKey {
+            data_type: problem.data_type as u32,
+            ops: (problem.op_a as u32, problem.op_b as u32),
+            dims: (problem.rows, problem.cols, problem.depth, problem.batch),
+            layouts: [problem.a, problem.b, problem.c],
+            beta_one: problem.acc == Accumulate::Add,
+            epilogue: kind,
+            alignments: [
+                alignment(problem.ptr_a),
+                alignment(problem.ptr_b),
+                alignment(problem.ptr_c),
+                vector_ptr.map_or(256, alignment),
+            ],
+        };
+        let desc = self.describe_problem(problem, kind, vector_ptr)?;
+        let a = layout(problem.data_type, problem.a, problem.batch)?;
+        let b = layout(problem.data_type, problem.b, problem.batch)?;
+        let c = layout(cudaDataType::CUDA_R_32F, problem.c, problem.batch)?;
+        let choice = {
+            let mut choices = self
+                .lt
+                .choices
+                .lock()
+                .map_err(|_| Error::Cuda("cuBLASLt heuristic cache poisoned".into()))?;
+            match choices.get(&key) {
+                Some(choice) => *choice,
+                None => {
+                    let choice = self.ask_heuristic(&desc, &a, &b, &c, &key)?;
+                    choices.insert(key, choice);
+                    choice
+                }
+            }
+        };
+        let Some((algo, workspace_size)) = choice else {
+            return Ok(LtOutcome::Unsupported);
+        };
+        let alpha: f32 = 1.0;
+        let beta: f32 = match problem.acc {
+            Accumulate::Overwrite => 0.0,
+            Accumulate::Add => 1.0,
+        };
+        let workspace = device_address(&self.lt.workspace, stream);
+        // SAFETY: the descriptors describe the operands' checked lengths (the caller verified
+        // them against the shape); C and D are the same buffer with the same layout, which
+        // cuBLASLt allows in place; the workspace holds at least `workspace_size` bytes (the
+        // heuristic was told the maximum); alpha/beta are f32 as the f32 scale type requires.
+        unsafe {
+            lt::matmul(
+                self.lt.handle,
+                desc.0,
+                (&alpha) as *const f32 as *const c_void,
+                (&beta) as *const f32 as *const c_void,
+                problem.ptr_a as *const c_void,
+                a.0,
+                problem.ptr_b as *const c_void,
+                b.0,
+                problem.ptr_c as *const c_void,
+                c.0,
+                problem.ptr_c as *mut c_void,
+                c.0,
+                &algo,
+                workspace as *mut c_void,
+                workspace_size,
+                stream.cu_stream() as _,
+            )
+        }
+        .map_err(lt_error("cublasLtMatmul"))?;
+        self.lt.cublaslt.fetch_add(1, Ordering::Relaxed);
+        if kind != EpilogueKind::None {
+            self.lt.fused.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(LtOutcome::Done)
+    }
+
+    /// The matmul descriptor: f32 compute and scale, the operations, the epilogue.
+    fn describe_problem(
+        &self,
+        problem: &LtProblem,
+        kind: EpilogueKind,
+        vector_ptr: Option<u64>,
+    ) -> Result<Desc> {
+        let desc = Desc(
+            lt::create_matmul_desc(
+                cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                cudaDataType::CUDA_R_32F,
+            )
+            .map_err(lt_error("cublasLtMatmulDescCreate"))?,
+        );
+        // SAFETY: TRANSA/TRANSB are cublasOperation_t, EPILOGUE a cublasLtEpilogue_t,
+        // BIAS_POINTER a device pointer, BIAS_DATA_TYPE a cudaDataType (int32).
+        unsafe {
+            set_desc(&desc, DescAttr::CUBLASLT_MATMUL_DESC_TRANSA, &problem.op_a)?;
+            set_desc(&desc, DescAttr::CUBLASLT_MATMUL_DESC_TRANSB, &problem.op_b)?;
+            let epilogue = match kind {
+                EpilogueKind::None => cublasLtEpilogue_t::CUBLASLT_EPILOGUE_DEFAULT,
+                EpilogueKind::Bias => cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS,
+                EpilogueKind::RowSums => cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BGRADB,
+            };
+            set_desc(&desc, DescAttr::CUBLASLT_MATMUL_DESC_EPILOGUE, &epilogue)?;
+            if let Some(ptr) = vector_ptr {
+                let ptr = ptr as *const c_void;
+                set_desc(&desc, DescAttr::CUBLASLT_MATMUL_DESC_BIAS_POINTER, &ptr)?;
+                let f32_type = cudaDataType::CUDA_R_32F;
+                set_desc(
+                    &desc,
+                    DescAttr::CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE,
+                    &f32_type,
+                )?;
+            }
+        }
+        Ok(desc)
+    }
+
+    /// The heuristic's best algorithm under this problem's alignments and the workspace, or
+    /// `None` when it has none.
+    fn ask_heuristic(
+        &self,
+        desc: &Desc,
+        a: &Layout,
+        b: &Layout,
+        c: &Layout,
+        key: &ProblemKey,
+    ) -> Result<Choice> {
+        let pref =
+            Pref(lt::create_matmul_pref().map_err(lt_error("cublasLtMatmulPreferenceCreate"))?);
+        let max_workspace = self.lt.workspace.len() as u64;
+        let [align_a, align_b, align_c, _] = key.alignments;
+        // SAFETY: MAX_WORKSPACE_BYTES is a uint64_t, the MIN_ALIGNMENT_*_BYTES uint32_t.
+        unsafe {
+            set_pref(
+                &pref,
+                PrefAttr::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                &max_workspace,
+            )?;
+            set_pref(
+                &pref,
+                PrefAttr::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES,
+                &align_a,
+            )?;
+            set_pref(
+                &pref,
+                PrefAttr::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
+                &align_b,
+            )?;
+            set_pref(
+                &pref,
+                PrefAttr::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES,
+                &align_c,
+            )?;
+            set_pref(
+                &pref,
+                PrefAttr::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES,
+                &align_c,
+            )?;
+        }
+        // SAFETY: every descriptor is live for the call.
+        let answer = unsafe {
+            lt::get_matmul_algo_heuristic(self.lt.handle, desc.0, a.0, b.0, c.0, c.0, pref.0)
+        };
+        Ok(match answer {
+            Ok(result) if result.workspaceSize as u64 <= max_workspace => {
+                Some((result.algo, result.workspaceSize))
+            }
+            // No algorithm (NOT_SUPPORTED) or one needing more workspace: take cuBLAS.
+            _ => None,
+        })
+    }
+}
+
+/// The device address of a buffer (all work is on the backend's one stream).
+fn device_address<T>(buf: &CudaSlice<T>, stream: &cudarc::driver::CudaStream) -> u64 {
+    use cudarc::driver::DevicePtr;
+    let (ptr, _sync) = buf.device_ptr(stream);
+    ptr
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn alignment_is_the_largest_power_of_two_up_to_256() {
+        assert_eq!(alignment(0x1000), 256);
+        assert_eq!(alignment(0x1010), 16);
+        assert_eq!(alignment(0x1002), 2);
+        assert_eq!(alignment(0x1001), 1);
+        assert_eq!(alignment(0x1180), 128);
+    }
+
+    #[test]
+    fn workspace_follows_the_architecture() {
+        assert_eq!(workspace_bytes(9), 32 << 20);
+        assert_eq!(workspace_bytes(10), 32 << 20);
+        assert_eq!(workspace_bytes(8), 4 << 20);
+    }
+}
