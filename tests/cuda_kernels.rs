@@ -262,7 +262,7 @@ fn gemm_row_sums_epilogue_accumulates_the_bias_gradient() {
         let mut db = gpu.upload(&db0).unwrap();
         let before = gpu.gemm_stats();
         let run = gpu
-            .matmul_bf16_row_sums(
+            .matmul_bf16_with_row_sums(
                 &mut dw,
                 &d_dout,
                 Transpose::Yes,
@@ -272,7 +272,7 @@ fn gemm_row_sums_epilogue_accumulates_the_bias_gradient() {
                 rows,
                 inp_dim,
                 Accumulate::Add,
-                &mut db,
+                Some(&mut db),
             )
             .unwrap();
         let ran = gemms_since(&gpu, before);

@@ -221,6 +221,11 @@ fn sibling_test_binary(name: &str) -> Option<PathBuf> {
 }
 
 fn run_gpu_tests(name: &str) {
+    run_gpu_tests_with(name, &[]);
+}
+
+/// [`run_gpu_tests`] with extra environment variables.
+fn run_gpu_tests_with(name: &str, env: &[(&str, &str)]) {
     let Some(driver) = driver() else { return };
     let Some(binary) = sibling_test_binary(name) else {
         eprintln!("skipping: no {name} test binary beside this one (run the whole `cargo test`)");
@@ -232,6 +237,7 @@ fn run_gpu_tests(name: &str) {
     }
     // --nocapture: a test that skips says so on stderr, which must stay empty of skips here.
     let output = emulated(&binary, driver)
+        .envs(env.iter().copied())
         .args(["--test-threads", "2", "--nocapture"])
         .output()
         .unwrap();
@@ -260,6 +266,13 @@ fn backbone_tests_pass_on_the_emulated_device() {
 #[test]
 fn training_step_tests_pass_on_the_emulated_device() {
     run_gpu_tests("cuda_step");
+}
+
+/// The cuBLAS fallback (what a GPU takes where its cuBLASLt has no algorithm): the whole step
+/// with every GEMM on `cublasGemmStridedBatchedEx` and the bias passes as separate kernels.
+#[test]
+fn training_step_tests_pass_without_cublaslt_on_the_emulated_device() {
+    run_gpu_tests_with("cuda_step", &[("DINOTRAIN_GEMM", "cublas")]);
 }
 
 #[test]

@@ -156,12 +156,13 @@ impl CudaBackend {
         Ok(())
     }
 
-    /// `C (=|+=) op(A)[m,k] · op(B)` and `sums[i] += Σ_p op(A)[i, p]` (the bias gradient of a
-    /// linear layer from its weight-gradient GEMM, `dW = doutᵀ · inp`, `db += Σ_rows dout`)
-    /// fused when cuBLASLt can. Returns [`EpilogueRun::Separate`] when it could not: the GEMM
-    /// ran and `sums` is untouched, for the caller to update from its f32 copy of `A`.
+    /// `C (=|+=) op(A)[m,k] · op(B)` and, when given, `sums[i] += Σ_p op(A)[i, p]` (the bias
+    /// gradient of a linear layer from its weight-gradient GEMM, `dW = doutᵀ · inp`,
+    /// `db += Σ_rows dout`), fused when cuBLASLt can. Returns [`EpilogueRun::Separate`] when it
+    /// could not: the GEMM ran and `sums` is untouched, for the caller to update from its f32
+    /// copy of `A`.
     #[allow(clippy::too_many_arguments)]
-    pub fn matmul_bf16_row_sums(
+    pub fn matmul_bf16_with_row_sums(
         &mut self,
         c: &mut CudaSlice<f32>,
         a: &CudaSlice<bf16>,
@@ -172,8 +173,13 @@ impl CudaBackend {
         k: usize,
         n: usize,
         acc: Accumulate,
-        sums: &mut CudaSlice<f32>,
+        sums: Option<&mut CudaSlice<f32>>,
     ) -> Result<EpilogueRun> {
+        let shape = GemmShape::single(m, k, n);
+        let Some(sums) = sums else {
+            self.matmul_batched(c, a, ta, b, tb, shape, acc, &mut Epilogue::None)?;
+            return Ok(EpilogueRun::Fused);
+        };
         if sums.len() != m {
             return Err(Error::shape(
                 "cuda gemm row sums",
@@ -188,16 +194,7 @@ impl CudaBackend {
         let run = {
             let mut window = self.sub_mut(&mut written, 0..m)?;
             let mut epilogue = Epilogue::RowSumsOfA(&mut window);
-            self.matmul_batched(
-                c,
-                a,
-                ta,
-                b,
-                tb,
-                GemmShape::single(m, k, n),
-                acc,
-                &mut epilogue,
-            )
+            self.matmul_batched(c, a, ta, b, tb, shape, acc, &mut epilogue)
         };
         let run = match run {
             Ok(EpilogueRun::Fused) => {

@@ -6,7 +6,7 @@
 //! statistics, GEMM outputs, biases and the residual stream are f32; GEMM operands and the
 //! attention inputs/outputs are bf16.
 
-use super::linear::{linear_backward, linear_forward, linear_matmul};
+use super::linear::{linear_backward, linear_forward, linear_matmul, DoutF32};
 use super::DeviceWeights;
 use crate::backend::cuda::{
     bf16, AttentionShape, CudaBackend, GradWrite, NormShape, SampleSubset, SubSlice, SubSliceMut,
@@ -532,7 +532,7 @@ pub(crate) fn body_backward(
                     Some(&mut datt),
                     grads,
                     &dpre_bf16,
-                    dpre,
+                    DoutF32::Ready(dpre),
                     &att,
                     &attn.proj,
                     w,
@@ -553,18 +553,15 @@ pub(crate) fn body_backward(
                 gpu.attention_backward(&mut dqkv, &mut delta, &datt_bf16, &qkv, &att, &lse, shape)?;
             }
             let dqkv = head(gpu, &scratch.wide_bf16, rows * 3 * d)?;
-            {
-                let mut dqkv_f32 = head_mut(gpu, &mut scratch.wide, rows * 3 * d)?;
-                gpu.cast_bf16_to_f32(&mut dqkv_f32, &dqkv)?;
-            }
-            let dqkv_f32 = head(gpu, &scratch.wide, rows * 3 * d)?;
+            // The attention gradient is bf16; its f32 copy only serves an unfused bias sum.
+            let mut dqkv_f32 = head_mut(gpu, &mut scratch.wide, rows * 3 * d)?;
             let mut dln = head_mut(gpu, &mut scratch.narrow, rows * d)?;
             linear_backward(
                 gpu,
                 Some(&mut dln),
                 grads,
                 &dqkv,
-                &dqkv_f32,
+                DoutF32::Widen(&mut dqkv_f32),
                 &ln_out,
                 &attn.qkv,
                 w,
@@ -583,7 +580,7 @@ pub(crate) fn body_backward(
                     Some(&mut dact),
                     grads,
                     &dpre_bf16,
-                    dpre,
+                    DoutF32::Ready(dpre),
                     &act,
                     &mlp.fc2,
                     w,
@@ -603,7 +600,7 @@ pub(crate) fn body_backward(
                 Some(&mut dln),
                 grads,
                 &dfc1_bf16,
-                &dfc1,
+                DoutF32::Ready(&dfc1),
                 &ln_out,
                 &mlp.fc1,
                 w,

@@ -9,7 +9,7 @@
 //! host round trip or synchronisation per step.
 
 use super::branch::{head, Allocator};
-use super::linear::{linear_backward, linear_forward};
+use super::linear::{linear_backward, linear_forward, DoutF32};
 use super::DeviceWeights;
 use crate::backend::cpu::{Accumulate, Transpose};
 use crate::backend::cuda::{bf16, cuda_error, CudaBackend, GemmShape, GradWrite, TokenLayout};
@@ -384,7 +384,7 @@ impl EmbedBufs {
             None,
             grads,
             &g.dpe_bf16,
-            &self.pe,
+            DoutF32::Ready(&self.pe),
             &self.cols,
             proj,
             w,

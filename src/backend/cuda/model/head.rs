@@ -11,6 +11,7 @@
 //! receives KoLeo's).
 
 use super::buffers::Grow;
+use super::linear::{linear_param_grads, DoutF32};
 use crate::backend::cpu::{Accumulate, Transpose};
 use crate::backend::cuda::{bf16, CudaBackend};
 use crate::error::{Error, Result};
@@ -133,38 +134,6 @@ fn linear_gemm(
     )
 }
 
-/// Backward of a Linear's parameters: `dW += doutᵀ · inp`, `db += Σ_rows dout`.
-#[allow(clippy::too_many_arguments)]
-fn linear_param_grads(
-    gpu: &mut CudaBackend,
-    grads: &mut CudaSlice<f32>,
-    lin: &Linear,
-    dout: &CudaSlice<f32>,
-    dout_bf16: &CudaSlice<bf16>,
-    inp_bf16: &CudaSlice<bf16>,
-    n: usize,
-) -> Result<()> {
-    {
-        let mut dw = gpu.sub_mut(grads, lin.weight.range())?;
-        gpu.matmul_bf16(
-            &mut dw,
-            dout_bf16,
-            Transpose::Yes,
-            inp_bf16,
-            Transpose::No,
-            lin.out_dim,
-            n,
-            lin.in_dim,
-            Accumulate::Add,
-        )?;
-    }
-    if let Some(b) = lin.bias {
-        let mut db = gpu.sub_mut(grads, b.range())?;
-        gpu.bias_backward(&mut db, dout, n, lin.out_dim)?;
-    }
-    Ok(())
-}
-
 impl GpuHead {
     /// Buffers for the effective prototypes of `head` (one allocation each, once).
     pub fn new(gpu: &CudaBackend, head: &DinoHead) -> Result<Self> {
@@ -256,10 +225,22 @@ impl GpuHead {
         // Bottleneck, then z = y / max(‖y‖, eps).
         let act2 = cache.act2.get(gpu)?;
         let mut y = cache.y.get_mut(gpu)?;
-        linear_gemm(gpu, &mut y, &act2, &h.mlp4, params_bf16, n)?;
-        if let Some(b) = h.mlp4.bias {
-            let bias = gpu.sub(params, b.range())?;
-            gpu.add_bias(&mut y, &bias, n, bn)?;
+        match h.mlp4.bias {
+            Some(b) => {
+                let w = gpu.sub(params_bf16, h.mlp4.weight.range())?;
+                let bias = gpu.sub(params, b.range())?;
+                gpu.matmul_bf16_bias(
+                    &mut y,
+                    &act2,
+                    &w,
+                    Transpose::Yes,
+                    &bias,
+                    n,
+                    h.mlp4.in_dim,
+                    bn,
+                )?;
+            }
+            None => linear_gemm(gpu, &mut y, &act2, &h.mlp4, params_bf16, n)?,
         }
         let mut z = cache.z.get_mut(gpu)?;
         let mut z_bf16 = cache.z_bf16.get_mut(gpu)?;
@@ -374,7 +355,7 @@ impl GpuHead {
 
         // Bottleneck layer: parameter gradients, then dact2 = dy · W4.
         let act2 = cache.act2.get(gpu)?;
-        linear_param_grads(gpu, grads, &h.mlp4, &dy, &dy_bf16, &act2, n)?;
+        linear_param_grads(gpu, grads, &h.mlp4, &dy_bf16, DoutF32::Ready(&dy), &act2, n)?;
         let mut dact = scratch.dact.get_mut(gpu)?;
         let mut dpre_bf16 = scratch.dpre_bf16.get_mut(gpu)?;
         input_grad(
@@ -391,7 +372,15 @@ impl GpuHead {
         gpu.gelu_backward(&mut dact, &pre2)?;
         gpu.cast_f32_to_bf16(&mut dpre_bf16, &dact)?;
         let act0 = cache.act0.get(gpu)?;
-        linear_param_grads(gpu, grads, &h.mlp2, &dact, &dpre_bf16, &act0, n)?;
+        linear_param_grads(
+            gpu,
+            grads,
+            &h.mlp2,
+            &dpre_bf16,
+            DoutF32::Ready(&dact),
+            &act0,
+            n,
+        )?;
         input_grad(
             gpu,
             &mut dact,
@@ -406,7 +395,15 @@ impl GpuHead {
         gpu.gelu_backward(&mut dact, &pre0)?;
         gpu.cast_f32_to_bf16(&mut dpre_bf16, &dact)?;
         let x_bf16 = cache.x_bf16.get(gpu)?;
-        linear_param_grads(gpu, grads, &h.mlp0, &dact, &dpre_bf16, &x_bf16, n)?;
+        linear_param_grads(
+            gpu,
+            grads,
+            &h.mlp0,
+            &dpre_bf16,
+            DoutF32::Ready(&dact),
+            &x_bf16,
+            n,
+        )?;
         input_grad(gpu, dx, &dpre_bf16, &h.mlp0, params_bf16, n, dx_write)
     }
 }

@@ -58,16 +58,24 @@ pub(crate) fn linear_matmul(
     )
 }
 
+/// Where the separate bias-gradient pass finds `dout` in f32, needed only when cuBLASLt
+/// cannot fuse the bias gradient into the weight-gradient GEMM.
+pub(crate) enum DoutF32<'a> {
+    /// The caller has it already (its gradient was f32 before the bf16 cast).
+    Ready(&'a CudaSlice<f32>),
+    /// Widened from the bf16 `dout` into this `[rows, out]` buffer, only if needed.
+    Widen(&'a mut CudaSlice<f32>),
+}
+
 /// Backward: `dinp [rows, in] = dout · W` (written; skipped when `None`), `dW += doutᵀ · inp`,
-/// `db += Σ_rows dout`. `dout` comes twice: bf16 for the GEMMs (and the fused bias sum), f32
-/// for the separate bias sum when cuBLASLt cannot fuse it.
+/// `db += Σ_rows dout` (fused into the `dW` GEMM where cuBLASLt can, else from `dout_f32`).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn linear_backward(
     gpu: &mut CudaBackend,
     dinp: Option<&mut CudaSlice<f32>>,
     grads: &mut CudaSlice<f32>,
     dout: &CudaSlice<bf16>,
-    dout_f32: &CudaSlice<f32>,
+    dout_f32: DoutF32<'_>,
     inp: &CudaSlice<bf16>,
     lin: &Linear,
     w: &DeviceWeights,
@@ -88,10 +96,24 @@ pub(crate) fn linear_backward(
             Accumulate::Overwrite,
         )?;
     }
-    let Some(b) = lin.bias else {
-        let mut dw = gpu.sub_mut(grads, lin.weight.range())?;
-        return gpu.matmul_bf16(
-            &mut dw,
+    linear_param_grads(gpu, grads, lin, dout, dout_f32, inp, rows)
+}
+
+/// The parameter half of the backward: `dW += doutᵀ · inp`, `db += Σ_rows dout` (fused into
+/// the `dW` GEMM where cuBLASLt can, else from `dout_f32`).
+pub(crate) fn linear_param_grads(
+    gpu: &mut CudaBackend,
+    grads: &mut CudaSlice<f32>,
+    lin: &Linear,
+    dout: &CudaSlice<bf16>,
+    dout_f32: DoutF32<'_>,
+    inp: &CudaSlice<bf16>,
+    rows: usize,
+) -> Result<()> {
+    let (k, n) = (lin.in_dim, lin.out_dim);
+    let weight_grad = |gpu: &mut CudaBackend, dw: &mut CudaSlice<f32>, db| {
+        gpu.matmul_bf16_with_row_sums(
+            dw,
             dout,
             Transpose::Yes,
             inp,
@@ -100,22 +122,22 @@ pub(crate) fn linear_backward(
             rows,
             k,
             Accumulate::Add,
-        );
+            db,
+        )
+    };
+    let Some(b) = lin.bias else {
+        let mut dw = gpu.sub_mut(grads, lin.weight.range())?;
+        return weight_grad(gpu, &mut dw, None).map(drop);
     };
     let [mut dw, mut db] = gpu.sub_mut_disjoint(grads, [lin.weight.range(), b.range()])?;
-    let run = gpu.matmul_bf16_row_sums(
-        &mut dw,
-        dout,
-        Transpose::Yes,
-        inp,
-        Transpose::No,
-        n,
-        rows,
-        k,
-        Accumulate::Add,
-        &mut db,
-    )?;
-    if run == EpilogueRun::Separate {
+    if weight_grad(gpu, &mut dw, Some(&mut db))? == EpilogueRun::Separate {
+        let dout_f32 = match dout_f32 {
+            DoutF32::Ready(ready) => ready,
+            DoutF32::Widen(buf) => {
+                gpu.cast_bf16_to_f32(buf, dout)?;
+                &*buf
+            }
+        };
         gpu.bias_backward(&mut db, dout_f32, rows, n)?;
     }
     Ok(())
