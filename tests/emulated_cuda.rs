@@ -275,6 +275,13 @@ fn training_step_tests_pass_without_cublaslt_on_the_emulated_device() {
     run_gpu_tests_with("cuda_step", &[("DINOTRAIN_GEMM", "cublas")]);
 }
 
+/// A cuBLASLt that gives algorithms its matmul then declines (the emulator's
+/// `FAKE_CUBLASLT_REFUSE`): every GEMM must still run, on cuBLAS, after one warning each.
+#[test]
+fn training_step_tests_pass_when_cublaslt_refuses_every_matmul() {
+    run_gpu_tests_with("cuda_step", &[("FAKE_CUBLASLT_REFUSE", "1")]);
+}
+
 #[test]
 fn kernel_tests_pass_on_the_emulated_device() {
     run_gpu_tests("cuda_kernels");

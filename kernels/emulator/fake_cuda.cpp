@@ -446,6 +446,10 @@ cublasStatus_t cublasLtMatmul(void*, void* desc, const void* alpha, const void* 
     for (int i = 0; i < 4 && !why; i++)
         if ((uintptr_t)ptrs[i] % algo->algo[1 + i]) why = "a pointer less aligned than the heuristic was told";
     if (!why && workspace_bytes > 0 && !workspace) why = "a null workspace";
+    if (!why && std::getenv("FAKE_CUBLASLT_REFUSE")) {
+        // Test hook: a library whose heuristic answers but whose matmul declines every problem.
+        return fake::LT_NOT_SUPPORTED;
+    }
     if (why) {
         std::fprintf(stderr, "emulated cuBLASLt: matmul with %s\n", why);
         return fake::LT_INVALID_VALUE;

@@ -24,7 +24,7 @@
 //! forward_global_crop, forward_local_crop, masked_patches_per_image}`, `achieved_tflops`,
 //! `peak_tflops`, `peak_source`, `utilisation` (fraction of the peak), `peak_memory_bytes`
 //! (null when unknown), `peak_memory_source`, `gemms_per_step` (CUDA: `{cublaslt,
-//! fused_epilogues, cublas, separate_epilogues}` per timed step, else null), `loss_first`,
+//! fused_epilogues, cublas, separate_epilogues}` per timed step and `refused_problems` in all, else null), `loss_first`,
 //! `loss_last`, `config_warnings`.
 
 mod flops;
@@ -447,6 +447,8 @@ pub fn run(opts: &BenchOptions, on_step: &mut dyn FnMut(&StepTiming)) -> Result<
                 fused_epilogues: d.fused_epilogues / steps_u64,
                 cublas: d.cublas / steps_u64,
                 separate_epilogues: d.separate_epilogues / steps_u64,
+                // Problems, not calls: refused once, whenever it happened.
+                refused_problems: now.refused_problems,
             })
         }
         _ => None,

@@ -31,7 +31,8 @@ use cudarc::cublaslt::sys::{
     cublasComputeType_t, cublasLtEpilogue_t, cublasLtHandle_t, cublasLtMatmulAlgo_t,
     cublasLtMatmulDescAttributes_t as DescAttr, cublasLtMatmulDesc_t,
     cublasLtMatmulPreferenceAttributes_t as PrefAttr, cublasLtMatmulPreference_t,
-    cublasLtMatrixLayoutAttribute_t as LayoutAttr, cublasLtMatrixLayout_t, cudaDataType,
+    cublasLtMatrixLayoutAttribute_t as LayoutAttr, cublasLtMatrixLayout_t, cublasStatus_t,
+    cudaDataType,
 };
 use cudarc::driver::CudaSlice;
 use std::collections::HashMap;
@@ -110,6 +111,8 @@ pub struct GemmStats {
     pub cublas: u64,
     /// Epilogues run as separate kernels because cuBLASLt had no algorithm for them.
     pub separate_epilogues: u64,
+    /// Distinct problems whose algorithm `cublasLtMatmul` then declined (they run on cuBLAS).
+    pub refused_problems: u64,
 }
 
 impl GemmStats {
@@ -122,6 +125,9 @@ impl GemmStats {
             separate_epilogues: self
                 .separate_epilogues
                 .saturating_sub(earlier.separate_epilogues),
+            refused_problems: self
+                .refused_problems
+                .saturating_sub(earlier.refused_problems),
         }
     }
 }
@@ -132,7 +138,15 @@ impl std::fmt::Display for GemmStats {
             f,
             "{} cuBLASLt ({} with fused bias/bias-gradient epilogue), {} cuBLAS, {} epilogues as separate kernels",
             self.cublaslt, self.fused_epilogues, self.cublas, self.separate_epilogues
-        )
+        )?;
+        if self.refused_problems > 0 {
+            write!(
+                f,
+                ", {} problems refused by cuBLASLt",
+                self.refused_problems
+            )?;
+        }
+        Ok(())
     }
 }
 
@@ -180,6 +194,7 @@ pub(super) struct LtGemm {
     pub fused: AtomicU64,
     pub cublas: AtomicU64,
     pub separate: AtomicU64,
+    pub refused: AtomicU64,
 }
 
 // SAFETY: the handle is only used on the backend's single stream, under `&CudaBackend`; the
@@ -227,6 +242,7 @@ impl LtGemm {
             fused: AtomicU64::new(0),
             cublas: AtomicU64::new(0),
             separate: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
         })
     }
 
@@ -236,6 +252,7 @@ impl LtGemm {
             fused_epilogues: self.fused.load(Ordering::Relaxed),
             cublas: self.cublas.load(Ordering::Relaxed),
             separate_epilogues: self.separate.load(Ordering::Relaxed),
+            refused_problems: self.refused.load(Ordering::Relaxed),
         }
     }
 }
@@ -410,7 +427,7 @@ impl CudaBackend {
         // them against the shape); C and D are the same buffer with the same layout, which
         // cuBLASLt allows in place; the workspace holds at least `workspace_size` bytes (the
         // heuristic was told the maximum); alpha/beta are f32 as the f32 scale type requires.
-        unsafe {
+        let launched = unsafe {
             lt::matmul(
                 self.lt.handle,
                 desc.0,
@@ -429,8 +446,27 @@ impl CudaBackend {
                 workspace_size,
                 stream.cu_stream() as _,
             )
+        };
+        if let Err(e) = launched {
+            if !is_refusal(e.0) {
+                return Err(cuda_error("cublasLtMatmul", e));
+            }
+            // A refusal launches nothing: remember it for this problem, say so once, and let
+            // the caller take cuBLAS (counted there).
+            self.lt
+                .choices
+                .lock()
+                .map_err(|_| Error::Cuda("cuBLASLt heuristic cache poisoned".into()))?
+                .insert(key, None);
+            if self.lt.refused.fetch_add(1, Ordering::Relaxed) == 0 {
+                eprintln!(
+                    "warning: cuBLASLt refused a {}x{}x{} GEMM ({kind:?} epilogue, batch {}): \
+                     {e}; such problems run on cuBLAS (further refusals are only counted)",
+                    problem.cols, problem.depth, problem.rows, problem.batch
+                );
+            }
+            return Ok(LtOutcome::Unsupported);
         }
-        .map_err(lt_error("cublasLtMatmul"))?;
         self.lt.cublaslt.fetch_add(1, Ordering::Relaxed);
         if kind != EpilogueKind::None {
             self.lt.fused.fetch_add(1, Ordering::Relaxed);
@@ -533,6 +569,18 @@ impl CudaBackend {
     }
 }
 
+/// Statuses with which `cublasLtMatmul` declines a problem before launching anything (the
+/// heuristic's algorithm does not fit after all): the cuBLAS path can take it instead. Other
+/// failures (execution, allocation, internal errors) are real errors.
+fn is_refusal(status: cublasStatus_t) -> bool {
+    matches!(
+        status,
+        cublasStatus_t::CUBLAS_STATUS_INVALID_VALUE
+            | cublasStatus_t::CUBLAS_STATUS_NOT_SUPPORTED
+            | cublasStatus_t::CUBLAS_STATUS_ARCH_MISMATCH
+    )
+}
+
 /// The device address of a buffer (all work is on the backend's one stream).
 fn device_address<T>(buf: &CudaSlice<T>, stream: &cudarc::driver::CudaStream) -> u64 {
     use cudarc::driver::DevicePtr;
@@ -551,6 +599,15 @@ mod tests {
         assert_eq!(alignment(0x1002), 2);
         assert_eq!(alignment(0x1001), 1);
         assert_eq!(alignment(0x1180), 128);
+    }
+
+    #[test]
+    fn only_refusals_fall_back_to_cublas() {
+        assert!(is_refusal(cublasStatus_t::CUBLAS_STATUS_NOT_SUPPORTED));
+        assert!(is_refusal(cublasStatus_t::CUBLAS_STATUS_INVALID_VALUE));
+        assert!(!is_refusal(cublasStatus_t::CUBLAS_STATUS_EXECUTION_FAILED));
+        assert!(!is_refusal(cublasStatus_t::CUBLAS_STATUS_ALLOC_FAILED));
+        assert!(!is_refusal(cublasStatus_t::CUBLAS_STATUS_INTERNAL_ERROR));
     }
 
     #[test]
