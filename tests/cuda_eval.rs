@@ -90,7 +90,12 @@ fn a_cuda_trainer_evaluates_its_teacher_in_place_without_new_step_allocations() 
     let plan = micro_plan(Method::Dinov2);
     let size = plan.global_crop_size;
     let mut cuda = Trainer::new_on(plan, ResolvedDevice::Cuda(Box::new(gpu))).unwrap();
-    let initial = cuda.teacher.clone();
+    // Noisy weights: at the official init LayerScale (1e-5) mutes every block, and the CLS
+    // token would barely see the bf16 GEMMs.
+    let initial = noisy_params(&cuda.model.table, 90);
+    cuda.student = initial.clone();
+    cuda.teacher = initial.clone();
+    cuda.sync_to_device().unwrap();
     for step in 0..2 {
         let (g, l) = crops(&cuda, step);
         cuda.train_step(&g, &l).unwrap();
