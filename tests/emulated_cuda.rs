@@ -348,14 +348,7 @@ fn eval_feature_tests_pass_on_the_emulated_device() {
     run_gpu_tests("cuda_eval");
 }
 
-/// Copies `tests/data/kinds/<file>` to `dir/<name>` for each pair.
-fn small_images(dir: &Path, files: &[(&str, &str)]) {
-    for (from, to) in files {
-        let dest = dir.join(to);
-        std::fs::create_dir_all(dest.parent().unwrap()).unwrap();
-        std::fs::copy(manifest().join("tests/data/kinds").join(from), dest).unwrap();
-    }
-}
+mod knn_support;
 
 /// A micro backbone (D 32, patch 4, one register) with random weights, exported with its
 /// architecture to `dir/model.safetensors`.
@@ -390,7 +383,7 @@ fn embed_on_the_emulated_device_matches_embed_on_the_cpu() {
     let tmp = tempfile::tempdir().unwrap();
     let model = random_micro_backbone(tmp.path());
     let data = tmp.path().join("images");
-    small_images(
+    knn_support::small_images(
         &data,
         &[
             ("rgb.png", "a.png"),
@@ -457,73 +450,19 @@ fn embed_on_the_emulated_device_matches_embed_on_the_cpu() {
 }
 
 #[test]
-fn training_on_the_emulated_device_reports_a_knn_accuracy() {
+fn training_on_the_emulated_device_reports_the_knn_that_the_knn_command_computes() {
     let Some(driver) = driver() else { return };
     let tmp = tempfile::tempdir().unwrap();
-    let (train, val) = (tmp.path().join("knn_train"), tmp.path().join("knn_val"));
-    small_images(
-        &train,
-        &[
-            ("rgb.png", "colour/1.png"),
-            ("palette.png", "colour/2.png"),
-            ("baseline.jpg", "colour/3.jpg"),
-            ("gray.jpg", "grey/1.jpg"),
-            ("image.pgm", "grey/2.pgm"),
-            ("gray-alpha.png", "grey/3.png"),
-        ],
-    );
-    small_images(
-        &val,
-        &[
-            ("rgba.png", "colour/1.png"),
-            ("image.ppm", "colour/2.ppm"),
-            ("gray16.png", "grey/1.png"),
-        ],
-    );
-    let out = tmp.path().join("run");
-    let set = |key: &str, dir: &Path| format!("{key}={}", dir.display());
-    let output = emulated(Path::new(env!("CARGO_BIN_EXE_dinotrain")), driver)
-        .args(["train", "--out"])
-        .arg(&out)
-        .args(["--steps", "2"])
-        .args(run_support::SMALL)
-        .args(["--device", "cuda"])
-        .args([
-            "--set",
-            "dinotrain.knn=true",
-            "--set",
-            "dinotrain.knn_every=1",
-        ])
-        .args(["--set", &set("dinotrain.knn_train", &train)])
-        .args(["--set", &set("dinotrain.knn_val", &val)])
-        .output()
-        .unwrap();
-    let text = report(&output);
-    assert!(output.status.success(), "{text}");
-    let log = std::fs::read_to_string(out.join("train.log")).unwrap_or_default();
+    // k-NN at initialisation (host weights uploaded), after step 1 and at the end (the device
+    // teacher read in place), then `knn --device cuda` on the exported teacher.
+    let log = knn_support::check_training_knn(tmp.path(), "cuda", run_support::SMALL, &|args| {
+        emulated(Path::new(env!("CARGO_BIN_EXE_dinotrain")), driver)
+            .args(args)
+            .output()
+            .unwrap()
+    });
     assert!(
         log.contains("emulated CUDA device"),
-        "not trained on the device:\n{log}\n{text}"
-    );
-    // At initialisation (host weights uploaded), after step 1 (the device teacher) and at the end.
-    assert!(
-        log.contains("k-NN top-1 (k=") && log.contains("at initialisation"),
-        "{log}"
-    );
-    assert!(log.contains("step 1: k-NN top-1"), "{log}");
-    let knn: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("knn.json")).unwrap()).unwrap();
-    for key in ["initial_top1", "trained_top1"] {
-        assert!(
-            knn[key]
-                .as_f64()
-                .is_some_and(|v| (0.0..=100.0).contains(&v)),
-            "{key}: {knn}"
-        );
-    }
-    assert_eq!(
-        (knn["n_train"].as_u64(), knn["n_test"].as_u64()),
-        (Some(6), Some(3)),
-        "{knn}"
+        "not trained on the device:\n{log}"
     );
 }

@@ -70,11 +70,9 @@ pub struct CudaFeatures<'a> {
 pub enum FeatureExtractor<'a> {
     /// `params` is a flat parameter buffer the `vit` views index (the backbone alone or the
     /// whole SSL model).
-    Cpu {
-        vit: &'a Vit,
-        params: &'a [f32],
-    },
-    Cuda(CudaFeatures<'a>),
+    Cpu { vit: &'a Vit, params: &'a [f32] },
+    /// Boxed: the GPU backbone's state is large next to two references.
+    Cuda(Box<CudaFeatures<'a>>),
 }
 
 impl<'a> FeatureExtractor<'a> {
@@ -95,14 +93,14 @@ impl<'a> FeatureExtractor<'a> {
     }
 
     fn cuda_with(gpu: &'a mut CudaBackend, vit: &'a Vit, weights: DeviceParams<'a>) -> Self {
-        FeatureExtractor::Cuda(CudaFeatures {
+        FeatureExtractor::Cuda(Box::new(CudaFeatures {
             gpu,
             vit,
             weights,
             runner: GpuVit::new(vit),
             shape: None,
             chunk: DEVICE_CHUNK,
-        })
+        }))
     }
 
     /// At most `chunk` images per device forward (at least 1); the CPU runs a batch whole.
