@@ -371,3 +371,127 @@ fn bench_times_the_step_on_the_emulated_device() {
     assert_eq!(gemms["separate_epilogues"], 0, "{gemms}");
     assert_eq!(gemms["cublas"], 0, "{gemms}");
 }
+
+#[test]
+fn eval_feature_tests_pass_on_the_emulated_device() {
+    run_gpu_tests("cuda_eval");
+}
+
+mod knn_support;
+
+/// A micro backbone (D 32, patch 4, one register) with random weights, exported with its
+/// architecture to `dir/model.safetensors`.
+fn random_micro_backbone(dir: &Path) -> PathBuf {
+    use dinotrain::eval::backbone::arch_metadata;
+    use dinotrain::nn::{params::ParamTable, Preset, Vit};
+    use dinotrain::train::export::{export_backbone, KeyNaming};
+    let cfg = Preset::Micro.config(16, 4, 1);
+    let mut table = ParamTable::new();
+    Vit::new(&cfg, &mut table, "backbone.");
+    let mut params = table.init(&mut dinotrain::rng::keyed(
+        5,
+        &[dinotrain::rng::stream::INIT],
+    ));
+    let noise = dinotrain::rng::uniform_vec(6, params.len(), 0.1);
+    params.iter_mut().zip(noise).for_each(|(p, n)| *p += n);
+    let path = dir.join("model.safetensors");
+    export_backbone(
+        &path,
+        &table,
+        &params,
+        KeyNaming::Official,
+        &arch_metadata(&cfg),
+    )
+    .unwrap();
+    path
+}
+
+#[test]
+fn embed_on_the_emulated_device_matches_embed_on_the_cpu() {
+    let Some(driver) = driver() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let model = random_micro_backbone(tmp.path());
+    let data = tmp.path().join("images");
+    knn_support::small_images(
+        &data,
+        &[
+            ("rgb.png", "a.png"),
+            ("baseline.jpg", "b.jpg"),
+            ("palette.png", "c/c.png"),
+            ("gray.jpg", "d.jpg"),
+        ],
+    );
+    let embed = |device: &str| {
+        let out = tmp.path().join(format!("{device}.safetensors"));
+        let output = emulated(Path::new(env!("CARGO_BIN_EXE_dinotrain")), driver)
+            .args(["embed", "--model"])
+            .arg(&model)
+            .arg("--data")
+            .arg(&data)
+            .arg("--out")
+            .arg(&out)
+            .args([
+                "--size",
+                "16",
+                "--patch-mean",
+                "--batch",
+                "3",
+                "--device",
+                device,
+            ])
+            .output()
+            .unwrap();
+        let text = report(&output);
+        assert!(output.status.success(), "embed --device {device}:\n{text}");
+        let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+        (dinotrain::io::TensorFile::read(&out).unwrap(), stderr)
+    };
+    let (gpu, gpu_log) = embed("cuda");
+    let (cpu, cpu_log) = embed("cpu");
+    assert!(
+        gpu_log.contains("embedding on cuda") && gpu_log.contains("emulated CUDA device"),
+        "{gpu_log}"
+    );
+    assert!(cpu_log.contains("embedding on cpu"), "{cpu_log}");
+    assert_eq!(gpu.metadata["files"], cpu.metadata["files"]);
+    for name in ["cls", "patch_mean"] {
+        let (g, c) = match (&gpu.tensors[name], &cpu.tensors[name]) {
+            (dinotrain::io::Value::F32(g), dinotrain::io::Value::F32(c)) => (g, c),
+            _ => panic!("{name}: not f32"),
+        };
+        assert_eq!(g.shape, vec![4, 32], "{name}");
+        assert_eq!(g.shape, c.shape, "{name}");
+        // bf16 GEMM operands and attention, a few roundings per layer on O(1) final-norm
+        // values: the bound of the backbone's forward tests.
+        let diff: f64 = g
+            .data
+            .iter()
+            .zip(&c.data)
+            .map(|(a, b)| (*a as f64 - *b as f64).powi(2))
+            .sum();
+        let norm: f64 = c.data.iter().map(|b| (*b as f64).powi(2)).sum();
+        let err = (diff / norm).sqrt();
+        assert!(
+            err <= 1e-2,
+            "{name}: relative error {err:.3e} between cuda and cpu"
+        );
+    }
+}
+
+#[test]
+fn training_on_the_emulated_device_reports_the_knn_that_the_knn_command_computes() {
+    let Some(driver) = driver() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    // k-NN at initialisation (host weights uploaded), after step 1 and at the end (the device
+    // teacher read in place), then `knn --device cuda` on the exported teacher.
+    let log = knn_support::check_training_knn(tmp.path(), "cuda", run_support::SMALL, &|args| {
+        emulated(Path::new(env!("CARGO_BIN_EXE_dinotrain")), driver)
+            .args(args)
+            .output()
+            .unwrap()
+    });
+    assert!(
+        log.contains("emulated CUDA device"),
+        "not trained on the device:\n{log}"
+    );
+}

@@ -3,6 +3,8 @@
 
 use anyhow::Context;
 use clap::{Args, ValueEnum};
+use dinotrain::backend::cuda::{resolve_device, ResolvedDevice};
+use dinotrain::backend::Device;
 use dinotrain::data::scan::ScanOptions;
 use dinotrain::data::source::{DecodeOptions, FolderSource};
 use dinotrain::data::ImageSource;
@@ -51,9 +53,21 @@ pub struct EmbedArgs {
     /// Output format; by default from the extension of --out (.npy, .csv, else safetensors).
     #[arg(long, value_enum)]
     pub format: Option<Format>,
-    /// Images per forward pass.
+    /// Images per forward pass (on a CUDA device, split into forwards of at most 128).
     #[arg(long, default_value_t = 64)]
     pub batch: usize,
+    /// Where the backbone runs: auto (CUDA device 0 when usable, else the CPU), cpu, cuda or
+    /// cuda:N.
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+}
+
+/// Resolves a `--device` flag once (auto falls back to the CPU with one line saying why).
+pub fn resolve_eval_device(flag: &str) -> anyhow::Result<ResolvedDevice> {
+    let device = flag
+        .parse::<Device>()
+        .with_context(|| format!("--device {flag}"))?;
+    Ok(resolve_device(device)?)
 }
 
 /// Runs `embed`.
@@ -70,8 +84,11 @@ pub fn run(args: &EmbedArgs) -> anyhow::Result<()> {
     } else {
         PatchMean::Skip
     };
+    let mut device = resolve_eval_device(&args.device)?;
+    let mut extractor = backbone.extractor(&mut device)?;
+    eprintln!("embedding on {}", extractor.device_name());
     let start = std::time::Instant::now();
-    let emb = backbone.embed(&source, args.size, args.batch, mode)?;
+    let emb = backbone.embed(&mut extractor, &source, args.size, args.batch, mode)?;
     warn_skipped(&source, &emb);
     let names: Vec<String> = emb
         .kept

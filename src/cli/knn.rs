@@ -6,7 +6,7 @@ use dinotrain::data::scan::{Labels, ScanOptions};
 use dinotrain::data::source::{DecodeOptions, FolderSource};
 use dinotrain::data::{demo_split, ImageSource, Split};
 use dinotrain::eval::backbone::{load_backbone, Embeddings, LoadedBackbone, PatchMean};
-use dinotrain::eval::{knn_classify, topk_accuracy};
+use dinotrain::eval::{knn_classify, topk_accuracy, FeatureExtractor};
 use std::path::PathBuf;
 
 /// Images per forward pass.
@@ -42,6 +42,10 @@ pub struct KnnArgs {
     /// Softmax temperature of the neighbour weights (official: 0.07).
     #[arg(long, default_value_t = 0.07)]
     pub temperature: f32,
+    /// Where the backbone runs: auto (CUDA device 0 when usable, else the CPU), cpu, cuda or
+    /// cuda:N.
+    #[arg(long, default_value = "auto")]
+    pub device: String,
 }
 
 /// Features and labels of one split.
@@ -56,16 +60,20 @@ pub fn run(args: &KnnArgs) -> anyhow::Result<()> {
     let size = args
         .size
         .unwrap_or_else(|| backbone.cfg.img_size.min(MAX_DEFAULT_SIZE));
+    let mut device = super::embed::resolve_eval_device(&args.device)?;
+    let mut extractor = backbone.extractor(&mut device)?;
+    eprintln!("embedding on {}", extractor.device_name());
+    let fx = &mut extractor;
     let start = std::time::Instant::now();
     let (train, val, num_classes) = match (&args.train, &args.val) {
-        (Some(train), Some(val)) => folders(&backbone, train, val, size)?,
+        (Some(train), Some(val)) => folders(&backbone, fx, train, val, size)?,
         _ => {
             let train = demo_split(Split::Train)?;
             let test = demo_split(Split::Test)?;
             let classes = train.class_names.len();
             (
-                features(&backbone, &train, size, None)?,
-                features(&backbone, &test, size, None)?,
+                features(&backbone, fx, &train, size, None)?,
+                features(&backbone, fx, &test, size, None)?,
                 classes,
             )
         }
@@ -99,6 +107,7 @@ pub fn run(args: &KnnArgs) -> anyhow::Result<()> {
 /// Both labelled folders, with the val classes mapped onto the train classes by name.
 fn folders(
     backbone: &LoadedBackbone,
+    fx: &mut FeatureExtractor<'_>,
     train: &std::path::Path,
     val: &std::path::Path,
     size: usize,
@@ -122,8 +131,8 @@ fn folders(
     }
     let classes = train_src.classes.len();
     Ok((
-        features(backbone, &train_src, size, None)?,
-        features(backbone, &val_src, size, Some(&to_train))?,
+        features(backbone, fx, &train_src, size, None)?,
+        features(backbone, fx, &val_src, size, Some(&to_train))?,
         classes,
     ))
 }
@@ -132,11 +141,12 @@ fn folders(
 /// `remap` when given); an unlabelled image is an error.
 fn features(
     backbone: &LoadedBackbone,
+    fx: &mut FeatureExtractor<'_>,
     source: &dyn ImageSource,
     size: usize,
     remap: Option<&[usize]>,
 ) -> anyhow::Result<Labelled> {
-    let emb: Embeddings = backbone.embed(source, size, BATCH, PatchMean::Skip)?;
+    let emb: Embeddings = backbone.embed(fx, source, size, BATCH, PatchMean::Skip)?;
     super::embed::warn_skipped(source, &emb);
     let labels = emb
         .kept

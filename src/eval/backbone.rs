@@ -5,9 +5,12 @@
 //! from the `dinotrain.arch` metadata that dinotrain writes into every export, or from the
 //! tensor shapes of the file ([`infer_config`]).
 
+use crate::backend::cuda::ResolvedDevice;
 use crate::data::ImageSource;
 use crate::error::{Error, Result};
 use crate::eval::embed::eval_transform;
+use crate::eval::features::FeatureExtractor;
+pub use crate::eval::features::PatchMean;
 use crate::io::keys::Tensors;
 use crate::nn::params::ParamTable;
 use crate::nn::swiglu::swiglu_width;
@@ -262,13 +265,6 @@ fn swiglu_ffn(s: &[usize], d: usize) -> Option<Ffn> {
         .map(|hidden| Ffn::SwiGlu { hidden })
 }
 
-/// Whether [`LoadedBackbone::embed`] also averages the patch tokens.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum PatchMean {
-    Skip,
-    Compute,
-}
-
 /// Embeddings of the readable images of a source.
 #[derive(Clone, Debug, Default)]
 pub struct Embeddings {
@@ -284,11 +280,19 @@ pub struct Embeddings {
 }
 
 impl LoadedBackbone {
+    /// This backbone on `device`: the CPU, or a CUDA device its weights are uploaded to (once,
+    /// for as long as the extractor lives).
+    pub fn extractor<'a>(&'a self, device: &'a mut ResolvedDevice) -> Result<FeatureExtractor<'a>> {
+        FeatureExtractor::on(device, &self.vit, &self.params)
+    }
+
     /// Embeds every image of `source` with the official evaluation transform at `size` pixels,
-    /// `batch` images per forward. Unreadable images are skipped and listed; a source without
-    /// any readable image is an error.
+    /// `batch` images decoded per forward, with `extractor` (this backbone on either device,
+    /// from [`LoadedBackbone::extractor`]). Unreadable images are skipped and listed; a source
+    /// without any readable image is an error.
     pub fn embed(
         &self,
+        extractor: &mut FeatureExtractor<'_>,
         source: &dyn ImageSource,
         size: usize,
         batch: usize,
@@ -300,6 +304,11 @@ impl LoadedBackbone {
                 "image size {size} must be a positive multiple of the patch size {p}, \
                  and the batch ({batch}) positive"
             )));
+        }
+        if extractor.vit().cfg != self.cfg {
+            return Err(Error::Config(
+                "embed: the feature extractor runs another backbone than this one".into(),
+            ));
         }
         let d = self.cfg.embed_dim;
         let per = self.cfg.in_chans * size * size;
@@ -344,12 +353,10 @@ impl LoadedBackbone {
                 continue;
             }
             images.truncate(rows * per);
-            let o = self
-                .vit
-                .forward_inference(&self.params, &images, rows, size, size, None)?;
-            out.cls.extend_from_slice(&o.cls);
-            if let Some(pm) = out.patch_mean.as_mut() {
-                pm.extend(mean_rows(&o.patch, rows, o.n_patches, d));
+            let f = extractor.features(&images, rows, size, patch_mean)?;
+            out.cls.extend_from_slice(&f.cls);
+            if let (Some(pm), Some(f_pm)) = (out.patch_mean.as_mut(), f.patch_mean) {
+                pm.extend_from_slice(&f_pm);
             }
         }
         if out.kept.is_empty() {
@@ -362,21 +369,6 @@ impl LoadedBackbone {
         }
         Ok(out)
     }
-}
-
-/// `x [b, n, d]` → `[b, d]`, the mean over `n` (accumulated in f64).
-fn mean_rows(x: &[f32], b: usize, n: usize, d: usize) -> Vec<f32> {
-    let mut out = Vec::with_capacity(b * d);
-    for img in x.chunks(n * d).take(b) {
-        let mut acc = vec![0f64; d];
-        for row in img.chunks(d) {
-            for (a, &v) in acc.iter_mut().zip(row) {
-                *a += v as f64;
-            }
-        }
-        out.extend(acc.iter().map(|&a| (a / n.max(1) as f64) as f32));
-    }
-    out
 }
 
 #[cfg(test)]
@@ -441,11 +433,5 @@ mod tests {
         t.remove("pos_embed");
         let err = infer_config(&t, heads).unwrap_err();
         assert!(err.to_string().contains("pos_embed"), "{err}");
-    }
-
-    #[test]
-    fn patch_mean_averages_each_image() {
-        let x = [1.0, 2.0, 3.0, 4.0, 10.0, 20.0, 30.0, 40.0]; // [2, 2, 2]
-        assert_eq!(mean_rows(&x, 2, 2, 2), vec![2.0, 3.0, 20.0, 30.0]);
     }
 }

@@ -1,12 +1,13 @@
-//! Evaluation features: the official evaluation transform and the teacher backbone's normalised
-//! CLS token (what the official k-NN uses), and k-NN accuracy of a labelled source.
+//! Evaluation inputs and accuracy: the official evaluation transform, the final-norm CLS
+//! features of a whole source (on either device, through [`FeatureExtractor`]), and k-NN
+//! accuracy of a labelled source.
 
 use crate::data::augment::normalize_chw;
 use crate::data::resize::{resize_bicubic, Rect};
 use crate::data::{ImageSource, RgbImage};
 use crate::error::{Error, Result};
+use crate::eval::features::{FeatureExtractor, PatchMean};
 use crate::eval::knn_classify;
-use crate::ssl::step::SslModel;
 use rayon::prelude::*;
 
 /// ImageNet normalisation (the official transforms).
@@ -44,22 +45,22 @@ pub fn eval_transform(out: &mut [f32], img: &RgbImage, size: usize) {
     normalize_chw(out, &crop, MEAN, STD);
 }
 
-/// Normalised CLS features `[n, D]` of every image of `source` under `params`, at `size`
-/// pixels, in chunks of `chunk` images. Unreadable images are an error naming the file.
+/// Final-norm CLS features `[n, D]` of every image of `source` from `extractor` (either
+/// device), at `size` pixels, decoded and transformed on the host in chunks of `chunk` images.
+/// Unreadable images are an error naming the file.
 pub fn source_features(
-    model: &SslModel,
-    params: &[f32],
+    extractor: &mut FeatureExtractor<'_>,
     source: &dyn ImageSource,
     size: usize,
     chunk: usize,
 ) -> Result<Vec<f32>> {
     let n = source.len();
     let per = 3 * size * size;
-    let d = model.backbone.cfg.embed_dim;
+    let d = extractor.vit().cfg.embed_dim;
     let mut features = Vec::with_capacity(n * d);
     for start in (0..n).step_by(chunk.max(1)) {
         let m = chunk.max(1).min(n - start);
-        let mut images = vec![0f32; m * per];
+        let mut images = vec![0f32; m * per]; // [m, 3, size, size]
         images
             .par_chunks_mut(per)
             .enumerate()
@@ -70,10 +71,8 @@ pub fn source_features(
                 eval_transform(out, &img, size);
                 Ok::<(), Error>(())
             })?;
-        let o = model
-            .backbone
-            .forward_inference(params, &images, m, size, size, None)?;
-        features.extend_from_slice(&o.cls);
+        let f = extractor.features(&images, m, size, PatchMean::Skip)?;
+        features.extend_from_slice(&f.cls);
     }
     Ok(features)
 }

@@ -13,6 +13,8 @@ use crate::backend::cuda::model::targets::GpuTargets;
 use crate::backend::cuda::model::DeviceWeights;
 use crate::backend::cuda::{cuda_error, CudaBackend};
 use crate::error::Result;
+use crate::eval::FeatureExtractor;
+use crate::nn::Vit;
 use crate::optim::{AdamW, ParamGroups, ScheduledValues, SubmoduleSpan};
 use crate::rng::Rng;
 use crate::ssl::step::{LossConfig, SslModel, StepBatch, StepOutput, TeacherTargets};
@@ -193,6 +195,23 @@ impl DeviceTrainer {
             &optimizer.state.exp_avg_sq,
         )?;
         self.targets.upload_from(gpu, targets)
+    }
+
+    /// Evaluation features of the device teacher, read in place (no parameter download). The
+    /// extractor runs its own backbone workspace, dropped with it, so an evaluation leaves
+    /// neither memory nor allocations behind ([`DeviceTrainer::allocations`] does not count it).
+    pub fn teacher_features<'a>(&'a mut self, vit: &'a Vit) -> FeatureExtractor<'a> {
+        FeatureExtractor::cuda(&mut self.gpu, vit, &self.teacher)
+    }
+
+    /// Evaluation features of host parameters (the initial weights of a resumed run), uploaded
+    /// for the extractor and freed with it.
+    pub fn host_features<'a>(
+        &'a mut self,
+        vit: &'a Vit,
+        params: &[f32],
+    ) -> Result<FeatureExtractor<'a>> {
+        FeatureExtractor::cuda_uploading(&mut self.gpu, vit, params)
     }
 
     /// The device's name for logs.

@@ -13,7 +13,7 @@ use super::metrics::{MetricsWriter, StepMetrics};
 use super::outdir::{OutdirMode, RunDir, RunLog};
 use super::plot;
 use super::progress::{Progress, ProgressMode, StepReport};
-use super::trainer::{StepRecord, TrainPlan, Trainer};
+use super::trainer::{EvalWeights, StepRecord, TrainPlan, Trainer};
 use crate::backend::cpu::optimizer::AdamHyper;
 use crate::backend::cuda::resolve_device;
 use crate::data::scan::Labels;
@@ -237,10 +237,15 @@ fn knn_sources(r: &ResolvedConfig) -> Result<Option<KnnSources>> {
     }
 }
 
-/// k-NN top-1 (%) of `params`' backbone features at k = `k`.
+/// Images decoded and transformed on the host per batch of the k-NN features (the device
+/// splits a batch further into its own chunks).
+const KNN_HOST_CHUNK: usize = 256;
+
+/// k-NN top-1 (%) of the backbone features of `weights` at k = `k`, computed on the trainer's
+/// device.
 fn knn_accuracy(
-    trainer: &Trainer,
-    params: &[f32],
+    trainer: &mut Trainer,
+    weights: EvalWeights<'_>,
     sources: &KnnSources,
     k: usize,
     temperature: f32,
@@ -248,8 +253,13 @@ fn knn_accuracy(
     let size = trainer.plan.global_crop_size;
     let (train, test) = sources;
     let d = trainer.model.backbone.cfg.embed_dim;
-    let train_f = source_features(&trainer.model, params, train.as_ref(), size, 256)?;
-    let test_f = source_features(&trainer.model, params, test.as_ref(), size, 256)?;
+    let (train_f, test_f) = {
+        let mut extractor = trainer.feature_extractor(weights)?;
+        (
+            source_features(&mut extractor, train.as_ref(), size, KNN_HOST_CHUNK)?,
+            source_features(&mut extractor, test.as_ref(), size, KNN_HOST_CHUNK)?,
+        )
+    };
     let k = k.min(train.len());
     let acc = knn_top1(
         &train_f,
@@ -555,7 +565,13 @@ pub fn train(options: TrainOptions) -> Result<TrainSummary> {
     let initial_knn = match &knn {
         Some(sources) if first_step < total || !resuming => {
             progress.message("k-NN of the model at initialisation ...");
-            Some(knn_accuracy(&trainer, &initial, sources, k, temperature)?)
+            Some(knn_accuracy(
+                &mut trainer,
+                EvalWeights::Host(&initial),
+                sources,
+                k,
+                temperature,
+            )?)
         }
         _ => None,
     };
@@ -653,8 +669,9 @@ pub fn train(options: TrainOptions) -> Result<TrainSummary> {
         }
         if let Some(sources) = &knn {
             if every(d.knn_every, step) && trainer.step < total {
-                trainer.sync_to_host()?;
-                let acc = knn_accuracy(&trainer, &trainer.teacher, sources, k, temperature)?;
+                // The teacher is read where it lives: no download of the whole state.
+                let acc =
+                    knn_accuracy(&mut trainer, EvalWeights::Teacher, sources, k, temperature)?;
                 progress.message(&format!("step {}: k-NN top-1 (k={k}) {acc:.2}%", step + 1));
                 log.line(&format!("step {}: k-NN top-1 (k={k}) {acc:.2}%", step + 1))?;
             }
@@ -694,7 +711,8 @@ pub fn train(options: TrainOptions) -> Result<TrainSummary> {
 
     let knn_report = match (&knn, initial_knn) {
         (Some(sources), Some(initial_top1)) => {
-            let trained = knn_accuracy(&trainer, &trainer.teacher, sources, k, temperature)?;
+            let trained =
+                knn_accuracy(&mut trainer, EvalWeights::Teacher, sources, k, temperature)?;
             let report = KnnReport {
                 k,
                 initial_top1,

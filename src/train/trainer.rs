@@ -14,6 +14,7 @@ use super::device::{DeviceTrainer, IterationInputs};
 use crate::backend::cpu::optimizer::AdamHyper;
 use crate::backend::cuda::ResolvedDevice;
 use crate::error::{Error, Result};
+use crate::eval::FeatureExtractor;
 use crate::nn::VitConfig;
 use crate::optim::{
     clip_grad_norms, ema_update, AdamW, LayerDecay, ParamGroups, ScheduledValues, Schedules,
@@ -51,6 +52,15 @@ pub struct TrainPlan {
     pub adam: AdamHyper,
     pub clip_grad: f32,
     pub seed: u64,
+}
+
+/// The weights an evaluation reads.
+#[derive(Clone, Copy, Debug)]
+pub enum EvalWeights<'a> {
+    /// The current teacher, wherever it lives.
+    Teacher,
+    /// Host parameters of the whole model's layout (e.g. the initial weights).
+    Host(&'a [f32]),
 }
 
 /// What one iteration reports.
@@ -155,6 +165,22 @@ impl Trainer {
     /// `None` on the CPU.
     pub fn gemm_stats(&self) -> Option<crate::backend::cuda::GemmStats> {
         self.device.as_ref().map(|d| d.gpu.gemm_stats())
+    }
+
+    /// A feature extractor of the backbone with `weights`, on the trainer's device. On CUDA the
+    /// teacher is read where it lives (no [`Trainer::sync_to_host`] needed) and host weights
+    /// are uploaded for the extractor's lifetime.
+    pub fn feature_extractor<'a>(
+        &'a mut self,
+        weights: EvalWeights<'a>,
+    ) -> Result<FeatureExtractor<'a>> {
+        let vit = &self.model.backbone;
+        match (&mut self.device, weights) {
+            (Some(d), EvalWeights::Teacher) => Ok(d.teacher_features(vit)),
+            (Some(d), EvalWeights::Host(params)) => d.host_features(vit, params),
+            (None, EvalWeights::Teacher) => Ok(FeatureExtractor::cpu(vit, &self.teacher)),
+            (None, EvalWeights::Host(params)) => Ok(FeatureExtractor::cpu(vit, params)),
+        }
     }
 
     /// Refreshes the host copies (student, teacher, AdamW moments, centers) from the device;
