@@ -11,7 +11,8 @@ use cuda_support::{assert_close, gpu, randn, round_bf16, to_f64, uniform};
 use dinotrain::backend::cpu::{Accumulate, Transpose};
 use dinotrain::backend::cuda::{
     all_precompiled, bf16, compile_source_with_nvrtc, resolve_device, AttentionShape, CudaBackend,
-    EpilogueRun, GemmPath, GemmStats, GradWrite, KernelFamily, NormShape, ReduceOp, ResolvedDevice,
+    EpilogueRun, GemmPath, GemmStats, GradWrite, KernelFamily, LtOutcome, NormShape, ReduceOp,
+    ResolvedDevice,
 };
 use dinotrain::backend::Device;
 use dinotrain::Error;
@@ -222,6 +223,78 @@ fn gemm_bias_epilogue_matches_f64_fused_or_separate() {
                 &reference,
                 1e-4,
             );
+        }
+    }
+}
+
+#[test]
+fn gemm_to_bf16_rounds_the_biased_f32_result_once() {
+    let Some(mut gpu) = gpu() else { return };
+    let (m, k, n) = (40, 64, 56);
+    let x = round_bf16(&randn(60, m * k, 1.0));
+    let w = round_bf16(&randn(61, n * k, 0.2));
+    let bias = randn(62, n, 1.0);
+    let (dx, dw, dbias) = (
+        gpu.upload_bf16(&x).unwrap(),
+        gpu.upload_bf16(&w).unwrap(),
+        gpu.upload(&bias).unwrap(),
+    );
+    for with_bias in [true, false] {
+        let mut reference = vec![0.0f64; m * n];
+        gemm_reference(
+            &mut reference,
+            &x,
+            Transpose::No,
+            &w,
+            Transpose::Yes,
+            m,
+            k,
+            n,
+        );
+        if with_bias {
+            for (i, r) in reference.iter_mut().enumerate() {
+                *r += bias[i % n] as f64;
+            }
+        }
+        for path in PATHS {
+            gpu.set_gemm_path(path);
+            let untouched = vec![bf16::from_f32(7.0); m * n];
+            let mut dc = gpu.upload(&untouched).unwrap();
+            let outcome = gpu
+                .matmul_bf16_to_bf16(
+                    &mut dc,
+                    &dx,
+                    &dw,
+                    Transpose::Yes,
+                    with_bias.then_some(&dbias),
+                    m,
+                    k,
+                    n,
+                )
+                .unwrap();
+            let got = gpu.download_bf16(&dc).unwrap();
+            let name = format!("gemm to bf16 {path:?}, bias {with_bias}");
+            match outcome {
+                LtOutcome::Done => {
+                    assert_eq!(
+                        path,
+                        GemmPath::CublasLt,
+                        "{name}: cuBLAS has no bf16 output path"
+                    );
+                    // One rounding of O(1) values to bf16: relative error about 2^-9.
+                    assert_close(&name, &got, &reference, 4e-3);
+                }
+                LtOutcome::Unsupported => {
+                    assert!(
+                        path == GemmPath::Cublas || !is_emulated(&gpu),
+                        "{name}: the emulated cuBLASLt writes bf16"
+                    );
+                    assert!(
+                        got.iter().all(|&v| v == 7.0),
+                        "{name}: wrote without saying so"
+                    );
+                }
+            }
         }
     }
 }

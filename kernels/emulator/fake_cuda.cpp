@@ -345,7 +345,7 @@ const char* lt_unsupported(const LtDesc& d, const LtLayout& a, const LtLayout& b
     const int F32 = 0, BF16 = 14, COMPUTE_32F = 68;
     if (d.compute != COMPUTE_32F || d.scale != F32) return "compute/scale type";
     if (a.type != b.type || (a.type != BF16 && a.type != F32)) return "A/B type";
-    if (c.type != F32 || dl.type != F32) return "C/D type";
+    if (c.type != dl.type || (dl.type != F32 && !(dl.type == BF16 && a.type == BF16))) return "C/D type";
     if (a.order || b.order || c.order || dl.order) return "non-column-major order";
     if (d.epilogue != EPI_DEFAULT && d.epilogue != EPI_BIAS && d.epilogue != EPI_BGRADB) return "epilogue";
     if (d.epilogue != EPI_DEFAULT && (d.bias_type != -1 && d.bias_type != F32)) return "bias type";
@@ -464,16 +464,19 @@ cublasStatus_t cublasLtMatmul(void*, void* desc, const void* alpha, const void* 
         auto b_at = [&](long long p, long long j) {  // op(B)[p, j]
             return fake::lt_load(B, lb.type, e * lb.stride + (ds.transb ? j + p * lb.ld : p + j * lb.ld));
         };
-        const float* cin = static_cast<const float*>(C) + e * lc.stride;
-        float* dout = static_cast<float*>(D) + e * ld.stride;
+        const bool bf16_out = ld.type == 14;  // D (and C) bf16: rounded once, to nearest even
         for (long long j = 0; j < (long long)ld.cols; j++)
             for (long long i = 0; i < (long long)ld.rows; i++) {
                 float acc = 0.0f;
                 for (long long p = 0; p < k; p++) acc += a_at(i, p) * b_at(p, j);
                 float v = al * acc;
-                if (be != 0.0f) v += be * cin[i + j * lc.ld];  // beta 0 ignores C (may be NaN)
+                const long long ci = e * lc.stride + i + j * lc.ld, di = e * ld.stride + i + j * ld.ld;
+                if (be != 0.0f) v += be * fake::lt_load(C, lc.type, ci);  // beta 0 ignores C (may be NaN)
                 if (ds.epilogue == fake::EPI_BIAS) v += static_cast<const float*>(ds.bias)[i];
-                dout[i + j * ld.ld] = v;
+                if (bf16_out)
+                    static_cast<bf16_t*>(D)[di] = f32_to_bf16(v);
+                else
+                    static_cast<float*>(D)[di] = v;
             }
         if (ds.epilogue == fake::EPI_BGRADB)  // one sum per column of D, over k, from B
             for (long long j = 0; j < (long long)ld.cols; j++) {

@@ -79,6 +79,23 @@ impl GemmOperand for f32 {
     const LT_TYPE: LtDataType = LtDataType::CUDA_R_32F;
 }
 
+/// cuBLAS's operation for a transpose flag.
+pub(super) fn operation(t: Transpose) -> cublasOperation_t {
+    match t {
+        Transpose::No => cublasOperation_t::CUBLAS_OP_N,
+        Transpose::Yes => cublasOperation_t::CUBLAS_OP_T,
+    }
+}
+
+/// Rows of the stored column-major matrix whose `op` is `[rows, cols]` (its leading
+/// dimension, packed).
+fn stored_rows(t: Transpose, rows: usize, cols: usize) -> usize {
+    match t {
+        Transpose::No => rows,
+        Transpose::Yes => cols,
+    }
+}
+
 fn to_i32(what: &str, v: usize) -> Result<i32> {
     i32::try_from(v).map_err(|_| Error::shape("cuda gemm", format!("{what} = {v} exceeds i32")))
 }
@@ -208,6 +225,64 @@ impl CudaBackend {
         run
     }
 
+    /// `C[m,n] = bf16(A[m,k] · op(B) (+ bias[n]))`: bf16 output rounded once from the f32
+    /// accumulator (plus the f32 bias), for a consumer that reads bf16 only (the attention's
+    /// qkv). cuBLASLt only: [`LtOutcome::Unsupported`] (nothing ran) sends the caller to the
+    /// f32 GEMM and a cast.
+    #[allow(clippy::too_many_arguments)]
+    pub fn matmul_bf16_to_bf16(
+        &self,
+        c: &mut CudaSlice<bf16>,
+        a: &CudaSlice<bf16>,
+        b: &CudaSlice<bf16>,
+        tb: Transpose,
+        bias: Option<&CudaSlice<f32>>,
+        m: usize,
+        k: usize,
+        n: usize,
+    ) -> Result<LtOutcome> {
+        let shape = GemmShape::single(m, k, n);
+        let (need_a, need_b, need_c) = shape.required();
+        if a.len() != need_a || b.len() != need_b || c.len() != need_c {
+            return Err(Error::shape(
+                "cuda gemm to bf16",
+                format!(
+                    "{shape:?} needs A {need_a}, B {need_b}, C {need_c} elements; got {}, {}, {}",
+                    a.len(),
+                    b.len(),
+                    c.len()
+                ),
+            ));
+        }
+        if bias.is_some_and(|v| v.len() != n) {
+            return Err(Error::shape(
+                "cuda gemm to bf16",
+                format!("the bias must hold {n} values"),
+            ));
+        }
+        if m == 0 || n == 0 || k == 0 {
+            return Ok(LtOutcome::Unsupported);
+        }
+        let stream = self.stream.as_ref();
+        let (a_ptr, _a_sync) = a.device_ptr(stream);
+        let (b_ptr, _b_sync) = b.device_ptr(stream);
+        let (c_ptr, _c_sync) = c.device_ptr(stream);
+        let problem = LtProblem::row_major(
+            LtDataType::CUDA_R_16BF,
+            LtDataType::CUDA_R_16BF,
+            (a_ptr, Transpose::No),
+            (b_ptr, tb),
+            c_ptr,
+            shape,
+            Accumulate::Overwrite,
+        );
+        let mut epilogue = match bias {
+            Some(v) => Epilogue::AddColumnBias(v),
+            None => Epilogue::None,
+        };
+        self.matmul_lt(&problem, &mut epilogue)
+    }
+
     /// [`matmul_bf16_batched`](Self::matmul_bf16_batched) with f32 operands and plain f32
     /// arithmetic (no TF32): for the small products that must stay exact, such as resampling
     /// the position embedding.
@@ -256,14 +331,8 @@ impl CudaBackend {
         }
         let GemmShape { m, k, n, .. } = shape;
         // Column-major view: C^T[n,m] = op(B)^T[n,k] · op(A)^T[k,m].
-        let (op_b, ld_b) = match tb {
-            Transpose::No => (cublasOperation_t::CUBLAS_OP_N, n),
-            Transpose::Yes => (cublasOperation_t::CUBLAS_OP_T, k),
-        };
-        let (op_a, ld_a) = match ta {
-            Transpose::No => (cublasOperation_t::CUBLAS_OP_N, k),
-            Transpose::Yes => (cublasOperation_t::CUBLAS_OP_T, m),
-        };
+        let (op_b, ld_b) = (operation(tb), stored_rows(tb, n, k));
+        let (op_a, ld_a) = (operation(ta), stored_rows(ta, k, m));
         let alpha: f32 = 1.0;
         let beta: f32 = match acc {
             Accumulate::Overwrite => 0.0,
@@ -274,31 +343,15 @@ impl CudaBackend {
         let (b_ptr, _b_sync) = b.device_ptr(stream);
         let (c_ptr, _c_sync) = c.device_ptr_mut(stream);
         if k > 0 {
-            // The stored layouts (rows, cols, ld, batch stride) of cuBLASLt's A (our B), B (our
-            // A) and D; op N stores op(X) as is, op T its transpose.
-            let stored = |op: cublasOperation_t, rows: usize, cols: usize, stride: usize| {
-                let (r, c) = match op {
-                    cublasOperation_t::CUBLAS_OP_N => (rows, cols),
-                    _ => (cols, rows),
-                };
-                (r as u64, c as u64, r as i64, stride as i64)
-            };
-            let problem = LtProblem {
-                data_type: T::LT_TYPE,
-                op_a: op_b,
-                op_b: op_a,
-                rows: n as u64,
-                cols: m as u64,
-                depth: k as u64,
-                batch: shape.batch,
-                a: stored(op_b, n, k, shape.stride_b),
-                b: stored(op_a, k, m, shape.stride_a),
-                c: (n as u64, m as u64, n as i64, shape.stride_c as i64),
-                ptr_a: b_ptr,
-                ptr_b: a_ptr,
-                ptr_c: c_ptr,
+            let problem = LtProblem::row_major(
+                T::LT_TYPE,
+                LtDataType::CUDA_R_32F,
+                (a_ptr, ta),
+                (b_ptr, tb),
+                c_ptr,
+                shape,
                 acc,
-            };
+            );
             if self.matmul_lt(&problem, epilogue)? == LtOutcome::Done {
                 return Ok(EpilogueRun::Fused);
             }

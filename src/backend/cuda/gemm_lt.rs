@@ -22,8 +22,9 @@
 //! per column `j` of our `C`, and its `BGRADB` (one per column of `D`, reduced over `k` from its
 //! `B`) is the row sums of our `op(A)`.
 
+use super::gemm::{operation, GemmShape};
 use super::{cuda_error, CudaBackend};
-use crate::backend::cpu::Accumulate;
+use crate::backend::cpu::{Accumulate, Transpose};
 use crate::error::{Error, Result};
 use cudarc::cublas::sys::cublasOperation_t;
 use cudarc::cublaslt::result as lt;
@@ -153,6 +154,8 @@ impl std::fmt::Display for GemmStats {
 /// One GEMM problem in column-major cuBLASLt terms, with operand pointers.
 pub(super) struct LtProblem {
     pub data_type: cudaDataType,
+    /// The type of C and D (f32, or bf16 for a bf16 output).
+    pub c_type: cudaDataType,
     pub op_a: cublasOperation_t,
     pub op_b: cublasOperation_t,
     /// Rows and columns of `D`, and the reduction length.
@@ -170,12 +173,55 @@ pub(super) struct LtProblem {
     pub acc: Accumulate,
 }
 
+impl LtProblem {
+    /// The row-major `C[m,n] (=|+=) op(A)[m,k] · op(B)[k,n]` (the convention of `gemm.rs`) as
+    /// cuBLASLt's column-major `Cᵀ = op(B)ᵀ · op(A)ᵀ`: its A is our B, its B our A.
+    pub fn row_major(
+        data_type: cudaDataType,
+        c_type: cudaDataType,
+        (ptr_a, ta): (u64, Transpose),
+        (ptr_b, tb): (u64, Transpose),
+        ptr_c: u64,
+        shape: GemmShape,
+        acc: Accumulate,
+    ) -> Self {
+        let GemmShape { m, k, n, .. } = shape;
+        // The stored matrix of an operand whose op is [rows, cols]: op N stores it as is,
+        // op T its transpose; packed, so the leading dimension is its row count.
+        let stored = |t: Transpose, rows: usize, cols: usize, stride: usize| {
+            let (r, c) = match t {
+                Transpose::No => (rows, cols),
+                Transpose::Yes => (cols, rows),
+            };
+            (r as u64, c as u64, r as i64, stride as i64)
+        };
+        LtProblem {
+            data_type,
+            c_type,
+            op_a: operation(tb),
+            op_b: operation(ta),
+            rows: n as u64,
+            cols: m as u64,
+            depth: k as u64,
+            batch: shape.batch,
+            a: stored(tb, n, k, shape.stride_b),
+            b: stored(ta, k, m, shape.stride_a),
+            c: (n as u64, m as u64, n as i64, shape.stride_c as i64),
+            ptr_a: ptr_b,
+            ptr_b: ptr_a,
+            ptr_c,
+            acc,
+        }
+    }
+}
+
 /// The heuristic's answer for one problem: the algorithm and its workspace, or none.
 type Choice = Option<(cublasLtMatmulAlgo_t, usize)>;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 struct ProblemKey {
     data_type: u32,
+    c_type: u32,
     ops: (u32, u32),
     dims: (u64, u64, u64, usize),
     layouts: [(u64, u64, i64, i64); 3],
@@ -383,6 +429,7 @@ impl CudaBackend {
         let kind = epilogue.kind();
         let key = ProblemKey {
             data_type: problem.data_type as u32,
+            c_type: problem.c_type as u32,
             ops: (problem.op_a as u32, problem.op_b as u32),
             dims: (problem.rows, problem.cols, problem.depth, problem.batch),
             layouts: [problem.a, problem.b, problem.c],
@@ -398,7 +445,7 @@ impl CudaBackend {
         let desc = self.describe_problem(problem, kind, vector_ptr)?;
         let a = layout(problem.data_type, problem.a, problem.batch)?;
         let b = layout(problem.data_type, problem.b, problem.batch)?;
-        let c = layout(cudaDataType::CUDA_R_32F, problem.c, problem.batch)?;
+        let c = layout(problem.c_type, problem.c, problem.batch)?;
         let choice = {
             let mut choices = self
                 .lt

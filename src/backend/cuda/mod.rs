@@ -22,7 +22,7 @@ mod view;
 
 pub use device::{resolve_device, ResolvedDevice};
 pub use gemm::{EpilogueRun, GemmShape};
-pub use gemm_lt::{GemmPath, GemmStats};
+pub use gemm_lt::{GemmPath, GemmStats, LtOutcome};
 pub use half::bf16;
 pub use kernels::{all_precompiled, compile_source_with_nvrtc, EmbeddedKernel, KernelFamily};
 pub use launch::attention::AttentionShape;

@@ -6,7 +6,7 @@
 //! statistics, GEMM outputs, biases and the residual stream are f32; GEMM operands and the
 //! attention inputs/outputs are bf16.
 
-use super::linear::{linear_backward, linear_forward, linear_matmul, DoutF32};
+use super::linear::{linear_backward, linear_forward, linear_forward_bf16, linear_matmul, DoutF32};
 use super::DeviceWeights;
 use crate::backend::cuda::{
     bf16, AttentionShape, CudaBackend, GradWrite, NormShape, SampleSubset, SubSlice, SubSliceMut,
@@ -283,9 +283,16 @@ pub(crate) fn body_forward(
             let shape = attention_shape(attn, bs, t)?;
             {
                 let mut qkv_f32 = head_mut(gpu, &mut scratch.wide, rows * 3 * d)?;
-                linear_forward(gpu, &mut qkv_f32, &ln_out, &attn.qkv, w, rows)?;
                 let mut qkv_bf16 = head_mut(gpu, qkv, rows * 3 * d)?;
-                gpu.cast_f32_to_bf16(&mut qkv_bf16, &qkv_f32)?;
+                linear_forward_bf16(
+                    gpu,
+                    &mut qkv_bf16,
+                    &mut qkv_f32,
+                    &ln_out,
+                    &attn.qkv,
+                    w,
+                    rows,
+                )?;
             }
             let qkv = head(gpu, qkv, rows * 3 * d)?;
             {

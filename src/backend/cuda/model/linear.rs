@@ -4,7 +4,7 @@
 
 use super::DeviceWeights;
 use crate::backend::cpu::{Accumulate, Transpose};
-use crate::backend::cuda::{bf16, CudaBackend, EpilogueRun};
+use crate::backend::cuda::{bf16, CudaBackend, EpilogueRun, LtOutcome};
 use crate::error::Result;
 use crate::nn::linear::Linear;
 use cudarc::driver::CudaSlice;
@@ -33,6 +33,39 @@ pub(crate) fn linear_forward(
         lin.in_dim,
         lin.out_dim,
     )
+}
+
+/// [`linear_forward`] rounded to bf16 for a consumer that reads bf16 only: straight from the
+/// GEMM where cuBLASLt can (bias in its epilogue), else through the f32 `scratch [rows, out]`
+/// and a cast. Either way the f32 result (bias included) is rounded once.
+pub(crate) fn linear_forward_bf16(
+    gpu: &CudaBackend,
+    out: &mut CudaSlice<bf16>,
+    scratch: &mut CudaSlice<f32>,
+    inp: &CudaSlice<bf16>,
+    lin: &Linear,
+    w: &DeviceWeights,
+    rows: usize,
+) -> Result<()> {
+    let direct = {
+        let weight = gpu.sub(&w.bf16, lin.weight.range())?; // [out, in]
+        let bias = lin.bias.map(|b| gpu.sub(&w.f32, b.range())).transpose()?;
+        gpu.matmul_bf16_to_bf16(
+            out,
+            inp,
+            &weight,
+            Transpose::Yes,
+            bias.as_deref(),
+            rows,
+            lin.in_dim,
+            lin.out_dim,
+        )?
+    };
+    if direct == LtOutcome::Unsupported {
+        linear_forward(gpu, scratch, inp, lin, w, rows)?;
+        gpu.cast_f32_to_bf16(out, scratch)?;
+    }
+    Ok(())
 }
 
 /// `out [rows, out] = inp [rows, in] · Wᵀ` without the bias (a fused epilogue adds it).
