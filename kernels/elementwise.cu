@@ -7,7 +7,8 @@
 // at 65535 x 1 blocks of 256 threads):
 //   cast_f32_to_bf16, cast_bf16_to_f32         out[i] = convert(inp[i])
 //   add_bias                                   x[r, c] += bias[c]
-//   bias_gelu_forward                          pre = inp + bias (pre may alias inp); act = gelu(pre) in bf16
+//   bias_gelu_forward                          pre = inp + bias (pre may alias inp; bias may be null,
+//                                              then an aliased pre is not rewritten); act = gelu(pre) in bf16
 //   gelu_forward                               out = gelu(inp), f32
 //   gelu_backward                              dpre = dact * gelu'(pre) (dpre may alias dact)
 //   layerscale_residual_forward                residual += gamma * branch
@@ -50,7 +51,7 @@ extern "C" __global__ void bias_gelu_forward(float* pre, bf16_t* __restrict__ ac
                                              const float* __restrict__ bias, int N, int C) {
     GRID_STRIDE(i, (long long)N * C) {
         const float v = inp[i] + (bias ? bias[i % C] : 0.0f);
-        pre[i] = v;
+        if (bias || pre != inp) pre[i] = v;  // in place without a bias: pre already holds v
         act[i] = f32_to_bf16(gelu_erf(v));
     }
 }

@@ -149,6 +149,27 @@ impl CudaBackend {
         k: usize,
         n: usize,
     ) -> Result<()> {
+        if self.matmul_bf16_try_bias(c, a, b, tb, bias, m, k, n)? == EpilogueRun::Separate {
+            self.add_bias(c, bias, m, n)?;
+        }
+        Ok(())
+    }
+
+    /// [`matmul_bf16_bias`](Self::matmul_bf16_bias) that leaves the bias to the caller when it
+    /// cannot fuse it ([`EpilogueRun::Separate`]: `C` holds the product alone), for a caller
+    /// whose next pass can add it for free (fc1's GELU).
+    #[allow(clippy::too_many_arguments)]
+    pub fn matmul_bf16_try_bias(
+        &self,
+        c: &mut CudaSlice<f32>,
+        a: &CudaSlice<bf16>,
+        b: &CudaSlice<bf16>,
+        tb: Transpose,
+        bias: &CudaSlice<f32>,
+        m: usize,
+        k: usize,
+        n: usize,
+    ) -> Result<EpilogueRun> {
         if bias.len() != n {
             return Err(Error::shape(
                 "cuda gemm bias",
@@ -157,7 +178,7 @@ impl CudaBackend {
         }
         let shape = GemmShape::single(m, k, n);
         let mut epilogue = Epilogue::AddColumnBias(bias);
-        let run = self.matmul_batched(
+        self.matmul_batched(
             c,
             a,
             Transpose::No,
@@ -166,11 +187,7 @@ impl CudaBackend {
             shape,
             Accumulate::Overwrite,
             &mut epilogue,
-        )?;
-        if run == EpilogueRun::Separate {
-            self.add_bias(c, bias, m, n)?;
-        }
-        Ok(())
+        )
     }
 
     /// `C (=|+=) op(A)[m,k] · op(B)` and, when given, `sums[i] += Σ_p op(A)[i, p]` (the bias

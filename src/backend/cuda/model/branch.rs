@@ -6,7 +6,9 @@
 //! statistics, GEMM outputs, biases and the residual stream are f32; GEMM operands and the
 //! attention inputs/outputs are bf16.
 
-use super::linear::{linear_backward, linear_forward, linear_forward_bf16, linear_matmul, DoutF32};
+use super::linear::{
+    linear_backward, linear_forward, linear_forward_bf16, linear_gelu_forward, DoutF32,
+};
 use super::DeviceWeights;
 use crate::backend::cuda::{
     bf16, AttentionShape, CudaBackend, GradWrite, NormShape, SampleSubset, SubSlice, SubSliceMut,
@@ -308,13 +310,7 @@ pub(crate) fn body_forward(
             {
                 let mut pre = head_mut(gpu, pre, rows * f)?;
                 let mut act = head_mut(gpu, act, rows * f)?;
-                linear_matmul(gpu, &mut pre, &ln_out, &mlp.fc1, w, rows)?;
-                let bias = mlp
-                    .fc1
-                    .bias
-                    .map(|r| gpu.sub(&w.f32, r.range()))
-                    .transpose()?;
-                gpu.bias_gelu_forward(&mut pre, &mut act, bias.as_deref(), rows, f)?;
+                linear_gelu_forward(gpu, &mut pre, &mut act, &ln_out, &mlp.fc1, w, rows)?;
             }
             let act = head(gpu, act, rows * f)?;
             linear_forward(gpu, &mut y, &act, &mlp.fc2, w, rows)

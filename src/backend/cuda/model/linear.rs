@@ -68,6 +68,36 @@ pub(crate) fn linear_forward_bf16(
     Ok(())
 }
 
+/// fc1 and its GELU: `pre [rows, out] = inp · Wᵀ + b` (f32, kept for the backward) and
+/// `act = bf16(gelu(pre))`. The bias rides in the GEMM's epilogue where cuBLASLt can, else in
+/// the GELU pass; either way one pass follows the GEMM.
+pub(crate) fn linear_gelu_forward(
+    gpu: &CudaBackend,
+    pre: &mut CudaSlice<f32>,
+    act: &mut CudaSlice<bf16>,
+    inp: &CudaSlice<bf16>,
+    lin: &Linear,
+    w: &DeviceWeights,
+    rows: usize,
+) -> Result<()> {
+    let weight = gpu.sub(&w.bf16, lin.weight.range())?; // [out, in]
+    let bias = lin.bias.map(|b| gpu.sub(&w.f32, b.range())).transpose()?;
+    let (k, n) = (lin.in_dim, lin.out_dim);
+    let left = match bias.as_deref() {
+        Some(b) => {
+            match gpu.matmul_bf16_try_bias(pre, inp, &weight, Transpose::Yes, b, rows, k, n)? {
+                EpilogueRun::Fused => None,
+                EpilogueRun::Separate => Some(b),
+            }
+        }
+        None => {
+            linear_matmul(gpu, pre, inp, lin, w, rows)?;
+            None
+        }
+    };
+    gpu.bias_gelu_forward(pre, act, left, rows, n)
+}
+
 /// `out [rows, out] = inp [rows, in] · Wᵀ` without the bias (a fused epilogue adds it).
 pub(crate) fn linear_matmul(
     gpu: &CudaBackend,
