@@ -10,9 +10,9 @@
 //   bias_gelu_forward                          pre = inp + bias (pre may alias inp; bias may be null,
 //                                              then an aliased pre is not rewritten); act = gelu(pre) in bf16
 //   gelu_forward                               out = gelu(inp), f32
-//   gelu_backward                              dpre = dact * gelu'(pre) (dpre may alias dact)
+//   gelu_backward                              dpre = bf16(dact * gelu'(pre)) (the next GEMM's operand)
 //   layerscale_residual_forward                residual += gamma * branch
-//   layerscale_backward_input                  dbranch = gamma * dresidual
+//   layerscale_backward_input                  dbranch = bf16(gamma * dresidual) (the next GEMM's operand)
 // Batch-subset residual branches (stochastic depth): S samples of L values (L = T * C), kept
 // [S] i64 the sample indices (unique):
 //   gather_samples_scaled                      out[j, e] = alpha * x[kept[j], e]
@@ -61,9 +61,9 @@ extern "C" __global__ void gelu_forward(float* __restrict__ out, const float* __
     GRID_STRIDE(i, n) out[i] = gelu_erf(inp[i]);
 }
 
-extern "C" __global__ void gelu_backward(float* dpre, const float* dact,
+extern "C" __global__ void gelu_backward(bf16_t* __restrict__ dpre, const float* __restrict__ dact,
                                          const float* __restrict__ pre, long long n) {
-    GRID_STRIDE(i, n) dpre[i] = dact[i] * gelu_erf_grad(pre[i]);
+    GRID_STRIDE(i, n) dpre[i] = f32_to_bf16(dact[i] * gelu_erf_grad(pre[i]));
 }
 
 extern "C" __global__ void layerscale_residual_forward(float* __restrict__ residual,
@@ -73,11 +73,11 @@ extern "C" __global__ void layerscale_residual_forward(float* __restrict__ resid
     GRID_STRIDE(i, (long long)N * C) residual[i] += gamma[i % C] * branch[i];
 }
 
-extern "C" __global__ void layerscale_backward_input(float* __restrict__ dbranch,
+extern "C" __global__ void layerscale_backward_input(bf16_t* __restrict__ dbranch,
                                                      const float* __restrict__ dresidual,
                                                      const float* __restrict__ gamma, int N,
                                                      int C) {
-    GRID_STRIDE(i, (long long)N * C) dbranch[i] = gamma[i % C] * dresidual[i];
+    GRID_STRIDE(i, (long long)N * C) dbranch[i] = f32_to_bf16(gamma[i % C] * dresidual[i]);
 }
 
 extern "C" __global__ void gather_samples_scaled(float* __restrict__ out,

@@ -9,6 +9,7 @@ use super::{out, Fixture, Outputs};
 use crate::backend::cuda::model::branch::{
     body_backward, body_forward, Allocator, Body, BodyScratch, BranchBufs, Dims,
 };
+use crate::backend::cuda::model::linear::DoutF32;
 use crate::backend::cuda::model::{DeviceWeights, GpuBlock, GpuVit, ImageGrad};
 use crate::backend::cuda::{CudaBackend, GradWrite, NormShape};
 use crate::error::{Error, Result};
@@ -108,7 +109,21 @@ fn attention(fx: &Fixture, gpu: &mut CudaBackend) -> Result<Outputs> {
     gpu.cast_f32_to_bf16(&mut bufs.ln_out, &x)?;
     body_forward(gpu, body, &w, &mut bufs, &mut scratch, dims)?;
     let mut grads = gpu.alloc_zeros::<f32>(table.len())?;
-    body_backward(gpu, body, &w, &mut grads, &bufs, &mut scratch, &dy, b, t, d)?;
+    // The body reads its output gradient in bf16 (from the LayerScale pass in a block).
+    gpu.cast_f32_to_bf16(&mut scratch.narrow_bf16, &dy)?;
+    let dpre = DoutF32::Ready(&dy);
+    body_backward(
+        gpu,
+        body,
+        &w,
+        &mut grads,
+        &bufs,
+        &mut scratch,
+        dpre,
+        b,
+        t,
+        d,
+    )?;
     let mut o = Outputs::new();
     out(&mut o, "out", tensor(&[b, t, d], gpu.download(&bufs.y)?)?);
     out(

@@ -126,17 +126,23 @@ impl CudaBackend {
         Ok(())
     }
 
-    /// In place: `d` holds dL/d(gelu output) and becomes dL/d(pre-activation).
-    pub fn gelu_backward(&self, d: &mut CudaSlice<f32>, pre: &CudaSlice<f32>) -> Result<()> {
-        check_len("cuda gelu_backward", "d", d.len(), pre.len())?;
+    /// `dpre = bf16(dact ∘ gelu'(pre))`: the gradient of the pre-activation, rounded once for
+    /// the GEMMs that read it.
+    pub fn gelu_backward(
+        &self,
+        dpre: &mut CudaSlice<bf16>,
+        dact: &CudaSlice<f32>,
+        pre: &CudaSlice<f32>,
+    ) -> Result<()> {
+        check_len("cuda gelu_backward", "dpre", dpre.len(), pre.len())?;
+        check_len("cuda gelu_backward", "dact", dact.len(), pre.len())?;
         let n = pre.len() as i64;
-        let d_ptr = self.device_ptr_mut_raw(d);
         launch!(
             self,
             KernelFamily::Elementwise,
             "gelu_backward",
             grid_stride(pre.len()),
-            [&d_ptr, &d_ptr, pre, &n]
+            [dpre, dact, pre, &n]
         );
         Ok(())
     }
@@ -165,11 +171,12 @@ impl CudaBackend {
         Ok(())
     }
 
-    /// LayerScale backward: `dbranch = gamma ∘ dresidual`, `dgamma += Σ_rows dresidual ∘ branch`.
+    /// LayerScale backward: `dbranch = bf16(gamma ∘ dresidual)` (the branch's GEMMs read it in
+    /// bf16), `dgamma += Σ_rows dresidual ∘ branch` (f32).
     #[allow(clippy::too_many_arguments)]
     pub fn layerscale_backward(
         &mut self,
-        dbranch: &mut CudaSlice<f32>,
+        dbranch: &mut CudaSlice<bf16>,
         dgamma: &mut CudaSlice<f32>,
         dresidual: &CudaSlice<f32>,
         branch: &CudaSlice<f32>,

@@ -443,16 +443,25 @@ pub(crate) fn branch_backward(
             }
             None => dx,
         };
+        // The body's output gradient goes to its GEMMs in bf16 (scratch.narrow_bf16); in f32
+        // it only serves a bias gradient that cuBLASLt cannot fuse.
+        let mut dpre_bf16 = head_mut(gpu, &mut scratch.narrow_bf16, rows * d)?;
         match ls {
             Some(g) => {
-                let mut dpre = head_mut(gpu, &mut rows_scratch.b, rows * d)?;
                 let gamma = gpu.sub(&w.f32, g.range())?;
                 let mut dgamma = gpu.sub_mut(grads, g.range())?;
-                gpu.layerscale_backward(&mut dpre, &mut dgamma, dy, &y, &gamma, rows, d)?;
-                drop(dgamma);
-                body_backward(gpu, body, w, grads, bufs, scratch, &dpre, bs, t, d)?;
+                gpu.layerscale_backward(&mut dpre_bf16, &mut dgamma, dy, &y, &gamma, rows, d)?;
+                drop((dgamma, dpre_bf16));
+                let mut widen = head_mut(gpu, &mut rows_scratch.b, rows * d)?;
+                let dpre = DoutF32::Widen(&mut widen);
+                body_backward(gpu, body, w, grads, bufs, scratch, dpre, bs, t, d)?;
             }
-            None => body_backward(gpu, body, w, grads, bufs, scratch, dy, bs, t, d)?,
+            None => {
+                gpu.cast_f32_to_bf16(&mut dpre_bf16, dy)?;
+                drop(dpre_bf16);
+                let dpre = DoutF32::Ready(dy);
+                body_backward(gpu, body, w, grads, bufs, scratch, dpre, bs, t, d)?;
+            }
         }
     }
     // LayerNorm backward from dln (in scratch.narrow) to the stream.
@@ -501,8 +510,9 @@ pub(crate) fn branch_backward(
     }
 }
 
-/// Backward of the body from `dpre [rows, d]` (gradient of the branch output before
-/// LayerScale) to `scratch.narrow` (gradient of the LayerNorm output, written).
+/// Backward of the body from the gradient of the branch output before LayerScale (bf16 in
+/// `scratch.narrow_bf16`, `[rows, d]`; `dpre` its f32 form for an unfused bias gradient) to
+/// `scratch.narrow` (gradient of the LayerNorm output, written).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn body_backward(
     gpu: &mut CudaBackend,
@@ -511,17 +521,13 @@ pub(crate) fn body_backward(
     grads: &mut CudaSlice<f32>,
     bufs: &BranchBufs,
     scratch: &mut BodyScratch,
-    dpre: &CudaSlice<f32>,
+    dpre: DoutF32<'_>,
     bs: usize,
     t: usize,
     d: usize,
 ) -> Result<()> {
     let rows = bs * t;
     let ln_out = head(gpu, &bufs.ln_out, rows * d)?;
-    {
-        let mut dpre_bf16 = head_mut(gpu, &mut scratch.narrow_bf16, rows * d)?;
-        gpu.cast_f32_to_bf16(&mut dpre_bf16, dpre)?;
-    }
     match (body, &bufs.body) {
         (Body::Attention(attn), BodyBufs::Attention { qkv, att, lse }) => {
             let shape = attention_shape(attn, bs, t)?;
@@ -535,7 +541,7 @@ pub(crate) fn body_backward(
                     Some(&mut datt),
                     grads,
                     &dpre_bf16,
-                    DoutF32::Ready(dpre),
+                    dpre,
                     &att,
                     &attn.proj,
                     w,
@@ -583,27 +589,25 @@ pub(crate) fn body_backward(
                     Some(&mut dact),
                     grads,
                     &dpre_bf16,
-                    DoutF32::Ready(dpre),
+                    dpre,
                     &act,
                     &mlp.fc2,
                     w,
                     rows,
                 )?;
-                gpu.gelu_backward(&mut dact, &pre)?;
-            }
-            let dfc1 = head(gpu, &scratch.wide, rows * f)?;
-            {
                 let mut dfc1_bf16 = head_mut(gpu, &mut scratch.wide_bf16, rows * f)?;
-                gpu.cast_f32_to_bf16(&mut dfc1_bf16, &dfc1)?;
+                gpu.gelu_backward(&mut dfc1_bf16, &dact, &pre)?;
             }
             let dfc1_bf16 = head(gpu, &scratch.wide_bf16, rows * f)?;
+            // dact is spent: its buffer takes fc1's output gradient in f32 if its bias needs it.
+            let mut dfc1_f32 = head_mut(gpu, &mut scratch.wide, rows * f)?;
             let mut dln = head_mut(gpu, &mut scratch.narrow, rows * d)?;
             linear_backward(
                 gpu,
                 Some(&mut dln),
                 grads,
                 &dfc1_bf16,
-                DoutF32::Ready(&dfc1),
+                DoutF32::Widen(&mut dfc1_f32),
                 &ln_out,
                 &mlp.fc1,
                 w,

@@ -367,17 +367,17 @@ impl GpuHead {
             n,
             Accumulate::Overwrite,
         )?;
-        // Second hidden layer.
+        // Second hidden layer (dact is spent once dpre is made: it takes dpre in f32 if the
+        // bias gradient needs it).
         let pre2 = cache.pre2.get(gpu)?;
-        gpu.gelu_backward(&mut dact, &pre2)?;
-        gpu.cast_f32_to_bf16(&mut dpre_bf16, &dact)?;
+        gpu.gelu_backward(&mut dpre_bf16, &dact, &pre2)?;
         let act0 = cache.act0.get(gpu)?;
         linear_param_grads(
             gpu,
             grads,
             &h.mlp2,
             &dpre_bf16,
-            DoutF32::Ready(&dact),
+            DoutF32::Widen(&mut dact),
             &act0,
             n,
         )?;
@@ -392,15 +392,14 @@ impl GpuHead {
         )?;
         // First hidden layer.
         let pre0 = cache.pre0.get(gpu)?;
-        gpu.gelu_backward(&mut dact, &pre0)?;
-        gpu.cast_f32_to_bf16(&mut dpre_bf16, &dact)?;
+        gpu.gelu_backward(&mut dpre_bf16, &dact, &pre0)?;
         let x_bf16 = cache.x_bf16.get(gpu)?;
         linear_param_grads(
             gpu,
             grads,
             &h.mlp0,
             &dpre_bf16,
-            DoutF32::Ready(&dact),
+            DoutF32::Widen(&mut dact),
             &x_bf16,
             n,
         )?;

@@ -10,7 +10,7 @@ pub(crate) mod branch;
 pub mod buffers;
 mod embed;
 pub mod head;
-mod linear;
+pub(crate) mod linear;
 pub mod losses;
 pub mod optim;
 pub mod step;
