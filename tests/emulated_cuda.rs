@@ -268,6 +268,26 @@ fn training_step_tests_pass_on_the_emulated_device() {
     run_gpu_tests("cuda_step");
 }
 
+/// A device too small for the run: a typed error that says what to change, not a panic.
+#[test]
+fn running_out_of_device_memory_says_what_to_change() {
+    let Some(driver) = driver() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let output = emulated(Path::new(env!("CARGO_BIN_EXE_dinotrain")), driver)
+        .env("FAKE_CUDA_MEMORY_MB", "36")
+        .args(["train", "--device", "cuda", "--steps", "1", "--out"])
+        .arg(tmp.path().join("run"))
+        .args(run_support::SMALL)
+        .args(["--set", "dinotrain.knn=false"])
+        .output()
+        .unwrap();
+    let text = report(&output);
+    assert_eq!(output.status.code(), Some(2), "{text}");
+    assert!(text.contains("out of device memory"), "{text}");
+    assert!(text.contains("--batch-size"), "{text}");
+    assert!(!text.contains("panicked"), "{text}");
+}
+
 /// The cuBLAS fallback (what a GPU takes where its cuBLASLt has no algorithm): the whole step
 /// with every GEMM on `cublasGemmStridedBatchedEx` and the bias passes as separate kernels.
 #[test]

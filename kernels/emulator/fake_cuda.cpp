@@ -87,7 +87,11 @@ struct Event {
     std::chrono::steady_clock::time_point at;
 };
 
-constexpr size_t total_memory = 8ull << 30;
+// 8 GiB, or FAKE_CUDA_MEMORY_MB (a test of running out of device memory).
+const size_t total_memory = [] {
+    const char* mb = std::getenv("FAKE_CUDA_MEMORY_MB");
+    return mb ? (size_t)std::strtoull(mb, nullptr, 10) << 20 : 8ull << 30;
+}();
 std::map<void*, size_t> allocations;  // for cuMemGetInfo: free = total - live bytes
 size_t live_bytes = 0;
 

@@ -78,6 +78,15 @@ fn check_libraries(need_nvrtc: bool) -> Result<()> {
     Ok(())
 }
 
+/// `1.23 GB` or `45.6 MB`, for messages.
+fn byte_size(bytes: usize) -> String {
+    if bytes >= 1_000_000_000 {
+        format!("{:.2} GB", bytes as f64 / 1e9)
+    } else {
+        format!("{:.1} MB", bytes as f64 / 1e6)
+    }
+}
+
 /// Maps a cudarc error into [`Error::Cuda`], naming the operation.
 pub(crate) fn cuda_error(op: &str, err: impl fmt::Display) -> Error {
     Error::Cuda(format!("{op}: {err}"))
@@ -138,7 +147,7 @@ impl CudaBackend {
             .map_err(|e| cuda_error("cuDeviceGetAttribute", e))?;
         let workspace = stream
             .alloc_zeros::<u8>(gemm_lt::workspace_bytes(major))
-            .map_err(|e| cuda_error("cuMemAlloc", e))?;
+            .map_err(|e| cuda_error("cuMemAlloc (cuBLASLt workspace)", e))?;
         let lt = gemm_lt::LtGemm::new(workspace, gemm_lt::GemmPath::from_env()?)?;
         let kernels = kernels::Kernels::new(ctx.clone())?;
         let scratch = stream
@@ -189,9 +198,30 @@ impl CudaBackend {
 
     /// A zero-filled device buffer.
     pub fn alloc_zeros<T: DeviceRepr + ValidAsZeroBits>(&self, len: usize) -> Result<CudaSlice<T>> {
-        self.stream
-            .alloc_zeros::<T>(len)
-            .map_err(|e| cuda_error("cuMemAlloc", e))
+        self.stream.alloc_zeros::<T>(len).map_err(|e| {
+            if e.0 == cudarc::driver::sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY {
+                self.out_of_memory(len * std::mem::size_of::<T>())
+            } else {
+                cuda_error("cuMemAlloc", e)
+            }
+        })
+    }
+
+    /// The error for a failed allocation of `bytes`: what is in use and what to change.
+    fn out_of_memory(&self, bytes: usize) -> Error {
+        let in_use = match self.ctx.mem_get_info() {
+            Ok((free, total)) => format!(
+                "{} of {} in use",
+                byte_size(total.saturating_sub(free)),
+                byte_size(total)
+            ),
+            Err(_) => "device memory use unknown".to_string(),
+        };
+        Error::Cuda(format!(
+            "out of device memory allocating {} ({in_use}): lower the batch size \
+             (--batch-size) or the crop sizes, or use a device with more memory",
+            byte_size(bytes)
+        ))
     }
 
     /// Copies host data to a new device buffer.
