@@ -330,6 +330,13 @@ fn training_on_the_emulated_device_resumes_bit_for_bit() {
                 || String::from_utf8_lossy(&output.stdout).contains("emulated CUDA device"),
             "the run did not say it trains on the emulated device:\n{text}"
         );
+        // Every GEMM on cuBLASLt, each linear layer's bias in its epilogue.
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        let gemms = stdout.lines().find(|l| l.starts_with("CUDA GEMMs: "));
+        assert!(
+            gemms.is_some_and(|l| l.contains(" 0 cuBLAS, 0 epilogues as separate")),
+            "{text}"
+        );
     });
 }
 

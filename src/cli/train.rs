@@ -169,6 +169,9 @@ pub fn run(args: TrainArgs) -> Result<()> {
     if let Some(knn) = &summary.knn {
         println!("{}", knn_line(knn));
     }
+    if let Some(gemms) = &summary.gemms {
+        println!("CUDA GEMMs: {gemms}");
+    }
     println!("teacher backbone: {}", summary.export.display());
     if let Some(c) = &summary.checkpoint {
         println!("checkpoint: {}", c.display());

@@ -73,6 +73,9 @@ pub struct TrainSummary {
     pub images_per_s: f64,
     /// Share of this call's step time spent waiting for data.
     pub data_wait_share: f64,
+    /// On CUDA: which library ran this process's GEMMs (cuBLASLt with fused epilogues or
+    /// cuBLAS) and how often.
+    pub gemms: Option<crate::backend::cuda::GemmStats>,
 }
 
 /// The iteration plan a resolved configuration describes.
@@ -474,6 +477,7 @@ impl LoopTimes {
             wall_seconds: self.started.elapsed().as_secs_f64(),
             images_per_s: images / self.train_seconds.max(1e-9),
             data_wait_share: self.wait_seconds / self.train_seconds.max(1e-9),
+            gemms: trainer.gemm_stats(),
         }
     }
 }
