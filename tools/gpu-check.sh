@@ -238,6 +238,19 @@ for model in vits14 vitb14; do
         "$(fmt "$(json_get "$ours_json" flops_per_image)" 1e-9 1) | $(fmt "$(json_get "$torch_json" flops_per_image)" 1e-9 1)"
 done
 
+# The cuBLASLt epilogues' gain: ViT-S/14 again with every GEMM on cuBLAS and the bias passes
+# separate (DINOTRAIN_GEMM=cublas), only if the budget still has room for it.
+if [ "$(run_limit)" -ge 60 ]; then
+    plain_json="$LOGDIR/bench-step-vits14-cublas.json"
+    (cd "$BUNDLE" && DINOTRAIN_GEMM=cublas timeout "$(run_limit)" ./dinotrain bench --device cuda \
+        --model vits14 --batch-size "$STEP_BATCH" --steps "$STEP_STEPS" --warmup "$STEP_WARMUP" \
+        --json "$plain_json") > "$LOGDIR/bench-step-vits14-cublas.log" 2>&1
+    row "step vits14 images/s, cuBLAS only" \
+        "$(fmt "$(json_get "$plain_json" images_per_s)" 1 1) (vs $(fmt "$(json_get "$LOGDIR/bench-step-vits14.json" images_per_s)" 1 1) with cuBLASLt)"
+else
+    row "step vits14 cuBLAS only" "skipped: the check's time budget is spent (${SECONDS}s)"
+fi
+
 echo
 echo "================ summary (logs in $LOGDIR) ================"
 cat "$SUMMARY"

@@ -373,6 +373,9 @@ impl CudaBackend {
                 return Ok(EpilogueRun::Fused);
             }
         }
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| cuda_error("cuCtxSetCurrent", e))?;
         self.lt.cublas.fetch_add(1, Ordering::Relaxed);
         if !matches!(epilogue, Epilogue::None) {
             self.lt.separate.fetch_add(1, Ordering::Relaxed);

@@ -426,6 +426,11 @@ impl CudaBackend {
                 return Ok(LtOutcome::Unsupported);
             }
         }
+        // cuBLASLt works on the calling thread's current context (the cudarc calls around it
+        // bind theirs themselves).
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| cuda_error("cuCtxSetCurrent", e))?;
         let kind = epilogue.kind();
         let key = ProblemKey {
             data_type: problem.data_type as u32,
