@@ -7,7 +7,7 @@
 //! attention inputs/outputs are bf16.
 
 use super::linear::{
-    linear_backward, linear_forward, linear_forward_bf16, linear_gelu_forward, DoutF32,
+    linear_backward, linear_forward, linear_forward_bf16, linear_gelu_forward, DoutF32, InputGrad,
 };
 use super::DeviceWeights;
 use crate::backend::cuda::{
@@ -176,7 +176,7 @@ pub(crate) struct RowScratch {
 /// Temporaries of the branch bodies, shared by every block.
 pub(crate) struct BodyScratch {
     pub wide: CudaSlice<f32>,         // [b·t, max(3d, f)]
-    pub wide_bf16: CudaSlice<bf16>,   // [b·t, max(3d, f)]
+    pub wide_bf16: CudaSlice<bf16>,   // [b·t, max(4d, f)]
     pub narrow: CudaSlice<f32>,       // [b·t, d] the body's input gradient
     pub narrow_bf16: CudaSlice<bf16>, // [b·t, d]
     pub delta: CudaSlice<f32>,        // [b, h, t]
@@ -194,7 +194,8 @@ impl BodyScratch {
         let rows = b * t;
         Ok(BodyScratch {
             wide: alloc.zeros(rows * widest)?,
-            wide_bf16: alloc.zeros(rows * widest)?,
+            // The attention backward keeps dqkv [rows, 3d] and datt [rows, d] here at once.
+            wide_bf16: alloc.zeros(rows * widest.max(4 * d))?,
             narrow: alloc.zeros(rows * d)?,
             narrow_bf16: alloc.zeros(rows * d)?,
             delta: alloc.zeros(b * heads * t)?,
@@ -532,42 +533,35 @@ pub(crate) fn body_backward(
         (Body::Attention(attn), BodyBufs::Attention { qkv, att, lse }) => {
             let shape = attention_shape(attn, bs, t)?;
             let att = head(gpu, att, rows * d)?;
+            // dqkv [rows, 3d] and datt [rows, d] side by side in wide_bf16 (see BodyScratch).
+            let [mut dqkv, mut datt] = gpu.sub_mut_disjoint(
+                &mut scratch.wide_bf16,
+                [0..rows * 3 * d, rows * 3 * d..rows * 4 * d],
+            )?;
             {
-                // proj: datt (f32, in narrow) = dpre · Wproj, then datt as bf16 into narrow_bf16.
+                // proj: datt = bf16(dpre · Wproj) for the attention backward.
                 let dpre_bf16 = head(gpu, &scratch.narrow_bf16, rows * d)?;
-                let mut datt = head_mut(gpu, &mut scratch.narrow, rows * d)?;
-                linear_backward(
-                    gpu,
-                    Some(&mut datt),
-                    grads,
-                    &dpre_bf16,
-                    dpre,
-                    &att,
-                    &attn.proj,
-                    w,
-                    rows,
-                )?;
+                let mut datt_f32 = head_mut(gpu, &mut scratch.narrow, rows * d)?;
+                let datt_grad = InputGrad::Bf16 {
+                    out: &mut datt,
+                    scratch: &mut datt_f32,
+                };
+                let proj = &attn.proj;
+                linear_backward(gpu, datt_grad, grads, &dpre_bf16, dpre, &att, proj, w, rows)?;
             }
             {
-                let datt = head(gpu, &scratch.narrow, rows * d)?;
-                let mut datt_bf16 = head_mut(gpu, &mut scratch.narrow_bf16, rows * d)?;
-                gpu.cast_f32_to_bf16(&mut datt_bf16, &datt)?;
-            }
-            let qkv = head(gpu, qkv, rows * 3 * d)?;
-            let lse = head(gpu, lse, shape.stats_len())?;
-            {
-                let datt_bf16 = head(gpu, &scratch.narrow_bf16, rows * d)?;
-                let mut dqkv = head_mut(gpu, &mut scratch.wide_bf16, rows * 3 * d)?;
+                let qkv = head(gpu, qkv, rows * 3 * d)?;
+                let lse = head(gpu, lse, shape.stats_len())?;
                 let mut delta = head_mut(gpu, &mut scratch.delta, shape.stats_len())?;
-                gpu.attention_backward(&mut dqkv, &mut delta, &datt_bf16, &qkv, &att, &lse, shape)?;
+                gpu.attention_backward(&mut dqkv, &mut delta, &datt, &qkv, &att, &lse, shape)?;
             }
-            let dqkv = head(gpu, &scratch.wide_bf16, rows * 3 * d)?;
+            drop(datt);
             // The attention gradient is bf16; its f32 copy only serves an unfused bias sum.
             let mut dqkv_f32 = head_mut(gpu, &mut scratch.wide, rows * 3 * d)?;
             let mut dln = head_mut(gpu, &mut scratch.narrow, rows * d)?;
             linear_backward(
                 gpu,
-                Some(&mut dln),
+                InputGrad::F32(&mut dln),
                 grads,
                 &dqkv,
                 DoutF32::Widen(&mut dqkv_f32),
@@ -586,7 +580,7 @@ pub(crate) fn body_backward(
                 let mut dact = head_mut(gpu, &mut scratch.wide, rows * f)?;
                 linear_backward(
                     gpu,
-                    Some(&mut dact),
+                    InputGrad::F32(&mut dact),
                     grads,
                     &dpre_bf16,
                     dpre,
@@ -604,7 +598,7 @@ pub(crate) fn body_backward(
             let mut dln = head_mut(gpu, &mut scratch.narrow, rows * d)?;
             linear_backward(
                 gpu,
-                Some(&mut dln),
+                InputGrad::F32(&mut dln),
                 grads,
                 &dfc1_bf16,
                 DoutF32::Widen(&mut dfc1_f32),

@@ -9,7 +9,7 @@
 //! host round trip or synchronisation per step.
 
 use super::branch::{head, Allocator};
-use super::linear::{linear_backward, linear_forward, DoutF32};
+use super::linear::{linear_backward, linear_forward, DoutF32, InputGrad};
 use super::DeviceWeights;
 use crate::backend::cpu::{Accumulate, Transpose};
 use crate::backend::cuda::{bf16, cuda_error, CudaBackend, GemmShape, GradWrite, TokenLayout};
@@ -381,7 +381,7 @@ impl EmbedBufs {
         let proj = &vit.patch_embed.proj;
         linear_backward(
             gpu,
-            None,
+            InputGrad::Skip,
             grads,
             &g.dpe_bf16,
             DoutF32::Ready(&self.pe),

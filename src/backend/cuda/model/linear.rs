@@ -130,12 +130,26 @@ pub(crate) enum DoutF32<'a> {
     Widen(&'a mut CudaSlice<f32>),
 }
 
-/// Backward: `dinp [rows, in] = dout · W` (written; skipped when `None`), `dW += doutᵀ · inp`,
+/// Where a linear layer's input gradient `dinp [rows, in] = dout · W` goes.
+pub(crate) enum InputGrad<'a> {
+    /// Not needed (the first layer of a model).
+    Skip,
+    /// f32, written.
+    F32(&'a mut CudaSlice<f32>),
+    /// bf16 for a consumer that reads bf16 only (the attention backward): straight from the
+    /// GEMM where cuBLASLt can, else through the f32 `scratch` and a cast.
+    Bf16 {
+        out: &'a mut CudaSlice<bf16>,
+        scratch: &'a mut CudaSlice<f32>,
+    },
+}
+
+/// Backward: the input gradient `dinp = dout · W` (see [`InputGrad`]), `dW += doutᵀ · inp`,
 /// `db += Σ_rows dout` (fused into the `dW` GEMM where cuBLASLt can, else from `dout_f32`).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn linear_backward(
     gpu: &mut CudaBackend,
-    dinp: Option<&mut CudaSlice<f32>>,
+    dinp: InputGrad<'_>,
     grads: &mut CudaSlice<f32>,
     dout: &CudaSlice<bf16>,
     dout_f32: DoutF32<'_>,
@@ -145,19 +159,33 @@ pub(crate) fn linear_backward(
     rows: usize,
 ) -> Result<()> {
     let (k, n) = (lin.in_dim, lin.out_dim);
-    if let Some(dinp) = dinp {
+    {
         let weight = gpu.sub(&w.bf16, lin.weight.range())?; // [out, in]
-        gpu.matmul_bf16(
-            dinp,
-            dout,
-            Transpose::No,
-            &weight,
-            Transpose::No,
-            rows,
-            n,
-            k,
-            Accumulate::Overwrite,
-        )?;
+        let f32_grad = |gpu: &CudaBackend, dinp: &mut CudaSlice<f32>| {
+            gpu.matmul_bf16(
+                dinp,
+                dout,
+                Transpose::No,
+                &weight,
+                Transpose::No,
+                rows,
+                n,
+                k,
+                Accumulate::Overwrite,
+            )
+        };
+        match dinp {
+            InputGrad::Skip => {}
+            InputGrad::F32(dinp) => f32_grad(gpu, dinp)?,
+            InputGrad::Bf16 { out, scratch } => {
+                let direct =
+                    gpu.matmul_bf16_to_bf16(out, dout, &weight, Transpose::No, None, rows, n, k)?;
+                if direct == LtOutcome::Unsupported {
+                    f32_grad(gpu, scratch)?;
+                    gpu.cast_f32_to_bf16(out, scratch)?;
+                }
+            }
+        }
     }
     linear_param_grads(gpu, grads, lin, dout, dout_f32, inp, rows)
 }
