@@ -397,6 +397,12 @@ fn bench_times_the_step_on_the_emulated_device() {
     );
     assert_eq!(gemms["separate_epilogues"], 0, "{gemms}");
     assert_eq!(gemms["cublas"], 0, "{gemms}");
+    assert!(
+        result["kernel_launches_per_step"]
+            .as_f64()
+            .is_some_and(|v| v > 0.0),
+        "{result}"
+    );
 }
 
 #[test]

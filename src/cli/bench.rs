@@ -189,6 +189,13 @@ fn table(r: &BenchReport) -> String {
             },
         ),
         (
+            "kernels per step",
+            match r.kernel_launches_per_step {
+                Some(n) => format!("{n:.0} launches besides the GEMMs"),
+                None => "-".to_string(),
+            },
+        ),
+        (
             "loss",
             format!("{:.4} first, {:.4} last", r.loss_first, r.loss_last),
         ),

@@ -24,7 +24,8 @@
 //! forward_global_crop, forward_local_crop, masked_patches_per_image}`, `achieved_tflops`,
 //! `peak_tflops`, `peak_source`, `utilisation` (fraction of the peak), `peak_memory_bytes`
 //! (null when unknown), `peak_memory_source`, `gemms_per_step` (CUDA: `{cublaslt,
-//! fused_epilogues, cublas, separate_epilogues}` per timed step and `refused_problems` in all, else null), `loss_first`,
+//! fused_epilogues, cublas, separate_epilogues}` per timed step and `refused_problems` in all,
+//! null on the CPU), `kernel_launches_per_step` (CUDA, else null), `loss_first`,
 //! `loss_last`, `config_warnings`.
 
 mod flops;
@@ -356,6 +357,8 @@ pub struct BenchReport {
     pub peak_memory_source: String,
     /// GEMMs of one timed step by library (CUDA runs; the same every step).
     pub gemms_per_step: Option<GemmStats>,
+    /// Hand-written kernels launched per timed step (CUDA runs).
+    pub kernel_launches_per_step: Option<f64>,
     pub loss_first: f32,
     pub loss_last: f32,
     pub config_warnings: Vec<String>,
@@ -410,10 +413,11 @@ pub fn run(opts: &BenchOptions, on_step: &mut dyn FnMut(&StepTiming)) -> Result<
     let mut timed = Vec::with_capacity(steps);
     let mut timed_cpu = Vec::with_capacity(steps);
     let mut losses = Vec::with_capacity(total);
-    let mut gemms_before_timing = None;
+    let (mut gemms_before_timing, mut launches_before_timing) = (None, None);
     for index in 0..total {
         if index == warmup {
             gemms_before_timing = trainer.gemm_stats();
+            launches_before_timing = trainer.kernel_launches();
         }
         let cpu_start = process_cpu_seconds();
         let start = Instant::now();
@@ -451,6 +455,10 @@ pub fn run(opts: &BenchOptions, on_step: &mut dyn FnMut(&StepTiming)) -> Result<
                 refused_problems: now.refused_problems,
             })
         }
+        _ => None,
+    };
+    let kernel_launches_per_step = match (trainer.kernel_launches(), launches_before_timing) {
+        (Some(now), Some(before)) => Some((now - before) as f64 / steps_u64 as f64),
         _ => None,
     };
     let (peak_memory_bytes, peak_memory_source) = match kind {
@@ -522,6 +530,7 @@ pub fn run(opts: &BenchOptions, on_step: &mut dyn FnMut(&StepTiming)) -> Result<
         peak_memory_bytes,
         peak_memory_source,
         gemms_per_step,
+        kernel_launches_per_step,
         // `total >= steps >= 1`, so there is a first and a last loss.
         loss_first: losses.first().copied().unwrap_or(f32::NAN),
         loss_last: losses.last().copied().unwrap_or(f32::NAN),

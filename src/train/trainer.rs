@@ -167,6 +167,11 @@ impl Trainer {
         self.device.as_ref().map(|d| d.gpu.gemm_stats())
     }
 
+    /// Hand-written kernels launched so far on the CUDA device; `None` on the CPU.
+    pub fn kernel_launches(&self) -> Option<u64> {
+        self.device.as_ref().map(|d| d.gpu.kernel_launches())
+    }
+
     /// A feature extractor of the backbone with `weights`, on the trainer's device. On CUDA the
     /// teacher is read where it lives (no [`Trainer::sync_to_host`] needed) and host weights
     /// are uploaded for the extractor's lifetime.

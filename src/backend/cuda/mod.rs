@@ -103,6 +103,8 @@ pub struct CudaBackend {
     kernels: kernels::Kernels,
     /// Reduction partials; grows on demand and is then reused (no steady-state allocation).
     scratch: CudaSlice<f32>,
+    /// Kernels launched so far (the hand-written ones; GEMMs are counted in `lt`).
+    launches: std::sync::atomic::AtomicU64,
 }
 
 impl fmt::Debug for CudaBackend {
@@ -161,6 +163,7 @@ impl CudaBackend {
             lt_sums: None,
             kernels,
             scratch,
+            launches: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -175,6 +178,12 @@ impl CudaBackend {
             .compute_capability()
             .map_err(|e| cuda_error("cuDeviceGetAttribute", e))?;
         Ok(format!("{name} (sm_{major}{minor})"))
+    }
+
+    /// Hand-written kernels launched since this backend was made (with [`Self::gemm_stats`],
+    /// the work a step queues: each launch costs a few microseconds of host time).
+    pub fn kernel_launches(&self) -> u64 {
+        self.launches.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The stream every launcher queues work on.

@@ -103,6 +103,7 @@ macro_rules! launch {
         // SAFETY: the argument list follows the kernel's signature in kernels/*.cu (the launch
         // contract at the top of each file) and every buffer length was checked by the caller.
         unsafe { builder.launch($cfg) }.map_err(|e| $crate::backend::cuda::cuda_error($name, e))?;
+        $backend.launches.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }};
 }
 pub(super) use launch;
