@@ -234,7 +234,7 @@ for model in vits14 vitb14; do
         "dinotrain $(fmt "$(json_get "$ours_json" peak_memory_bytes)" 1e-9 2 ' GB') vs torch $(fmt "$(json_get "$torch_json" peak_memory_bytes)" 1e-9 2 ' GB')"
     row "step $model kernel launches/step" "$(fmt "$(json_get "$ours_json" kernel_launches_per_step)" 1 0) besides the GEMMs"
     row "step $model GEMMs/step" \
-        "$(json_get "$ours_json" gemms_per_step.cublaslt) cuBLASLt ($(json_get "$ours_json" gemms_per_step.fused_epilogues) fused bias epilogues), $(json_get "$ours_json" gemms_per_step.cublas) cuBLAS, $(json_get "$ours_json" gemms_per_step.separate_epilogues) separate"
+        "$(fmt "$(json_get "$ours_json" gemms_per_step.cublaslt)" 1 0) cuBLASLt ($(fmt "$(json_get "$ours_json" gemms_per_step.fused_epilogues)" 1 0) fused bias epilogues), $(fmt "$(json_get "$ours_json" gemms_per_step.cublas)" 1 0) cuBLAS, $(fmt "$(json_get "$ours_json" gemms_per_step.separate_epilogues)" 1 0) separate, $(fmt "$(json_get "$ours_json" gemms_per_step.refused_problems)" 1 0) refused"
     row "step $model GFLOP/image (ours | torch)" \
         "$(fmt "$(json_get "$ours_json" flops_per_image)" 1e-9 1) | $(fmt "$(json_get "$torch_json" flops_per_image)" 1e-9 1)"
 done
