@@ -208,7 +208,7 @@ fn gemm_bias_epilogue_matches_f64_fused_or_separate() {
             let bias_view = gpu.sub(&holder, shift..shift + n).unwrap();
             let mut dc = gpu.upload(&vec![f32::NAN; m * n]).unwrap(); // overwritten
             let before = gpu.gemm_stats();
-            gpu.matmul_bf16_bias(&mut dc, &dx, &dw, Transpose::Yes, &bias_view, m, k, n)
+            gpu.matmul_bf16_bias(&mut dc, &dx, &dw, Transpose::Yes, Some(&bias_view), m, k, n)
                 .unwrap();
             let ran = gemms_since(&gpu, before);
             assert_eq!(ran.fused_epilogues + ran.separate_epilogues, 1, "{ran}");

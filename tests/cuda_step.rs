@@ -94,9 +94,7 @@ fn head_forward_and_backward_match_the_cpu_head() {
     gpu_head.prepare(&gpu, &w.f32).unwrap();
     let mut hc = HeadCache::default();
     let x_d = gpu.upload(&x).unwrap();
-    gpu_head
-        .forward(&gpu, &mut hc, &w.f32, &w.bf16, &x_d, n)
-        .unwrap();
+    gpu_head.forward(&gpu, &mut hc, &w, &x_d, n).unwrap();
     assert_close(
         "head logits",
         &download(&gpu, &hc.logits),
@@ -116,8 +114,7 @@ fn head_forward_and_backward_match_the_cpu_head() {
             &mut dx,
             Accumulate::Overwrite,
             &hc,
-            &w.f32,
-            &w.bf16,
+            &w,
             &d_out_d,
         )
         .unwrap();
@@ -142,8 +139,7 @@ fn head_forward_and_backward_match_the_cpu_head() {
             &mut dx,
             Accumulate::Add,
             &hc,
-            &w.f32,
-            &w.bf16,
+            &w,
             &d_out_d,
         )
         .unwrap();

@@ -68,7 +68,7 @@ fn dino_head(fx: &Fixture, gpu: &mut CudaBackend) -> Result<Outputs> {
     head.prepare(gpu, &w.f32)?;
     let mut cache = HeadCache::default();
     let x = to_device(gpu, &case.x.data)?;
-    head.forward(gpu, &mut cache, &w.f32, &w.bf16, &*x.get(gpu)?, n)?;
+    head.forward(gpu, &mut cache, &w, &*x.get(gpu)?, n)?;
     let d_out = to_device(gpu, &case.grad_out.data)?;
     let mut grads = zeros(gpu, case.table.len())?;
     let mut dx = zeros(gpu, n * case.head.mlp0.in_dim)?;
@@ -79,8 +79,7 @@ fn dino_head(fx: &Fixture, gpu: &mut CudaBackend) -> Result<Outputs> {
         &mut *dx.get_mut(gpu)?,
         Accumulate::Overwrite,
         &cache,
-        &w.f32,
-        &w.bf16,
+        &w,
         &*d_out.get(gpu)?,
     )?;
     dino_head_outputs(

@@ -135,8 +135,8 @@ impl CudaBackend {
             .map(drop)
     }
 
-    /// `C[m,n] = A[m,k] · op(B) + bias[n]` (broadcast over rows), bias fused into the GEMM when
-    /// cuBLASLt can, else added by a separate pass.
+    /// `C[m,n] = A[m,k] · op(B) (+ bias[n])` (broadcast over rows), the bias fused into the GEMM
+    /// when cuBLASLt can, else added by a separate pass.
     #[allow(clippy::too_many_arguments)]
     pub fn matmul_bf16_bias(
         &self,
@@ -144,15 +144,16 @@ impl CudaBackend {
         a: &CudaSlice<bf16>,
         b: &CudaSlice<bf16>,
         tb: Transpose,
-        bias: &CudaSlice<f32>,
+        bias: Option<&CudaSlice<f32>>,
         m: usize,
         k: usize,
         n: usize,
     ) -> Result<()> {
-        if self.matmul_bf16_try_bias(c, a, b, tb, bias, m, k, n)? == EpilogueRun::Separate {
-            self.add_bias(c, bias, m, n)?;
+        let run = self.matmul_bf16_try_bias(c, a, b, tb, bias, m, k, n)?;
+        match (run, bias) {
+            (EpilogueRun::Separate, Some(bias)) => self.add_bias(c, bias, m, n),
+            _ => Ok(()),
         }
-        Ok(())
     }
 
     /// [`matmul_bf16_bias`](Self::matmul_bf16_bias) that leaves the bias to the caller when it
@@ -165,29 +166,24 @@ impl CudaBackend {
         a: &CudaSlice<bf16>,
         b: &CudaSlice<bf16>,
         tb: Transpose,
-        bias: &CudaSlice<f32>,
+        bias: Option<&CudaSlice<f32>>,
         m: usize,
         k: usize,
         n: usize,
     ) -> Result<EpilogueRun> {
-        if bias.len() != n {
+        if bias.is_some_and(|v| v.len() != n) {
             return Err(Error::shape(
                 "cuda gemm bias",
-                format!("bias holds {} values, expected {n}", bias.len()),
+                format!("the bias must hold {n} values"),
             ));
         }
         let shape = GemmShape::single(m, k, n);
-        let mut epilogue = Epilogue::AddColumnBias(bias);
-        self.matmul_batched(
-            c,
-            a,
-            Transpose::No,
-            b,
-            tb,
-            shape,
-            Accumulate::Overwrite,
-            &mut epilogue,
-        )
+        let mut epilogue = match bias {
+            Some(v) => Epilogue::AddColumnBias(v),
+            None => Epilogue::None,
+        };
+        let overwrite = Accumulate::Overwrite;
+        self.matmul_batched(c, a, Transpose::No, b, tb, shape, overwrite, &mut epilogue)
     }
 
     /// `C (=|+=) op(A)[m,k] · op(B)` and, when given, `sums[i] += Σ_p op(A)[i, p]` (the bias

@@ -11,12 +11,14 @@
 //! receives KoLeo's).
 
 use super::buffers::Grow;
-use super::linear::{linear_param_grads, DoutF32};
+use super::linear::{
+    linear_forward, linear_gelu_forward, linear_input_grad, linear_param_grads, DoutF32,
+};
+use super::DeviceWeights;
 use crate::backend::cpu::{Accumulate, Transpose};
 use crate::backend::cuda::{bf16, CudaBackend};
 use crate::error::{Error, Result};
 use crate::nn::dino_head::NORMALIZE_EPS;
-use crate::nn::linear::Linear;
 use crate::nn::DinoHead;
 use cudarc::driver::CudaSlice;
 
@@ -111,29 +113,6 @@ fn dims(h: &DinoHead) -> (usize, usize, usize, usize) {
     (h.mlp0.in_dim, h.mlp0.out_dim, h.bottleneck, h.out_dim)
 }
 
-/// `out (=|+=) inp · Wᵀ` for a Linear `W [out, in]` read from the bf16 parameter copy.
-fn linear_gemm(
-    gpu: &CudaBackend,
-    out: &mut CudaSlice<f32>,
-    inp: &CudaSlice<bf16>,
-    lin: &Linear,
-    params_bf16: &CudaSlice<bf16>,
-    n: usize,
-) -> Result<()> {
-    let w = gpu.sub(params_bf16, lin.weight.range())?;
-    gpu.matmul_bf16(
-        out,
-        inp,
-        Transpose::No,
-        &w,
-        Transpose::Yes,
-        n,
-        lin.in_dim,
-        lin.out_dim,
-        Accumulate::Overwrite,
-    )
-}
-
 impl GpuHead {
     /// Buffers for the effective prototypes of `head` (one allocation each, once).
     pub fn new(gpu: &CudaBackend, head: &DinoHead) -> Result<Self> {
@@ -158,14 +137,13 @@ impl GpuHead {
     }
 
     /// Forward of `x [n, in_dim]` (f32); the logits `[n, k]` are left in `cache.logits`.
-    /// `params` is the f32 master copy (biases), `params_bf16` its bf16 copy (GEMM weights);
+    /// `w` holds the model's parameters (biases read in f32, GEMM weights in bf16);
     /// [`prepare`](Self::prepare) must have run on the same weights.
     pub fn forward(
         &self,
         gpu: &CudaBackend,
         cache: &mut HeadCache,
-        params: &CudaSlice<f32>,
-        params_bf16: &CudaSlice<bf16>,
+        w: &DeviceWeights,
         x: &CudaSlice<f32>,
         n: usize,
     ) -> Result<()> {
@@ -202,46 +180,18 @@ impl GpuHead {
         {
             let mut pre = cache.pre0.get_mut(gpu)?;
             let mut act = cache.act0.get_mut(gpu)?;
-            linear_gemm(gpu, &mut pre, &x_bf16, &h.mlp0, params_bf16, n)?;
-            let bias = h
-                .mlp0
-                .bias
-                .map(|b| gpu.sub(params, b.range()))
-                .transpose()?;
-            gpu.bias_gelu_forward(&mut pre, &mut act, bias.as_deref(), n, hidden)?;
+            linear_gelu_forward(gpu, &mut pre, &mut act, &x_bf16, &h.mlp0, w, n)?;
         }
         {
             let act0 = cache.act0.get(gpu)?;
             let mut pre = cache.pre2.get_mut(gpu)?;
             let mut act = cache.act2.get_mut(gpu)?;
-            linear_gemm(gpu, &mut pre, &act0, &h.mlp2, params_bf16, n)?;
-            let bias = h
-                .mlp2
-                .bias
-                .map(|b| gpu.sub(params, b.range()))
-                .transpose()?;
-            gpu.bias_gelu_forward(&mut pre, &mut act, bias.as_deref(), n, hidden)?;
+            linear_gelu_forward(gpu, &mut pre, &mut act, &act0, &h.mlp2, w, n)?;
         }
         // Bottleneck, then z = y / max(‖y‖, eps).
         let act2 = cache.act2.get(gpu)?;
         let mut y = cache.y.get_mut(gpu)?;
-        match h.mlp4.bias {
-            Some(b) => {
-                let w = gpu.sub(params_bf16, h.mlp4.weight.range())?;
-                let bias = gpu.sub(params, b.range())?;
-                gpu.matmul_bf16_bias(
-                    &mut y,
-                    &act2,
-                    &w,
-                    Transpose::Yes,
-                    &bias,
-                    n,
-                    h.mlp4.in_dim,
-                    bn,
-                )?;
-            }
-            None => linear_gemm(gpu, &mut y, &act2, &h.mlp4, params_bf16, n)?,
-        }
+        linear_forward(gpu, &mut y, &act2, &h.mlp4, w, n)?;
         let mut z = cache.z.get_mut(gpu)?;
         let mut z_bf16 = cache.z_bf16.get_mut(gpu)?;
         let mut y_norm = cache.y_norm.get_mut(gpu)?;
@@ -272,8 +222,7 @@ impl GpuHead {
         dx: &mut CudaSlice<f32>,
         dx_write: Accumulate,
         cache: &HeadCache,
-        params: &CudaSlice<f32>,
-        params_bf16: &CudaSlice<bf16>,
+        w: &DeviceWeights,
         d_logits: &CudaSlice<f32>,
     ) -> Result<()> {
         const OP: &str = "gpu dino head backward";
@@ -333,8 +282,8 @@ impl GpuHead {
         {
             let [mut dg, mut dv] =
                 gpu.sub_mut_disjoint(grads, [h.weight_g.range(), h.weight_v.range()])?;
-            let g = gpu.sub(params, h.weight_g.range())?;
-            let v = gpu.sub(params, h.weight_v.range())?;
+            let g = gpu.sub(&w.f32, h.weight_g.range())?;
+            let v = gpu.sub(&w.f32, h.weight_v.range())?;
             gpu.weight_norm_backward(&mut dg, &mut dv, &dw, &g, &v, &self.last.inv_norm, k, bn)?;
         }
         // Through the normalisation.
@@ -358,12 +307,12 @@ impl GpuHead {
         linear_param_grads(gpu, grads, &h.mlp4, &dy_bf16, DoutF32::Ready(&dy), &act2, n)?;
         let mut dact = scratch.dact.get_mut(gpu)?;
         let mut dpre_bf16 = scratch.dpre_bf16.get_mut(gpu)?;
-        input_grad(
+        linear_input_grad(
             gpu,
             &mut dact,
             &dy_bf16,
             &h.mlp4,
-            params_bf16,
+            w,
             n,
             Accumulate::Overwrite,
         )?;
@@ -381,12 +330,12 @@ impl GpuHead {
             &act0,
             n,
         )?;
-        input_grad(
+        linear_input_grad(
             gpu,
             &mut dact,
             &dpre_bf16,
             &h.mlp2,
-            params_bf16,
+            w,
             n,
             Accumulate::Overwrite,
         )?;
@@ -403,30 +352,6 @@ impl GpuHead {
             &x_bf16,
             n,
         )?;
-        input_grad(gpu, dx, &dpre_bf16, &h.mlp0, params_bf16, n, dx_write)
+        linear_input_grad(gpu, dx, &dpre_bf16, &h.mlp0, w, n, dx_write)
     }
-}
-
-/// `dinp [n, in] (=|+=) dout · W` for a Linear `W [out, in]` (bf16 copy).
-fn input_grad(
-    gpu: &CudaBackend,
-    dinp: &mut CudaSlice<f32>,
-    dout_bf16: &CudaSlice<bf16>,
-    lin: &Linear,
-    params_bf16: &CudaSlice<bf16>,
-    n: usize,
-    write: Accumulate,
-) -> Result<()> {
-    let w = gpu.sub(params_bf16, lin.weight.range())?;
-    gpu.matmul_bf16(
-        dinp,
-        dout_bf16,
-        Transpose::No,
-        &w,
-        Transpose::No,
-        n,
-        lin.out_dim,
-        lin.in_dim,
-        write,
-    )
 }

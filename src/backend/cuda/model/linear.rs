@@ -18,20 +18,18 @@ pub(crate) fn linear_forward(
     w: &DeviceWeights,
     rows: usize,
 ) -> Result<()> {
-    let Some(b) = lin.bias else {
-        return linear_matmul(gpu, out, inp, lin, w, rows);
-    };
     let weight = gpu.sub(&w.bf16, lin.weight.range())?; // [out, in]
-    let bias = gpu.sub(&w.f32, b.range())?; // [out]
+    let bias = lin.bias.map(|b| gpu.sub(&w.f32, b.range())).transpose()?; // [out]
+    let (k, n) = (lin.in_dim, lin.out_dim);
     gpu.matmul_bf16_bias(
         out,
         inp,
         &weight,
         Transpose::Yes,
-        &bias,
+        bias.as_deref(),
         rows,
-        lin.in_dim,
-        lin.out_dim,
+        k,
+        n,
     )
 }
 
@@ -83,42 +81,21 @@ pub(crate) fn linear_gelu_forward(
     let weight = gpu.sub(&w.bf16, lin.weight.range())?; // [out, in]
     let bias = lin.bias.map(|b| gpu.sub(&w.f32, b.range())).transpose()?;
     let (k, n) = (lin.in_dim, lin.out_dim);
-    let left = match bias.as_deref() {
-        Some(b) => {
-            match gpu.matmul_bf16_try_bias(pre, inp, &weight, Transpose::Yes, b, rows, k, n)? {
-                EpilogueRun::Fused => None,
-                EpilogueRun::Separate => Some(b),
-            }
-        }
-        None => {
-            linear_matmul(gpu, pre, inp, lin, w, rows)?;
-            None
-        }
-    };
-    gpu.bias_gelu_forward(pre, act, left, rows, n)
-}
-
-/// `out [rows, out] = inp [rows, in] · Wᵀ` without the bias (a fused epilogue adds it).
-pub(crate) fn linear_matmul(
-    gpu: &CudaBackend,
-    out: &mut CudaSlice<f32>,
-    inp: &CudaSlice<bf16>,
-    lin: &Linear,
-    w: &DeviceWeights,
-    rows: usize,
-) -> Result<()> {
-    let weight = gpu.sub(&w.bf16, lin.weight.range())?; // [out, in]
-    gpu.matmul_bf16(
-        out,
+    let run = gpu.matmul_bf16_try_bias(
+        pre,
         inp,
-        Transpose::No,
         &weight,
         Transpose::Yes,
+        bias.as_deref(),
         rows,
-        lin.in_dim,
-        lin.out_dim,
-        Accumulate::Overwrite,
-    )
+        k,
+        n,
+    )?;
+    let left = match run {
+        EpilogueRun::Fused => None,
+        EpilogueRun::Separate => bias.as_deref(),
+    };
+    gpu.bias_gelu_forward(pre, act, left, rows, n)
 }
 
 /// Where the separate bias-gradient pass finds `dout` in f32, needed only when cuBLASLt
@@ -158,36 +135,46 @@ pub(crate) fn linear_backward(
     w: &DeviceWeights,
     rows: usize,
 ) -> Result<()> {
-    let (k, n) = (lin.in_dim, lin.out_dim);
-    {
-        let weight = gpu.sub(&w.bf16, lin.weight.range())?; // [out, in]
-        let f32_grad = |gpu: &CudaBackend, dinp: &mut CudaSlice<f32>| {
-            gpu.matmul_bf16(
-                dinp,
-                dout,
-                Transpose::No,
-                &weight,
-                Transpose::No,
-                rows,
-                n,
-                k,
-                Accumulate::Overwrite,
-            )
-        };
-        match dinp {
-            InputGrad::Skip => {}
-            InputGrad::F32(dinp) => f32_grad(gpu, dinp)?,
-            InputGrad::Bf16 { out, scratch } => {
-                let direct =
-                    gpu.matmul_bf16_to_bf16(out, dout, &weight, Transpose::No, None, rows, n, k)?;
-                if direct == LtOutcome::Unsupported {
-                    f32_grad(gpu, scratch)?;
-                    gpu.cast_f32_to_bf16(out, scratch)?;
-                }
+    let overwrite = Accumulate::Overwrite;
+    match dinp {
+        InputGrad::Skip => {}
+        InputGrad::F32(dinp) => linear_input_grad(gpu, dinp, dout, lin, w, rows, overwrite)?,
+        InputGrad::Bf16 { out, scratch } => {
+            let weight = gpu.sub(&w.bf16, lin.weight.range())?; // [out, in]
+            let (k, n) = (lin.in_dim, lin.out_dim);
+            let direct =
+                gpu.matmul_bf16_to_bf16(out, dout, &weight, Transpose::No, None, rows, n, k)?;
+            if direct == LtOutcome::Unsupported {
+                linear_input_grad(gpu, scratch, dout, lin, w, rows, overwrite)?;
+                gpu.cast_f32_to_bf16(out, scratch)?;
             }
         }
     }
     linear_param_grads(gpu, grads, lin, dout, dout_f32, inp, rows)
+}
+
+/// The input half of the backward: `dinp [rows, in] (=|+=) dout · W`, f32.
+pub(crate) fn linear_input_grad(
+    gpu: &CudaBackend,
+    dinp: &mut CudaSlice<f32>,
+    dout: &CudaSlice<bf16>,
+    lin: &Linear,
+    w: &DeviceWeights,
+    rows: usize,
+    write: Accumulate,
+) -> Result<()> {
+    let weight = gpu.sub(&w.bf16, lin.weight.range())?; // [out, in]
+    gpu.matmul_bf16(
+        dinp,
+        dout,
+        Transpose::No,
+        &weight,
+        Transpose::No,
+        rows,
+        lin.out_dim,
+        lin.in_dim,
+        write,
+    )
 }
 
 /// The parameter half of the backward: `dW += doutᵀ · inp`, `db += Σ_rows dout` (fused into

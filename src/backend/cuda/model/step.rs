@@ -324,14 +324,9 @@ impl GpuStep {
                 g_size,
                 g_size,
             )?;
-            teacher_heads.dino.forward(
-                gpu,
-                &mut ws.t_dino,
-                &teacher.f32,
-                &teacher.bf16,
-                &t_out.cls,
-                n_global,
-            )?;
+            teacher_heads
+                .dino
+                .forward(gpu, &mut ws.t_dino, teacher, &t_out.cls, n_global)?;
             ws.dino_probs.resize(gpu, n_global * k)?;
             {
                 let mut probs = ws.dino_probs.get_mut(gpu)?;
@@ -350,14 +345,9 @@ impl GpuStep {
                     patch_layout(n_global, t_out.n_patches, d),
                 )?;
                 let t_masked = ws.t_masked.get(gpu)?;
-                teacher_heads.patch().forward(
-                    gpu,
-                    &mut ws.t_ibot,
-                    &teacher.f32,
-                    &teacher.bf16,
-                    &t_masked,
-                    n_masked,
-                )?;
+                teacher_heads
+                    .patch()
+                    .forward(gpu, &mut ws.t_ibot, teacher, &t_masked, n_masked)?;
                 ws.ibot_probs.resize(gpu, n_masked * ki)?;
                 let mut probs = ws.ibot_probs.get_mut(gpu)?;
                 let logits = ws.t_ibot.logits.get(gpu)?;
@@ -392,14 +382,9 @@ impl GpuStep {
                 reborrow(&mut drop_path),
             )?;
             n_patches = g.n_patches;
-            student_heads.dino.forward(
-                gpu,
-                &mut ws.s_dino_global,
-                &student.f32,
-                &student.bf16,
-                &g.cls,
-                n_global,
-            )?;
+            student_heads
+                .dino
+                .forward(gpu, &mut ws.s_dino_global, student, &g.cls, n_global)?;
             ws.d_cls_global.resize(gpu, n_global * d)?;
             if use_koleo {
                 if ws
@@ -434,14 +419,9 @@ impl GpuStep {
                     patch_layout(n_global, g.n_patches, d),
                 )?;
                 let s_masked = ws.s_masked.get(gpu)?;
-                student_heads.patch().forward(
-                    gpu,
-                    &mut ws.s_ibot,
-                    &student.f32,
-                    &student.bf16,
-                    &s_masked,
-                    n_masked,
-                )?;
+                student_heads
+                    .patch()
+                    .forward(gpu, &mut ws.s_ibot, student, &s_masked, n_masked)?;
             }
         }
 
@@ -460,14 +440,9 @@ impl GpuStep {
                 reborrow(&mut drop_path),
             )?;
             local_patches = l.n_patches;
-            student_heads.dino.forward(
-                gpu,
-                &mut ws.s_dino_local,
-                &student.f32,
-                &student.bf16,
-                &l.cls,
-                nl * b,
-            )?;
+            student_heads
+                .dino
+                .forward(gpu, &mut ws.s_dino_local, student, &l.cls, nl * b)?;
         }
 
         // ---- Losses.
@@ -529,8 +504,7 @@ impl GpuStep {
                 &mut d_cls,
                 write,
                 &ws.s_dino_global,
-                &student.f32,
-                &student.bf16,
+                student,
                 &ds,
             )?;
         }
@@ -548,8 +522,7 @@ impl GpuStep {
                     &mut d_masked,
                     Accumulate::Overwrite,
                     &ws.s_ibot,
-                    &student.f32,
-                    &student.bf16,
+                    student,
                     &ds,
                 )?;
             }
@@ -585,8 +558,7 @@ impl GpuStep {
                     &mut d_cls,
                     Accumulate::Overwrite,
                     &ws.s_dino_local,
-                    &student.f32,
-                    &student.bf16,
+                    student,
                     &ds,
                 )?;
             }

@@ -125,6 +125,22 @@ impl Workspace {
         [at(1, 0), at(l.patches, 1 + l.registers), at(l.registers, 1)]
     }
 
+    /// [`Workspace::forward`], marking the output valid only once it completed.
+    fn run_forward(
+        &mut self,
+        gpu: &CudaBackend,
+        vit: &Vit,
+        w: &DeviceWeights,
+        images: &[f32],
+        masks: Option<&[bool]>,
+        subsets: &[Option<&Subset>],
+    ) -> Result<&GpuVitOutput> {
+        self.forwarded = false;
+        self.forward(gpu, vit, w, images, masks, subsets)?;
+        self.forwarded = true;
+        Ok(&self.out)
+    }
+
     /// Embedding, blocks, final LayerNorm, and the output split.
     fn forward(
         &mut self,
@@ -261,19 +277,12 @@ impl GpuVit {
         };
         let subset_refs: Vec<Option<&Subset>> = subsets.iter().map(Option::as_ref).collect();
         let ws = self.workspace(gpu, vit, (b, h, w_px), Keep::Cache)?;
-        ws.forwarded = false;
-        ws.forward(gpu, vit, w, images, masks, &subset_refs)?;
-        ws.forwarded = true;
-        Ok(&ws.out)
+        ws.run_forward(gpu, vit, w, images, masks, &subset_refs)
     }
 
     /// The output of the last training forward at this size.
     pub fn output(&self, b: usize, h: usize, w_px: usize) -> Result<&GpuVitOutput> {
-        find(&self.train, (b, h, w_px))
-            .map(|i| &self.train[i])
-            .filter(|ws| ws.forwarded)
-            .map(|ws| &ws.out)
-            .ok_or_else(|| no_forward("output", b, h, w_px))
+        forwarded_output(&self.train, (b, h, w_px), "output")
     }
 
     /// Backward of the last `forward` at this size; gradients ACCUMULATE into `grads [P]`.
@@ -421,20 +430,26 @@ impl GpuVit {
     ) -> Result<&GpuVitOutput> {
         check_inputs(vit, w, images, b, h, w_px, None)?;
         let ws = self.workspace(gpu, vit, (b, h, w_px), Keep::Nothing)?;
-        ws.forwarded = false;
-        ws.forward(gpu, vit, w, images, None, &[])?;
-        ws.forwarded = true;
-        Ok(&ws.out)
+        ws.run_forward(gpu, vit, w, images, None, &[])
     }
 
     /// The output of the last inference forward at this size.
     pub fn inference_output(&self, b: usize, h: usize, w_px: usize) -> Result<&GpuVitOutput> {
-        find(&self.inference, (b, h, w_px))
-            .map(|i| &self.inference[i])
-            .filter(|ws| ws.forwarded)
-            .map(|ws| &ws.out)
-            .ok_or_else(|| no_forward("inference_output", b, h, w_px))
+        forwarded_output(&self.inference, (b, h, w_px), "inference_output")
     }
+}
+
+/// The output of the workspace for `key` in `list`, if a forward has run in it.
+fn forwarded_output<'a>(
+    list: &'a [Workspace],
+    key: (usize, usize, usize),
+    what: &str,
+) -> Result<&'a GpuVitOutput> {
+    find(list, key)
+        .map(|i| &list[i])
+        .filter(|ws| ws.forwarded)
+        .map(|ws| &ws.out)
+        .ok_or_else(|| no_forward(what, key.0, key.1, key.2))
 }
 
 fn no_forward(what: &str, b: usize, h: usize, w: usize) -> Error {
