@@ -4,7 +4,10 @@
 //! GEMM operands and attention, f32 LayerNorm statistics, residual stream and outputs) and
 //! returns the same `out.*` tensors. `pos_interp` stays a host computation in CUDA runs.
 
-use super::nn_cases::{block_config, input_shaped, load_params, param_grads, tensor, vit_masks};
+use super::nn_cases::{
+    attention_module, block_config, dims3, input_shaped, load_params, param_grads, tensor,
+    vit_masks,
+};
 use super::{out, Fixture, Outputs};
 use crate::backend::cuda::model::branch::{
     body_backward, body_forward, Allocator, Body, BodyScratch, BranchBufs, Dims,
@@ -13,10 +16,8 @@ use crate::backend::cuda::model::linear::DoutF32;
 use crate::backend::cuda::model::{DeviceWeights, GpuBlock, GpuVit, ImageGrad};
 use crate::backend::cuda::{CudaBackend, GradWrite, NormShape};
 use crate::error::{Error, Result};
-use crate::nn::attention::Attention;
 use crate::nn::block::Block;
 use crate::nn::layernorm::LayerNorm;
-use crate::nn::linear::Bias;
 use crate::nn::params::ParamTable;
 use crate::nn::vit::Vit;
 
@@ -30,14 +31,6 @@ pub fn compute(fx: &Fixture, gpu: &mut CudaBackend) -> Result<Outputs> {
             "golden case '{other}' has no CUDA backbone implementation"
         ))),
     }
-}
-
-fn dims3(fx: &Fixture) -> Result<(usize, usize, usize)> {
-    Ok((
-        fx.param_usize("batch")?,
-        fx.param_usize("ntok")?,
-        fx.param_usize("dim")?,
-    ))
 }
 
 /// LayerNorm forward (f32 output) and backward, all f32 on the GPU.
@@ -87,16 +80,8 @@ fn layernorm(fx: &Fixture, gpu: &mut CudaBackend) -> Result<Outputs> {
 /// attention, proj; backward to the input.
 fn attention(fx: &Fixture, gpu: &mut CudaBackend) -> Result<Outputs> {
     let (b, t, d) = dims3(fx)?;
-    let heads = fx.param_usize("num_heads")?;
-    let mut table = ParamTable::new();
-    let attn = Attention::new(
-        &mut table,
-        "",
-        d,
-        heads,
-        Bias::from(fx.param_bool("qkv_bias")?),
-        Bias::from(fx.param_bool("proj_bias")?),
-    );
+    let (table, attn) = attention_module(fx, d)?;
+    let heads = attn.num_heads;
     let params = load_params(fx, &table)?;
     let x = gpu.upload(&input_shaped(fx, "x", &[b, t, d])?.data)?;
     let dy = gpu.upload(&input_shaped(fx, "grad_out", &[b, t, d])?.data)?;

@@ -65,12 +65,31 @@ pub(crate) fn tensor(shape: &[usize], data: Vec<f32>) -> Result<Tensor> {
     Tensor::from_vec(shape, data)
 }
 
-fn layernorm(fx: &Fixture) -> Result<Outputs> {
-    let (b, t, d) = (
+/// `(batch, ntok, dim)` of a token-sequence case.
+pub(super) fn dims3(fx: &Fixture) -> Result<(usize, usize, usize)> {
+    Ok((
         fx.param_usize("batch")?,
         fx.param_usize("ntok")?,
         fx.param_usize("dim")?,
+    ))
+}
+
+/// The attention module an `attention` case describes, with its parameter table.
+pub(super) fn attention_module(fx: &Fixture, d: usize) -> Result<(ParamTable, Attention)> {
+    let mut table = ParamTable::new();
+    let attn = Attention::new(
+        &mut table,
+        "",
+        d,
+        fx.param_usize("num_heads")?,
+        Bias::from(fx.param_bool("qkv_bias")?),
+        Bias::from(fx.param_bool("proj_bias")?),
     );
+    Ok((table, attn))
+}
+
+fn layernorm(fx: &Fixture) -> Result<Outputs> {
+    let (b, t, d) = dims3(fx)?;
     let eps = fx.param_f64("eps")? as f32;
     let mut table = ParamTable::new();
     let ln = LayerNorm::new(&mut table, "", d, eps);
@@ -93,21 +112,8 @@ fn layernorm(fx: &Fixture) -> Result<Outputs> {
 }
 
 fn attention(fx: &Fixture) -> Result<Outputs> {
-    let (b, t, d) = (
-        fx.param_usize("batch")?,
-        fx.param_usize("ntok")?,
-        fx.param_usize("dim")?,
-    );
-    let heads = fx.param_usize("num_heads")?;
-    let mut table = ParamTable::new();
-    let attn = Attention::new(
-        &mut table,
-        "",
-        d,
-        heads,
-        Bias::from(fx.param_bool("qkv_bias")?),
-        Bias::from(fx.param_bool("proj_bias")?),
-    );
+    let (b, t, d) = dims3(fx)?;
+    let (table, attn) = attention_module(fx, d)?;
     let params = load_params(fx, &table)?;
     let x = input_shaped(fx, "x", &[b, t, d])?;
     let dy = input_shaped(fx, "grad_out", &[b, t, d])?;
@@ -126,11 +132,7 @@ fn attention(fx: &Fixture) -> Result<Outputs> {
 }
 
 fn block(fx: &Fixture) -> Result<Outputs> {
-    let (b, t, d) = (
-        fx.param_usize("batch")?,
-        fx.param_usize("ntok")?,
-        fx.param_usize("dim")?,
-    );
+    let (b, t, d) = dims3(fx)?;
     let cfg = block_config(fx, d)?;
     let mut table = ParamTable::new();
     let blk = Block::new(&mut table, "", &cfg);
