@@ -6,7 +6,8 @@
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use dinotrain::backend::cpu::optimizer::{adamw_step, ema_update, AdamHyper};
 use dinotrain::backend::cpu::sinkhorn::sinkhorn_knopp;
-use dinotrain::ssl::{dino_loss_forward_backward, Centering};
+use dinotrain::backend::cpu::CpuBackend;
+use dinotrain::ssl::{dino_loss_forward_backward, Centering, DinoPairs, DinoStudent, TargetState};
 use std::hint::black_box;
 
 const K: usize = 65536;
@@ -37,17 +38,30 @@ fn bench_dino_loss(c: &mut Criterion) {
         let t = random(rows * K, 3);
         let mut p = vec![0f32; rows * K];
         let mut d = vec![0f32; rows * K];
+        let mut terms = [0f32; 2];
+        let mut be = CpuBackend::default();
+        let mut pairs = DinoPairs::default();
         g.throughput(Throughput::Bytes((rows * K * 4) as u64));
-        for (label, mut cent) in [
+        for (label, host) in [
             ("centering", Centering::softmax(K)),
             ("sinkhorn", Centering::sinkhorn_knopp()),
         ] {
+            let mut cent = TargetState::new(&mut be, &host).unwrap();
             g.bench_with_input(BenchmarkId::new(label, rows), &rows, |b, &rows| {
                 b.iter(|| {
-                    cent.teacher_probs(&mut p, black_box(&t), rows, K, 0.07)
+                    cent.teacher_probs(&mut be, &mut p, black_box(&t), (rows, K), 0.07)
                         .unwrap();
-                    dino_loss_forward_backward(&mut d, &mut [], &s, &[], &p, n_img, 0, K, 0.1, 1.0)
-                        .unwrap()
+                    let student = DinoStudent::<CpuBackend> {
+                        global: &s,
+                        local: &[],
+                        d_global: &mut d,
+                        d_local: &mut [],
+                    };
+                    let dims = (n_img, 0, K);
+                    dino_loss_forward_backward(
+                        &mut be, &mut pairs, &mut terms, student, &p, dims, 0.1, 1.0,
+                    )
+                    .unwrap()
                 })
             });
         }

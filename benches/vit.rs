@@ -4,10 +4,12 @@
 //! `cargo bench --bench vit -- --warm-up-time 1 --measurement-time 3`
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use dinotrain::backend::cpu::{matmul, Accumulate, Transpose};
+use dinotrain::backend::cpu::{matmul, Accumulate, CpuBackend, Transpose};
+use dinotrain::backend::Backend;
 use dinotrain::nn::params::ParamTable;
 use dinotrain::nn::presets::Preset;
 use dinotrain::nn::vit::Vit;
+use dinotrain::nn::{ImageGrad, OutputGrads, VitWorkspaces};
 use dinotrain::rng::{keyed, stream};
 use std::hint::black_box;
 
@@ -63,19 +65,37 @@ fn vit_small(c: &mut Criterion) {
         3.0 * fwd * b as f64 / 1e9
     );
     let mut grads = vec![0f32; table.len()];
+    let mut be = CpuBackend::default();
+    let wts = be.weights(&params).unwrap();
+    let mut ws = VitWorkspaces::new(&vit);
     let mut group = c.benchmark_group("vit_s14_224_b8");
     group.sample_size(10);
     group.throughput(Throughput::Elements(b as u64)); // images
     group.bench_function("forward_backward", |bch| {
         bch.iter(|| {
-            let (_, cache) = vit.forward(&params, &images, b, h, w, None, None).unwrap();
-            vit.backward(&params, &mut grads, &cache, &d_cls, &d_patch, None)
-                .unwrap()
+            ws.forward(&mut be, &vit, &wts, &images, (b, h, w), None, None)
+                .unwrap();
+            let d = OutputGrads::<CpuBackend> {
+                cls: &d_cls,
+                patch: &d_patch,
+                reg: None,
+            };
+            ws.backward(
+                &mut be,
+                &vit,
+                &wts,
+                &mut grads,
+                (b, h, w),
+                d,
+                ImageGrad::Skip,
+            )
+            .unwrap()
         })
     });
     group.bench_function("forward_inference", |bch| {
         bch.iter(|| {
-            vit.forward_inference(&params, &images, b, h, w, None)
+            ws.forward_inference(&mut be, &vit, &wts, &images, (b, h, w))
+                .map(drop)
                 .unwrap()
         })
     });
@@ -115,16 +135,26 @@ fn vit_tiny(c: &mut Criterion) {
         flops / 1e9
     );
     let mut grads = vec![0f32; table.len()];
+    let mut be = CpuBackend::default();
+    let wts = be.weights(&params).unwrap();
+    // One workspace per crop size, as the training step keeps them.
+    let mut ws: Vec<VitWorkspaces<CpuBackend>> =
+        inputs.iter().map(|_| VitWorkspaces::new(&vit)).collect();
     let mut group = c.benchmark_group("vit_tiny_demo_64img");
     group.sample_size(10);
     group.throughput(Throughput::Elements(n_img as u64)); // images
     group.bench_function("student_forward_backward", |bch| {
         bch.iter(|| {
-            for (b, s, images, d_cls, d_patch) in &inputs {
-                let (_, cache) = vit
-                    .forward(&params, images, *b, *s, *s, None, None)
+            for ((b, s, images, d_cls, d_patch), ws) in inputs.iter().zip(&mut ws) {
+                let key = (*b, *s, *s);
+                ws.forward(&mut be, &vit, &wts, images, key, None, None)
                     .unwrap();
-                vit.backward(&params, &mut grads, &cache, d_cls, d_patch, None)
+                let d = OutputGrads::<CpuBackend> {
+                    cls: d_cls,
+                    patch: d_patch,
+                    reg: None,
+                };
+                ws.backward(&mut be, &vit, &wts, &mut grads, key, d, ImageGrad::Skip)
                     .unwrap();
             }
         })

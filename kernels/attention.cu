@@ -1,7 +1,9 @@
-// Fused multi-head attention, forward and backward (FlashAttention-2 style).
+// Fused multi-head attention, forward and backward: FlashAttention-2 style tensor-core kernels
+// for the common head dims, and a general scalar path for any other head dim.
 //
-// Dimensions: B batch, T tokens (any T >= 1; tested 17..1370), H heads, HD head dim (a
-// multiple of 16 up to 128; one instantiation per value, suffix `_hd{HD}`).
+// Dimensions: B batch, T tokens (any T >= 1; tested 5..1370), H heads, HD head dim.
+//   fast path:    HD a multiple of 16 up to 128, one instantiation per value, suffix `_hd{HD}`
+//   general path: any 1 <= HD <= GEN_MAX_HD (256), suffix `_general`, HD a kernel argument
 // Layouts (all row-major, bf16 = raw 16-bit patterns):
 //   qkv   [B, T, 3, H, HD] bf16   the official layout: the qkv Linear output as is
 //   out   [B, T, H, HD]    bf16   = [B, T, D] with channel h*HD + j (the merged heads)
@@ -17,8 +19,12 @@
 //   attention_backward_preprocess:        grid (ceil(B*T*H / 8)), block 256 (one warp per row)
 //   attention_backward_dkdv_hd{HD}:       grid (ceil(T / BWD_TILE), H, B), block 32 * BWD_TILE / 16
 //   attention_backward_dq_hd{HD}:         grid (ceil(T / BWD_TILE), H, B), same block
-// with BWD_TILE = 64 for HD <= 64 and 32 above (shared memory). The backward is deterministic:
-// dK/dV and dQ are computed by separate kernels without atomics.
+//   attention_forward_general:            grid (ceil(T / GEN_ROWS), H, B), block 32 * GEN_ROWS
+//   attention_backward_dkdv_general:      same grid and block
+//   attention_backward_dq_general:        same grid and block
+// with BWD_TILE = 64 for HD <= 64 and 32 above (shared memory), GEN_ROWS = 4. Both backward
+// paths use the same preprocess and are deterministic: dK/dV and dQ are computed by separate
+// kernels without atomics, every sum in a fixed order.
 #include "common.cuh"
 
 #define PAD 8  // bf16 elements of row padding: keeps ldmatrix rows 16-byte aligned, conflict-free
@@ -477,3 +483,235 @@ ATTENTION_INSTANCE(80)
 ATTENTION_INSTANCE(96)
 ATTENTION_INSTANCE(112)
 ATTENTION_INSTANCE(128)
+
+// ---------------------------------------------------------------------------------------------
+// General path: any head dim 1 <= HD <= GEN_MAX_HD, for the shapes the tensor-core instances do
+// not cover (golden fixtures and small test models: HD 4, 8, 24, 40, ...). Correct and
+// deterministic first, not fast: scalar f32 math, probabilities kept in f32 (the fast path
+// rounds them to bf16 for the tensor cores).
+//
+// One warp per row of the fixed side (a query in the forward and dQ, a key in dK/dV), GEN_ROWS
+// rows per block, that row held in shared memory as f32. The other side streams through shared
+// memory GEN_TILE = 32 rows at a time: lane l computes the score of tile row l (a dot product
+// over HD), then the tile's weights go through shared memory to every lane, and lane l
+// accumulates head-dim columns l, l + 32, ... (GEN_COLS registers) over the tile rows in order.
+// Rows past T (the last block's warps) compute on zeros and write nothing; they still take part
+// in every barrier.
+
+#define GEN_MAX_HD 256
+#define GEN_ROWS 4                         // warps per block = fixed-side rows per block
+#define GEN_TILE WARP_SIZE                 // streamed rows per shared-memory tile (one per lane)
+#define GEN_COLS (GEN_MAX_HD / WARP_SIZE)  // accumulator columns per lane
+#define GEN_PAD 2  // bf16 row padding: an odd word stride, so lane l reading row l is conflict-free
+
+typedef bf16_t GenTile[GEN_TILE][GEN_MAX_HD + GEN_PAD];
+
+// Rows [row0, row0 + GEN_TILE) of a [T, HD] strided bf16 view into a tile; rows >= T are zeros.
+__device__ __forceinline__ void gen_load_tile(GenTile& dst, const bf16_t* base, int row0, int T,
+                                              int HD, long long row_stride) {
+    for (int i = threadIdx.x; i < GEN_TILE * HD; i += blockDim.x) {
+        const int r = i / HD, c = i % HD;
+        const int t = row0 + r;
+        dst[r][c] = t < T ? base[(long long)t * row_stride + c] : (bf16_t)0;
+    }
+}
+
+// Row t of a [T, HD] strided bf16 view into `dst` as f32 (zeros when t >= T), by one warp.
+__device__ __forceinline__ void gen_load_row(float* dst, const bf16_t* base, int t, int T, int HD,
+                                             long long row_stride) {
+    for (int c = threadIdx.x % WARP_SIZE; c < HD; c += WARP_SIZE)
+        dst[c] = t < T ? bf16_to_f32(base[(long long)t * row_stride + c]) : 0.0f;
+}
+
+// sum_d a[d] * b[d] over the head dim, in order (a is the warp's row: a broadcast read).
+__device__ __forceinline__ float gen_dot(const float* a, const bf16_t* b, int HD) {
+    float acc = 0.0f;
+    for (int d = 0; d < HD; d++) acc += a[d] * bf16_to_f32(b[d]);
+    return acc;
+}
+
+// acc[i] += sum_{r < rows} w[r] * tile[r][lane + 32 i], rows in order.
+__device__ __forceinline__ void gen_accumulate(float acc[GEN_COLS], const float* w,
+                                               const GenTile& tile, int rows, int HD) {
+    const int lane = threadIdx.x % WARP_SIZE;
+    for (int r = 0; r < rows; r++) {
+        const float wr = w[r];
+#pragma unroll
+        for (int i = 0; i < GEN_COLS; i++) {
+            const int c = lane + i * WARP_SIZE;
+            if (c < HD) acc[i] += wr * bf16_to_f32(tile[r][c]);
+        }
+    }
+}
+
+// acc[i] * mul as bf16 into dst[lane + 32 i] for every column below HD.
+__device__ __forceinline__ void gen_store_row(bf16_t* dst, const float acc[GEN_COLS], float mul,
+                                              int HD) {
+    const int lane = threadIdx.x % WARP_SIZE;
+#pragma unroll
+    for (int i = 0; i < GEN_COLS; i++) {
+        const int c = lane + i * WARP_SIZE;
+        if (c < HD) dst[c] = f32_to_bf16(acc[i] * mul);
+    }
+}
+
+// Forward: warp w of block x owns query x * GEN_ROWS + w and loops over every key tile with an
+// online softmax; lane l scores key k0 + l and keeps a partial row sum over its own keys.
+extern "C" __global__ void __launch_bounds__(GEN_ROWS * WARP_SIZE)
+    attention_forward_general(bf16_t* __restrict__ out, float* __restrict__ lse,
+                              const bf16_t* __restrict__ qkv, int B, int T, int H, int HD,
+                              float scale) {
+    __shared__ __align__(16) GenTile Ks;
+    __shared__ __align__(16) GenTile Vs;
+    __shared__ float qs[GEN_ROWS][GEN_MAX_HD];
+    __shared__ float ps[GEN_ROWS][GEN_TILE];
+
+    const int h = blockIdx.y, b = blockIdx.z;
+    const int warp = threadIdx.x / WARP_SIZE, lane = threadIdx.x % WARP_SIZE;
+    const int q = blockIdx.x * GEN_ROWS + warp;
+    const long long tok_stride = 3LL * H * HD;
+    const bf16_t* q_base = qkv + (long long)b * T * tok_stride + h * HD;
+    const bf16_t* k_base = q_base + (long long)H * HD;
+    const bf16_t* v_base = q_base + 2LL * H * HD;
+
+    gen_load_row(qs[warp], q_base, q, T, HD, tok_stride);
+    float o[GEN_COLS];
+#pragma unroll
+    for (int i = 0; i < GEN_COLS; i++) o[i] = 0.0f;
+    float row_max = neg_inf();
+    float row_sum = 0.0f;  // this lane's keys only, summed across the warp at the end
+
+    for (int k0 = 0; k0 < T; k0 += GEN_TILE) {
+        __syncthreads();  // previous tile consumed (first time: qs written)
+        gen_load_tile(Ks, k_base, k0, T, HD, tok_stride);
+        gen_load_tile(Vs, v_base, k0, T, HD, tok_stride);
+        __syncthreads();
+        const int key = k0 + lane;
+        const float s = key < T ? scale * gen_dot(qs[warp], Ks[lane], HD) : neg_inf();
+        const float new_max = fmaxf(row_max, warp_max(s));  // finite: key k0 < T
+        const float correction = expf(row_max - new_max);
+        const float p = expf(s - new_max);  // 0 for keys past T
+        row_max = new_max;
+        row_sum = row_sum * correction + p;
+#pragma unroll
+        for (int i = 0; i < GEN_COLS; i++) o[i] *= correction;
+        ps[warp][lane] = p;
+        __syncthreads();
+        gen_accumulate(o, ps[warp], Vs, min(GEN_TILE, T - k0), HD);  // O += P V
+    }
+
+    const float sum = warp_sum(row_sum);
+    if (q >= T) return;
+    gen_store_row(out + ((long long)b * T + q) * H * HD + h * HD, o, 1.0f / sum, HD);
+    if (lane == 0) lse[((long long)b * H + h) * T + q] = row_max + logf(sum);
+}
+
+// dK, dV: warp w of block x owns key x * GEN_ROWS + w and loops over every query tile; lane l
+// recomputes the probability and dS of query q0 + l against that key.
+extern "C" __global__ void __launch_bounds__(GEN_ROWS * WARP_SIZE)
+    attention_backward_dkdv_general(bf16_t* __restrict__ dqkv, const bf16_t* __restrict__ qkv,
+                                    const bf16_t* __restrict__ dout,
+                                    const float* __restrict__ lse,
+                                    const float* __restrict__ delta, int B, int T, int H, int HD,
+                                    float scale) {
+    __shared__ __align__(16) GenTile Qs;
+    __shared__ __align__(16) GenTile dOs;
+    __shared__ float ks[GEN_ROWS][GEN_MAX_HD];
+    __shared__ float vs[GEN_ROWS][GEN_MAX_HD];
+    __shared__ float ps[GEN_ROWS][GEN_TILE];
+    __shared__ float dss[GEN_ROWS][GEN_TILE];
+
+    const int h = blockIdx.y, b = blockIdx.z;
+    const int warp = threadIdx.x / WARP_SIZE, lane = threadIdx.x % WARP_SIZE;
+    const int key = blockIdx.x * GEN_ROWS + warp;
+    const long long tok_stride = 3LL * H * HD;
+    const bf16_t* q_base = qkv + (long long)b * T * tok_stride + h * HD;
+    const bf16_t* k_base = q_base + (long long)H * HD;
+    const bf16_t* v_base = q_base + 2LL * H * HD;
+    const long long do_stride = (long long)H * HD;
+    const bf16_t* do_base = dout + (long long)b * T * do_stride + h * HD;
+    const long long stat_base = ((long long)b * H + h) * T;
+
+    gen_load_row(ks[warp], k_base, key, T, HD, tok_stride);
+    gen_load_row(vs[warp], v_base, key, T, HD, tok_stride);
+    float dk[GEN_COLS], dv[GEN_COLS];
+#pragma unroll
+    for (int i = 0; i < GEN_COLS; i++) dk[i] = dv[i] = 0.0f;
+
+    for (int q0 = 0; q0 < T; q0 += GEN_TILE) {
+        __syncthreads();  // previous tile consumed (first time: ks, vs written)
+        gen_load_tile(Qs, q_base, q0, T, HD, tok_stride);
+        gen_load_tile(dOs, do_base, q0, T, HD, do_stride);
+        __syncthreads();
+        const int q = q0 + lane;
+        float p = 0.0f, ds = 0.0f;
+        if (q < T) {
+            p = expf(scale * gen_dot(ks[warp], Qs[lane], HD) - lse[stat_base + q]);
+            const float dp = gen_dot(vs[warp], dOs[lane], HD);
+            ds = p * (dp - delta[stat_base + q]);  // w.r.t. the scaled logit
+        }
+        ps[warp][lane] = p;
+        dss[warp][lane] = ds;
+        __syncthreads();
+        const int rows = min(GEN_TILE, T - q0);
+        gen_accumulate(dv, ps[warp], dOs, rows, HD);  // dV += P^T dO
+        gen_accumulate(dk, dss[warp], Qs, rows, HD);  // dK += dS^T Q
+    }
+
+    if (key >= T) return;
+    bf16_t* dk_dst = dqkv + ((long long)b * T + key) * tok_stride + (long long)H * HD + h * HD;
+    gen_store_row(dk_dst, dk, scale, HD);
+    gen_store_row(dk_dst + (long long)H * HD, dv, 1.0f, HD);
+}
+
+// dQ: warp w of block x owns query x * GEN_ROWS + w and loops over every key tile; lane l
+// recomputes the probability and dS of that query against key k0 + l.
+extern "C" __global__ void __launch_bounds__(GEN_ROWS * WARP_SIZE)
+    attention_backward_dq_general(bf16_t* __restrict__ dqkv, const bf16_t* __restrict__ qkv,
+                                  const bf16_t* __restrict__ dout, const float* __restrict__ lse,
+                                  const float* __restrict__ delta, int B, int T, int H, int HD,
+                                  float scale) {
+    __shared__ __align__(16) GenTile Ks;
+    __shared__ __align__(16) GenTile Vs;
+    __shared__ float qs[GEN_ROWS][GEN_MAX_HD];
+    __shared__ float dos[GEN_ROWS][GEN_MAX_HD];
+    __shared__ float dss[GEN_ROWS][GEN_TILE];
+
+    const int h = blockIdx.y, b = blockIdx.z;
+    const int warp = threadIdx.x / WARP_SIZE, lane = threadIdx.x % WARP_SIZE;
+    const int q = blockIdx.x * GEN_ROWS + warp;
+    const long long tok_stride = 3LL * H * HD;
+    const bf16_t* q_base = qkv + (long long)b * T * tok_stride + h * HD;
+    const bf16_t* k_base = q_base + (long long)H * HD;
+    const bf16_t* v_base = q_base + 2LL * H * HD;
+    const long long do_stride = (long long)H * HD;
+    const bf16_t* do_base = dout + (long long)b * T * do_stride + h * HD;
+    const long long stat = ((long long)b * H + h) * T + q;
+    const float row_lse = q < T ? lse[stat] : 0.0f;
+    const float row_delta = q < T ? delta[stat] : 0.0f;
+
+    gen_load_row(qs[warp], q_base, q, T, HD, tok_stride);
+    gen_load_row(dos[warp], do_base, q, T, HD, do_stride);
+    float dq[GEN_COLS];
+#pragma unroll
+    for (int i = 0; i < GEN_COLS; i++) dq[i] = 0.0f;
+
+    for (int k0 = 0; k0 < T; k0 += GEN_TILE) {
+        __syncthreads();  // previous tile consumed (first time: qs, dos written)
+        gen_load_tile(Ks, k_base, k0, T, HD, tok_stride);
+        gen_load_tile(Vs, v_base, k0, T, HD, tok_stride);
+        __syncthreads();
+        const int key = k0 + lane;
+        float ds = 0.0f;
+        if (key < T) {
+            const float p = expf(scale * gen_dot(qs[warp], Ks[lane], HD) - row_lse);
+            ds = p * (gen_dot(dos[warp], Vs[lane], HD) - row_delta);
+        }
+        dss[warp][lane] = ds;
+        __syncthreads();
+        gen_accumulate(dq, dss[warp], Ks, min(GEN_TILE, T - k0), HD);  // dQ += dS K
+    }
+
+    if (q >= T) return;
+    gen_store_row(dqkv + ((long long)b * T + q) * tok_stride + h * HD, dq, scale, HD);
+}

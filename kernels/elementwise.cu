@@ -1,7 +1,7 @@
 // Elementwise ops and deterministic reductions.
 //
 // Dimensions: n elements, or N rows x C channels (row-major). f32 unless named bf16.
-// gelu is the exact erf form: 0.5 x (1 + erf(x / sqrt 2)).
+// gelu is the exact erf form: 0.5 x (1 + erf(x / sqrt 2)); silu(x) = x sigmoid(x).
 //
 // Launch contracts (grid-stride loops: any grid works; launchers use ceil(n / 256) capped
 // at 65535 x 1 blocks of 256 threads):
@@ -13,6 +13,10 @@
 //   gelu_backward                              dpre = bf16(dact * gelu'(pre)) (the next GEMM's operand)
 //   layerscale_residual_forward                residual += gamma * branch
 //   layerscale_backward_input                  dbranch = bf16(gamma * dresidual) (the next GEMM's operand)
+// SwiGLU gate (ViT-g's SwiGLUFFNFused) on x12 [N, 2W] = [x1 | x2] per row, the w12 output:
+//   swiglu_forward                             gated [N, W] = bf16(silu(x1) * x2) (w3's operand)
+//   swiglu_backward                            dx12 [N, 2W] = bf16([dgated * x2 * silu'(x1) |
+//                                              dgated * silu(x1)]) (w12's operand)
 // Batch-subset residual branches (stochastic depth): S samples of L values (L = T * C), kept
 // [S] i64 the sample indices (unique):
 //   gather_samples_scaled                      out[j, e] = alpha * x[kept[j], e]
@@ -64,6 +68,34 @@ extern "C" __global__ void gelu_forward(float* __restrict__ out, const float* __
 extern "C" __global__ void gelu_backward(bf16_t* __restrict__ dpre, const float* __restrict__ dact,
                                          const float* __restrict__ pre, long long n) {
     GRID_STRIDE(i, n) dpre[i] = f32_to_bf16(dact[i] * gelu_erf_grad(pre[i]));
+}
+
+// The CPU reference's formulas (src/backend/cpu/elementwise.rs), in the same order.
+__device__ __forceinline__ float silu(float x) { return x / (1.0f + expf(-x)); }
+
+// d silu / dx = sigmoid(x) (1 + x (1 - sigmoid(x)))
+__device__ __forceinline__ float silu_grad(float x) {
+    const float s = 1.0f / (1.0f + expf(-x));
+    return s * (1.0f + x * (1.0f - s));
+}
+
+extern "C" __global__ void swiglu_forward(bf16_t* __restrict__ gated, const float* __restrict__ x12,
+                                          int N, int W) {
+    GRID_STRIDE(i, (long long)N * W) {
+        const long long x1 = i / W * 2 * W + i % W;  // x2 = x1 + W
+        gated[i] = f32_to_bf16(silu(x12[x1]) * x12[x1 + W]);
+    }
+}
+
+extern "C" __global__ void swiglu_backward(bf16_t* __restrict__ dx12,
+                                           const float* __restrict__ dgated,
+                                           const float* __restrict__ x12, int N, int W) {
+    GRID_STRIDE(i, (long long)N * W) {
+        const long long x1 = i / W * 2 * W + i % W;  // x2 = x1 + W
+        const float a = x12[x1], g = x12[x1 + W], d = dgated[i];
+        dx12[x1] = f32_to_bf16(d * g * silu_grad(a));
+        dx12[x1 + W] = f32_to_bf16(d * silu(a));
+    }
 }
 
 extern "C" __global__ void layerscale_residual_forward(float* __restrict__ residual,

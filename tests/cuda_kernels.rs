@@ -10,9 +10,9 @@ mod cuda_support;
 use cuda_support::{assert_close, gpu, randn, round_bf16, to_f64, uniform};
 use dinotrain::backend::cpu::{Accumulate, Transpose};
 use dinotrain::backend::cuda::{
-    all_precompiled, bf16, compile_source_with_nvrtc, resolve_device, AttentionShape, CudaBackend,
-    EpilogueRun, GemmPath, GemmStats, GradWrite, KernelFamily, LtOutcome, NormShape, ReduceOp,
-    ResolvedDevice,
+    all_precompiled, bf16, compile_source_with_nvrtc, resolve_device, AttentionKernels,
+    AttentionShape, CudaBackend, EpilogueRun, GemmPath, GemmStats, GradWrite, KernelFamily,
+    LtOutcome, NormShape, ReduceOp, ResolvedDevice, GENERAL_MAX_HEAD_DIM,
 };
 use dinotrain::backend::Device;
 use dinotrain::Error;
@@ -644,15 +644,204 @@ fn attention_rejects_unsupported_head_dims_and_bad_lengths() {
     let qkv = gpu.alloc_zeros::<bf16>(s.qkv_len()).unwrap();
     let mut out = gpu.alloc_zeros::<bf16>(s.out_len()).unwrap();
     let mut lse = gpu.alloc_zeros::<f32>(s.stats_len()).unwrap();
+    // Head dim 40 has no fast instance: the general kernels run it, forcing the fast ones fails.
+    assert_eq!(
+        AttentionKernels::for_head_dim(40),
+        AttentionKernels::General
+    );
+    assert_eq!(AttentionKernels::for_head_dim(64), AttentionKernels::Fast);
+    gpu.attention_forward(&mut out, &mut lse, &qkv, s).unwrap();
     assert!(matches!(
-        gpu.attention_forward(&mut out, &mut lse, &qkv, s),
+        gpu.attention_forward_with(AttentionKernels::Fast, &mut out, &mut lse, &qkv, s),
         Err(Error::Unsupported(_))
     ));
-    let s = AttentionShape { head_dim: 64, ..s };
-    assert!(matches!(
-        gpu.attention_forward(&mut out, &mut lse, &qkv, s),
-        Err(Error::Shape { .. })
-    ));
+    // Beyond the general kernels' range: refused before any length is looked at.
+    for head_dim in [0, GENERAL_MAX_HEAD_DIM + 1] {
+        let s = AttentionShape { head_dim, ..s };
+        assert!(matches!(
+            gpu.attention_forward(&mut out, &mut lse, &qkv, s),
+            Err(Error::Unsupported(_))
+        ));
+    }
+    for kernels in [AttentionKernels::Fast, AttentionKernels::General] {
+        let s = AttentionShape { head_dim: 64, ..s };
+        assert!(matches!(
+            gpu.attention_forward_with(kernels, &mut out, &mut lse, &qkv, s),
+            Err(Error::Shape { .. })
+        ));
+    }
+}
+
+/// Seeded bf16 inputs and what one forward + backward computed from them.
+struct AttentionRun {
+    qkv: Vec<f32>,
+    dout: Vec<f32>,
+    out: Vec<f32>,
+    lse: Vec<f32>,
+    dqkv: Vec<f32>,
+}
+
+/// Forward then backward on seeded inputs, on `kernels` (`None`: the launchers' own choice).
+fn run_attention(
+    gpu: &CudaBackend,
+    s: AttentionShape,
+    seed: u64,
+    kernels: Option<AttentionKernels>,
+) -> AttentionRun {
+    let qkv = round_bf16(&randn(seed, s.qkv_len(), 1.0));
+    let dout = round_bf16(&randn(seed + 1, s.out_len(), 1.0));
+    let d_qkv = gpu.upload_bf16(&qkv).unwrap();
+    let d_dout = gpu.upload_bf16(&dout).unwrap();
+    let mut out = gpu.alloc_zeros::<bf16>(s.out_len()).unwrap();
+    let mut lse = gpu.alloc_zeros::<f32>(s.stats_len()).unwrap();
+    let mut delta = gpu.alloc_zeros::<f32>(s.stats_len()).unwrap();
+    let mut dqkv = gpu.alloc_zeros::<bf16>(s.qkv_len()).unwrap();
+    match kernels {
+        None => {
+            gpu.attention_forward(&mut out, &mut lse, &d_qkv, s)
+                .unwrap();
+            gpu.attention_backward(&mut dqkv, &mut delta, &d_dout, &d_qkv, &out, &lse, s)
+                .unwrap();
+        }
+        Some(k) => {
+            gpu.attention_forward_with(k, &mut out, &mut lse, &d_qkv, s)
+                .unwrap();
+            gpu.attention_backward_with(k, &mut dqkv, &mut delta, &d_dout, &d_qkv, &out, &lse, s)
+                .unwrap();
+        }
+    }
+    AttentionRun {
+        out: gpu.download_bf16(&out).unwrap(),
+        lse: gpu.download(&lse).unwrap(),
+        dqkv: gpu.download_bf16(&dqkv).unwrap(),
+        qkv,
+        dout,
+    }
+}
+
+/// The CPU backend's attention (f32) on the same inputs: (out, lse, dqkv).
+fn cpu_attention(run: &AttentionRun, s: AttentionShape) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+    use dinotrain::backend::cpu;
+    let (b, t, h, hd) = (s.batch, s.tokens, s.heads, s.head_dim);
+    let mut out = vec![0f32; s.out_len()];
+    let mut lse = vec![0f32; s.stats_len()];
+    cpu::attention_forward(&mut out, &mut lse, &run.qkv, b, t, h, hd);
+    let mut dqkv = vec![0f32; s.qkv_len()];
+    cpu::attention_backward(&mut dqkv, &run.dout, &run.qkv, &lse, b, t, h, hd);
+    (to_f64(&out), to_f64(&lse), to_f64(&dqkv))
+}
+
+/// Head dims without a tensor-core instance (the golden fixtures' and small models' 4, 8, 24,
+/// 40; 1 and 256 the general kernels' bounds) at odd token counts, through the public
+/// launchers: against the f64 reference and the CPU backend, with the fast kernels' bounds
+/// (bf16 outputs 1e-2, lse 1e-5, bf16 gradients 2e-2), and bit for bit on a second run.
+#[test]
+fn attention_general_kernels_match_f64_and_the_cpu_at_any_head_dim() {
+    let Some(gpu) = gpu() else { return };
+    let shape = |batch, tokens, heads, head_dim| AttentionShape {
+        batch,
+        tokens,
+        heads,
+        head_dim,
+    };
+    for (i, s) in [
+        shape(1, 5, 2, 4),
+        shape(2, 17, 3, 8),
+        shape(1, 17, 2, 24),
+        shape(2, 5, 2, 40),
+        shape(1, 37, 2, 40),
+        shape(1, 17, 3, 1),
+        shape(1, 33, 1, GENERAL_MAX_HEAD_DIM),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        assert_eq!(
+            AttentionKernels::for_head_dim(s.head_dim),
+            AttentionKernels::General
+        );
+        let run = run_attention(&gpu, s, 300 + 2 * i as u64, None);
+        let (ref_out, ref_lse) = attention_forward_reference(&to_f64(&run.qkv), s);
+        let ref_dqkv = attention_backward_reference(&to_f64(&run.qkv), &to_f64(&run.dout), s);
+        assert_close(&format!("general out {s:?}"), &run.out, &ref_out, 1e-2);
+        assert_close(&format!("general lse {s:?}"), &run.lse, &ref_lse, 1e-5);
+        assert_close(&format!("general dqkv {s:?}"), &run.dqkv, &ref_dqkv, 2e-2);
+        let (cpu_out, cpu_lse, cpu_dqkv) = cpu_attention(&run, s);
+        assert_close(
+            &format!("general out vs cpu {s:?}"),
+            &run.out,
+            &cpu_out,
+            1e-2,
+        );
+        assert_close(
+            &format!("general lse vs cpu {s:?}"),
+            &run.lse,
+            &cpu_lse,
+            1e-5,
+        );
+        assert_close(
+            &format!("general dqkv vs cpu {s:?}"),
+            &run.dqkv,
+            &cpu_dqkv,
+            2e-2,
+        );
+        let again = run_attention(&gpu, s, 300 + 2 * i as u64, None);
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(
+            bits(&again.out),
+            bits(&run.out),
+            "{s:?}: out not reproducible"
+        );
+        assert_eq!(
+            bits(&again.lse),
+            bits(&run.lse),
+            "{s:?}: lse not reproducible"
+        );
+        assert_eq!(
+            bits(&again.dqkv),
+            bits(&run.dqkv),
+            "{s:?}: dqkv not reproducible"
+        );
+    }
+}
+
+/// Where both exist, the general kernels give the fast kernels' answer within bf16 noise (the
+/// fast ones round the probabilities to bf16, the general ones keep them in f32).
+#[test]
+fn attention_general_kernels_agree_with_the_fast_kernels() {
+    let Some(gpu) = gpu() else { return };
+    for (i, (tokens, heads, head_dim)) in [(33, 2, 16), (17, 3, 32), (70, 1, 32)]
+        .into_iter()
+        .enumerate()
+    {
+        let s = AttentionShape {
+            batch: 2,
+            tokens,
+            heads,
+            head_dim,
+        };
+        let seed = 400 + 2 * i as u64;
+        let fast = run_attention(&gpu, s, seed, Some(AttentionKernels::Fast));
+        let general = run_attention(&gpu, s, seed, Some(AttentionKernels::General));
+        assert_close(
+            &format!("general vs fast out {s:?}"),
+            &general.out,
+            &to_f64(&fast.out),
+            1e-2,
+        );
+        assert_close(
+            &format!("general vs fast lse {s:?}"),
+            &general.lse,
+            &to_f64(&fast.lse),
+            1e-5,
+        );
+        assert_close(
+            &format!("general vs fast dqkv {s:?}"),
+            &general.dqkv,
+            &to_f64(&fast.dqkv),
+            2e-2,
+        );
+    }
 }
 
 // ---- LayerNorm ----------------------------------------------------------------------------
@@ -1017,6 +1206,70 @@ fn elementwise_kernels_match_f64() {
         &[ref_sq],
         1e-5,
     );
+}
+
+/// SwiGLU (ViT-g's FFN gate) forward and backward against the CPU backend's f32 reference
+/// rounded to bf16 the same way: only values whose f32 result lands across a rounding boundary
+/// may differ (by one bf16 step). An odd width, and inputs large enough to saturate the sigmoid.
+#[test]
+fn swiglu_matches_the_cpu_reference_rounded_to_bf16() {
+    use dinotrain::backend::cpu::elementwise as cpu;
+    let Some(gpu) = gpu() else { return };
+    let (rows, width) = (130, 300);
+    let x12 = randn(70, rows * 2 * width, 3.0);
+    let dgated = randn(71, rows * width, 1.0);
+    let (d_x12, d_dgated) = (gpu.upload(&x12).unwrap(), gpu.upload(&dgated).unwrap());
+
+    let mut gated = gpu
+        .upload(&vec![bf16::from_f32(f32::NAN); rows * width])
+        .unwrap();
+    gpu.swiglu_forward(&mut gated, &d_x12, rows, width).unwrap();
+    let mut ref_gated = vec![0f32; rows * width];
+    cpu::swiglu_forward(&mut ref_gated, &x12, rows, width);
+    assert_close(
+        "swiglu_forward (bf16)",
+        &gpu.download_bf16(&gated).unwrap(),
+        &to_f64(&round_bf16(&ref_gated)),
+        1e-4,
+    );
+
+    let mut dx12 = gpu
+        .upload(&vec![bf16::from_f32(f32::NAN); rows * 2 * width])
+        .unwrap();
+    gpu.swiglu_backward(&mut dx12, &d_dgated, &d_x12, rows, width)
+        .unwrap();
+    let mut ref_dx12 = vec![0f32; rows * 2 * width];
+    cpu::swiglu_backward(&mut ref_dx12, &dgated, &x12, rows, width);
+    let got = gpu.download_bf16(&dx12).unwrap();
+    let want = round_bf16(&ref_dx12);
+    // Each half of the rows on its own (x1's gradient, then x2's): their scales differ.
+    let half = |v: &[f32], range: std::ops::Range<usize>| -> Vec<f32> {
+        v.chunks(2 * width)
+            .flat_map(|row| row[range.clone()].to_vec())
+            .collect()
+    };
+    for (name, range) in [("dx1", 0..width), ("dx2", width..2 * width)] {
+        assert_close(
+            &format!("swiglu_backward {name} (bf16)"),
+            &half(&got, range.clone()),
+            &to_f64(&half(&want, range)),
+            1e-4,
+        );
+    }
+
+    // Lengths are checked before anything is queued.
+    assert!(matches!(
+        gpu.swiglu_forward(&mut gated, &d_x12, rows, width + 1),
+        Err(Error::Shape { .. })
+    ));
+    assert!(matches!(
+        gpu.swiglu_backward(&mut dx12, &d_dgated, &d_x12, rows + 1, width),
+        Err(Error::Shape { .. })
+    ));
+    assert!(matches!(
+        gpu.swiglu_forward(&mut gated, &d_x12, rows, 0),
+        Err(Error::Shape { .. })
+    ));
 }
 
 #[test]

@@ -1,15 +1,103 @@
 //! Backbone behaviour: the patch-leak regression, batch-subset stochastic depth, presets and
 //! official key names, bad input as typed errors, and the cache-free forward.
 
-use dinotrain::nn::block::{Block, BlockConfig};
-use dinotrain::nn::drop_path::DropPath;
+use dinotrain::backend::cpu::CpuBackend;
+use dinotrain::backend::{Backend, Counters};
+use dinotrain::nn::block::{Block, BlockConfig, BlockRunner};
+use dinotrain::nn::drop_path::{draw_subset, DropPath, Subset};
 use dinotrain::nn::ffn::Ffn;
 use dinotrain::nn::params::ParamTable;
 use dinotrain::nn::presets::Preset;
-use dinotrain::nn::vit::{Vit, VitConfig};
-use dinotrain::nn::DinoHead;
+use dinotrain::nn::vit::{Vit, VitConfig, VitOutput};
+use dinotrain::nn::{DinoHead, ImageGrad, OutputGrads, VitWorkspaces};
 use dinotrain::rng::{keyed, stream, Rng};
+use dinotrain::Result;
 use rand::Rng as _;
+
+/// A backbone on the CPU backend with host parameters.
+struct Cpu<'a> {
+    be: CpuBackend,
+    vit: &'a Vit,
+    w: <CpuBackend as Backend>::Weights,
+    ws: VitWorkspaces<CpuBackend>,
+}
+
+impl<'a> Cpu<'a> {
+    fn new(vit: &'a Vit, params: &[f32]) -> Result<Self> {
+        let mut be = CpuBackend::default();
+        let w = be.weights(params)?;
+        Ok(Cpu {
+            be,
+            vit,
+            w,
+            ws: VitWorkspaces::new(vit),
+        })
+    }
+
+    fn infer(&mut self, img: &[f32], (b, h, w): (usize, usize, usize)) -> Result<VitOutput> {
+        let out = self
+            .ws
+            .forward_inference(&mut self.be, self.vit, &self.w, img, (b, h, w))?;
+        out.to_host(&mut self.be)
+    }
+
+    fn train(
+        &mut self,
+        img: &[f32],
+        key: (usize, usize, usize),
+        masks: Option<&[bool]>,
+        dp: Option<DropPath<'_>>,
+    ) -> Result<VitOutput> {
+        let out = self
+            .ws
+            .forward(&mut self.be, self.vit, &self.w, img, key, masks, dp)?;
+        out.to_host(&mut self.be)
+    }
+
+    fn backward(
+        &mut self,
+        grads: &mut [f32],
+        key: (usize, usize, usize),
+        d_cls: &[f32],
+        d_patch: &[f32],
+    ) -> Result<()> {
+        let d = OutputGrads::<CpuBackend> {
+            cls: d_cls,
+            patch: d_patch,
+            reg: None,
+        };
+        self.ws
+            .backward(
+                &mut self.be,
+                self.vit,
+                &self.w,
+                grads,
+                key,
+                d,
+                ImageGrad::Skip,
+            )
+            .map(drop)
+    }
+
+    fn counters(&self) -> Counters {
+        self.be.counters()
+    }
+}
+
+/// `x [b, t, d]` through one block on the CPU backend with the branches' subsets.
+fn block_forward(
+    blk: &Block,
+    params: &[f32],
+    x: &mut [f32],
+    b: usize,
+    t: usize,
+    subsets: [Option<&Subset>; 2],
+) {
+    let mut be = CpuBackend::default();
+    let w = be.weights(params).unwrap();
+    let mut runner = BlockRunner::new(&mut be, blk, b, t).unwrap();
+    runner.forward(&mut be, blk, &w, x, subsets).unwrap();
+}
 
 fn uniform(rng: &mut Rng, n: usize, scale: f32) -> Vec<f32> {
     (0..n).map(|_| rng.random_range(-scale..scale)).collect()
@@ -41,8 +129,9 @@ fn regression_patch_pixels_leak_only_into_their_own_token() {
     let (p, b, h, w) = (4, 2, 32, 24);
     let cfg = depth0(p, 2);
     let (vit, _, params) = model(&cfg, 1);
+    let mut cpu = Cpu::new(&vit, &params).unwrap();
     let img = uniform(&mut keyed(2, &[stream::TEST]), b * 3 * h * w, 1.0);
-    let base = vit.forward_inference(&params, &img, b, h, w, None).unwrap();
+    let base = cpu.infer(&img, (b, h, w)).unwrap();
     let (gh, gw) = (h / p, w / p);
     for &(img_i, pi, pj) in &[(0, 0, 0), (1, 3, 5), (0, gh - 1, gw - 1), (1, 5, 0)] {
         let mut changed = img.clone();
@@ -53,9 +142,7 @@ fn regression_patch_pixels_leak_only_into_their_own_token() {
                 }
             }
         }
-        let out = vit
-            .forward_inference(&params, &changed, b, h, w, None)
-            .unwrap();
+        let out = cpu.infer(&changed, (b, h, w)).unwrap();
         assert_eq!(out.cls, base.cls, "cls changed");
         assert_eq!(out.reg, base.reg, "registers changed");
         let d = cfg.embed_dim;
@@ -84,12 +171,9 @@ fn masked_patches_ignore_their_pixels() {
     let masks: Vec<bool> = (0..b * n).map(|k| k % 5 == 2).collect();
     let img = uniform(&mut keyed(4, &[stream::TEST]), b * 3 * h * w, 1.0);
     let other = uniform(&mut keyed(5, &[stream::TEST]), b * 3 * h * w, 1.0);
-    let a = vit
-        .forward_inference(&params, &img, b, h, w, Some(&masks))
-        .unwrap();
-    let o = vit
-        .forward_inference(&params, &other, b, h, w, Some(&masks))
-        .unwrap();
+    let mut cpu = Cpu::new(&vit, &params).unwrap();
+    let a = cpu.train(&img, (b, h, w), Some(&masks), None).unwrap();
+    let o = cpu.train(&other, (b, h, w), Some(&masks), None).unwrap();
     let d = cfg.embed_dim;
     for (k, &m) in masks.iter().enumerate() {
         let same = a.patch[k * d..(k + 1) * d] == o.patch[k * d..(k + 1) * d];
@@ -126,24 +210,13 @@ fn drop_path_keeps_max_int_b_times_one_minus_rate_samples_scaled_by_b_over_keep(
     for (silenced, branch) in [("ls2.gamma", "attn"), ("ls1.gamma", "ffn")] {
         let (blk, params, x) = block_setup(6, Some(silenced));
         let mut plain = x.clone();
-        blk.forward(&mut plain, &params, b, t, None);
+        block_forward(&blk, &params, &mut plain, b, t, [None, None]);
         let mut dropped = x.clone();
         let mut rng = keyed(9, &[stream::DROP_PATH]);
-        let cache = blk.forward(
-            &mut dropped,
-            &params,
-            b,
-            t,
-            Some(&mut DropPath {
-                rate: 0.3,
-                rng: &mut rng,
-            }),
-        );
-        let subset = if branch == "attn" {
-            cache.attn.subset.unwrap()
-        } else {
-            cache.ffn.subset.unwrap()
-        };
+        let attn = draw_subset(b, 0.3, &mut rng).unwrap();
+        let ffn = draw_subset(b, 0.3, &mut rng).unwrap();
+        block_forward(&blk, &params, &mut dropped, b, t, [Some(&attn), Some(&ffn)]);
+        let subset = if branch == "attn" { attn } else { ffn };
         // Python: int(10 · (1 − 0.3)) = 7.
         assert_eq!(subset.kept.len(), 7);
         assert!((subset.scale - 10.0 / 7.0).abs() < 1e-7);
@@ -172,21 +245,10 @@ fn drop_path_is_deterministic_per_seed_and_rate_zero_is_the_plain_residual() {
     let run = |seed: u64, rate: f32| {
         let mut y = x.clone();
         let mut rng = keyed(seed, &[stream::DROP_PATH]);
-        let c = blk.forward(
-            &mut y,
-            &params,
-            b,
-            t,
-            Some(&mut DropPath {
-                rate,
-                rng: &mut rng,
-            }),
-        );
-        (
-            y,
-            c.attn.subset.map(|s| s.kept),
-            c.ffn.subset.map(|s| s.kept),
-        )
+        let attn = draw_subset(b, rate, &mut rng);
+        let ffn = draw_subset(b, rate, &mut rng);
+        block_forward(&blk, &params, &mut y, b, t, [attn.as_ref(), ffn.as_ref()]);
+        (y, attn.map(|s| s.kept), ffn.map(|s| s.kept))
     };
     let a = run(1, 0.4);
     assert_eq!(a, run(1, 0.4));
@@ -198,7 +260,7 @@ fn drop_path_is_deterministic_per_seed_and_rate_zero_is_the_plain_residual() {
     // Two independent draws per block (attention and FFN).
     assert!(a.1.as_ref().unwrap().len() == 6 && a.2.as_ref().unwrap().len() == 6);
     let mut plain = x.clone();
-    blk.forward(&mut plain, &params, b, t, None);
+    block_forward(&blk, &params, &mut plain, b, t, [None, None]);
     let zero = run(3, 0.0);
     assert_eq!(zero.0, plain);
     assert_eq!((zero.1, zero.2), (None, None));
@@ -349,34 +411,31 @@ fn bad_inputs_are_typed_errors() {
     let cfg = Preset::Micro.config(16, 4, 0);
     let (vit, table, params) = model(&cfg, 8);
     let img = vec![0f32; 3 * 16 * 16];
-    assert!(vit.forward(&params, &img, 1, 16, 16, None, None).is_ok());
-    assert!(vit.forward(&params, &img, 1, 16, 15, None, None).is_err()); // not a multiple of p
-    assert!(vit.forward(&params, &img, 2, 16, 16, None, None).is_err()); // wrong image count
-    assert!(vit
-        .forward(&params, &img, 1, 16, 16, Some(&[true; 3]), None)
+    let mut cpu = Cpu::new(&vit, &params).unwrap();
+    assert!(cpu.train(&img, (1, 16, 16), None, None).is_ok());
+    assert!(cpu.train(&img, (1, 16, 15), None, None).is_err()); // not a multiple of p
+    assert!(cpu.train(&img, (2, 16, 16), None, None).is_err()); // wrong image count
+    assert!(cpu
+        .train(&img, (1, 16, 16), Some(&[true; 3]), None)
         .is_err()); // masks
-    assert!(vit
-        .forward(&params[..10], &img, 1, 16, 16, None, None)
+    assert!(Cpu::new(&vit, &params[..10])
+        .unwrap()
+        .train(&img, (1, 16, 16), None, None)
         .is_err()); // params
     let mut rng = keyed(0, &[]);
     let dp = DropPath {
         rate: 1.0,
         rng: &mut rng,
     };
-    assert!(vit
-        .forward(&params, &img, 1, 16, 16, None, Some(dp))
-        .is_err());
-    let (_, cache) = vit.forward(&params, &img, 1, 16, 16, None, None).unwrap();
+    assert!(cpu.train(&img, (1, 16, 16), None, Some(dp)).is_err());
+    cpu.train(&img, (1, 16, 16), None, None).unwrap();
     let mut grads = vec![0f32; table.len()];
-    assert!(vit
-        .backward(
-            &params,
-            &mut grads,
-            &cache,
-            &[0.0; 31],
-            &[0.0; 16 * 32],
-            None
-        )
+    assert!(cpu
+        .backward(&mut grads, (1, 16, 16), &[0.0; 31], &[0.0; 16 * 32])
+        .is_err());
+    // Backward of a size that has not run forward.
+    assert!(cpu
+        .backward(&mut grads, (2, 16, 16), &[0.0; 64], &[0.0; 2 * 16 * 32])
         .is_err());
     let mut bad = cfg.clone();
     bad.num_heads = 3;
@@ -390,29 +449,27 @@ fn inference_forward_equals_training_forward_and_backward_accumulates() {
     let (vit, table, params) = model(&cfg, 9);
     let (b, h, w) = (2, 16, 20);
     let img = uniform(&mut keyed(10, &[stream::TEST]), b * 3 * h * w, 1.0);
-    let (train, cache) = vit.forward(&params, &img, b, h, w, None, None).unwrap();
-    let infer = vit.forward_inference(&params, &img, b, h, w, None).unwrap();
-    // Per block at least: two stream copies, two LN outputs, qkv (3d), attention output, two
-    // branch outputs and the MLP's two hidden buffers (2 · 4d) per token.
-    let tokens = b * vit.tokens(h, w);
-    let per_block = tokens * (2 + 2 + 3 + 1 + 2 + 8) * cfg.embed_dim * 4;
-    assert!(cache.activation_bytes() >= cfg.depth * per_block);
-    assert!(cache.activation_bytes() < 2 * cfg.depth * per_block + (1 << 20));
+    let mut cpu = Cpu::new(&vit, &params).unwrap();
+    let train = cpu.train(&img, (b, h, w), None, None).unwrap();
+    let infer = cpu.infer(&img, (b, h, w)).unwrap();
     assert_eq!(
         (train.cls, train.reg, train.patch),
         (infer.cls.clone(), infer.reg.clone(), infer.patch.clone())
     );
+    // Workspaces are sized once per input size: another forward of both kinds allocates nothing.
+    let before = cpu.counters().allocations;
+    cpu.train(&img, (b, h, w), None, None).unwrap();
+    cpu.infer(&img, (b, h, w)).unwrap();
+    assert_eq!(cpu.counters().allocations, before);
     // Parameter gradients accumulate: two backward passes give twice one.
     let d = cfg.embed_dim;
     let n = infer.n_patches;
     let dc = uniform(&mut keyed(11, &[stream::TEST]), b * d, 1.0);
     let dpch = uniform(&mut keyed(12, &[stream::TEST]), b * n * d, 1.0);
     let mut g1 = vec![0f32; table.len()];
-    vit.backward(&params, &mut g1, &cache, &dc, &dpch, None)
-        .unwrap();
+    cpu.backward(&mut g1, (b, h, w), &dc, &dpch).unwrap();
     let mut g2 = g1.clone();
-    vit.backward(&params, &mut g2, &cache, &dc, &dpch, None)
-        .unwrap();
+    cpu.backward(&mut g2, (b, h, w), &dc, &dpch).unwrap();
     for (a, b2) in g1.iter().zip(&g2) {
         assert!((2.0 * a - b2).abs() <= 1e-5 * (1.0 + a.abs()));
     }
@@ -426,24 +483,24 @@ fn vit_drop_path_is_seeded_and_rate_zero_is_plain() {
     let (vit, _, params) = model(&cfg, 12);
     let (b, h, w) = (6, 16, 16);
     let img = uniform(&mut keyed(13, &[stream::TEST]), b * 3 * h * w, 1.0);
-    let run = |seed: u64, rate: f32| {
+    let mut cpu = Cpu::new(&vit, &params).unwrap();
+    let mut run = |seed: u64, rate: f32| {
         let mut rng = keyed(seed, &[stream::DROP_PATH]);
         let dp = DropPath {
             rate,
             rng: &mut rng,
         };
-        vit.forward(&params, &img, b, h, w, None, Some(dp))
-            .unwrap()
-            .0
-            .cls
+        cpu.train(&img, (b, h, w), None, Some(dp)).unwrap().cls
     };
-    let plain = vit
-        .forward(&params, &img, b, h, w, None, None)
+    let a = run(1, 0.5);
+    assert_eq!(run(1, 0.0), run(1, 0.0));
+    assert_eq!(a, run(1, 0.5));
+    assert_ne!(a, run(2, 0.5));
+    let plain = Cpu::new(&vit, &params)
         .unwrap()
-        .0
+        .train(&img, (b, h, w), None, None)
+        .unwrap()
         .cls;
     assert_eq!(run(1, 0.0), plain);
-    assert_eq!(run(1, 0.5), run(1, 0.5));
-    assert_ne!(run(1, 0.5), run(2, 0.5));
-    assert_ne!(run(1, 0.5), plain);
+    assert_ne!(a, plain);
 }

@@ -2,10 +2,14 @@
 //! the losses at shapes the fixtures do not cover, against literal f64 references.
 
 use dinotrain::backend::cpu::sinkhorn::{sinkhorn_knopp, sinkhorn_knopp_reference};
+use dinotrain::backend::cpu::CpuBackend;
 use dinotrain::golden::{rel_err, Fixture};
 use dinotrain::io::Value;
 use dinotrain::optim::{LayerDecay, ParamGroups};
-use dinotrain::ssl::{dino_loss_forward_backward, Centering, MaskBatch};
+use dinotrain::ssl::dino_loss::dino_terms;
+use dinotrain::ssl::{
+    dino_loss_forward_backward, Centering, DinoPairs, DinoStudent, MaskBatch, TargetState,
+};
 use std::path::Path;
 
 fn fixture(name: &str) -> Fixture {
@@ -137,18 +141,39 @@ fn dino_loss_matches_the_literal_pairing_at_other_shapes() {
         let sg = random(2 * b * k, 1 + b as u64, 2.0);
         let sl = random(nl * b * k, 2 + nl as u64, 2.0);
         let tg = random(2 * b * k, 3, 2.0);
-        let mut cent = if sk {
+        let host = if sk {
             Centering::sinkhorn_knopp()
         } else {
             Centering::softmax(k)
         };
+        let mut be = CpuBackend::default();
+        let mut cent = TargetState::new(&mut be, &host).unwrap();
         let mut p = vec![0f32; 2 * b * k];
-        cent.teacher_probs(&mut p, &tg, 2 * b, k, 0.05).unwrap();
+        cent.teacher_probs(&mut be, &mut p, &tg, (2 * b, k), 0.05)
+            .unwrap();
         let (w, ts) = (0.7f32, 0.1f32);
         let mut dg = vec![0f32; 2 * b * k];
         let mut dl = vec![0f32; nl * b * k];
-        let t =
-            dino_loss_forward_backward(&mut dg, &mut dl, &sg, &sl, &p, b, nl, k, ts, w).unwrap();
+        let mut terms = [0f32; 2];
+        let student = DinoStudent::<CpuBackend> {
+            global: &sg,
+            local: &sl,
+            d_global: &mut dg,
+            d_local: &mut dl,
+        };
+        let mut pairs = DinoPairs::default();
+        dino_loss_forward_backward(
+            &mut be,
+            &mut pairs,
+            &mut terms,
+            student,
+            &p,
+            (b, nl, k),
+            ts,
+            w,
+        )
+        .unwrap();
+        let t = dino_terms(&terms, w);
         let sg64: Vec<f64> = sg.iter().map(|&v| v as f64).collect();
         let sl64: Vec<f64> = sl.iter().map(|&v| v as f64).collect();
         let (rl, rg) = dino_reference(&sg64, &sl64, &p, b, nl, k, ts as f64);

@@ -1,23 +1,23 @@
-//! Evaluation features on either device: the backbone's final-norm CLS token (what the official
+//! Evaluation features on any backend: the backbone's final-norm CLS token (what the official
 //! k-NN uses) and, when asked, the mean of its final-norm patch tokens, for a batch of images
 //! already eval-transformed on the host.
 //!
 //! One [`FeatureExtractor`] serves the k-NN during training (`train::run`), `dinotrain embed`
-//! and `dinotrain knn`. On the CPU it runs `nn::Vit::forward_inference`; on a CUDA device it
-//! runs a [`GpuVit`] made for this extractor (dropped with it, so its workspace does not stay
-//! resident beside a training run) in chunks of at most [`DEVICE_CHUNK`] images, and downloads
-//! the CLS rows (and, for the patch mean, the patch tokens, averaged on the host in f64 exactly
-//! as on the CPU path: the mean is only asked for by `embed --patch-mean`).
+//! and `dinotrain knn`. It runs the backbone's inference forward in its own workspace (dropped
+//! with it, so it does not stay resident beside a training run) in chunks of at most
+//! [`DEVICE_CHUNK`] images, and reads back the CLS rows (and, for the patch mean, the patch
+//! tokens, averaged on the host in f64: the mean is only asked for by `embed --patch-mean`).
 
-use crate::backend::cuda::model::{DeviceWeights, GpuVit};
-use crate::backend::cuda::{CudaBackend, ResolvedDevice};
+use crate::backend::cpu::CpuBackend;
+use crate::backend::cuda::ResolvedDevice;
+use crate::backend::Backend;
 use crate::error::{Error, Result};
-use crate::nn::Vit;
+use crate::nn::{Vit, VitWorkspaces};
 
-/// Images per forward on a CUDA device. An inference workspace holds about 30 f32 per token
-/// and channel (stream, attention and MLP buffers, bf16 copies, the final norm): for ViT-L/14 at
-/// 224 px (257 tokens, D 1024) 128 images take about 4 GB, ViT-S/14 about 1.5 GB, next to a
-/// training run's own workspaces. Larger chunks gain little: 128 images already fill the GEMMs.
+/// Images per forward. An inference workspace holds about 30 f32 per token and channel
+/// (stream, attention and MLP buffers, operand copies, the final norm): for ViT-L/14 at 224 px
+/// (257 tokens, D 1024) 128 images take about 4 GB, ViT-S/14 about 1.5 GB, next to a training
+/// run's own workspaces. Larger chunks gain little: 128 images already fill the GEMMs.
 pub const DEVICE_CHUNK: usize = 128;
 
 /// Whether the mean of the final-norm patch tokens is computed beside the CLS token.
@@ -36,107 +36,163 @@ pub struct Features {
     pub patch_mean: Option<Vec<f32>>,
 }
 
-/// The backbone weights a CUDA extractor reads: a model already on the device (the training
-/// teacher) or a copy uploaded for this extractor.
-enum DeviceParams<'a> {
-    Borrowed(&'a DeviceWeights),
-    Uploaded(DeviceWeights),
+/// A value borrowed from the caller or owned by the extractor.
+enum Held<'a, T> {
+    Borrowed(&'a mut T),
+    Owned(T),
 }
 
-impl DeviceParams<'_> {
-    fn get(&self) -> &DeviceWeights {
+impl<T> Held<'_, T> {
+    fn get(&mut self) -> &mut T {
         match self {
-            DeviceParams::Borrowed(w) => w,
-            DeviceParams::Uploaded(w) => w,
+            Held::Borrowed(t) => t,
+            Held::Owned(t) => t,
         }
     }
 }
 
-/// A backbone on a CUDA device with the one inference workspace in use.
-pub struct CudaFeatures<'a> {
-    gpu: &'a mut CudaBackend,
-    vit: &'a Vit,
-    weights: DeviceParams<'a>,
-    /// Made for this extractor; replaced (dropping the old workspace) when the chunk shape
-    /// changes, so at most one workspace is resident.
-    runner: GpuVit,
-    /// `(images, size)` of the workspace `runner` holds.
+/// The backbone's forward on one backend, chunk by chunk.
+trait ChunkForward {
+    /// The CLS rows `[b, D]` of `b` images and, when asked, their patch tokens `[b, n, D]`.
+    fn forward(
+        &mut self,
+        vit: &Vit,
+        images: &[f32],
+        b_size: (usize, usize),
+        patch_mean: PatchMean,
+    ) -> Result<(Vec<f32>, Option<Vec<f32>>)>;
+    fn device_name(&self) -> String;
+}
+
+struct OnBackend<'a, B: Backend> {
+    be: Held<'a, B>,
+    weights: WeightsRef<'a, B>,
+    /// Replaced (dropping the old workspace) when the chunk shape changes, so at most one
+    /// workspace is resident.
+    runner: Option<VitWorkspaces<B>>,
     shape: Option<(usize, usize)>,
+}
+
+enum WeightsRef<'a, B: Backend> {
+    Borrowed(&'a B::Weights),
+    Owned(B::Weights),
+}
+
+impl<B: Backend> ChunkForward for OnBackend<'_, B> {
+    fn forward(
+        &mut self,
+        vit: &Vit,
+        images: &[f32],
+        (b, size): (usize, usize),
+        patch_mean: PatchMean,
+    ) -> Result<(Vec<f32>, Option<Vec<f32>>)> {
+        if self.shape != Some((b, size)) {
+            // Drop the old workspace before the new one is allocated.
+            self.runner = None;
+            self.shape = Some((b, size));
+        }
+        let runner = self.runner.get_or_insert_with(|| VitWorkspaces::new(vit));
+        let w = match &self.weights {
+            WeightsRef::Borrowed(w) => *w,
+            WeightsRef::Owned(w) => w,
+        };
+        let be = self.be.get();
+        let out = runner.forward_inference(be, vit, w, images, (b, size, size))?;
+        let cls = be.download_f32(&out.cls)?;
+        let patch = match patch_mean {
+            PatchMean::Compute => Some(be.download_f32(&out.patch)?),
+            PatchMean::Skip => None,
+        };
+        Ok((cls, patch))
+    }
+
+    fn device_name(&self) -> String {
+        match &self.be {
+            Held::Borrowed(be) => be.describe(),
+            Held::Owned(be) => be.describe(),
+        }
+    }
+}
+
+/// Evaluation features of a backbone with its weights, on a backend.
+pub struct FeatureExtractor<'a> {
+    vit: &'a Vit,
+    inner: Box<dyn ChunkForward + 'a>,
     /// Most images per forward ([`DEVICE_CHUNK`] unless set).
     chunk: usize,
 }
 
-/// Where evaluation features are computed, with the backbone and its weights.
-pub enum FeatureExtractor<'a> {
-    /// `params` is a flat parameter buffer the `vit` views index (the backbone alone or the
-    /// whole SSL model).
-    Cpu { vit: &'a Vit, params: &'a [f32] },
-    /// Boxed: the GPU backbone's state is large next to two references.
-    Cuda(Box<CudaFeatures<'a>>),
-}
-
 impl<'a> FeatureExtractor<'a> {
-    /// The CPU backbone on host parameters.
-    pub fn cpu(vit: &'a Vit, params: &'a [f32]) -> Self {
-        FeatureExtractor::Cpu { vit, params }
-    }
-
-    /// A backbone whose weights are already on the device (they are read, not copied).
-    pub fn cuda(gpu: &'a mut CudaBackend, vit: &'a Vit, weights: &'a DeviceWeights) -> Self {
-        Self::cuda_with(gpu, vit, DeviceParams::Borrowed(weights))
-    }
-
-    /// A backbone on the device from host parameters, uploaded for this extractor.
-    pub fn cuda_uploading(gpu: &'a mut CudaBackend, vit: &'a Vit, params: &[f32]) -> Result<Self> {
-        let weights = DeviceWeights::upload(gpu, params)?;
-        Ok(Self::cuda_with(gpu, vit, DeviceParams::Uploaded(weights)))
-    }
-
-    fn cuda_with(gpu: &'a mut CudaBackend, vit: &'a Vit, weights: DeviceParams<'a>) -> Self {
-        FeatureExtractor::Cuda(Box::new(CudaFeatures {
-            gpu,
+    fn with(vit: &'a Vit, inner: Box<dyn ChunkForward + 'a>) -> Self {
+        FeatureExtractor {
             vit,
-            weights,
-            runner: GpuVit::new(vit),
-            shape: None,
+            inner,
             chunk: DEVICE_CHUNK,
-        }))
-    }
-
-    /// At most `chunk` images per device forward (at least 1); the CPU runs a batch whole.
-    pub fn with_device_chunk(mut self, chunk: usize) -> Self {
-        if let FeatureExtractor::Cuda(c) = &mut self {
-            c.chunk = chunk.max(1);
         }
-        self
     }
 
-    /// On a resolved device: the CPU, or the CUDA device with `params` uploaded.
-    pub fn on(device: &'a mut ResolvedDevice, vit: &'a Vit, params: &'a [f32]) -> Result<Self> {
+    /// A backbone whose weights already live on `be` (they are read, not copied).
+    pub fn borrowing<B: Backend + 'a>(
+        be: &'a mut B,
+        vit: &'a Vit,
+        weights: &'a B::Weights,
+    ) -> Self {
+        let inner = OnBackend {
+            be: Held::Borrowed(be),
+            weights: WeightsRef::Borrowed(weights),
+            runner: None,
+            shape: None,
+        };
+        Self::with(vit, Box::new(inner))
+    }
+
+    /// A backbone on `be` from host parameters, uploaded for this extractor.
+    pub fn uploading<B: Backend + 'a>(be: &'a mut B, vit: &'a Vit, params: &[f32]) -> Result<Self> {
+        let weights = be.weights(params)?;
+        let inner = OnBackend {
+            be: Held::Borrowed(be),
+            weights: WeightsRef::Owned(weights),
+            runner: None,
+            shape: None,
+        };
+        Ok(Self::with(vit, Box::new(inner)))
+    }
+
+    /// The CPU backbone (f32) on host parameters.
+    pub fn cpu(vit: &'a Vit, params: &[f32]) -> Result<Self> {
+        let mut be = CpuBackend::default();
+        let weights = be.weights(params)?;
+        let inner = OnBackend {
+            be: Held::Owned(be),
+            weights: WeightsRef::Owned(weights),
+            runner: None,
+            shape: None,
+        };
+        Ok(Self::with(vit, Box::new(inner)))
+    }
+
+    /// On a resolved device, with `params` uploaded to it.
+    pub fn on(device: &'a mut ResolvedDevice, vit: &'a Vit, params: &[f32]) -> Result<Self> {
         match device {
-            ResolvedDevice::Cpu => Ok(Self::cpu(vit, params)),
-            ResolvedDevice::Cuda(gpu) => Self::cuda_uploading(gpu, vit, params),
+            ResolvedDevice::Cpu(cpu) => Self::uploading(cpu, vit, params),
+            ResolvedDevice::Cuda(gpu) => Self::uploading(&mut **gpu, vit, params),
         }
+    }
+
+    /// At most `chunk` images per forward (at least 1).
+    pub fn with_device_chunk(mut self, chunk: usize) -> Self {
+        self.chunk = chunk.max(1);
+        self
     }
 
     /// The backbone.
     pub fn vit(&self) -> &Vit {
-        match self {
-            FeatureExtractor::Cpu { vit, .. } => vit,
-            FeatureExtractor::Cuda(c) => c.vit,
-        }
+        self.vit
     }
 
-    /// Where the features are computed, for logs (`cpu`, `cuda (NAME (sm_XY))`).
+    /// Where the features are computed, for logs (`cpu (2 threads, f32)`, `cuda (NAME (sm_XY))`).
     pub fn device_name(&self) -> String {
-        match self {
-            FeatureExtractor::Cpu { .. } => "cpu".to_string(),
-            FeatureExtractor::Cuda(c) => c
-                .gpu
-                .describe()
-                .map(|d| format!("cuda ({d})"))
-                .unwrap_or_else(|_| "cuda".to_string()),
-        }
+        self.inner.device_name()
     }
 
     /// Features of `m` images `[m, C, size, size]` (normalised, eval-transformed).
@@ -147,8 +203,7 @@ impl<'a> FeatureExtractor<'a> {
         size: usize,
         patch_mean: PatchMean,
     ) -> Result<Features> {
-        let vit = self.vit();
-        let (c, d) = (vit.cfg.in_chans, vit.cfg.embed_dim);
+        let (c, d) = (self.vit.cfg.in_chans, self.vit.cfg.embed_dim);
         let per = c * size * size;
         if m == 0 || images.len() != m * per {
             return Err(Error::shape(
@@ -163,59 +218,15 @@ impl<'a> FeatureExtractor<'a> {
             cls: Vec::with_capacity(m * d),
             patch_mean: (patch_mean == PatchMean::Compute).then(|| Vec::with_capacity(m * d)),
         };
-        match self {
-            FeatureExtractor::Cpu { vit, params } => {
-                let o = vit.forward_inference(params, images, m, size, size, None)?;
-                out.cls = o.cls;
-                if let Some(pm) = out.patch_mean.as_mut() {
-                    *pm = mean_rows(&o.patch, m, o.n_patches, d);
-                }
-            }
-            FeatureExtractor::Cuda(cuda) => {
-                for chunk in images.chunks(cuda.chunk * per) {
-                    let b = chunk.len() / per;
-                    let (cls, patch) = cuda.forward(chunk, b, size, patch_mean)?;
-                    out.cls.extend_from_slice(&cls);
-                    if let (Some(pm), Some(patch)) = (out.patch_mean.as_mut(), patch) {
-                        pm.extend(mean_rows(&patch, b, patch.len() / (b * d).max(1), d));
-                    }
-                }
+        for chunk in images.chunks(self.chunk * per) {
+            let b = chunk.len() / per;
+            let (cls, patch) = self.inner.forward(self.vit, chunk, (b, size), patch_mean)?;
+            out.cls.extend_from_slice(&cls);
+            if let (Some(pm), Some(patch)) = (out.patch_mean.as_mut(), patch) {
+                pm.extend(mean_rows(&patch, b, patch.len() / (b * d).max(1), d));
             }
         }
         Ok(out)
-    }
-}
-
-impl CudaFeatures<'_> {
-    /// One chunk of `b` images: the CLS rows `[b, D]` and, when asked, the patch tokens
-    /// `[b, n, D]`, downloaded.
-    fn forward(
-        &mut self,
-        images: &[f32],
-        b: usize,
-        size: usize,
-        patch_mean: PatchMean,
-    ) -> Result<(Vec<f32>, Option<Vec<f32>>)> {
-        if self.shape != Some((b, size)) {
-            // Drop the old workspace before the new one is allocated.
-            self.runner = GpuVit::new(self.vit);
-            self.shape = Some((b, size));
-        }
-        let out = self.runner.forward_inference(
-            self.gpu,
-            self.vit,
-            self.weights.get(),
-            images,
-            b,
-            size,
-            size,
-        )?;
-        let cls = self.gpu.download(&out.cls)?;
-        let patch = match patch_mean {
-            PatchMean::Compute => Some(self.gpu.download(&out.patch)?),
-            PatchMean::Skip => None,
-        };
-        Ok((cls, patch))
     }
 }
 
@@ -255,11 +266,18 @@ mod tests {
         let params = table.init(&mut keyed(3, &[stream::INIT]));
         let (m, size) = (3, 16);
         let images = uniform_vec(4, m * 3 * size * size, 1.0);
-        let want = vit
-            .forward_inference(&params, &images, m, size, size, None)
+        let mut be = CpuBackend::default();
+        let w = be.weights(&params).unwrap();
+        let mut runner = VitWorkspaces::new(&vit);
+        let want = runner
+            .forward_inference(&mut be, &vit, &w, &images, (m, size, size))
+            .unwrap()
+            .to_host(&mut be)
             .unwrap();
-        let mut fx = FeatureExtractor::cpu(&vit, &params);
-        assert_eq!(fx.device_name(), "cpu");
+        let mut fx = FeatureExtractor::cpu(&vit, &params)
+            .unwrap()
+            .with_device_chunk(2);
+        assert!(fx.device_name().starts_with("cpu"));
         let got = fx.features(&images, m, size, PatchMean::Compute).unwrap();
         assert_eq!(got.cls, want.cls);
         let d = cfg.embed_dim;

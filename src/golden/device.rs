@@ -11,7 +11,7 @@
 //! ‖out − ref‖/‖ref‖ of a bf16 GEMM lands between 1e-3 and 1e-2, GPU.md).
 
 use super::{compute, Fixture, Outputs};
-use crate::backend::cuda::{CudaBackend, ResolvedDevice};
+use crate::backend::cuda::ResolvedDevice;
 use crate::error::{Error, Result};
 
 /// Where a case runs in a CUDA run and which tolerance applies there.
@@ -66,7 +66,7 @@ pub fn cuda_case(case: &str) -> Option<CudaCase> {
 /// The tolerance `fx` is judged by on `device`.
 pub fn tolerance_on(fx: &Fixture, device: &ResolvedDevice) -> f64 {
     match device {
-        ResolvedDevice::Cpu => fx.tol,
+        ResolvedDevice::Cpu(_) => fx.tol,
         ResolvedDevice::Cuda(_) => match cuda_case(&fx.case) {
             Some(CudaCase::DeviceBf16 { tol, .. }) => tol.max(fx.tol),
             _ => fx.tol,
@@ -76,27 +76,16 @@ pub fn tolerance_on(fx: &Fixture, device: &ResolvedDevice) -> f64 {
 
 /// Runs the project's code for `fx` on `device` and returns every `out.*` tensor.
 pub fn compute_on(fx: &Fixture, device: &mut ResolvedDevice) -> Result<Outputs> {
-    match device {
-        ResolvedDevice::Cpu => compute(fx),
-        ResolvedDevice::Cuda(gpu) => compute_cuda(fx, gpu),
-    }
-}
-
-fn compute_cuda(fx: &Fixture, gpu: &mut CudaBackend) -> Result<Outputs> {
-    match cuda_case(&fx.case) {
-        None => Err(Error::Unsupported(format!(
+    if cuda_case(&fx.case).is_none() {
+        return Err(Error::Unsupported(format!(
             "{}: unknown golden case '{}'",
             fx.path.display(),
             fx.case
-        ))),
-        Some(CudaCase::Host) => compute(fx),
-        // On the device: the backbone's cases, then the method's (each module names its own).
-        Some(_) => match fx.case.as_str() {
-            "layernorm" | "attention" | "block" | "vit_forward" => {
-                super::cuda_nn_cases::compute(fx, gpu)
-            }
-            _ => super::cuda_ssl_cases::compute(fx, gpu),
-        },
+        )));
+    }
+    match device {
+        ResolvedDevice::Cpu(cpu) => compute(fx, cpu),
+        ResolvedDevice::Cuda(gpu) => compute(fx, &mut **gpu),
     }
 }
 

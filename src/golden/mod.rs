@@ -6,8 +6,6 @@
 //! schema's rule (relative L2 error ≤ `tol` for floats, exact equality for integers, identical
 //! shapes and names).
 
-pub mod cuda_nn_cases;
-pub mod cuda_ssl_cases;
 mod device;
 mod nn_cases;
 mod ssl_cases;
@@ -16,6 +14,7 @@ mod step_case;
 pub use device::{compute_on, cuda_case, tolerance_on, CudaCase};
 
 use crate::backend::cuda::ResolvedDevice;
+use crate::backend::Backend;
 use crate::error::{Error, Result};
 use crate::io::{TensorFile, Value};
 use crate::tensor::Tensor;
@@ -215,11 +214,13 @@ pub const CASES: &[&str] = &[
     "ssl_step",
 ];
 
-/// Runs the project's code on the fixture's inputs and returns every `out.*` tensor.
-pub fn compute(fx: &Fixture) -> Result<Outputs> {
+/// Runs the project's code on the fixture's inputs on `be` and returns every `out.*` tensor.
+/// Every case is written once, over the backend seam; host computations (schedules, parameter
+/// groups, k-NN, the position-embedding resampling) run on the host whatever `be` is.
+pub fn compute<B: Backend>(fx: &Fixture, be: &mut B) -> Result<Outputs> {
     match fx.case.as_str() {
         "layernorm" | "attention" | "block" | "vit_forward" | "pos_interp" | "dino_head" => {
-            nn_cases::compute(fx)
+            nn_cases::compute(fx, be)
         }
         "dino_loss_centering"
         | "dino_loss_sinkhorn"
@@ -230,8 +231,8 @@ pub fn compute(fx: &Fixture) -> Result<Outputs> {
         | "adamw_freeze"
         | "clip_grad"
         | "ema"
-        | "knn" => ssl_cases::compute(fx),
-        "ssl_step" => step_case::compute(fx),
+        | "knn" => ssl_cases::compute(fx, be),
+        "ssl_step" => step_case::compute(fx, be),
         other => Err(Error::Unsupported(format!(
             "{}: unknown golden case '{other}'",
             fx.path.display()
@@ -417,7 +418,7 @@ pub fn fixture_files(dir: &Path) -> Result<Vec<PathBuf>> {
 
 /// Loads, computes and compares one fixture on the CPU.
 pub fn verify_file(path: &Path) -> Verified {
-    verify_file_on(path, &mut ResolvedDevice::Cpu)
+    verify_file_on(path, &mut ResolvedDevice::cpu())
 }
 
 /// Loads, computes on `device` and compares one fixture (with the device's tolerance).

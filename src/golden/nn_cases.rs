@@ -6,26 +6,31 @@
 //! cotangents, and returns the outputs and every parameter gradient.
 
 use super::{out, Fixture, Outputs};
+use crate::backend::{
+    Accumulate, Backend, LnSaved, LnStats, NormOut, NormShape, Storage, WeightStore,
+};
 use crate::error::{Error, Result};
-use crate::nn::attention::Attention;
-use crate::nn::block::{Block, BlockConfig};
-use crate::nn::dino_head::DinoHead;
+use crate::nn::attention::{Attention, AttnScratch};
+use crate::nn::block::{Block, BlockConfig, BlockRunner};
+use crate::nn::dino_head::{DinoHead, HeadCache, HeadScratch, Prototypes};
 use crate::nn::ffn::Ffn;
 use crate::nn::layernorm::LayerNorm;
 use crate::nn::linear::Bias;
 use crate::nn::params::ParamTable;
 use crate::nn::pos_embed::{PosEmbed, Resampling};
 use crate::nn::vit::Vit;
+use crate::nn::{ImageGrad, OutputGrads, VitWorkspaces};
 use crate::tensor::Tensor;
 
-pub fn compute(fx: &Fixture) -> Result<Outputs> {
+/// Runs a backbone or head case on `be` (`pos_interp` is a host computation everywhere).
+pub fn compute<B: Backend>(fx: &Fixture, be: &mut B) -> Result<Outputs> {
     match fx.case.as_str() {
-        "layernorm" => layernorm(fx),
-        "attention" => attention(fx),
-        "block" => block(fx),
-        "vit_forward" => vit_forward(fx),
+        "layernorm" => layernorm(fx, be),
+        "attention" => attention(fx, be),
+        "block" => block(fx, be),
+        "vit_forward" => vit_forward(fx, be),
         "pos_interp" => pos_interp(fx),
-        "dino_head" => dino_head(fx),
+        "dino_head" => dino_head(fx, be),
         other => Err(Error::Unsupported(format!("nn golden case '{other}'"))),
     }
 }
@@ -88,67 +93,111 @@ pub(super) fn attention_module(fx: &Fixture, d: usize) -> Result<(ParamTable, At
     Ok((table, attn))
 }
 
-fn layernorm(fx: &Fixture) -> Result<Outputs> {
+fn layernorm<B: Backend>(fx: &Fixture, be: &mut B) -> Result<Outputs> {
     let (b, t, d) = dims3(fx)?;
     let eps = fx.param_f64("eps")? as f32;
     let mut table = ParamTable::new();
     let ln = LayerNorm::new(&mut table, "", d, eps);
-    let params = load_params(fx, &table)?;
-    let x = input_shaped(fx, "x", &[b, t, d])?;
-    let dy = input_shaped(fx, "grad_out", &[b, t, d])?;
+    let w = be.weights(&load_params(fx, &table)?)?;
+    let x = upload(be, &input_shaped(fx, "x", &[b, t, d])?.data)?;
+    let dy = upload(be, &input_shaped(fx, "grad_out", &[b, t, d])?.data)?;
     let rows = b * t;
-    let mut y = vec![0f32; rows * d];
-    let stats = ln.forward(&mut y, &x.data, &params, rows);
-    let mut grads = vec![0f32; table.len()];
-    let mut dx = vec![0f32; rows * d];
-    ln.backward(
-        &mut dx, &mut grads, &dy.data, &x.data, &stats, &params, rows,
+    let shape = NormShape { rows, channels: d };
+    let (mut y, mut mean, mut rstd) = (
+        be.alloc_f32(rows * d)?,
+        be.alloc_f32(rows)?,
+        be.alloc_f32(rows)?,
     );
+    ln.with_params::<B, _>(&w, |p| {
+        let stats = LnStats {
+            mean: &mut *mean,
+            rstd: &mut *rstd,
+        };
+        be.layernorm_forward(NormOut::F32(&mut *y), stats, &x, p, shape)
+    })?;
+    let (mut dx, mut grads) = (be.alloc_f32(rows * d)?, be.alloc_f32(table.len())?);
+    {
+        let weight = w.f32().window(ln.weight.range())?;
+        let [mut dw, mut db] = grads.windows_mut([ln.weight.range(), ln.bias.range()])?;
+        let saved = LnSaved {
+            dout: &*dy,
+            inp: &*x,
+            weight: &*weight,
+            mean: &*mean,
+            rstd: &*rstd,
+        };
+        be.layernorm_backward(
+            &mut dx,
+            Accumulate::Overwrite,
+            &mut dw,
+            &mut db,
+            saved,
+            shape,
+        )?;
+    }
     let mut o = Outputs::new();
-    out(&mut o, "out", tensor(&[b, t, d], y)?);
-    out(&mut o, "grad.x", tensor(&[b, t, d], dx)?);
-    param_grads(&mut o, &table, &grads);
+    out(&mut o, "out", tensor(&[b, t, d], be.download_f32(&y)?)?);
+    out(&mut o, "grad.x", tensor(&[b, t, d], be.download_f32(&dx)?)?);
+    param_grads(&mut o, &table, &be.download_f32(&grads)?);
     Ok(o)
 }
 
-fn attention(fx: &Fixture) -> Result<Outputs> {
+/// The attention module alone: the input becomes an operand (it is a GEMM input), qkv,
+/// attention, proj; backward to the input.
+fn attention<B: Backend>(fx: &Fixture, be: &mut B) -> Result<Outputs> {
     let (b, t, d) = dims3(fx)?;
     let (table, attn) = attention_module(fx, d)?;
-    let params = load_params(fx, &table)?;
-    let x = input_shaped(fx, "x", &[b, t, d])?;
-    let dy = input_shaped(fx, "grad_out", &[b, t, d])?;
-    let mut y = vec![0f32; b * t * d];
-    let cache = attn.forward(&mut y, &x.data, &params, b, t);
-    let mut grads = vec![0f32; table.len()];
-    let mut dx = vec![0f32; b * t * d];
-    attn.backward(
-        &mut dx, &mut grads, &dy.data, &x.data, &cache, &params, b, t,
-    );
+    let w = be.weights(&load_params(fx, &table)?)?;
+    let rows = b * t;
+    let mut x = be.alloc_half(rows * d)?;
+    be.upload_half(&mut x, &input_shaped(fx, "x", &[b, t, d])?.data)?;
+    let dy_host = &input_shaped(fx, "grad_out", &[b, t, d])?.data;
+    let mut bufs = attn.bufs(be, b, t)?;
+    let mut y = be.alloc_f32(rows * d)?;
+    attn.forward(be, &mut bufs, &mut y, &x, &w, (b, t))?;
+    // The body reads its output gradient as an operand (from LayerScale's backward in a block).
+    let dy = upload(be, dy_host)?;
+    let mut dy_half = be.alloc_half(rows * d)?;
+    be.cast_to_half(&mut dy_half, &dy)?;
+    let (mut dqkv, mut datt) = (be.alloc_half(rows * 3 * d)?, be.alloc_half(rows * d)?);
+    let scratch = AttnScratch {
+        dqkv: &mut *dqkv,
+        datt: &mut *datt,
+    };
+    let (mut dx, mut grads) = (be.alloc_f32(rows * d)?, be.alloc_f32(table.len())?);
+    let dys = (&*dy_half, Some(&*dy));
+    attn.backward(be, &mut grads, &mut dx, scratch, dys, &bufs, &x, &w, (b, t))?;
     let mut o = Outputs::new();
-    out(&mut o, "out", tensor(&[b, t, d], y)?);
-    out(&mut o, "grad.x", tensor(&[b, t, d], dx)?);
-    param_grads(&mut o, &table, &grads);
+    out(&mut o, "out", tensor(&[b, t, d], be.download_f32(&y)?)?);
+    out(&mut o, "grad.x", tensor(&[b, t, d], be.download_f32(&dx)?)?);
+    param_grads(&mut o, &table, &be.download_f32(&grads)?);
     Ok(o)
 }
 
-fn block(fx: &Fixture) -> Result<Outputs> {
+fn block<B: Backend>(fx: &Fixture, be: &mut B) -> Result<Outputs> {
     let (b, t, d) = dims3(fx)?;
     let cfg = block_config(fx, d)?;
     let mut table = ParamTable::new();
     let blk = Block::new(&mut table, "", &cfg);
-    let params = load_params(fx, &table)?;
-    let x = input_shaped(fx, "x", &[b, t, d])?;
-    let dy = input_shaped(fx, "grad_out", &[b, t, d])?;
-    let mut y = x.data.clone();
-    let cache = blk.forward(&mut y, &params, b, t, None);
-    let mut grads = vec![0f32; table.len()];
-    let mut dx = dy.data.clone();
-    blk.backward(&mut dx, &mut grads, &cache, &params);
+    let w = be.weights(&load_params(fx, &table)?)?;
+    let mut x = upload(be, &input_shaped(fx, "x", &[b, t, d])?.data)?;
+    let mut dx = upload(be, &input_shaped(fx, "grad_out", &[b, t, d])?.data)?;
+    let mut runner = BlockRunner::new(be, &blk, b, t)?;
+    runner.forward(be, &blk, &w, &mut x, [None, None])?;
+    let mut grads = be.alloc_f32(table.len())?;
+    runner.backward(be, &blk, &w, &mut grads, &mut dx)?;
     let mut o = Outputs::new();
-    out(&mut o, "out", tensor(&[b, t, d], y)?);
-    out(&mut o, "grad.x", tensor(&[b, t, d], dx)?);
-    param_grads(&mut o, &table, &grads);
+    out(&mut o, "out", tensor(&[b, t, d], be.download_f32(&x)?)?);
+    out(&mut o, "grad.x", tensor(&[b, t, d], be.download_f32(&dx)?)?);
+    param_grads(&mut o, &table, &be.download_f32(&grads)?);
     Ok(o)
+}
+
+/// A new backend buffer holding `host`.
+pub(crate) fn upload<B: Backend>(be: &mut B, host: &[f32]) -> Result<B::BufF32> {
+    let mut buf = be.alloc_f32(host.len())?;
+    be.upload_f32(&mut buf, host)?;
+    Ok(buf)
 }
 
 /// The `block` case's configuration.
@@ -156,16 +205,29 @@ pub(crate) fn block_config(fx: &Fixture, d: usize) -> Result<BlockConfig> {
     Ok(BlockConfig {
         dim: d,
         num_heads: fx.param_usize("num_heads")?,
-        ffn: Ffn::Mlp {
-            hidden: fx.param_usize("mlp_hidden_dim")?,
-        },
+        ffn: ffn_kind(fx)?,
         layerscale: fx.param_bool("layerscale")?.then_some(1.0),
         eps: fx.param_f64("ln_eps")? as f32,
         // The case lists no bias flags: a bias exists exactly when the fixture has it.
         qkv_bias: fx.has("in.param.attn.qkv.bias"),
         proj_bias: fx.has("in.param.attn.proj.bias"),
-        ffn_bias: fx.has("in.param.mlp.fc1.bias"),
+        ffn_bias: fx.has("in.param.mlp.fc1.bias") || fx.has("in.param.mlp.w12.bias"),
     })
+}
+
+/// The FFN of a `block` case: `params.ffn_layer` (`mlp` when absent, as in the first fixtures)
+/// with the nominal width `mlp_hidden_dim`.
+fn ffn_kind(fx: &Fixture) -> Result<Ffn> {
+    let hidden = fx.param_usize("mlp_hidden_dim")?;
+    let kind = match fx.params.get("ffn_layer") {
+        None => "mlp",
+        Some(_) => fx.param_str("ffn_layer")?,
+    };
+    match kind {
+        "mlp" => Ok(Ffn::Mlp { hidden }),
+        "swiglu" | "swiglufused" => Ok(Ffn::SwiGlu { hidden }),
+        other => Err(fx.error("params.ffn_layer", format!("unknown FFN '{other}'"))),
+    }
 }
 
 fn resampling(fx: &Fixture) -> Result<Resampling> {
@@ -198,10 +260,10 @@ fn pos_interp(fx: &Fixture) -> Result<Outputs> {
     Ok(o)
 }
 
-fn vit_forward(fx: &Fixture) -> Result<Outputs> {
+fn vit_forward<B: Backend>(fx: &Fixture, be: &mut B) -> Result<Outputs> {
     let cfg = super::step_case::vit_config(fx)?;
     let d = cfg.embed_dim;
-    let (b, h, w) = (
+    let (b, h, w_px) = (
         fx.param_usize("batch")?,
         fx.param_usize("input_h")?,
         fx.param_usize("input_w")?,
@@ -209,35 +271,45 @@ fn vit_forward(fx: &Fixture) -> Result<Outputs> {
     let (c, r) = (cfg.in_chans, cfg.num_register_tokens);
     let mut table = ParamTable::new();
     let vit = Vit::new(&cfg, &mut table, "");
-    let params = load_params(fx, &table)?;
-    let images = input_shaped(fx, "images", &[b, c, h, w])?;
-    let n = (h / cfg.patch_size) * (w / cfg.patch_size);
+    let w = be.weights(&load_params(fx, &table)?)?;
+    let images = input_shaped(fx, "images", &[b, c, h, w_px])?;
+    let n = (h / cfg.patch_size) * (w_px / cfg.patch_size);
     let masks = vit_masks(fx, b, n)?;
-    let (y, cache) = vit.forward(&params, &images.data, b, h, w, masks.as_deref(), None)?;
-    let d_cls = input_shaped(fx, "grad_x_norm_clstoken", &[b, d])?;
-    let d_patch = input_shaped(fx, "grad_x_norm_patchtokens", &[b, n, d])?;
+    let mut runner = VitWorkspaces::new(&vit);
+    let key = (b, h, w_px);
+    let y = runner
+        .forward(be, &vit, &w, &images.data, key, masks.as_deref(), None)?
+        .to_host(be)?;
+    let d_cls = upload(be, &input_shaped(fx, "grad_x_norm_clstoken", &[b, d])?.data)?;
+    let d_patch = upload(
+        be,
+        &input_shaped(fx, "grad_x_norm_patchtokens", &[b, n, d])?.data,
+    )?;
     let d_reg = if r > 0 {
-        Some(&input_shaped(fx, "grad_x_norm_regtokens", &[b, r, d])?.data)
+        Some(upload(
+            be,
+            &input_shaped(fx, "grad_x_norm_regtokens", &[b, r, d])?.data,
+        )?)
     } else {
         None
     };
-    let mut grads = vec![0f32; table.len()];
-    let dimages = vit.backward(
-        &params,
-        &mut grads,
-        &cache,
-        &d_cls.data,
-        &d_patch.data,
-        d_reg.map(|v| v.as_slice()),
-    )?;
+    let mut grads = be.alloc_f32(table.len())?;
+    let dout = OutputGrads {
+        cls: &*d_cls,
+        patch: &*d_patch,
+        reg: d_reg.as_deref(),
+    };
+    let dimages = runner
+        .backward(be, &vit, &w, &mut grads, key, dout, ImageGrad::Compute)?
+        .ok_or_else(|| Error::Unsupported("vit backward returned no image gradient".into()))?;
     let mut o = Outputs::new();
     out(&mut o, "x_norm_clstoken", tensor(&[b, d], y.cls)?);
     out(&mut o, "x_norm_patchtokens", tensor(&[b, n, d], y.patch)?);
     if r > 0 {
         out(&mut o, "x_norm_regtokens", tensor(&[b, r, d], y.reg)?);
     }
-    out(&mut o, "grad.images", tensor(&[b, c, h, w], dimages)?);
-    param_grads(&mut o, &table, &grads);
+    out(&mut o, "grad.images", tensor(&[b, c, h, w_px], dimages)?);
+    param_grads(&mut o, &table, &be.download_f32(&grads)?);
     Ok(o)
 }
 
@@ -253,17 +325,7 @@ pub(crate) fn vit_masks(fx: &Fixture, b: usize, n: usize) -> Result<Option<Vec<b
     Ok(Some(data.iter().map(|&v| v != 0).collect()))
 }
 
-/// The inputs of a `dino_head` fixture.
-pub(crate) struct HeadCase<'a> {
-    pub table: ParamTable,
-    pub head: DinoHead,
-    pub params: Vec<f32>,
-    pub n: usize,
-    pub x: &'a Tensor,        // [n, in_dim]
-    pub grad_out: &'a Tensor, // [n, k]
-}
-
-pub(crate) fn dino_head_case(fx: &Fixture) -> Result<HeadCase<'_>> {
+fn dino_head<B: Backend>(fx: &Fixture, be: &mut B) -> Result<Outputs> {
     let (in_dim, k) = (fx.param_usize("in_dim")?, fx.param_usize("out_dim")?);
     let (hidden, bn, n) = (
         fx.param_usize("hidden_dim")?,
@@ -275,38 +337,33 @@ pub(crate) fn dino_head_case(fx: &Fixture) -> Result<HeadCase<'_>> {
     }
     let mut table = ParamTable::new();
     let head = DinoHead::new(in_dim, hidden, bn, k, &mut table, "");
-    let params = load_params(fx, &table)?;
-    Ok(HeadCase {
-        x: input_shaped(fx, "x", &[n, in_dim])?,
-        grad_out: input_shaped(fx, "grad_out", &[n, k])?,
-        table,
-        head,
-        params,
-        n,
-    })
-}
-
-/// The `out.*` tensors of a `dino_head` case.
-pub(crate) fn dino_head_outputs(
-    case: &HeadCase<'_>,
-    y: Vec<f32>,
-    dx: Vec<f32>,
-    grads: &[f32],
-) -> Result<Outputs> {
-    let (n, in_dim, k) = (case.n, case.head.mlp0.in_dim, case.head.out_dim);
+    let w = be.weights(&load_params(fx, &table)?)?;
+    let x = upload(be, &input_shaped(fx, "x", &[n, in_dim])?.data)?;
+    let d_out = upload(be, &input_shaped(fx, "grad_out", &[n, k])?.data)?;
+    let mut protos = Prototypes::new(be, &head)?;
+    protos.prepare(be, &head, &w)?;
+    let mut cache = HeadCache::default();
+    head.forward(be, &mut cache, &protos, &w, &x, n)?;
+    let y = be.download_f32(&*cache.logits.get()?)?;
+    let (mut dx, mut grads) = (be.alloc_f32(n * in_dim)?, be.alloc_f32(table.len())?);
+    let mut scratch = HeadScratch::default();
+    let dx_to = (&mut *dx, Accumulate::Overwrite);
+    head.backward(
+        be,
+        &mut scratch,
+        &mut grads,
+        dx_to,
+        (&cache, &protos),
+        &w,
+        &d_out,
+    )?;
     let mut o = Outputs::new();
     out(&mut o, "out", tensor(&[n, k], y)?);
-    out(&mut o, "grad.x", tensor(&[n, in_dim], dx)?);
-    param_grads(&mut o, &case.table, grads);
+    out(
+        &mut o,
+        "grad.x",
+        tensor(&[n, in_dim], be.download_f32(&dx)?)?,
+    );
+    param_grads(&mut o, &table, &be.download_f32(&grads)?);
     Ok(o)
-}
-
-fn dino_head(fx: &Fixture) -> Result<Outputs> {
-    let case = dino_head_case(fx)?;
-    let (y, cache) = case.head.forward(&case.params, &case.x.data, case.n);
-    let mut grads = vec![0f32; case.table.len()];
-    let dx = case
-        .head
-        .backward(&case.params, &mut grads, &cache, &case.grad_out.data);
-    dino_head_outputs(&case, y, dx, &grads)
 }

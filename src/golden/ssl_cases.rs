@@ -2,34 +2,36 @@
 //! KoLeo, schedules, parameter groups, AdamW with a frozen last layer, clipping, EMA, k-NN.
 //! `ssl_step` is composed by the training step and answered elsewhere.
 
+use super::nn_cases::upload;
 use super::{out, Fixture, Outputs};
-use crate::backend::cpu::optimizer::AdamHyper;
-use crate::backend::cpu::Accumulate;
+use crate::backend::Backend;
 use crate::error::{Error, Result};
 use crate::eval::knn_classify;
 use crate::io::Value;
 use crate::nn::params::ParamRef;
 use crate::optim::{
-    clip_grad_norms, ema_update, AdamW, GroupSettings, LayerDecay, ParamGroups, ScheduleConfig,
-    Schedules, SubmoduleSpan,
+    ema_update, AdamHyper, AdamW, AdamWState, GradClipper, GroupSettings, LayerDecay, ParamGroups,
+    ScheduleConfig, Schedules, SubmoduleSpan,
 };
+use crate::ssl::dino_loss::dino_terms;
 use crate::ssl::{
-    dino_loss_with_targets, ibot_loss_with_targets, koleo_loss_forward_backward, Centering,
-    DinoLossTerms,
+    dino_loss_forward_backward, ibot_loss_forward_backward, koleo_loss_forward_backward, Centering,
+    DinoLossTerms, DinoPairs, DinoStudent, IbotPairs, TargetState,
 };
 use crate::tensor::Tensor;
 use std::collections::BTreeMap;
 
-pub fn compute(fx: &Fixture) -> Result<Outputs> {
+/// Runs a method case on `be` (schedules, parameter groups and k-NN are host computations).
+pub fn compute<B: Backend>(fx: &Fixture, be: &mut B) -> Result<Outputs> {
     match fx.case.as_str() {
-        "dino_loss_centering" | "dino_loss_sinkhorn" => dino_loss(fx),
-        "ibot_loss" => ibot_loss(fx),
-        "koleo" => koleo(fx),
+        "dino_loss_centering" | "dino_loss_sinkhorn" => dino_loss(fx, be),
+        "ibot_loss" => ibot_loss(fx, be),
+        "koleo" => koleo(fx, be),
         "schedules" => schedules(fx),
         "param_groups" => param_groups(fx),
-        "adamw_freeze" => adamw_freeze(fx),
-        "clip_grad" => clip_grad(fx),
-        "ema" => ema(fx),
+        "adamw_freeze" => adamw_freeze(fx, be),
+        "clip_grad" => clip_grad(fx, be),
+        "ema" => ema(fx, be),
         "knn" => knn(fx),
         other => Err(Error::Unsupported(format!(
             "golden case '{other}' is composed by the training step, not computed here yet"
@@ -147,29 +149,48 @@ pub(crate) fn dino_loss_outputs(
     Ok(o)
 }
 
-fn dino_loss(fx: &Fixture) -> Result<Outputs> {
+fn dino_loss<B: Backend>(fx: &Fixture, be: &mut B) -> Result<Outputs> {
     let case = dino_loss_case(fx)?;
     let (b, nl, k) = (case.b, case.nl, case.k);
-    let mut cent = case.centering.clone();
-    let mut probs = vec![0f32; 2 * b * k];
-    let mut dg = vec![0f32; 2 * b * k];
-    let mut dl = vec![0f32; nl * b * k];
-    let terms = dino_loss_with_targets(
-        &mut probs,
-        &mut dg,
-        &mut dl,
-        &mut cent,
-        case.student_global,
-        &case.student_local,
-        case.teacher_global,
-        b,
-        nl,
-        k,
-        case.teacher_temp,
-        case.student_temp,
-        case.loss_weight,
+    let mut targets = TargetState::new(be, &case.centering)?;
+    let teacher = upload(be, case.teacher_global)?;
+    let (sg, sl) = (
+        upload(be, case.student_global)?,
+        upload(be, &case.student_local)?,
+    );
+    let mut probs = be.alloc_f32(2 * b * k)?;
+    targets.teacher_probs(be, &mut probs, &teacher, (2 * b, k), case.teacher_temp)?;
+    let (mut dg, mut dl, mut terms) = (
+        be.alloc_f32(2 * b * k)?,
+        be.alloc_f32(nl * b * k)?,
+        be.alloc_f32(2)?,
+    );
+    let student = DinoStudent::<B> {
+        global: &sg,
+        local: &sl,
+        d_global: &mut dg,
+        d_local: &mut dl,
+    };
+    let mut pairs = DinoPairs::default();
+    let (temp, weight) = (case.student_temp, case.loss_weight);
+    dino_loss_forward_backward(
+        be,
+        &mut pairs,
+        &mut terms,
+        student,
+        &probs,
+        (b, nl, k),
+        temp,
+        weight,
     )?;
-    dino_loss_outputs(&case, terms, probs, dg, dl, &cent)
+    let terms = dino_terms(&be.download_f32(&terms)?, case.loss_weight);
+    let (probs, dg, dl) = (
+        be.download_f32(&probs)?,
+        be.download_f32(&dg)?,
+        be.download_f32(&dl)?,
+    );
+    let centering = targets.to_host(be)?;
+    dino_loss_outputs(&case, terms, probs, dg, dl, &centering)
 }
 
 /// The inputs of an `ibot_loss` fixture.
@@ -237,27 +258,22 @@ pub(crate) fn ibot_loss_outputs(
     Ok(o)
 }
 
-fn ibot_loss(fx: &Fixture) -> Result<Outputs> {
+fn ibot_loss<B: Backend>(fx: &Fixture, be: &mut B) -> Result<Outputs> {
     let case = ibot_loss_case(fx)?;
     let (m, k) = (case.m, case.k);
-    let mut cent = case.centering.clone();
-    let mut probs = vec![0f32; m * k];
-    let mut ds = vec![0f32; m * k];
-    let loss = ibot_loss_with_targets(
-        &mut probs,
-        &mut ds,
-        &mut cent,
-        case.student,
-        case.teacher,
-        case.masks_weight,
-        case.n_crops,
-        m,
-        k,
-        case.teacher_temp,
-        case.student_temp,
-        1.0,
-    )?;
-    ibot_loss_outputs(&case, loss, probs, ds, &cent)
+    let mut targets = TargetState::new(be, &case.centering)?;
+    let (teacher, student) = (upload(be, case.teacher)?, upload(be, case.student)?);
+    let mut probs = be.alloc_f32(m * k)?;
+    targets.teacher_probs(be, &mut probs, &teacher, (m, k), case.teacher_temp)?;
+    let mut pairs = IbotPairs::default();
+    pairs.set(be, case.masks_weight, case.n_crops, m)?;
+    let (mut ds, mut loss) = (be.alloc_f32(m * k)?, be.alloc_f32(1)?);
+    let temps = (case.student_temp, 1.0);
+    ibot_loss_forward_backward(be, &pairs, &mut loss, &mut ds, &student, &probs, k, temps)?;
+    let loss = be.download_f32(&loss)?[0];
+    let (probs, ds) = (be.download_f32(&probs)?, be.download_f32(&ds)?);
+    let centering = targets.to_host(be)?;
+    ibot_loss_outputs(&case, loss, probs, ds, &centering)
 }
 
 /// The `[b, d]` input of a `koleo` fixture.
@@ -269,14 +285,19 @@ pub(crate) fn koleo_input(fx: &Fixture) -> Result<(&Tensor, usize, usize)> {
     }
 }
 
-fn koleo(fx: &Fixture) -> Result<Outputs> {
+fn koleo<B: Backend>(fx: &Fixture, be: &mut B) -> Result<Outputs> {
     let (x, b, d) = koleo_input(fx)?;
-    let mut dx = Tensor::zeros(&[b, d]);
-    let loss =
-        koleo_loss_forward_backward(&mut dx.data, &x.data, b, d, 1.0, Accumulate::Overwrite)?;
+    let x_dev = upload(be, &x.data)?;
+    let (mut dx, mut loss) = (be.alloc_f32(b * d)?, be.alloc_f32(1)?);
+    let mut state = be.koleo_state(b, d)?;
+    koleo_loss_forward_backward(be, &mut state, &mut loss, &mut dx, &x_dev, (b, d), 1.0)?;
     let mut o = Outputs::new();
-    out(&mut o, "loss", Tensor::scalar(loss));
-    out(&mut o, "grad.x", dx);
+    out(&mut o, "loss", Tensor::scalar(be.download_f32(&loss)?[0]));
+    out(
+        &mut o,
+        "grad.x",
+        Tensor::from_vec(&[b, d], be.download_f32(&dx)?)?,
+    );
     Ok(o)
 }
 
@@ -498,23 +519,26 @@ pub(crate) fn adamw_outputs(case: &AdamwCase, hist: &[Vec<Vec<f32>>; 3]) -> Resu
     Ok(o)
 }
 
-fn adamw_freeze(fx: &Fixture) -> Result<Outputs> {
+fn adamw_freeze<B: Backend>(fx: &Fixture, be: &mut B) -> Result<Outputs> {
     let case = adamw_case(fx)?;
-    let mut params = case.flat.data.clone();
-    let mut opt = AdamW::from_parts(case.settings.clone(), params.len(), case.hyper)?;
+    let n = case.flat.data.len();
+    let mut params = upload(be, &case.flat.data)?;
+    let state = AdamWState::zeros(n);
+    let mut opt = AdamW::from_parts(be, &case.settings, n, case.hyper, &state)?;
     // [S, P] history of each buffer.
     let mut hist = [Vec::new(), Vec::new(), Vec::new()];
     for s in 0..case.steps {
-        opt.step(
-            &mut params,
-            &case.grads[s],
+        let grads = upload(be, &case.grads[s])?;
+        let lrs = (
             case.lr[s] as f64,
             case.last_layer_lr[s] as f64,
             case.wd[s] as f64,
-        )?;
-        hist[0].push(params.clone());
-        hist[1].push(opt.state.exp_avg.clone());
-        hist[2].push(opt.state.exp_avg_sq.clone());
+        );
+        opt.step(be, &mut params, &grads, lrs)?;
+        let st = opt.state(be)?;
+        hist[0].push(be.download_f32(&params)?);
+        hist[1].push(st.exp_avg);
+        hist[2].push(st.exp_avg_sq);
     }
     adamw_outputs(&case, &hist)
 }
@@ -578,14 +602,16 @@ pub(crate) fn clip_outputs(case: &ClipCase, clipped: &[f32], norms: &[f32]) -> R
     Ok(o)
 }
 
-fn clip_grad(fx: &Fixture) -> Result<Outputs> {
+fn clip_grad<B: Backend>(fx: &Fixture, be: &mut B) -> Result<Outputs> {
     let case = clip_case(fx)?;
-    let mut data = case.data.clone();
-    let norms = clip_grad_norms(&mut data, &case.spans, case.max_norm)?;
-    clip_outputs(&case, &data, &norms)
+    let mut data = upload(be, &case.data)?;
+    let mut clipper = GradClipper::new(be, &case.spans)?;
+    clipper.clip(be, &mut data, case.max_norm)?;
+    let norms = be.download_f32(clipper.norms())?;
+    clip_outputs(&case, &be.download_f32(&data)?, &norms)
 }
 
-fn ema(fx: &Fixture) -> Result<Outputs> {
+fn ema<B: Backend>(fx: &Fixture, be: &mut B) -> Result<Outputs> {
     let m = fx.param_f64("momentum")?;
     let teacher = fx.inputs_with_prefix("in.teacher.")?;
     let student = fx.inputs_with_prefix("in.student.")?;
@@ -595,9 +621,14 @@ fn ema(fx: &Fixture) -> Result<Outputs> {
             .get(&name)
             .ok_or_else(|| fx.error(&format!("in.student.{name}"), "missing"))?;
         s.expect_shape("student", &t.shape)?;
-        let mut t = t;
-        ema_update(&mut t.data, &s.data, m)?;
-        out(&mut o, &format!("teacher_new.{name}"), t);
+        let (mut td, sd) = (upload(be, &t.data)?, upload(be, &s.data)?);
+        ema_update(be, &mut td, &sd, m)?;
+        let data = be.download_f32(&td)?;
+        out(
+            &mut o,
+            &format!("teacher_new.{name}"),
+            Tensor::from_vec(&t.shape, data)?,
+        );
     }
     Ok(o)
 }

@@ -2,12 +2,14 @@
 //! heads, DINO + KoLeo + iBOT losses) against the official implementation.
 
 use super::{out, Fixture, Outputs};
+use crate::backend::Backend;
 use crate::error::Result;
 use crate::nn::{Ffn, VitConfig};
 use crate::ssl::step::{
-    forward_backward, HeadConfig, LossConfig, SslModel, StepBatch, StepOutput, TeacherTargets,
+    HeadConfig, LossConfig, SslModel, SslStep, StepBatch, StepOutput, Targets, TeacherProbs,
+    TeacherTargets,
 };
-use crate::ssl::{Centering, MaskBatch, Method};
+use crate::ssl::{Centering, MaskBatch, Method, StepInputs as SslInputs};
 use crate::tensor::Tensor;
 
 /// The backbone configuration a fixture's `params` describe (`vit_forward`, `ssl_step`).
@@ -56,8 +58,7 @@ fn head_config(fx: &Fixture, key: &str) -> Result<Option<HeadConfig>> {
     }))
 }
 
-/// Everything a `ssl_step` fixture describes, parsed and checked (shared by the CPU and the
-/// CUDA computation of the case).
+/// Everything a `ssl_step` fixture describes, parsed and checked.
 pub(crate) struct StepInputs<'a> {
     pub model: SslModel,
     pub student: Vec<f32>,
@@ -215,23 +216,27 @@ pub(crate) fn parse(fx: &Fixture) -> Result<StepInputs<'_>> {
     })
 }
 
-pub fn compute(fx: &Fixture) -> Result<Outputs> {
+/// One step of the fixture's model on `be`, with the teacher targets read back.
+pub fn compute<B: Backend>(fx: &Fixture, be: &mut B) -> Result<Outputs> {
     let mut inputs = parse(fx)?;
-    let mut grads = vec![0f32; inputs.model.table.len()];
-    let mut targets = inputs.targets.clone();
-    let step = forward_backward(
-        &inputs.model,
-        &inputs.student,
-        &inputs.teacher,
-        &mut grads,
-        &inputs.batch(),
-        &mut targets,
-        inputs.teacher_temp,
-        &inputs.losses,
-        None,
-    )?;
-    inputs.targets = targets;
-    outputs(&inputs, step, &grads)
+    let (student, teacher) = (be.weights(&inputs.student)?, be.weights(&inputs.teacher)?);
+    let mut grads = be.alloc_f32(inputs.model.table.len())?;
+    let mut targets = Targets::new(be, &inputs.targets)?;
+    let mut step = SslStep::new(be, &inputs.model)?;
+    let batch = inputs.batch();
+    let inp = SslInputs {
+        model: &inputs.model,
+        student: &student,
+        teacher: &teacher,
+        batch: &batch,
+        teacher_temp: inputs.teacher_temp,
+        losses: &inputs.losses,
+        drop_path: None,
+    };
+    let out = step.forward_backward(be, inp, &mut grads, &mut targets, TeacherProbs::Download)?;
+    let grads = be.download_f32(&grads)?;
+    inputs.targets = targets.to_host(be)?;
+    outputs(&inputs, out, &grads)
 }
 
 /// The case's `out.*` tensors from a step's output, the moved teacher targets (in

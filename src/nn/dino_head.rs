@@ -1,13 +1,23 @@
-//! The DINO projection head (spec 2): a 3-layer MLP with GELU, L2 normalisation (eps 1e-12),
-//! and weight-normalised prototypes `W_k = g_k · v_k / ‖v_k‖` with a trainable gain `g`.
+//! The DINO projection head (spec 2): three Linear layers with GELU between them, row L2
+//! normalisation (eps 1e-12), and the weight-normalised prototypes `W_k = g_k · v_k / ‖v_k‖`
+//! (trainable `weight_g`, no bias), over the backend seam.
 //!
-//! Dimensions: `n` rows, `in_dim`, `hidden`, `bottleneck` (`bn`), `out_dim` prototypes (`k`).
+//! Operands (GEMM inputs) in the backend's operand precision; biases, GELU pre-activations,
+//! the normalisation and every gradient in f32. Dimensions: `n` rows, `in_dim`, `hidden`,
+//! `bn` (bottleneck), `k` prototypes.
+//!
+//! Gradient contract (llm.c): parameter gradients accumulate into the flat `grads [P]`; the
+//! input gradient is written or added as the caller asks (the student's CLS gradient also
+//! receives KoLeo's).
 
 use super::attention::LINEAR_INIT;
 use super::linear::{Bias, Linear};
 use super::params::{Init, ParamRef, ParamTable};
-use crate::backend::cpu::elementwise::{gelu_backward, gelu_forward};
-use crate::backend::cpu::{matmul, Accumulate, Transpose};
+use crate::backend::{
+    Accumulate, Backend, Gemm, Grow, InputGrad, LinearOut, NormShape, Storage, Transpose,
+    WeightStore,
+};
+use crate::error::{Error, Result};
 
 /// `F.normalize`'s eps for f32 inputs.
 pub const NORMALIZE_EPS: f32 = 1e-12;
@@ -21,37 +31,6 @@ pub struct DinoHead {
     pub weight_v: ParamRef, // [k, bn]
     pub out_dim: usize,
     pub bottleneck: usize,
-}
-
-/// Activations saved by [`DinoHead::forward`].
-#[derive(Clone, Debug, Default)]
-pub struct HeadCache {
-    pub n: usize,
-    pub x: Vec<f32>,      // [n, in_dim]
-    pub pre0: Vec<f32>,   // [n, hidden]
-    pub act0: Vec<f32>,   // [n, hidden]
-    pub pre2: Vec<f32>,   // [n, hidden]
-    pub act2: Vec<f32>,   // [n, hidden]
-    pub y: Vec<f32>,      // [n, bn] before normalisation
-    pub z: Vec<f32>,      // [n, bn] normalised
-    pub y_norm: Vec<f32>, // [n] max(‖y‖, eps)
-}
-
-/// `W = g · v / ‖v‖` per prototype row (no eps, as `weight_norm`); also returns ‖v_k‖.
-fn effective_weight(g: &[f32], v: &[f32], k: usize, bn: usize) -> (Vec<f32>, Vec<f32>) {
-    let mut w = vec![0f32; k * bn]; // [k, bn]
-    let mut norms = vec![0f32; k]; // [k]
-    for r in 0..k {
-        let vr = &v[r * bn..(r + 1) * bn];
-        let norm = vr.iter().map(|a| a * a).sum::<f32>().sqrt();
-        norms[r] = norm;
-        let s = g[r] / norm;
-        w[r * bn..(r + 1) * bn]
-            .iter_mut()
-            .zip(vr)
-            .for_each(|(o, a)| *o = a * s);
-    }
-    (w, norms)
 }
 
 impl DinoHead {
@@ -100,161 +79,328 @@ impl DinoHead {
         }
     }
 
-    /// Logits `[n, k]` for `x [n, in_dim]`. Drop the cache for a forward-only (teacher) pass.
-    ///
-    /// Panics if `x` is not `[n, in_dim]` (a caller bug: sizes come from the model).
-    pub fn forward(&self, params: &[f32], x: &[f32], n: usize) -> (Vec<f32>, HeadCache) {
-        let (hidden, bn, k) = (self.mlp0.out_dim, self.bottleneck, self.out_dim);
-        assert_eq!(
-            x.len(),
-            n * self.mlp0.in_dim,
-            "DinoHead::forward: x must be [n, in_dim]"
-        );
-        let mut c = HeadCache {
-            n,
-            x: x.to_vec(),
-            pre0: vec![0.0; n * hidden],
-            act0: vec![0.0; n * hidden],
-            pre2: vec![0.0; n * hidden],
-            act2: vec![0.0; n * hidden],
-            y: vec![0.0; n * bn],
-            z: vec![0.0; n * bn],
-            y_norm: vec![0.0; n],
-        };
-        self.mlp0.forward(&mut c.pre0, x, params, n);
-        gelu_forward(&mut c.act0, &c.pre0);
-        self.mlp2.forward(&mut c.pre2, &c.act0, params, n);
-        gelu_forward(&mut c.act2, &c.pre2);
-        self.mlp4.forward(&mut c.y, &c.act2, params, n);
-        for r in 0..n {
-            let y = &c.y[r * bn..(r + 1) * bn];
-            let norm = y
-                .iter()
-                .map(|a| a * a)
-                .sum::<f32>()
-                .sqrt()
-                .max(NORMALIZE_EPS);
-            c.y_norm[r] = norm;
-            c.z[r * bn..(r + 1) * bn]
-                .iter_mut()
-                .zip(y)
-                .for_each(|(z, a)| *z = a / norm);
-        }
-        let (w, _) = effective_weight(
-            &params[self.weight_g.range()],
-            &params[self.weight_v.range()],
-            k,
-            bn,
-        );
-        let mut out = vec![0f32; n * k]; // [n, k]
-        matmul(
-            &mut out,
-            &c.z,
-            Transpose::No,
-            &w,
-            Transpose::Yes,
-            n,
-            bn,
-            k,
-            Accumulate::Overwrite,
-        );
-        (out, c)
+    /// (in_dim, hidden, bottleneck, prototypes).
+    fn dims(&self) -> (usize, usize, usize, usize) {
+        (
+            self.mlp0.in_dim,
+            self.mlp0.out_dim,
+            self.bottleneck,
+            self.out_dim,
+        )
+    }
+}
+
+/// One model's effective prototypes `W [k, bn]` for its current weights, recomputed by
+/// [`Prototypes::prepare`] after every weight update.
+pub struct Prototypes<B: Backend> {
+    w: B::BufF32,        // [k, bn]
+    w_half: B::BufHalf,  // [k, bn]
+    inv_norm: B::BufF32, // [k] 1 / ‖v_k‖
+}
+
+impl<B: Backend> Prototypes<B> {
+    pub fn new(be: &mut B, head: &DinoHead) -> Result<Self> {
+        let (k, bn) = (head.out_dim, head.bottleneck);
+        Ok(Prototypes {
+            w: be.alloc_f32(k * bn)?,
+            w_half: be.alloc_half(k * bn)?,
+            inv_norm: be.alloc_f32(k)?,
+        })
     }
 
-    /// Backward from `d_out [n, k]`: parameter gradients accumulate; returns `d x [n, in_dim]`.
-    ///
-    /// Panics if `d_out` is not `[n, k]` for the cache's `n`.
-    pub fn backward(
-        &self,
-        params: &[f32],
-        grads: &mut [f32],
-        cache: &HeadCache,
-        d_out: &[f32],
-    ) -> Vec<f32> {
-        let (hidden, bn, k, n) = (self.mlp0.out_dim, self.bottleneck, self.out_dim, cache.n);
-        assert_eq!(
-            d_out.len(),
-            n * k,
-            "DinoHead::backward: d_out must be [n, k]"
-        );
-        let g = &params[self.weight_g.range()];
-        let v = &params[self.weight_v.range()];
-        let (w, norms) = effective_weight(g, v, k, bn);
+    /// Recomputes `W = g · v / ‖v‖` from the f32 parameters.
+    pub fn prepare(&mut self, be: &mut B, head: &DinoHead, w: &B::Weights) -> Result<()> {
+        let shape = NormShape {
+            rows: head.out_dim,
+            channels: head.bottleneck,
+        };
+        let g = w.f32().window(head.weight_g.range())?;
+        let v = w.f32().window(head.weight_v.range())?;
+        be.weight_norm_forward(&mut self.w, &mut self.inv_norm, &g, &v, shape)?;
+        be.cast_to_half(&mut self.w_half, &self.w)
+    }
+}
 
-        // out = z Wᵀ: dz = d_out W ; dW = d_outᵀ z.
-        let mut dz = vec![0f32; n * bn]; // [n, bn]
-        matmul(
-            &mut dz,
-            d_out,
-            Transpose::No,
-            &w,
-            Transpose::No,
-            n,
-            k,
-            bn,
-            Accumulate::Overwrite,
-        );
-        let mut dw = vec![0f32; k * bn]; // [k, bn]
-        matmul(
-            &mut dw,
-            d_out,
-            Transpose::Yes,
-            &cache.z,
-            Transpose::No,
-            k,
-            n,
-            bn,
-            Accumulate::Overwrite,
-        );
-        // W_k = g_k v̂_k: dg_k = dW_k·v̂_k ; dv_k = (g_k/‖v_k‖)(dW_k − (dW_k·v̂_k) v̂_k).
-        for r in 0..k {
-            let vr = &v[r * bn..(r + 1) * bn];
-            let dwr = &dw[r * bn..(r + 1) * bn];
-            let inv = 1.0 / norms[r];
-            let dot = dwr.iter().zip(vr).map(|(a, b)| a * b).sum::<f32>() * inv; // dW_k · v̂_k
-            grads[self.weight_g.offset + r] += dot;
-            let s = g[r] * inv;
-            let dv = &mut grads[self.weight_v.offset + r * bn..self.weight_v.offset + (r + 1) * bn];
-            for j in 0..bn {
-                dv[j] += s * (dwr[j] - dot * vr[j] * inv);
-            }
+/// What one head call saves for its backward (also its output, `logits`). Buffers keep their
+/// capacity across steps; `n` may change from call to call.
+pub struct HeadCache<B: Backend> {
+    n: usize,
+    x_half: Grow<B::BufHalf>,    // [n, in_dim]
+    pre0: Grow<B::BufF32>,       // [n, hidden] after the bias (GELU input)
+    act0: Grow<B::BufHalf>,      // [n, hidden]
+    pre2: Grow<B::BufF32>,       // [n, hidden]
+    act2: Grow<B::BufHalf>,      // [n, hidden]
+    y: Grow<B::BufF32>,          // [n, bn] before normalisation
+    z: Grow<B::BufF32>,          // [n, bn] normalised
+    z_half: Grow<B::BufHalf>,    // [n, bn]
+    y_norm: Grow<B::BufF32>,     // [n] max(‖y‖, eps)
+    pub logits: Grow<B::BufF32>, // [n, k]
+}
+
+impl<B: Backend> Default for HeadCache<B> {
+    fn default() -> Self {
+        HeadCache {
+            n: 0,
+            x_half: Grow::default(),
+            pre0: Grow::default(),
+            act0: Grow::default(),
+            pre2: Grow::default(),
+            act2: Grow::default(),
+            y: Grow::default(),
+            z: Grow::default(),
+            z_half: Grow::default(),
+            y_norm: Grow::default(),
+            logits: Grow::default(),
         }
-        // z = y / max(‖y‖, eps): dy = (dz − z (z·dz)) / ‖y‖ above eps, dz / eps below.
-        let mut dy = vec![0f32; n * bn]; // [n, bn]
-        for r in 0..n {
-            let z = &cache.z[r * bn..(r + 1) * bn];
-            let dzr = &dz[r * bn..(r + 1) * bn];
-            let norm = cache.y_norm[r];
-            let dyr = &mut dy[r * bn..(r + 1) * bn];
-            let raw = cache.y[r * bn..(r + 1) * bn]
-                .iter()
-                .map(|a| a * a)
-                .sum::<f32>()
-                .sqrt();
-            if raw > NORMALIZE_EPS {
-                let dot: f32 = z.iter().zip(dzr).map(|(a, b)| a * b).sum();
-                for j in 0..bn {
-                    dyr[j] = (dzr[j] - z[j] * dot) / norm;
-                }
+    }
+}
+
+impl<B: Backend> HeadCache<B> {
+    /// Sizes every buffer for `rows` rows (allocating only beyond the capacity), or with
+    /// `reserve`, only makes the capacity at least that.
+    fn size(&mut self, be: &mut B, head: &DinoHead, rows: usize, reserve: bool) -> Result<()> {
+        let (in_dim, hidden, bn, k) = head.dims();
+        fn go<Buf, S>(
+            g: &mut Grow<Buf>,
+            len: usize,
+            reserve: bool,
+            alloc: impl FnOnce(usize) -> Result<Buf>,
+        ) -> Result<()>
+        where
+            Buf: std::ops::DerefMut<Target = S>,
+            S: Storage + ?Sized,
+        {
+            if reserve {
+                g.reserve(len, alloc)
             } else {
-                for j in 0..bn {
-                    dyr[j] = dzr[j] / norm;
-                }
+                g.resize(len, alloc)
             }
         }
-        let mut dact2 = vec![0f32; n * hidden];
+        go(&mut self.x_half, rows * in_dim, reserve, |l| {
+            be.alloc_half(l)
+        })?;
+        go(&mut self.pre0, rows * hidden, reserve, |l| be.alloc_f32(l))?;
+        go(&mut self.act0, rows * hidden, reserve, |l| be.alloc_half(l))?;
+        go(&mut self.pre2, rows * hidden, reserve, |l| be.alloc_f32(l))?;
+        go(&mut self.act2, rows * hidden, reserve, |l| be.alloc_half(l))?;
+        go(&mut self.y, rows * bn, reserve, |l| be.alloc_f32(l))?;
+        go(&mut self.z, rows * bn, reserve, |l| be.alloc_f32(l))?;
+        go(&mut self.z_half, rows * bn, reserve, |l| be.alloc_half(l))?;
+        go(&mut self.y_norm, rows, reserve, |l| be.alloc_f32(l))?;
+        go(&mut self.logits, rows * k, reserve, |l| be.alloc_f32(l))
+    }
+
+    /// Capacity for `rows` rows of `head` (a row count that varies per step, such as the masked
+    /// patches, then never reallocates below its bound).
+    pub fn reserve(&mut self, be: &mut B, head: &DinoHead, rows: usize) -> Result<()> {
+        self.size(be, head, rows, true)
+    }
+
+    /// Rows of the last forward.
+    pub fn rows(&self) -> usize {
+        self.n
+    }
+}
+
+/// Backward scratch shared by every head call of a step (backward calls run one at a time).
+pub struct HeadScratch<B: Backend> {
+    d_out_half: Grow<B::BufHalf>, // [n, k]
+    dz: Grow<B::BufF32>,          // [n, bn]
+    dy: Grow<B::BufF32>,          // [n, bn]
+    dy_half: Grow<B::BufHalf>,    // [n, bn]
+    dact: Grow<B::BufF32>,        // [n, hidden]
+    dpre_half: Grow<B::BufHalf>,  // [n, hidden]
+    dw: Grow<B::BufF32>,          // [k, bn] dL/dW of the effective prototypes
+}
+
+impl<B: Backend> Default for HeadScratch<B> {
+    fn default() -> Self {
+        HeadScratch {
+            d_out_half: Grow::default(),
+            dz: Grow::default(),
+            dy: Grow::default(),
+            dy_half: Grow::default(),
+            dact: Grow::default(),
+            dpre_half: Grow::default(),
+            dw: Grow::default(),
+        }
+    }
+}
+
+impl<B: Backend> HeadScratch<B> {
+    /// Capacity for backward calls of up to `rows` rows of `head`.
+    pub fn reserve(&mut self, be: &mut B, head: &DinoHead, rows: usize) -> Result<()> {
+        self.size(be, head, rows, true)
+    }
+
+    fn size(&mut self, be: &mut B, head: &DinoHead, n: usize, reserve: bool) -> Result<()> {
+        let (_, hidden, bn, k) = head.dims();
+        macro_rules! size {
+            ($g:expr, $len:expr, $alloc:ident) => {
+                if reserve {
+                    $g.reserve($len, |l| be.$alloc(l))?
+                } else {
+                    $g.resize($len, |l| be.$alloc(l))?
+                }
+            };
+        }
+        size!(self.d_out_half, n * k, alloc_half);
+        size!(self.dz, n * bn, alloc_f32);
+        size!(self.dy, n * bn, alloc_f32);
+        size!(self.dy_half, n * bn, alloc_half);
+        size!(self.dact, n * hidden, alloc_f32);
+        size!(self.dpre_half, n * hidden, alloc_half);
+        size!(self.dw, k * bn, alloc_f32);
+        Ok(())
+    }
+}
+
+impl DinoHead {
+    /// Forward of `x [n, in_dim]` (f32); the logits `[n, k]` are left in `cache.logits`.
+    /// `protos` must have been prepared from the same weights `w`.
+    pub fn forward<B: Backend>(
+        &self,
+        be: &mut B,
+        cache: &mut HeadCache<B>,
+        protos: &Prototypes<B>,
+        w: &B::Weights,
+        x: &B::F32,
+        n: usize,
+    ) -> Result<()> {
+        let (in_dim, _, bn, k) = self.dims();
+        if x.len() != n * in_dim {
+            return Err(Error::shape(
+                "dino head forward",
+                format!("x holds {} values, expected [{n}, {in_dim}]", x.len()),
+            ));
+        }
+        cache.n = n;
+        cache.size(be, self, n, false)?;
+        if n == 0 {
+            return Ok(());
+        }
+        let mut x_half = cache.x_half.get_mut()?;
+        be.cast_to_half(&mut x_half, x)?;
+        // Hidden layers: pre = inp · Wᵀ + b (f32, saved), act = gelu(pre) (operand).
+        {
+            let (mut pre, mut act) = (cache.pre0.get_mut()?, cache.act0.get_mut()?);
+            let out = LinearOut::Gelu {
+                pre: &mut *pre,
+                act: &mut *act,
+            };
+            self.mlp0.forward(be, out, &x_half, w, n)?;
+        }
+        {
+            let act0 = cache.act0.get()?;
+            let (mut pre, mut act) = (cache.pre2.get_mut()?, cache.act2.get_mut()?);
+            let out = LinearOut::Gelu {
+                pre: &mut *pre,
+                act: &mut *act,
+            };
+            self.mlp2.forward(be, out, &act0, w, n)?;
+        }
+        // Bottleneck, then z = y / max(‖y‖, eps).
+        let act2 = cache.act2.get()?;
+        let mut y = cache.y.get_mut()?;
         self.mlp4
-            .backward(Some(&mut dact2), grads, &dy, &cache.act2, params, n);
-        let mut dpre2 = vec![0f32; n * hidden];
-        gelu_backward(&mut dpre2, &dact2, &cache.pre2);
-        let mut dact0 = vec![0f32; n * hidden];
+            .forward(be, LinearOut::F32(&mut *y), &act2, w, n)?;
+        let (mut z, mut z_half) = (cache.z.get_mut()?, cache.z_half.get_mut()?);
+        let mut y_norm = cache.y_norm.get_mut()?;
+        let shape = NormShape {
+            rows: n,
+            channels: bn,
+        };
+        be.l2_normalize_forward(&mut z, &mut z_half, &mut y_norm, &y, NORMALIZE_EPS, shape)?;
+        // logits = z · Wᵀ.
+        let mut logits = cache.logits.get_mut()?;
+        let g = Gemm::nn(n, bn, k).t(Transpose::No, Transpose::Yes);
+        be.matmul(&mut logits, &z_half, &protos.w_half, g)
+    }
+
+    /// Backward from `d_logits [n, k]` of the forward saved in `cache`: parameter gradients
+    /// accumulate into `grads [P]`; `dx [n, in_dim]` is written or added per `dx_write`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward<B: Backend>(
+        &self,
+        be: &mut B,
+        scratch: &mut HeadScratch<B>,
+        grads: &mut B::F32,
+        (dx, dx_write): (&mut B::F32, Accumulate),
+        (cache, protos): (&HeadCache<B>, &Prototypes<B>),
+        w: &B::Weights,
+        d_logits: &B::F32,
+    ) -> Result<()> {
+        let (in_dim, _, bn, k) = self.dims();
+        let n = cache.n;
+        if d_logits.len() != n * k || dx.len() != n * in_dim {
+            return Err(Error::shape(
+                "dino head backward",
+                format!(
+                    "d_logits holds {}, dx {} values; the forward had {n} rows ([{n}, {k}], [{n}, {in_dim}])",
+                    d_logits.len(),
+                    dx.len()
+                ),
+            ));
+        }
+        if n == 0 {
+            return Ok(());
+        }
+        scratch.size(be, self, n, false)?;
+        // logits = z · Wᵀ: dz = d_logits · W, dW = d_logitsᵀ · z.
+        let mut d_out_half = scratch.d_out_half.get_mut()?;
+        be.cast_to_half(&mut d_out_half, d_logits)?;
+        let mut dz = scratch.dz.get_mut()?;
+        be.matmul(&mut dz, &d_out_half, &protos.w_half, Gemm::nn(n, k, bn))?;
+        let z_half = cache.z_half.get()?;
+        let mut dw = scratch.dw.get_mut()?;
+        let g = Gemm::nn(k, n, bn).t(Transpose::Yes, Transpose::No);
+        be.matmul(&mut dw, &d_out_half, &z_half, g)?;
+        {
+            let [mut dg, mut dv] =
+                grads.windows_mut([self.weight_g.range(), self.weight_v.range()])?;
+            let gw = w.f32().window(self.weight_g.range())?;
+            let v = w.f32().window(self.weight_v.range())?;
+            let shape = NormShape {
+                rows: k,
+                channels: bn,
+            };
+            be.weight_norm_backward(&mut dg, &mut dv, &dw, &gw, &v, &protos.inv_norm, shape)?;
+        }
+        // Through the normalisation.
+        let (mut dy, mut dy_half) = (scratch.dy.get_mut()?, scratch.dy_half.get_mut()?);
+        let (z, y_norm) = (cache.z.get()?, cache.y_norm.get()?);
+        let shape = NormShape {
+            rows: n,
+            channels: bn,
+        };
+        be.l2_normalize_backward(
+            &mut dy,
+            &mut dy_half,
+            &dz,
+            &z,
+            &y_norm,
+            NORMALIZE_EPS,
+            shape,
+        )?;
+        // Bottleneck layer, then the two hidden layers back to the input.
+        let act2 = cache.act2.get()?;
+        self.mlp4
+            .param_grads(be, grads, &dy_half, Some(&dy), &act2, n)?;
+        let (mut dact, mut dpre) = (scratch.dact.get_mut()?, scratch.dpre_half.get_mut()?);
+        let overwrite = Accumulate::Overwrite;
+        self.mlp4
+            .input_grad(be, InputGrad::F32(&mut *dact, overwrite), &dy_half, w, n)?;
+        let pre2 = cache.pre2.get()?;
+        be.gelu_backward(&mut dpre, &dact, &pre2)?;
+        let act0 = cache.act0.get()?;
+        self.mlp2.param_grads(be, grads, &dpre, None, &act0, n)?;
         self.mlp2
-            .backward(Some(&mut dact0), grads, &dpre2, &cache.act0, params, n);
-        let mut dpre0 = vec![0f32; n * hidden];
-        gelu_backward(&mut dpre0, &dact0, &cache.pre0);
-        let mut dx = vec![0f32; n * self.mlp0.in_dim];
+            .input_grad(be, InputGrad::F32(&mut *dact, overwrite), &dpre, w, n)?;
+        let pre0 = cache.pre0.get()?;
+        be.gelu_backward(&mut dpre, &dact, &pre0)?;
+        let x_half = cache.x_half.get()?;
+        self.mlp0.param_grads(be, grads, &dpre, None, &x_half, n)?;
         self.mlp0
-            .backward(Some(&mut dx), grads, &dpre0, &cache.x, params, n);
-        dx
+            .input_grad(be, InputGrad::F32(dx, dx_write), &dpre, w, n)
     }
 }

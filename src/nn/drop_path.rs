@@ -56,32 +56,6 @@ pub fn draw_subset(b: usize, rate: f32, rng: &mut Rng) -> Option<Subset> {
     })
 }
 
-/// Copies rows of `t·d` floats of the kept samples out of `src` (`[b, t, d]` → `[keep, t, d]`).
-pub fn gather_samples(src: &[f32], kept: &[usize], sample_len: usize) -> Vec<f32> {
-    let mut out = Vec::with_capacity(kept.len() * sample_len);
-    for &i in kept {
-        out.extend_from_slice(&src[i * sample_len..(i + 1) * sample_len]);
-    }
-    out
-}
-
-/// `dst[kept[i]] += alpha · src[i]` per sample.
-pub fn scatter_add_samples(
-    dst: &mut [f32],
-    src: &[f32],
-    kept: &[usize],
-    sample_len: usize,
-    alpha: f32,
-) {
-    for (j, &i) in kept.iter().enumerate() {
-        let s = &src[j * sample_len..(j + 1) * sample_len];
-        dst[i * sample_len..(i + 1) * sample_len]
-            .iter_mut()
-            .zip(s)
-            .for_each(|(d, &v)| *d += alpha * v);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

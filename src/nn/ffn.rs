@@ -1,9 +1,11 @@
 //! The block's feed-forward layer: plain MLP (S/B/L) or fused SwiGLU (g).
 
 use super::linear::Bias;
-use super::mlp::{Mlp, MlpCache};
+use super::mlp::{Mlp, MlpBufs, MlpScratch};
 use super::params::ParamTable;
-use super::swiglu::{SwiGlu, SwiGluCache};
+use super::swiglu::{SwiGlu, SwiGluBufs, SwiGluScratch};
+use crate::backend::{Backend, Storage};
+use crate::error::{Error, Result};
 
 /// Which FFN a block uses; `hidden` is the nominal width D·mlp_ratio (SwiGLU derives its own
 /// width from it, see [`super::swiglu::swiglu_width`]).
@@ -19,10 +21,10 @@ pub enum FfnLayer {
     SwiGlu(SwiGlu),
 }
 
-#[derive(Clone, Debug)]
-pub enum FfnCache {
-    Mlp(MlpCache),
-    SwiGlu(SwiGluCache),
+/// What the FFN keeps for backward.
+pub enum FfnBufs<B: Backend> {
+    Mlp(MlpBufs<B>),
+    SwiGlu(SwiGluBufs<B>),
 }
 
 impl FfnLayer {
@@ -34,33 +36,71 @@ impl FfnLayer {
         }
     }
 
-    pub fn forward(&self, out: &mut [f32], inp: &[f32], params: &[f32], rows: usize) -> FfnCache {
+    /// Widths per row of the backward temporaries: (f32, operand).
+    pub fn scratch_widths(&self) -> (usize, usize) {
         match self {
-            FfnLayer::Mlp(m) => FfnCache::Mlp(m.forward(out, inp, params, rows)),
-            FfnLayer::SwiGlu(s) => FfnCache::SwiGlu(s.forward(out, inp, params, rows)),
+            FfnLayer::Mlp(m) => (m.hidden(), m.hidden()),
+            FfnLayer::SwiGlu(s) => (s.width, 2 * s.width),
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
-    pub fn backward(
+    pub fn bufs<B: Backend>(&self, be: &mut B, rows: usize) -> Result<FfnBufs<B>> {
+        Ok(match self {
+            FfnLayer::Mlp(m) => FfnBufs::Mlp(m.bufs(be, rows)?),
+            FfnLayer::SwiGlu(s) => FfnBufs::SwiGlu(s.bufs(be, rows)?),
+        })
+    }
+
+    pub fn forward<B: Backend>(
         &self,
-        dinp: &mut [f32],
-        grads: &mut [f32],
-        dout: &[f32],
-        inp: &[f32],
-        cache: &FfnCache,
-        params: &[f32],
+        be: &mut B,
+        bufs: &mut FfnBufs<B>,
+        y: &mut B::F32,
+        x: &B::Half,
+        w: &B::Weights,
         rows: usize,
-    ) {
-        match (self, cache) {
-            (FfnLayer::Mlp(m), FfnCache::Mlp(c)) => {
-                m.backward(dinp, grads, dout, inp, c, params, rows)
+    ) -> Result<()> {
+        match (self, bufs) {
+            (FfnLayer::Mlp(m), FfnBufs::Mlp(b)) => m.forward(be, b, y, x, w, rows),
+            (FfnLayer::SwiGlu(s), FfnBufs::SwiGlu(b)) => s.forward(be, b, y, x, w, rows),
+            _ => Err(mismatch()),
+        }
+    }
+
+    /// Backward; `wide [rows, f32 width]` and `wide_half [rows, operand width]` are scratch
+    /// (see [`FfnLayer::scratch_widths`]).
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward<B: Backend>(
+        &self,
+        be: &mut B,
+        grads: &mut B::F32,
+        dx: &mut B::F32,
+        (wide, wide_half): (&mut B::F32, &mut B::Half),
+        dy: (&B::Half, Option<&B::F32>),
+        bufs: &FfnBufs<B>,
+        x: &B::Half,
+        w: &B::Weights,
+        rows: usize,
+    ) -> Result<()> {
+        let (fw, hw) = self.scratch_widths();
+        let mut f = wide.head_mut(rows * fw)?;
+        let mut h = wide_half.head_mut(rows * hw)?;
+        match (self, bufs) {
+            (FfnLayer::Mlp(m), FfnBufs::Mlp(b)) => {
+                let s = MlpScratch {
+                    dact: &mut *f,
+                    dpre: &mut *h,
+                };
+                m.backward(be, grads, dx, s, dy, b, x, w, rows)
             }
-            (FfnLayer::SwiGlu(s), FfnCache::SwiGlu(c)) => {
-                s.backward(dinp, grads, dout, inp, c, params, rows)
+            (FfnLayer::SwiGlu(sw), FfnBufs::SwiGlu(b)) => {
+                let s = SwiGluScratch {
+                    dgated: &mut *f,
+                    dx12: &mut *h,
+                };
+                sw.backward(be, grads, dx, s, dy, b, x, w, rows)
             }
-            // A cache always comes from the same layer's forward.
-            _ => unreachable!("FFN cache from a different layer kind"),
+            _ => Err(mismatch()),
         }
     }
 
@@ -71,4 +111,8 @@ impl FfnLayer {
             FfnLayer::SwiGlu(s) => s.w12.macs_per_row() + s.w3.macs_per_row(),
         }
     }
+}
+
+fn mismatch() -> Error {
+    Error::Unsupported("FFN buffers built for another FFN kind".into())
 }

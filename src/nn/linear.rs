@@ -1,11 +1,12 @@
-//! `Linear`: `y = x Wᵀ + b` with the PyTorch weight layout `[out, in]`.
+//! `Linear`: `y = x Wᵀ + b` with the PyTorch weight layout `[out, in]`, over the backend seam.
+//!
+//! The operand `x` is in the backend's operand precision ([`Backend::Half`]); the weight is read
+//! from the model's operand copy and the bias in f32. Where the output goes (f32, an operand,
+//! or fc1's GELU pair) is the caller's choice ([`LinearOut`]).
 
 use super::params::{Init, ParamRef, ParamTable};
-use crate::backend::cpu::{matmul, Accumulate, Transpose};
-use rayon::prelude::*;
-
-/// Rows per rayon task in the bias loops.
-const ROWS_PER_TASK: usize = 256;
+use crate::backend::{Backend, InputGrad, LinearDims, LinearOut, Storage, WeightStore};
+use crate::error::Result;
 
 /// Whether a linear layer has a bias.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -43,22 +44,9 @@ impl Linear {
         bias: Bias,
         weight_init: Init,
     ) -> Self {
-        Self::with_bias_init(table, name, in_dim, out_dim, bias, weight_init, Init::Zeros)
-    }
-
-    /// As [`Linear::new`] with an explicit bias init (Conv2d-style layers use a uniform bias).
-    pub fn with_bias_init(
-        table: &mut ParamTable,
-        name: &str,
-        in_dim: usize,
-        out_dim: usize,
-        bias: Bias,
-        weight_init: Init,
-        bias_init: Init,
-    ) -> Self {
         let weight = table.push(format!("{name}weight"), &[out_dim, in_dim], weight_init);
         let bias = match bias {
-            Bias::Yes => Some(table.push(format!("{name}bias"), &[out_dim], bias_init)),
+            Bias::Yes => Some(table.push(format!("{name}bias"), &[out_dim], Init::Zeros)),
             Bias::No => None,
         };
         Linear {
@@ -69,88 +57,62 @@ impl Linear {
         }
     }
 
-    /// `out = inp Wᵀ + b`.
-    pub fn forward(&self, out: &mut [f32], inp: &[f32], params: &[f32], rows: usize) {
-        // out: [rows, out_dim], inp: [rows, in_dim]
-        let (k, n) = (self.in_dim, self.out_dim);
-        let w = &params[self.weight.range()];
-        matmul(
-            out,
-            inp,
-            Transpose::No,
-            w,
-            Transpose::Yes,
+    /// The call's sizes for `rows` rows.
+    pub fn dims(&self, rows: usize) -> LinearDims {
+        LinearDims {
             rows,
-            k,
-            n,
-            Accumulate::Overwrite,
-        );
-        if let Some(b) = self.bias {
-            let b = &params[b.range()];
-            out[..rows * n]
-                .par_chunks_mut(ROWS_PER_TASK * n)
-                .for_each(|chunk| {
-                    for row in chunk.chunks_mut(n) {
-                        row.iter_mut().zip(b).for_each(|(o, b)| *o += b);
-                    }
-                });
+            in_dim: self.in_dim,
+            out_dim: self.out_dim,
         }
     }
 
-    /// Backward: `dinp = dout W` (written, skipped when `None`), `dW += doutᵀ inp`,
-    /// `db += Σ_rows dout`.
-    pub fn backward(
+    /// `out = inp [rows, in] · Wᵀ + b`.
+    pub fn forward<B: Backend>(
         &self,
-        dinp: Option<&mut [f32]>, // [rows, in_dim]
-        grads: &mut [f32],
-        dout: &[f32], // [rows, out_dim]
-        inp: &[f32],  // [rows, in_dim]
-        params: &[f32],
+        be: &mut B,
+        out: LinearOut<'_, B>,
+        inp: &B::Half,
+        w: &B::Weights,
         rows: usize,
-    ) {
-        let (k, n) = (self.in_dim, self.out_dim);
-        if let Some(dinp) = dinp {
-            let w = &params[self.weight.range()];
-            matmul(
-                dinp,
-                dout,
-                Transpose::No,
-                w,
-                Transpose::No,
-                rows,
-                n,
-                k,
-                Accumulate::Overwrite,
-            );
-        }
-        let dw = &mut grads[self.weight.range()];
-        matmul(
-            dw,
-            dout,
-            Transpose::Yes,
-            inp,
-            Transpose::No,
-            n,
-            rows,
-            k,
-            Accumulate::Add,
-        );
-        if let Some(b) = self.bias {
-            // Partial column sums per fixed row chunk, added in order: the result does not
-            // depend on the thread count.
-            let partials: Vec<Vec<f32>> = dout[..rows * n]
-                .par_chunks(ROWS_PER_TASK * n)
-                .map(|chunk| {
-                    let mut acc = vec![0f32; n];
-                    for row in chunk.chunks(n) {
-                        acc.iter_mut().zip(row).for_each(|(a, g)| *a += g);
-                    }
-                    acc
-                })
-                .collect();
-            let db = &mut grads[b.range()];
-            for p in &partials {
-                db.iter_mut().zip(p).for_each(|(d, g)| *d += g);
+    ) -> Result<()> {
+        let weight = w.half().window(self.weight.range())?;
+        let bias = self.bias.map(|b| w.f32().window(b.range())).transpose()?;
+        be.linear_forward(out, inp, &weight, bias.as_deref(), self.dims(rows))
+    }
+
+    /// The input half of the backward: `dinp [rows, in] = dout · W`.
+    pub fn input_grad<B: Backend>(
+        &self,
+        be: &mut B,
+        dinp: InputGrad<'_, B>,
+        dout: &B::Half,
+        w: &B::Weights,
+        rows: usize,
+    ) -> Result<()> {
+        let weight = w.half().window(self.weight.range())?;
+        be.linear_input_grad(dinp, dout, &weight, self.dims(rows))
+    }
+
+    /// The parameter half: `dW += doutᵀ · inp`, `db += Σ_rows dout` (`dout_f32`: the f32 form
+    /// of `dout` where the caller has it, for a backend that sums the bias separately).
+    pub fn param_grads<B: Backend>(
+        &self,
+        be: &mut B,
+        grads: &mut B::F32,
+        dout: &B::Half,
+        dout_f32: Option<&B::F32>,
+        inp: &B::Half,
+        rows: usize,
+    ) -> Result<()> {
+        let dims = self.dims(rows);
+        match self.bias {
+            None => {
+                let mut dw = grads.window_mut(self.weight.range())?;
+                be.linear_param_grads(&mut dw, None, dout, dout_f32, inp, dims)
+            }
+            Some(b) => {
+                let [mut dw, mut db] = grads.windows_mut([self.weight.range(), b.range()])?;
+                be.linear_param_grads(&mut dw, Some(&mut db), dout, dout_f32, inp, dims)
             }
         }
     }

@@ -1,9 +1,11 @@
-//! The ViT MLP: `fc1` → exact GELU → `fc2`.
+//! The ViT MLP: `fc1` → exact GELU → `fc2`. The pre-activation is kept in f32 for backward,
+//! the activation as an operand (it only feeds fc2).
 
 use super::attention::LINEAR_INIT;
 use super::linear::{Bias, Linear};
 use super::params::ParamTable;
-use crate::backend::cpu::elementwise::{gelu_backward, gelu_forward};
+use crate::backend::{Accumulate, Backend, InputGrad, LinearOut, Storage};
+use crate::error::Result;
 
 #[derive(Clone, Debug)]
 pub struct Mlp {
@@ -11,11 +13,16 @@ pub struct Mlp {
     pub fc2: Linear, // hidden -> D
 }
 
-/// Activations saved by [`Mlp::forward`].
-#[derive(Clone, Debug, Default)]
-pub struct MlpCache {
-    pub pre: Vec<f32>, // [rows, hidden] fc1 output
-    pub act: Vec<f32>, // [rows, hidden] gelu(pre)
+/// What the MLP keeps for backward, `[rows, hidden]` each.
+pub struct MlpBufs<B: Backend> {
+    pub pre: B::BufF32,  // fc1 output + bias
+    pub act: B::BufHalf, // gelu(pre), fc2 input
+}
+
+/// Backward temporaries: `[rows, hidden]` f32 and operand.
+pub struct MlpScratch<'a, B: Backend> {
+    pub dact: &'a mut B::F32,
+    pub dpre: &'a mut B::Half,
 }
 
 impl Mlp {
@@ -40,36 +47,64 @@ impl Mlp {
         }
     }
 
-    pub fn forward(&self, out: &mut [f32], inp: &[f32], params: &[f32], rows: usize) -> MlpCache {
-        let hidden = self.fc1.out_dim;
-        let mut cache = MlpCache {
-            pre: vec![0.0; rows * hidden],
-            act: vec![0.0; rows * hidden],
-        };
-        self.fc1.forward(&mut cache.pre, inp, params, rows);
-        gelu_forward(&mut cache.act, &cache.pre);
-        self.fc2.forward(out, &cache.act, params, rows);
-        cache
+    /// The hidden width.
+    pub fn hidden(&self) -> usize {
+        self.fc1.out_dim
     }
 
-    #[allow(clippy::too_many_arguments)]
-    pub fn backward(
+    pub fn bufs<B: Backend>(&self, be: &mut B, rows: usize) -> Result<MlpBufs<B>> {
+        Ok(MlpBufs {
+            pre: be.alloc_f32(rows * self.hidden())?,
+            act: be.alloc_half(rows * self.hidden())?,
+        })
+    }
+
+    /// `y [rows, d] = fc2(gelu(fc1(x)))`.
+    pub fn forward<B: Backend>(
         &self,
-        dinp: &mut [f32],
-        grads: &mut [f32],
-        dout: &[f32],
-        inp: &[f32],
-        cache: &MlpCache,
-        params: &[f32],
+        be: &mut B,
+        bufs: &mut MlpBufs<B>,
+        y: &mut B::F32,
+        x: &B::Half,
+        w: &B::Weights,
         rows: usize,
-    ) {
-        let hidden = self.fc1.out_dim;
-        let mut dact = vec![0f32; rows * hidden]; // [rows, hidden]
-        self.fc2
-            .backward(Some(&mut dact), grads, dout, &cache.act, params, rows);
-        let mut dpre = vec![0f32; rows * hidden];
-        gelu_backward(&mut dpre, &dact, &cache.pre);
+    ) -> Result<()> {
+        let f = self.hidden();
+        let mut pre = bufs.pre.head_mut(rows * f)?;
+        let mut act = bufs.act.head_mut(rows * f)?;
+        let out = LinearOut::Gelu {
+            pre: &mut *pre,
+            act: &mut *act,
+        };
+        self.fc1.forward(be, out, x, w, rows)?;
+        self.fc2.forward(be, LinearOut::F32(y), &act, w, rows)
+    }
+
+    /// Backward from `dy` (operand; `dy_f32` its f32 form where the caller has it): parameter
+    /// gradients accumulate, `dx [rows, d]` f32 is written.
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward<B: Backend>(
+        &self,
+        be: &mut B,
+        grads: &mut B::F32,
+        dx: &mut B::F32,
+        scratch: MlpScratch<'_, B>,
+        (dy, dy_f32): (&B::Half, Option<&B::F32>),
+        bufs: &MlpBufs<B>,
+        x: &B::Half,
+        w: &B::Weights,
+        rows: usize,
+    ) -> Result<()> {
+        let f = self.hidden();
+        let pre = bufs.pre.head(rows * f)?;
+        let act = bufs.act.head(rows * f)?;
+        self.fc2.param_grads(be, grads, dy, dy_f32, &act, rows)?;
+        let dact = InputGrad::F32(&mut *scratch.dact, Accumulate::Overwrite);
+        self.fc2.input_grad(be, dact, dy, w, rows)?;
+        be.gelu_backward(scratch.dpre, scratch.dact, &pre)?;
         self.fc1
-            .backward(Some(dinp), grads, &dpre, inp, params, rows);
+            .param_grads(be, grads, scratch.dpre, None, x, rows)?;
+        let dx = InputGrad::F32(dx, Accumulate::Overwrite);
+        self.fc1.input_grad(be, dx, scratch.dpre, w, rows)
     }
 }

@@ -95,46 +95,4 @@ impl PatchEmbed {
                 }
             });
     }
-
-    /// `out[b·gh·gw, D] = cols · Wᵀ + bias`; `cols` (saved for backward) is filled here.
-    #[allow(clippy::too_many_arguments)]
-    pub fn forward(
-        &self,
-        out: &mut [f32],
-        cols: &mut [f32],
-        images: &[f32],
-        params: &[f32],
-        b: usize,
-        h: usize,
-        w: usize,
-    ) {
-        self.unfold(cols, images, b, h, w);
-        let rows = b * (h / self.patch) * (w / self.patch);
-        self.proj.forward(out, cols, params, rows);
-    }
-
-    /// Backward: weight and bias gradients accumulate; returns d images when asked.
-    #[allow(clippy::too_many_arguments)]
-    pub fn backward(
-        &self,
-        dimages: Option<&mut [f32]>,
-        grads: &mut [f32],
-        dout: &[f32],
-        cols: &[f32],
-        params: &[f32],
-        b: usize,
-        h: usize,
-        w: usize,
-    ) {
-        let rows = b * (h / self.patch) * (w / self.patch);
-        match dimages {
-            Some(dimages) => {
-                let mut dcols = vec![0f32; rows * self.proj.in_dim];
-                self.proj
-                    .backward(Some(&mut dcols), grads, dout, cols, params, rows);
-                self.fold(dimages, &dcols, b, h, w);
-            }
-            None => self.proj.backward(None, grads, dout, cols, params, rows),
-        }
-    }
 }

@@ -1,10 +1,12 @@
-//! SwiGLU FFN (`SwiGLUFFNFused`): fused `w12` (first half gate x1 → SiLU, second half x2),
-//! `silu(x1) * x2`, then `w3`.
+//! SwiGLU FFN (`SwiGLUFFNFused`, ViT-g): fused `w12` (first half the gate x1 → SiLU, second
+//! half x2), `silu(x1) * x2`, then `w3`. `x12` is kept in f32 for backward, the gated product
+//! as an operand (it only feeds w3).
 
 use super::attention::LINEAR_INIT;
 use super::linear::{Bias, Linear};
 use super::params::ParamTable;
-use crate::backend::cpu::elementwise::{swiglu_backward, swiglu_forward};
+use crate::backend::{Accumulate, Backend, InputGrad, LinearOut, Storage};
+use crate::error::Result;
 
 /// The fused SwiGLU width for a nominal MLP width: `(int(hidden·2/3) + 7) / 8 · 8`.
 pub fn swiglu_width(hidden: usize) -> usize {
@@ -18,11 +20,16 @@ pub struct SwiGlu {
     pub width: usize,
 }
 
-/// Activations saved by [`SwiGlu::forward`].
-#[derive(Clone, Debug, Default)]
-pub struct SwiGluCache {
-    pub x12: Vec<f32>,   // [rows, 2·width]
-    pub gated: Vec<f32>, // [rows, width]
+/// What SwiGLU keeps for backward.
+pub struct SwiGluBufs<B: Backend> {
+    pub x12: B::BufF32,    // [rows, 2·width]
+    pub gated: B::BufHalf, // [rows, width]
+}
+
+/// Backward temporaries.
+pub struct SwiGluScratch<'a, B: Backend> {
+    pub dgated: &'a mut B::F32, // [rows, width]
+    pub dx12: &'a mut B::Half,  // [rows, 2·width]
 }
 
 impl SwiGlu {
@@ -43,43 +50,58 @@ impl SwiGlu {
         }
     }
 
-    pub fn forward(
-        &self,
-        out: &mut [f32],
-        inp: &[f32],
-        params: &[f32],
-        rows: usize,
-    ) -> SwiGluCache {
-        let w = self.width;
-        let mut cache = SwiGluCache {
-            x12: vec![0.0; rows * 2 * w],
-            gated: vec![0.0; rows * w],
-        };
-        self.w12.forward(&mut cache.x12, inp, params, rows);
-        swiglu_forward(&mut cache.gated, &cache.x12, rows, w);
-        self.w3.forward(out, &cache.gated, params, rows);
-        cache
+    pub fn bufs<B: Backend>(&self, be: &mut B, rows: usize) -> Result<SwiGluBufs<B>> {
+        Ok(SwiGluBufs {
+            x12: be.alloc_f32(rows * 2 * self.width)?,
+            gated: be.alloc_half(rows * self.width)?,
+        })
     }
 
-    #[allow(clippy::too_many_arguments)]
-    pub fn backward(
+    /// `y [rows, d] = w3(silu(x1) · x2)` with `[x1 | x2] = w12(x)`.
+    pub fn forward<B: Backend>(
         &self,
-        dinp: &mut [f32],
-        grads: &mut [f32],
-        dout: &[f32],
-        inp: &[f32],
-        cache: &SwiGluCache,
-        params: &[f32],
+        be: &mut B,
+        bufs: &mut SwiGluBufs<B>,
+        y: &mut B::F32,
+        x: &B::Half,
+        w: &B::Weights,
         rows: usize,
-    ) {
-        let w = self.width;
-        let mut dgated = vec![0f32; rows * w];
-        self.w3
-            .backward(Some(&mut dgated), grads, dout, &cache.gated, params, rows);
-        let mut dx12 = vec![0f32; rows * 2 * w];
-        swiglu_backward(&mut dx12, &dgated, &cache.x12, rows, w);
+    ) -> Result<()> {
+        let wd = self.width;
+        let mut x12 = bufs.x12.head_mut(rows * 2 * wd)?;
         self.w12
-            .backward(Some(dinp), grads, &dx12, inp, params, rows);
+            .forward(be, LinearOut::F32(&mut *x12), x, w, rows)?;
+        let mut gated = bufs.gated.head_mut(rows * wd)?;
+        be.swiglu_forward(&mut gated, &x12, rows, wd)?;
+        self.w3.forward(be, LinearOut::F32(y), &gated, w, rows)
+    }
+
+    /// Backward from `dy` (operand; `dy_f32` its f32 form where the caller has it): parameter
+    /// gradients accumulate, `dx [rows, d]` f32 is written.
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward<B: Backend>(
+        &self,
+        be: &mut B,
+        grads: &mut B::F32,
+        dx: &mut B::F32,
+        scratch: SwiGluScratch<'_, B>,
+        (dy, dy_f32): (&B::Half, Option<&B::F32>),
+        bufs: &SwiGluBufs<B>,
+        x: &B::Half,
+        w: &B::Weights,
+        rows: usize,
+    ) -> Result<()> {
+        let wd = self.width;
+        let x12 = bufs.x12.head(rows * 2 * wd)?;
+        let gated = bufs.gated.head(rows * wd)?;
+        self.w3.param_grads(be, grads, dy, dy_f32, &gated, rows)?;
+        let dgated = InputGrad::F32(&mut *scratch.dgated, Accumulate::Overwrite);
+        self.w3.input_grad(be, dgated, dy, w, rows)?;
+        be.swiglu_backward(scratch.dx12, scratch.dgated, &x12, rows, wd)?;
+        self.w12
+            .param_grads(be, grads, scratch.dx12, None, x, rows)?;
+        let dx = InputGrad::F32(dx, Accumulate::Overwrite);
+        self.w12.input_grad(be, dx, scratch.dx12, w, rows)
     }
 }
 

@@ -1,4 +1,4 @@
-//! AdamW over the flat parameter buffer with explicit, checkpointable state.
+//! AdamW over the flat parameter buffer with explicit, checkpointable state, on a backend.
 //!
 //! One global step counter: every parameter receives a gradient every step (frozen parameters get
 //! lr 0, never a dropped gradient), so per-parameter counters would all be equal. Group lr and
@@ -6,7 +6,8 @@
 //! `lr_g = (last_layer_lr if is_last_layer else lr) · lr_multiplier`, `wd_g = wd · wd_multiplier`.
 
 use super::param_groups::{GroupSettings, ParamGroups};
-use crate::backend::cpu::optimizer::{adamw_step_segments, AdamHyper, AdamwSegment};
+pub use crate::backend::cpu::optimizer::AdamHyper;
+use crate::backend::{AdamWBuffers, AdamWStep, Backend, Storage};
 use crate::error::{Error, Result};
 use crate::nn::params::{ParamRef, ParamTable};
 use crate::tensor::Tensor;
@@ -89,20 +90,71 @@ impl AdamWState {
     }
 }
 
-/// AdamW over a flat buffer, each parameter with its group settings.
-#[derive(Clone, Debug)]
-pub struct AdamW {
+/// The groups of a model in the form the backend's update takes: the distinct settings (first
+/// appearance order) and one segment per run of consecutive parameters sharing a group (empty
+/// tensors skipped). `params` must tile the flat buffer in order.
+fn segments_of(
+    params: &[(ParamRef, GroupSettings)],
+) -> Result<(Vec<usize>, Vec<usize>, Vec<GroupSettings>)> {
+    let mut distinct: Vec<GroupSettings> = Vec::new();
+    let (mut starts, mut seg_groups) = (Vec::new(), Vec::new());
+    let mut expected_start = 0;
+    for (at, settings) in params {
+        if at.offset != expected_start {
+            return Err(Error::shape(
+                "AdamW",
+                format!(
+                    "parameter at {}..{} does not follow the previous one (ends at {expected_start})",
+                    at.offset,
+                    at.offset + at.len
+                ),
+            ));
+        }
+        expected_start = at.offset + at.len;
+        if at.len == 0 {
+            continue;
+        }
+        let g = match distinct.iter().position(|s| s == settings) {
+            Some(g) => g,
+            None => {
+                distinct.push(*settings);
+                distinct.len() - 1
+            }
+        };
+        if seg_groups.last() != Some(&g) {
+            starts.push(at.offset);
+            seg_groups.push(g);
+        }
+    }
+    Ok((starts, seg_groups, distinct))
+}
+
+/// AdamW over a flat buffer on a backend, each parameter with its group settings; the moments
+/// live on the backend beside the parameters.
+pub struct AdamW<B: Backend> {
     pub hyper: AdamHyper,
-    pub state: AdamWState,
-    /// Where each parameter lives and its settings.
-    params: Vec<(ParamRef, GroupSettings)>,
+    segments: B::Segments,
+    /// The distinct settings, one per backend group.
+    groups: Vec<GroupSettings>,
+    group_lr: B::BufF32,   // [G]
+    group_wd: B::BufF32,   // [G]
+    exp_avg: B::BufF32,    // [P]
+    exp_avg_sq: B::BufF32, // [P]
+    /// Steps taken (sets the bias corrections).
+    step: u64,
     len: usize,
 }
 
-impl AdamW {
+impl<B: Backend> AdamW<B> {
     /// An optimizer for every parameter of `table` with the settings of `groups` (built from the
-    /// same table) and fresh state.
-    pub fn new(table: &ParamTable, groups: &ParamGroups, hyper: AdamHyper) -> Result<Self> {
+    /// same table), starting from `state`.
+    pub fn new(
+        be: &mut B,
+        table: &ParamTable,
+        groups: &ParamGroups,
+        hyper: AdamHyper,
+        state: &AdamWState,
+    ) -> Result<Self> {
         if groups.per_param.len() != table.specs().len() {
             return Err(Error::shape(
                 "AdamW::new",
@@ -113,74 +165,138 @@ impl AdamW {
                 ),
             ));
         }
-        let params = table
+        let params: Vec<(ParamRef, GroupSettings)> = table
             .specs()
             .iter()
             .zip(&groups.per_param)
             .map(|(s, &g)| (s.at, g))
             .collect();
-        Self::from_parts(params, table.len(), hyper)
+        Self::from_parts(be, &params, table.len(), hyper, state)
     }
 
-    /// An optimizer over `len` flat values with explicit per-range settings.
+    /// An optimizer over `len` flat values with explicit `(range, settings)` pairs tiling it.
     pub fn from_parts(
-        params: Vec<(ParamRef, GroupSettings)>,
+        be: &mut B,
+        params: &[(ParamRef, GroupSettings)],
         len: usize,
         hyper: AdamHyper,
+        state: &AdamWState,
     ) -> Result<Self> {
-        if let Some((r, _)) = params.iter().find(|(r, _)| r.offset + r.len > len) {
+        if state.exp_avg.len() != len || state.exp_avg_sq.len() != len {
             return Err(Error::shape(
-                "AdamW::from_parts",
-                format!("parameter {}..{} exceeds {len}", r.offset, r.offset + r.len),
+                "AdamW",
+                format!(
+                    "moments hold {} and {} values for {len} parameters",
+                    state.exp_avg.len(),
+                    state.exp_avg_sq.len()
+                ),
             ));
         }
+        if params.last().is_some_and(|(r, _)| r.offset + r.len != len) {
+            return Err(Error::shape(
+                "AdamW",
+                format!("the parameters do not tile {len} values"),
+            ));
+        }
+        let (starts, seg_groups, distinct) = segments_of(params)?;
+        let segments = be.segments(&starts, &seg_groups, distinct.len(), len)?;
+        let mut upload = |host: &[f32]| -> Result<B::BufF32> {
+            let mut buf = be.alloc_f32(host.len())?;
+            be.upload_f32(&mut buf, host)?;
+            Ok(buf)
+        };
         Ok(AdamW {
             hyper,
-            state: AdamWState::zeros(len),
-            params,
+            segments,
+            exp_avg: upload(&state.exp_avg)?,
+            exp_avg_sq: upload(&state.exp_avg_sq)?,
+            group_lr: be.alloc_f32(distinct.len())?,
+            group_wd: be.alloc_f32(distinct.len())?,
+            groups: distinct,
+            step: state.step,
             len,
         })
     }
 
-    /// One step with this iteration's scheduled values. Advances the step count, then updates
-    /// every parameter (weights, moments), including those whose lr is 0.
+    /// Steps taken.
+    pub fn steps(&self) -> u64 {
+        self.step
+    }
+
+    /// One step with this iteration's scheduled values: group lr = (`last_layer_lr` for the
+    /// last layer, else `lr`) × multiplier, wd × multiplier. Advances the step count, then
+    /// updates every parameter (weights, moments), including those whose lr is 0.
     pub fn step(
         &mut self,
-        params: &mut [f32],
-        grads: &[f32],
-        lr: f64,
-        last_layer_lr: f64,
-        wd: f64,
+        be: &mut B,
+        params: &mut B::F32,
+        grads: &B::F32,
+        (lr, last_layer_lr, wd): (f64, f64, f64),
     ) -> Result<()> {
-        if params.len() != self.len || self.state.exp_avg.len() != self.len {
+        if params.len() != self.len || grads.len() != self.len {
             return Err(Error::shape(
                 "AdamW::step",
                 format!(
-                    "{} parameters, optimizer built for {}",
+                    "{} parameters / {} gradients, optimizer built for {}",
                     params.len(),
+                    grads.len(),
                     self.len
                 ),
             ));
         }
-        let segments: Vec<AdamwSegment> = self
-            .params
+        let lrs: Vec<f32> = self
+            .groups
             .iter()
-            .map(|(r, g)| AdamwSegment {
-                offset: r.offset,
-                len: r.len,
-                lr: ((if g.is_last_layer { last_layer_lr } else { lr }) * g.lr_multiplier) as f32,
-                weight_decay: (wd * g.wd_multiplier) as f32,
-            })
+            .map(|g| ((if g.is_last_layer { last_layer_lr } else { lr }) * g.lr_multiplier) as f32)
             .collect();
-        self.state.step += 1;
-        adamw_step_segments(
+        let wds: Vec<f32> = self
+            .groups
+            .iter()
+            .map(|g| (wd * g.wd_multiplier) as f32)
+            .collect();
+        be.upload_f32(&mut self.group_lr, &lrs)?;
+        be.upload_f32(&mut self.group_wd, &wds)?;
+        self.step += 1;
+        let bufs = AdamWBuffers {
             params,
+            exp_avg: &mut *self.exp_avg,
+            exp_avg_sq: &mut *self.exp_avg_sq,
             grads,
-            &mut self.state.exp_avg,
-            &mut self.state.exp_avg_sq,
-            &segments,
-            &self.hyper,
-            self.state.step,
-        )
+        };
+        let hp = AdamWStep {
+            beta1: self.hyper.beta1,
+            beta2: self.hyper.beta2,
+            eps: self.hyper.eps,
+            step: self.step,
+        };
+        be.adamw_update(bufs, &self.segments, &self.group_lr, &self.group_wd, hp)
+    }
+
+    /// The state on the host (checkpoints).
+    pub fn state(&self, be: &mut B) -> Result<AdamWState> {
+        Ok(AdamWState {
+            exp_avg: be.download_f32(&self.exp_avg)?,
+            exp_avg_sq: be.download_f32(&self.exp_avg_sq)?,
+            step: self.step,
+        })
+    }
+
+    /// Replaces the state with `state` (resume).
+    pub fn restore(&mut self, be: &mut B, state: &AdamWState) -> Result<()> {
+        if state.exp_avg.len() != self.len || state.exp_avg_sq.len() != self.len {
+            return Err(Error::shape(
+                "AdamW::restore",
+                format!(
+                    "moments of {} / {} values for {}",
+                    state.exp_avg.len(),
+                    state.exp_avg_sq.len(),
+                    self.len
+                ),
+            ));
+        }
+        be.upload_f32(&mut self.exp_avg, &state.exp_avg)?;
+        be.upload_f32(&mut self.exp_avg_sq, &state.exp_avg_sq)?;
+        self.step = state.step;
+        Ok(())
     }
 }

@@ -1,14 +1,14 @@
 //! Gradient clipping by total norm, per student submodule (backbone, dino_head, ibot_head
 //! separately, as the official loop clips each FSDP module on its own).
 
+use crate::backend::{Backend, Storage};
 use crate::error::{Error, Result};
 use crate::nn::params::ParamTable;
-use rayon::prelude::*;
 use std::ops::Range;
 
 /// The official `clip_grad` and the eps added to the norm.
 pub const CLIP_GRAD: f32 = 3.0;
-pub const CLIP_EPS: f64 = 1e-6;
+pub use crate::backend::CLIP_EPS;
 
 /// The parts of the flat buffer that belong to one submodule.
 #[derive(Clone, Debug, PartialEq)]
@@ -39,53 +39,65 @@ impl SubmoduleSpan {
     }
 }
 
-/// Clips each submodule's gradients to total L2 norm `max_norm`:
-/// `coef = min(max_norm / (norm + 1e-6), 1)`, `g *= coef`. Returns the norms measured before
-/// clipping, one per span. A non-finite norm leaves that submodule's gradients unscaled (the
-/// caller sees the norm and skips the step).
-pub fn clip_grad_norms(
-    grads: &mut [f32],
-    spans: &[SubmoduleSpan],
-    max_norm: f32,
-) -> Result<Vec<f32>> {
-    if max_norm.is_nan() || max_norm <= 0.0 {
-        return Err(Error::Config(format!(
-            "clip_grad must be positive, got {max_norm}"
-        )));
-    }
-    let mut norms = Vec::with_capacity(spans.len());
-    for span in spans {
-        if let Some(r) = span.ranges.iter().find(|r| r.end > grads.len()) {
-            return Err(Error::shape(
-                "clip_grad_norms",
-                format!(
-                    "{}: range {r:?} exceeds {} gradients",
-                    span.name,
-                    grads.len()
-                ),
-            ));
-        }
-        let sum_sq: f64 = span
-            .ranges
+/// Gradient clipping per submodule on a backend: one contiguous range of the flat buffer per
+/// submodule (the model registers its submodules one after the other), and the norms of the
+/// last clip on the backend, where [`crate::ssl::SslStep::read`] picks them up.
+pub struct GradClipper<B: Backend> {
+    spans: Vec<(String, Range<usize>)>,
+    /// `[S]` gradient norms of the last [`GradClipper::clip`], before clipping.
+    norms: B::BufF32,
+}
+
+impl<B: Backend> GradClipper<B> {
+    pub fn new(be: &mut B, spans: &[SubmoduleSpan]) -> Result<Self> {
+        let spans = spans
             .iter()
-            .map(|r| {
-                grads[r.clone()]
-                    .par_chunks(1 << 15)
-                    .map(|c| c.iter().map(|&g| g as f64 * g as f64).sum::<f64>())
-                    .sum::<f64>()
+            .map(|s| match s.ranges.as_slice() {
+                [r] => Ok((s.name.clone(), r.clone())),
+                _ => Err(Error::Unsupported(format!(
+                    "gradient clipping needs each submodule in one range of the flat buffer; \
+                     {} has {:?}",
+                    s.name, s.ranges
+                ))),
             })
-            .sum();
-        let norm = sum_sq.sqrt();
-        norms.push(norm as f32);
-        if !norm.is_finite() {
-            continue;
-        }
-        let coef = (max_norm as f64 / (norm + CLIP_EPS)).min(1.0) as f32;
-        if coef < 1.0 {
-            for r in &span.ranges {
-                grads[r.clone()].par_iter_mut().for_each(|g| *g *= coef);
-            }
-        }
+            .collect::<Result<Vec<_>>>()?;
+        Ok(GradClipper {
+            norms: be.alloc_f32(spans.len())?,
+            spans,
+        })
     }
-    Ok(norms)
+
+    /// The submodule names, in the order of the norms.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.spans.iter().map(|(name, _)| name.as_str())
+    }
+
+    /// `[S]` the norms of the last clip (on the backend).
+    pub fn norms(&self) -> &B::F32 {
+        &self.norms
+    }
+
+    /// Clips each submodule's gradients to total L2 norm `max_norm`:
+    /// `coef = min(max_norm / (norm + 1e-6), 1)`, `g *= coef`; the norms measured before
+    /// clipping stay on the backend ([`GradClipper::norms`]). A non-finite norm leaves that
+    /// submodule's gradients unscaled (the caller sees the norm and skips the step).
+    pub fn clip(&mut self, be: &mut B, grads: &mut B::F32, max_norm: f32) -> Result<()> {
+        if max_norm.is_nan() || max_norm <= 0.0 {
+            return Err(Error::Config(format!(
+                "clip_grad must be positive, got {max_norm}"
+            )));
+        }
+        for (i, (name, range)) in self.spans.iter().enumerate() {
+            if range.end > grads.len() {
+                return Err(Error::shape(
+                    "clip_grad_norms",
+                    format!("{name}: range {range:?} exceeds {} gradients", grads.len()),
+                ));
+            }
+            let mut g = grads.window_mut(range.clone())?;
+            let mut norm = self.norms.window_mut(i..i + 1)?;
+            be.clip_grad_norm(&mut g, &mut norm, max_norm)?;
+        }
+        Ok(())
+    }
 }

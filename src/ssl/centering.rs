@@ -1,10 +1,10 @@
 //! Teacher targets: softmax centering (with its lagged center) or Sinkhorn-Knopp.
 //!
-//! One [`Centering`] per loss: the DINO CLS loss keeps a `[K]` center over the `2B` global-crop
-//! rows, the iBOT loss its own `[K_ibot]` center over the `M` masked-patch rows.
+//! One state per loss: the DINO CLS loss keeps a `[K]` center over the `2B` global-crop rows,
+//! the iBOT loss its own `[K_ibot]` center over the `M` masked-patch rows. [`Centering`] is the
+//! host form (configuration and checkpoints); [`TargetState`] lives on a backend and computes.
 
-use crate::backend::cpu::loss::{center_update, softmax_centered_forward};
-use crate::backend::cpu::sinkhorn::sinkhorn_knopp;
+use crate::backend::{Backend, Storage};
 use crate::error::{Error, Result};
 
 /// The official Sinkhorn-Knopp iteration count.
@@ -13,7 +13,7 @@ pub const SINKHORN_ITERATIONS: usize = 3;
 /// The official center momentum.
 pub const CENTER_MOMENTUM: f32 = 0.9;
 
-/// How teacher logits become target probabilities (`train.centering`).
+/// How teacher logits become target probabilities (`train.centering`), with its state.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Centering {
     /// `softmax((t − center) / tt)`; after the targets of a step are computed, the center moves
@@ -47,31 +47,133 @@ impl Centering {
             Centering::SinkhornKnopp { .. } => None,
         }
     }
+}
 
-    /// Teacher targets `probs [R,K]` for `teacher_logits [R,K]` at temperature `teacher_temp`,
-    /// then (softmax centering) the center update from this batch. Sinkhorn-Knopp normalises
-    /// the `R` rows jointly (`n_samples = R`).
-    pub fn teacher_probs(
-        &mut self,
-        probs: &mut [f32],
-        teacher_logits: &[f32],
-        rows: usize,
-        k: usize,
-        teacher_temp: f32,
-    ) -> Result<()> {
-        match self {
+/// One loss's teacher-target state on a backend.
+pub enum TargetState<B: Backend> {
+    Softmax {
+        /// `[K]` the center the next targets use.
+        center: B::BufF32,
+        /// `[K]` where the moved center is written before the two swap.
+        next: B::BufF32,
+        momentum: f32,
+    },
+    SinkhornKnopp {
+        n_iters: usize,
+    },
+}
+
+impl<B: Backend> TargetState<B> {
+    /// The backend copy of a host [`Centering`].
+    pub fn new(be: &mut B, host: &Centering) -> Result<Self> {
+        match host {
             Centering::Softmax { center, momentum } => {
-                if center.len() != k {
-                    return Err(Error::shape(
-                        "Centering::teacher_probs",
-                        format!("center has {} prototypes, logits have {k}", center.len()),
-                    ));
+                if center.is_empty() {
+                    return Err(Error::shape("teacher targets", "an empty center"));
                 }
-                softmax_centered_forward(probs, teacher_logits, center, rows, k, teacher_temp)?;
-                center_update(center, teacher_logits, rows, k, *momentum)
+                let mut c = be.alloc_f32(center.len())?;
+                be.upload_f32(&mut c, center)?;
+                Ok(TargetState::Softmax {
+                    center: c,
+                    next: be.alloc_f32(center.len())?,
+                    momentum: *momentum,
+                })
             }
             Centering::SinkhornKnopp { n_iters } => {
-                sinkhorn_knopp(probs, teacher_logits, rows, k, teacher_temp, *n_iters)
+                Ok(TargetState::SinkhornKnopp { n_iters: *n_iters })
+            }
+        }
+    }
+
+    /// The host form of this state.
+    pub fn to_host(&self, be: &mut B) -> Result<Centering> {
+        Ok(match self {
+            TargetState::Softmax {
+                center, momentum, ..
+            } => Centering::Softmax {
+                center: be.download_f32(center)?,
+                momentum: *momentum,
+            },
+            TargetState::SinkhornKnopp { n_iters } => {
+                Centering::SinkhornKnopp { n_iters: *n_iters }
+            }
+        })
+    }
+
+    /// Replaces the state with `host`'s (resume); the mode and size must match.
+    pub fn restore(&mut self, be: &mut B, host: &Centering) -> Result<()> {
+        match (self, host) {
+            (
+                TargetState::Softmax {
+                    center, momentum, ..
+                },
+                Centering::Softmax {
+                    center: h,
+                    momentum: m,
+                },
+            ) => {
+                if h.len() != center.len() {
+                    return Err(Error::shape(
+                        "teacher targets restore",
+                        format!("a center of {} for {} prototypes", h.len(), center.len()),
+                    ));
+                }
+                *momentum = *m;
+                be.upload_f32(center, h)
+            }
+            (TargetState::SinkhornKnopp { n_iters }, Centering::SinkhornKnopp { n_iters: n }) => {
+                *n_iters = *n;
+                Ok(())
+            }
+            _ => Err(Error::Config(
+                "the restored teacher targets use another centering mode".into(),
+            )),
+        }
+    }
+
+    /// Targets `probs [R, K]` of `logits [R, K]` at `teacher_temp`, then (softmax) the center
+    /// update from this batch. No rows: nothing changes.
+    pub fn teacher_probs(
+        &mut self,
+        be: &mut B,
+        probs: &mut B::F32,
+        logits: &B::F32,
+        (rows, k): (usize, usize),
+        teacher_temp: f32,
+    ) -> Result<()> {
+        const OP: &str = "teacher targets";
+        if !(teacher_temp.is_finite() && teacher_temp > 0.0) {
+            return Err(Error::Config(format!(
+                "{OP}: teacher temperature must be a positive number, got {teacher_temp}"
+            )));
+        }
+        if rows == 0 || k == 0 {
+            return Ok(());
+        }
+        match self {
+            TargetState::Softmax {
+                center,
+                next,
+                momentum,
+            } => {
+                if center.len() != k {
+                    return Err(Error::shape(
+                        OP,
+                        format!("the center has {} prototypes, the logits {k}", center.len()),
+                    ));
+                }
+                be.teacher_softmax(probs, logits, Some(center), teacher_temp, k)?;
+                be.center_ema(next, logits, center, f64::from(*momentum), k)?;
+                std::mem::swap(center, next);
+                Ok(())
+            }
+            TargetState::SinkhornKnopp { n_iters } => {
+                if *n_iters == 0 {
+                    return Err(Error::Config(format!(
+                        "{OP}: Sinkhorn-Knopp needs at least one iteration"
+                    )));
+                }
+                be.sinkhorn_knopp(probs, logits, k, teacher_temp, *n_iters)
             }
         }
     }
@@ -80,34 +182,48 @@ impl Centering {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::cpu::CpuBackend;
+
+    fn probs(state: &mut TargetState<CpuBackend>, t: &[f32], k: usize, temp: f32) -> Vec<f32> {
+        let mut be = CpuBackend::default();
+        let mut p = vec![0f32; t.len()];
+        state
+            .teacher_probs(&mut be, &mut p, t, (t.len() / k, k), temp)
+            .unwrap();
+        p
+    }
 
     #[test]
     fn softmax_centering_uses_the_old_center_then_updates_it() {
         let k = 3;
-        let mut c = Centering::softmax(k);
+        let mut be = CpuBackend::default();
+        let mut c = TargetState::new(&mut be, &Centering::softmax(k)).unwrap();
         let t = [1.0f32, 0.0, 0.0, 3.0, 0.0, 0.0];
-        let mut p = vec![0f32; 6];
-        c.teacher_probs(&mut p, &t, 2, k, 1.0).unwrap();
+        let p = probs(&mut c, &t, k, 1.0);
         // Old center 0: plain softmax of the logits.
         let e = std::f32::consts::E;
         assert!((p[0] - e / (e + 2.0)).abs() < 1e-6);
         // New center: 0.1 · mean = [0.2, 0, 0].
-        let center = c.center().unwrap();
+        let host = c.to_host(&mut be).unwrap();
+        let center = host.center().unwrap();
         assert!((center[0] - 0.2).abs() < 1e-7 && center[1] == 0.0);
         // The next step uses it.
-        c.teacher_probs(&mut p, &t, 2, k, 1.0).unwrap();
+        let p = probs(&mut c, &t, k, 1.0);
         let e8 = 0.8f32.exp();
         assert!((p[0] - e8 / (e8 + 2.0)).abs() < 1e-6);
-        assert!(c.teacher_probs(&mut p[..4], &t[..4], 2, 2, 1.0).is_err());
+        let mut p4 = vec![0f32; 4];
+        assert!(c
+            .teacher_probs(&mut be, &mut p4, &t[..4], (2, 2), 1.0)
+            .is_err());
     }
 
     #[test]
     fn sinkhorn_rows_sum_to_one_and_keep_no_center() {
-        let mut c = Centering::sinkhorn_knopp();
+        let mut be = CpuBackend::default();
+        let mut c = TargetState::new(&mut be, &Centering::sinkhorn_knopp()).unwrap();
         let t = [1.0f32, 0.5, -0.5, 0.25, 2.0, 0.0];
-        let mut p = vec![0f32; 6];
-        c.teacher_probs(&mut p, &t, 2, 3, 0.1).unwrap();
+        let p = probs(&mut c, &t, 3, 0.1);
         assert!((p[..3].iter().sum::<f32>() - 1.0).abs() < 1e-6);
-        assert!(c.center().is_none());
+        assert!(c.to_host(&mut be).unwrap().center().is_none());
     }
 }

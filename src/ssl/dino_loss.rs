@@ -1,141 +1,164 @@
-//! The DINO CLS-token loss with the official crop pairing and denominators.
+//! The DINO CLS-token loss with the official crop pairing and denominators, over the backend's
+//! paired cross-entropy.
 //!
 //! `B` images, `nl` local crops, `K` prototypes. Global rows are crop-major (`[0, B)` crop A,
 //! `[B, 2B)` crop B), local rows too. Each global student crop is paired only with the teacher
 //! of the *other* global crop; every local crop with both teachers. Every pair contributes the
 //! mean over images of its cross-entropy, and the pair sums are divided by
 //! `Dn = 2 + max(2·nl, 1)` (so with no local crop the global term is divided by 3: official).
+//! The pair weights hold the denominators and the gradient scale the loss weight, so the summed
+//! rows are the unweighted terms the logs report and the gradients belong to the weighted total.
 
-use crate::backend::cpu::loss::{check_len, softmax_cross_entropy_forward_backward};
+use crate::backend::{Backend, Storage};
 use crate::error::{Error, Result};
-use crate::ssl::Centering;
 
 /// The official student temperature.
 pub const STUDENT_TEMP: f32 = 0.1;
 
-/// The DINO loss terms of one step.
+/// The DINO loss terms of one step (unweighted, as the official logs report them) and the
+/// weighted total that is back-propagated.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct DinoLossTerms {
-    /// `dino_local_crops_loss` (unweighted, 0 without local crops).
     pub local: f32,
-    /// `dino_global_crops_loss` (unweighted).
     pub global: f32,
-    /// `loss_weight · (local + global)`: the value the gradients belong to.
     pub total: f32,
 }
 
-/// The DINO loss denominator `2 + max(2·nl, 1)`.
+/// `Dn = 2 + max(2·nl, 1)`: the number of (student, teacher) pair terms the official loss
+/// divides by (the `max` is the official no-local-crop quirk).
 pub fn dino_loss_denominator(n_local: usize) -> usize {
     2 + (2 * n_local).max(1)
 }
 
-/// Forward and backward of the DINO CLS loss.
-///
-/// Inputs: `student_global [2B,K]`, `student_local [nl·B,K]` (head logits), `teacher_probs
-/// [2B,K]` (targets in the same natural row order, from [`super::Centering`]). Outputs (both
-/// overwritten): `dstudent_global [2B,K]`, `dstudent_local [nl·B,K]` = d total / d logits.
+/// The pairing tables of one (B, nl) layout, rebuilt only when it changes.
+pub struct DinoPairs<B: Backend> {
+    key: Option<(usize, usize)>,
+    global: Option<B::Pairs>, // [2B, 1]
+    local: Option<B::Pairs>,  // [nl·B, 2]
+}
+
+impl<B: Backend> Default for DinoPairs<B> {
+    fn default() -> Self {
+        DinoPairs {
+            key: None,
+            global: None,
+            local: None,
+        }
+    }
+}
+
+impl<B: Backend> DinoPairs<B> {
+    fn ensure(&mut self, be: &mut B, b: usize, nl: usize) -> Result<()> {
+        if self.key == Some((b, nl)) {
+            return Ok(());
+        }
+        let scale = (1.0 / (b as f64 * dino_loss_denominator(nl) as f64)) as f32;
+        // Rows are crop-major: global row r (crop r / B) pairs with the other crop's row.
+        let global: Vec<i32> = (0..2 * b).map(|r| ((r + b) % (2 * b)) as i32).collect();
+        let mut table = be.pairs(2 * b, 1)?;
+        be.set_pairs(&mut table, 2 * b, &global, &vec![scale; 2 * b])?;
+        self.global = Some(table);
+        self.local = if nl > 0 {
+            let teacher: Vec<i32> = (0..nl * b)
+                .flat_map(|r| [(r % b) as i32, (b + r % b) as i32])
+                .collect();
+            let mut table = be.pairs(nl * b, 2)?;
+            be.set_pairs(&mut table, nl * b, &teacher, &vec![scale; 2 * nl * b])?;
+            Some(table)
+        } else {
+            None
+        };
+        self.key = Some((b, nl));
+        Ok(())
+    }
+}
+
+/// The student logits of one step and where their gradients go.
+pub struct DinoStudent<'a, B: Backend> {
+    pub global: &'a B::F32,       // [2B, K]
+    pub local: &'a B::F32,        // [nl·B, K]
+    pub d_global: &'a mut B::F32, // [2B, K]
+    pub d_local: &'a mut B::F32,  // [nl·B, K]
+}
+
+/// Forward and backward of the DINO loss. `terms [2]` receives the unweighted
+/// (`dino_global_crops_loss`, `dino_local_crops_loss`) (the local term is zero without local
+/// crops); the student gradients are overwritten with `loss_weight · d loss / d logits`.
+/// `teacher_probs [2B, K]` in natural row order.
 #[allow(clippy::too_many_arguments)]
-pub fn dino_loss_forward_backward(
-    dstudent_global: &mut [f32],
-    dstudent_local: &mut [f32],
-    student_global: &[f32],
-    student_local: &[f32],
-    teacher_probs: &[f32],
-    n_img: usize,
-    n_local: usize,
-    k: usize,
+pub fn dino_loss_forward_backward<B: Backend>(
+    be: &mut B,
+    pairs: &mut DinoPairs<B>,
+    terms: &mut B::F32,
+    s: DinoStudent<'_, B>,
+    teacher_probs: &B::F32,
+    (b, nl, k): (usize, usize, usize),
     student_temp: f32,
     loss_weight: f32,
-) -> Result<DinoLossTerms> {
-    const OP: &str = "dino_loss";
-    let b = n_img;
+) -> Result<()> {
+    const OP: &str = "dino loss";
     if b == 0 || k == 0 {
         return Err(Error::shape(
             OP,
             format!("needs images and prototypes, got B {b}, K {k}"),
         ));
     }
-    check_len(OP, "student_global", student_global.len(), 2 * b * k)?;
-    check_len(OP, "dstudent_global", dstudent_global.len(), 2 * b * k)?;
-    check_len(OP, "teacher_probs", teacher_probs.len(), 2 * b * k)?;
-    check_len(OP, "student_local", student_local.len(), n_local * b * k)?;
-    check_len(OP, "dstudent_local", dstudent_local.len(), n_local * b * k)?;
-    let scale = 1.0 / (b as f64 * dino_loss_denominator(n_local) as f64);
-    let weights = vec![(loss_weight as f64 * scale) as f32; n_local.max(2) * b];
-    let (p_a, p_b) = teacher_probs.split_at(b * k);
-
-    // Global: S_A against P_B, S_B against P_A.
-    let mut loss_rows = vec![0f32; n_local.max(2) * b];
-    let (s_a, s_b) = student_global.split_at(b * k);
-    let (d_a, d_b) = dstudent_global.split_at_mut(b * k);
-    let (l_a, l_rest) = loss_rows.split_at_mut(b);
-    for (d, s, p, l) in [(d_a, s_a, p_b, l_a), (d_b, s_b, p_a, &mut l_rest[..b])] {
-        softmax_cross_entropy_forward_backward(l, d, s, p, &weights[..b], b, b, k, student_temp)?;
+    for (what, len, want) in [
+        ("terms", terms.len(), 2),
+        ("student global", s.global.len(), 2 * b * k),
+        ("student local", s.local.len(), nl * b * k),
+        ("teacher probs", teacher_probs.len(), 2 * b * k),
+    ] {
+        if len != want {
+            return Err(Error::shape(
+                OP,
+                format!("{what} holds {len} values, expected {want}"),
+            ));
+        }
     }
-    let global = loss_rows[..2 * b].iter().map(|&v| v as f64).sum::<f64>() * scale;
-
-    // Local: each crop against P_A + P_B (the cross-entropy is linear in the target).
-    let mut local = 0.0;
-    if n_local > 0 {
-        let p_sum: Vec<f32> = p_a.iter().zip(p_b).map(|(&x, &y)| x + y).collect(); // [B,K]
-        let rows = n_local * b;
-        softmax_cross_entropy_forward_backward(
-            &mut loss_rows[..rows],
-            dstudent_local,
-            student_local,
-            &p_sum,
-            &weights[..rows],
-            rows,
-            b,
-            k,
+    pairs.ensure(be, b, nl)?;
+    let [mut global_term, mut local_term] = terms.windows_mut([0..1, 1..2])?;
+    let missing = || Error::Unsupported("DINO pairs missing".into());
+    let global = pairs.global.as_ref().ok_or_else(missing)?;
+    be.softmax_cross_entropy(
+        &mut global_term,
+        s.d_global,
+        s.global,
+        teacher_probs,
+        global,
+        student_temp,
+        loss_weight,
+        k,
+    )?;
+    match pairs.local.as_ref() {
+        Some(local) if nl > 0 => be.softmax_cross_entropy(
+            &mut local_term,
+            s.d_local,
+            s.local,
+            teacher_probs,
+            local,
             student_temp,
-        )?;
-        local = loss_rows[..rows].iter().map(|&v| v as f64).sum::<f64>() * scale;
+            loss_weight,
+            k,
+        ),
+        _ => be.zero_f32(&mut local_term),
     }
-    Ok(DinoLossTerms {
+}
+
+/// The terms read back from `terms [2]`, with the weighted total.
+pub fn dino_terms(terms: &[f32], loss_weight: f32) -> DinoLossTerms {
+    let (global, local) = (terms[0] as f64, terms[1] as f64);
+    DinoLossTerms {
         local: local as f32,
         global: global as f32,
         total: (loss_weight as f64 * (local + global)) as f32,
-    })
-}
-
-/// The whole DINO loss of a step: teacher targets `teacher_probs [2B,K]` from `teacher_global
-/// [2B,K]` (natural row order) by `centering` (all `2B` rows jointly; the softmax center moves
-/// after use), then [`dino_loss_forward_backward`].
-#[allow(clippy::too_many_arguments)]
-pub fn dino_loss_with_targets(
-    teacher_probs: &mut [f32],
-    dstudent_global: &mut [f32],
-    dstudent_local: &mut [f32],
-    centering: &mut Centering,
-    student_global: &[f32],
-    student_local: &[f32],
-    teacher_global: &[f32],
-    n_img: usize,
-    n_local: usize,
-    k: usize,
-    teacher_temp: f32,
-    student_temp: f32,
-    loss_weight: f32,
-) -> Result<DinoLossTerms> {
-    centering.teacher_probs(teacher_probs, teacher_global, 2 * n_img, k, teacher_temp)?;
-    dino_loss_forward_backward(
-        dstudent_global,
-        dstudent_local,
-        student_global,
-        student_local,
-        teacher_probs,
-        n_img,
-        n_local,
-        k,
-        student_temp,
-        loss_weight,
-    )
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::cpu::CpuBackend;
 
     #[test]
     fn denominator_is_official_including_the_no_local_quirk() {
@@ -152,15 +175,46 @@ mod tests {
         // confident in prototype 0 (agrees with teacher A): small loss. Same-view pairing
         // would give a large loss.
         let s = [0.0f32, 2.0, 2.0, 0.0];
-        let mut d = [0f32; 4];
-        let t =
-            dino_loss_forward_backward(&mut d, &mut [], &s, &[], &p, 1, 0, 2, 0.1, 1.0).unwrap();
+        let mut be = CpuBackend::default();
+        let mut pairs = DinoPairs::default();
+        let (mut d, mut terms) = ([0f32; 4], [0f32; 2]);
+        let student = DinoStudent::<CpuBackend> {
+            global: &s,
+            local: &[],
+            d_global: &mut d,
+            d_local: &mut [],
+        };
+        dino_loss_forward_backward(
+            &mut be,
+            &mut pairs,
+            &mut terms,
+            student,
+            &p,
+            (1, 0, 2),
+            0.1,
+            1.0,
+        )
+        .unwrap();
+        let t = dino_terms(&terms, 1.0);
         let ce = (1.0f64 + (-20.0f64).exp()).ln(); // −log softmax([20, 0])_0
         assert!((t.global as f64 - 2.0 * ce / 3.0).abs() < 1e-7);
         assert_eq!(t.local, 0.0);
-        assert!(
-            dino_loss_forward_backward(&mut d, &mut [], &s[..3], &[], &p, 1, 0, 2, 0.1, 1.0)
-                .is_err()
-        );
+        let student = DinoStudent::<CpuBackend> {
+            global: &s[..3],
+            local: &[],
+            d_global: &mut d,
+            d_local: &mut [],
+        };
+        assert!(dino_loss_forward_backward(
+            &mut be,
+            &mut pairs,
+            &mut terms,
+            student,
+            &p,
+            (1, 0, 2),
+            0.1,
+            1.0
+        )
+        .is_err());
     }
 }

@@ -1,118 +1,130 @@
-//! The iBOT masked-patch loss.
-//!
-//! `M` masked patches (rows, in `mask_indices_list` order), `K` prototypes. Each patch's
-//! cross-entropy is weighted by `masks_weight` (1 / masked patches of its crop), summed, and
-//! divided by the number of **all** global crops `2B`, including unmasked ones (official).
+//! The iBOT masked-patch loss over the backend's paired cross-entropy: masked patch `i`
+//! against teacher row `i`, weighted `masks_weight[i] / n_global_crops` (the official loss
+//! divides by all global crops, masked or not).
 
-use crate::backend::cpu::loss::{check_len, softmax_cross_entropy_forward_backward};
+use crate::backend::{Backend, Storage};
 use crate::error::{Error, Result};
-use crate::ssl::Centering;
 
-/// The whole iBOT loss of a step: teacher targets `teacher_probs [M,K]` from `teacher_logits
-/// [M,K]` by `centering` (softmax centering: center of the `M` masked rows, moved after use;
-/// Sinkhorn-Knopp: `n_samples = M`), then [`ibot_loss_forward_backward`]. Returns the loss.
-#[allow(clippy::too_many_arguments)]
-pub fn ibot_loss_with_targets(
-    teacher_probs: &mut [f32],
-    dstudent: &mut [f32],
-    centering: &mut Centering,
-    student: &[f32],
-    teacher_logits: &[f32],
-    masks_weight: &[f32],
-    n_global_crops: usize,
-    m: usize,
-    k: usize,
-    teacher_temp: f32,
-    student_temp: f32,
-    loss_weight: f32,
-) -> Result<f32> {
-    centering.teacher_probs(teacher_probs, teacher_logits, m, k, teacher_temp)?;
-    ibot_loss_forward_backward(
-        dstudent,
-        student,
-        teacher_probs,
-        masks_weight,
-        n_global_crops,
-        m,
-        k,
-        student_temp,
-        loss_weight,
-    )
+/// The pairing table of one step's masks, in a buffer that grows to the largest mask count
+/// (the masks' official upper bound on the first step), so later steps only copy.
+pub struct IbotPairs<B: Backend> {
+    pairs: Option<B::Pairs>,
+    capacity: usize,
+    rows: usize,
 }
 
-/// Forward and backward of the iBOT loss. Returns the loss
-/// `−(1/n_global_crops) Σ_i masks_weight[i] Σ_k P[i,k] log_softmax(s_i/ts)_k` (unweighted);
-/// `dstudent [M,K]` is overwritten with `loss_weight · d loss / d student`.
-///
-/// `student [M,K]` (head logits of the masked patches), `teacher_probs [M,K]` (targets from
-/// [`super::Centering`] over the `M` rows), `masks_weight [M]`.
+impl<B: Backend> Default for IbotPairs<B> {
+    fn default() -> Self {
+        IbotPairs {
+            pairs: None,
+            capacity: 0,
+            rows: 0,
+        }
+    }
+}
+
+impl<B: Backend> IbotPairs<B> {
+    /// Pairs masked patch i with teacher row i, weight `masks_weight[i] / n_global_crops`.
+    pub fn set(
+        &mut self,
+        be: &mut B,
+        masks_weight: &[f32],
+        n_global_crops: usize,
+        capacity_hint: usize,
+    ) -> Result<()> {
+        if n_global_crops == 0 {
+            return Err(Error::shape("ibot loss", "needs at least one global crop"));
+        }
+        let m = masks_weight.len();
+        let teacher: Vec<i32> = (0..m as i32).collect();
+        let inv_crops = 1.0 / n_global_crops as f64;
+        let weight: Vec<f32> = masks_weight
+            .iter()
+            .map(|&w| (w as f64 * inv_crops) as f32)
+            .collect();
+        if self.pairs.is_none() || self.capacity < m {
+            self.capacity = m.max(capacity_hint).max(1);
+            self.pairs = Some(be.pairs(self.capacity, 1)?);
+        }
+        let table = self
+            .pairs
+            .as_mut()
+            .ok_or_else(|| Error::Unsupported("iBOT pairs missing".into()))?;
+        be.set_pairs(table, m, &teacher, &weight)?;
+        self.rows = m;
+        Ok(())
+    }
+
+    /// Rows of the current table (`M`).
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+}
+
+/// Forward and backward of the iBOT loss over the `M` rows [`IbotPairs::set`] paired:
+/// `loss [1]` = the unweighted loss, `ds [M, K]` (=) `loss_weight · d loss / d s`. `s [M, K]`
+/// student logits of the masked patches, `teacher_probs [M, K]`.
 #[allow(clippy::too_many_arguments)]
-pub fn ibot_loss_forward_backward(
-    dstudent: &mut [f32],
-    student: &[f32],
-    teacher_probs: &[f32],
-    masks_weight: &[f32],
-    n_global_crops: usize,
-    m: usize,
+pub fn ibot_loss_forward_backward<B: Backend>(
+    be: &mut B,
+    pairs: &IbotPairs<B>,
+    loss: &mut B::F32,
+    ds: &mut B::F32,
+    s: &B::F32,
+    teacher_probs: &B::F32,
     k: usize,
-    student_temp: f32,
-    loss_weight: f32,
-) -> Result<f32> {
-    const OP: &str = "ibot_loss";
-    if n_global_crops == 0 {
-        return Err(Error::shape(OP, "needs at least one global crop"));
+    (student_temp, loss_weight): (f32, f32),
+) -> Result<()> {
+    let m = pairs.rows();
+    if s.len() != m * k || teacher_probs.len() != m * k {
+        return Err(Error::shape(
+            "ibot loss",
+            format!(
+                "student {} / teacher {} values for {m} masked patches of {k}",
+                s.len(),
+                teacher_probs.len()
+            ),
+        ));
     }
-    check_len(OP, "student", student.len(), m * k)?;
-    check_len(OP, "dstudent", dstudent.len(), m * k)?;
-    check_len(OP, "teacher_probs", teacher_probs.len(), m * k)?;
-    check_len(OP, "masks_weight", masks_weight.len(), m)?;
     if m == 0 {
-        return Ok(0.0);
+        return be.zero_f32(loss);
     }
-    let inv_crops = 1.0 / n_global_crops as f64;
-    let weights: Vec<f32> = masks_weight
-        .iter()
-        .map(|&w| (w as f64 * inv_crops * loss_weight as f64) as f32)
-        .collect();
-    let mut loss_rows = vec![0f32; m];
-    softmax_cross_entropy_forward_backward(
-        &mut loss_rows,
-        dstudent,
-        student,
+    let table = pairs
+        .pairs
+        .as_ref()
+        .ok_or_else(|| Error::Unsupported("iBOT pairs missing: IbotPairs::set first".into()))?;
+    be.softmax_cross_entropy(
+        loss,
+        ds,
+        s,
         teacher_probs,
-        &weights,
-        m,
-        m,
-        k,
+        table,
         student_temp,
-    )?;
-    let loss: f64 = loss_rows
-        .iter()
-        .zip(masks_weight)
-        .map(|(&l, &w)| l as f64 * w as f64)
-        .sum::<f64>()
-        * inv_crops;
-    Ok(loss as f32)
+        loss_weight,
+        k,
+    )
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::cpu::CpuBackend;
 
     #[test]
     fn divides_by_all_global_crops_and_weights_rows() {
         // Two masked patches with uniform targets over K = 2 and equal logits: CE = ln 2 each.
-        let s = [0.0f32; 4];
-        let p = [0.5f32; 4];
-        let mut d = [0f32; 4];
-        let w = [1.0f32, 0.5];
-        let l = ibot_loss_forward_backward(&mut d, &s, &p, &w, 4, 2, 2, 0.1, 1.0).unwrap();
-        assert!((l as f64 - 1.5 * std::f64::consts::LN_2 / 4.0).abs() < 1e-7);
+        let (s, p, w) = ([0.0f32; 4], [0.5f32; 4], [1.0f32, 0.5]);
+        let mut be = CpuBackend::default();
+        let mut pairs = IbotPairs::default();
+        let (mut d, mut l) = ([0f32; 4], [0f32; 1]);
+        pairs.set(&mut be, &w, 4, 0).unwrap();
+        ibot_loss_forward_backward(&mut be, &pairs, &mut l, &mut d, &s, &p, 2, (0.1, 1.0)).unwrap();
+        assert!((l[0] as f64 - 1.5 * std::f64::consts::LN_2 / 4.0).abs() < 1e-7);
         assert!(d.iter().all(|&v| v.abs() < 1e-7));
-        assert!(ibot_loss_forward_backward(&mut d, &s, &p, &w, 0, 2, 2, 0.1, 1.0).is_err());
-        assert_eq!(
-            ibot_loss_forward_backward(&mut [], &[], &[], &[], 4, 0, 2, 0.1, 1.0).unwrap(),
-            0.0
-        );
+        assert!(pairs.set(&mut be, &w, 0, 0).is_err());
+        pairs.set(&mut be, &[], 4, 0).unwrap();
+        ibot_loss_forward_backward(&mut be, &pairs, &mut l, &mut [], &[], &[], 2, (0.1, 1.0))
+            .unwrap();
+        assert_eq!(l[0], 0.0);
     }
 }

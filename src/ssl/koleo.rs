@@ -1,33 +1,48 @@
 //! The KoLeo regulariser on the student backbone's CLS tokens (before any head), applied to each
 //! global crop's `B` vectors separately by the training step.
 
-use crate::backend::cpu::koleo::{koleo_backward, koleo_forward, KoleoSaved};
-use crate::backend::cpu::Accumulate;
+use crate::backend::Backend;
 use crate::error::Result;
 
 /// The official KoLeo weight (`dino.koleo_loss_weight`).
 pub const KOLEO_LOSS_WEIGHT: f32 = 0.1;
 
-/// Forward and backward of KoLeo on `x [b,d]`. Returns `KoLeo(x)` (unweighted);
-/// `dx [b,d]` receives `loss_weight · d KoLeo / d x`, overwriting or adding per `acc` (the CLS
-/// token gradient also receives the head's contribution).
-pub fn koleo_loss_forward_backward(
-    dx: &mut [f32],
-    x: &[f32],
-    b: usize,
-    d: usize,
+/// Forward and backward of KoLeo on `x [b, d]` on a backend: `loss [1]` = KoLeo(x)
+/// (unweighted), `dx [b, d]` = `loss_weight · d KoLeo / d x` (written).
+#[allow(clippy::too_many_arguments)]
+pub fn koleo_loss_forward_backward<B: Backend>(
+    be: &mut B,
+    state: &mut B::Koleo,
+    loss: &mut B::F32,
+    dx: &mut B::F32,
+    x: &B::F32,
+    (b, d): (usize, usize),
     loss_weight: f32,
-    acc: Accumulate,
-) -> Result<f32> {
-    let mut saved = KoleoSaved::default();
-    let loss = koleo_forward(&mut saved, x, b, d)?;
-    koleo_backward(dx, &saved, loss_weight, b, d, acc)?;
-    Ok(loss)
+) -> Result<()> {
+    be.koleo_forward(loss, state, x, b, d)?;
+    be.koleo_backward(dx, state, loss_weight, b, d)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::cpu::koleo::{koleo_backward, koleo_forward, KoleoSaved};
+    use crate::backend::Accumulate;
+
+    /// The CPU kernels' forward and backward together (the seam's KoLeo on the CPU).
+    fn koleo_loss_forward_backward(
+        dx: &mut [f32],
+        x: &[f32],
+        b: usize,
+        d: usize,
+        w: f32,
+        acc: Accumulate,
+    ) -> Result<f32> {
+        let mut saved = KoleoSaved::default();
+        let l = koleo_forward(&mut saved, x, b, d)?;
+        koleo_backward(dx, &saved, w, b, d, acc)?;
+        Ok(l)
+    }
     use rand::Rng as _;
 
     fn koleo_f64(x: &[f64], b: usize, d: usize, nn: &[usize]) -> f64 {

@@ -1,5 +1,6 @@
-//! The DINOv2 method: teacher targets (centering or Sinkhorn-Knopp), the DINO CLS loss, the iBOT
-//! masked-patch loss, KoLeo, and the block masking of the collate step.
+//! The DINOv2 method, written once over the backend seam: teacher targets (centering or
+//! Sinkhorn-Knopp), the DINO CLS loss, the iBOT masked-patch loss, KoLeo, the block masking of
+//! the collate step, and the whole training step.
 //!
 //! Every loss is composable: logits in, loss and gradient w.r.t. the student logits out. The
 //! training step (teacher, student, heads) composes them.
@@ -9,13 +10,18 @@ pub mod dino_loss;
 pub mod ibot_loss;
 pub mod koleo;
 pub mod masking;
+pub mod model;
 pub mod step;
 
-pub use centering::Centering;
-pub use dino_loss::{dino_loss_forward_backward, dino_loss_with_targets, DinoLossTerms};
-pub use ibot_loss::{ibot_loss_forward_backward, ibot_loss_with_targets};
+pub use centering::{Centering, TargetState};
+pub use dino_loss::{dino_loss_forward_backward, DinoLossTerms, DinoPairs, DinoStudent};
+pub use ibot_loss::{ibot_loss_forward_backward, IbotPairs};
 pub use koleo::koleo_loss_forward_backward;
 pub use masking::{collate_masks, collate_masks_for_step, MaskBatch, MaskingGenerator};
+pub use model::{HeadConfig, SslModel};
+pub use step::{
+    LossConfig, SslStep, StepBatch, StepInputs, StepOutput, Targets, TeacherProbs, TeacherTargets,
+};
 
 use crate::error::{Error, Result};
 use std::fmt;

@@ -1,77 +1,31 @@
-//! One DINOv2 training step on the CPU: teacher forward (no gradient), student forward on the
-//! masked global crops and the local crops, heads, the three losses, and backward into the
-//! student's flat gradient buffer (spec section 8; golden case `ssl_step`).
+//! One DINOv2 training step on a backend: teacher backbone (inference) and heads, teacher
+//! targets (lagged softmax centering or Sinkhorn-Knopp), the student backbone on the masked
+//! global crops and on the local crops (drop-path subsets drawn on the host in a fixed order),
+//! heads, the DINO loss over the official crop pairs and the iBOT loss through the paired
+//! cross-entropy, KoLeo on each global crop's backbone CLS tokens (before any head), and
+//! backward into the flat student gradients (spec section 8; golden case `ssl_step`).
 //!
-//! Optimizer, clipping and EMA are separate passes over the flat buffers (`crate::optim`), run by
-//! the training loop after this function.
+//! Nothing is read back while the step runs: [`SslStep::run`] queues the work and
+//! [`SslStep::read`] downloads the loss terms (a few floats, plus the gradient norms the caller
+//! passes) in one copy. Optimizer, clipping and EMA are separate passes (`crate::optim`).
 //!
-//! Dimensions: `B` images, `G`/`Lc` global/local crop sizes, `nl` local crops per image, `N`/`Nl`
-//! patches per global/local crop, `D` embed dim, `K`/`Ki` DINO/iBOT prototypes, `M` masked
-//! patches.
+//! Dimensions: `B` images, `G`/`Lc` global/local crop sizes, `nl` local crops per image, `N`
+//! patches per global crop, `D` embed dim, `K`/`Ki` DINO/iBOT prototypes, `M` masked patches.
 
-use super::centering::Centering;
-use super::dino_loss::{dino_loss_forward_backward, STUDENT_TEMP};
-use super::ibot_loss::ibot_loss_forward_backward;
-use super::koleo::koleo_loss_forward_backward;
+use super::centering::{Centering, TargetState};
+use super::dino_loss::{
+    dino_loss_forward_backward, dino_terms, DinoPairs, DinoStudent, STUDENT_TEMP,
+};
+use super::ibot_loss::{ibot_loss_forward_backward, IbotPairs};
 use super::masking::MaskBatch;
+pub use super::model::{HeadConfig, SslModel};
 use super::Method;
-use crate::backend::cpu::Accumulate;
+use crate::backend::{Accumulate, Backend, Grow, PatchLayout, Storage, WeightStore};
 use crate::error::{Error, Result};
-use crate::nn::params::ParamTable;
-use crate::nn::{DinoHead, DropPath, Vit, VitConfig};
+use crate::nn::{
+    DropPath, HeadCache, HeadScratch, ImageGrad, OutputGrads, Prototypes, VitWorkspaces,
+};
 use crate::rng::Rng;
-
-/// Sizes of one projection head.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct HeadConfig {
-    pub hidden_dim: usize,
-    pub bottleneck_dim: usize,
-    pub n_prototypes: usize,
-}
-
-/// The student (or teacher) model: backbone, DINO head and an optional separate iBOT head, all
-/// parameters in one [`ParamTable`] under the official prefixes `backbone.`, `dino_head.` and
-/// `ibot_head.`. Student and teacher share this layout; each has its own flat buffer.
-#[derive(Clone, Debug)]
-pub struct SslModel {
-    pub table: ParamTable,
-    pub backbone: Vit,
-    pub dino_head: DinoHead,
-    /// `Some` when `ibot.separate_head` is true; otherwise the iBOT loss uses the DINO head.
-    pub ibot_head: Option<DinoHead>,
-}
-
-impl SslModel {
-    /// Declares every parameter (official names and initialisation).
-    pub fn new(vit: &VitConfig, dino: HeadConfig, ibot: Option<HeadConfig>) -> Result<Self> {
-        vit.validate()?;
-        let mut table = ParamTable::new();
-        let backbone = Vit::new(vit, &mut table, "backbone.");
-        let head = |h: HeadConfig, table: &mut ParamTable, prefix: &str| {
-            DinoHead::new(
-                vit.embed_dim,
-                h.hidden_dim,
-                h.bottleneck_dim,
-                h.n_prototypes,
-                table,
-                prefix,
-            )
-        };
-        let dino_head = head(dino, &mut table, "dino_head.");
-        let ibot_head = ibot.map(|h| head(h, &mut table, "ibot_head."));
-        Ok(SslModel {
-            table,
-            backbone,
-            dino_head,
-            ibot_head,
-        })
-    }
-
-    /// The head the iBOT loss runs through.
-    pub fn patch_head(&self) -> &DinoHead {
-        self.ibot_head.as_ref().unwrap_or(&self.dino_head)
-    }
-}
 
 /// The crops and masks of one batch, crop-major (all images' crop A, then crop B, then the
 /// local crops in order).
@@ -150,23 +104,707 @@ impl StepOutput {
     }
 }
 
-/// Rows `indices` of `x [rows, d]`, gathered into `[indices.len(), d]`.
-fn gather_rows(x: &[f32], d: usize, indices: &[usize]) -> Vec<f32> {
-    let mut out = Vec::with_capacity(indices.len() * d);
-    for &i in indices {
-        out.extend_from_slice(&x[i * d..(i + 1) * d]);
-    }
-    out
+/// The teacher-target states of both losses on a backend.
+pub struct Targets<B: Backend> {
+    pub dino: TargetState<B>,
+    pub ibot: TargetState<B>,
 }
 
-/// `dx[indices[j]] += dy[j]`, the backward of [`gather_rows`].
-fn scatter_add_rows(dx: &mut [f32], dy: &[f32], d: usize, indices: &[usize]) {
-    for (j, &i) in indices.iter().enumerate() {
-        dx[i * d..(i + 1) * d]
-            .iter_mut()
-            .zip(&dy[j * d..(j + 1) * d])
-            .for_each(|(a, &b)| *a += b);
+impl<B: Backend> Targets<B> {
+    pub fn new(be: &mut B, host: &TeacherTargets) -> Result<Self> {
+        Ok(Targets {
+            dino: TargetState::new(be, &host.dino)?,
+            ibot: TargetState::new(be, &host.ibot)?,
+        })
     }
+
+    pub fn to_host(&self, be: &mut B) -> Result<TeacherTargets> {
+        Ok(TeacherTargets {
+            dino: self.dino.to_host(be)?,
+            ibot: self.ibot.to_host(be)?,
+        })
+    }
+
+    pub fn restore(&mut self, be: &mut B, host: &TeacherTargets) -> Result<()> {
+        self.dino.restore(be, &host.dino)?;
+        self.ibot.restore(be, &host.ibot)
+    }
+}
+
+/// Slots of the read-back buffer.
+const SLOT_DINO: usize = 0; // two slots: global, local
+const SLOT_KOLEO: usize = 2; // two slots, one per global crop
+const SLOT_IBOT: usize = 4;
+const SLOT_ENTROPY: usize = 5;
+const SLOT_NORMS: usize = 8;
+/// Gradient norms the read-back buffer has room for.
+pub const MAX_NORMS: usize = 24;
+
+/// Whether [`SslStep::read`] downloads the teacher targets (large: `[2B, K]` and `[M, Ki]`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TeacherProbs {
+    Download,
+    Skip,
+}
+
+/// Everything one step reads: the model, both models' weights, the batch, this step's
+/// scheduled teacher temperature, the loss configuration and the student's drop path
+/// (`None` = off; the teacher never drops).
+pub struct StepInputs<'a, 'r, B: Backend> {
+    pub model: &'a SslModel,
+    pub student: &'a B::Weights,
+    pub teacher: &'a B::Weights,
+    pub batch: &'a StepBatch<'a>,
+    pub teacher_temp: f32,
+    pub losses: &'a LossConfig,
+    pub drop_path: Option<(f32, &'r mut Rng)>,
+}
+
+/// The sizes of the step [`SslStep::run`] queued.
+#[derive(Clone, Debug, Default)]
+struct Shape {
+    b: usize,
+    nl: usize,
+    d: usize,
+    k: usize,
+    ki: usize,
+    /// Patches per global / local crop.
+    n: usize,
+    n_local: usize,
+    /// `[M]` flat `crop·N + patch` indices of the masked patches (empty without masks).
+    mask_host: Vec<i64>,
+    use_koleo: bool,
+    weights: Option<LossConfig>,
+}
+
+impl Shape {
+    fn n_global(&self) -> usize {
+        2 * self.b
+    }
+
+    fn n_masked(&self) -> usize {
+        self.mask_host.len()
+    }
+
+    fn ibot(&self) -> bool {
+        !self.mask_host.is_empty()
+    }
+
+    /// The patch tokens of the global crops as the row gathers see them (`[2B, N, D]`).
+    fn patches(&self) -> PatchLayout {
+        PatchLayout {
+            crops: self.n_global(),
+            tokens: self.n,
+            patches: self.n,
+            token_offset: 0,
+            channels: self.d,
+        }
+    }
+}
+
+/// One model's effective prototypes: the DINO head's and, with a separate iBOT head, its.
+struct Heads<B: Backend> {
+    dino: Prototypes<B>,
+    ibot: Option<Prototypes<B>>,
+}
+
+impl<B: Backend> Heads<B> {
+    fn new(be: &mut B, model: &SslModel) -> Result<Self> {
+        Ok(Heads {
+            dino: Prototypes::new(be, &model.dino_head)?,
+            ibot: model
+                .ibot_head
+                .as_ref()
+                .map(|h| Prototypes::new(be, h))
+                .transpose()?,
+        })
+    }
+
+    fn prepare(&mut self, be: &mut B, model: &SslModel, w: &B::Weights) -> Result<()> {
+        self.dino.prepare(be, &model.dino_head, w)?;
+        if let (Some(p), Some(h)) = (&mut self.ibot, &model.ibot_head) {
+            p.prepare(be, h, w)?;
+        }
+        Ok(())
+    }
+
+    /// The prototypes the iBOT loss runs through.
+    fn patch(&self) -> &Prototypes<B> {
+        self.ibot.as_ref().unwrap_or(&self.dino)
+    }
+}
+
+/// Every buffer of the step, grown on the first step of a size and reused after.
+struct Workspace<B: Backend> {
+    t_dino: HeadCache<B>,
+    t_ibot: HeadCache<B>,
+    s_dino_global: HeadCache<B>,
+    s_dino_local: HeadCache<B>,
+    s_ibot: HeadCache<B>,
+    head_scratch: HeadScratch<B>,
+    dino_probs: Grow<B::BufF32>,      // [2B, K]
+    ibot_probs: Grow<B::BufF32>,      // [M, Ki]
+    mask_indices: Grow<B::BufI64>,    // [M]
+    t_masked: Grow<B::BufF32>,        // [M, D] teacher patch tokens of the masked patches
+    s_masked: Grow<B::BufF32>,        // [M, D] student ones
+    ds_global: Grow<B::BufF32>,       // [2B, K]
+    ds_local: Grow<B::BufF32>,        // [nl·B, K]
+    ds_ibot: Grow<B::BufF32>,         // [M, Ki]
+    d_cls_global: Grow<B::BufF32>,    // [2B, D]
+    d_patch_global: Grow<B::BufF32>,  // [2B, N, D]
+    d_masked: Grow<B::BufF32>,        // [M, D]
+    d_cls_local: Grow<B::BufF32>,     // [nl·B, D]
+    d_patch_local: Grow<B::BufF32>,   // [nl·B, Nl, D], always zero (no patch loss on local crops)
+    koleo: Option<(usize, B::Koleo)>, // (B, state)
+    dino_pairs: DinoPairs<B>,
+    ibot_pairs: IbotPairs<B>,
+    readback: Option<B::BufF32>, // [SLOT_NORMS + MAX_NORMS]
+}
+
+impl<B: Backend> Default for Workspace<B> {
+    fn default() -> Self {
+        Workspace {
+            t_dino: HeadCache::default(),
+            t_ibot: HeadCache::default(),
+            s_dino_global: HeadCache::default(),
+            s_dino_local: HeadCache::default(),
+            s_ibot: HeadCache::default(),
+            head_scratch: HeadScratch::default(),
+            dino_probs: Grow::default(),
+            ibot_probs: Grow::default(),
+            mask_indices: Grow::default(),
+            t_masked: Grow::default(),
+            s_masked: Grow::default(),
+            ds_global: Grow::default(),
+            ds_local: Grow::default(),
+            ds_ibot: Grow::default(),
+            d_cls_global: Grow::default(),
+            d_patch_global: Grow::default(),
+            d_masked: Grow::default(),
+            d_cls_local: Grow::default(),
+            d_patch_local: Grow::default(),
+            koleo: None,
+            dino_pairs: DinoPairs::default(),
+            ibot_pairs: IbotPairs::default(),
+            readback: None,
+        }
+    }
+}
+
+/// An f32 buffer of `len` values, grown only beyond its capacity.
+fn grow<B: Backend>(be: &mut B, g: &mut Grow<B::BufF32>, len: usize) -> Result<()> {
+    g.resize(len, |l| be.alloc_f32(l))
+}
+
+/// The training step of one model layout: backbone workspaces (one per crop size), both
+/// models' head prototypes, and every activation buffer.
+pub struct SslStep<B: Backend> {
+    /// Teacher inference and the student's global crops.
+    vit_global: VitWorkspaces<B>,
+    /// The student's local crops (a separate workspace, so the global backward cache survives
+    /// the local forward even when both crops have the same size).
+    vit_local: VitWorkspaces<B>,
+    student_heads: Heads<B>,
+    teacher_heads: Heads<B>,
+    ws: Workspace<B>,
+    queued: Shape,
+}
+
+impl<B: Backend> SslStep<B> {
+    /// The step of `model` (allocates the heads' prototype buffers; activations grow on the
+    /// first step of each size).
+    pub fn new(be: &mut B, model: &SslModel) -> Result<Self> {
+        Ok(SslStep {
+            vit_global: VitWorkspaces::new(&model.backbone),
+            vit_local: VitWorkspaces::new(&model.backbone),
+            student_heads: Heads::new(be, model)?,
+            teacher_heads: Heads::new(be, model)?,
+            ws: Workspace::default(),
+            queued: Shape::default(),
+        })
+    }
+
+    /// Forward and backward of one step, then one read-back of the loss terms. Student
+    /// gradients **accumulate** into `grads [P]` (zero it first).
+    pub fn forward_backward(
+        &mut self,
+        be: &mut B,
+        inp: StepInputs<'_, '_, B>,
+        grads: &mut B::F32,
+        targets: &mut Targets<B>,
+        probs: TeacherProbs,
+    ) -> Result<StepOutput> {
+        self.run(be, inp, grads, targets)?;
+        Ok(self.read(be, None, probs)?.0)
+    }
+
+    /// Queues the forward and backward of one step (see [`SslStep::forward_backward`]);
+    /// nothing is read back.
+    pub fn run(
+        &mut self,
+        be: &mut B,
+        mut inp: StepInputs<'_, '_, B>,
+        grads: &mut B::F32,
+        targets: &mut Targets<B>,
+    ) -> Result<()> {
+        self.queued = Shape::default();
+        let mut shape = self.prepare(be, &inp, grads)?;
+        self.teacher(be, &inp, targets, &shape)?;
+        self.student_global(be, &mut inp, &mut shape)?;
+        self.student_local(be, &mut inp, &mut shape)?;
+        self.losses(be, &inp, &shape)?;
+        self.backward_global(be, &inp, grads, &shape)?;
+        self.backward_local(be, &inp, grads, &shape)?;
+        shape.weights = Some(*inp.losses);
+        self.queued = shape;
+        Ok(())
+    }
+
+    /// Checks the inputs, prepares both models' prototypes, uploads the mask indices and sizes
+    /// the buffers whose length follows the masks.
+    fn prepare(
+        &mut self,
+        be: &mut B,
+        inp: &StepInputs<'_, '_, B>,
+        grads: &B::F32,
+    ) -> Result<Shape> {
+        const OP: &str = "ssl step";
+        let (model, batch) = (inp.model, inp.batch);
+        let masks = step_masks(inp.losses.method, batch)?;
+        let p = model.table.len();
+        if grads.len() != p || inp.student.f32().len() != p || inp.teacher.f32().len() != p {
+            return Err(Error::shape(
+                OP,
+                format!(
+                    "grads / student / teacher hold {} / {} / {} values for a model of {p}",
+                    grads.len(),
+                    inp.student.f32().len(),
+                    inp.teacher.f32().len(),
+                ),
+            ));
+        }
+        let cfg = &model.backbone.cfg;
+        let patches = |size: usize| (size / cfg.patch_size).pow(2);
+        let shape = Shape {
+            b: batch.n_img,
+            nl: batch.n_local,
+            d: cfg.embed_dim,
+            k: model.dino_head.out_dim,
+            ki: model.patch_head().out_dim,
+            n: patches(batch.global_size),
+            n_local: patches(batch.local_size),
+            mask_host: masks.map_or_else(Vec::new, |m| {
+                m.mask_indices.iter().map(|&i| i as i64).collect()
+            }),
+            use_koleo: inp.losses.method.uses_koleo(),
+            weights: None,
+        };
+        let ws = &mut self.ws;
+        if ws.readback.is_none() {
+            ws.readback = Some(be.alloc_f32(SLOT_NORMS + MAX_NORMS)?);
+        }
+        self.student_heads.prepare(be, model, inp.student)?;
+        self.teacher_heads.prepare(be, model, inp.teacher)?;
+        if let Some(m) = masks {
+            // Buffers sized by M reserve the masks' upper bound once: M changes every step.
+            let cap = m.upperbound.max(shape.n_masked());
+            let (d, ki) = (shape.d, shape.ki);
+            let patch_head = model.patch_head();
+            ws.mask_indices.reserve(cap, |l| be.alloc_i64(l))?;
+            for buf in [&mut ws.t_masked, &mut ws.s_masked, &mut ws.d_masked] {
+                buf.reserve(cap * d, |l| be.alloc_f32(l))?;
+            }
+            for buf in [&mut ws.ibot_probs, &mut ws.ds_ibot] {
+                buf.reserve(cap * ki, |l| be.alloc_f32(l))?;
+            }
+            ws.t_ibot.reserve(be, patch_head, cap)?;
+            ws.s_ibot.reserve(be, patch_head, cap)?;
+            ws.head_scratch.reserve(be, patch_head, cap)?;
+            ws.mask_indices
+                .resize(shape.n_masked(), |l| be.alloc_i64(l))?;
+            be.upload_i64(&mut *ws.mask_indices.get_mut()?, &shape.mask_host)?;
+            ws.ibot_pairs
+                .set(be, &m.masks_weight, shape.n_global(), m.upperbound)?;
+        }
+        let readback = readback(&mut ws.readback)?;
+        be.zero_f32(readback)?;
+        Ok(shape)
+    }
+
+    /// The teacher: no gradient, no masks, no drop path; its DINO targets and the masked
+    /// patches' iBOT targets, and the targets' entropy.
+    fn teacher(
+        &mut self,
+        be: &mut B,
+        inp: &StepInputs<'_, '_, B>,
+        targets: &mut Targets<B>,
+        s: &Shape,
+    ) -> Result<()> {
+        let (model, batch, w) = (inp.model, inp.batch, inp.teacher);
+        let ws = &mut self.ws;
+        let g = batch.global_size;
+        let (n_global, k, ki, m) = (s.n_global(), s.k, s.ki, s.n_masked());
+        let t_out = self.vit_global.forward_inference(
+            be,
+            &model.backbone,
+            w,
+            batch.global,
+            (n_global, g, g),
+        )?;
+        let heads = &self.teacher_heads;
+        model
+            .dino_head
+            .forward(be, &mut ws.t_dino, &heads.dino, w, &t_out.cls, n_global)?;
+        grow(be, &mut ws.dino_probs, n_global * k)?;
+        {
+            let (mut probs, logits) = (ws.dino_probs.get_mut()?, ws.t_dino.logits.get()?);
+            let temp = inp.teacher_temp;
+            targets
+                .dino
+                .teacher_probs(be, &mut probs, &logits, (n_global, k), temp)?;
+        }
+        if s.ibot() {
+            gather_masked(be, &mut ws.t_masked, &t_out.patch, &ws.mask_indices, s)?;
+            let t_masked = ws.t_masked.get()?;
+            let head = model.patch_head();
+            head.forward(be, &mut ws.t_ibot, heads.patch(), w, &t_masked, m)?;
+            grow(be, &mut ws.ibot_probs, m * ki)?;
+            let (mut probs, logits) = (ws.ibot_probs.get_mut()?, ws.t_ibot.logits.get()?);
+            targets
+                .ibot
+                .teacher_probs(be, &mut probs, &logits, (m, ki), inp.teacher_temp)?;
+        } else {
+            grow(be, &mut ws.ibot_probs, 0)?;
+        }
+        let readback = readback(&mut ws.readback)?;
+        let mut entropy = readback.window_mut(SLOT_ENTROPY..SLOT_ENTROPY + 1)?;
+        be.mean_row_entropy(&mut entropy, &*ws.dino_probs.get()?, k)
+    }
+
+    /// The student on the (masked) global crops: its DINO head, KoLeo on each crop's backbone
+    /// CLS tokens, and the masked patches through the iBOT head, while the output is at hand.
+    fn student_global(
+        &mut self,
+        be: &mut B,
+        inp: &mut StepInputs<'_, '_, B>,
+        s: &mut Shape,
+    ) -> Result<()> {
+        let (model, batch, w) = (inp.model, inp.batch, inp.student);
+        let ws = &mut self.ws;
+        let (b, d, n_global, g) = (s.b, s.d, s.n_global(), batch.global_size);
+        let masks = batch.masks.filter(|_| inp.losses.method.uses_ibot());
+        let out = self.vit_global.forward(
+            be,
+            &model.backbone,
+            w,
+            batch.global,
+            (n_global, g, g),
+            masks.map(|m| m.masks.as_slice()),
+            reborrow(&mut inp.drop_path),
+        )?;
+        let heads = &self.student_heads;
+        model.dino_head.forward(
+            be,
+            &mut ws.s_dino_global,
+            &heads.dino,
+            w,
+            &out.cls,
+            n_global,
+        )?;
+        grow(be, &mut ws.d_cls_global, n_global * d)?;
+        if s.use_koleo {
+            if ws.koleo.as_ref().is_none_or(|(kb, _)| *kb != b) {
+                ws.koleo = Some((b, be.koleo_state(b, d)?));
+            }
+            let readback = readback(&mut ws.readback)?;
+            let state = ws.koleo.as_mut().map(|(_, st)| st);
+            let state = state.ok_or_else(|| Error::Unsupported("KoLeo state missing".into()))?;
+            for crop in 0..2 {
+                let rows = crop * b * d..(crop + 1) * b * d;
+                let x = out.cls.window(rows.clone())?;
+                let mut loss = readback.window_mut(SLOT_KOLEO + crop..SLOT_KOLEO + crop + 1)?;
+                be.koleo_forward(&mut loss, state, &x, b, d)?;
+                let mut dx = ws.d_cls_global.rows_mut(rows)?;
+                be.koleo_backward(&mut dx, state, inp.losses.koleo_loss_weight, b, d)?;
+            }
+        }
+        if s.ibot() {
+            gather_masked(be, &mut ws.s_masked, &out.patch, &ws.mask_indices, s)?;
+            let s_masked = ws.s_masked.get()?;
+            let head = model.patch_head();
+            head.forward(
+                be,
+                &mut ws.s_ibot,
+                heads.patch(),
+                w,
+                &s_masked,
+                s.n_masked(),
+            )?;
+        }
+        Ok(())
+    }
+
+    /// The student on the local crops and its DINO head.
+    fn student_local(
+        &mut self,
+        be: &mut B,
+        inp: &mut StepInputs<'_, '_, B>,
+        s: &mut Shape,
+    ) -> Result<()> {
+        let (model, batch, w) = (inp.model, inp.batch, inp.student);
+        let rows = s.nl * s.b;
+        if rows == 0 {
+            return self.ws.s_dino_local.logits.resize(0, |l| be.alloc_f32(l));
+        }
+        let l = batch.local_size;
+        let out = self.vit_local.forward(
+            be,
+            &model.backbone,
+            w,
+            batch.local,
+            (rows, l, l),
+            None,
+            reborrow(&mut inp.drop_path),
+        )?;
+        let protos = &self.student_heads.dino;
+        model
+            .dino_head
+            .forward(be, &mut self.ws.s_dino_local, protos, w, &out.cls, rows)
+    }
+
+    /// The DINO loss over the official crop pairs and the iBOT loss, with the gradients of
+    /// the student logits.
+    fn losses(&mut self, be: &mut B, inp: &StepInputs<'_, '_, B>, s: &Shape) -> Result<()> {
+        let ws = &mut self.ws;
+        let (b, nl, k, ki) = (s.b, s.nl, s.k, s.ki);
+        let losses = inp.losses;
+        grow(be, &mut ws.ds_global, 2 * b * k)?;
+        grow(be, &mut ws.ds_local, nl * b * k)?;
+        let readback = readback(&mut ws.readback)?;
+        {
+            let mut terms = readback.window_mut(SLOT_DINO..SLOT_DINO + 2)?;
+            let (s_global, s_local) = (
+                ws.s_dino_global.logits.get()?,
+                ws.s_dino_local.logits.get()?,
+            );
+            let (mut d_global, mut d_local) = (ws.ds_global.get_mut()?, ws.ds_local.get_mut()?);
+            let student = DinoStudent::<B> {
+                global: &s_global,
+                local: &s_local,
+                d_global: &mut d_global,
+                d_local: &mut d_local,
+            };
+            let probs = ws.dino_probs.get()?;
+            let (temp, weight) = (losses.student_temp, losses.dino_loss_weight);
+            let (pairs, dims) = (&mut ws.dino_pairs, (b, nl, k));
+            dino_loss_forward_backward(be, pairs, &mut terms, student, &probs, dims, temp, weight)?;
+        }
+        grow(be, &mut ws.ds_ibot, s.n_masked() * ki)?;
+        if s.ibot() {
+            let mut loss = readback.window_mut(SLOT_IBOT..SLOT_IBOT + 1)?;
+            let (mut ds, logits) = (ws.ds_ibot.get_mut()?, ws.s_ibot.logits.get()?);
+            let probs = ws.ibot_probs.get()?;
+            let temps = (losses.student_temp, losses.ibot_loss_weight);
+            let pairs = &ws.ibot_pairs;
+            ibot_loss_forward_backward(be, pairs, &mut loss, &mut ds, &logits, &probs, ki, temps)?;
+        }
+        Ok(())
+    }
+
+    /// Backward of the global crops: the DINO head (its input gradient added to KoLeo's), the
+    /// iBOT head scattered back to the masked patches, then the backbone.
+    fn backward_global(
+        &mut self,
+        be: &mut B,
+        inp: &StepInputs<'_, '_, B>,
+        grads: &mut B::F32,
+        s: &Shape,
+    ) -> Result<()> {
+        let (model, w) = (inp.model, inp.student);
+        let (ws, heads) = (&mut self.ws, &self.student_heads);
+        let (n_global, d, g) = (s.n_global(), s.d, inp.batch.global_size);
+        {
+            let (ds, mut d_cls) = (ws.ds_global.get()?, ws.d_cls_global.get_mut()?);
+            let write = if s.use_koleo {
+                Accumulate::Add
+            } else {
+                Accumulate::Overwrite
+            };
+            let saved = (&ws.s_dino_global, &heads.dino);
+            let scratch = &mut ws.head_scratch;
+            let dx = (&mut *d_cls, write);
+            model
+                .dino_head
+                .backward(be, scratch, grads, dx, saved, w, &ds)?;
+        }
+        grow(be, &mut ws.d_patch_global, n_global * s.n * d)?;
+        be.zero_f32(&mut *ws.d_patch_global.get_mut()?)?;
+        if s.ibot() {
+            grow(be, &mut ws.d_masked, s.n_masked() * d)?;
+            {
+                let (ds, mut d_masked) = (ws.ds_ibot.get()?, ws.d_masked.get_mut()?);
+                let saved = (&ws.s_ibot, heads.patch());
+                let dx = (&mut *d_masked, Accumulate::Overwrite);
+                let scratch = &mut ws.head_scratch;
+                model
+                    .patch_head()
+                    .backward(be, scratch, grads, dx, saved, w, &ds)?;
+            }
+            let (mut d_patch, d_masked) = (ws.d_patch_global.get_mut()?, ws.d_masked.get()?);
+            let indices = ws.mask_indices.get()?;
+            be.scatter_rows_add(&mut d_patch, &d_masked, &indices, &s.mask_host, s.patches())?;
+        }
+        let (d_cls, d_patch) = (ws.d_cls_global.get()?, ws.d_patch_global.get()?);
+        let d = OutputGrads {
+            cls: &*d_cls,
+            patch: &*d_patch,
+            reg: None,
+        };
+        let key = (n_global, g, g);
+        self.vit_global
+            .backward(be, &model.backbone, w, grads, key, d, ImageGrad::Skip)
+            .map(drop)
+    }
+
+    /// Backward of the local crops: the DINO head, then the backbone (no patch gradient).
+    fn backward_local(
+        &mut self,
+        be: &mut B,
+        inp: &StepInputs<'_, '_, B>,
+        grads: &mut B::F32,
+        s: &Shape,
+    ) -> Result<()> {
+        let rows = s.nl * s.b;
+        if rows == 0 {
+            return Ok(());
+        }
+        let (model, w) = (inp.model, inp.student);
+        let (ws, heads) = (&mut self.ws, &self.student_heads);
+        let (d, l) = (s.d, inp.batch.local_size);
+        grow(be, &mut ws.d_cls_local, rows * d)?;
+        let patch_len = rows * s.n_local * d;
+        let fresh = ws.d_patch_local.len() != patch_len;
+        grow(be, &mut ws.d_patch_local, patch_len)?;
+        if fresh {
+            be.zero_f32(&mut *ws.d_patch_local.get_mut()?)?;
+        }
+        {
+            let (ds, mut d_cls) = (ws.ds_local.get()?, ws.d_cls_local.get_mut()?);
+            let saved = (&ws.s_dino_local, &heads.dino);
+            let dx = (&mut *d_cls, Accumulate::Overwrite);
+            let scratch = &mut ws.head_scratch;
+            model
+                .dino_head
+                .backward(be, scratch, grads, dx, saved, w, &ds)?;
+        }
+        let (d_cls, d_patch) = (ws.d_cls_local.get()?, ws.d_patch_local.get()?);
+        let d = OutputGrads {
+            cls: &*d_cls,
+            patch: &*d_patch,
+            reg: None,
+        };
+        self.vit_local
+            .backward(
+                be,
+                &model.backbone,
+                w,
+                grads,
+                (rows, l, l),
+                d,
+                ImageGrad::Skip,
+            )
+            .map(drop)
+    }
+
+    /// Reads back the loss terms of the step [`SslStep::run`] queued, with `norms` (e.g. the
+    /// optimizer's gradient norms, at most [`MAX_NORMS`]) in the same copy; returns the step
+    /// output and the norms.
+    pub fn read(
+        &mut self,
+        be: &mut B,
+        norms: Option<&B::F32>,
+        probs: TeacherProbs,
+    ) -> Result<(StepOutput, Vec<f32>)> {
+        let q = &self.queued;
+        let w = q
+            .weights
+            .ok_or_else(|| Error::Config("SslStep::read before a step ran".into()))?;
+        let readback = readback(&mut self.ws.readback)?;
+        let n_norms = norms.map_or(0, |n| n.len());
+        if n_norms > MAX_NORMS {
+            return Err(Error::shape(
+                "SslStep::read",
+                format!("{n_norms} norms; room for {MAX_NORMS}"),
+            ));
+        }
+        if let Some(n) = norms {
+            be.copy_f32(
+                &mut *readback.window_mut(SLOT_NORMS..SLOT_NORMS + n_norms)?,
+                n,
+            )?;
+        }
+        let host = be.download_f32(readback)?;
+        let dino = dino_terms(&host[SLOT_DINO..SLOT_DINO + 2], w.dino_loss_weight);
+        let koleo_total = if q.use_koleo {
+            w.koleo_loss_weight * host[SLOT_KOLEO] + w.koleo_loss_weight * host[SLOT_KOLEO + 1]
+        } else {
+            0.0
+        };
+        let ibot = host[SLOT_IBOT];
+        let mut out = StepOutput {
+            loss: dino.total + koleo_total + w.ibot_loss_weight * ibot,
+            dino_local_crops_loss: dino.local,
+            dino_global_crops_loss: dino.global,
+            koleo_loss: koleo_total / 2.0,
+            ibot_loss: ibot / 2.0,
+            teacher_entropy: host[SLOT_ENTROPY],
+            teacher_dino_probs: Vec::new(),
+            teacher_ibot_probs: Vec::new(),
+        };
+        if probs == TeacherProbs::Download {
+            out.teacher_dino_probs = be.download_f32(&*self.ws.dino_probs.get()?)?;
+            if q.ibot() {
+                out.teacher_ibot_probs = be.download_f32(&*self.ws.ibot_probs.get()?)?;
+            }
+        }
+        Ok((out, host[SLOT_NORMS..SLOT_NORMS + n_norms].to_vec()))
+    }
+}
+
+/// The read-back buffer, allocated by [`SslStep::prepare`].
+fn readback<Buf>(slot: &mut Option<Buf>) -> Result<&mut Buf> {
+    slot.as_mut()
+        .ok_or_else(|| Error::Unsupported("read-back buffer missing".into()))
+}
+
+/// The masks a step needs: the batch's when the method uses iBOT (an error if it has none),
+/// else none; checked against the batch.
+fn step_masks<'a>(method: Method, batch: &StepBatch<'a>) -> Result<Option<&'a MaskBatch>> {
+    let masks = match (method.uses_ibot(), batch.masks) {
+        (true, Some(m)) => Some(m),
+        (true, None) => {
+            return Err(Error::Config(format!(
+                "method {method} needs global-crop masks"
+            )))
+        }
+        (false, _) => None,
+    };
+    if batch.n_img == 0 {
+        return Err(Error::shape("ssl step", "a batch needs at least one image"));
+    }
+    if let Some(m) = masks {
+        if m.n_crops != 2 * batch.n_img {
+            return Err(Error::shape(
+                "ssl step",
+                format!(
+                    "masks cover {} crops, the batch has {}",
+                    m.n_crops,
+                    2 * batch.n_img
+                ),
+            ));
+        }
+    }
+    Ok(masks)
 }
 
 /// A fresh [`DropPath`] borrowing the step's generator, one per backbone call.
@@ -176,224 +814,21 @@ fn reborrow<'a>(drop_path: &'a mut Option<(f32, &mut Rng)>) -> Option<DropPath<'
         .map(|(rate, rng)| DropPath { rate: *rate, rng })
 }
 
-fn mean_entropy(probs: &[f32], k: usize) -> f32 {
-    let rows = probs.len() / k.max(1);
-    let total: f64 = probs
-        .iter()
-        .filter(|&&p| p > 0.0)
-        .map(|&p| -(p as f64) * (p as f64).ln())
-        .sum();
-    (total / rows.max(1) as f64) as f32
-}
-
-/// Forward and backward of one DINOv2 step. Student parameter gradients **accumulate** into
-/// `grads` (zero it first). `drop_path` is the student's stochastic-depth rate and generator
-/// (`None` = off); the teacher never drops.
-#[allow(clippy::too_many_arguments)]
-pub fn forward_backward(
-    model: &SslModel,
-    student: &[f32],
-    teacher: &[f32],
-    grads: &mut [f32],
-    batch: &StepBatch<'_>,
-    targets: &mut TeacherTargets,
-    teacher_temp: f32,
-    losses: &LossConfig,
-    mut drop_path: Option<(f32, &mut Rng)>,
-) -> Result<StepOutput> {
-    let (b, nl) = (batch.n_img, batch.n_local);
-    let (g_size, l_size) = (batch.global_size, batch.local_size);
-    let d = model.backbone.cfg.embed_dim;
-    let k = model.dino_head.out_dim;
-    let use_ibot = losses.method.uses_ibot();
-    let use_koleo = losses.method.uses_koleo();
-    let masks = match (use_ibot, batch.masks) {
-        (true, Some(m)) => Some(m),
-        (true, None) => {
-            return Err(Error::Config(format!(
-                "method {} needs global-crop masks",
-                losses.method
-            )))
-        }
-        (false, _) => None,
-    };
-    if let Some(m) = masks {
-        if m.n_crops != 2 * b {
-            return Err(Error::shape(
-                "ssl step",
-                format!("masks cover {} crops, the batch has {}", m.n_crops, 2 * b),
-            ));
-        }
-    }
-    let n_global = 2 * b;
-
-    // ---- Teacher: no gradient, no masks, no drop path.
-    let t_out =
-        model
-            .backbone
-            .forward_inference(teacher, batch.global, n_global, g_size, g_size, None)?;
-    let (t_cls_logits, _) = model.dino_head.forward(teacher, &t_out.cls, n_global); // [2B, K]
-    let mut teacher_dino_probs = vec![0f32; n_global * k]; // [2B, K]
-    targets.dino.teacher_probs(
-        &mut teacher_dino_probs,
-        &t_cls_logits,
-        n_global,
-        k,
-        teacher_temp,
-    )?;
-    let patch_head = model.patch_head();
-    let ki = patch_head.out_dim;
-    let mut teacher_ibot_probs = Vec::new(); // [M, Ki]
-    if let Some(m) = masks {
-        let t_masked = gather_rows(&t_out.patch, d, &m.mask_indices); // [M, D]
-        let (t_patch_logits, _) = patch_head.forward(teacher, &t_masked, m.n_masked());
-        teacher_ibot_probs = vec![0f32; m.n_masked() * ki];
-        targets.ibot.teacher_probs(
-            &mut teacher_ibot_probs,
-            &t_patch_logits,
-            m.n_masked(),
-            ki,
-            teacher_temp,
-        )?;
-    }
-    drop(t_out);
-
-    // ---- Student forward: masked global crops, then local crops (separate drop-path draws,
-    // as the official list forward draws per list element).
-    let (g, g_cache) = model.backbone.forward(
-        student,
-        batch.global,
-        n_global,
-        g_size,
-        g_size,
-        masks.map(|m| m.masks.as_slice()),
-        reborrow(&mut drop_path),
-    )?;
-    let local = if nl > 0 {
-        Some(model.backbone.forward(
-            student,
-            batch.local,
-            nl * b,
-            l_size,
-            l_size,
-            None,
-            reborrow(&mut drop_path),
-        )?)
-    } else {
-        None
-    };
-
-    // ---- Heads and losses.
-    let (s_global, h_global) = model.dino_head.forward(student, &g.cls, n_global); // [2B, K]
-    let (s_local, h_local) = match &local {
-        Some((l, _)) => {
-            let (s, h) = model.dino_head.forward(student, &l.cls, nl * b);
-            (s, Some(h))
-        }
-        None => (Vec::new(), None),
-    };
-    let mut ds_global = vec![0f32; n_global * k];
-    let mut ds_local = vec![0f32; nl * b * k];
-    let dino = dino_loss_forward_backward(
-        &mut ds_global,
-        &mut ds_local,
-        &s_global,
-        &s_local,
-        &teacher_dino_probs,
-        b,
-        nl,
-        k,
-        losses.student_temp,
-        losses.dino_loss_weight,
-    )?;
-
-    // d loss / d (student global CLS tokens), [2B, D]: the head's part plus KoLeo's.
-    let mut d_cls_global = model
-        .dino_head
-        .backward(student, grads, &h_global, &ds_global);
-    let mut koleo_total = 0f32;
-    if use_koleo {
-        for crop in 0..2 {
-            let rows = crop * b * d..(crop + 1) * b * d;
-            let kl = koleo_loss_forward_backward(
-                &mut d_cls_global[rows.clone()],
-                &g.cls[rows],
-                b,
-                d,
-                losses.koleo_loss_weight,
-                Accumulate::Add,
-            )?;
-            koleo_total += losses.koleo_loss_weight * kl;
-        }
-    }
-
-    let n_patches = g.n_patches;
-    let mut d_patch_global = vec![0f32; n_global * n_patches * d]; // [2B, N, D]
-    let mut ibot = 0f32;
-    if let Some(m) = masks {
-        let s_masked_in = gather_rows(&g.patch, d, &m.mask_indices); // [M, D]
-        let (s_patch, h_patch) = patch_head.forward(student, &s_masked_in, m.n_masked());
-        let mut ds_patch = vec![0f32; m.n_masked() * ki];
-        ibot = ibot_loss_forward_backward(
-            &mut ds_patch,
-            &s_patch,
-            &teacher_ibot_probs,
-            &m.masks_weight,
-            n_global,
-            m.n_masked(),
-            ki,
-            losses.student_temp,
-            losses.ibot_loss_weight,
-        )?;
-        let d_masked = patch_head.backward(student, grads, &h_patch, &ds_patch);
-        scatter_add_rows(&mut d_patch_global, &d_masked, d, &m.mask_indices);
-    }
-
-    // ---- Backbone backward.
-    model.backbone.backward(
-        student,
-        grads,
-        &g_cache,
-        &d_cls_global,
-        &d_patch_global,
-        None,
-    )?;
-    drop(g_cache);
-    if let (Some((l, l_cache)), Some(h_local)) = (local, h_local) {
-        let d_cls_local = model
-            .dino_head
-            .backward(student, grads, &h_local, &ds_local);
-        let d_patch_local = vec![0f32; l.cls.len() / d * l.n_patches * d];
-        model
-            .backbone
-            .backward(student, grads, &l_cache, &d_cls_local, &d_patch_local, None)?;
-    }
-
-    let loss = dino.total + koleo_total + losses.ibot_loss_weight * ibot;
-    Ok(StepOutput {
-        loss,
-        dino_local_crops_loss: dino.local,
-        dino_global_crops_loss: dino.global,
-        koleo_loss: koleo_total / 2.0,
-        ibot_loss: ibot / 2.0,
-        teacher_entropy: mean_entropy(&teacher_dino_probs, k),
-        teacher_dino_probs,
-        teacher_ibot_probs,
-    })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn gather_and_scatter_are_adjoint() {
-        let x: Vec<f32> = (0..12).map(|v| v as f32).collect(); // [4, 3]
-        let idx = [2, 0, 2];
-        let g = gather_rows(&x, 3, &idx);
-        assert_eq!(g, vec![6., 7., 8., 0., 1., 2., 6., 7., 8.]);
-        let mut dx = vec![0f32; 12];
-        scatter_add_rows(&mut dx, &[1.0; 9], 3, &idx);
-        assert_eq!(dx, vec![1., 1., 1., 0., 0., 0., 2., 2., 2., 0., 0., 0.]);
-    }
+/// `out [M, D]` = the masked rows of `patch [2B, N, D]`.
+fn gather_masked<B: Backend>(
+    be: &mut B,
+    out: &mut Grow<B::BufF32>,
+    patch: &B::F32,
+    indices: &Grow<B::BufI64>,
+    s: &Shape,
+) -> Result<()> {
+    grow(be, out, s.n_masked() * s.d)?;
+    let indices = indices.get()?;
+    be.gather_rows(
+        &mut *out.get_mut()?,
+        patch,
+        &indices,
+        &s.mask_host,
+        s.patches(),
+    )
 }

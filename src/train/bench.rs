@@ -156,7 +156,7 @@ pub enum BenchDevice {
 impl BenchDevice {
     fn of(device: &ResolvedDevice) -> Self {
         match device {
-            ResolvedDevice::Cpu => BenchDevice::Cpu,
+            ResolvedDevice::Cpu(_) => BenchDevice::Cpu,
             ResolvedDevice::Cuda(_) => BenchDevice::Cuda,
         }
     }
@@ -387,7 +387,7 @@ pub fn run(opts: &BenchOptions, on_step: &mut dyn FnMut(&StepTiming)) -> Result<
             eprintln!("device auto: using the CPU ({why})");
             kind = BenchDevice::Cpu;
             config = bench_config(opts, kind)?;
-            Trainer::new_on(plan_from_config(&config)?, ResolvedDevice::Cpu)?
+            Trainer::new_on(plan_from_config(&config)?, ResolvedDevice::cpu())?
         }
         Err(e) => return Err(e),
     };

@@ -30,7 +30,6 @@
 pub mod bench;
 pub mod checkpoint;
 pub mod config;
-pub mod device;
 pub mod export;
 pub mod metrics;
 pub mod outdir;
@@ -38,6 +37,7 @@ pub mod plot;
 pub mod pretrained;
 pub mod progress;
 pub mod run;
+pub mod state;
 pub mod trainer;
 
 pub use config::{Config, ConfigBuilder, Method, Preset, ResolvedConfig};

@@ -26,9 +26,10 @@ use crate::error::{Error, Result};
 use crate::eval::backbone::arch_metadata;
 use crate::eval::embed::{knn_top1, source_features, source_labels};
 use crate::nn::{Ffn, VitConfig};
+use crate::optim::AdamWState;
 use crate::optim::LayerDecay;
 use crate::ssl::dino_loss::STUDENT_TEMP;
-use crate::ssl::step::{HeadConfig, LossConfig};
+use crate::ssl::step::{HeadConfig, LossConfig, SslModel};
 use crate::tensor::Tensor;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -168,6 +169,7 @@ pub fn plan_from_config(r: &ResolvedConfig) -> Result<TrainPlan> {
         },
         clip_grad: c.optim.clip_grad as f32,
         seed: c.train.seed,
+        precision: None,
         vit,
     })
 }
@@ -278,16 +280,15 @@ fn knn_accuracy(
 
 /// Student weights at the start of a run: official initialisation from the seed, with the
 /// backbone replaced by pretrained weights when the configuration names some.
-fn initial_student(trainer: &Trainer, start: &StartingPoint) -> Result<Vec<f32>> {
-    let mut student = trainer.model.table.init(&mut crate::rng::keyed(
-        trainer.plan.seed,
-        &[crate::rng::stream::INIT],
-    ));
+fn initial_student(model: &SslModel, seed: u64, start: &StartingPoint) -> Result<Vec<f32>> {
+    let mut student = model
+        .table
+        .init(&mut crate::rng::keyed(seed, &[crate::rng::stream::INIT]));
     if let StartingPoint::Weights(source) = start {
         let (path, format) = source.locate()?;
         let backbone = read_backbone(&path, format)?;
         load_backbone_into(
-            &trainer.model.table,
+            &model.table,
             &mut student,
             &backbone,
             &path.display().to_string(),
@@ -303,16 +304,16 @@ fn center_tensor(center: Option<&[f32]>) -> Option<Tensor> {
     })
 }
 
-/// Writes a checkpoint of the trainer's state.
+/// Writes a checkpoint of the trainer's state (read back from its device).
 fn save_checkpoint(
     run: &RunDir,
-    trainer: &Trainer,
+    trainer: &mut Trainer,
     identity: &BTreeMap<String, String>,
-    images_seen: u64,
     n_images: u64,
 ) -> Result<PathBuf> {
-    let dino = center_tensor(trainer.targets.dino.center());
-    let ibot = center_tensor(trainer.targets.ibot.center());
+    let state = trainer.snapshot()?;
+    let dino = center_tensor(state.targets.dino.center());
+    let ibot = center_tensor(state.targets.ibot.center());
     let mut buffers: Vec<(&str, &Tensor)> = Vec::new();
     if let Some(t) = &dino {
         buffers.push(("dino_center", t));
@@ -322,16 +323,17 @@ fn save_checkpoint(
     }
     let mut extra = BTreeMap::new();
     extra.insert("dinotrain_version".into(), env!("CARGO_PKG_VERSION").into());
-    let state = CheckpointRef {
+    let images_seen = state.step * trainer.plan.batch_size as u64;
+    let ckpt = CheckpointRef {
         params: &trainer.model.table,
-        student: &trainer.student,
-        teacher: &trainer.teacher,
-        exp_avg: &trainer.optimizer.state.exp_avg,
-        exp_avg_sq: &trainer.optimizer.state.exp_avg_sq,
-        adam_step: trainer.optimizer.state.step,
+        student: &state.student,
+        teacher: &state.teacher,
+        exp_avg: &state.optimizer.exp_avg,
+        exp_avg_sq: &state.optimizer.exp_avg_sq,
+        adam_step: state.optimizer.step,
         buffers: &buffers,
         position: RunPosition {
-            step: trainer.step,
+            step: state.step,
             epoch: images_seen / n_images.max(1),
             seed: trainer.plan.seed,
             images_in_epoch: images_seen % n_images.max(1),
@@ -339,7 +341,7 @@ fn save_checkpoint(
         config: identity,
         extra: &extra,
     };
-    checkpoint::save(&run.checkpoints(), &state)
+    checkpoint::save(&run.checkpoints(), &ckpt)
 }
 
 /// Restores the trainer from the run folder's latest checkpoint.
@@ -369,14 +371,17 @@ fn resume(
             diffs.join("; ")
         ))?;
     }
-    trainer.student = ckpt.student;
-    trainer.teacher = ckpt.teacher;
-    trainer.optimizer.state.exp_avg = ckpt.exp_avg;
-    trainer.optimizer.state.exp_avg_sq = ckpt.exp_avg_sq;
-    trainer.optimizer.state.step = ckpt.adam_step;
+    let mut state = trainer.snapshot()?;
+    state.student = ckpt.student;
+    state.teacher = ckpt.teacher;
+    state.optimizer = AdamWState {
+        exp_avg: ckpt.exp_avg,
+        exp_avg_sq: ckpt.exp_avg_sq,
+        step: ckpt.adam_step,
+    };
     for (name, centering) in [
-        ("dino_center", &mut trainer.targets.dino),
-        ("ibot_center", &mut trainer.targets.ibot),
+        ("dino_center", &mut state.targets.dino),
+        ("ibot_center", &mut state.targets.ibot),
     ] {
         if let crate::ssl::Centering::Softmax { center, .. } = centering {
             let t = ckpt.buffers.get(name).ok_or_else(|| Error::Checkpoint {
@@ -396,11 +401,12 @@ fn resume(
             center.copy_from_slice(&t.data);
         }
     }
-    trainer.step = ckpt.position.step;
+    state.step = ckpt.position.step;
+    trainer.restore(&state)?;
     log.line(&format!(
         "resumed from {} at step {}",
         path.display(),
-        trainer.step
+        trainer.step()
     ))?;
     Ok(())
 }
@@ -464,11 +470,11 @@ impl LoopTimes {
         knn: Option<KnnReport>,
         checkpoint: Option<PathBuf>,
     ) -> TrainSummary {
-        let steps_this_run = trainer.step - first_step;
+        let steps_this_run = trainer.step() - first_step;
         let images = steps_this_run as f64 * trainer.plan.batch_size as f64;
         TrainSummary {
             output_dir: run.root.clone(),
-            steps: trainer.step,
+            steps: trainer.step(),
             steps_this_run,
             last: records.last().cloned(),
             knn,
@@ -526,9 +532,10 @@ pub fn train(options: TrainOptions) -> Result<TrainSummary> {
     let knn = knn_sources(r)?;
     // The device is resolved once: `auto` falls back to the CPU with one line saying why.
     let device = resolve_device(r.device)?;
-    let mut trainer = Trainer::new_on(plan.clone(), device)?;
+    let model = SslModel::new(&plan.vit, plan.dino_head, plan.ibot_head)?;
+    let initial = initial_student(&model, plan.seed, &r.start)?;
+    let mut trainer = Trainer::from_parts_on(plan.clone(), model, initial.clone(), device)?;
     log.line(&format!("device: {}", trainer.device_name()))?;
-    let initial = initial_student(&trainer, &r.start)?;
     let resuming = options.outdir == OutdirMode::Resume;
     if resuming {
         resume(
@@ -538,12 +545,8 @@ pub fn train(options: TrainOptions) -> Result<TrainSummary> {
             options.allow_config_change,
             &mut log,
         )?;
-    } else {
-        trainer.student = initial.clone();
-        trainer.teacher = initial.clone();
     }
-    trainer.sync_to_device()?;
-    let first_step = trainer.step;
+    let first_step = trainer.step();
     let total = r.total_iters;
     log.line(&format!(
         "{} images; model {} parameters ({} backbone); {} steps from step {first_step}; batch {}; lr {:.3e}",
@@ -609,7 +612,7 @@ pub fn train(options: TrainOptions) -> Result<TrainSummary> {
     let d = &r.config.dinotrain;
     let mut last_checkpoint = None;
     let loop_start = Instant::now();
-    while trainer.step < total {
+    while trainer.step() < total {
         let step_start = Instant::now();
         let waited_before = loader.wait_seconds();
         let batch = loader.next_batch()?;
@@ -647,32 +650,24 @@ pub fn train(options: TrainOptions) -> Result<TrainSummary> {
         });
         records.push(m);
         let step = record.step;
-        let images_seen = trainer.step * plan.batch_size as u64;
-        if every(r.checkpoint_every, step) && trainer.step < total {
-            trainer.sync_to_host()?;
-            last_checkpoint = Some(save_checkpoint(
-                &run,
-                &trainer,
-                &identity,
-                images_seen,
-                n_images,
-            )?);
+        if every(r.checkpoint_every, step) && trainer.step() < total {
+            last_checkpoint = Some(save_checkpoint(&run, &mut trainer, &identity, n_images)?);
             checkpoint::prune(&run.checkpoints(), d.keep_checkpoints.max(1))?;
         }
         if every(d.plot_every, step) {
             plot::write_png(&records, "dinotrain", &run.plot_path())?;
         }
-        if d.stop_after == Some(trainer.step - first_step) && trainer.step < total {
+        if d.stop_after == Some(trainer.step() - first_step) && trainer.step() < total {
             progress.finish();
             log.line(&format!(
                 "stopped after {} steps (dinotrain.stop_after), at step {}",
-                trainer.step - first_step,
-                trainer.step
+                trainer.step() - first_step,
+                trainer.step()
             ))?;
             return Ok(times.summary(&run, &trainer, first_step, &records, None, last_checkpoint));
         }
         if let Some(sources) = &knn {
-            if every(d.knn_every, step) && trainer.step < total {
+            if every(d.knn_every, step) && trainer.step() < total {
                 // The teacher is read where it lives: no download of the whole state.
                 let acc =
                     knn_accuracy(&mut trainer, EvalWeights::Teacher, sources, k, temperature)?;
@@ -682,17 +677,9 @@ pub fn train(options: TrainOptions) -> Result<TrainSummary> {
         }
     }
     progress.finish();
-    trainer.sync_to_host()?;
-    let steps_this_run = trainer.step - first_step;
+    let steps_this_run = trainer.step() - first_step;
     if steps_this_run > 0 || last_checkpoint.is_none() {
-        let images_seen = trainer.step * plan.batch_size as u64;
-        last_checkpoint = Some(save_checkpoint(
-            &run,
-            &trainer,
-            &identity,
-            images_seen,
-            n_images,
-        )?);
+        last_checkpoint = Some(save_checkpoint(&run, &mut trainer, &identity, n_images)?);
         checkpoint::prune(&run.checkpoints(), d.keep_checkpoints.max(1))?;
     }
     if !records.is_empty() {
@@ -700,11 +687,12 @@ pub fn train(options: TrainOptions) -> Result<TrainSummary> {
     }
     let export = run.export_path();
     let mut meta = arch_metadata(&trainer.model.backbone.cfg);
-    meta.insert("dinotrain.step".into(), trainer.step.to_string());
+    meta.insert("dinotrain.step".into(), trainer.step().to_string());
+    let state = trainer.snapshot()?;
     export_backbone(
         &export,
         &trainer.model.table,
-        &trainer.teacher,
+        &state.teacher,
         KeyNaming::Official,
         &meta,
     )?;
@@ -729,7 +717,7 @@ pub fn train(options: TrainOptions) -> Result<TrainSummary> {
             ))?;
             let json = serde_json::json!({
                 "k": k, "trained_top1": trained, "initial_top1": initial_top1,
-                "n_train": report.n_train, "n_test": report.n_test, "step": trainer.step,
+                "n_train": report.n_train, "n_test": report.n_test, "step": trainer.step(),
             });
             crate::io::write_atomic(&run.knn_path(), json.to_string().as_bytes())?;
             Some(report)

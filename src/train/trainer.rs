@@ -1,28 +1,28 @@
-//! The training state and one full iteration: masks, schedules, the SSL step (forward and
-//! backward), gradient clipping per submodule, AdamW, and the EMA teacher (spec section 8,
-//! `train.py::do_train`). The loop around it (data, logs, checkpoints) is in `run.rs`.
+//! The trainer: one full iteration (masks, schedules, the SSL step forward and backward,
+//! gradient clipping per submodule, AdamW, the EMA teacher; spec section 8,
+//! `train.py::do_train`) on the device the trainer was built for. The loop around it (data,
+//! logs, checkpoints) is in `run.rs`.
 //!
-//! Everything random is keyed by (seed, step), so a run resumed from a checkpoint at step `s`
-//! computes exactly what the uninterrupted run computed.
-//!
-//! Built on a CUDA device ([`Trainer::new_on`]), the iteration runs there (`super::device`):
-//! the same masks, drop-path draws and schedules, bf16 GEMMs. The host fields (`student`,
-//! `teacher`, the optimizer moments, the centers) are then a copy that
-//! [`Trainer::sync_to_host`] refreshes and [`Trainer::sync_to_device`] uploads.
+//! The state lives on the device ([`super::state::TrainState`]); [`Trainer::snapshot`] and
+//! [`Trainer::restore`] move it to and from the host. Everything random is keyed by
+//! (seed, step), so a run resumed from a checkpoint at step `s` computes exactly what the
+//! uninterrupted run computed.
 
-use super::device::{DeviceTrainer, IterationInputs};
-use crate::backend::cpu::optimizer::AdamHyper;
-use crate::backend::cuda::ResolvedDevice;
+use super::state::{HostState, TrainState};
+use crate::backend::cpu::CpuBackend;
+use crate::backend::cuda::{GemmStats, ResolvedDevice};
+use crate::backend::{Backend, Counters, Precision, WeightStore};
 use crate::error::{Error, Result};
 use crate::eval::FeatureExtractor;
-use crate::nn::VitConfig;
+use crate::nn::{Vit, VitConfig};
 use crate::optim::{
-    clip_grad_norms, ema_update, AdamW, LayerDecay, ParamGroups, ScheduledValues, Schedules,
+    ema_update, AdamHyper, GradClipper, LayerDecay, ParamGroups, ScheduledValues, Schedules,
     SubmoduleSpan,
 };
-use crate::rng::{keyed, stream};
+use crate::rng::{keyed, stream, Rng};
 use crate::ssl::step::{
-    forward_backward, HeadConfig, LossConfig, SslModel, StepBatch, StepOutput, TeacherTargets,
+    HeadConfig, LossConfig, SslModel, SslStep, StepBatch, StepInputs, StepOutput, TeacherProbs,
+    TeacherTargets,
 };
 use crate::ssl::{collate_masks, Centering, MaskingGenerator};
 use crate::train::config::Centering as CenteringMode;
@@ -52,14 +52,18 @@ pub struct TrainPlan {
     pub adam: AdamHyper,
     pub clip_grad: f32,
     pub seed: u64,
+    /// The precision the step runs in; `None` = the device's default (f32 on the CPU, bf16 on
+    /// CUDA, the only precision the CUDA backend runs).
+    pub precision: Option<Precision>,
 }
 
 /// The weights an evaluation reads.
 #[derive(Clone, Copy, Debug)]
 pub enum EvalWeights<'a> {
-    /// The current teacher, wherever it lives.
+    /// The current teacher, read where it lives.
     Teacher,
-    /// Host parameters of the whole model's layout (e.g. the initial weights).
+    /// Host parameters of the whole model's layout (e.g. the initial weights), uploaded for
+    /// the evaluation.
     Host(&'a [f32]),
 }
 
@@ -76,46 +80,196 @@ pub struct StepRecord {
     pub n_masked: usize,
 }
 
-/// The model, its two parameter buffers, the optimizer and the teacher-target state.
+/// What one iteration needs besides the model.
+struct Iteration<'a, 'r> {
+    batch: StepBatch<'a>,
+    scheduled: &'a ScheduledValues,
+    losses: &'a LossConfig,
+    clip_grad: f32,
+    drop_path: Option<(f32, &'r mut Rng)>,
+}
+
+/// A trainer's device side: the state, the step's workspaces and one iteration, over one
+/// backend (object-safe, so [`Trainer`] is one type whatever the device).
+trait Engine {
+    /// One iteration of the step number `step`; returns the losses and the gradient norms per
+    /// submodule (before clipping). A non-finite loss or norm stops before any update.
+    fn iteration(
+        &mut self,
+        model: &SslModel,
+        it: Iteration<'_, '_>,
+        step: u64,
+    ) -> Result<(StepOutput, Vec<f32>)>;
+    fn snapshot(&mut self) -> Result<HostState>;
+    fn restore(&mut self, model: &SslModel, host: &HostState) -> Result<()>;
+    fn step(&self) -> u64;
+    fn span_names(&self) -> Vec<String>;
+    fn features<'a>(
+        &'a mut self,
+        vit: &'a Vit,
+        weights: EvalWeights<'_>,
+    ) -> Result<FeatureExtractor<'a>>;
+    fn describe(&self) -> String;
+    fn counters(&self) -> Counters;
+    fn peak_memory(&self) -> Option<u64>;
+}
+
+struct DeviceEngine<B: Backend> {
+    be: B,
+    state: TrainState<B>,
+    step: SslStep<B>,
+    clipper: GradClipper<B>,
+    grads: B::BufF32, // [P] student gradients of the current step
+    /// Largest device memory in use seen after an iteration, where the device reports it.
+    peak_memory: Option<u64>,
+}
+
+impl<B: Backend> DeviceEngine<B> {
+    fn new(mut be: B, model: &SslModel, plan: &TrainPlan, host: &HostState) -> Result<Self> {
+        let groups = ParamGroups::from_table(&model.table, &plan.layer_decay)?;
+        let spans = SubmoduleSpan::from_table(&model.table);
+        let state = TrainState::new(&mut be, model, &groups, plan.adam, host)?;
+        let mut engine = DeviceEngine {
+            step: SslStep::new(&mut be, model)?,
+            clipper: GradClipper::new(&mut be, &spans)?,
+            grads: be.alloc_f32(model.table.len())?,
+            state,
+            peak_memory: None,
+            be,
+        };
+        engine.sample_memory();
+        Ok(engine)
+    }
+
+    fn sample_memory(&mut self) {
+        if let Some(now) = self.be.memory_in_use() {
+            self.peak_memory = Some(self.peak_memory.unwrap_or(0).max(now));
+        }
+    }
+}
+
+impl<B: Backend> Engine for DeviceEngine<B> {
+    fn iteration(
+        &mut self,
+        model: &SslModel,
+        it: Iteration<'_, '_>,
+        step: u64,
+    ) -> Result<(StepOutput, Vec<f32>)> {
+        let DeviceEngine {
+            be,
+            state,
+            step: ssl,
+            clipper,
+            grads,
+            ..
+        } = self;
+        be.zero_f32(grads)?;
+        let s = it.scheduled;
+        let inputs = StepInputs {
+            model,
+            student: &state.student,
+            teacher: &state.teacher,
+            batch: &it.batch,
+            teacher_temp: s.teacher_temp as f32,
+            losses: it.losses,
+            drop_path: it.drop_path,
+        };
+        ssl.run(be, inputs, grads, &mut state.targets)?;
+        clipper.clip(be, grads, it.clip_grad)?;
+        let (losses, norms) = ssl.read(be, Some(clipper.norms()), TeacherProbs::Skip)?;
+        let names = clipper.names().map(String::from).collect::<Vec<_>>();
+        non_finite_check(&losses, &names, &norms, step)?;
+        let lrs = (s.lr, s.last_layer_lr, s.wd);
+        state
+            .optimizer
+            .step(be, state.student.f32_mut(), grads, lrs)?;
+        ema_update(be, state.teacher.f32_mut(), state.student.f32(), s.momentum)?;
+        be.refresh_weights(&mut state.student)?;
+        be.refresh_weights(&mut state.teacher)?;
+        state.step += 1;
+        self.sample_memory();
+        Ok((losses, norms))
+    }
+
+    fn snapshot(&mut self) -> Result<HostState> {
+        self.state.snapshot(&mut self.be)
+    }
+
+    fn restore(&mut self, model: &SslModel, host: &HostState) -> Result<()> {
+        self.state.restore(&mut self.be, model, host)
+    }
+
+    fn step(&self) -> u64 {
+        self.state.step
+    }
+
+    fn span_names(&self) -> Vec<String> {
+        self.clipper.names().map(String::from).collect()
+    }
+
+    fn features<'a>(
+        &'a mut self,
+        vit: &'a Vit,
+        weights: EvalWeights<'_>,
+    ) -> Result<FeatureExtractor<'a>> {
+        match weights {
+            EvalWeights::Teacher => Ok(FeatureExtractor::borrowing(
+                &mut self.be,
+                vit,
+                &self.state.teacher,
+            )),
+            EvalWeights::Host(params) => FeatureExtractor::uploading(&mut self.be, vit, params),
+        }
+    }
+
+    fn describe(&self) -> String {
+        self.be.describe()
+    }
+
+    fn counters(&self) -> Counters {
+        self.be.counters()
+    }
+
+    fn peak_memory(&self) -> Option<u64> {
+        self.peak_memory
+    }
+}
+
+/// The model, its layout, the masking generator and the device engine holding the state.
 pub struct Trainer {
     pub plan: TrainPlan,
     pub model: SslModel,
-    /// `[P]` student parameters (trained by AdamW).
-    pub student: Vec<f32>,
-    /// `[P]` teacher parameters (EMA of the student).
-    pub teacher: Vec<f32>,
-    /// `[P]` student gradients of the current step.
-    grads: Vec<f32>,
-    pub optimizer: AdamW,
-    pub targets: TeacherTargets,
-    spans: Vec<SubmoduleSpan>,
     masking: MaskingGenerator,
-    /// The next iteration to run.
-    pub step: u64,
-    /// The CUDA state when the trainer runs on a GPU.
-    device: Option<Box<DeviceTrainer>>,
+    engine: Box<dyn Engine>,
 }
 
 impl std::fmt::Debug for Trainer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Trainer")
-            .field("step", &self.step)
+            .field("step", &self.step())
             .field("device", &self.device_name())
             .finish_non_exhaustive()
     }
 }
 
 impl Trainer {
-    /// A fresh run: official initialisation of the student from the seed, teacher = student.
+    /// A fresh run on the CPU: official initialisation of the student from the seed, teacher =
+    /// student.
     pub fn new(plan: TrainPlan) -> Result<Self> {
-        Self::new_on(plan, ResolvedDevice::Cpu)
+        Self::new_on(plan, ResolvedDevice::cpu())
     }
 
-    /// A fresh run on `device` (the CPU, or a CUDA device the state is uploaded to).
+    /// A fresh run on `device`.
     pub fn new_on(plan: TrainPlan, device: ResolvedDevice) -> Result<Self> {
         let model = SslModel::new(&plan.vit, plan.dino_head, plan.ibot_head)?;
         let student = model.table.init(&mut keyed(plan.seed, &[stream::INIT]));
         Self::from_parts_on(plan, model, student, device)
+    }
+
+    /// A run starting from given student weights (pretrained backbone, fresh heads, ...) on the
+    /// CPU; the teacher starts as a copy, as in the official code.
+    pub fn from_parts(plan: TrainPlan, model: SslModel, student: Vec<f32>) -> Result<Self> {
+        Self::from_parts_on(plan, model, student, ResolvedDevice::cpu())
     }
 
     /// [`Trainer::from_parts`] on `device`.
@@ -125,103 +279,23 @@ impl Trainer {
         student: Vec<f32>,
         device: ResolvedDevice,
     ) -> Result<Self> {
-        let mut trainer = Self::from_parts(plan, model, student)?;
-        if let ResolvedDevice::Cuda(gpu) = device {
-            let groups = ParamGroups::from_table(&trainer.model.table, &trainer.plan.layer_decay)?;
-            trainer.device = Some(Box::new(DeviceTrainer::new(
-                *gpu,
-                &trainer.model,
-                &groups,
-                &trainer.spans,
-                &trainer.student,
-                &trainer.teacher,
-                &trainer.optimizer,
-                &trainer.targets,
-            )?));
-        }
-        Ok(trainer)
+        let host = HostState::fresh(student, fresh_targets(&plan));
+        Self::from_state_on(plan, model, &host, device)
     }
 
-    /// Where the iterations run (`cpu`, or the CUDA device's name).
-    pub fn device_name(&self) -> String {
-        match &self.device {
-            Some(d) => d.device_name(),
-            None => "cpu".to_string(),
-        }
-    }
-
-    /// The most device memory seen in use after an iteration (bytes), on a CUDA device.
-    pub fn peak_device_memory(&self) -> Option<u64> {
-        self.device.as_ref().map(|d| d.peak_memory())
-    }
-
-    /// Device buffers allocated so far by the CUDA step (see `DeviceTrainer::allocations`);
-    /// `None` on the CPU. A steady-state iteration leaves it unchanged.
-    pub fn device_allocations(&self) -> Option<u64> {
-        self.device.as_ref().map(|d| d.allocations())
-    }
-
-    /// Which library ran the GEMMs how often so far (cuBLASLt with fused epilogues, or cuBLAS);
-    /// `None` on the CPU.
-    pub fn gemm_stats(&self) -> Option<crate::backend::cuda::GemmStats> {
-        self.device.as_ref().map(|d| d.gpu.gemm_stats())
-    }
-
-    /// Hand-written kernels launched so far on the CUDA device; `None` on the CPU.
-    pub fn kernel_launches(&self) -> Option<u64> {
-        self.device.as_ref().map(|d| d.gpu.kernel_launches())
-    }
-
-    /// A feature extractor of the backbone with `weights`, on the trainer's device. On CUDA the
-    /// teacher is read where it lives (no [`Trainer::sync_to_host`] needed) and host weights
-    /// are uploaded for the extractor's lifetime.
-    pub fn feature_extractor<'a>(
-        &'a mut self,
-        weights: EvalWeights<'a>,
-    ) -> Result<FeatureExtractor<'a>> {
-        let vit = &self.model.backbone;
-        match (&mut self.device, weights) {
-            (Some(d), EvalWeights::Teacher) => Ok(d.teacher_features(vit)),
-            (Some(d), EvalWeights::Host(params)) => d.host_features(vit, params),
-            (None, EvalWeights::Teacher) => Ok(FeatureExtractor::cpu(vit, &self.teacher)),
-            (None, EvalWeights::Host(params)) => Ok(FeatureExtractor::cpu(vit, params)),
-        }
-    }
-
-    /// Refreshes the host copies (student, teacher, AdamW moments, centers) from the device;
-    /// call before reading them (checkpoint, export, k-NN). Nothing to do on the CPU.
-    pub fn sync_to_host(&mut self) -> Result<()> {
-        match &self.device {
-            Some(d) => d.sync_to_host(
-                &mut self.student,
-                &mut self.teacher,
-                &mut self.optimizer,
-                &mut self.targets,
-            ),
-            None => Ok(()),
-        }
-    }
-
-    /// Uploads the host copies to the device after they were replaced (resume, pretrained
-    /// weights). Nothing to do on the CPU.
-    pub fn sync_to_device(&mut self) -> Result<()> {
-        match &mut self.device {
-            Some(d) => {
-                d.sync_to_device(&self.student, &self.teacher, &self.optimizer, &self.targets)
-            }
-            None => Ok(()),
-        }
-    }
-
-    /// A run starting from given student weights (pretrained backbone, fresh heads, ...); the
-    /// teacher starts as a copy, as in the official code.
-    pub fn from_parts(plan: TrainPlan, model: SslModel, student: Vec<f32>) -> Result<Self> {
-        if student.len() != model.table.len() {
+    /// A trainer holding `host` (a checkpoint's state) on `device`.
+    pub fn from_state_on(
+        plan: TrainPlan,
+        model: SslModel,
+        host: &HostState,
+        device: ResolvedDevice,
+    ) -> Result<Self> {
+        if host.student.len() != model.table.len() {
             return Err(Error::shape(
                 "Trainer",
                 format!(
                     "{} parameter values for a model of {}",
-                    student.len(),
+                    host.student.len(),
                     model.table.len()
                 ),
             ));
@@ -232,35 +306,81 @@ impl Trainer {
                     .into(),
             ));
         }
-        let groups = ParamGroups::from_table(&model.table, &plan.layer_decay)?;
-        let optimizer = AdamW::new(&model.table, &groups, plan.adam)?;
-        let spans = SubmoduleSpan::from_table(&model.table);
         let masking = MaskingGenerator::official(plan.global_crop_size, plan.vit.patch_size)?;
-        let centering = |k: usize| match plan.centering {
-            CenteringMode::Softmax => Centering::softmax(k),
-            CenteringMode::SinkhornKnopp => Centering::sinkhorn_knopp(),
+        let engine: Box<dyn Engine> = match device {
+            ResolvedDevice::Cpu(_) => {
+                let precision = plan.precision.unwrap_or(Precision::F32);
+                let be = CpuBackend::new(precision);
+                Box::new(DeviceEngine::new(be, &model, &plan, host)?)
+            }
+            ResolvedDevice::Cuda(gpu) => {
+                if plan.precision == Some(Precision::F32) {
+                    return Err(Error::Unsupported(
+                        "f32 precision on CUDA: the CUDA backend runs bf16 GEMM operands \
+                         (use --device cpu for an f32 run)"
+                            .into(),
+                    ));
+                }
+                Box::new(DeviceEngine::new(*gpu, &model, &plan, host)?)
+            }
         };
-        let k_ibot = plan
-            .ibot_head
-            .map_or(plan.dino_head.n_prototypes, |h| h.n_prototypes);
-        let targets = TeacherTargets {
-            dino: centering(plan.dino_head.n_prototypes),
-            ibot: centering(k_ibot),
-        };
-        let grads = vec![0f32; student.len()];
         Ok(Trainer {
-            teacher: student.clone(),
-            student,
-            grads,
-            optimizer,
-            targets,
-            spans,
-            masking,
-            model,
             plan,
-            step: 0,
-            device: None,
+            model,
+            masking,
+            engine,
         })
+    }
+
+    /// The next iteration to run.
+    pub fn step(&self) -> u64 {
+        self.engine.step()
+    }
+
+    /// The whole training state read back to the host (checkpoints, export).
+    pub fn snapshot(&mut self) -> Result<HostState> {
+        self.engine.snapshot()
+    }
+
+    /// Replaces the training state (resume, a pretrained start).
+    pub fn restore(&mut self, host: &HostState) -> Result<()> {
+        self.engine.restore(&self.model, host)
+    }
+
+    /// Where the iterations run (`cpu (2 threads, f32)`, or the CUDA device's name).
+    pub fn device_name(&self) -> String {
+        self.engine.describe()
+    }
+
+    /// The backend's counters (allocations, kernel launches, GEMM paths).
+    pub fn counters(&self) -> Counters {
+        self.engine.counters()
+    }
+
+    /// The most device memory seen in use after an iteration (bytes), on a CUDA device.
+    pub fn peak_device_memory(&self) -> Option<u64> {
+        self.engine.peak_memory()
+    }
+
+    /// Buffers the backend allocated so far; a steady-state iteration leaves it unchanged.
+    pub fn device_allocations(&self) -> u64 {
+        self.counters().allocations
+    }
+
+    /// Which library ran the GEMMs how often so far (CUDA); `None` on the CPU.
+    pub fn gemm_stats(&self) -> Option<GemmStats> {
+        self.counters().gemms
+    }
+
+    /// Hand-written kernels launched so far (CUDA); `None` on the CPU.
+    pub fn kernel_launches(&self) -> Option<u64> {
+        self.counters().kernel_launches
+    }
+
+    /// A feature extractor of the backbone with `weights`, on the trainer's device. The
+    /// teacher is read where it lives; host weights are uploaded for the extractor's lifetime.
+    pub fn feature_extractor(&mut self, weights: EvalWeights<'_>) -> Result<FeatureExtractor<'_>> {
+        self.engine.features(&self.model.backbone, weights)
     }
 
     /// Floats in one global-crop batch `[2B, 3, G, G]`.
@@ -277,7 +397,7 @@ impl Trainer {
     /// A non-finite loss or gradient norm stops with an error naming the step and the term,
     /// before any parameter changes.
     pub fn train_step(&mut self, global: &[f32], local: &[f32]) -> Result<StepRecord> {
-        let step = self.step;
+        let step = self.step();
         let plan = &self.plan;
         if global.len() != self.global_len() || local.len() != self.local_len() {
             return Err(Error::shape(
@@ -314,78 +434,36 @@ impl Trainer {
         };
         let mut drop_rng = keyed(plan.seed, &[stream::DROP_PATH, step]);
         let drop_path = (plan.drop_path_rate > 0.0).then_some((plan.drop_path_rate, &mut drop_rng));
-
-        if let Some(device) = &mut self.device {
-            let inputs = IterationInputs {
-                batch,
-                scheduled: &scheduled,
-                losses: &plan.losses,
-                clip_grad: plan.clip_grad,
-                drop_path,
-            };
-            let names = device.span_names();
-            let adam_step = self.optimizer.state.step + 1;
-            let result = device.iteration(&self.model, inputs, adam_step, |r| {
-                non_finite_check(&r.losses, &names, &r.norms, step)
-            })?;
-            self.optimizer.state.step = adam_step;
-            self.step += 1;
-            return Ok(StepRecord {
-                step,
-                n_masked: masks.as_ref().map_or(0, |m| m.n_masked()),
-                losses: result.losses,
-                scheduled,
-                grad_norms: names.into_iter().zip(result.norms).collect(),
-            });
-        }
-
-        self.grads.fill(0.0);
-        let losses = forward_backward(
-            &self.model,
-            &self.student,
-            &self.teacher,
-            &mut self.grads,
-            &batch,
-            &mut self.targets,
-            scheduled.teacher_temp as f32,
-            &plan.losses,
+        let it = Iteration {
+            batch,
+            scheduled: &scheduled,
+            losses: &plan.losses,
+            clip_grad: plan.clip_grad,
             drop_path,
-        )?;
-        if let Some((name, _)) = losses.terms().into_iter().find(|(_, v)| !v.is_finite()) {
-            return Err(Error::NonFinite {
-                what: name.to_string(),
-                step,
-            });
-        }
-        let norms = clip_grad_norms(&mut self.grads, &self.spans, plan.clip_grad)?;
-        let grad_norms: Vec<(String, f32)> = self
-            .spans
-            .iter()
-            .map(|s| s.name.clone())
-            .zip(norms)
-            .collect();
-        if let Some((name, _)) = grad_norms.iter().find(|(_, v)| !v.is_finite()) {
-            return Err(Error::NonFinite {
-                what: format!("{name} gradient norm"),
-                step,
-            });
-        }
-        self.optimizer.step(
-            &mut self.student,
-            &self.grads,
-            scheduled.lr,
-            scheduled.last_layer_lr,
-            scheduled.wd,
-        )?;
-        ema_update(&mut self.teacher, &self.student, scheduled.momentum)?;
-        self.step += 1;
+        };
+        let (losses, norms) = self.engine.iteration(&self.model, it, step)?;
         Ok(StepRecord {
             step,
             n_masked: masks.as_ref().map_or(0, |m| m.n_masked()),
             losses,
             scheduled,
-            grad_norms,
+            grad_norms: self.engine.span_names().into_iter().zip(norms).collect(),
         })
+    }
+}
+
+/// The teacher-target state of a fresh run.
+fn fresh_targets(plan: &TrainPlan) -> TeacherTargets {
+    let centering = |k: usize| match plan.centering {
+        CenteringMode::Softmax => Centering::softmax(k),
+        CenteringMode::SinkhornKnopp => Centering::sinkhorn_knopp(),
+    };
+    let k_ibot = plan
+        .ibot_head
+        .map_or(plan.dino_head.n_prototypes, |h| h.n_prototypes);
+    TeacherTargets {
+        dino: centering(plan.dino_head.n_prototypes),
+        ibot: centering(k_ibot),
     }
 }
 

@@ -4,21 +4,7 @@
 //! Every matrix is a contiguous row-major slice. `Transpose::Yes` means the operand is *stored*
 //! transposed, e.g. a `Linear` weight `[out, in]` used as the right operand of `x · Wᵀ`.
 
-/// Whether an operand is stored transposed relative to its role in the product.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Transpose {
-    No,
-    Yes,
-}
-
-/// What happens to the previous contents of the output.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Accumulate {
-    /// `C = A·B`
-    Overwrite,
-    /// `C += A·B` (parameter gradients accumulate, llm.c's contract)
-    Add,
-}
+pub use crate::backend::{Accumulate, Transpose};
 
 /// Products smaller than this many multiply-adds run on the calling thread: the rayon hand-off
 /// costs more than it saves.

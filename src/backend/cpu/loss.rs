@@ -114,13 +114,14 @@ pub(crate) fn check_temp(op: &'static str, what: &str, t: f32) -> Result<()> {
     Ok(())
 }
 
-/// Teacher targets with softmax centering: `probs = softmax((logits − center) / temp)` per row.
+/// Teacher targets with softmax centering: `probs = softmax((logits − center) / temp)` per row
+/// (no centering without a center).
 ///
 /// `probs [R,K]`, `logits [R,K]`, `center [K]`.
 pub fn softmax_centered_forward(
     probs: &mut [f32],
     logits: &[f32],
-    center: &[f32],
+    center: Option<&[f32]>,
     rows: usize,
     k: usize,
     temp: f32,
@@ -128,7 +129,9 @@ pub fn softmax_centered_forward(
     const OP: &str = "softmax_centered_forward";
     check_len(OP, "probs", probs.len(), rows * k)?;
     check_len(OP, "logits", logits.len(), rows * k)?;
-    check_len(OP, "center", center.len(), k)?;
+    if let Some(c) = center {
+        check_len(OP, "center", c.len(), k)?;
+    }
     check_temp(OP, "teacher temperature", temp)?;
     if k == 0 {
         return Ok(());
@@ -191,66 +194,84 @@ pub fn center_update(
     Ok(())
 }
 
-/// Student softmax cross-entropy against (possibly summed) teacher targets, forward and backward.
+/// The paired cross-entropy of the DINO and iBOT losses, forward and backward (the CPU
+/// reference of the CUDA `softmax_cross_entropy` kernel).
 ///
-/// Student row `r` is paired with target row `r % target_rows`. With `x = student_r / ts`,
-/// `q = softmax(x)` and `p` the target row (need not sum to 1: a sum of several teacher rows
-/// gives the sum of their cross-entropies, which is how the DINO loss pairs a local crop with
-/// both global teachers in one pass):
+/// Student row `r` is paired with teacher rows `teacher[r·P + p]` (−1 = unused slot) of weight
+/// `weight[r·P + p]`. With the combined target `q = Σ_p w_p probs[t_p]`, `x = student_r / ts`:
 ///
-/// * `loss_rows[r] = −Σ_k p_k · log q_k` (unweighted),
-/// * `dstudent[r] = row_weights[r] · (q · Σp − p) / ts` (overwritten).
+/// * `row_loss[r] = −Σ_k q_k · log_softmax(x)_k` (the weighted sum of the pairs' CEs),
+/// * `dstudent[r] = grad_scale · (softmax(x) · Σq − q) / ts` (overwritten).
 ///
-/// `loss_rows [R]`, `dstudent [R,K]`, `student [R,K]`, `targets [T,K]`, `row_weights [R]`.
+/// `row_loss [R]`, `dstudent [R,K]`, `student [R,K]`, `probs [Rt,K]`, `teacher`/`weight [R,P]`.
 #[allow(clippy::too_many_arguments)]
-pub fn softmax_cross_entropy_forward_backward(
-    loss_rows: &mut [f32],
+pub fn paired_cross_entropy(
+    row_loss: &mut [f32],
     dstudent: &mut [f32],
     student: &[f32],
-    targets: &[f32],
-    row_weights: &[f32],
-    rows: usize,
-    target_rows: usize,
+    probs: &[f32],
+    teacher: &[i32],
+    weight: &[f32],
+    pairs: usize,
     k: usize,
     student_temp: f32,
+    grad_scale: f32,
 ) -> Result<()> {
-    const OP: &str = "softmax_cross_entropy_forward_backward";
-    check_len(OP, "loss_rows", loss_rows.len(), rows)?;
+    const OP: &str = "paired_cross_entropy";
+    let rows = row_loss.len();
     check_len(OP, "dstudent", dstudent.len(), rows * k)?;
     check_len(OP, "student", student.len(), rows * k)?;
-    check_len(OP, "targets", targets.len(), target_rows * k)?;
-    check_len(OP, "row_weights", row_weights.len(), rows)?;
+    check_len(OP, "teacher", teacher.len(), rows * pairs)?;
+    check_len(OP, "weight", weight.len(), rows * pairs)?;
     check_temp(OP, "student temperature", student_temp)?;
-    if rows == 0 {
+    if rows == 0 || k == 0 {
         return Ok(());
     }
-    if target_rows == 0 || k == 0 {
-        return Err(Error::shape(
-            OP,
-            format!("{rows} student rows need targets, got {target_rows} rows of {k}"),
-        ));
-    }
+    let teacher_rows = probs.len() / k;
     let inv_t = 1.0 / student_temp;
     let simd = has_avx2();
-    loss_rows
+    row_loss
         .par_iter_mut()
         .zip(dstudent.par_chunks_mut(k))
         .zip(student.par_chunks(k))
         .enumerate()
-        .for_each(|(r, ((loss, d), s))| {
-            let p = &targets[(r % target_rows) * k..(r % target_rows + 1) * k];
-            let w = row_weights[r];
-            #[cfg(not(target_arch = "x86_64"))]
-            let _ = simd;
-            #[cfg(target_arch = "x86_64")]
-            if simd {
-                // SAFETY: `simd` is true only when the CPU has AVX2 (checked at run time).
-                *loss = unsafe { cross_entropy_row_avx2(d, s, p, inv_t, w) };
-                return;
-            }
-            *loss = cross_entropy_row(d, s, p, inv_t, w);
-        });
+        .for_each_init(
+            || vec![0f32; k],
+            |q, (r, ((loss, d), s))| {
+                // The combined target of this row's pairs.
+                q.fill(0.0);
+                for p in 0..pairs {
+                    let t = teacher[r * pairs + p];
+                    if t < 0 || t as usize >= teacher_rows {
+                        continue;
+                    }
+                    let w = weight[r * pairs + p];
+                    let row = &probs[t as usize * k..(t as usize + 1) * k];
+                    q.iter_mut().zip(row).for_each(|(q, &v)| *q += w * v);
+                }
+                #[cfg(not(target_arch = "x86_64"))]
+                let _ = simd;
+                #[cfg(target_arch = "x86_64")]
+                if simd {
+                    // SAFETY: `simd` is true only when the CPU has AVX2 (checked at run time).
+                    *loss = unsafe { cross_entropy_row_avx2(d, s, q, inv_t, grad_scale) };
+                    return;
+                }
+                *loss = cross_entropy_row(d, s, q, inv_t, grad_scale);
+            },
+        );
     Ok(())
+}
+
+/// Mean over rows of the entropy `−Σ_k p log p` (nats) of `probs [R,K]`, accumulated in f64.
+pub fn mean_row_entropy(probs: &[f32], k: usize) -> f32 {
+    let rows = probs.len() / k.max(1);
+    let total: f64 = probs
+        .iter()
+        .filter(|&&p| p > 0.0)
+        .map(|&p| -(p as f64) * (p as f64).ln())
+        .sum();
+    (total / rows.max(1) as f64) as f32
 }
 
 /// Whether the row kernels can use their AVX2 build. Both builds give bit-identical results:
@@ -269,10 +290,15 @@ pub(crate) fn has_avx2() -> bool {
 
 /// One row of [`softmax_centered_forward`]: `p [K]`, `t [K]`, `center [K]`.
 #[inline(always)]
-fn softmax_centered_row(p: &mut [f32], t: &[f32], center: &[f32], temp: f32) {
+fn softmax_centered_row(p: &mut [f32], t: &[f32], center: Option<&[f32]>, temp: f32) {
     // [K] scaled logits first (the division is the official order: (t - c) / temp).
-    for ((pv, &tv), &cv) in p.iter_mut().zip(t).zip(center) {
-        *pv = (tv - cv) / temp;
+    match center {
+        Some(center) => {
+            for ((pv, &tv), &cv) in p.iter_mut().zip(t).zip(center) {
+                *pv = (tv - cv) / temp;
+            }
+        }
+        None => p.iter_mut().zip(t).for_each(|(pv, &tv)| *pv = tv / temp),
     }
     let max = max_f32(p);
     for pv in p.iter_mut() {
@@ -286,7 +312,7 @@ fn softmax_centered_row(p: &mut [f32], t: &[f32], center: &[f32], temp: f32) {
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-fn softmax_centered_row_avx2(p: &mut [f32], t: &[f32], center: &[f32], temp: f32) {
+fn softmax_centered_row_avx2(p: &mut [f32], t: &[f32], center: Option<&[f32]>, temp: f32) {
     softmax_centered_row(p, t, center, temp)
 }
 
@@ -346,7 +372,7 @@ mod tests {
         let t = random(r * k, 1, 3.0);
         let c = random(k, 2, 1.0);
         let mut p = vec![0f32; r * k];
-        softmax_centered_forward(&mut p, &t, &c, r, k, 0.04).unwrap();
+        softmax_centered_forward(&mut p, &t, Some(&c), r, k, 0.04).unwrap();
         for row in 0..r {
             // The scaled logits rounded to f32 as the kernel (and torch) forms them; what is
             // checked is everything after that rounding.
@@ -369,10 +395,20 @@ mod tests {
         let s = random(r * k, 3, 1.0);
         // Unnormalised targets (a sum of two distributions) on purpose.
         let p: Vec<f32> = random(r * k, 4, 1.0).iter().map(|v| v.abs()).collect();
+        // Row r pairs with teacher row r (weight w[r]) and, in its second slot, with row
+        // (r + 1) % r (weight 0.25; unused, -1, for the last row).
         let w = [0.5f32, 1.0, 2.0];
+        let teacher: Vec<i32> = (0..r as i32)
+            .flat_map(|i| [i, if i + 1 < r as i32 { i + 1 } else { -1 }])
+            .collect();
+        let weight: Vec<f32> = w.iter().flat_map(|&v| [v, 0.25]).collect();
+        let grad_scale = 0.7f32;
         let mut loss = vec![0f32; r];
         let mut d = vec![0f32; r * k];
-        softmax_cross_entropy_forward_backward(&mut loss, &mut d, &s, &p, &w, r, r, k, ts).unwrap();
+        paired_cross_entropy(
+            &mut loss, &mut d, &s, &p, &teacher, &weight, 2, k, ts, grad_scale,
+        )
+        .unwrap();
         let ce = |row: &[f64], p: &[f32]| -> f64 {
             let x: Vec<f64> = row.iter().map(|v| v / ts as f64).collect();
             let m = x.iter().cloned().fold(f64::MIN, f64::max);
@@ -387,7 +423,17 @@ mod tests {
                 .iter()
                 .map(|&v| v as f64)
                 .collect();
-            let pr = &p[row * k..(row + 1) * k];
+            let q: Vec<f32> = (0..k)
+                .map(|j| {
+                    let next = if row + 1 < r {
+                        0.25 * p[(row + 1) * k + j]
+                    } else {
+                        0.0
+                    };
+                    w[row] * p[row * k + j] + next
+                })
+                .collect();
+            let pr = &q[..];
             let l0 = ce(&base, pr);
             assert!((loss[row] as f64 - l0).abs() < 1e-5 * l0.abs().max(1.0));
             for j in 0..k {
@@ -396,7 +442,7 @@ mod tests {
                 a[j] += h;
                 let mut b = base.clone();
                 b[j] -= h;
-                let fd = w[row] as f64 * (ce(&a, pr) - ce(&b, pr)) / (2.0 * h);
+                let fd = grad_scale as f64 * (ce(&a, pr) - ce(&b, pr)) / (2.0 * h);
                 let got = d[row * k + j] as f64;
                 assert!(
                     (got - fd).abs() < 1e-4 * fd.abs().max(1.0),
@@ -409,18 +455,17 @@ mod tests {
     #[test]
     fn avx2_row_kernels_are_bit_identical_to_the_baseline() {
         if !has_avx2() {
-            eprintln!("no AVX2 on this CPU: nothing to compare");
-            return;
+            return; // no AVX2 on this CPU: nothing to compare
         }
         let k = 4099;
         let t = random(k, 7, 3.0);
         let c = random(k, 8, 1.0);
         let (mut a, mut b) = (vec![0f32; k], vec![0f32; k]);
-        softmax_centered_row(&mut a, &t, &c, 0.04);
+        softmax_centered_row(&mut a, &t, Some(&c), 0.04);
         // SAFETY: AVX2 checked above.
         #[cfg(target_arch = "x86_64")]
         unsafe {
-            softmax_centered_row_avx2(&mut b, &t, &c, 0.04)
+            softmax_centered_row_avx2(&mut b, &t, Some(&c), 0.04)
         };
         assert_eq!(a, b);
         let (mut da, mut db) = (vec![0f32; k], vec![0f32; k]);

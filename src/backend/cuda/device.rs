@@ -1,40 +1,48 @@
 //! Resolving the user's `--device` into a concrete backend, once, at start-up.
 
 use super::CudaBackend;
-use crate::backend::Device;
+use crate::backend::cpu::CpuBackend;
+use crate::backend::{Backend, Device, Precision};
 use crate::error::Result;
 
 /// The backend a run uses after resolution.
 #[derive(Debug)]
 pub enum ResolvedDevice {
-    Cpu,
+    Cpu(CpuBackend),
     Cuda(Box<CudaBackend>),
 }
 
 impl ResolvedDevice {
-    /// A short name for logs (`cpu`, `cuda:0 (NVIDIA H100 ..., sm_90)`).
+    /// The CPU in f32.
+    pub fn cpu() -> Self {
+        ResolvedDevice::Cpu(CpuBackend::new(Precision::F32))
+    }
+
+    /// A short name for logs (`cpu (2 threads, f32)`, `cuda (NVIDIA H100 ..., sm_90)`).
     pub fn describe(&self) -> String {
         match self {
-            ResolvedDevice::Cpu => "cpu".to_string(),
-            ResolvedDevice::Cuda(backend) => backend
-                .describe()
-                .map(|d| format!("cuda ({d})"))
-                .unwrap_or_else(|_| "cuda".to_string()),
+            ResolvedDevice::Cpu(cpu) => cpu.describe(),
+            ResolvedDevice::Cuda(gpu) => Backend::describe(&**gpu),
         }
+    }
+
+    /// Whether this is a CUDA device.
+    pub fn is_cuda(&self) -> bool {
+        matches!(self, ResolvedDevice::Cuda(_))
     }
 }
 
-/// `Cpu` → CPU; `Cuda(i)` → device i or the typed error saying why not; `Auto` → CUDA device 0
-/// when usable, else the CPU with one line on stderr saying why.
+/// `Cpu` → the CPU (f32); `Cuda(i)` → device i or the typed error saying why not; `Auto` →
+/// CUDA device 0 when usable, else the CPU with one log line saying why.
 pub fn resolve_device(device: Device) -> Result<ResolvedDevice> {
     match device {
-        Device::Cpu => Ok(ResolvedDevice::Cpu),
+        Device::Cpu => Ok(ResolvedDevice::cpu()),
         Device::Cuda(ordinal) => Ok(ResolvedDevice::Cuda(Box::new(CudaBackend::new(ordinal)?))),
         Device::Auto => match CudaBackend::new(0) {
             Ok(backend) => Ok(ResolvedDevice::Cuda(Box::new(backend))),
             Err(e) => {
-                eprintln!("device auto: using the CPU ({e})");
-                Ok(ResolvedDevice::Cpu)
+                log::info!("device auto: using the CPU ({e})");
+                Ok(ResolvedDevice::cpu())
             }
         },
     }

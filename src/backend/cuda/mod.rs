@@ -17,24 +17,26 @@ mod gemm;
 mod gemm_lt;
 mod kernels;
 mod launch;
-pub mod model;
+mod seam;
 mod view;
 
+pub use crate::backend::{AdamWStep, AttentionShape, NormShape, PatchLayout, TokenLayout};
 pub use device::{resolve_device, ResolvedDevice};
 pub use gemm::{EpilogueRun, GemmShape};
 pub use gemm_lt::{GemmPath, GemmStats, LtOutcome};
 pub use half::bf16;
 pub use kernels::{all_precompiled, compile_source_with_nvrtc, EmbeddedKernel, KernelFamily};
-pub use launch::attention::AttentionShape;
+pub use launch::attention::{AttentionKernels, GENERAL_MAX_HEAD_DIM};
 pub use launch::elementwise::ReduceOp;
 pub use launch::koleo::{KoleoSaved, KOLEO_MAX_DIM};
-pub use launch::layernorm::{LayerNormOutput, NormShape};
+pub use launch::layernorm::LayerNormOutput;
 pub use launch::loss::{CrossEntropyPairs, MAX_PAIRS};
-pub use launch::optimizer::{AdamWStep, ParamSegments};
-pub use launch::patch::{GatherElement, PatchLayout};
-pub use launch::tokens::{SampleSubset, TokenLayout};
+pub use launch::optimizer::ParamSegments;
+pub use launch::patch::GatherElement;
+pub use launch::tokens::KeptSamples;
 pub use launch::GradWrite;
-pub use view::{SubSlice, SubSliceMut};
+pub use seam::CudaWeights;
+pub use view::{DevBuf, SubSlice, SubSliceMut};
 
 use crate::error::{Error, Result};
 use cudarc::cublas::CudaBlas;
@@ -105,6 +107,10 @@ pub struct CudaBackend {
     scratch: CudaSlice<f32>,
     /// Kernels launched so far (the hand-written ones; GEMMs are counted in `lt`).
     launches: std::sync::atomic::AtomicU64,
+    /// Work buffers of the seam's fallback passes (see `seam.rs`).
+    work: seam::Work,
+    /// Buffers allocated through the seam (workspaces and work buffers).
+    allocations: u64,
 }
 
 impl fmt::Debug for CudaBackend {
@@ -164,6 +170,8 @@ impl CudaBackend {
             kernels,
             scratch,
             launches: std::sync::atomic::AtomicU64::new(0),
+            work: seam::Work::default(),
+            allocations: 0,
         })
     }
 

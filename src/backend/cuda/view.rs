@@ -11,6 +11,7 @@
 //! events and dropping it touches nothing on the device.
 
 use super::{CudaBackend, Error, Result};
+use crate::backend::{check_windows, Storage};
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut};
 use std::marker::PhantomData;
 use std::mem::ManuallyDrop;
@@ -140,6 +141,74 @@ impl CudaBackend {
                 self.stream
                     .upgrade_device_ptr::<T>(base + r.start as u64 * size, r.len())
             };
+            SubSliceMut {
+                window: ManuallyDrop::new(window),
+                _parent: PhantomData,
+            }
+        }))
+    }
+}
+
+/// An owned device buffer as the [`crate::backend::Backend`] seam hands it out: it derefs to
+/// the `CudaSlice` every launcher takes.
+#[derive(Debug)]
+pub struct DevBuf<T>(pub CudaSlice<T>);
+
+impl<T> Deref for DevBuf<T> {
+    type Target = CudaSlice<T>;
+    fn deref(&self) -> &CudaSlice<T> {
+        &self.0
+    }
+}
+
+impl<T> DerefMut for DevBuf<T> {
+    fn deref_mut(&mut self) -> &mut CudaSlice<T> {
+        &mut self.0
+    }
+}
+
+impl<T: Copy> Storage for CudaSlice<T> {
+    type Elem = T;
+    type Ref<'a>
+        = SubSlice<'a, T>
+    where
+        T: 'a;
+    type Mut<'a>
+        = SubSliceMut<'a, T>
+    where
+        T: 'a;
+
+    fn len(&self) -> usize {
+        CudaSlice::len(self)
+    }
+
+    fn window(&self, range: Range<usize>) -> Result<SubSlice<'_, T>> {
+        check_range("cuda window", self.len(), &range)?;
+        let stream = self.stream().clone();
+        let (base, _record) = self.device_ptr(stream.as_ref());
+        let ptr = base + (range.start * std::mem::size_of::<T>()) as u64;
+        // SAFETY: `ptr..ptr + len` lies inside `self` (checked above), which outlives the window;
+        // the window is never freed (see `release`).
+        let window = unsafe { stream.upgrade_device_ptr::<T>(ptr, range.len()) };
+        Ok(SubSlice {
+            window: ManuallyDrop::new(window),
+            _parent: PhantomData,
+        })
+    }
+
+    fn windows_mut<const N: usize>(
+        &mut self,
+        ranges: [Range<usize>; N],
+    ) -> Result<[SubSliceMut<'_, T>; N]> {
+        check_windows("cuda window_mut", self.len(), &ranges)?;
+        let stream = self.stream().clone();
+        let (base, _record) = self.device_ptr_mut(stream.as_ref());
+        let size = std::mem::size_of::<T>() as u64;
+        Ok(ranges.map(|r| {
+            // SAFETY: each window lies inside `self` (checked), the windows are pairwise disjoint
+            // (checked), and `self` stays exclusively borrowed for as long as they live.
+            let window =
+                unsafe { stream.upgrade_device_ptr::<T>(base + r.start as u64 * size, r.len()) };
             SubSliceMut {
                 window: ManuallyDrop::new(window),
                 _parent: PhantomData,

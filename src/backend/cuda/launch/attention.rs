@@ -1,40 +1,63 @@
-//! Launchers of `kernels/attention.cu`: fused attention forward and backward.
+//! Launchers of `kernels/attention.cu`: fused attention forward and backward. Head dims with a
+//! tensor-core instantiation (multiples of 16 up to 128) run the fast kernels, any other head
+//! dim up to [`GENERAL_MAX_HEAD_DIM`] the general scalar ones ([`AttentionKernels`]).
 
 use super::{blocks, check_len, config, dim, launch};
 use crate::backend::cuda::{bf16, CudaBackend, KernelFamily};
+use crate::backend::AttentionShape;
 use crate::error::{Error, Result};
 use cudarc::driver::CudaSlice;
 
-/// Dimensions of one attention call: qkv is `[batch, tokens, 3, heads, head_dim]`.
+/// Which kernels run an attention call. Both compute the same values with the same layouts and
+/// saved statistics; they differ in speed and in where the probabilities are rounded.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct AttentionShape {
-    pub batch: usize,
-    pub tokens: usize,
-    pub heads: usize,
-    pub head_dim: usize,
+pub enum AttentionKernels {
+    /// FlashAttention-2 style tensor-core kernels, one instantiation per head dim (multiples
+    /// of 16 up to 128); probabilities rounded to bf16 for the tensor cores.
+    Fast,
+    /// Scalar kernels for any head dim `1..=GENERAL_MAX_HEAD_DIM`, f32 probabilities: the odd
+    /// shapes (golden fixtures, small test models). Slow at long sequences.
+    General,
 }
 
-impl AttentionShape {
-    /// `[B, T, 3, H, hd]`
-    pub fn qkv_len(&self) -> usize {
-        self.batch * self.tokens * 3 * self.heads * self.head_dim
-    }
-    /// `[B, T, H, hd]`
-    pub fn out_len(&self) -> usize {
-        self.batch * self.tokens * self.heads * self.head_dim
-    }
-    /// `[B, H, T]`
-    pub fn stats_len(&self) -> usize {
-        self.batch * self.heads * self.tokens
-    }
-    /// The softmax scale `hd^-0.5`.
-    pub fn scale(&self) -> f32 {
-        1.0 / (self.head_dim as f32).sqrt()
+/// The largest head dim of [`AttentionKernels::General`] (`GEN_MAX_HD` in attention.cu).
+pub const GENERAL_MAX_HEAD_DIM: usize = 256;
+
+/// Query (or key) rows per block of the general kernels (`GEN_ROWS` in attention.cu).
+const GENERAL_ROWS: usize = 4;
+
+impl AttentionKernels {
+    /// The fast kernels where the head dim has an instantiation, the general ones otherwise.
+    pub fn for_head_dim(head_dim: usize) -> Self {
+        if kernel_names(head_dim).is_ok() {
+            AttentionKernels::Fast
+        } else {
+            AttentionKernels::General
+        }
     }
 }
 
-/// Kernel names per supported head dim: (forward, backward dK/dV, backward dQ).
-fn kernel_names(head_dim: usize) -> Result<(&'static str, &'static str, &'static str)> {
+/// Kernel names of one fast instantiation: (forward, backward dK/dV, backward dQ).
+type FastNames = (&'static str, &'static str, &'static str);
+
+/// The fast kernels' names for `kernels == Fast`, `None` for the general ones; an
+/// [`Error::Unsupported`] where the chosen kernels have no instance for the head dim.
+fn fast_kernels(
+    op: &'static str,
+    kernels: AttentionKernels,
+    head_dim: usize,
+) -> Result<Option<FastNames>> {
+    match kernels {
+        AttentionKernels::Fast => kernel_names(head_dim).map(Some),
+        AttentionKernels::General if (1..=GENERAL_MAX_HEAD_DIM).contains(&head_dim) => Ok(None),
+        AttentionKernels::General => Err(Error::Unsupported(format!(
+            "{op}: head dim {head_dim} (supported: 1 to {GENERAL_MAX_HEAD_DIM})"
+        ))),
+    }
+}
+
+/// Fast-kernel names per supported head dim.
+fn kernel_names(head_dim: usize) -> Result<FastNames> {
     Ok(match head_dim {
         16 => (
             "attention_forward_hd16",
@@ -78,7 +101,7 @@ fn kernel_names(head_dim: usize) -> Result<(&'static str, &'static str, &'static
         ),
         _ => {
             return Err(Error::Unsupported(format!(
-                "cuda attention: head dim {head_dim} (supported: multiples of 16 up to 128)"
+                "cuda attention (fast kernels): head dim {head_dim} (supported: multiples of 16 up to 128)"
             )))
         }
     })
@@ -91,6 +114,18 @@ fn backward_tile(head_dim: usize) -> usize {
     } else {
         32
     }
+}
+
+/// Threads per block of the general kernels: one warp per row.
+const GENERAL_THREADS: u32 = (GENERAL_ROWS * 32) as u32;
+
+/// Grid of every general kernel: `(ceil(T / GENERAL_ROWS), H, B)`.
+fn general_grid(op: &'static str, s: &AttentionShape) -> Result<(u32, u32, u32)> {
+    Ok((
+        blocks(op, s.tokens.div_ceil(GENERAL_ROWS))?,
+        s.heads as u32,
+        s.batch as u32,
+    ))
 }
 
 fn check_shape(op: &'static str, s: &AttentionShape) -> Result<(i32, i32, i32)> {
@@ -112,7 +147,8 @@ fn check_shape(op: &'static str, s: &AttentionShape) -> Result<(i32, i32, i32)> 
 
 impl CudaBackend {
     /// `out [B,T,H,hd] = softmax(q kᵀ · hd^-0.5) v` per head, `lse [B,H,T]` saved for backward,
-    /// from `qkv [B,T,3,H,hd]` (bf16 in and out, f32 softmax and accumulation).
+    /// from `qkv [B,T,3,H,hd]` (bf16 in and out, f32 softmax and accumulation). Any head dim up
+    /// to [`GENERAL_MAX_HEAD_DIM`]: the kernels of [`AttentionKernels::for_head_dim`].
     pub fn attention_forward(
         &self,
         out: &mut CudaSlice<bf16>,
@@ -120,30 +156,59 @@ impl CudaBackend {
         qkv: &CudaSlice<bf16>,
         shape: AttentionShape,
     ) -> Result<()> {
+        let kernels = AttentionKernels::for_head_dim(shape.head_dim);
+        self.attention_forward_with(kernels, out, lse, qkv, shape)
+    }
+
+    /// [`attention_forward`](Self::attention_forward) on the given kernels (an
+    /// [`Error::Unsupported`] where they have no instance for the head dim).
+    pub fn attention_forward_with(
+        &self,
+        kernels: AttentionKernels,
+        out: &mut CudaSlice<bf16>,
+        lse: &mut CudaSlice<f32>,
+        qkv: &CudaSlice<bf16>,
+        shape: AttentionShape,
+    ) -> Result<()> {
         const OP: &str = "cuda attention_forward";
         let (b, t, h) = check_shape(OP, &shape)?;
-        let (forward, _, _) = kernel_names(shape.head_dim)?;
+        let fast = fast_kernels(OP, kernels, shape.head_dim)?;
         check_len(OP, "qkv", qkv.len(), shape.qkv_len())?;
         check_len(OP, "out", out.len(), shape.out_len())?;
         check_len(OP, "lse", lse.len(), shape.stats_len())?;
         let scale = shape.scale();
-        let grid = (
-            blocks(OP, shape.tokens.div_ceil(64))?,
-            shape.heads as u32,
-            shape.batch as u32,
-        );
-        launch!(
-            self,
-            KernelFamily::Attention,
-            forward,
-            config(grid, 128),
-            [out, lse, qkv, &b, &t, &h, &scale]
-        );
+        match fast {
+            Some((forward, _, _)) => {
+                let grid = (
+                    blocks(OP, shape.tokens.div_ceil(64))?,
+                    shape.heads as u32,
+                    shape.batch as u32,
+                );
+                launch!(
+                    self,
+                    KernelFamily::Attention,
+                    forward,
+                    config(grid, 128),
+                    [out, lse, qkv, &b, &t, &h, &scale]
+                );
+            }
+            None => {
+                let hd = dim(OP, "head_dim", shape.head_dim)?;
+                launch!(
+                    self,
+                    KernelFamily::Attention,
+                    "attention_forward_general",
+                    config(general_grid(OP, &shape)?, GENERAL_THREADS),
+                    [out, lse, qkv, &b, &t, &h, &hd, &scale]
+                );
+            }
+        }
         Ok(())
     }
 
     /// `dqkv [B,T,3,H,hd]` (written) from `dout [B,T,H,hd]` and the forward's `qkv`, `out`,
-    /// `lse`; `delta [B,H,T]` is caller-owned scratch (rowsum of dout * out).
+    /// `lse`; `delta [B,H,T]` is caller-owned scratch (rowsum of dout * out). The kernels of
+    /// [`AttentionKernels::for_head_dim`], like the forward.
     #[allow(clippy::too_many_arguments)]
     pub fn attention_backward(
         &self,
@@ -155,9 +220,27 @@ impl CudaBackend {
         lse: &CudaSlice<f32>,
         shape: AttentionShape,
     ) -> Result<()> {
+        let kernels = AttentionKernels::for_head_dim(shape.head_dim);
+        self.attention_backward_with(kernels, dqkv, delta, dout, qkv, out, lse, shape)
+    }
+
+    /// [`attention_backward`](Self::attention_backward) on the given kernels (an
+    /// [`Error::Unsupported`] where they have no instance for the head dim).
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention_backward_with(
+        &self,
+        kernels: AttentionKernels,
+        dqkv: &mut CudaSlice<bf16>,
+        delta: &mut CudaSlice<f32>,
+        dout: &CudaSlice<bf16>,
+        qkv: &CudaSlice<bf16>,
+        out: &CudaSlice<bf16>,
+        lse: &CudaSlice<f32>,
+        shape: AttentionShape,
+    ) -> Result<()> {
         const OP: &str = "cuda attention_backward";
         let (b, t, h) = check_shape(OP, &shape)?;
-        let (_, dkdv, dq) = kernel_names(shape.head_dim)?;
+        let fast = fast_kernels(OP, kernels, shape.head_dim)?;
         check_len(OP, "dqkv", dqkv.len(), shape.qkv_len())?;
         check_len(OP, "qkv", qkv.len(), shape.qkv_len())?;
         check_len(OP, "dout", dout.len(), shape.out_len())?;
@@ -175,28 +258,49 @@ impl CudaBackend {
             [&mut *delta, out, dout, &b, &t, &h, &hd]
         );
 
-        let tile = backward_tile(shape.head_dim);
-        let grid = (
-            blocks(OP, shape.tokens.div_ceil(tile))?,
-            shape.heads as u32,
-            shape.batch as u32,
-        );
-        let threads = (tile / 16 * 32) as u32;
         let scale = shape.scale();
-        launch!(
-            self,
-            KernelFamily::Attention,
-            dkdv,
-            config(grid, threads),
-            [&mut *dqkv, qkv, dout, lse, &*delta, &b, &t, &h, &scale]
-        );
-        launch!(
-            self,
-            KernelFamily::Attention,
-            dq,
-            config(grid, threads),
-            [dqkv, qkv, dout, lse, &*delta, &b, &t, &h, &scale]
-        );
+        match fast {
+            Some((_, dkdv, dq)) => {
+                let tile = backward_tile(shape.head_dim);
+                let grid = (
+                    blocks(OP, shape.tokens.div_ceil(tile))?,
+                    shape.heads as u32,
+                    shape.batch as u32,
+                );
+                let threads = (tile / 16 * 32) as u32;
+                launch!(
+                    self,
+                    KernelFamily::Attention,
+                    dkdv,
+                    config(grid, threads),
+                    [&mut *dqkv, qkv, dout, lse, &*delta, &b, &t, &h, &scale]
+                );
+                launch!(
+                    self,
+                    KernelFamily::Attention,
+                    dq,
+                    config(grid, threads),
+                    [dqkv, qkv, dout, lse, &*delta, &b, &t, &h, &scale]
+                );
+            }
+            None => {
+                let grid = general_grid(OP, &shape)?;
+                launch!(
+                    self,
+                    KernelFamily::Attention,
+                    "attention_backward_dkdv_general",
+                    config(grid, GENERAL_THREADS),
+                    [&mut *dqkv, qkv, dout, lse, &*delta, &b, &t, &h, &hd, &scale]
+                );
+                launch!(
+                    self,
+                    KernelFamily::Attention,
+                    "attention_backward_dq_general",
+                    config(grid, GENERAL_THREADS),
+                    [dqkv, qkv, dout, lse, &*delta, &b, &t, &h, &hd, &scale]
+                );
+            }
+        }
         Ok(())
     }
 }

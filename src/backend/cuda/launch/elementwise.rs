@@ -1,4 +1,4 @@
-//! Launchers of `kernels/elementwise.cu`: casts, bias, GELU, LayerScale, and the deterministic
+//! Launchers of `kernels/elementwise.cu`: casts, bias, GELU, SwiGLU, LayerScale, and the deterministic
 //! reductions (column sums for parameter gradients, full sums for losses and norms).
 
 use super::{blocks, check_len, config, dim, grid_stride, launch, row_chunks, GradWrite, BLOCK};
@@ -30,6 +30,12 @@ fn matrix(op: &'static str, rows: usize, channels: usize) -> Result<(i32, i32)> 
         return Err(Error::shape(op, "zero channels"));
     }
     Ok((dim(op, "rows", rows)?, dim(op, "channels", channels)?))
+}
+
+/// `(rows, width)` as the kernels' ints; x12's `2·width` channels must fit one too.
+fn swiglu_dims(op: &'static str, rows: usize, width: usize) -> Result<(i32, i32)> {
+    matrix(op, rows, 2 * width)?;
+    Ok((dim(op, "rows", rows)?, dim(op, "width", width)?))
 }
 
 impl CudaBackend {
@@ -143,6 +149,54 @@ impl CudaBackend {
             "gelu_backward",
             grid_stride(pre.len()),
             [dpre, dact, pre, &n]
+        );
+        Ok(())
+    }
+
+    /// SwiGLU gate: `gated [rows, width] = bf16(silu(x1) ∘ x2)` with `x12 [rows, 2·width]` =
+    /// `[x1 | x2]` per row (the fused w12 output, bias included); `gated` is w3's operand.
+    pub fn swiglu_forward(
+        &self,
+        gated: &mut CudaSlice<bf16>,
+        x12: &CudaSlice<f32>,
+        rows: usize,
+        width: usize,
+    ) -> Result<()> {
+        const OP: &str = "cuda swiglu_forward";
+        let (n, w) = swiglu_dims(OP, rows, width)?;
+        check_len(OP, "x12", x12.len(), rows * 2 * width)?;
+        check_len(OP, "gated", gated.len(), rows * width)?;
+        launch!(
+            self,
+            KernelFamily::Elementwise,
+            "swiglu_forward",
+            grid_stride(rows * width),
+            [gated, x12, &n, &w]
+        );
+        Ok(())
+    }
+
+    /// SwiGLU backward: `dx12 [rows, 2·width] = bf16([dgated ∘ x2 ∘ silu'(x1) | dgated ∘
+    /// silu(x1)])` (written; w12's operand) from `dgated [rows, width]` and the forward's `x12`.
+    pub fn swiglu_backward(
+        &self,
+        dx12: &mut CudaSlice<bf16>,
+        dgated: &CudaSlice<f32>,
+        x12: &CudaSlice<f32>,
+        rows: usize,
+        width: usize,
+    ) -> Result<()> {
+        const OP: &str = "cuda swiglu_backward";
+        let (n, w) = swiglu_dims(OP, rows, width)?;
+        check_len(OP, "dx12", dx12.len(), rows * 2 * width)?;
+        check_len(OP, "dgated", dgated.len(), rows * width)?;
+        check_len(OP, "x12", x12.len(), rows * 2 * width)?;
+        launch!(
+            self,
+            KernelFamily::Elementwise,
+            "swiglu_backward",
+            grid_stride(rows * width),
+            [dx12, dgated, x12, &n, &w]
         );
         Ok(())
     }

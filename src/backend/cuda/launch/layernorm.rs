@@ -3,6 +3,7 @@
 
 use super::{blocks, check_len, config, dim, launch, row_chunks, GradWrite, BLOCK, ROWS_PER_BLOCK};
 use crate::backend::cuda::{bf16, CudaBackend, KernelFamily};
+use crate::backend::NormShape;
 use crate::error::{Error, Result};
 use cudarc::driver::{CudaSlice, DevicePtr, DeviceRepr};
 
@@ -18,13 +19,6 @@ impl LayerNormOutput for bf16 {
 impl LayerNormOutput for f32 {
     const FORWARD: &'static str = "layernorm_forward_f32";
     const RESIDUAL_FORWARD: &'static str = "residual_layernorm_forward_f32";
-}
-
-/// Rows and channels of a LayerNorm call.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct NormShape {
-    pub rows: usize,
-    pub channels: usize,
 }
 
 impl NormShape {

@@ -4,6 +4,7 @@
 use super::elementwise::ReduceOp;
 use super::{blocks, check_len, config, dim, grid_stride, launch, BLOCK, ROWS_PER_BLOCK};
 use crate::backend::cuda::{CudaBackend, KernelFamily};
+use crate::backend::AdamWStep;
 use crate::error::{Error, Result};
 use cudarc::driver::CudaSlice;
 
@@ -53,15 +54,6 @@ impl ParamSegments {
             numel,
         })
     }
-}
-
-/// AdamW hyper-parameters of one step (torch semantics). `step` counts from 1.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct AdamWStep {
-    pub beta1: f64,
-    pub beta2: f64,
-    pub eps: f64,
-    pub step: u64,
 }
 
 impl CudaBackend {

@@ -2,19 +2,9 @@
 
 use super::{blocks, check_len, config, dim, grid_stride, launch, row_chunks, GradWrite, BLOCK};
 use crate::backend::cuda::{bf16, CudaBackend, KernelFamily};
-use crate::error::{Error, Result};
+use crate::backend::PatchLayout;
+use crate::error::Result;
 use cudarc::driver::{CudaSlice, DeviceRepr};
-
-/// Where the masked patches live: `crops` crops of `tokens` token rows, patch `p` of a crop at
-/// token row `token_offset + p` (token_offset = 1 + registers), `patches` patches per crop.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct PatchLayout {
-    pub crops: usize,
-    pub tokens: usize,
-    pub patches: usize,
-    pub token_offset: usize,
-    pub channels: usize,
-}
 
 /// Element types of the token rows the gather reads.
 pub trait GatherElement: DeviceRepr {
@@ -25,29 +15,6 @@ impl GatherElement for f32 {
 }
 impl GatherElement for bf16 {
     const GATHER: &'static str = "gather_rows_bf16";
-}
-
-impl PatchLayout {
-    fn check(&self, op: &'static str, indices: &[i64]) -> Result<()> {
-        if self.token_offset + self.patches > self.tokens {
-            return Err(Error::shape(
-                op,
-                format!("{self:?}: patches do not fit the token rows"),
-            ));
-        }
-        let limit = (self.crops * self.patches) as i64;
-        let mut previous = -1i64;
-        for &i in indices {
-            if i <= previous || i >= limit {
-                return Err(Error::shape(
-                    op,
-                    format!("mask indices must be strictly increasing in [0, {limit}); got {i} after {previous}"),
-                ));
-            }
-            previous = i;
-        }
-        Ok(())
-    }
 }
 
 impl CudaBackend {

@@ -3,33 +3,19 @@
 
 use super::{check_len, dim, grid_stride, launch};
 use crate::backend::cuda::{CudaBackend, KernelFamily};
+use crate::backend::TokenLayout;
 use crate::error::{Error, Result};
 use cudarc::driver::{CudaSlice, DevicePtr};
 
-/// Token counts of one backbone input: `tokens = 1 + registers + patches` per image.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct TokenLayout {
-    pub batch: usize,
-    pub patches: usize,
-    pub registers: usize,
-    pub channels: usize,
-}
-
-impl TokenLayout {
-    pub fn tokens(&self) -> usize {
-        1 + self.registers + self.patches
-    }
-}
-
 /// Which samples of the batch a residual branch covers, and its output scale.
 #[derive(Clone, Copy)]
-pub struct SampleSubset<'a> {
+pub struct KeptSamples<'a> {
     /// `[S]` kept sample indices (unique); `None` = samples `0..S` in order.
     pub kept: Option<&'a CudaSlice<i64>>,
     pub samples: usize,
 }
 
-impl SampleSubset<'_> {
+impl KeptSamples<'_> {
     fn kept_ptr(&self, gpu: &CudaBackend) -> u64 {
         self.kept
             .map(|k| k.device_ptr(gpu.stream().as_ref()).0)
@@ -130,7 +116,7 @@ impl CudaBackend {
         x: &mut CudaSlice<f32>,
         y: &CudaSlice<f32>,
         gamma: Option<&CudaSlice<f32>>,
-        subset: SampleSubset<'_>,
+        subset: KeptSamples<'_>,
         batch: usize,
         sample_len: usize,
         channels: usize,
