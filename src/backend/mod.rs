@@ -23,6 +23,7 @@ pub mod cuda;
 mod shapes;
 mod storage;
 
+pub use shapes::check_lens;
 pub use shapes::{
     Accumulate, AdamWStep, AttentionShape, Gemm, GemmBatch, LinearDims, NormShape, PatchLayout,
     Precision, TokenLayout, Transpose, CLIP_EPS,
@@ -35,7 +36,7 @@ use std::ops::DerefMut;
 use std::str::FromStr;
 
 /// Where a linear layer's output goes.
-pub enum LinearOut<'a, B: Backend> {
+pub enum LinearOut<'a, B: Buffers> {
     /// `[rows, out]` f32.
     F32(&'a mut B::F32),
     /// `[rows, out]` in the operand precision, rounded once from the f32 result (bias included),
@@ -50,7 +51,7 @@ pub enum LinearOut<'a, B: Backend> {
 }
 
 /// Where a linear layer's input gradient `dinp [rows, in] = dout · W` goes.
-pub enum InputGrad<'a, B: Backend> {
+pub enum InputGrad<'a, B: Buffers> {
     /// f32, written or added.
     F32(&'a mut B::F32, Accumulate),
     /// In the operand precision, for a consumer that reads operands only (the attention backward).
@@ -58,33 +59,33 @@ pub enum InputGrad<'a, B: Backend> {
 }
 
 /// Where a LayerNorm's output goes.
-pub enum NormOut<'a, B: Backend> {
+pub enum NormOut<'a, B: Buffers> {
     F32(&'a mut B::F32),
     Half(&'a mut B::Half),
 }
 
 /// A LayerNorm's affine parameters and epsilon.
-pub struct LnParams<'a, B: Backend> {
+pub struct LnParams<'a, B: Buffers> {
     pub weight: &'a B::F32, // [C]
     pub bias: &'a B::F32,   // [C]
     pub eps: f32,
 }
 
 /// The statistics a LayerNorm forward writes for its backward.
-pub struct LnStats<'a, B: Backend> {
+pub struct LnStats<'a, B: Buffers> {
     pub mean: &'a mut B::F32, // [R]
     pub rstd: &'a mut B::F32, // [R]
 }
 
 /// The residual add that precedes a fused LayerNorm: `stream += gamma ∘ branch`.
-pub struct Residual<'a, B: Backend> {
+pub struct Residual<'a, B: Buffers> {
     pub stream: &'a mut B::F32, // [R, C]
     pub branch: &'a B::F32,     // [R, C]
     pub gamma: Option<&'a B::F32>,
 }
 
 /// What a LayerNorm backward reads.
-pub struct LnSaved<'a, B: Backend> {
+pub struct LnSaved<'a, B: Buffers> {
     pub dout: &'a B::F32,   // [R, C]
     pub inp: &'a B::F32,    // [R, C]
     pub weight: &'a B::F32, // [C]
@@ -94,7 +95,7 @@ pub struct LnSaved<'a, B: Backend> {
 
 /// Which samples of a batch a residual branch covers: `kept [samples]` (unique indices) or, with
 /// `None`, samples `0..samples` in order; and how the batch is laid out.
-pub struct SampleSubset<'a, B: Backend> {
+pub struct SampleSubset<'a, B: Buffers> {
     pub kept: Option<&'a B::I64>,
     pub samples: usize,
     pub batch: usize,
@@ -104,7 +105,7 @@ pub struct SampleSubset<'a, B: Backend> {
 }
 
 /// The buffers of one AdamW update over the flat parameter buffer.
-pub struct AdamWBuffers<'a, B: Backend> {
+pub struct AdamWBuffers<'a, B: Buffers> {
     pub params: &'a mut B::F32,
     pub exp_avg: &'a mut B::F32,
     pub exp_avg_sq: &'a mut B::F32,
@@ -112,7 +113,7 @@ pub struct AdamWBuffers<'a, B: Backend> {
 }
 
 /// A model's parameters on a backend: f32 master weights and the operand copy GEMMs read.
-pub trait WeightStore<B: Backend> {
+pub trait WeightStore<B: Buffers> {
     /// `[P]` the f32 master weights.
     fn f32(&self) -> &B::F32;
     /// `[P]` writable (the optimizer and the EMA update them; refresh the operand copy after).
@@ -132,12 +133,16 @@ pub struct Counters {
     pub gemms: Option<cuda::GemmStats>,
 }
 
-/// A compute backend: its buffers and the operations the model is written against.
+/// A compute backend: buffers (this trait) and the operation families the model is written
+/// against ([`GemmOps`], [`NormOps`], [`AttentionOps`], [`ElementwiseOps`], [`TokenOps`],
+/// [`HeadOps`], [`LossOps`], [`OptimizerOps`]); [`Backend`] is all of them. Each backend
+/// implements each family in the file that mirrors the family's `kernels/*.cu` (the CPU file
+/// is the reference the CUDA kernels are tested against).
 ///
 /// Shapes are given by the dimensions; every operation checks each buffer's length against them
 /// and returns [`Error::Shape`] before computing anything. Unless said otherwise an output is
 /// overwritten; parameter gradients accumulate (llm.c's contract).
-pub trait Backend: Sized {
+pub trait Buffers: Sized {
     /// f32 values.
     type F32: Storage<Elem = f32> + ?Sized;
     /// GEMM operands and activations that only feed GEMMs (bf16 on CUDA).
@@ -149,14 +154,6 @@ pub trait Backend: Sized {
     type BufI64: DerefMut<Target = Self::I64>;
     type BufU8: DerefMut<Target = Self::U8>;
     type Weights: WeightStore<Self>;
-    /// A cross-entropy pairing table (see [`Backend::softmax_cross_entropy`]).
-    type Pairs;
-    /// AdamW's parameter segments and their groups.
-    type Segments;
-    /// What KoLeo's forward saves for its backward.
-    type Koleo;
-
-    // ---- The device.
 
     /// A short name for logs (`cpu (2 threads, f32)`, `cuda (NVIDIA H100 ..., sm_90)`).
     fn describe(&self) -> String;
@@ -196,9 +193,10 @@ pub trait Backend: Sized {
 
     fn cast_to_half(&mut self, out: &mut Self::Half, inp: &Self::F32) -> Result<()>;
     fn cast_to_f32(&mut self, out: &mut Self::F32, inp: &Self::Half) -> Result<()>;
+}
 
-    // ---- GEMMs: operands in the operand precision, f32 accumulation.
-
+/// GEMMs: operands in the operand precision ([`Buffers::Half`]), f32 accumulation.
+pub trait GemmOps: Buffers {
     /// `c (=|+=) op(a) · op(b)`.
     fn matmul(&mut self, c: &mut Self::F32, a: &Self::Half, b: &Self::Half, g: Gemm) -> Result<()>;
     /// A batch of f32 products (the position-embedding resampling).
@@ -238,9 +236,10 @@ pub trait Backend: Sized {
         inp: &Self::Half,
         dims: LinearDims,
     ) -> Result<()>;
+}
 
-    // ---- LayerNorm over the last dimension.
-
+/// LayerNorm over the last dimension (f32 statistics).
+pub trait NormOps: Buffers {
     fn layernorm_forward(
         &mut self,
         out: NormOut<'_, Self>,
@@ -268,9 +267,10 @@ pub trait Backend: Sized {
         saved: LnSaved<'_, Self>,
         shape: NormShape,
     ) -> Result<()>;
+}
 
-    // ---- Attention: softmax(q kᵀ · hd^-0.5) v per sequence and head.
-
+/// Attention: `softmax(q kᵀ · hd^-0.5) v` per sequence and head.
+pub trait AttentionOps: Buffers {
     fn attention_forward(
         &mut self,
         out: &mut Self::Half,
@@ -287,9 +287,10 @@ pub trait Backend: Sized {
         lse: &Self::F32,
         shape: AttentionShape,
     ) -> Result<()>;
+}
 
-    // ---- Elementwise.
-
+/// Elementwise passes.
+pub trait ElementwiseOps: Buffers {
     /// `dpre = dact · gelu'(pre)` (exact erf GELU), as an operand.
     fn gelu_backward(
         &mut self,
@@ -324,25 +325,6 @@ pub trait Backend: Sized {
         gamma: &Self::F32,
         shape: NormShape,
     ) -> Result<()>;
-    /// `x[kept[j]] += alpha · gamma ∘ y[j]` per sample `j < samples` (`x [batch, sample_len]`,
-    /// `y [samples, sample_len]`, `gamma [channels]` or none).
-    fn residual_add_samples(
-        &mut self,
-        x: &mut Self::F32,
-        y: &Self::F32,
-        gamma: Option<&Self::F32>,
-        subset: SampleSubset<'_, Self>,
-        alpha: f32,
-    ) -> Result<()>;
-    /// `out [k, sample_len] = alpha · x[kept]` (`x [batch, sample_len]`).
-    fn gather_samples_scaled(
-        &mut self,
-        out: &mut Self::F32,
-        x: &Self::F32,
-        kept: &Self::I64,
-        sample_len: usize,
-        alpha: f32,
-    ) -> Result<()>;
     /// `out [channels] (=|+=) Σ_rows x [rows, channels]` (deterministic order).
     fn column_sum(
         &mut self,
@@ -351,9 +333,11 @@ pub trait Backend: Sized {
         rows: usize,
         write: Accumulate,
     ) -> Result<()>;
+}
 
-    // ---- Tokens and rows.
-
+/// Tokens, rows and samples: assembly, mask tokens, row gathers, the batch subsets of
+/// stochastic depth.
+pub trait TokenOps: Buffers {
     /// `x [B, T, C] = [cls + pos[0], reg.., pe[b, p] + pos[1 + p]]`.
     fn assemble_tokens(
         &mut self,
@@ -399,8 +383,31 @@ pub trait Backend: Sized {
         indices_host: &[i64],
         layout: PatchLayout,
     ) -> Result<()>;
+    /// `out [k, sample_len] = alpha · x[kept]` (`x [batch, sample_len]`).
+    fn gather_samples_scaled(
+        &mut self,
+        out: &mut Self::F32,
+        x: &Self::F32,
+        kept: &Self::I64,
+        sample_len: usize,
+        alpha: f32,
+    ) -> Result<()>;
+    /// `x[kept[j]] += alpha · gamma ∘ y[j]` per sample `j < samples` (`x [batch, sample_len]`,
+    /// `y [samples, sample_len]`, `gamma [channels]` or none).
+    fn residual_add_samples(
+        &mut self,
+        x: &mut Self::F32,
+        y: &Self::F32,
+        gamma: Option<&Self::F32>,
+        subset: SampleSubset<'_, Self>,
+        alpha: f32,
+    ) -> Result<()>;
+}
 
-    // ---- The DINO head's normalisations.
+/// The DINO head's normalisations and KoLeo (both on L2-normalised rows).
+pub trait HeadOps: Buffers {
+    /// What KoLeo's forward saves for its backward.
+    type Koleo;
 
     /// `z = y / max(‖y‖, eps)` per row (f32 and as an operand), `norm = max(‖y‖, eps)`.
     #[allow(clippy::too_many_arguments)]
@@ -446,8 +453,32 @@ pub trait Backend: Sized {
         inv_norm: &Self::F32,
         shape: NormShape,
     ) -> Result<()>;
+    /// KoLeo's saved state for `b` rows of `d`.
+    fn koleo_state(&mut self, b: usize, d: usize) -> Result<Self::Koleo>;
+    /// `loss [1]` = KoLeo of `x [b, d]`; saves what backward needs.
+    fn koleo_forward(
+        &mut self,
+        loss: &mut Self::F32,
+        state: &mut Self::Koleo,
+        x: &Self::F32,
+        b: usize,
+        d: usize,
+    ) -> Result<()>;
+    /// `dx [b, d] = weight · ∂KoLeo/∂x` (written).
+    fn koleo_backward(
+        &mut self,
+        dx: &mut Self::F32,
+        state: &Self::Koleo,
+        weight: f32,
+        b: usize,
+        d: usize,
+    ) -> Result<()>;
+}
 
-    // ---- Losses and teacher targets.
+/// Losses and teacher targets.
+pub trait LossOps: Buffers {
+    /// A cross-entropy pairing table (see [`LossOps::softmax_cross_entropy`]).
+    type Pairs;
 
     /// A pairing table for up to `capacity` student rows of `pairs` pairs each.
     fn pairs(&mut self, capacity: usize, pairs: usize) -> Result<Self::Pairs>;
@@ -505,28 +536,12 @@ pub trait Backend: Sized {
         temp: f32,
         iterations: usize,
     ) -> Result<()>;
-    /// KoLeo's saved state for `b` rows of `d`.
-    fn koleo_state(&mut self, b: usize, d: usize) -> Result<Self::Koleo>;
-    /// `loss [1]` = KoLeo of `x [b, d]`; saves what backward needs.
-    fn koleo_forward(
-        &mut self,
-        loss: &mut Self::F32,
-        state: &mut Self::Koleo,
-        x: &Self::F32,
-        b: usize,
-        d: usize,
-    ) -> Result<()>;
-    /// `dx [b, d] = weight · ∂KoLeo/∂x` (written).
-    fn koleo_backward(
-        &mut self,
-        dx: &mut Self::F32,
-        state: &Self::Koleo,
-        weight: f32,
-        b: usize,
-        d: usize,
-    ) -> Result<()>;
+}
 
-    // ---- Optimizer passes over the flat buffers.
+/// Optimizer passes over the flat buffers.
+pub trait OptimizerOps: Buffers {
+    /// AdamW's parameter segments and their groups.
+    type Segments;
 
     /// Segments `starts[s]..starts[s+1]` of a flat buffer of `numel`, segment `s` in group
     /// `groups[s] < n_groups`.
@@ -561,6 +576,33 @@ pub trait Backend: Sized {
         norm: &mut Self::F32,
         max_norm: f32,
     ) -> Result<()>;
+}
+
+/// A whole backend: its buffers and every operation family.
+pub trait Backend:
+    Buffers
+    + GemmOps
+    + NormOps
+    + AttentionOps
+    + ElementwiseOps
+    + TokenOps
+    + HeadOps
+    + LossOps
+    + OptimizerOps
+{
+}
+
+impl<T> Backend for T where
+    T: Buffers
+        + GemmOps
+        + NormOps
+        + AttentionOps
+        + ElementwiseOps
+        + TokenOps
+        + HeadOps
+        + LossOps
+        + OptimizerOps
+{
 }
 
 /// Where computation runs, as the user asked for it (`--device auto|cpu|cuda[:i]`).

@@ -187,6 +187,17 @@ impl PatchLayout {
     }
 }
 
+/// Checks buffer lengths: each `(name, len, expected)`, the first mismatch an [`Error::Shape`].
+pub fn check_lens(op: &'static str, lens: &[(&str, usize, usize)]) -> Result<()> {
+    match lens.iter().find(|(_, len, want)| len != want) {
+        Some((name, len, want)) => Err(Error::shape(
+            op,
+            format!("{name} holds {len} elements, expected {want}"),
+        )),
+        None => Ok(()),
+    }
+}
+
 /// The eps added to a gradient norm before clipping (`clip_grad_norm_`'s 1e-6).
 pub const CLIP_EPS: f64 = 1e-6;
 

@@ -10,7 +10,7 @@
 
 use crate::backend::cpu::CpuBackend;
 use crate::backend::cuda::ResolvedDevice;
-use crate::backend::Backend;
+use crate::backend::{Backend, Buffers};
 use crate::error::{Error, Result};
 use crate::nn::{Vit, VitWorkspaces};
 

@@ -225,7 +225,7 @@ impl<B: Backend> Stack<B> {
                 ln_done,
             )?;
             ln_done = if k + 1 < n {
-                let next_norm = blocks[(k + 1) / 2].branch(k + 1).norm;
+                let next_norm = blocks[k.div_ceil(2)].branch(k + 1).norm;
                 let (bufs, next_bufs) = pair(&mut self.branches, bi, (k + 1) % len);
                 let next = Next::Branch(next_norm, next_bufs);
                 branch_residual(be, bufs, parts.ls, w, x, dims, next)?

@@ -1,4 +1,5 @@
-//! Multi-head softmax attention on the official fused qkv layout.
+//! `AttentionOps` on the CPU: multi-head softmax attention on the official fused qkv layout
+//! (the reference of `kernels/attention.cu`).
 //!
 //! Dimensions: `b` images, `t` tokens, `h` heads, `hd` head dim, `c = h·hd` channels.
 //! `qkv` is `[b, t, 3, h, hd]` (channels q | k | v, then head, then hd), the output is
@@ -8,11 +9,11 @@
 //! only the log-sum-exp of every score row (`[b, h, t]`), and backward recomputes the
 //! probabilities from it (flash-attention style), so memory is O(b·h·t) beyond the tiles.
 //! Images run in parallel; a tile is at most t² floats (7.8 MB at t = 1400).
-//!
-//! Kernels panic if a slice is shorter than its declared shape: a programming error inside the
-//! engine, never user input (the layers above validate sizes).
 
-use super::gemm::{matmul, Accumulate, Transpose};
+use super::backend::CpuBackend;
+use super::gemm::gemm;
+use crate::backend::{check_lens, AttentionOps, AttentionShape, Gemm, Transpose};
+use crate::error::Result;
 use rayon::prelude::*;
 
 /// Copies channel block `which` (0 = q, 1 = k, 2 = v) of head `head` out of one image's qkv
@@ -56,191 +57,145 @@ fn softmax_rows(scores: &mut [f32], lse: &mut [f32], t: usize) {
     }
 }
 
-/// `out = softmax(q kᵀ · hd^-0.5) v` per image and head; saves `lse` for backward.
-#[allow(clippy::too_many_arguments)]
-pub fn attention_forward(
-    out: &mut [f32], // [b, t, c]
-    lse: &mut [f32], // [b, h, t]
-    qkv: &[f32],     // [b, t, 3, h, hd]
-    b: usize,
-    t: usize,
-    h: usize,
-    hd: usize,
-) {
-    let c = h * hd;
-    assert!(out.len() >= b * t * c && lse.len() >= b * h * t && qkv.len() >= b * t * 3 * c);
-    if b == 0 || t == 0 || c == 0 {
-        return;
-    }
-    let scale = (hd as f32).powf(-0.5);
-    out[..b * t * c]
-        .par_chunks_mut(t * c)
-        .zip(lse[..b * h * t].par_chunks_mut(h * t))
-        .zip(qkv[..b * t * 3 * c].par_chunks(t * 3 * c))
-        .for_each(|((out, lse), qkv)| {
-            let mut q = vec![0f32; t * hd]; // [t, hd], pre-scaled
-            let mut k = vec![0f32; t * hd]; // [t, hd]
-            let mut v = vec![0f32; t * hd]; // [t, hd]
-            let mut o = vec![0f32; t * hd]; // [t, hd]
-            let mut p = vec![0f32; t * t]; // [t, t]
-            for head in 0..h {
-                gather(&mut q, qkv, 0, head, t, h, hd, scale);
-                gather(&mut k, qkv, 1, head, t, h, hd, 1.0);
-                gather(&mut v, qkv, 2, head, t, h, hd, 1.0);
-                matmul(
-                    &mut p,
-                    &q,
-                    Transpose::No,
-                    &k,
-                    Transpose::Yes,
-                    t,
-                    hd,
-                    t,
-                    Accumulate::Overwrite,
-                );
-                softmax_rows(&mut p, &mut lse[head * t..(head + 1) * t], t);
-                matmul(
-                    &mut o,
-                    &p,
-                    Transpose::No,
-                    &v,
-                    Transpose::No,
-                    t,
-                    t,
-                    hd,
-                    Accumulate::Overwrite,
-                );
-                for i in 0..t {
-                    out[i * c + head * hd..i * c + (head + 1) * hd]
-                        .copy_from_slice(&o[i * hd..(i + 1) * hd]);
-                }
-            }
-        });
+/// `[t, a] · [t, b]ᵀ`-style products of one head: `nt` is `x · yᵀ`, `tn` is `xᵀ · y`.
+fn nt(m: usize, k: usize, n: usize) -> Gemm {
+    Gemm::nn(m, k, n).t(Transpose::No, Transpose::Yes)
 }
 
-/// Backward of [`attention_forward`]: writes `dqkv` (every element).
-#[allow(clippy::too_many_arguments)]
-pub fn attention_backward(
-    dqkv: &mut [f32], // [b, t, 3, h, hd]
-    dout: &[f32],     // [b, t, c]
-    qkv: &[f32],      // [b, t, 3, h, hd]
-    lse: &[f32],      // [b, h, t]
-    b: usize,
-    t: usize,
-    h: usize,
-    hd: usize,
-) {
-    let c = h * hd;
-    assert!(dqkv.len() >= b * t * 3 * c && dout.len() >= b * t * c);
-    assert!(qkv.len() >= b * t * 3 * c && lse.len() >= b * h * t);
-    if b == 0 || t == 0 || c == 0 {
-        return;
+fn tn(m: usize, k: usize, n: usize) -> Gemm {
+    Gemm::nn(m, k, n).t(Transpose::Yes, Transpose::No)
+}
+
+impl AttentionOps for CpuBackend {
+    /// `out = softmax(q kᵀ · hd^-0.5) v` per image and head; saves `lse` for backward.
+    fn attention_forward(
+        &mut self,
+        out: &mut [f32],
+        lse: &mut [f32],
+        qkv: &[f32],
+        shape: AttentionShape,
+    ) -> Result<()> {
+        check_lens(
+            "cpu attention_forward",
+            &[
+                ("qkv", qkv.len(), shape.qkv_len()),
+                ("out", out.len(), shape.out_len()),
+                ("lse", lse.len(), shape.stats_len()),
+            ],
+        )?;
+        let (t, h, hd) = (shape.tokens, shape.heads, shape.head_dim);
+        let c = h * hd;
+        if shape.batch == 0 || t == 0 || c == 0 {
+            return Ok(());
+        }
+        let scale = (hd as f32).powf(-0.5);
+        out.par_chunks_mut(t * c)
+            .zip(lse.par_chunks_mut(h * t))
+            .zip(qkv.par_chunks(t * 3 * c))
+            .for_each(|((out, lse), qkv)| {
+                let mut q = vec![0f32; t * hd]; // [t, hd], pre-scaled
+                let mut k = vec![0f32; t * hd]; // [t, hd]
+                let mut v = vec![0f32; t * hd]; // [t, hd]
+                let mut o = vec![0f32; t * hd]; // [t, hd]
+                let mut p = vec![0f32; t * t]; // [t, t]
+                for head in 0..h {
+                    gather(&mut q, qkv, 0, head, t, h, hd, scale);
+                    gather(&mut k, qkv, 1, head, t, h, hd, 1.0);
+                    gather(&mut v, qkv, 2, head, t, h, hd, 1.0);
+                    gemm(&mut p, &q, &k, nt(t, hd, t));
+                    softmax_rows(&mut p, &mut lse[head * t..(head + 1) * t], t);
+                    gemm(&mut o, &p, &v, Gemm::nn(t, t, hd));
+                    for i in 0..t {
+                        out[i * c + head * hd..i * c + (head + 1) * hd]
+                            .copy_from_slice(&o[i * hd..(i + 1) * hd]);
+                    }
+                }
+            });
+        self.round(out);
+        Ok(())
     }
-    let scale = (hd as f32).powf(-0.5);
-    dqkv[..b * t * 3 * c]
-        .par_chunks_mut(t * 3 * c)
-        .zip(dout[..b * t * c].par_chunks(t * c))
-        .zip(qkv[..b * t * 3 * c].par_chunks(t * 3 * c))
-        .zip(lse[..b * h * t].par_chunks(h * t))
-        .for_each(|(((dqkv, dout), qkv), lse)| {
-            let mut q = vec![0f32; t * hd]; // [t, hd], pre-scaled
-            let mut k = vec![0f32; t * hd];
-            let mut v = vec![0f32; t * hd];
-            let mut dout_h = vec![0f32; t * hd];
-            let mut dq = vec![0f32; t * hd];
-            let mut dk = vec![0f32; t * hd];
-            let mut dv = vec![0f32; t * hd];
-            let mut p = vec![0f32; t * t]; // [t, t] probabilities
-            let mut dp = vec![0f32; t * t]; // [t, t] d probabilities, then d scores
-            let c3 = 3 * c;
-            for head in 0..h {
-                gather(&mut q, qkv, 0, head, t, h, hd, scale);
-                gather(&mut k, qkv, 1, head, t, h, hd, 1.0);
-                gather(&mut v, qkv, 2, head, t, h, hd, 1.0);
-                for i in 0..t {
-                    dout_h[i * hd..(i + 1) * hd]
-                        .copy_from_slice(&dout[i * c + head * hd..i * c + (head + 1) * hd]);
-                }
-                // Recompute P = exp(S - lse).
-                matmul(
-                    &mut p,
-                    &q,
-                    Transpose::No,
-                    &k,
-                    Transpose::Yes,
-                    t,
-                    hd,
-                    t,
-                    Accumulate::Overwrite,
-                );
-                for (row, &l) in p.chunks_mut(t).zip(&lse[head * t..(head + 1) * t]) {
-                    for x in row.iter_mut() {
-                        *x = (*x - l).exp();
+
+    /// `dqkv` (every element written) from `dout` and the saved `lse`: the probabilities are
+    /// recomputed (flash-attention style); `out` is not read on the CPU.
+    fn attention_backward(
+        &mut self,
+        dqkv: &mut [f32],
+        dout: &[f32],
+        qkv: &[f32],
+        out: &[f32],
+        lse: &[f32],
+        shape: AttentionShape,
+    ) -> Result<()> {
+        check_lens(
+            "cpu attention_backward",
+            &[
+                ("dqkv", dqkv.len(), shape.qkv_len()),
+                ("qkv", qkv.len(), shape.qkv_len()),
+                ("dout", dout.len(), shape.out_len()),
+                ("out", out.len(), shape.out_len()),
+                ("lse", lse.len(), shape.stats_len()),
+            ],
+        )?;
+        let (t, h, hd) = (shape.tokens, shape.heads, shape.head_dim);
+        let c = h * hd;
+        if shape.batch == 0 || t == 0 || c == 0 {
+            return Ok(());
+        }
+        let scale = (hd as f32).powf(-0.5);
+        dqkv.par_chunks_mut(t * 3 * c)
+            .zip(dout.par_chunks(t * c))
+            .zip(qkv.par_chunks(t * 3 * c))
+            .zip(lse.par_chunks(h * t))
+            .for_each(|(((dqkv, dout), qkv), lse)| {
+                let mut q = vec![0f32; t * hd]; // [t, hd], pre-scaled
+                let mut k = vec![0f32; t * hd];
+                let mut v = vec![0f32; t * hd];
+                let mut dout_h = vec![0f32; t * hd];
+                let mut dq = vec![0f32; t * hd];
+                let mut dk = vec![0f32; t * hd];
+                let mut dv = vec![0f32; t * hd];
+                let mut p = vec![0f32; t * t]; // [t, t] probabilities
+                let mut dp = vec![0f32; t * t]; // [t, t] d probabilities, then d scores
+                for head in 0..h {
+                    gather(&mut q, qkv, 0, head, t, h, hd, scale);
+                    gather(&mut k, qkv, 1, head, t, h, hd, 1.0);
+                    gather(&mut v, qkv, 2, head, t, h, hd, 1.0);
+                    for i in 0..t {
+                        dout_h[i * hd..(i + 1) * hd]
+                            .copy_from_slice(&dout[i * c + head * hd..i * c + (head + 1) * hd]);
+                    }
+                    // Recompute P = exp(S - lse).
+                    gemm(&mut p, &q, &k, nt(t, hd, t));
+                    for (row, &l) in p.chunks_mut(t).zip(&lse[head * t..(head + 1) * t]) {
+                        row.iter_mut().for_each(|x| *x = (*x - l).exp());
+                    }
+                    // dV = Pᵀ dO ; dP = dO Vᵀ
+                    gemm(&mut dv, &p, &dout_h, tn(t, t, hd));
+                    gemm(&mut dp, &dout_h, &v, nt(t, hd, t));
+                    // dS = P ∘ (dP − rowsum(P ∘ dP))
+                    for (prow, dprow) in p.chunks(t).zip(dp.chunks_mut(t)) {
+                        let dot: f32 = prow.iter().zip(dprow.iter()).map(|(a, b)| a * b).sum();
+                        dprow
+                            .iter_mut()
+                            .zip(prow)
+                            .for_each(|(d, &pv)| *d = pv * (*d - dot));
+                    }
+                    // dQ = scale · dS K ; dK = dSᵀ (scale · Q)
+                    gemm(&mut dq, &dp, &k, Gemm::nn(t, t, hd));
+                    gemm(&mut dk, &dp, &q, tn(t, t, hd));
+                    for i in 0..t {
+                        let row = &mut dqkv[i * 3 * c..(i + 1) * 3 * c];
+                        for j in 0..hd {
+                            row[head * hd + j] = dq[i * hd + j] * scale;
+                            row[c + head * hd + j] = dk[i * hd + j];
+                            row[2 * c + head * hd + j] = dv[i * hd + j];
+                        }
                     }
                 }
-                // dV = Pᵀ dO ; dP = dO Vᵀ
-                matmul(
-                    &mut dv,
-                    &p,
-                    Transpose::Yes,
-                    &dout_h,
-                    Transpose::No,
-                    t,
-                    t,
-                    hd,
-                    Accumulate::Overwrite,
-                );
-                matmul(
-                    &mut dp,
-                    &dout_h,
-                    Transpose::No,
-                    &v,
-                    Transpose::Yes,
-                    t,
-                    hd,
-                    t,
-                    Accumulate::Overwrite,
-                );
-                // dS = P ∘ (dP − rowsum(P ∘ dP))
-                for (prow, dprow) in p.chunks(t).zip(dp.chunks_mut(t)) {
-                    let dot: f32 = prow.iter().zip(dprow.iter()).map(|(a, b)| a * b).sum();
-                    for (d, &pv) in dprow.iter_mut().zip(prow) {
-                        *d = pv * (*d - dot);
-                    }
-                }
-                // dQ = scale · dS K ; dK = dSᵀ (scale · Q)
-                matmul(
-                    &mut dq,
-                    &dp,
-                    Transpose::No,
-                    &k,
-                    Transpose::No,
-                    t,
-                    t,
-                    hd,
-                    Accumulate::Overwrite,
-                );
-                matmul(
-                    &mut dk,
-                    &dp,
-                    Transpose::Yes,
-                    &q,
-                    Transpose::No,
-                    t,
-                    t,
-                    hd,
-                    Accumulate::Overwrite,
-                );
-                for i in 0..t {
-                    let row = &mut dqkv[i * c3..(i + 1) * c3];
-                    for j in 0..hd {
-                        row[head * hd + j] = dq[i * hd + j] * scale;
-                        row[c + head * hd + j] = dk[i * hd + j];
-                        row[2 * c + head * hd + j] = dv[i * hd + j];
-                    }
-                }
-            }
-        });
+            });
+        self.round(dqkv);
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -261,7 +216,15 @@ mod tests {
             .collect();
         let mut out = vec![0f32; b * t * c];
         let mut lse = vec![0f32; b * h * t];
-        attention_forward(&mut out, &mut lse, &qkv, b, t, h, hd);
+        let shape = AttentionShape {
+            batch: b,
+            tokens: t,
+            heads: h,
+            head_dim: hd,
+        };
+        CpuBackend::default()
+            .attention_forward(&mut out, &mut lse, &qkv, shape)
+            .unwrap();
         assert!(out.iter().all(|v| v.is_finite()));
         let at = |tok: usize, which: usize, head: usize, j: usize| {
             qkv[(tok * 3 + which) * c + head * hd + j] as f64

@@ -5,10 +5,15 @@
 //! Kernels panic if a slice is shorter than its declared shape: a programming error inside the
 //! engine, never user input (the layers above validate sizes).
 
+use super::backend::CpuBackend;
+use crate::backend::{check_lens, Accumulate, ElementwiseOps, NormShape};
+use crate::error::Result;
 use rayon::prelude::*;
 
 /// Elements per rayon task.
 const CHUNK: usize = 1 << 14;
+/// Rows per rayon task of the reductions (fixed: results do not depend on the thread count).
+const ROWS_PER_TASK: usize = 256;
 
 const INV_SQRT_2: f32 = std::f32::consts::FRAC_1_SQRT_2;
 /// 1/sqrt(2π), the standard normal density at 0.
@@ -80,116 +85,161 @@ pub fn gelu_forward(out: &mut [f32], inp: &[f32]) {
         .for_each(|(o, x)| o.iter_mut().zip(x).for_each(|(o, &x)| *o = gelu(x)));
 }
 
-pub fn gelu_backward(dinp: &mut [f32], dout: &[f32], inp: &[f32]) {
-    assert!(dinp.len() == inp.len() && dout.len() == inp.len());
-    dinp.par_chunks_mut(CHUNK)
-        .zip(dout.par_chunks(CHUNK))
-        .zip(inp.par_chunks(CHUNK))
-        .for_each(|((di, dy), x)| {
-            for i in 0..di.len() {
-                di[i] = dy[i] * gelu_grad(x[i]);
-            }
-        });
-}
-
-/// SwiGLU gate on the fused `w12` output: `out = silu(x1) * x2` with `x12 = [x1 | x2]` per row.
-pub fn swiglu_forward(
-    out: &mut [f32], // [rows, hidden]
-    x12: &[f32],     // [rows, 2·hidden]
-    rows: usize,
-    hidden: usize,
-) {
-    assert!(out.len() >= rows * hidden && x12.len() >= rows * 2 * hidden);
-    if hidden == 0 {
-        return;
+impl ElementwiseOps for CpuBackend {
+    /// `dpre = dact · gelu'(pre)`.
+    fn gelu_backward(&mut self, dpre: &mut [f32], dact: &[f32], pre: &[f32]) -> Result<()> {
+        let n = dpre.len();
+        check_lens(
+            "cpu gelu_backward",
+            &[("dact", dact.len(), n), ("pre", pre.len(), n)],
+        )?;
+        dpre.par_chunks_mut(CHUNK)
+            .zip(dact.par_chunks(CHUNK))
+            .zip(pre.par_chunks(CHUNK))
+            .for_each(|((di, dy), x)| (0..di.len()).for_each(|i| di[i] = dy[i] * gelu_grad(x[i])));
+        self.round(dpre);
+        Ok(())
     }
-    out[..rows * hidden]
-        .par_chunks_mut(hidden)
-        .zip(x12[..rows * 2 * hidden].par_chunks(2 * hidden))
-        .for_each(|(o, x)| {
-            let (x1, x2) = x.split_at(hidden);
-            for i in 0..hidden {
-                o[i] = silu(x1[i]) * x2[i];
-            }
-        });
-}
 
-pub fn swiglu_backward(
-    dx12: &mut [f32], // [rows, 2·hidden]
-    dout: &[f32],     // [rows, hidden]
-    x12: &[f32],      // [rows, 2·hidden]
-    rows: usize,
-    hidden: usize,
-) {
-    assert!(dx12.len() >= rows * 2 * hidden && dout.len() >= rows * hidden);
-    if hidden == 0 {
-        return;
-    }
-    dx12[..rows * 2 * hidden]
-        .par_chunks_mut(2 * hidden)
-        .zip(dout[..rows * hidden].par_chunks(hidden))
-        .zip(x12[..rows * 2 * hidden].par_chunks(2 * hidden))
-        .for_each(|((dx, dy), x)| {
-            let (x1, x2) = x.split_at(hidden);
-            let (dx1, dx2) = dx.split_at_mut(hidden);
-            for i in 0..hidden {
-                dx1[i] = dy[i] * x2[i] * silu_grad(x1[i]);
-                dx2[i] = dy[i] * silu(x1[i]);
-            }
-        });
-}
-
-/// LayerScale: `out = inp * gamma` per channel.
-pub fn layerscale_forward(out: &mut [f32], inp: &[f32], gamma: &[f32], rows: usize, dim: usize) {
-    assert!(out.len() >= rows * dim && inp.len() >= rows * dim && gamma.len() == dim);
-    for (o, x) in out[..rows * dim].chunks_mut(dim).zip(inp.chunks(dim)) {
-        for i in 0..dim {
-            o[i] = x[i] * gamma[i];
+    /// `gated = silu(x1) * x2` with `x12 = [x1 | x2]` per row.
+    fn swiglu_forward(
+        &mut self,
+        gated: &mut [f32],
+        x12: &[f32],
+        rows: usize,
+        width: usize,
+    ) -> Result<()> {
+        check_lens(
+            "cpu swiglu_forward",
+            &[
+                ("gated", gated.len(), rows * width),
+                ("x12", x12.len(), rows * 2 * width),
+            ],
+        )?;
+        if width > 0 {
+            gated
+                .par_chunks_mut(width)
+                .zip(x12.par_chunks(2 * width))
+                .for_each(|(o, x)| {
+                    let (x1, x2) = x.split_at(width);
+                    (0..width).for_each(|i| o[i] = silu(x1[i]) * x2[i]);
+                });
         }
+        self.round(gated);
+        Ok(())
     }
-}
 
-/// Backward of LayerScale: `dinp = dout * gamma`, `dgamma += Σ_rows dout * inp`.
-#[allow(clippy::too_many_arguments)]
-pub fn layerscale_backward(
-    dinp: &mut [f32],
-    dgamma: &mut [f32],
-    dout: &[f32],
-    inp: &[f32],
-    gamma: &[f32],
-    rows: usize,
-    dim: usize,
-) {
-    assert!(dinp.len() >= rows * dim && dout.len() >= rows * dim && inp.len() >= rows * dim);
-    assert!(dgamma.len() == dim && gamma.len() == dim);
-    const ROWS_PER_TASK: usize = 256;
-    // Partial dgamma per fixed row chunk, summed in order (independent of the thread count).
-    let partials: Vec<Vec<f32>> = dinp[..rows * dim]
-        .par_chunks_mut(ROWS_PER_TASK * dim)
-        .zip(dout[..rows * dim].par_chunks(ROWS_PER_TASK * dim))
-        .zip(inp[..rows * dim].par_chunks(ROWS_PER_TASK * dim))
-        .map(|((di, dy), x)| {
-            let mut acc = vec![0f32; dim];
-            for ((di, dy), x) in di.chunks_mut(dim).zip(dy.chunks(dim)).zip(x.chunks(dim)) {
-                for i in 0..dim {
-                    di[i] = dy[i] * gamma[i];
-                    acc[i] += dy[i] * x[i];
+    fn swiglu_backward(
+        &mut self,
+        dx12: &mut [f32],
+        dgated: &[f32],
+        x12: &[f32],
+        rows: usize,
+        width: usize,
+    ) -> Result<()> {
+        check_lens(
+            "cpu swiglu_backward",
+            &[
+                ("dx12", dx12.len(), rows * 2 * width),
+                ("dgated", dgated.len(), rows * width),
+                ("x12", x12.len(), rows * 2 * width),
+            ],
+        )?;
+        if width > 0 {
+            dx12.par_chunks_mut(2 * width)
+                .zip(dgated.par_chunks(width))
+                .zip(x12.par_chunks(2 * width))
+                .for_each(|((dx, dy), x)| {
+                    let (x1, x2) = x.split_at(width);
+                    let (dx1, dx2) = dx.split_at_mut(width);
+                    for i in 0..width {
+                        dx1[i] = dy[i] * x2[i] * silu_grad(x1[i]);
+                        dx2[i] = dy[i] * silu(x1[i]);
+                    }
+                });
+        }
+        self.round(dx12);
+        Ok(())
+    }
+
+    /// `dbranch = dresidual * gamma`, `dgamma += Σ_rows dresidual * branch` (partials per fixed
+    /// row chunk, summed in order: independent of the thread count).
+    fn layerscale_backward(
+        &mut self,
+        dbranch: &mut [f32],
+        dgamma: &mut [f32],
+        dresidual: &[f32],
+        branch: &[f32],
+        gamma: &[f32],
+        shape: NormShape,
+    ) -> Result<()> {
+        let NormShape {
+            rows,
+            channels: dim,
+        } = shape;
+        check_lens(
+            "cpu layerscale_backward",
+            &[
+                ("dbranch", dbranch.len(), rows * dim),
+                ("dresidual", dresidual.len(), rows * dim),
+                ("branch", branch.len(), rows * dim),
+                ("gamma", gamma.len(), dim),
+                ("dgamma", dgamma.len(), dim),
+            ],
+        )?;
+        let partials: Vec<Vec<f32>> = dbranch
+            .par_chunks_mut(ROWS_PER_TASK * dim)
+            .zip(dresidual.par_chunks(ROWS_PER_TASK * dim))
+            .zip(branch.par_chunks(ROWS_PER_TASK * dim))
+            .map(|((di, dy), x)| {
+                let mut acc = vec![0f32; dim];
+                for ((di, dy), x) in di.chunks_mut(dim).zip(dy.chunks(dim)).zip(x.chunks(dim)) {
+                    for i in 0..dim {
+                        di[i] = dy[i] * gamma[i];
+                        acc[i] += dy[i] * x[i];
+                    }
                 }
-            }
-            acc
-        })
-        .collect();
-    for p in &partials {
-        dgamma.iter_mut().zip(p).for_each(|(g, v)| *g += v);
+                acc
+            })
+            .collect();
+        for p in &partials {
+            dgamma.iter_mut().zip(p).for_each(|(g, v)| *g += v);
+        }
+        self.round(dbranch);
+        Ok(())
     }
-}
 
-/// Residual add: `out += alpha * inp`.
-pub fn residual_add(out: &mut [f32], inp: &[f32], alpha: f32) {
-    assert_eq!(out.len(), inp.len());
-    out.par_chunks_mut(CHUNK)
-        .zip(inp.par_chunks(CHUNK))
-        .for_each(|(o, x)| o.iter_mut().zip(x).for_each(|(o, &x)| *o += alpha * x));
+    /// Partial sums per fixed chunk of rows, added in order.
+    fn column_sum(
+        &mut self,
+        out: &mut [f32],
+        x: &[f32],
+        rows: usize,
+        write: Accumulate,
+    ) -> Result<()> {
+        let c = out.len();
+        check_lens("cpu column_sum", &[("x", x.len(), rows * c)])?;
+        if write == Accumulate::Overwrite {
+            out.fill(0.0);
+        }
+        if c == 0 || rows == 0 {
+            return Ok(());
+        }
+        let partials: Vec<Vec<f32>> = x
+            .par_chunks(ROWS_PER_TASK * c)
+            .map(|chunk| {
+                let mut acc = vec![0f32; c];
+                for row in chunk.chunks(c) {
+                    acc.iter_mut().zip(row).for_each(|(a, g)| *a += g);
+                }
+                acc
+            })
+            .collect();
+        for p in &partials {
+            out.iter_mut().zip(p).for_each(|(o, v)| *o += v);
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]

@@ -4,7 +4,15 @@
 //! Every matrix is a contiguous row-major slice. `Transpose::Yes` means the operand is *stored*
 //! transposed, e.g. a `Linear` weight `[out, in]` used as the right operand of `x · Wᵀ`.
 
+use super::backend::{add_bias, check, CpuBackend};
+use super::elementwise::gelu;
 pub use crate::backend::{Accumulate, Transpose};
+use crate::backend::{ElementwiseOps, Gemm, GemmBatch, GemmOps, InputGrad, LinearDims, LinearOut};
+use crate::error::{Error, Result};
+use rayon::prelude::*;
+
+/// Elements per rayon task of the GELU pass.
+const CHUNK: usize = 1 << 14;
 
 /// Products smaller than this many multiply-adds run on the calling thread: the rayon hand-off
 /// costs more than it saves.
@@ -81,6 +89,11 @@ pub fn matmul(
     }
 }
 
+/// [`matmul`] with the product described by a [`Gemm`].
+pub fn gemm(c: &mut [f32], a: &[f32], b: &[f32], g: Gemm) {
+    matmul(c, a, g.ta, b, g.tb, g.m, g.k, g.n, g.acc);
+}
+
 /// Reference triple loop (f64 accumulation) used by tests to check [`matmul`].
 #[allow(clippy::too_many_arguments)]
 pub fn matmul_reference(
@@ -115,6 +128,161 @@ pub fn matmul_reference(
             };
             c[i * n + j] = (prev + s) as f32;
         }
+    }
+}
+
+impl GemmOps for CpuBackend {
+    fn matmul(&mut self, c: &mut [f32], a: &[f32], b: &[f32], g: Gemm) -> Result<()> {
+        const OP: &str = "cpu matmul";
+        check(OP, "c", c.len(), g.m * g.n)?;
+        check(OP, "a", a.len(), g.m * g.k)?;
+        check(OP, "b", b.len(), g.k * g.n)?;
+        matmul(c, a, g.ta, b, g.tb, g.m, g.k, g.n, g.acc);
+        Ok(())
+    }
+
+    fn matmul_f32(&mut self, c: &mut [f32], a: &[f32], b: &[f32], g: GemmBatch) -> Result<()> {
+        const OP: &str = "cpu matmul_f32";
+        let Gemm { m, k, n, .. } = g.gemm;
+        let last = g.batch.saturating_sub(1);
+        if g.batch == 0 {
+            return Ok(());
+        }
+        if c.len() < last * g.stride_c + m * n
+            || a.len() < last * g.stride_a + m * k
+            || b.len() < last * g.stride_b + k * n
+        {
+            return Err(Error::shape(OP, format!("{g:?}: operands too short")));
+        }
+        for i in 0..g.batch {
+            let cs = &mut c[i * g.stride_c..i * g.stride_c + m * n];
+            let as_ = &a[i * g.stride_a..i * g.stride_a + m * k];
+            let bs = &b[i * g.stride_b..i * g.stride_b + k * n];
+            let gm = g.gemm;
+            matmul(cs, as_, gm.ta, bs, gm.tb, m, k, n, gm.acc);
+        }
+        Ok(())
+    }
+
+    fn linear_forward(
+        &mut self,
+        out: LinearOut<'_, Self>,
+        inp: &[f32],
+        weight: &[f32],
+        bias: Option<&[f32]>,
+        dims: LinearDims,
+    ) -> Result<()> {
+        const OP: &str = "cpu linear_forward";
+        let LinearDims {
+            rows,
+            in_dim: k,
+            out_dim: n,
+        } = dims;
+        check(OP, "inp", inp.len(), rows * k)?;
+        check(OP, "weight", weight.len(), n * k)?;
+        if let Some(b) = bias {
+            check(OP, "bias", b.len(), n)?;
+        }
+        let product = |y: &mut [f32]| -> Result<()> {
+            check(OP, "out", y.len(), rows * n)?;
+            let g = Gemm::nn(rows, k, n).t(Transpose::No, Transpose::Yes);
+            matmul(y, inp, g.ta, weight, g.tb, rows, k, n, g.acc);
+            if let Some(b) = bias {
+                add_bias(y, b);
+            }
+            Ok(())
+        };
+        match out {
+            LinearOut::F32(y) => product(y),
+            LinearOut::Half(y) => {
+                product(y)?;
+                self.round(y);
+                Ok(())
+            }
+            LinearOut::Gelu { pre, act } => {
+                product(pre)?;
+                check(OP, "act", act.len(), rows * n)?;
+                act.par_chunks_mut(CHUNK)
+                    .zip(pre.par_chunks(CHUNK))
+                    .for_each(|(a, p)| a.iter_mut().zip(p).for_each(|(a, &p)| *a = gelu(p)));
+                self.round(act);
+                Ok(())
+            }
+        }
+    }
+
+    fn linear_input_grad(
+        &mut self,
+        dinp: InputGrad<'_, Self>,
+        dout: &[f32],
+        weight: &[f32],
+        dims: LinearDims,
+    ) -> Result<()> {
+        const OP: &str = "cpu linear_input_grad";
+        let LinearDims {
+            rows,
+            in_dim: k,
+            out_dim: n,
+        } = dims;
+        check(OP, "dout", dout.len(), rows * n)?;
+        check(OP, "weight", weight.len(), n * k)?;
+        let (dx, acc, round) = match dinp {
+            InputGrad::F32(dx, acc) => (dx, acc, false),
+            InputGrad::Half(dx) => (dx, Accumulate::Overwrite, true),
+        };
+        check(OP, "dinp", dx.len(), rows * k)?;
+        matmul(
+            dx,
+            dout,
+            Transpose::No,
+            weight,
+            Transpose::No,
+            rows,
+            n,
+            k,
+            acc,
+        );
+        if round {
+            self.round(dx);
+        }
+        Ok(())
+    }
+
+    fn linear_param_grads(
+        &mut self,
+        dweight: &mut [f32],
+        dbias: Option<&mut [f32]>,
+        dout: &[f32],
+        _dout_f32: Option<&[f32]>,
+        inp: &[f32],
+        dims: LinearDims,
+    ) -> Result<()> {
+        const OP: &str = "cpu linear_param_grads";
+        let LinearDims {
+            rows,
+            in_dim: k,
+            out_dim: n,
+        } = dims;
+        check(OP, "dweight", dweight.len(), n * k)?;
+        check(OP, "dout", dout.len(), rows * n)?;
+        check(OP, "inp", inp.len(), rows * k)?;
+        matmul(
+            dweight,
+            dout,
+            Transpose::Yes,
+            inp,
+            Transpose::No,
+            n,
+            rows,
+            k,
+            Accumulate::Add,
+        );
+        if let Some(db) = dbias {
+            // Summed from the operand `dout`, as the GPU's fused epilogue does.
+            check(OP, "dbias", db.len(), n)?;
+            self.column_sum(db, dout, rows, Accumulate::Add)?;
+        }
+        Ok(())
     }
 }
 

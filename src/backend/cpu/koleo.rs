@@ -4,8 +4,9 @@
 //! `x / max(‖x‖, eps)`; the pairwise distance adds eps to **every component** of the difference
 //! before the norm; the log adds eps to the distance.
 
-use super::gemm::{matmul, Accumulate, Transpose};
-use super::loss::check_len;
+use super::backend::check;
+use super::gemm::matmul;
+use crate::backend::{Accumulate, Transpose};
 use crate::error::{Error, Result};
 use rayon::prelude::*;
 
@@ -28,7 +29,7 @@ pub struct KoleoSaved {
 /// KoLeo forward: returns `−mean_i log(d_i + eps)` and fills `saved`. `x [b,d]`, `b >= 2`.
 pub fn koleo_forward(saved: &mut KoleoSaved, x: &[f32], b: usize, d: usize) -> Result<f32> {
     const OP: &str = "koleo_forward";
-    check_len(OP, "x", x.len(), b * d)?;
+    check(OP, "x", x.len(), b * d)?;
     if b < 2 {
         return Err(Error::shape(
             OP,
@@ -114,9 +115,9 @@ pub fn koleo_backward(
     acc: Accumulate,
 ) -> Result<()> {
     const OP: &str = "koleo_backward";
-    check_len(OP, "dx", dx.len(), b * d)?;
-    check_len(OP, "saved.xn", saved.xn.len(), b * d)?;
-    check_len(OP, "saved.nn", saved.nn.len(), b)?;
+    check(OP, "dx", dx.len(), b * d)?;
+    check(OP, "saved.xn", saved.xn.len(), b * d)?;
+    check(OP, "saved.nn", saved.nn.len(), b)?;
     // [b,d] gradient w.r.t. the normalised vectors, in f64 (each row receives from several i).
     let mut dxn = vec![0f64; b * d];
     let xn = &saved.xn;

@@ -5,6 +5,9 @@
 //! kernel is row-parallel; a row of 65536 logits (256 KiB) stays in L2 between the passes.
 //! Reductions over `K` accumulate in f64 (eight lanes, so they still vectorise).
 
+use super::backend::{one_scalar, rows_of, CpuBackend, CpuPairs};
+use super::sinkhorn::sinkhorn_knopp;
+use crate::backend::{check_lens, LossOps};
 use crate::error::{Error, Result};
 use rayon::prelude::*;
 
@@ -95,16 +98,6 @@ pub fn max_f32(x: &[f32]) -> f32 {
     m
 }
 
-pub(crate) fn check_len(op: &'static str, what: &str, got: usize, want: usize) -> Result<()> {
-    if got != want {
-        return Err(Error::shape(
-            op,
-            format!("{what} has {got} values, expected {want}"),
-        ));
-    }
-    Ok(())
-}
-
 pub(crate) fn check_temp(op: &'static str, what: &str, t: f32) -> Result<()> {
     if !(t.is_finite() && t > 0.0) {
         return Err(Error::Config(format!(
@@ -112,166 +105,6 @@ pub(crate) fn check_temp(op: &'static str, what: &str, t: f32) -> Result<()> {
         )));
     }
     Ok(())
-}
-
-/// Teacher targets with softmax centering: `probs = softmax((logits − center) / temp)` per row
-/// (no centering without a center).
-///
-/// `probs [R,K]`, `logits [R,K]`, `center [K]`.
-pub fn softmax_centered_forward(
-    probs: &mut [f32],
-    logits: &[f32],
-    center: Option<&[f32]>,
-    rows: usize,
-    k: usize,
-    temp: f32,
-) -> Result<()> {
-    const OP: &str = "softmax_centered_forward";
-    check_len(OP, "probs", probs.len(), rows * k)?;
-    check_len(OP, "logits", logits.len(), rows * k)?;
-    if let Some(c) = center {
-        check_len(OP, "center", c.len(), k)?;
-    }
-    check_temp(OP, "teacher temperature", temp)?;
-    if k == 0 {
-        return Ok(());
-    }
-    let simd = has_avx2();
-    probs
-        .par_chunks_mut(k)
-        .zip(logits.par_chunks(k))
-        .for_each(|(p, t)| {
-            #[cfg(not(target_arch = "x86_64"))]
-            let _ = simd;
-            #[cfg(target_arch = "x86_64")]
-            if simd {
-                // SAFETY: `simd` is true only when the CPU has AVX2 (checked at run time).
-                return unsafe { softmax_centered_row_avx2(p, t, center, temp) };
-            }
-            softmax_centered_row(p, t, center, temp)
-        });
-    Ok(())
-}
-
-/// Center update of softmax centering: `center = m·center + (1 − m)·mean_rows(logits)`.
-/// With `rows == 0` there is no batch statistic and the center is left unchanged (the official
-/// code would turn it into NaN).
-///
-/// `center [K]`, `logits [R,K]`.
-pub fn center_update(
-    center: &mut [f32],
-    logits: &[f32],
-    rows: usize,
-    k: usize,
-    momentum: f32,
-) -> Result<()> {
-    const OP: &str = "center_update";
-    check_len(OP, "center", center.len(), k)?;
-    check_len(OP, "logits", logits.len(), rows * k)?;
-    if rows == 0 || k == 0 {
-        return Ok(());
-    }
-    // Column sums in f64, parallel over column blocks so each thread owns its output.
-    const COLS: usize = 1024;
-    let inv_rows = 1.0 / rows as f64;
-    center
-        .par_chunks_mut(COLS)
-        .enumerate()
-        .for_each(|(blk, c)| {
-            let c0 = blk * COLS;
-            let mut acc = vec![0f64; c.len()];
-            for r in 0..rows {
-                let row = &logits[r * k + c0..r * k + c0 + c.len()];
-                for (a, &v) in acc.iter_mut().zip(row) {
-                    *a += v as f64;
-                }
-            }
-            let m = momentum as f64;
-            for (cv, a) in c.iter_mut().zip(acc) {
-                *cv = (m * *cv as f64 + (1.0 - m) * a * inv_rows) as f32;
-            }
-        });
-    Ok(())
-}
-
-/// The paired cross-entropy of the DINO and iBOT losses, forward and backward (the CPU
-/// reference of the CUDA `softmax_cross_entropy` kernel).
-///
-/// Student row `r` is paired with teacher rows `teacher[r·P + p]` (−1 = unused slot) of weight
-/// `weight[r·P + p]`. With the combined target `q = Σ_p w_p probs[t_p]`, `x = student_r / ts`:
-///
-/// * `row_loss[r] = −Σ_k q_k · log_softmax(x)_k` (the weighted sum of the pairs' CEs),
-/// * `dstudent[r] = grad_scale · (softmax(x) · Σq − q) / ts` (overwritten).
-///
-/// `row_loss [R]`, `dstudent [R,K]`, `student [R,K]`, `probs [Rt,K]`, `teacher`/`weight [R,P]`.
-#[allow(clippy::too_many_arguments)]
-pub fn paired_cross_entropy(
-    row_loss: &mut [f32],
-    dstudent: &mut [f32],
-    student: &[f32],
-    probs: &[f32],
-    teacher: &[i32],
-    weight: &[f32],
-    pairs: usize,
-    k: usize,
-    student_temp: f32,
-    grad_scale: f32,
-) -> Result<()> {
-    const OP: &str = "paired_cross_entropy";
-    let rows = row_loss.len();
-    check_len(OP, "dstudent", dstudent.len(), rows * k)?;
-    check_len(OP, "student", student.len(), rows * k)?;
-    check_len(OP, "teacher", teacher.len(), rows * pairs)?;
-    check_len(OP, "weight", weight.len(), rows * pairs)?;
-    check_temp(OP, "student temperature", student_temp)?;
-    if rows == 0 || k == 0 {
-        return Ok(());
-    }
-    let teacher_rows = probs.len() / k;
-    let inv_t = 1.0 / student_temp;
-    let simd = has_avx2();
-    row_loss
-        .par_iter_mut()
-        .zip(dstudent.par_chunks_mut(k))
-        .zip(student.par_chunks(k))
-        .enumerate()
-        .for_each_init(
-            || vec![0f32; k],
-            |q, (r, ((loss, d), s))| {
-                // The combined target of this row's pairs.
-                q.fill(0.0);
-                for p in 0..pairs {
-                    let t = teacher[r * pairs + p];
-                    if t < 0 || t as usize >= teacher_rows {
-                        continue;
-                    }
-                    let w = weight[r * pairs + p];
-                    let row = &probs[t as usize * k..(t as usize + 1) * k];
-                    q.iter_mut().zip(row).for_each(|(q, &v)| *q += w * v);
-                }
-                #[cfg(not(target_arch = "x86_64"))]
-                let _ = simd;
-                #[cfg(target_arch = "x86_64")]
-                if simd {
-                    // SAFETY: `simd` is true only when the CPU has AVX2 (checked at run time).
-                    *loss = unsafe { cross_entropy_row_avx2(d, s, q, inv_t, grad_scale) };
-                    return;
-                }
-                *loss = cross_entropy_row(d, s, q, inv_t, grad_scale);
-            },
-        );
-    Ok(())
-}
-
-/// Mean over rows of the entropy `−Σ_k p log p` (nats) of `probs [R,K]`, accumulated in f64.
-pub fn mean_row_entropy(probs: &[f32], k: usize) -> f32 {
-    let rows = probs.len() / k.max(1);
-    let total: f64 = probs
-        .iter()
-        .filter(|&&p| p > 0.0)
-        .map(|&p| -(p as f64) * (p as f64).ln())
-        .sum();
-    (total / rows.max(1) as f64) as f32
 }
 
 /// Whether the row kernels can use their AVX2 build. Both builds give bit-identical results:
@@ -343,6 +176,204 @@ fn cross_entropy_row_avx2(d: &mut [f32], s: &[f32], p: &[f32], inv_t: f32, w: f3
     cross_entropy_row(d, s, p, inv_t, w)
 }
 
+impl LossOps for CpuBackend {
+    type Pairs = CpuPairs;
+
+    fn pairs(&mut self, capacity: usize, pairs: usize) -> Result<CpuPairs> {
+        self.allocations += 2;
+        Ok(CpuPairs {
+            pairs,
+            rows: 0,
+            teacher: vec![-1; capacity * pairs],
+            weight: vec![0.0; capacity * pairs],
+        })
+    }
+
+    fn set_pairs(
+        &mut self,
+        table: &mut CpuPairs,
+        rows: usize,
+        teacher: &[i32],
+        weight: &[f32],
+    ) -> Result<()> {
+        const OP: &str = "cpu set_pairs";
+        let n = rows * table.pairs;
+        check_lens(
+            OP,
+            &[("teacher", teacher.len(), n), ("weight", weight.len(), n)],
+        )?;
+        if n > table.teacher.len() {
+            return Err(Error::shape(
+                OP,
+                format!("{rows} rows exceed the table's capacity"),
+            ));
+        }
+        table.teacher[..n].copy_from_slice(teacher);
+        table.weight[..n].copy_from_slice(weight);
+        table.rows = rows;
+        Ok(())
+    }
+
+    /// `probs = softmax((logits − center) / temp)` per row (no centering without a center).
+    fn teacher_softmax(
+        &mut self,
+        probs: &mut [f32],
+        logits: &[f32],
+        center: Option<&[f32]>,
+        temp: f32,
+        k: usize,
+    ) -> Result<()> {
+        const OP: &str = "cpu teacher_softmax";
+        let rows = rows_of(OP, "logits", logits.len(), k)?;
+        let c = center.map_or(k, <[f32]>::len);
+        check_lens(OP, &[("probs", probs.len(), rows * k), ("center", c, k)])?;
+        check_temp(OP, "teacher temperature", temp)?;
+        if k == 0 {
+            return Ok(());
+        }
+        let simd = has_avx2();
+        probs
+            .par_chunks_mut(k)
+            .zip(logits.par_chunks(k))
+            .for_each(|(p, t)| {
+                #[cfg(not(target_arch = "x86_64"))]
+                let _ = simd;
+                #[cfg(target_arch = "x86_64")]
+                if simd {
+                    // SAFETY: `simd` is true only when the CPU has AVX2 (checked at run time).
+                    return unsafe { softmax_centered_row_avx2(p, t, center, temp) };
+                }
+                softmax_centered_row(p, t, center, temp)
+            });
+        Ok(())
+    }
+
+    /// `next = m·center + (1 − m)·mean_rows(logits)`, column sums in f64. With no rows there is
+    /// no batch statistic and the center is copied unchanged (the official code would turn it
+    /// into NaN).
+    fn center_ema(
+        &mut self,
+        next: &mut [f32],
+        logits: &[f32],
+        center: &[f32],
+        momentum: f64,
+        k: usize,
+    ) -> Result<()> {
+        const OP: &str = "cpu center_ema";
+        let rows = rows_of(OP, "logits", logits.len(), k)?;
+        check_lens(OP, &[("center", center.len(), k), ("next", next.len(), k)])?;
+        next.copy_from_slice(center);
+        if rows == 0 || k == 0 {
+            return Ok(());
+        }
+        // Parallel over column blocks so each thread owns its output.
+        const COLS: usize = 1024;
+        let (inv_rows, m) = (1.0 / rows as f64, momentum as f32 as f64);
+        next.par_chunks_mut(COLS).enumerate().for_each(|(blk, c)| {
+            let c0 = blk * COLS;
+            let mut acc = vec![0f64; c.len()];
+            for r in 0..rows {
+                let row = &logits[r * k + c0..r * k + c0 + c.len()];
+                acc.iter_mut().zip(row).for_each(|(a, &v)| *a += v as f64);
+            }
+            for (cv, a) in c.iter_mut().zip(acc) {
+                *cv = (m * *cv as f64 + (1.0 - m) * a * inv_rows) as f32;
+            }
+        });
+        Ok(())
+    }
+
+    /// Row `r` is paired with teacher rows `teacher[r·P + p]` (−1 = unused) of weight
+    /// `weight[r·P + p]`. With the combined target `q = Σ_p w_p probs[t_p]`, `x = student_r / ts`:
+    /// the row's loss is `−Σ_k q_k · log_softmax(x)_k`, `ds_r = grad_scale · (softmax(x) · Σq − q)
+    /// / ts`; `loss [1]` is the sum over rows (f64).
+    fn softmax_cross_entropy(
+        &mut self,
+        loss: &mut [f32],
+        ds: &mut [f32],
+        s: &[f32],
+        probs: &[f32],
+        table: &CpuPairs,
+        student_temp: f32,
+        grad_scale: f32,
+        k: usize,
+    ) -> Result<()> {
+        const OP: &str = "cpu softmax_cross_entropy";
+        let (rows, pairs) = (table.rows, table.pairs);
+        check_lens(OP, &[("ds", ds.len(), rows * k), ("s", s.len(), rows * k)])?;
+        check_temp(OP, "student temperature", student_temp)?;
+        let (teacher, weight) = (
+            &table.teacher[..rows * pairs],
+            &table.weight[..rows * pairs],
+        );
+        let teacher_rows = probs.len() / k.max(1);
+        let inv_t = 1.0 / student_temp;
+        let simd = has_avx2();
+        let mut row_loss = vec![0f32; rows];
+        if k > 0 {
+            row_loss
+                .par_iter_mut()
+                .zip(ds.par_chunks_mut(k))
+                .zip(s.par_chunks(k))
+                .enumerate()
+                .for_each_init(
+                    || vec![0f32; k],
+                    |q, (r, ((loss, d), s))| {
+                        // The combined target of this row's pairs.
+                        q.fill(0.0);
+                        for p in r * pairs..(r + 1) * pairs {
+                            let t = teacher[p];
+                            if t >= 0 && (t as usize) < teacher_rows {
+                                let row = &probs[t as usize * k..(t as usize + 1) * k];
+                                q.iter_mut()
+                                    .zip(row)
+                                    .for_each(|(q, &v)| *q += weight[p] * v);
+                            }
+                        }
+                        #[cfg(not(target_arch = "x86_64"))]
+                        let _ = simd;
+                        #[cfg(target_arch = "x86_64")]
+                        if simd {
+                            // SAFETY: `simd` is true only when the CPU has AVX2 (run-time check).
+                            *loss = unsafe { cross_entropy_row_avx2(d, s, q, inv_t, grad_scale) };
+                            return;
+                        }
+                        *loss = cross_entropy_row(d, s, q, inv_t, grad_scale);
+                    },
+                );
+        }
+        let total: f64 = row_loss.iter().map(|&v| v as f64).sum();
+        one_scalar(OP, loss, total as f32)
+    }
+
+    /// The mean over rows of `−Σ_k p log p` (nats), accumulated in f64.
+    fn mean_row_entropy(&mut self, out: &mut [f32], probs: &[f32], k: usize) -> Result<()> {
+        let rows = rows_of("cpu mean_row_entropy", "probs", probs.len(), k)?;
+        let total: f64 = probs
+            .iter()
+            .filter(|&&p| p > 0.0)
+            .map(|&p| -(p as f64) * (p as f64).ln())
+            .sum();
+        one_scalar(
+            "cpu mean_row_entropy",
+            out,
+            (total / rows.max(1) as f64) as f32,
+        )
+    }
+
+    fn sinkhorn_knopp(
+        &mut self,
+        q: &mut [f32],
+        logits: &[f32],
+        k: usize,
+        temp: f32,
+        iterations: usize,
+    ) -> Result<()> {
+        let rows = rows_of("cpu sinkhorn_knopp", "logits", logits.len(), k)?;
+        sinkhorn_knopp(q, logits, rows, k, temp, iterations)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -372,7 +403,8 @@ mod tests {
         let t = random(r * k, 1, 3.0);
         let c = random(k, 2, 1.0);
         let mut p = vec![0f32; r * k];
-        softmax_centered_forward(&mut p, &t, Some(&c), r, k, 0.04).unwrap();
+        let mut be = CpuBackend::default();
+        be.teacher_softmax(&mut p, &t, Some(&c), 0.04, k).unwrap();
         for row in 0..r {
             // The scaled logits rounded to f32 as the kernel (and torch) forms them; what is
             // checked is everything after that rounding.
@@ -403,12 +435,14 @@ mod tests {
             .collect();
         let weight: Vec<f32> = w.iter().flat_map(|&v| [v, 0.25]).collect();
         let grad_scale = 0.7f32;
-        let mut loss = vec![0f32; r];
+        let mut loss = [0f32; 1];
         let mut d = vec![0f32; r * k];
-        paired_cross_entropy(
-            &mut loss, &mut d, &s, &p, &teacher, &weight, 2, k, ts, grad_scale,
-        )
-        .unwrap();
+        let mut be = CpuBackend::default();
+        let mut table = be.pairs(r, 2).unwrap();
+        be.set_pairs(&mut table, r, &teacher, &weight).unwrap();
+        be.softmax_cross_entropy(&mut loss, &mut d, &s, &p, &table, ts, grad_scale, k)
+            .unwrap();
+        let mut total = 0f64;
         let ce = |row: &[f64], p: &[f32]| -> f64 {
             let x: Vec<f64> = row.iter().map(|v| v / ts as f64).collect();
             let m = x.iter().cloned().fold(f64::MIN, f64::max);
@@ -435,7 +469,7 @@ mod tests {
                 .collect();
             let pr = &q[..];
             let l0 = ce(&base, pr);
-            assert!((loss[row] as f64 - l0).abs() < 1e-5 * l0.abs().max(1.0));
+            total += l0;
             for j in 0..k {
                 let h = 1e-5;
                 let mut a = base.clone();
@@ -450,6 +484,7 @@ mod tests {
                 );
             }
         }
+        assert!((loss[0] as f64 - total).abs() < 1e-5 * total.abs().max(1.0));
     }
 
     #[test]
@@ -479,17 +514,18 @@ mod tests {
     fn center_update_is_momentum_average_of_row_mean() {
         let (r, k) = (4, 2500);
         let t = random(r * k, 5, 2.0);
-        let mut c = random(k, 6, 1.0);
-        let c0 = c.clone();
-        center_update(&mut c, &t, r, k, 0.9).unwrap();
+        let c0 = random(k, 6, 1.0);
+        let mut c = vec![0f32; k];
+        let mut be = CpuBackend::default();
+        be.center_ema(&mut c, &t, &c0, 0.9, k).unwrap();
         for j in 0..k {
             let mean: f64 = (0..r).map(|i| t[i * k + j] as f64).sum::<f64>() / r as f64;
             let want = 0.9 * c0[j] as f64 + 0.1 * mean;
             assert!((c[j] as f64 - want).abs() < 1e-6);
         }
         let before = c.clone();
-        center_update(&mut c, &[], 0, k, 0.9).unwrap();
+        be.center_ema(&mut c, &[], &before, 0.9, k).unwrap();
         assert_eq!(c, before);
-        assert!(center_update(&mut c, &t, r, k + 1, 0.9).is_err());
+        assert!(be.center_ema(&mut c, &t, &before, 0.9, k + 1).is_err());
     }
 }

@@ -16,8 +16,7 @@ pub mod optimizer;
 pub mod sinkhorn;
 pub mod tokens;
 
+pub use crate::backend::{Accumulate, Transpose};
 pub use alloc::tune_allocator;
-pub use attention::{attention_backward, attention_forward};
 pub use backend::{round_bf16, CpuBackend, CpuPairs, CpuSegments, CpuWeights};
-pub use gemm::{matmul, Accumulate, Transpose};
-pub use layernorm::{layernorm_backward, layernorm_forward};
+pub use gemm::matmul;

@@ -4,7 +4,8 @@
 //! corrections); the scalars that depend only on the step are computed once in f64 on the host,
 //! as the CUDA launcher does.
 
-use super::loss::check_len;
+use super::backend::{check, one_scalar, CpuBackend, CpuSegments};
+use crate::backend::{AdamWBuffers, AdamWStep, OptimizerOps};
 use crate::error::{Error, Result};
 use rayon::prelude::*;
 
@@ -125,9 +126,9 @@ pub fn adamw_step_segments(
 ) -> Result<()> {
     const OP: &str = "adamw_step";
     let n = params.len();
-    check_len(OP, "grads", grads.len(), n)?;
-    check_len(OP, "exp_avg", exp_avg.len(), n)?;
-    check_len(OP, "exp_avg_sq", exp_avg_sq.len(), n)?;
+    check(OP, "grads", grads.len(), n)?;
+    check(OP, "exp_avg", exp_avg.len(), n)?;
+    check(OP, "exp_avg_sq", exp_avg_sq.len(), n)?;
     if step == 0 {
         return Err(Error::Config(format!("{OP}: the step number starts at 1")));
     }
@@ -175,7 +176,7 @@ pub fn adamw_step_segments(
 /// Teacher EMA: `teacher = momentum · teacher + (1 − momentum) · student`, elementwise
 /// (`1 − momentum` formed in f64, as PyTorch does with the Python float).
 pub fn ema_update(teacher: &mut [f32], student: &[f32], momentum: f64) -> Result<()> {
-    check_len("ema_update", "student", student.len(), teacher.len())?;
+    check("ema_update", "student", student.len(), teacher.len())?;
     let m = momentum as f32;
     let one_minus = (1.0 - momentum) as f32;
     teacher
@@ -187,6 +188,104 @@ pub fn ema_update(teacher: &mut [f32], student: &[f32], momentum: f64) -> Result
             }
         });
     Ok(())
+}
+
+impl OptimizerOps for CpuBackend {
+    type Segments = CpuSegments;
+
+    fn segments(
+        &mut self,
+        starts: &[usize],
+        groups: &[usize],
+        n_groups: usize,
+        numel: usize,
+    ) -> Result<CpuSegments> {
+        const OP: &str = "cpu segments";
+        check(OP, "groups", groups.len(), starts.len())?;
+        let ok = starts.first().is_none_or(|&s| s == 0)
+            && starts.windows(2).all(|w| w[0] < w[1])
+            && starts.last().is_none_or(|&s| s < numel.max(1))
+            && groups.iter().all(|&g| g < n_groups);
+        if !ok {
+            return Err(Error::shape(
+                OP,
+                format!("segments {starts:?} / groups {groups:?} do not tile {numel} values in {n_groups} groups"),
+            ));
+        }
+        let segments = starts
+            .iter()
+            .zip(groups)
+            .enumerate()
+            .map(|(i, (&s, &g))| {
+                let end = starts.get(i + 1).copied().unwrap_or(numel);
+                (s, end - s, g)
+            })
+            .collect();
+        Ok(CpuSegments {
+            segments,
+            groups: n_groups,
+            numel,
+        })
+    }
+
+    fn adamw_update(
+        &mut self,
+        bufs: AdamWBuffers<'_, Self>,
+        segments: &CpuSegments,
+        group_lr: &[f32],
+        group_wd: &[f32],
+        hp: AdamWStep,
+    ) -> Result<()> {
+        const OP: &str = "cpu adamw_update";
+        check(OP, "params", bufs.params.len(), segments.numel)?;
+        check(OP, "group_lr", group_lr.len(), segments.groups)?;
+        check(OP, "group_wd", group_wd.len(), segments.groups)?;
+        let segs: Vec<AdamwSegment> = segments
+            .segments
+            .iter()
+            .map(|&(offset, len, g)| AdamwSegment {
+                offset,
+                len,
+                lr: group_lr[g],
+                weight_decay: group_wd[g],
+            })
+            .collect();
+        let hyper = AdamHyper {
+            beta1: hp.beta1,
+            beta2: hp.beta2,
+            eps: hp.eps,
+        };
+        adamw_step_segments(
+            bufs.params,
+            bufs.grads,
+            bufs.exp_avg,
+            bufs.exp_avg_sq,
+            &segs,
+            &hyper,
+            hp.step,
+        )
+    }
+
+    fn ema_update(&mut self, teacher: &mut [f32], student: &[f32], momentum: f64) -> Result<()> {
+        ema_update(teacher, student, momentum)
+    }
+
+    fn clip_grad_norm(&mut self, grads: &mut [f32], norm: &mut [f32], max_norm: f32) -> Result<()> {
+        let sum_sq: f64 = grads
+            .par_chunks(1 << 15)
+            .map(|c| c.iter().map(|&g| g as f64 * g as f64).sum::<f64>())
+            .sum();
+        let n = sum_sq.sqrt();
+        one_scalar("cpu clip_grad_norm", norm, n as f32)?;
+        if !n.is_finite() {
+            return Ok(());
+        }
+        let coef = (max_norm as f64 / (n + crate::backend::CLIP_EPS)).min(1.0) as f32;
+        if coef < 1.0 {
+            grads.par_iter_mut().for_each(|g| *g *= coef);
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]

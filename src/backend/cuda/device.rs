@@ -2,7 +2,7 @@
 
 use super::CudaBackend;
 use crate::backend::cpu::CpuBackend;
-use crate::backend::{Backend, Device, Precision};
+use crate::backend::{Buffers, Device, Precision};
 use crate::error::Result;
 
 /// The backend a run uses after resolution.
@@ -22,7 +22,7 @@ impl ResolvedDevice {
     pub fn describe(&self) -> String {
         match self {
             ResolvedDevice::Cpu(cpu) => cpu.describe(),
-            ResolvedDevice::Cuda(gpu) => Backend::describe(&**gpu),
+            ResolvedDevice::Cuda(gpu) => Buffers::describe(&**gpu),
         }
     }
 

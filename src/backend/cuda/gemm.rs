@@ -12,6 +12,8 @@ use super::gemm_lt::{Epilogue, LtOutcome, LtProblem};
 use super::launch::GradWrite;
 use super::{bf16, cuda_error, CudaBackend};
 use crate::backend::cpu::{Accumulate, Transpose};
+use crate::backend::cuda::buffers::Slot;
+use crate::backend::{Gemm, GemmBatch, GemmOps, InputGrad, LinearDims, LinearOut, Storage};
 use crate::error::{Error, Result};
 use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType};
 use cudarc::cublaslt::sys::cudaDataType as LtDataType;
@@ -222,7 +224,7 @@ impl CudaBackend {
             _ => self.alloc_zeros::<f32>(m.next_power_of_two())?,
         };
         let run = {
-            let mut window = self.sub_mut(&mut written, 0..m)?;
+            let mut window = written.window_mut(0..m)?;
             let mut epilogue = Epilogue::RowSumsOfA(&mut window);
             self.matmul_batched(c, a, ta, b, tb, shape, acc, &mut epilogue)
         };
@@ -408,5 +410,136 @@ impl CudaBackend {
         }
         .map_err(|e| cuda_error("cublasGemmStridedBatchedEx", e))?;
         Ok(EpilogueRun::Separate)
+    }
+}
+
+impl GemmOps for CudaBackend {
+    fn matmul(
+        &mut self,
+        c: &mut CudaSlice<f32>,
+        a: &CudaSlice<bf16>,
+        b: &CudaSlice<bf16>,
+        g: Gemm,
+    ) -> Result<()> {
+        self.matmul_bf16(c, a, g.ta, b, g.tb, g.m, g.k, g.n, g.acc)
+    }
+
+    fn matmul_f32(
+        &mut self,
+        c: &mut CudaSlice<f32>,
+        a: &CudaSlice<f32>,
+        b: &CudaSlice<f32>,
+        g: GemmBatch,
+    ) -> Result<()> {
+        let shape = GemmShape {
+            m: g.gemm.m,
+            k: g.gemm.k,
+            n: g.gemm.n,
+            batch: g.batch,
+            stride_a: g.stride_a,
+            stride_b: g.stride_b,
+            stride_c: g.stride_c,
+        };
+        self.matmul_f32_batched(c, a, g.gemm.ta, b, g.gemm.tb, shape, g.gemm.acc)
+    }
+
+    fn linear_forward(
+        &mut self,
+        out: LinearOut<'_, Self>,
+        inp: &CudaSlice<bf16>,
+        weight: &CudaSlice<bf16>,
+        bias: Option<&CudaSlice<f32>>,
+        dims: LinearDims,
+    ) -> Result<()> {
+        let LinearDims {
+            rows,
+            in_dim: k,
+            out_dim: n,
+        } = dims;
+        let yes = Transpose::Yes;
+        match out {
+            LinearOut::F32(y) => self.matmul_bf16_bias(y, inp, weight, yes, bias, rows, k, n),
+            LinearOut::Half(y) => {
+                let direct = self.matmul_bf16_to_bf16(y, inp, weight, yes, bias, rows, k, n)?;
+                if direct == LtOutcome::Unsupported {
+                    // f32 result (bias included) rounded once, through a work buffer.
+                    self.with_work(Slot::A, rows * n, |gpu, f32_out| {
+                        gpu.matmul_bf16_bias(f32_out, inp, weight, yes, bias, rows, k, n)?;
+                        gpu.cast_f32_to_bf16(y, f32_out)
+                    })?;
+                }
+                Ok(())
+            }
+            LinearOut::Gelu { pre, act } => {
+                let run = self.matmul_bf16_try_bias(pre, inp, weight, yes, bias, rows, k, n)?;
+                let left = match run {
+                    EpilogueRun::Fused => None,
+                    EpilogueRun::Separate => bias,
+                };
+                self.bias_gelu_forward(pre, act, left, rows, n)
+            }
+        }
+    }
+
+    fn linear_input_grad(
+        &mut self,
+        dinp: InputGrad<'_, Self>,
+        dout: &CudaSlice<bf16>,
+        weight: &CudaSlice<bf16>,
+        dims: LinearDims,
+    ) -> Result<()> {
+        let LinearDims {
+            rows,
+            in_dim: k,
+            out_dim: n,
+        } = dims;
+        let no = Transpose::No;
+        match dinp {
+            InputGrad::F32(dx, acc) => self.matmul_bf16(dx, dout, no, weight, no, rows, n, k, acc),
+            InputGrad::Half(dx) => {
+                let direct = self.matmul_bf16_to_bf16(dx, dout, weight, no, None, rows, n, k)?;
+                if direct == LtOutcome::Unsupported {
+                    self.with_work(Slot::A, rows * k, |gpu, f32_out| {
+                        let acc = Accumulate::Overwrite;
+                        gpu.matmul_bf16(f32_out, dout, no, weight, no, rows, n, k, acc)?;
+                        gpu.cast_f32_to_bf16(dx, f32_out)
+                    })?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn linear_param_grads(
+        &mut self,
+        dweight: &mut CudaSlice<f32>,
+        dbias: Option<&mut CudaSlice<f32>>,
+        dout: &CudaSlice<bf16>,
+        dout_f32: Option<&CudaSlice<f32>>,
+        inp: &CudaSlice<bf16>,
+        dims: LinearDims,
+    ) -> Result<()> {
+        let LinearDims {
+            rows,
+            in_dim: k,
+            out_dim: n,
+        } = dims;
+        let (yes, no, add) = (Transpose::Yes, Transpose::No, Accumulate::Add);
+        let Some(db) = dbias else {
+            self.matmul_bf16_with_row_sums(dweight, dout, yes, inp, no, n, rows, k, add, None)?;
+            return Ok(());
+        };
+        let run =
+            self.matmul_bf16_with_row_sums(dweight, dout, yes, inp, no, n, rows, k, add, Some(db))?;
+        if run == EpilogueRun::Separate {
+            match dout_f32 {
+                Some(ready) => self.bias_backward(db, ready, rows, n)?,
+                None => self.with_work(Slot::A, rows * n, |gpu, wide| {
+                    gpu.cast_bf16_to_f32(wide, dout)?;
+                    gpu.bias_backward(db, wide, rows, n)
+                })?,
+            }
+        }
+        Ok(())
     }
 }

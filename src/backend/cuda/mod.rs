@@ -12,15 +12,16 @@
 //! check every buffer length against the dimensions before launching. All work is queued on
 //! one stream; reductions are deterministic (no atomics), so results repeat bit for bit.
 
+mod buffers;
 mod device;
 mod gemm;
 mod gemm_lt;
 mod kernels;
 mod launch;
-mod seam;
 mod view;
 
 pub use crate::backend::{AdamWStep, AttentionShape, NormShape, PatchLayout, TokenLayout};
+pub use buffers::CudaWeights;
 pub use device::{resolve_device, ResolvedDevice};
 pub use gemm::{EpilogueRun, GemmShape};
 pub use gemm_lt::{GemmPath, GemmStats, LtOutcome};
@@ -29,13 +30,10 @@ pub use kernels::{all_precompiled, compile_source_with_nvrtc, EmbeddedKernel, Ke
 pub use launch::attention::{AttentionKernels, GENERAL_MAX_HEAD_DIM};
 pub use launch::elementwise::ReduceOp;
 pub use launch::koleo::{KoleoSaved, KOLEO_MAX_DIM};
-pub use launch::layernorm::LayerNormOutput;
 pub use launch::loss::{CrossEntropyPairs, MAX_PAIRS};
 pub use launch::optimizer::ParamSegments;
-pub use launch::patch::GatherElement;
 pub use launch::tokens::KeptSamples;
 pub use launch::GradWrite;
-pub use seam::CudaWeights;
 pub use view::{DevBuf, SubSlice, SubSliceMut};
 
 use crate::error::{Error, Result};
@@ -108,7 +106,7 @@ pub struct CudaBackend {
     /// Kernels launched so far (the hand-written ones; GEMMs are counted in `lt`).
     launches: std::sync::atomic::AtomicU64,
     /// Work buffers of the seam's fallback passes (see `seam.rs`).
-    work: seam::Work,
+    work: buffers::Work,
     /// Buffers allocated through the seam (workspaces and work buffers).
     allocations: u64,
 }
@@ -170,7 +168,7 @@ impl CudaBackend {
             kernels,
             scratch,
             launches: std::sync::atomic::AtomicU64::new(0),
-            work: seam::Work::default(),
+            work: buffers::Work::default(),
             allocations: 0,
         })
     }
@@ -246,12 +244,6 @@ impl CudaBackend {
         self.stream
             .clone_htod(data)
             .map_err(|e| cuda_error("cuMemcpyHtoD", e))
-    }
-
-    /// f32 host data rounded (to nearest even) into a new bf16 device buffer.
-    pub fn upload_bf16(&self, data: &[f32]) -> Result<CudaSlice<bf16>> {
-        let converted: Vec<bf16> = data.iter().map(|&v| bf16::from_f32(v)).collect();
-        self.upload(&converted)
     }
 
     /// Copies a device buffer back to the host (waits for queued work).

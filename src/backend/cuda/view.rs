@@ -10,7 +10,7 @@
 //! The backend disables cudarc's per-buffer event tracking (one stream), so a window carries no
 //! events and dropping it touches nothing on the device.
 
-use super::{CudaBackend, Error, Result};
+use super::{Error, Result};
 use crate::backend::{check_windows, Storage};
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut};
 use std::marker::PhantomData;
@@ -81,72 +81,6 @@ fn check_range(op: &'static str, parent_len: usize, range: &Range<usize>) -> Res
         ));
     }
     Ok(())
-}
-
-impl CudaBackend {
-    /// `buf[range]` as a read-only buffer.
-    pub fn sub<'a, T>(
-        &self,
-        buf: &'a CudaSlice<T>,
-        range: Range<usize>,
-    ) -> Result<SubSlice<'a, T>> {
-        check_range("cuda sub", buf.len(), &range)?;
-        let (base, _record) = buf.device_ptr(self.stream.as_ref());
-        let ptr = base + (range.start * std::mem::size_of::<T>()) as u64;
-        // SAFETY: `ptr..ptr + len` lies inside `buf` (checked above), which outlives the window
-        // ('a); the window is never freed (see `release`).
-        let window = unsafe { self.stream.upgrade_device_ptr::<T>(ptr, range.len()) };
-        Ok(SubSlice {
-            window: ManuallyDrop::new(window),
-            _parent: PhantomData,
-        })
-    }
-
-    /// `buf[range]` as a writable buffer.
-    pub fn sub_mut<'a, T>(
-        &self,
-        buf: &'a mut CudaSlice<T>,
-        range: Range<usize>,
-    ) -> Result<SubSliceMut<'a, T>> {
-        let [window] = self.sub_mut_disjoint(buf, [range])?;
-        Ok(window)
-    }
-
-    /// Several writable windows of one buffer at once (for example a layer's weight and bias
-    /// gradients inside the flat gradient buffer); the ranges must not overlap.
-    pub fn sub_mut_disjoint<'a, T, const N: usize>(
-        &self,
-        buf: &'a mut CudaSlice<T>,
-        ranges: [Range<usize>; N],
-    ) -> Result<[SubSliceMut<'a, T>; N]> {
-        const OP: &str = "cuda sub_mut";
-        for (i, r) in ranges.iter().enumerate() {
-            check_range(OP, buf.len(), r)?;
-            let overlaps = ranges[..i]
-                .iter()
-                .any(|q| r.start < q.end && q.start < r.end && !r.is_empty() && !q.is_empty());
-            if overlaps {
-                return Err(Error::shape(
-                    OP,
-                    format!("window {}..{} overlaps another window", r.start, r.end),
-                ));
-            }
-        }
-        let (base, _record) = buf.device_ptr_mut(self.stream.as_ref());
-        let size = std::mem::size_of::<T>() as u64;
-        Ok(ranges.map(|r| {
-            // SAFETY: each window lies inside `buf` (checked), the windows are pairwise disjoint
-            // (checked), and `buf` stays exclusively borrowed for as long as they live ('a).
-            let window = unsafe {
-                self.stream
-                    .upgrade_device_ptr::<T>(base + r.start as u64 * size, r.len())
-            };
-            SubSliceMut {
-                window: ManuallyDrop::new(window),
-                _parent: PhantomData,
-            }
-        }))
-    }
 }
 
 /// An owned device buffer as the [`crate::backend::Backend`] seam hands it out: it derefs to

@@ -3,8 +3,9 @@
 //! dim up to [`GENERAL_MAX_HEAD_DIM`] the general scalar ones ([`AttentionKernels`]).
 
 use super::{blocks, check_len, config, dim, launch};
+use crate::backend::cuda::buffers::Slot;
 use crate::backend::cuda::{bf16, CudaBackend, KernelFamily};
-use crate::backend::AttentionShape;
+use crate::backend::{AttentionOps, AttentionShape};
 use crate::error::{Error, Result};
 use cudarc::driver::CudaSlice;
 
@@ -146,21 +147,7 @@ fn check_shape(op: &'static str, s: &AttentionShape) -> Result<(i32, i32, i32)> 
 }
 
 impl CudaBackend {
-    /// `out [B,T,H,hd] = softmax(q kᵀ · hd^-0.5) v` per head, `lse [B,H,T]` saved for backward,
-    /// from `qkv [B,T,3,H,hd]` (bf16 in and out, f32 softmax and accumulation). Any head dim up
-    /// to [`GENERAL_MAX_HEAD_DIM`]: the kernels of [`AttentionKernels::for_head_dim`].
-    pub fn attention_forward(
-        &self,
-        out: &mut CudaSlice<bf16>,
-        lse: &mut CudaSlice<f32>,
-        qkv: &CudaSlice<bf16>,
-        shape: AttentionShape,
-    ) -> Result<()> {
-        let kernels = AttentionKernels::for_head_dim(shape.head_dim);
-        self.attention_forward_with(kernels, out, lse, qkv, shape)
-    }
-
-    /// [`attention_forward`](Self::attention_forward) on the given kernels (an
+    /// [`AttentionOps::attention_forward`] on the given kernels (an
     /// [`Error::Unsupported`] where they have no instance for the head dim).
     pub fn attention_forward_with(
         &self,
@@ -204,24 +191,6 @@ impl CudaBackend {
             }
         }
         Ok(())
-    }
-
-    /// `dqkv [B,T,3,H,hd]` (written) from `dout [B,T,H,hd]` and the forward's `qkv`, `out`,
-    /// `lse`; `delta [B,H,T]` is caller-owned scratch (rowsum of dout * out). The kernels of
-    /// [`AttentionKernels::for_head_dim`], like the forward.
-    #[allow(clippy::too_many_arguments)]
-    pub fn attention_backward(
-        &self,
-        dqkv: &mut CudaSlice<bf16>,
-        delta: &mut CudaSlice<f32>,
-        dout: &CudaSlice<bf16>,
-        qkv: &CudaSlice<bf16>,
-        out: &CudaSlice<bf16>,
-        lse: &CudaSlice<f32>,
-        shape: AttentionShape,
-    ) -> Result<()> {
-        let kernels = AttentionKernels::for_head_dim(shape.head_dim);
-        self.attention_backward_with(kernels, dqkv, delta, dout, qkv, out, lse, shape)
     }
 
     /// [`attention_backward`](Self::attention_backward) on the given kernels (an
@@ -302,5 +271,33 @@ impl CudaBackend {
             }
         }
         Ok(())
+    }
+}
+
+impl AttentionOps for CudaBackend {
+    fn attention_forward(
+        &mut self,
+        out: &mut CudaSlice<bf16>,
+        lse: &mut CudaSlice<f32>,
+        qkv: &CudaSlice<bf16>,
+        shape: AttentionShape,
+    ) -> Result<()> {
+        let kernels = AttentionKernels::for_head_dim(shape.head_dim);
+        self.attention_forward_with(kernels, out, lse, qkv, shape)
+    }
+
+    fn attention_backward(
+        &mut self,
+        dqkv: &mut CudaSlice<bf16>,
+        dout: &CudaSlice<bf16>,
+        qkv: &CudaSlice<bf16>,
+        out: &CudaSlice<bf16>,
+        lse: &CudaSlice<f32>,
+        shape: AttentionShape,
+    ) -> Result<()> {
+        self.with_work(Slot::B, shape.stats_len(), |gpu, delta| {
+            let kernels = AttentionKernels::for_head_dim(shape.head_dim);
+            gpu.attention_backward_with(kernels, dqkv, delta, dout, qkv, out, lse, shape)
+        })
     }
 }

@@ -2,7 +2,9 @@
 //! reductions (column sums for parameter gradients, full sums for losses and norms).
 
 use super::{blocks, check_len, config, dim, grid_stride, launch, row_chunks, GradWrite, BLOCK};
+use crate::backend::cuda::buffers::write_code;
 use crate::backend::cuda::{bf16, CudaBackend, KernelFamily};
+use crate::backend::{Accumulate, ElementwiseOps, NormShape};
 use crate::error::{Error, Result};
 use cudarc::driver::CudaSlice;
 
@@ -132,75 +134,6 @@ impl CudaBackend {
         Ok(())
     }
 
-    /// `dpre = bf16(dact ∘ gelu'(pre))`: the gradient of the pre-activation, rounded once for
-    /// the GEMMs that read it.
-    pub fn gelu_backward(
-        &self,
-        dpre: &mut CudaSlice<bf16>,
-        dact: &CudaSlice<f32>,
-        pre: &CudaSlice<f32>,
-    ) -> Result<()> {
-        check_len("cuda gelu_backward", "dpre", dpre.len(), pre.len())?;
-        check_len("cuda gelu_backward", "dact", dact.len(), pre.len())?;
-        let n = pre.len() as i64;
-        launch!(
-            self,
-            KernelFamily::Elementwise,
-            "gelu_backward",
-            grid_stride(pre.len()),
-            [dpre, dact, pre, &n]
-        );
-        Ok(())
-    }
-
-    /// SwiGLU gate: `gated [rows, width] = bf16(silu(x1) ∘ x2)` with `x12 [rows, 2·width]` =
-    /// `[x1 | x2]` per row (the fused w12 output, bias included); `gated` is w3's operand.
-    pub fn swiglu_forward(
-        &self,
-        gated: &mut CudaSlice<bf16>,
-        x12: &CudaSlice<f32>,
-        rows: usize,
-        width: usize,
-    ) -> Result<()> {
-        const OP: &str = "cuda swiglu_forward";
-        let (n, w) = swiglu_dims(OP, rows, width)?;
-        check_len(OP, "x12", x12.len(), rows * 2 * width)?;
-        check_len(OP, "gated", gated.len(), rows * width)?;
-        launch!(
-            self,
-            KernelFamily::Elementwise,
-            "swiglu_forward",
-            grid_stride(rows * width),
-            [gated, x12, &n, &w]
-        );
-        Ok(())
-    }
-
-    /// SwiGLU backward: `dx12 [rows, 2·width] = bf16([dgated ∘ x2 ∘ silu'(x1) | dgated ∘
-    /// silu(x1)])` (written; w12's operand) from `dgated [rows, width]` and the forward's `x12`.
-    pub fn swiglu_backward(
-        &self,
-        dx12: &mut CudaSlice<bf16>,
-        dgated: &CudaSlice<f32>,
-        x12: &CudaSlice<f32>,
-        rows: usize,
-        width: usize,
-    ) -> Result<()> {
-        const OP: &str = "cuda swiglu_backward";
-        let (n, w) = swiglu_dims(OP, rows, width)?;
-        check_len(OP, "dx12", dx12.len(), rows * 2 * width)?;
-        check_len(OP, "dgated", dgated.len(), rows * width)?;
-        check_len(OP, "x12", x12.len(), rows * 2 * width)?;
-        launch!(
-            self,
-            KernelFamily::Elementwise,
-            "swiglu_backward",
-            grid_stride(rows * width),
-            [dx12, dgated, x12, &n, &w]
-        );
-        Ok(())
-    }
-
     /// `residual += gamma ∘ branch`.
     pub fn layerscale_residual_forward(
         &self,
@@ -223,47 +156,6 @@ impl CudaBackend {
             [residual, branch, gamma, &n, &c]
         );
         Ok(())
-    }
-
-    /// LayerScale backward: `dbranch = bf16(gamma ∘ dresidual)` (the branch's GEMMs read it in
-    /// bf16), `dgamma += Σ_rows dresidual ∘ branch` (f32).
-    #[allow(clippy::too_many_arguments)]
-    pub fn layerscale_backward(
-        &mut self,
-        dbranch: &mut CudaSlice<bf16>,
-        dgamma: &mut CudaSlice<f32>,
-        dresidual: &CudaSlice<f32>,
-        branch: &CudaSlice<f32>,
-        gamma: &CudaSlice<f32>,
-        rows: usize,
-        channels: usize,
-    ) -> Result<()> {
-        const OP: &str = "cuda layerscale_backward";
-        let (n, c) = matrix(OP, rows, channels)?;
-        for (name, len) in [
-            ("dbranch", dbranch.len()),
-            ("dresidual", dresidual.len()),
-            ("branch", branch.len()),
-        ] {
-            check_len(OP, name, len, rows * channels)?;
-        }
-        check_len(OP, "dgamma", dgamma.len(), channels)?;
-        check_len(OP, "gamma", gamma.len(), channels)?;
-        launch!(
-            self,
-            KernelFamily::Elementwise,
-            "layerscale_backward_input",
-            grid_stride(rows * channels),
-            [dbranch, dresidual, gamma, &n, &c]
-        );
-        self.column_sum(
-            dgamma,
-            dresidual,
-            Some(branch),
-            rows,
-            channels,
-            GradWrite::Accumulate,
-        )
     }
 
     /// `dbias += Σ_rows dout`, dout `[rows, channels]`.
@@ -387,5 +279,127 @@ impl CudaBackend {
     pub(in crate::backend::cuda) fn device_ptr_mut_raw<T>(&self, buf: &mut CudaSlice<T>) -> u64 {
         use cudarc::driver::DevicePtrMut;
         buf.device_ptr_mut(self.stream.as_ref()).0
+    }
+}
+
+impl ElementwiseOps for CudaBackend {
+    /// `dpre = bf16(dact ∘ gelu'(pre))`: the gradient of the pre-activation, rounded once for
+    /// the GEMMs that read it.
+    fn gelu_backward(
+        &mut self,
+        dpre: &mut CudaSlice<bf16>,
+        dact: &CudaSlice<f32>,
+        pre: &CudaSlice<f32>,
+    ) -> Result<()> {
+        check_len("cuda gelu_backward", "dpre", dpre.len(), pre.len())?;
+        check_len("cuda gelu_backward", "dact", dact.len(), pre.len())?;
+        let n = pre.len() as i64;
+        launch!(
+            self,
+            KernelFamily::Elementwise,
+            "gelu_backward",
+            grid_stride(pre.len()),
+            [dpre, dact, pre, &n]
+        );
+        Ok(())
+    }
+
+    /// SwiGLU gate: `gated [rows, width] = bf16(silu(x1) ∘ x2)` with `x12 [rows, 2·width]` =
+    /// `[x1 | x2]` per row (the fused w12 output, bias included); `gated` is w3's operand.
+    fn swiglu_forward(
+        &mut self,
+        gated: &mut CudaSlice<bf16>,
+        x12: &CudaSlice<f32>,
+        rows: usize,
+        width: usize,
+    ) -> Result<()> {
+        const OP: &str = "cuda swiglu_forward";
+        let (n, w) = swiglu_dims(OP, rows, width)?;
+        check_len(OP, "x12", x12.len(), rows * 2 * width)?;
+        check_len(OP, "gated", gated.len(), rows * width)?;
+        launch!(
+            self,
+            KernelFamily::Elementwise,
+            "swiglu_forward",
+            grid_stride(rows * width),
+            [gated, x12, &n, &w]
+        );
+        Ok(())
+    }
+
+    /// SwiGLU backward: `dx12 [rows, 2·width] = bf16([dgated ∘ x2 ∘ silu'(x1) | dgated ∘
+    /// silu(x1)])` (written; w12's operand) from `dgated [rows, width]` and the forward's `x12`.
+    fn swiglu_backward(
+        &mut self,
+        dx12: &mut CudaSlice<bf16>,
+        dgated: &CudaSlice<f32>,
+        x12: &CudaSlice<f32>,
+        rows: usize,
+        width: usize,
+    ) -> Result<()> {
+        const OP: &str = "cuda swiglu_backward";
+        let (n, w) = swiglu_dims(OP, rows, width)?;
+        check_len(OP, "dx12", dx12.len(), rows * 2 * width)?;
+        check_len(OP, "dgated", dgated.len(), rows * width)?;
+        check_len(OP, "x12", x12.len(), rows * 2 * width)?;
+        launch!(
+            self,
+            KernelFamily::Elementwise,
+            "swiglu_backward",
+            grid_stride(rows * width),
+            [dx12, dgated, x12, &n, &w]
+        );
+        Ok(())
+    }
+
+    /// LayerScale backward: `dbranch = bf16(gamma ∘ dresidual)` (the branch's GEMMs read it in
+    /// bf16), `dgamma += Σ_rows dresidual ∘ branch` (f32).
+    fn layerscale_backward(
+        &mut self,
+        dbranch: &mut CudaSlice<bf16>,
+        dgamma: &mut CudaSlice<f32>,
+        dresidual: &CudaSlice<f32>,
+        branch: &CudaSlice<f32>,
+        gamma: &CudaSlice<f32>,
+        shape: NormShape,
+    ) -> Result<()> {
+        let NormShape { rows, channels } = shape;
+        const OP: &str = "cuda layerscale_backward";
+        let (n, c) = matrix(OP, rows, channels)?;
+        for (name, len) in [
+            ("dbranch", dbranch.len()),
+            ("dresidual", dresidual.len()),
+            ("branch", branch.len()),
+        ] {
+            check_len(OP, name, len, rows * channels)?;
+        }
+        check_len(OP, "dgamma", dgamma.len(), channels)?;
+        check_len(OP, "gamma", gamma.len(), channels)?;
+        launch!(
+            self,
+            KernelFamily::Elementwise,
+            "layerscale_backward_input",
+            grid_stride(rows * channels),
+            [dbranch, dresidual, gamma, &n, &c]
+        );
+        self.column_sum(
+            dgamma,
+            dresidual,
+            Some(branch),
+            rows,
+            channels,
+            GradWrite::Accumulate,
+        )
+    }
+
+    fn column_sum(
+        &mut self,
+        out: &mut CudaSlice<f32>,
+        x: &CudaSlice<f32>,
+        rows: usize,
+        write: Accumulate,
+    ) -> Result<()> {
+        let c = out.len();
+        CudaBackend::column_sum(self, out, x, None, rows, c, write_code(write))
     }
 }

@@ -4,6 +4,7 @@
 use super::elementwise::ReduceOp;
 use super::{blocks, check_len, config, dim, launch, BLOCK, ROWS_PER_BLOCK};
 use crate::backend::cuda::{bf16, CudaBackend, KernelFamily};
+use crate::backend::{HeadOps, NormShape};
 use crate::error::{Error, Result};
 use cudarc::driver::CudaSlice;
 
@@ -62,76 +63,7 @@ fn check(op: &'static str, saved: &KoleoSaved, b: usize, d: usize) -> Result<(i3
     Ok((dim(op, "rows", b)?, dim(op, "dim", d)?))
 }
 
-impl CudaBackend {
-    /// `loss [1] = KL(x)` for `x [b, d]`, filling `saved` for the backward.
-    pub fn koleo_forward(
-        &mut self,
-        loss: &mut CudaSlice<f32>,
-        saved: &mut KoleoSaved,
-        x: &CudaSlice<f32>,
-        b: usize,
-        d: usize,
-    ) -> Result<()> {
-        const OP: &str = "cuda koleo_forward";
-        let (bi, di) = check(OP, saved, b, d)?;
-        check_len(OP, "x", x.len(), b * d)?;
-        check_len(OP, "loss", loss.len(), 1)?;
-        let grid = (blocks(OP, b.div_ceil(ROWS_PER_BLOCK))?, 1, 1);
-        launch!(
-            self,
-            KernelFamily::Koleo,
-            "koleo_normalize",
-            config(grid, BLOCK),
-            [&mut saved.xn, &mut saved.norm, x, &bi, &di]
-        );
-        launch!(
-            self,
-            KernelFamily::Koleo,
-            "koleo_nearest",
-            config((blocks(OP, b)?, 1, 1), BLOCK),
-            [
-                &mut saved.nn,
-                &mut saved.dist,
-                &mut saved.row_loss,
-                &saved.xn,
-                &bi,
-                &di
-            ]
-        );
-        self.sum(loss, &saved.row_loss, ReduceOp::Sum, 1.0 / b as f32)
-    }
-
-    /// `dx [b, d] = dloss · dKL/dx` (written), from the forward's `saved`.
-    pub fn koleo_backward(
-        &self,
-        dx: &mut CudaSlice<f32>,
-        saved: &KoleoSaved,
-        dloss: f32,
-        b: usize,
-        d: usize,
-    ) -> Result<()> {
-        const OP: &str = "cuda koleo_backward";
-        let (bi, di) = check(OP, saved, b, d)?;
-        check_len(OP, "dx", dx.len(), b * d)?;
-        launch!(
-            self,
-            KernelFamily::Koleo,
-            "koleo_backward",
-            config((blocks(OP, b)?, 1, 1), BLOCK),
-            [
-                dx,
-                &saved.xn,
-                &saved.norm,
-                &saved.nn,
-                &saved.dist,
-                &dloss,
-                &bi,
-                &di
-            ]
-        );
-        Ok(())
-    }
-}
+impl CudaBackend {}
 
 fn check_rows(op: &'static str, rows: usize, channels: usize, eps: f32) -> Result<(i32, i32)> {
     if channels == 0 {
@@ -143,25 +75,30 @@ fn check_rows(op: &'static str, rows: usize, channels: usize, eps: f32) -> Resul
     Ok((dim(op, "rows", rows)?, dim(op, "channels", channels)?))
 }
 
-impl CudaBackend {
+impl CudaBackend {}
+
+impl CudaBackend {}
+
+impl HeadOps for CudaBackend {
+    type Koleo = KoleoSaved;
+
     /// Row L2 normalisation `z [R, C] = y / max(‖y‖, eps)` (also as bf16 for the next GEMM),
     /// saving `norm [R] = ‖y‖`.
-    #[allow(clippy::too_many_arguments)]
-    pub fn l2_normalize_forward(
-        &self,
+    fn l2_normalize_forward(
+        &mut self,
         z: &mut CudaSlice<f32>,
-        z_bf16: &mut CudaSlice<bf16>,
+        z_half: &mut CudaSlice<bf16>,
         norm: &mut CudaSlice<f32>,
         y: &CudaSlice<f32>,
         eps: f32,
-        rows: usize,
-        channels: usize,
+        shape: NormShape,
     ) -> Result<()> {
+        let NormShape { rows, channels } = shape;
         const OP: &str = "cuda l2_normalize_forward";
         let (r, c) = check_rows(OP, rows, channels, eps)?;
         check_len(OP, "y", y.len(), rows * channels)?;
         check_len(OP, "z", z.len(), rows * channels)?;
-        check_len(OP, "z_bf16", z_bf16.len(), rows * channels)?;
+        check_len(OP, "z_bf16", z_half.len(), rows * channels)?;
         check_len(OP, "norm", norm.len(), rows)?;
         let grid = (blocks(OP, rows.div_ceil(ROWS_PER_BLOCK))?, 1, 1);
         launch!(
@@ -169,30 +106,29 @@ impl CudaBackend {
             KernelFamily::Koleo,
             "l2_normalize_forward",
             config(grid, BLOCK),
-            [z, z_bf16, norm, y, &eps, &r, &c]
+            [z, z_half, norm, y, &eps, &r, &c]
         );
         Ok(())
     }
 
     /// Backward of [`l2_normalize_forward`](Self::l2_normalize_forward): `dy [R, C]` (=, and as
     /// bf16) from `dz`, the saved `z` and `norm`.
-    #[allow(clippy::too_many_arguments)]
-    pub fn l2_normalize_backward(
-        &self,
+    fn l2_normalize_backward(
+        &mut self,
         dy: &mut CudaSlice<f32>,
-        dy_bf16: &mut CudaSlice<bf16>,
+        dy_half: &mut CudaSlice<bf16>,
         dz: &CudaSlice<f32>,
         z: &CudaSlice<f32>,
         norm: &CudaSlice<f32>,
         eps: f32,
-        rows: usize,
-        channels: usize,
+        shape: NormShape,
     ) -> Result<()> {
+        let NormShape { rows, channels } = shape;
         const OP: &str = "cuda l2_normalize_backward";
         let (r, c) = check_rows(OP, rows, channels, eps)?;
         for (name, len) in [
             ("dy", dy.len()),
-            ("dy_bf16", dy_bf16.len()),
+            ("dy_bf16", dy_half.len()),
             ("dz", dz.len()),
             ("z", z.len()),
         ] {
@@ -205,7 +141,149 @@ impl CudaBackend {
             KernelFamily::Koleo,
             "l2_normalize_backward",
             config(grid, BLOCK),
-            [dy, dy_bf16, dz, z, norm, &eps, &r, &c]
+            [dy, dy_half, dz, z, norm, &eps, &r, &c]
+        );
+        Ok(())
+    }
+
+    /// `W [K, Bn] = g · v / ‖v‖` per prototype row, saving `inv_norm [K]`.
+    fn weight_norm_forward(
+        &mut self,
+        w: &mut CudaSlice<f32>,
+        inv_norm: &mut CudaSlice<f32>,
+        g: &CudaSlice<f32>,
+        v: &CudaSlice<f32>,
+        shape: NormShape,
+    ) -> Result<()> {
+        let NormShape { rows, channels } = shape;
+        const OP: &str = "cuda weight_norm_forward";
+        check_len(OP, "w", w.len(), rows * channels)?;
+        check_len(OP, "v", v.len(), rows * channels)?;
+        check_len(OP, "g", g.len(), rows)?;
+        check_len(OP, "inv_norm", inv_norm.len(), rows)?;
+        let (k, bn) = (
+            dim(OP, "prototypes", rows)?,
+            dim(OP, "bottleneck", channels)?,
+        );
+        let grid = (blocks(OP, rows.div_ceil(ROWS_PER_BLOCK))?, 1, 1);
+        launch!(
+            self,
+            KernelFamily::Optimizer,
+            "weight_norm_forward",
+            config(grid, BLOCK),
+            [w, inv_norm, g, v, &k, &bn]
+        );
+        Ok(())
+    }
+
+    /// Weight-norm backward: `dg += ⟨dW, v̂⟩`, `dv += (g/‖v‖)(dW − v̂⟨v̂, dW⟩)` per row.
+    fn weight_norm_backward(
+        &mut self,
+        dg: &mut CudaSlice<f32>,
+        dv: &mut CudaSlice<f32>,
+        dw: &CudaSlice<f32>,
+        g: &CudaSlice<f32>,
+        v: &CudaSlice<f32>,
+        inv_norm: &CudaSlice<f32>,
+        shape: NormShape,
+    ) -> Result<()> {
+        let NormShape { rows, channels } = shape;
+        const OP: &str = "cuda weight_norm_backward";
+        for (name, len) in [("dv", dv.len()), ("dw", dw.len()), ("v", v.len())] {
+            check_len(OP, name, len, rows * channels)?;
+        }
+        for (name, len) in [
+            ("dg", dg.len()),
+            ("g", g.len()),
+            ("inv_norm", inv_norm.len()),
+        ] {
+            check_len(OP, name, len, rows)?;
+        }
+        let (k, bn) = (
+            dim(OP, "prototypes", rows)?,
+            dim(OP, "bottleneck", channels)?,
+        );
+        let grid = (blocks(OP, rows.div_ceil(ROWS_PER_BLOCK))?, 1, 1);
+        launch!(
+            self,
+            KernelFamily::Optimizer,
+            "weight_norm_backward",
+            config(grid, BLOCK),
+            [dg, dv, dw, g, v, inv_norm, &k, &bn]
+        );
+        Ok(())
+    }
+
+    fn koleo_state(&mut self, b: usize, d: usize) -> Result<KoleoSaved> {
+        self.allocations += 5;
+        KoleoSaved::new(self, b, d)
+    }
+
+    /// `loss [1] = KL(x)` for `x [b, d]`, filling `saved` for the backward.
+    fn koleo_forward(
+        &mut self,
+        loss: &mut CudaSlice<f32>,
+        state: &mut KoleoSaved,
+        x: &CudaSlice<f32>,
+        b: usize,
+        d: usize,
+    ) -> Result<()> {
+        const OP: &str = "cuda koleo_forward";
+        let (bi, di) = check(OP, state, b, d)?;
+        check_len(OP, "x", x.len(), b * d)?;
+        check_len(OP, "loss", loss.len(), 1)?;
+        let grid = (blocks(OP, b.div_ceil(ROWS_PER_BLOCK))?, 1, 1);
+        launch!(
+            self,
+            KernelFamily::Koleo,
+            "koleo_normalize",
+            config(grid, BLOCK),
+            [&mut state.xn, &mut state.norm, x, &bi, &di]
+        );
+        launch!(
+            self,
+            KernelFamily::Koleo,
+            "koleo_nearest",
+            config((blocks(OP, b)?, 1, 1), BLOCK),
+            [
+                &mut state.nn,
+                &mut state.dist,
+                &mut state.row_loss,
+                &state.xn,
+                &bi,
+                &di
+            ]
+        );
+        self.sum(loss, &state.row_loss, ReduceOp::Sum, 1.0 / b as f32)
+    }
+
+    /// `dx [b, d] = dloss · dKL/dx` (written), from the forward's `saved`.
+    fn koleo_backward(
+        &mut self,
+        dx: &mut CudaSlice<f32>,
+        state: &KoleoSaved,
+        weight: f32,
+        b: usize,
+        d: usize,
+    ) -> Result<()> {
+        const OP: &str = "cuda koleo_backward";
+        let (bi, di) = check(OP, state, b, d)?;
+        check_len(OP, "dx", dx.len(), b * d)?;
+        launch!(
+            self,
+            KernelFamily::Koleo,
+            "koleo_backward",
+            config((blocks(OP, b)?, 1, 1), BLOCK),
+            [
+                dx,
+                &state.xn,
+                &state.norm,
+                &state.nn,
+                &state.dist,
+                &weight,
+                &bi,
+                &di
+            ]
         );
         Ok(())
     }

@@ -3,7 +3,9 @@
 
 use super::elementwise::ReduceOp;
 use super::{blocks, check_len, config, dim, launch, row_chunks, BLOCK};
+use crate::backend::cuda::buffers::{rows_of, Slot};
 use crate::backend::cuda::{CudaBackend, KernelFamily};
+use crate::backend::{Buffers, LossOps, Storage};
 use crate::error::{Error, Result};
 use cudarc::driver::CudaSlice;
 
@@ -47,99 +49,6 @@ impl CrossEntropyPairs {
 }
 
 impl CudaBackend {
-    /// `probs [R, K] = softmax((teacher - center) / teacher_temp)` per row; no centering when
-    /// `center` is `None`.
-    pub fn teacher_softmax(
-        &self,
-        probs: &mut CudaSlice<f32>,
-        teacher: &CudaSlice<f32>,
-        center: Option<&CudaSlice<f32>>,
-        teacher_temp: f32,
-        rows: usize,
-        prototypes: usize,
-    ) -> Result<()> {
-        const OP: &str = "cuda teacher_softmax";
-        if teacher_temp.is_nan() || teacher_temp <= 0.0 {
-            return Err(Error::Config(format!(
-                "{OP}: teacher temperature must be > 0"
-            )));
-        }
-        check_len(OP, "probs", probs.len(), rows * prototypes)?;
-        check_len(OP, "teacher", teacher.len(), rows * prototypes)?;
-        if let Some(c) = center {
-            check_len(OP, "center", c.len(), prototypes)?;
-        }
-        let center_ptr = self.optional_ptr(center);
-        let (r, k) = (dim(OP, "rows", rows)?, dim(OP, "prototypes", prototypes)?);
-        let inv_temp = 1.0 / teacher_temp;
-        launch!(
-            self,
-            KernelFamily::Loss,
-            "teacher_softmax",
-            config((blocks(OP, rows)?, 1, 1), BLOCK),
-            [probs, teacher, &center_ptr, &inv_temp, &r, &k]
-        );
-        Ok(())
-    }
-
-    /// `center_new = m · center + (1 - m) · mean_rows(teacher)`.
-    pub fn center_ema(
-        &mut self,
-        center_new: &mut CudaSlice<f32>,
-        teacher: &CudaSlice<f32>,
-        center: &CudaSlice<f32>,
-        momentum: f64,
-        rows: usize,
-        prototypes: usize,
-    ) -> Result<()> {
-        const OP: &str = "cuda center_ema";
-        if rows == 0 {
-            return Err(Error::shape(OP, "no teacher rows"));
-        }
-        check_len(OP, "teacher", teacher.len(), rows * prototypes)?;
-        check_len(OP, "center", center.len(), prototypes)?;
-        check_len(OP, "center_new", center_new.len(), prototypes)?;
-        let (r, k) = (dim(OP, "rows", rows)?, dim(OP, "prototypes", prototypes)?);
-        let (groups, per_chunk) = row_chunks(rows);
-        self.reserve_scratch(groups * prototypes)?;
-        let partial = self.scratch_ptr(0);
-        let null = 0u64;
-        let per_chunk_i = dim(OP, "rows per chunk", per_chunk)?;
-        let grid = (
-            blocks(OP, prototypes.div_ceil(BLOCK as usize))?,
-            groups as u32,
-            1,
-        );
-        launch!(
-            self,
-            KernelFamily::Elementwise,
-            "column_sum_partial",
-            config(grid, BLOCK),
-            [&partial, teacher, &null, &r, &k, &per_chunk_i]
-        );
-        let g = dim(OP, "groups", groups)?;
-        let inv_rows = 1.0 / rows as f32;
-        // 1 - m in f64 (m is near 1), as the CPU twin forms it.
-        let (m, one_minus_m) = (momentum as f32, (1.0 - momentum) as f32);
-        launch!(
-            self,
-            KernelFamily::Loss,
-            "center_ema",
-            config((grid.0, 1, 1), BLOCK),
-            [
-                center_new,
-                &partial,
-                center,
-                &g,
-                &k,
-                &m,
-                &one_minus_m,
-                &inv_rows
-            ]
-        );
-        Ok(())
-    }
-
     /// Fused cross-entropy: for each student row r, `row_loss[r] = Σ_p w_p CE(probs[t_p], s_r;
     /// ts)` and `dstudent[r] = grad_scale · dΣ/ds_r`; `loss [1] = Σ_r row_loss[r]`.
     #[allow(clippy::too_many_arguments)]
@@ -226,5 +135,188 @@ impl CudaBackend {
             [&mut *row_entropy, probs, &r, &k]
         );
         self.sum(mean_entropy, row_entropy, ReduceOp::Sum, 1.0 / rows as f32)
+    }
+}
+
+impl LossOps for CudaBackend {
+    type Pairs = CrossEntropyPairs;
+
+    fn pairs(&mut self, capacity: usize, pairs: usize) -> Result<CrossEntropyPairs> {
+        self.allocations += 2;
+        let n = capacity.max(1) * pairs;
+        let mut table =
+            CrossEntropyPairs::new(self, capacity.max(1), pairs, &vec![-1; n], &vec![0.0; n])?;
+        table.student_rows = 0;
+        Ok(table)
+    }
+
+    fn set_pairs(
+        &mut self,
+        table: &mut CrossEntropyPairs,
+        rows: usize,
+        teacher: &[i32],
+        weight: &[f32],
+    ) -> Result<()> {
+        const OP: &str = "cuda set_pairs";
+        let n = rows * table.pairs;
+        if teacher.len() != n || weight.len() != n || n > table.teacher.len() {
+            return Err(Error::shape(
+                OP,
+                format!(
+                    "{rows} rows of {} pairs ({} / {} values) for a table of {}",
+                    table.pairs,
+                    teacher.len(),
+                    weight.len(),
+                    table.teacher.len()
+                ),
+            ));
+        }
+        self.upload_prefix(&mut table.teacher, teacher)?;
+        self.upload_prefix(&mut table.weight, weight)?;
+        table.student_rows = rows;
+        Ok(())
+    }
+
+    /// `probs [R, K] = softmax((teacher - center) / teacher_temp)` per row; no centering when
+    /// `center` is `None`.
+    fn teacher_softmax(
+        &mut self,
+        probs: &mut CudaSlice<f32>,
+        logits: &CudaSlice<f32>,
+        center: Option<&CudaSlice<f32>>,
+        temp: f32,
+        k: usize,
+    ) -> Result<()> {
+        let rows = rows_of("cuda teacher_softmax", "logits", logits.len(), k)?;
+        const OP: &str = "cuda teacher_softmax";
+        if temp.is_nan() || temp <= 0.0 {
+            return Err(Error::Config(format!(
+                "{OP}: teacher temperature must be > 0"
+            )));
+        }
+        check_len(OP, "probs", probs.len(), rows * k)?;
+        check_len(OP, "teacher", logits.len(), rows * k)?;
+        if let Some(c) = center {
+            check_len(OP, "center", c.len(), k)?;
+        }
+        let center_ptr = self.optional_ptr(center);
+        let (r, k) = (dim(OP, "rows", rows)?, dim(OP, "prototypes", k)?);
+        let inv_temp = 1.0 / temp;
+        launch!(
+            self,
+            KernelFamily::Loss,
+            "teacher_softmax",
+            config((blocks(OP, rows)?, 1, 1), BLOCK),
+            [probs, logits, &center_ptr, &inv_temp, &r, &k]
+        );
+        Ok(())
+    }
+
+    /// `center_new = m · center + (1 - m) · mean_rows(teacher)`.
+    fn center_ema(
+        &mut self,
+        next: &mut CudaSlice<f32>,
+        logits: &CudaSlice<f32>,
+        center: &CudaSlice<f32>,
+        momentum: f64,
+        k: usize,
+    ) -> Result<()> {
+        let rows = rows_of("cuda center_ema", "logits", logits.len(), k)?;
+        const OP: &str = "cuda center_ema";
+        if rows == 0 {
+            return Err(Error::shape(OP, "no teacher rows"));
+        }
+        check_len(OP, "teacher", logits.len(), rows * k)?;
+        check_len(OP, "center", center.len(), k)?;
+        check_len(OP, "center_new", next.len(), k)?;
+        let (r, ki) = (dim(OP, "rows", rows)?, dim(OP, "prototypes", k)?);
+        let (groups, per_chunk) = row_chunks(rows);
+        self.reserve_scratch(groups * k)?;
+        let partial = self.scratch_ptr(0);
+        let per_chunk_i = dim(OP, "rows per chunk", per_chunk)?;
+        let null = 0u64;
+        let grid = (blocks(OP, k.div_ceil(BLOCK as usize))?, groups as u32, 1);
+        launch!(
+            self,
+            KernelFamily::Elementwise,
+            "column_sum_partial",
+            config(grid, BLOCK),
+            [&partial, logits, &null, &r, &ki, &per_chunk_i]
+        );
+        let g = dim(OP, "groups", groups)?;
+        let inv_rows = 1.0 / rows as f32;
+        // 1 - m in f64 (m is near 1), as the CPU twin forms it.
+        let (m, one_minus_m) = (momentum as f32, (1.0 - momentum) as f32);
+        launch!(
+            self,
+            KernelFamily::Loss,
+            "center_ema",
+            config((grid.0, 1, 1), BLOCK),
+            [next, &partial, center, &g, &ki, &m, &one_minus_m, &inv_rows]
+        );
+        Ok(())
+    }
+
+    fn softmax_cross_entropy(
+        &mut self,
+        loss: &mut CudaSlice<f32>,
+        ds: &mut CudaSlice<f32>,
+        s: &CudaSlice<f32>,
+        probs: &CudaSlice<f32>,
+        table: &CrossEntropyPairs,
+        student_temp: f32,
+        grad_scale: f32,
+        k: usize,
+    ) -> Result<()> {
+        let rows = table.student_rows;
+        if rows == 0 {
+            return self.zero_f32(loss);
+        }
+        let teacher_rows = rows_of("cuda softmax_cross_entropy", "probs", probs.len(), k)?;
+        self.with_work(Slot::A, rows, |gpu, row_loss| {
+            CudaBackend::softmax_cross_entropy(
+                gpu,
+                loss,
+                row_loss,
+                ds,
+                s,
+                probs,
+                table,
+                student_temp,
+                grad_scale,
+                teacher_rows,
+                k,
+            )
+        })
+    }
+
+    fn mean_row_entropy(
+        &mut self,
+        out: &mut CudaSlice<f32>,
+        probs: &CudaSlice<f32>,
+        k: usize,
+    ) -> Result<()> {
+        let rows = rows_of("cuda mean_row_entropy", "probs", probs.len(), k)?;
+        self.with_work(Slot::A, rows, |gpu, row| {
+            CudaBackend::mean_row_entropy(gpu, out, row, probs, rows, k)
+        })
+    }
+
+    fn sinkhorn_knopp(
+        &mut self,
+        q: &mut CudaSlice<f32>,
+        logits: &CudaSlice<f32>,
+        k: usize,
+        temp: f32,
+        iterations: usize,
+    ) -> Result<()> {
+        let rows = rows_of("cuda sinkhorn_knopp", "logits", logits.len(), k)?;
+        let mut b = self.take_work(Slot::B, rows)?;
+        let result = self.with_work(Slot::A, k, |gpu, a| {
+            let mut b = b.window_mut(0..rows)?;
+            CudaBackend::sinkhorn_knopp(gpu, q, a, &mut b, logits, rows, k, temp, rows, iterations)
+        });
+        self.put_work(Slot::B, b);
+        result
     }
 }

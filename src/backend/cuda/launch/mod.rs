@@ -7,7 +7,6 @@ pub mod koleo;
 pub mod layernorm;
 pub mod loss;
 pub mod optimizer;
-pub mod patch;
 pub mod sinkhorn;
 pub mod tokens;
 

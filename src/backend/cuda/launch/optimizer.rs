@@ -2,9 +2,10 @@
 //! decay, gradient clipping, the teacher EMA and the weight-normalised last layer.
 
 use super::elementwise::ReduceOp;
-use super::{blocks, check_len, config, dim, grid_stride, launch, BLOCK, ROWS_PER_BLOCK};
+use super::{check_len, config, dim, grid_stride, launch, BLOCK};
 use crate::backend::cuda::{CudaBackend, KernelFamily};
 use crate::backend::AdamWStep;
+use crate::backend::{AdamWBuffers, OptimizerOps};
 use crate::error::{Error, Result};
 use cudarc::driver::CudaSlice;
 
@@ -56,21 +57,38 @@ impl ParamSegments {
     }
 }
 
-impl CudaBackend {
+impl CudaBackend {}
+
+impl OptimizerOps for CudaBackend {
+    type Segments = ParamSegments;
+
+    fn segments(
+        &mut self,
+        starts: &[usize],
+        groups: &[usize],
+        n_groups: usize,
+        numel: usize,
+    ) -> Result<ParamSegments> {
+        self.allocations += 2;
+        ParamSegments::new(self, starts, groups, n_groups, numel)
+    }
+
     /// One AdamW step over the flat buffers; `group_lr [G]` and `group_wd [G]` hold this step's
     /// lr and weight decay per group (schedules times multipliers, computed on the host).
-    #[allow(clippy::too_many_arguments)]
-    pub fn adamw_update(
-        &self,
-        params: &mut CudaSlice<f32>,
-        exp_avg: &mut CudaSlice<f32>,
-        exp_avg_sq: &mut CudaSlice<f32>,
-        grads: &CudaSlice<f32>,
+    fn adamw_update(
+        &mut self,
+        bufs: AdamWBuffers<'_, Self>,
         segments: &ParamSegments,
         group_lr: &CudaSlice<f32>,
         group_wd: &CudaSlice<f32>,
         hp: AdamWStep,
     ) -> Result<()> {
+        let AdamWBuffers {
+            params,
+            exp_avg,
+            exp_avg_sq,
+            grads,
+        } = bufs;
         const OP: &str = "cuda adamw_update";
         let n = segments.numel;
         for (name, len) in [
@@ -124,8 +142,8 @@ impl CudaBackend {
     }
 
     /// `teacher = m · teacher + (1 - m) · student`; `1 - m` is formed in f64 (m is near 1).
-    pub fn ema_update(
-        &self,
+    fn ema_update(
+        &mut self,
         teacher: &mut CudaSlice<f32>,
         student: &CudaSlice<f32>,
         momentum: f64,
@@ -145,7 +163,7 @@ impl CudaBackend {
 
     /// Clips `grads` (one submodule's contiguous range) to `max_norm`: writes the pre-clip
     /// norm into `norm [1]` and scales by `min(max_norm / (norm + 1e-6), 1)` without a host sync.
-    pub fn clip_grad_norm(
+    fn clip_grad_norm(
         &mut self,
         grads: &mut CudaSlice<f32>,
         norm: &mut CudaSlice<f32>,
@@ -160,7 +178,6 @@ impl CudaBackend {
         let coef = self.scratch_ptr(265);
         let n = grads.len() as i64;
         let code = ReduceOp::SumOfSquares.code();
-        let groups = 264i32;
         let one = 1.0f32;
         launch!(
             self,
@@ -174,7 +191,7 @@ impl CudaBackend {
             KernelFamily::Elementwise,
             "sum_finalize",
             config((1, 1, 1), BLOCK),
-            [&sumsq, &partial, &groups, &one]
+            [&sumsq, &partial, &264i32, &one]
         );
         launch!(
             self,
@@ -190,75 +207,6 @@ impl CudaBackend {
             "scale_by_coef",
             cfg,
             [grads, &coef, &n]
-        );
-        Ok(())
-    }
-
-    /// `W [K, Bn] = g · v / ‖v‖` per prototype row, saving `inv_norm [K]`.
-    pub fn weight_norm_forward(
-        &self,
-        w: &mut CudaSlice<f32>,
-        inv_norm: &mut CudaSlice<f32>,
-        g: &CudaSlice<f32>,
-        v: &CudaSlice<f32>,
-        prototypes: usize,
-        bottleneck: usize,
-    ) -> Result<()> {
-        const OP: &str = "cuda weight_norm_forward";
-        check_len(OP, "w", w.len(), prototypes * bottleneck)?;
-        check_len(OP, "v", v.len(), prototypes * bottleneck)?;
-        check_len(OP, "g", g.len(), prototypes)?;
-        check_len(OP, "inv_norm", inv_norm.len(), prototypes)?;
-        let (k, bn) = (
-            dim(OP, "prototypes", prototypes)?,
-            dim(OP, "bottleneck", bottleneck)?,
-        );
-        let grid = (blocks(OP, prototypes.div_ceil(ROWS_PER_BLOCK))?, 1, 1);
-        launch!(
-            self,
-            KernelFamily::Optimizer,
-            "weight_norm_forward",
-            config(grid, BLOCK),
-            [w, inv_norm, g, v, &k, &bn]
-        );
-        Ok(())
-    }
-
-    /// Weight-norm backward: `dg += ⟨dW, v̂⟩`, `dv += (g/‖v‖)(dW − v̂⟨v̂, dW⟩)` per row.
-    #[allow(clippy::too_many_arguments)]
-    pub fn weight_norm_backward(
-        &self,
-        dg: &mut CudaSlice<f32>,
-        dv: &mut CudaSlice<f32>,
-        dw: &CudaSlice<f32>,
-        g: &CudaSlice<f32>,
-        v: &CudaSlice<f32>,
-        inv_norm: &CudaSlice<f32>,
-        prototypes: usize,
-        bottleneck: usize,
-    ) -> Result<()> {
-        const OP: &str = "cuda weight_norm_backward";
-        for (name, len) in [("dv", dv.len()), ("dw", dw.len()), ("v", v.len())] {
-            check_len(OP, name, len, prototypes * bottleneck)?;
-        }
-        for (name, len) in [
-            ("dg", dg.len()),
-            ("g", g.len()),
-            ("inv_norm", inv_norm.len()),
-        ] {
-            check_len(OP, name, len, prototypes)?;
-        }
-        let (k, bn) = (
-            dim(OP, "prototypes", prototypes)?,
-            dim(OP, "bottleneck", bottleneck)?,
-        );
-        let grid = (blocks(OP, prototypes.div_ceil(ROWS_PER_BLOCK))?, 1, 1);
-        launch!(
-            self,
-            KernelFamily::Optimizer,
-            "weight_norm_backward",
-            config(grid, BLOCK),
-            [dg, dv, dw, g, v, inv_norm, &k, &bn]
         );
         Ok(())
     }
