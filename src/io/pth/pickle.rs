@@ -177,267 +177,243 @@ impl<'a> Machine<'a> {
     fn run(mut self) -> Result<PVal, String> {
         loop {
             let op = self.u8()?;
-            match op {
-                0x80 => {
-                    let proto = self.u8()?;
-                    if proto > 5 {
-                        return Err(format!("pickle protocol {proto} is not supported"));
+            if let Some(v) = self.literal(op)? {
+                self.push(v);
+            } else if !self.memo_op(op)? && !self.structure_op(op)? {
+                match op {
+                    b'.' => return self.pop(),
+                    b'P' => {
+                        return Err("pickle: text persistent ids are not used by torch.save".into())
                     }
-                }
-                0x95 => {
-                    self.u64()?; // FRAME: a length hint only
-                }
-                b'.' => return self.pop(),
-                b'(' => self.stack.push(Item::Mark),
-                b'N' => self.push(PVal::None),
-                0x88 => self.push(PVal::Bool(true)),
-                0x89 => self.push(PVal::Bool(false)),
-                b'K' => {
-                    let v = self.u8()?;
-                    self.push(PVal::Int(v as i64))
-                }
-                b'M' => {
-                    let v = self.u16()?;
-                    self.push(PVal::Int(v as i64))
-                }
-                b'J' => {
-                    let v = self.u32()? as i32;
-                    self.push(PVal::Int(v as i64))
-                }
-                0x8a => {
-                    let n = self.u8()? as usize;
-                    let b = self.take(n)?;
-                    if n > 8 {
-                        return Err("pickle: integer wider than 64 bits".into());
+                    other => {
+                        return Err(format!(
+                            "pickle opcode 0x{other:02x} at byte {} is not supported",
+                            self.pos - 1
+                        ))
                     }
-                    let mut v: i64 = 0;
-                    for (i, &byte) in b.iter().enumerate() {
-                        v |= (byte as i64) << (8 * i);
-                    }
-                    if n > 0 && n < 8 && b[n - 1] & 0x80 != 0 {
-                        v -= 1i64 << (8 * n);
-                    }
-                    self.push(PVal::Int(v))
-                }
-                b'I' => {
-                    let text = self.line()?;
-                    let v = match text.as_str() {
-                        "00" => PVal::Bool(false),
-                        "01" => PVal::Bool(true),
-                        t => PVal::Int(t.parse().map_err(|_| format!("pickle: bad INT {t}"))?),
-                    };
-                    self.push(v)
-                }
-                b'L' => {
-                    let text = self.line()?;
-                    let v = text
-                        .trim_end_matches('L')
-                        .parse()
-                        .map_err(|_| format!("pickle: bad LONG {text}"))?;
-                    self.push(PVal::Int(v))
-                }
-                b'G' => {
-                    let b = self.take(8)?;
-                    let mut a = [0u8; 8];
-                    a.copy_from_slice(b);
-                    self.push(PVal::Float(f64::from_be_bytes(a)))
-                }
-                b'X' => {
-                    let n = self.u32()? as usize;
-                    let s = self.utf8(n)?;
-                    self.push(PVal::Str(s))
-                }
-                0x8c => {
-                    let n = self.u8()? as usize;
-                    let s = self.utf8(n)?;
-                    self.push(PVal::Str(s))
-                }
-                0x8d => {
-                    let n = self.u64()? as usize;
-                    let s = self.utf8(n)?;
-                    self.push(PVal::Str(s))
-                }
-                b'U' => {
-                    let n = self.u8()? as usize;
-                    let s = String::from_utf8_lossy(self.take(n)?).into_owned();
-                    self.push(PVal::Str(s))
-                }
-                b'T' => {
-                    let n = self.u32()? as usize;
-                    let s = String::from_utf8_lossy(self.take(n)?).into_owned();
-                    self.push(PVal::Str(s))
-                }
-                b'C' => {
-                    let n = self.u8()? as usize;
-                    let b = self.take(n)?.to_vec();
-                    self.push(PVal::Bytes(b))
-                }
-                b'B' => {
-                    let n = self.u32()? as usize;
-                    let b = self.take(n)?.to_vec();
-                    self.push(PVal::Bytes(b))
-                }
-                0x8e => {
-                    let n = self.u64()? as usize;
-                    let b = self.take(n)?.to_vec();
-                    self.push(PVal::Bytes(b))
-                }
-                b')' => self.push(PVal::Tuple(Vec::new())),
-                b't' => {
-                    let items = self.pop_mark()?;
-                    self.push(PVal::Tuple(items))
-                }
-                0x85..=0x87 => {
-                    let n = (op - 0x84) as usize;
-                    let mut items = Vec::with_capacity(n);
-                    for _ in 0..n {
-                        items.push(self.pop()?);
-                    }
-                    items.reverse();
-                    self.push(PVal::Tuple(items))
-                }
-                b']' => self.push(PVal::List(Rc::new(RefCell::new(Vec::new())))),
-                b'l' => {
-                    let items = self.pop_mark()?;
-                    self.push(PVal::List(Rc::new(RefCell::new(items))))
-                }
-                b'}' => self.push(PVal::dict()),
-                b'd' => {
-                    let items = self.pop_mark()?;
-                    let d = PVal::dict();
-                    set_items(&d, items)?;
-                    self.push(d)
-                }
-                b'a' => {
-                    let v = self.pop()?;
-                    match self.top()? {
-                        PVal::List(l) => l.borrow_mut().push(v),
-                        other => return Err(format!("pickle: APPEND to {}", other.kind())),
-                    }
-                }
-                b'e' => {
-                    let items = self.pop_mark()?;
-                    match self.top()? {
-                        PVal::List(l) => l.borrow_mut().extend(items),
-                        other => return Err(format!("pickle: APPENDS to {}", other.kind())),
-                    }
-                }
-                b's' => {
-                    let v = self.pop()?;
-                    let k = self.pop()?;
-                    set_items(self.top()?, vec![k, v])?;
-                }
-                b'u' => {
-                    let items = self.pop_mark()?;
-                    set_items(self.top()?, items)?;
-                }
-                b'q' => {
-                    let i = self.u8()? as u32;
-                    let v = self.top()?.clone();
-                    self.memo.insert(i, v);
-                }
-                b'r' => {
-                    let i = self.u32()?;
-                    let v = self.top()?.clone();
-                    self.memo.insert(i, v);
-                }
-                0x94 => {
-                    let i = self.memo.len() as u32;
-                    let v = self.top()?.clone();
-                    self.memo.insert(i, v);
-                }
-                b'p' => {
-                    let i: u32 = self
-                        .line()?
-                        .parse()
-                        .map_err(|_| "pickle: bad PUT index".to_string())?;
-                    let v = self.top()?.clone();
-                    self.memo.insert(i, v);
-                }
-                b'h' => {
-                    let i = self.u8()? as u32;
-                    let v = self.memo_get(i)?;
-                    self.push(v)
-                }
-                b'j' => {
-                    let i = self.u32()?;
-                    let v = self.memo_get(i)?;
-                    self.push(v)
-                }
-                b'g' => {
-                    let i: u32 = self
-                        .line()?
-                        .parse()
-                        .map_err(|_| "pickle: bad GET index".to_string())?;
-                    let v = self.memo_get(i)?;
-                    self.push(v)
-                }
-                b'c' => {
-                    let module = self.line()?;
-                    let name = self.line()?;
-                    self.push(PVal::Global(module, name))
-                }
-                0x93 => {
-                    let name = self.pop()?;
-                    let module = self.pop()?;
-                    match (module, name) {
-                        (PVal::Str(m), PVal::Str(n)) => self.push(PVal::Global(m, n)),
-                        _ => return Err("pickle: STACK_GLOBAL needs two strings".into()),
-                    }
-                }
-                b'Q' => {
-                    let pid = self.pop()?;
-                    let v = persistent_load(pid)?;
-                    self.push(v)
-                }
-                b'P' => return Err("pickle: text persistent ids are not used by torch.save".into()),
-                b'R' => {
-                    let args = self.pop()?;
-                    let func = self.pop()?;
-                    let v = call(func, args)?;
-                    self.push(v)
-                }
-                0x81 => {
-                    let args = self.pop()?;
-                    let cls = self.pop()?;
-                    let v = call(cls, args)?;
-                    self.push(v)
-                }
-                0x92 => {
-                    let _kwargs = self.pop()?;
-                    let args = self.pop()?;
-                    let cls = self.pop()?;
-                    let v = call(cls, args)?;
-                    self.push(v)
-                }
-                b'b' => {
-                    // BUILD sets attributes (e.g. a state dict's `_metadata`): nothing to keep.
-                    let _state = self.pop()?;
-                    self.top()?;
-                }
-                b'0' => {
-                    self.pop()?;
-                }
-                b'2' => {
-                    let v = self.top()?.clone();
-                    self.push(v)
-                }
-                0x8f => self.push(PVal::Object("set".into())),
-                0x90 => {
-                    self.pop_mark()?;
-                }
-                0x91 => {
-                    self.pop_mark()?;
-                    self.push(PVal::Object("frozenset".into()))
-                }
-                other => {
-                    return Err(format!(
-                        "pickle opcode 0x{other:02x} at byte {} is not supported",
-                        self.pos - 1
-                    ))
                 }
             }
         }
+    }
+
+    /// Opcodes that push one value read from the stream (numbers, strings, bytes, globals and
+    /// empty containers); `None` for every other opcode.
+    fn literal(&mut self, op: u8) -> Result<Option<PVal>, String> {
+        let text_str = |s: &[u8]| PVal::Str(String::from_utf8_lossy(s).into_owned());
+        Ok(Some(match op {
+            b'N' => PVal::None,
+            0x88 => PVal::Bool(true),
+            0x89 => PVal::Bool(false),
+            b'K' => PVal::Int(self.u8()? as i64),
+            b'M' => PVal::Int(self.u16()? as i64),
+            b'J' => PVal::Int(self.u32()? as i32 as i64),
+            0x8a => {
+                let n = self.u8()? as usize;
+                let b = self.take(n)?;
+                if n > 8 {
+                    return Err("pickle: integer wider than 64 bits".into());
+                }
+                let mut v: i64 = 0;
+                for (i, &byte) in b.iter().enumerate() {
+                    v |= (byte as i64) << (8 * i);
+                }
+                if n > 0 && n < 8 && b[n - 1] & 0x80 != 0 {
+                    v -= 1i64 << (8 * n);
+                }
+                PVal::Int(v)
+            }
+            b'I' => match self.line()?.as_str() {
+                "00" => PVal::Bool(false),
+                "01" => PVal::Bool(true),
+                t => PVal::Int(t.parse().map_err(|_| format!("pickle: bad INT {t}"))?),
+            },
+            b'L' => {
+                let text = self.line()?;
+                let v = text.trim_end_matches('L').parse();
+                PVal::Int(v.map_err(|_| format!("pickle: bad LONG {text}"))?)
+            }
+            b'G' => {
+                let mut a = [0u8; 8];
+                a.copy_from_slice(self.take(8)?);
+                PVal::Float(f64::from_be_bytes(a))
+            }
+            b'X' => {
+                let n = self.u32()? as usize;
+                PVal::Str(self.utf8(n)?)
+            }
+            0x8c => {
+                let n = self.u8()? as usize;
+                PVal::Str(self.utf8(n)?)
+            }
+            0x8d => {
+                let n = self.u64()? as usize;
+                PVal::Str(self.utf8(n)?)
+            }
+            b'U' => {
+                let n = self.u8()? as usize;
+                text_str(self.take(n)?)
+            }
+            b'T' => {
+                let n = self.u32()? as usize;
+                text_str(self.take(n)?)
+            }
+            b'C' => {
+                let n = self.u8()? as usize;
+                PVal::Bytes(self.take(n)?.to_vec())
+            }
+            b'B' => {
+                let n = self.u32()? as usize;
+                PVal::Bytes(self.take(n)?.to_vec())
+            }
+            0x8e => {
+                let n = self.u64()? as usize;
+                PVal::Bytes(self.take(n)?.to_vec())
+            }
+            b'c' => {
+                let module = self.line()?;
+                PVal::Global(module, self.line()?)
+            }
+            b')' => PVal::Tuple(Vec::new()),
+            b']' => PVal::List(Rc::new(RefCell::new(Vec::new()))),
+            b'}' => PVal::dict(),
+            0x8f => PVal::Object("set".into()),
+            _ => return Ok(None),
+        }))
+    }
+
+    /// The memo opcodes (PUT and GET in their forms); `false` for every other opcode.
+    fn memo_op(&mut self, op: u8) -> Result<bool, String> {
+        let index = |text: String, what: &str| {
+            text.parse::<u32>()
+                .map_err(|_| format!("pickle: bad {what} index"))
+        };
+        match op {
+            b'q' | b'r' | 0x94 | b'p' => {
+                let i = match op {
+                    b'q' => self.u8()? as u32,
+                    b'r' => self.u32()?,
+                    0x94 => self.memo.len() as u32,
+                    _ => index(self.line()?, "PUT")?,
+                };
+                let v = self.top()?.clone();
+                self.memo.insert(i, v);
+            }
+            b'h' | b'j' | b'g' => {
+                let i = match op {
+                    b'h' => self.u8()? as u32,
+                    b'j' => self.u32()?,
+                    _ => index(self.line()?, "GET")?,
+                };
+                let v = self.memo_get(i)?;
+                self.push(v)
+            }
+            _ => return Ok(false),
+        }
+        Ok(true)
+    }
+
+    /// Opcodes that rearrange the stack: marks, containers built from stack items, calls, and
+    /// the protocol header; `false` for every other opcode.
+    fn structure_op(&mut self, op: u8) -> Result<bool, String> {
+        match op {
+            0x80 => {
+                let proto = self.u8()?;
+                if proto > 5 {
+                    return Err(format!("pickle protocol {proto} is not supported"));
+                }
+            }
+            0x95 => {
+                self.u64()?; // FRAME: a length hint only
+            }
+            b'(' => self.stack.push(Item::Mark),
+            b't' => {
+                let items = self.pop_mark()?;
+                self.push(PVal::Tuple(items))
+            }
+            0x85..=0x87 => {
+                let n = (op - 0x84) as usize;
+                let mut items = Vec::with_capacity(n);
+                for _ in 0..n {
+                    items.push(self.pop()?);
+                }
+                items.reverse();
+                self.push(PVal::Tuple(items))
+            }
+            b'l' => {
+                let items = self.pop_mark()?;
+                self.push(PVal::List(Rc::new(RefCell::new(items))))
+            }
+            b'd' => {
+                let items = self.pop_mark()?;
+                let d = PVal::dict();
+                set_items(&d, items)?;
+                self.push(d)
+            }
+            b'a' | b'e' => {
+                let items = if op == b'a' {
+                    vec![self.pop()?]
+                } else {
+                    self.pop_mark()?
+                };
+                match self.top()? {
+                    PVal::List(l) => l.borrow_mut().extend(items),
+                    other => return Err(format!("pickle: APPEND(S) to {}", other.kind())),
+                }
+            }
+            b's' => {
+                let v = self.pop()?;
+                let k = self.pop()?;
+                set_items(self.top()?, vec![k, v])?;
+            }
+            b'u' => {
+                let items = self.pop_mark()?;
+                set_items(self.top()?, items)?;
+            }
+            0x93 => {
+                let name = self.pop()?;
+                let module = self.pop()?;
+                match (module, name) {
+                    (PVal::Str(m), PVal::Str(n)) => self.push(PVal::Global(m, n)),
+                    _ => return Err("pickle: STACK_GLOBAL needs two strings".into()),
+                }
+            }
+            b'Q' => {
+                let pid = self.pop()?;
+                let v = persistent_load(pid)?;
+                self.push(v)
+            }
+            // REDUCE, NEWOBJ and NEWOBJ_EX (whose keyword arguments torch never needs).
+            b'R' | 0x81 | 0x92 => {
+                if op == 0x92 {
+                    self.pop()?;
+                }
+                let args = self.pop()?;
+                let func = self.pop()?;
+                let v = call(func, args)?;
+                self.push(v)
+            }
+            b'b' => {
+                // BUILD sets attributes (e.g. a state dict's `_metadata`): nothing to keep.
+                let _state = self.pop()?;
+                self.top()?;
+            }
+            b'0' => {
+                self.pop()?;
+            }
+            b'2' => {
+                let v = self.top()?.clone();
+                self.push(v)
+            }
+            0x90 => {
+                self.pop_mark()?;
+            }
+            0x91 => {
+                self.pop_mark()?;
+                self.push(PVal::Object("frozenset".into()))
+            }
+            _ => return Ok(false),
+        }
+        Ok(true)
     }
 }
 
