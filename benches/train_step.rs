@@ -54,6 +54,7 @@ fn plan(
         adam: AdamHyper::default(),
         clip_grad: 3.0,
         seed: 0,
+        precision: None,
     }
 }
 

@@ -2,6 +2,8 @@
 //! `export` command in both key namings) bit for bit, official `.pth` with an inferred
 //! architecture against the golden forward, and errors that name what is missing.
 
+use dinotrain::backend::cpu::CpuBackend;
+use dinotrain::backend::Backend;
 use dinotrain::eval::backbone::{
     arch_metadata, load_backbone, load_backbone_with, BackboneOverrides, LoadedBackbone,
     RUN_BACKBONE_FILE,
@@ -9,7 +11,7 @@ use dinotrain::eval::backbone::{
 use dinotrain::golden::{rel_err, Fixture};
 use dinotrain::io::TensorFile;
 use dinotrain::nn::params::ParamTable;
-use dinotrain::nn::{Preset, Vit, VitConfig, VitOutput};
+use dinotrain::nn::{Preset, Vit, VitConfig, VitOutput, VitWorkspaces};
 use dinotrain::rng::{keyed, stream};
 use dinotrain::train::export::{export_backbone, KeyNaming};
 use rand::Rng as _;
@@ -36,9 +38,27 @@ fn images(cfg: &VitConfig, b: usize, seed: u64) -> Vec<f32> {
         .collect()
 }
 
+/// The backbone's forward on the CPU backend (f32): the inference forward, or with masks the
+/// training forward (the inference forward takes none), without drop path.
+fn forward_masked(
+    vit: &Vit,
+    params: &[f32],
+    x: &[f32],
+    (b, h, w): (usize, usize, usize),
+    masks: Option<&[bool]>,
+) -> VitOutput {
+    let mut be = CpuBackend::default();
+    let weights = be.weights(params).unwrap();
+    let mut ws = VitWorkspaces::new(vit);
+    let out = match masks {
+        None => ws.forward_inference(&mut be, vit, &weights, x, (b, h, w)),
+        Some(m) => ws.forward(&mut be, vit, &weights, x, (b, h, w), Some(m), None),
+    };
+    out.unwrap().to_host(&mut be).unwrap()
+}
+
 fn forward(vit: &Vit, params: &[f32], x: &[f32], b: usize, size: usize) -> VitOutput {
-    vit.forward_inference(params, x, b, size, size, None)
-        .unwrap()
+    forward_masked(vit, params, x, (b, size, size), None)
 }
 
 fn assert_same_model(got: &LoadedBackbone, cfg: &VitConfig, want: &VitOutput, x: &[f32]) {
@@ -134,10 +154,7 @@ fn the_official_pth_loads_with_an_inferred_architecture_and_matches_the_golden_f
         .iter()
         .map(|&m| m != 0)
         .collect();
-    let o = b
-        .vit
-        .forward_inference(&b.params, &images.data, bs, h, w, Some(&masks))
-        .unwrap();
+    let o = forward_masked(&b.vit, &b.params, &images.data, (bs, h, w), Some(&masks));
     for (name, got) in [
         ("out.x_norm_clstoken", &o.cls),
         ("out.x_norm_patchtokens", &o.patch),

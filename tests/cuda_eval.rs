@@ -1,7 +1,8 @@
-//! Evaluation features on the GPU against the CPU's (`eval::FeatureExtractor`): a backbone
-//! uploaded from host weights, split into device chunks of changing shape, at the construction
-//! size and an interpolated one; and a CUDA trainer's teacher read in place for the k-NN,
-//! leaving the step's allocations unchanged. Every test skips without a GPU.
+//! Evaluation features on the GPU against the CPU's (`eval::FeatureExtractor`, the same code on
+//! `CudaBackend` and `CpuBackend`): a backbone uploaded from host weights, split into device
+//! chunks of changing shape, at the construction size and an interpolated one; and a CUDA
+//! trainer's teacher read in place for the k-NN, after which a step still allocates nothing.
+//! Every test skips without a GPU.
 //!
 //! Both sides run the same weights and images, so they differ only by precision: the GPU
 //! rounds GEMM operands and attention inputs/outputs to bf16 (relative error about 2e-3 per
@@ -57,7 +58,7 @@ fn gpu_features_match_the_cpu_across_chunks_sizes_and_patch_means() {
     let mut table = ParamTable::new();
     let vit = Vit::new(&cfg, &mut table, "backbone.");
     let params = noisy_params(&table, 81);
-    let mut cpu = FeatureExtractor::cpu(&vit, &params);
+    let mut cpu = FeatureExtractor::cpu(&vit, &params).unwrap();
     // Chunks of 3: 7 images run as 3 + 3 + 1, then 2 as one chunk, each a new workspace shape.
     let mut cuda = FeatureExtractor::on(&mut device, &vit, &params)
         .unwrap()
@@ -93,29 +94,30 @@ fn a_cuda_trainer_evaluates_its_teacher_in_place_without_new_step_allocations() 
     // Noisy weights: at the official init LayerScale (1e-5) mutes every block, and the CLS
     // token would barely see the bf16 GEMMs.
     let initial = noisy_params(&cuda.model.table, 90);
-    cuda.student = initial.clone();
-    cuda.teacher = initial.clone();
-    cuda.sync_to_device().unwrap();
+    let mut state = cuda.snapshot().unwrap();
+    state.student = initial.clone();
+    state.teacher = initial.clone();
+    cuda.restore(&state).unwrap();
     for step in 0..2 {
         let (g, l) = crops(&cuda, step);
         cuda.train_step(&g, &l).unwrap();
     }
-    let warm = cuda.device_allocations().unwrap();
+    let warm = cuda.device_allocations();
     let m = 5;
     let images = uniform_vec(91, m * 3 * size * size, 1.0);
 
-    // The device teacher, read without a sync: its features are those of the (downloaded)
-    // teacher on the CPU.
+    // The device teacher, read in place: its features are those of the (downloaded) teacher on
+    // the CPU.
     let got = cuda
         .feature_extractor(EvalWeights::Teacher)
         .unwrap()
         .features(&images, m, size, PatchMean::Compute)
         .unwrap();
-    cuda.sync_to_host().unwrap();
-    let teacher = cuda.teacher.clone();
+    let teacher = cuda.snapshot().unwrap().teacher;
     assert_ne!(teacher, initial, "two steps moved the teacher");
     let vit = &cuda.model.backbone;
     let want = FeatureExtractor::cpu(vit, &teacher)
+        .unwrap()
         .features(&images, m, size, PatchMean::Compute)
         .unwrap();
     check_features("trainer teacher", &got, &want);
@@ -128,17 +130,24 @@ fn a_cuda_trainer_evaluates_its_teacher_in_place_without_new_step_allocations() 
         .unwrap();
     let vit = &cuda.model.backbone;
     let want = FeatureExtractor::cpu(vit, &initial)
+        .unwrap()
         .features(&images, m, size, PatchMean::Skip)
         .unwrap();
     check_features("trainer host weights", &got, &want);
 
-    // The evaluation's workspace went with its extractor: the step still allocates nothing.
-    assert_eq!(cuda.device_allocations(), Some(warm));
+    // The evaluations ran in workspaces of their own on the trainer's device (the counter
+    // counts every buffer of the backend), which went with their extractors: the step's
+    // workspaces are untouched and a step after the evaluation still allocates nothing.
+    let evaluated = cuda.device_allocations();
+    assert!(
+        evaluated > warm,
+        "the evaluations allocated their own workspaces"
+    );
     let (g, l) = crops(&cuda, 2);
     cuda.train_step(&g, &l).unwrap();
     assert_eq!(
         cuda.device_allocations(),
-        Some(warm),
+        evaluated,
         "a step after the evaluation allocated"
     );
 }

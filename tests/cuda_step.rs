@@ -1,10 +1,12 @@
-//! The GPU training step against the CPU reference, layer by layer and then whole: the DINO head
-//! (forward and backward), each loss with its teacher targets, clipping / AdamW / EMA, the whole
-//! `GpuStep` against `ssl::step::forward_backward` on a micro model with the same batch, masks
-//! and drop-path draws, and three `Trainer` iterations on CUDA against the CPU. Every GPU test
-//! skips with a message without a GPU; the last test (the CPU device of `Trainer::new_on`) runs
-//! everywhere.
+//! The training step on the CUDA backend against the same code on the CPU backend, layer by
+//! layer and then whole: the DINO head (forward and backward), each loss with its teacher
+//! targets, clipping / AdamW / EMA, the whole `SslStep` on a micro model with the same batch,
+//! masks and drop-path draws, and three `Trainer` iterations on CUDA against the CPU. Every GPU
+//! test skips with a message without a GPU; the last test (the CPU device of `Trainer::new_on`)
+//! runs everywhere.
 //!
+//! The step, the losses and the optimizer are written once over the `Backend` trait; each
+//! comparison runs that code on `CudaBackend` and on `CpuBackend` (f32) with the same inputs.
 //! Tolerances are ‖gpu − cpu‖ / ‖cpu‖. Paths in f32 on both sides (losses, targets, optimizer)
 //! get 1e-5 .. 1e-4; paths through bf16 GEMM operands (8-bit mantissa, relative rounding
 //! 2^-9 per operand) get 1e-2 per GEMM and a few times that after chains of them.
@@ -14,29 +16,22 @@ mod trainer_support;
 
 use cuda_support::{assert_close, gpu, randn, to_f64, uniform};
 use dinotrain::backend::cpu::optimizer::AdamHyper;
-use dinotrain::backend::cpu::Accumulate;
-use dinotrain::backend::cuda::model::buffers::Grow;
-use dinotrain::backend::cuda::model::head::{GpuHead, HeadCache, HeadScratch};
-use dinotrain::backend::cuda::model::losses::{
-    dino_loss_forward_backward, ibot_loss_forward_backward, DinoPairs, IbotPairs,
-};
-use dinotrain::backend::cuda::model::optim::{ema, GpuOptimizer};
-use dinotrain::backend::cuda::model::step::{GpuStep, TeacherProbs};
-use dinotrain::backend::cuda::model::targets::{GpuCentering, GpuTargets};
-use dinotrain::backend::cuda::model::DeviceWeights;
-use dinotrain::backend::cuda::{CudaBackend, ResolvedDevice};
+use dinotrain::backend::cpu::CpuBackend;
+use dinotrain::backend::cuda::ResolvedDevice;
+use dinotrain::backend::{Accumulate, Backend, Storage};
 use dinotrain::nn::params::ParamTable;
-use dinotrain::nn::{DinoHead, Preset};
+use dinotrain::nn::{DinoHead, HeadCache, HeadScratch, Preset, Prototypes};
 use dinotrain::optim::{
-    clip_grad_norms, ema_update, AdamW, LayerDecay, ParamGroups, SubmoduleSpan,
+    ema_update, AdamW, AdamWState, GradClipper, LayerDecay, ParamGroups, SubmoduleSpan,
 };
-use dinotrain::rng::{keyed, stream};
+use dinotrain::rng::{keyed, stream, Rng};
 use dinotrain::ssl::step::{
-    forward_backward, HeadConfig, LossConfig, SslModel, StepBatch, TeacherTargets,
+    HeadConfig, LossConfig, SslModel, SslStep, StepBatch, StepInputs, StepOutput, Targets,
+    TeacherProbs, TeacherTargets,
 };
 use dinotrain::ssl::{
-    collate_masks, dino_loss_forward_backward as cpu_dino_loss,
-    ibot_loss_forward_backward as cpu_ibot_loss, Centering, MaskingGenerator, Method,
+    collate_masks, dino_loss_forward_backward, ibot_loss_forward_backward, Centering, DinoPairs,
+    DinoStudent, IbotPairs, MaskingGenerator, Method, TargetState,
 };
 use dinotrain::train::config::Centering as CenteringMode;
 use dinotrain::train::trainer::Trainer;
@@ -52,8 +47,11 @@ const F32: f64 = 1e-5;
 /// Teacher and student temperature of the whole-step comparison.
 const STEP_TEMP: f32 = 0.2;
 
-fn download(gpu: &CudaBackend, buf: &Grow<f32>) -> Vec<f32> {
-    gpu.download(&*buf.get(gpu).unwrap()).unwrap()
+/// A buffer of `be` holding `host`.
+fn upload<B: Backend>(be: &mut B, host: &[f32]) -> B::BufF32 {
+    let mut buf = be.alloc_f32(host.len()).unwrap();
+    be.upload_f32(&mut buf, host).unwrap();
+    buf
 }
 
 fn params_with_random_gains(table: &ParamTable, seed: u64) -> Vec<f32> {
@@ -75,6 +73,52 @@ fn params_with_random_gains(table: &ParamTable, seed: u64) -> Vec<f32> {
 
 // ---- DINO head -------------------------------------------------------------------------------
 
+/// The head's forward and two backward passes on `be` (the second one accumulating): logits,
+/// then (dx, grads) after the first backward and after the second.
+struct HeadRun {
+    logits: Vec<f32>,
+    once: (Vec<f32>, Vec<f32>),
+    twice: (Vec<f32>, Vec<f32>),
+}
+
+fn head_run<B: Backend>(
+    be: &mut B,
+    head: &DinoHead,
+    params: &[f32],
+    x: &[f32],
+    d_out: &[f32],
+    n: usize,
+) -> HeadRun {
+    let w = be.weights(params).unwrap();
+    let mut protos = Prototypes::new(be, head).unwrap();
+    protos.prepare(be, head, &w).unwrap();
+    let mut cache = HeadCache::default();
+    let x = upload(be, x);
+    head.forward(be, &mut cache, &protos, &w, &x, n).unwrap();
+    let logits = be.download_f32(&*cache.logits.get().unwrap()).unwrap();
+    let d_out = upload(be, d_out);
+    let mut grads = be.alloc_f32(params.len()).unwrap();
+    let mut dx = be.alloc_f32(n * head.mlp0.in_dim).unwrap();
+    let mut scratch = HeadScratch::default();
+    let mut backward = |be: &mut B, grads: &mut B::F32, dx: &mut B::F32, write: Accumulate| {
+        let saved = (&cache, &protos);
+        head.backward(be, &mut scratch, grads, (dx, write), saved, &w, &d_out)
+            .unwrap();
+        (
+            be.download_f32(dx).unwrap(),
+            be.download_f32(grads).unwrap(),
+        )
+    };
+    let once = backward(be, &mut grads, &mut dx, Accumulate::Overwrite);
+    // A second backward adds: parameter gradients and (Accumulate::Add) the input gradient.
+    let twice = backward(be, &mut grads, &mut dx, Accumulate::Add);
+    HeadRun {
+        logits,
+        once,
+        twice,
+    }
+}
+
 #[test]
 fn head_forward_and_backward_match_the_cpu_head() {
     let Some(mut gpu) = gpu() else { return };
@@ -85,42 +129,16 @@ fn head_forward_and_backward_match_the_cpu_head() {
     let x = randn(2, n * in_dim, 1.0);
     let d_out = randn(3, n * k, 0.1);
 
-    let (y_ref, cache) = head.forward(&params, &x, n);
-    let mut grads_ref = vec![0f32; table.len()];
-    let dx_ref = head.backward(&params, &mut grads_ref, &cache, &d_out);
-
-    let w = DeviceWeights::upload(&gpu, &params).unwrap();
-    let mut gpu_head = GpuHead::new(&gpu, &head).unwrap();
-    gpu_head.prepare(&gpu, &w.f32).unwrap();
-    let mut hc = HeadCache::default();
-    let x_d = gpu.upload(&x).unwrap();
-    gpu_head.forward(&gpu, &mut hc, &w, &x_d, n).unwrap();
+    let cpu = head_run(&mut CpuBackend::default(), &head, &params, &x, &d_out, n);
+    let run = head_run(&mut gpu, &head, &params, &x, &d_out, n);
     assert_close(
         "head logits",
-        &download(&gpu, &hc.logits),
-        &to_f64(&y_ref),
+        &run.logits,
+        &to_f64(&cpu.logits),
         BF16_ONE_GEMM,
     );
-
-    let d_out_d = gpu.upload(&d_out).unwrap();
-    let mut grads = gpu.alloc_zeros::<f32>(table.len()).unwrap();
-    let mut dx = gpu.alloc_zeros::<f32>(n * in_dim).unwrap();
-    let mut scratch = HeadScratch::default();
-    gpu_head
-        .backward(
-            &mut gpu,
-            &mut scratch,
-            &mut grads,
-            &mut dx,
-            Accumulate::Overwrite,
-            &hc,
-            &w,
-            &d_out_d,
-        )
-        .unwrap();
-    let dx_gpu = gpu.download(&dx).unwrap();
-    let g_gpu = gpu.download(&grads).unwrap();
-    assert_close("head dx", &dx_gpu, &to_f64(&dx_ref), BF16_CHAIN);
+    let ((dx_gpu, g_gpu), (dx_ref, grads_ref)) = (&run.once, &cpu.once);
+    assert_close("head dx", dx_gpu, &to_f64(dx_ref), BF16_CHAIN);
     for spec in table.specs() {
         assert_close(
             &format!("head grad {}", spec.name),
@@ -130,36 +148,78 @@ fn head_forward_and_backward_match_the_cpu_head() {
         );
     }
 
-    // A second backward adds: parameter gradients and (Accumulate::Add) the input gradient double.
-    gpu_head
-        .backward(
-            &mut gpu,
-            &mut scratch,
-            &mut grads,
-            &mut dx,
-            Accumulate::Add,
-            &hc,
-            &w,
-            &d_out_d,
-        )
-        .unwrap();
+    // The second backward added: parameter gradients and the input gradient doubled.
     let twice: Vec<f64> = dx_gpu.iter().map(|&v| 2.0 * v as f64).collect();
-    assert_close(
-        "head dx accumulated",
-        &gpu.download(&dx).unwrap(),
-        &twice,
-        1e-6,
-    );
+    assert_close("head dx accumulated", &run.twice.0, &twice, 1e-6);
     let twice: Vec<f64> = g_gpu.iter().map(|&v| 2.0 * v as f64).collect();
-    assert_close(
-        "head grads accumulated",
-        &gpu.download(&grads).unwrap(),
-        &twice,
-        1e-6,
-    );
+    assert_close("head grads accumulated", &run.twice.1, &twice, 1e-6);
 }
 
 // ---- losses and teacher targets ------------------------------------------------------------
+
+/// What a DINO loss run reads back: teacher probs, the terms [global, local], the student
+/// gradients (global, local) and the targets' state after.
+struct DinoRun {
+    probs: Vec<f32>,
+    terms: Vec<f32>,
+    d_global: Vec<f32>,
+    d_local: Vec<f32>,
+    centering: Centering,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn dino_run<B: Backend>(
+    be: &mut B,
+    centering: &Centering,
+    s_global: &[f32],
+    s_local: &[f32],
+    t_global: &[f32],
+    (b, nl, k): (usize, usize, usize),
+    (tt, ts): (f32, f32),
+    weight: f32,
+) -> DinoRun {
+    let mut targets = TargetState::new(be, centering).unwrap();
+    let t = upload(be, t_global);
+    let mut probs = be.alloc_f32(2 * b * k).unwrap();
+    targets
+        .teacher_probs(be, &mut probs, &t, (2 * b, k), tt)
+        .unwrap();
+    let mut terms = be.alloc_f32(2).unwrap();
+    let mut dg = be.alloc_f32(2 * b * k).unwrap();
+    let sg = upload(be, s_global);
+    // The local logits and their gradient as windows of larger buffers (the step's workspaces
+    // are windows too; without local crops, empty ones).
+    let local = nl * b * k;
+    let sl_buf = upload(be, &[s_local, &[0.0]].concat());
+    let sl = sl_buf.window(0..local).unwrap();
+    let mut dl_buf = be.alloc_f32(local + 1).unwrap();
+    let mut dl = dl_buf.window_mut(0..local).unwrap();
+    let student = DinoStudent::<B> {
+        global: &sg,
+        local: &sl,
+        d_global: &mut dg,
+        d_local: &mut dl,
+    };
+    let mut pairs = DinoPairs::default();
+    dino_loss_forward_backward(
+        be,
+        &mut pairs,
+        &mut terms,
+        student,
+        &probs,
+        (b, nl, k),
+        ts,
+        weight,
+    )
+    .unwrap();
+    DinoRun {
+        probs: be.download_f32(&probs).unwrap(),
+        terms: be.download_f32(&terms).unwrap(),
+        d_global: be.download_f32(&dg).unwrap(),
+        d_local: be.download_f32(&dl).unwrap(),
+        centering: targets.to_host(be).unwrap(),
+    }
+}
 
 #[test]
 fn dino_loss_and_targets_match_the_cpu_loss() {
@@ -170,7 +230,7 @@ fn dino_loss_and_targets_match_the_cpu_loss() {
         ("softmax, 2 local crops", 2, Centering::softmax(k)),
         ("sinkhorn, 2 local crops", 2, Centering::sinkhorn_knopp()),
     ] {
-        let mut cpu_centering = match centering {
+        let centering = match centering {
             Centering::Softmax { momentum, .. } => Centering::Softmax {
                 center: randn(10, k, 0.5),
                 momentum,
@@ -181,57 +241,27 @@ fn dino_loss_and_targets_match_the_cpu_loss() {
         let s_local = randn(12, nl * b * k, 2.0);
         // Head logits are cosines times g ~ 1: |t| <~ 1 keeps exp(t / tt) inside f32 range.
         let t_global = randn(13, 2 * b * k, 0.5);
-
-        let mut gpu_centering = GpuCentering::upload(&gpu, &cpu_centering).unwrap();
-        let mut probs_ref = vec![0f32; 2 * b * k];
-        cpu_centering
-            .teacher_probs(&mut probs_ref, &t_global, 2 * b, k, tt)
-            .unwrap();
-        let (mut dg_ref, mut dl_ref) = (vec![0f32; 2 * b * k], vec![0f32; nl * b * k]);
-        let terms_ref = cpu_dino_loss(
-            &mut dg_ref,
-            &mut dl_ref,
+        let dims = (b, nl, k);
+        let r = dino_run(
+            &mut CpuBackend::default(),
+            &centering,
             &s_global,
             &s_local,
-            &probs_ref,
-            b,
-            nl,
-            k,
-            ts,
+            &t_global,
+            dims,
+            (tt, ts),
             weight,
-        )
-        .unwrap();
-
-        let t_d = gpu.upload(&t_global).unwrap();
-        let mut probs = gpu.alloc_zeros::<f32>(2 * b * k).unwrap();
-        gpu_centering
-            .teacher_probs(&mut gpu, &mut probs, &t_d, 2 * b, k, tt)
-            .unwrap();
-        let mut terms = gpu.alloc_zeros::<f32>(2).unwrap();
-        let mut row_loss = Grow::default();
-        let mut dg = gpu.alloc_zeros::<f32>(2 * b * k).unwrap();
-        let mut dl = gpu.alloc_zeros::<f32>((nl * b * k).max(1)).unwrap();
-        let mut dl_view = gpu.sub_mut(&mut dl, 0..nl * b * k).unwrap();
-        let sg = gpu.upload(&s_global).unwrap();
-        let sl_buf = gpu.upload(&[s_local.clone(), vec![0.0]].concat()).unwrap();
-        let sl = gpu.sub(&sl_buf, 0..nl * b * k).unwrap();
-        dino_loss_forward_backward(
+        );
+        let g = dino_run(
             &mut gpu,
-            &mut DinoPairs::default(),
-            &mut terms,
-            &mut row_loss,
-            &mut dg,
-            &mut dl_view,
-            &sg,
-            &sl,
-            &probs,
-            b,
-            nl,
-            k,
-            ts,
+            &centering,
+            &s_global,
+            &s_local,
+            &t_global,
+            dims,
+            (tt, ts),
             weight,
-        )
-        .unwrap();
+        );
         let bound = if case.starts_with("sinkhorn") {
             1e-4
         } else {
@@ -239,43 +269,73 @@ fn dino_loss_and_targets_match_the_cpu_loss() {
         };
         assert_close(
             &format!("{case}: teacher probs"),
-            &gpu.download(&probs).unwrap(),
-            &to_f64(&probs_ref),
+            &g.probs,
+            &to_f64(&r.probs),
             bound,
         );
-        let t = gpu.download(&terms).unwrap();
         assert_close(
             &format!("{case}: global term"),
-            &t[..1],
-            &[terms_ref.global as f64],
+            &g.terms[..1],
+            &to_f64(&r.terms[..1]),
             bound,
         );
         if nl > 0 {
             assert_close(
                 &format!("{case}: local term"),
-                &t[1..],
-                &[terms_ref.local as f64],
+                &g.terms[1..],
+                &to_f64(&r.terms[1..]),
                 bound,
             );
             assert_close(
                 &format!("{case}: d local"),
-                &gpu.download(&*dl_view).unwrap(),
-                &to_f64(&dl_ref),
+                &g.d_local,
+                &to_f64(&r.d_local),
                 bound,
             );
         }
         assert_close(
             &format!("{case}: d global"),
-            &gpu.download(&dg).unwrap(),
-            &to_f64(&dg_ref),
+            &g.d_global,
+            &to_f64(&r.d_global),
             bound,
         );
-        let mut back = cpu_centering.clone();
-        gpu_centering.download_into(&gpu, &mut back).unwrap();
-        if let (Some(c), Some(r)) = (back.center(), cpu_centering.center()) {
-            assert_close(&format!("{case}: center"), c, &to_f64(r), 1e-6);
+        if let (Some(c), Some(rc)) = (g.centering.center(), r.centering.center()) {
+            assert_close(&format!("{case}: center"), c, &to_f64(rc), 1e-6);
         }
     }
+}
+
+/// What an iBOT loss run reads back: teacher probs, the loss, the student gradient and the
+/// targets' state after.
+#[allow(clippy::too_many_arguments)]
+fn ibot_run<B: Backend>(
+    be: &mut B,
+    centering: &Centering,
+    (s, t): (&[f32], &[f32]),
+    masks_weight: &[f32],
+    (n_crops, capacity): (usize, usize),
+    (m, k): (usize, usize),
+    (tt, ts): (f32, f32),
+    weight: f32,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>, Centering) {
+    let mut targets = TargetState::new(be, centering).unwrap();
+    let (t, s) = (upload(be, t), upload(be, s));
+    let mut probs = be.alloc_f32(m * k).unwrap();
+    targets
+        .teacher_probs(be, &mut probs, &t, (m, k), tt)
+        .unwrap();
+    let mut pairs = IbotPairs::default();
+    pairs.set(be, masks_weight, n_crops, capacity).unwrap();
+    let mut loss = be.alloc_f32(1).unwrap();
+    let mut ds = be.alloc_f32(m * k).unwrap();
+    ibot_loss_forward_backward(be, &pairs, &mut loss, &mut ds, &s, &probs, k, (ts, weight))
+        .unwrap();
+    (
+        be.download_f32(&probs).unwrap(),
+        be.download_f32(&loss).unwrap(),
+        be.download_f32(&ds).unwrap(),
+        targets.to_host(be).unwrap(),
+    )
 }
 
 #[test]
@@ -285,77 +345,41 @@ fn ibot_loss_and_targets_match_the_cpu_loss() {
     let s = randn(21, m * k, 2.0);
     let t = randn(22, m * k, 0.5);
     let masks_weight = uniform(23, m, 0.1, 1.0);
-    let mut centering = Centering::Softmax {
+    let centering = Centering::Softmax {
         center: randn(24, k, 0.3),
         momentum: 0.9,
     };
-    let mut gpu_centering = GpuCentering::upload(&gpu, &centering).unwrap();
-    let mut probs_ref = vec![0f32; m * k];
-    centering
-        .teacher_probs(&mut probs_ref, &t, m, k, tt)
-        .unwrap();
-    let mut ds_ref = vec![0f32; m * k];
-    let loss_ref = cpu_ibot_loss(
-        &mut ds_ref,
-        &s,
-        &probs_ref,
+    let dims = (m, k);
+    let temps = (tt, ts);
+    let cpu = &mut CpuBackend::default();
+    let (probs_ref, loss_ref, ds_ref, center_ref) = ibot_run(
+        cpu,
+        &centering,
+        (&s, &t),
         &masks_weight,
-        n_crops,
-        m,
-        k,
-        ts,
+        (n_crops, 0),
+        dims,
+        temps,
         weight,
-    )
-    .unwrap();
-
-    let t_d = gpu.upload(&t).unwrap();
-    let s_d = gpu.upload(&s).unwrap();
-    let mut probs = gpu.alloc_zeros::<f32>(m * k).unwrap();
-    gpu_centering
-        .teacher_probs(&mut gpu, &mut probs, &t_d, m, k, tt)
-        .unwrap();
-    let mut pairs = IbotPairs::default();
+    );
     // A capacity above M, as the step reserves the masks' upper bound.
-    pairs.set(&gpu, &masks_weight, n_crops, 3 * m).unwrap();
-    let mut loss = gpu.alloc_zeros::<f32>(1).unwrap();
-    let mut ds = gpu.alloc_zeros::<f32>(m * k).unwrap();
-    ibot_loss_forward_backward(
+    let (probs, loss, ds, center) = ibot_run(
         &mut gpu,
-        &pairs,
-        &mut loss,
-        &mut Grow::default(),
-        &mut ds,
-        &s_d,
-        &probs,
-        k,
-        ts,
+        &centering,
+        (&s, &t),
+        &masks_weight,
+        (n_crops, 3 * m),
+        dims,
+        temps,
         weight,
-    )
-    .unwrap();
-    assert_close(
-        "ibot probs",
-        &gpu.download(&probs).unwrap(),
-        &to_f64(&probs_ref),
-        F32,
     );
-    assert_close(
-        "ibot loss",
-        &gpu.download(&loss).unwrap(),
-        &[loss_ref as f64],
-        F32,
-    );
-    assert_close(
-        "ibot dstudent",
-        &gpu.download(&ds).unwrap(),
-        &to_f64(&ds_ref),
-        F32,
-    );
-    let mut back = centering.clone();
-    gpu_centering.download_into(&gpu, &mut back).unwrap();
+    assert_close("ibot probs", &probs, &to_f64(&probs_ref), F32);
+    assert_close("ibot loss", &loss, &to_f64(&loss_ref), F32);
+    assert_close("ibot dstudent", &ds, &to_f64(&ds_ref), F32);
     assert_close(
         "ibot center",
-        back.center().unwrap(),
-        &to_f64(centering.center().unwrap()),
+        center.center().unwrap(),
+        &to_f64(center_ref.center().unwrap()),
         1e-6,
     );
 }
@@ -377,85 +401,120 @@ fn micro_model(separate_ibot: bool) -> SslModel {
     SslModel::new(&vit, head, ibot).unwrap()
 }
 
+/// Clipping, AdamW and the EMA teacher on one backend, with the parameters on it.
+struct Optimizer<B: Backend> {
+    be: B,
+    clipper: GradClipper<B>,
+    adamw: AdamW<B>,
+    params: B::BufF32,
+    teacher: B::BufF32,
+}
+
+impl<B: Backend> Optimizer<B> {
+    fn new(mut be: B, model: &SslModel, params: &[f32], teacher: &[f32]) -> Self {
+        let table = &model.table;
+        let groups =
+            ParamGroups::from_table(table, &LayerDecay::official(model.backbone.cfg.depth))
+                .unwrap();
+        let spans = SubmoduleSpan::from_table(table);
+        let zeros = AdamWState::zeros(table.len());
+        let adamw = AdamW::new(&mut be, table, &groups, AdamHyper::default(), &zeros).unwrap();
+        Optimizer {
+            clipper: GradClipper::new(&mut be, &spans).unwrap(),
+            adamw,
+            params: upload(&mut be, params),
+            teacher: upload(&mut be, teacher),
+            be,
+        }
+    }
+
+    /// Clips `grads`, steps AdamW and the EMA: returns the norms before clipping and the
+    /// clipped gradients.
+    fn step(&mut self, grads: &[f32], lrs: (f64, f64, f64), momentum: f64) -> (Vec<f32>, Vec<f32>) {
+        let be = &mut self.be;
+        let mut g = upload(be, grads);
+        self.clipper.clip(be, &mut g, 3.0).unwrap();
+        self.adamw.step(be, &mut self.params, &g, lrs).unwrap();
+        ema_update(be, &mut self.teacher, &self.params, momentum).unwrap();
+        (
+            be.download_f32(self.clipper.norms()).unwrap(),
+            be.download_f32(&g).unwrap(),
+        )
+    }
+
+    /// Parameters, AdamW's state and the teacher.
+    fn read(&mut self) -> (Vec<f32>, AdamWState, Vec<f32>) {
+        let be = &mut self.be;
+        (
+            be.download_f32(&self.params).unwrap(),
+            self.adamw.state(be).unwrap(),
+            be.download_f32(&self.teacher).unwrap(),
+        )
+    }
+}
+
 #[test]
 fn clipping_adamw_and_ema_match_the_cpu_optimizer() {
-    let Some(mut gpu) = gpu() else { return };
+    let Some(gpu) = gpu() else { return };
     let model = micro_model(true);
     let table = &model.table;
     let p = table.len();
-    let groups =
-        ParamGroups::from_table(table, &LayerDecay::official(model.backbone.cfg.depth)).unwrap();
-    let spans = SubmoduleSpan::from_table(table);
-    let hyper = AdamHyper::default();
-    let mut cpu_opt = AdamW::new(table, &groups, hyper).unwrap();
-    let mut gpu_opt = GpuOptimizer::new(
-        &gpu,
-        table,
-        &groups,
-        &spans,
-        hyper,
-        &vec![0.0; p],
-        &vec![0.0; p],
-    )
-    .unwrap();
-    let mut params = table.init(&mut keyed(5, &[stream::TEST]));
-    let mut teacher: Vec<f32> = params.iter().map(|v| v * 0.9).collect();
-    let mut params_d = gpu.upload(&params).unwrap();
-    let mut teacher_d = gpu.upload(&teacher).unwrap();
+    let params = table.init(&mut keyed(5, &[stream::TEST]));
+    let teacher: Vec<f32> = params.iter().map(|v| v * 0.9).collect();
+    let mut cpu = Optimizer::new(CpuBackend::default(), &model, &params, &teacher);
+    let mut cuda = Optimizer::new(gpu, &model, &params, &teacher);
     for step in 1..=3u64 {
         // Step 1 has the last layer frozen (lr 0: its moments still move).
-        let (lr, last_lr, wd) = (1e-3, if step == 1 { 0.0 } else { 2e-3 }, 0.04);
+        let lrs = (1e-3, if step == 1 { 0.0 } else { 2e-3 }, 0.04);
         let mut grads = randn(30 + step, p, 0.5);
         grads[..10].iter_mut().for_each(|g| *g *= 100.0); // backbone norm above clip_grad
-        let mut grads_d = gpu.upload(&grads).unwrap();
-        gpu_opt.clip(&mut gpu, &mut grads_d, 3.0).unwrap();
-        let norms_ref = clip_grad_norms(&mut grads, &spans, 3.0).unwrap();
+        let (norms_ref, clipped_ref) = cpu.step(&grads, lrs, 0.99);
+        let (norms, clipped) = cuda.step(&grads, lrs, 0.99);
         assert_close(
             &format!("step {step}: norms"),
-            &gpu.download(&gpu_opt.norms).unwrap()[..spans.len()],
+            &norms,
             &to_f64(&norms_ref),
             F32,
         );
         assert_close(
             &format!("step {step}: clipped grads"),
-            &gpu.download(&grads_d).unwrap(),
-            &to_f64(&grads),
+            &clipped,
+            &to_f64(&clipped_ref),
             F32,
         );
-        cpu_opt.step(&mut params, &grads, lr, last_lr, wd).unwrap();
-        gpu_opt
-            .step(&gpu, &mut params_d, &grads_d, lr, last_lr, wd, step)
-            .unwrap();
-        ema_update(&mut teacher, &params, 0.99).unwrap();
-        ema(&gpu, &mut teacher_d, &params_d, 0.99).unwrap();
+        let (params_ref, state_ref, teacher_ref) = cpu.read();
+        let (params_gpu, state, teacher_gpu) = cuda.read();
+        assert_eq!(state.step, step);
+        assert_eq!(state_ref.step, step);
         assert_close(
             &format!("step {step}: params"),
-            &gpu.download(&params_d).unwrap(),
-            &to_f64(&params),
+            &params_gpu,
+            &to_f64(&params_ref),
             1e-6,
         );
         assert_close(
             &format!("step {step}: exp_avg"),
-            &gpu.download(&gpu_opt.exp_avg).unwrap(),
-            &to_f64(&cpu_opt.state.exp_avg),
+            &state.exp_avg,
+            &to_f64(&state_ref.exp_avg),
             1e-6,
         );
         assert_close(
             &format!("step {step}: exp_avg_sq"),
-            &gpu.download(&gpu_opt.exp_avg_sq).unwrap(),
-            &to_f64(&cpu_opt.state.exp_avg_sq),
+            &state.exp_avg_sq,
+            &to_f64(&state_ref.exp_avg_sq),
             1e-6,
         );
         assert_close(
             &format!("step {step}: teacher"),
-            &gpu.download(&teacher_d).unwrap(),
-            &to_f64(&teacher),
+            &teacher_gpu,
+            &to_f64(&teacher_ref),
             1e-6,
         );
     }
-    // The frozen step left the last layer's weights alone (lr 0, no decay either).
+    // The frozen step left the last layer's moments moving (lr 0 only stops the update).
     let v = table.get("dino_head.last_layer.weight_v").unwrap().at;
-    assert_ne!(cpu_opt.state.exp_avg[v.range()], vec![0.0; v.len][..]);
+    let state_ref = cpu.read().1;
+    assert_ne!(state_ref.exp_avg[v.range()], vec![0.0; v.len][..]);
 }
 
 // ---- the whole step --------------------------------------------------------------------------
@@ -466,6 +525,42 @@ struct StepCase {
     separate_ibot: bool,
     centering: CenteringMode,
     drop_path: f32,
+}
+
+/// One whole step on `be`: the output (teacher targets downloaded), the student gradients and
+/// the teacher-target state after. `rng` draws the student's drop-path subsets.
+#[allow(clippy::too_many_arguments)]
+fn step_run<B: Backend>(
+    be: &mut B,
+    model: &SslModel,
+    (student, teacher): (&[f32], &[f32]),
+    batch: &StepBatch<'_>,
+    targets: &TeacherTargets,
+    losses: &LossConfig,
+    drop_path: Option<(f32, &mut Rng)>,
+) -> (StepOutput, Vec<f32>, TeacherTargets) {
+    let s_w = be.weights(student).unwrap();
+    let t_w = be.weights(teacher).unwrap();
+    let mut targets = Targets::new(be, targets).unwrap();
+    let mut grads = be.alloc_f32(model.table.len()).unwrap();
+    let mut step = SslStep::new(be, model).unwrap();
+    let inputs = StepInputs {
+        model,
+        student: &s_w,
+        teacher: &t_w,
+        batch,
+        teacher_temp: STEP_TEMP,
+        losses,
+        drop_path,
+    };
+    let out = step
+        .forward_backward(be, inputs, &mut grads, &mut targets, TeacherProbs::Download)
+        .unwrap();
+    (
+        out,
+        be.download_f32(&grads).unwrap(),
+        targets.to_host(be).unwrap(),
+    )
 }
 
 #[test]
@@ -531,53 +626,27 @@ fn whole_gpu_step_matches_the_cpu_step() {
             },
             CenteringMode::SinkhornKnopp => Centering::sinkhorn_knopp(),
         };
-        let mut cpu_targets = TeacherTargets {
+        let targets = TeacherTargets {
             dino: centering(k),
             ibot: centering(ki),
         };
-        let mut gpu_targets = GpuTargets::upload(&gpu, &cpu_targets).unwrap();
         // Temperatures 0.2, not the official 0.04-0.1: 1/T multiplies the bf16 logit error
         // (~3e-3 absolute) into the softmaxes; the official ones are the golden ssl_step's.
         let losses = LossConfig {
             student_temp: STEP_TEMP,
             ..LossConfig::official(case.method)
         };
+        let weights = (&student[..], &teacher[..]);
 
-        let mut grads_ref = vec![0f32; model.table.len()];
         let mut rng_cpu = keyed(46, &[stream::DROP_PATH]);
-        let out_ref = forward_backward(
-            &model,
-            &student,
-            &teacher,
-            &mut grads_ref,
-            &batch,
-            &mut cpu_targets,
-            STEP_TEMP,
-            &losses,
-            (case.drop_path > 0.0).then_some((case.drop_path, &mut rng_cpu)),
-        )
-        .unwrap();
-
-        let s_w = DeviceWeights::upload(&gpu, &student).unwrap();
-        let t_w = DeviceWeights::upload(&gpu, &teacher).unwrap();
-        let mut grads = gpu.alloc_zeros::<f32>(model.table.len()).unwrap();
-        let mut step = GpuStep::new(&gpu, &model).unwrap();
+        let drop = (case.drop_path > 0.0).then_some((case.drop_path, &mut rng_cpu));
+        let cpu = &mut CpuBackend::default();
+        let (out_ref, grads_ref, targets_ref) =
+            step_run(cpu, &model, weights, &batch, &targets, &losses, drop);
         let mut rng_gpu = keyed(46, &[stream::DROP_PATH]);
-        let out = step
-            .forward_backward(
-                &mut gpu,
-                &model,
-                &s_w,
-                &t_w,
-                &mut grads,
-                &batch,
-                &mut gpu_targets,
-                STEP_TEMP,
-                &losses,
-                (case.drop_path > 0.0).then_some((case.drop_path, &mut rng_gpu)),
-                TeacherProbs::Download,
-            )
-            .unwrap();
+        let drop = (case.drop_path > 0.0).then_some((case.drop_path, &mut rng_gpu));
+        let (out, g, targets_gpu) =
+            step_run(&mut gpu, &model, weights, &batch, &targets, &losses, drop);
         // The same number of draws on both sides: the generators end in the same state.
         assert_eq!(
             rng_cpu.random::<u64>(),
@@ -619,9 +688,7 @@ fn whole_gpu_step_matches_the_cpu_step() {
                 BF16_CHAIN,
             );
         }
-        let mut back = cpu_targets.clone();
-        gpu_targets.download_into(&gpu, &mut back).unwrap();
-        if let (Some(c), Some(r)) = (back.dino.center(), cpu_targets.dino.center()) {
+        if let (Some(c), Some(r)) = (targets_gpu.dino.center(), targets_ref.dino.center()) {
             assert_close(
                 &format!("{}: DINO center", case.name),
                 c,
@@ -632,7 +699,6 @@ fn whole_gpu_step_matches_the_cpu_step() {
 
         // Every gradient: the whole vector, then each tensor (a tensor whose gradient is zero
         // on the CPU must be zero on the GPU too).
-        let g = gpu.download(&grads).unwrap();
         assert_close(
             &format!("{}: all gradients", case.name),
             &g,
@@ -675,13 +741,16 @@ fn three_trainer_iterations_on_cuda_follow_the_cpu() {
         "{}",
         cuda.device_name()
     );
-    assert_eq!(cpu.student, cuda.student);
+    assert_eq!(
+        cpu.snapshot().unwrap().student,
+        cuda.snapshot().unwrap().student
+    );
     let mut allocations = Vec::new();
     for step in 0..3 {
         let (g, l) = crops(&cpu, step);
         let r_cpu = cpu.train_step(&g, &l).unwrap();
         let r_gpu = cuda.train_step(&g, &l).unwrap();
-        allocations.push(cuda.device_allocations().unwrap());
+        allocations.push(cuda.device_allocations());
         assert_eq!((r_gpu.step, r_gpu.n_masked), (r_cpu.step, r_cpu.n_masked));
         for ((name, v), (_, r)) in r_gpu.losses.terms().into_iter().zip(r_cpu.losses.terms()) {
             // Official temperatures (teacher 0.04-0.07, student 0.1) multiply the bf16 logit
@@ -706,11 +775,12 @@ fn three_trainer_iterations_on_cuda_follow_the_cpu() {
         "allocations per step: {allocations:?}"
     );
     assert!(cuda.peak_device_memory().is_some_and(|b| b > 0));
-    cuda.sync_to_host().unwrap();
-    assert_eq!(cuda.optimizer.state.step, cpu.optimizer.state.step);
+    let (s_gpu, s_cpu) = (cuda.snapshot().unwrap(), cpu.snapshot().unwrap());
+    assert_eq!(s_gpu.optimizer.step, s_cpu.optimizer.step);
+    assert_eq!(s_gpu.step, s_cpu.step);
     for (name, a, r) in [
-        ("student", &cuda.student, &cpu.student),
-        ("teacher", &cuda.teacher, &cpu.teacher),
+        ("student", &s_gpu.student, &s_cpu.student),
+        ("teacher", &s_gpu.teacher, &s_cpu.teacher),
     ] {
         // AdamW moves each parameter by about lr (< 2e-4 here) per step whatever the
         // gradient's size, so parameters (rms ~0.02) agree to ~1e-2 even where bf16 flips the
@@ -718,8 +788,8 @@ fn three_trainer_iterations_on_cuda_follow_the_cpu() {
         assert_close(&format!("after 3 steps: {name}"), a, &to_f64(r), 1e-2);
     }
     let (c_gpu, c_cpu) = (
-        cuda.targets.dino.center().unwrap(),
-        cpu.targets.dino.center().unwrap(),
+        s_gpu.targets.dino.center().unwrap(),
+        s_cpu.targets.dino.center().unwrap(),
     );
     // The center averages teacher logits (no temperature): bf16 GEMM level.
     assert_close(
@@ -729,12 +799,10 @@ fn three_trainer_iterations_on_cuda_follow_the_cpu() {
         BF16_CHAIN,
     );
 
-    // Host edits reach the device: resume-like upload, then one more step on both.
-    cuda.student = cpu.student.clone();
-    cuda.teacher = cpu.teacher.clone();
-    cuda.optimizer.state = cpu.optimizer.state.clone();
-    cuda.targets = cpu.targets.clone();
-    cuda.sync_to_device().unwrap();
+    // A host state reaches the device: a resume-like restore of the CPU's state, then one more
+    // step on both.
+    cuda.restore(&s_cpu).unwrap();
+    assert_eq!(cuda.snapshot().unwrap(), s_cpu);
     let (g, l) = crops(&cpu, 3);
     let r_cpu = cpu.train_step(&g, &l).unwrap();
     let r_gpu = cuda.train_step(&g, &l).unwrap();
@@ -750,14 +818,17 @@ fn three_trainer_iterations_on_cuda_follow_the_cpu() {
 fn new_on_the_cpu_is_trainer_new() {
     let plan = micro_plan(Method::Dinov2);
     let mut a = Trainer::new(plan.clone()).unwrap();
-    let mut b = Trainer::new_on(plan, ResolvedDevice::Cpu).unwrap();
-    assert_eq!(a.student, b.student);
-    assert_eq!(a.teacher, b.teacher);
-    assert_eq!(b.device_name(), "cpu");
+    let mut b = Trainer::new_on(plan, ResolvedDevice::cpu()).unwrap();
+    assert_eq!(a.snapshot().unwrap(), b.snapshot().unwrap());
+    assert!(b.device_name().starts_with("cpu"), "{}", b.device_name());
+    assert_eq!(b.device_name(), a.device_name());
     assert_eq!(b.peak_device_memory(), None);
-    assert_eq!(b.device_allocations(), None);
-    b.sync_to_host().unwrap();
-    b.sync_to_device().unwrap();
+    // The CPU has no CUDA counters; its allocations are the same engine's as Trainer::new's.
+    assert_eq!((b.gemm_stats(), b.kernel_launches()), (None, None));
+    assert_eq!(a.counters(), b.counters());
+    // A snapshot restored into the trainer changes nothing.
+    let state = b.snapshot().unwrap();
+    b.restore(&state).unwrap();
     for step in 0..2 {
         let (g, l) = crops(&a, step);
         let ra = a.train_step(&g, &l).unwrap();
@@ -765,7 +836,8 @@ fn new_on_the_cpu_is_trainer_new() {
         assert_eq!(ra.losses.loss.to_bits(), rb.losses.loss.to_bits());
         assert_eq!(ra.grad_norms, rb.grad_norms);
     }
-    assert_eq!(a.student, b.student);
-    assert_eq!(a.teacher, b.teacher);
-    assert_eq!(a.optimizer.state, b.optimizer.state);
+    let (sa, sb) = (a.snapshot().unwrap(), b.snapshot().unwrap());
+    assert_eq!(sa.student, sb.student);
+    assert_eq!(sa.teacher, sb.teacher);
+    assert_eq!(sa.optimizer, sb.optimizer);
 }

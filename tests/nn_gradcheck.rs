@@ -4,13 +4,21 @@
 //! compares the f32 forward with the f64 reference, so the reference is the same function.
 //!
 //! Objective: `L = Σ out · cot` with a random cotangent `cot`.
+//!
+//! The layers run on the CPU backend in f32 (its operands are f32 slices), as the model runs
+//! them: forward into the layer's buffers, parameter gradients then the input gradient.
 
 mod nn_reference;
 
-use dinotrain::nn::attention::Attention;
-use dinotrain::nn::block::{Block, BlockCache, BlockConfig};
-use dinotrain::nn::dino_head::DinoHead;
-use dinotrain::nn::drop_path::DropPath;
+use dinotrain::backend::cpu::CpuBackend;
+use dinotrain::backend::{
+    Accumulate, Backend, InputGrad, LinearOut, LnSaved, LnStats, NormOut, NormShape, Storage,
+    WeightStore,
+};
+use dinotrain::nn::attention::{Attention, AttnScratch};
+use dinotrain::nn::block::{Block, BlockConfig, BlockRunner};
+use dinotrain::nn::dino_head::{DinoHead, HeadCache, HeadScratch, Prototypes};
+use dinotrain::nn::drop_path::{draw_subset, Subset};
 use dinotrain::nn::ffn::{Ffn, FfnLayer};
 use dinotrain::nn::layernorm::LayerNorm;
 use dinotrain::nn::linear::{Bias, Linear};
@@ -19,8 +27,18 @@ use dinotrain::nn::patch_embed::PatchEmbed;
 use dinotrain::nn::pos_embed::{PosEmbed, Resampling};
 use dinotrain::nn::swiglu::swiglu_width;
 use dinotrain::nn::vit::{Vit, VitConfig};
+use dinotrain::nn::{ImageGrad, OutputGrads, VitWorkspaces};
 use dinotrain::rng::{keyed, stream};
 use nn_reference::*;
+
+type Weights = <CpuBackend as Backend>::Weights;
+
+/// The CPU backend (f32) and `params` as its weights.
+fn cpu(params: &[f32]) -> (CpuBackend, Weights) {
+    let mut be = CpuBackend::default();
+    let w = be.weights(params).unwrap();
+    (be, w)
+}
 
 // ---------------------------------------------------------------------------------------------
 // Checks
@@ -34,11 +52,18 @@ fn linear_gradients() {
     let mut rng = keyed(1, &[stream::TEST]);
     let x = uniform(&mut rng, rows * k, 1.0);
     let cot = uniform(&mut rng, rows * n, 1.0);
+    let (mut be, w) = cpu(&params);
     let mut y = vec![0f32; rows * n];
-    layer.forward(&mut y, &x, &params, rows);
+    layer
+        .forward(&mut be, LinearOut::F32(&mut y[..]), &x, &w, rows)
+        .unwrap();
     let mut g = vec![0f32; table.len()];
     let mut dx = vec![0f32; rows * k];
-    layer.backward(Some(&mut dx), &mut g, &cot, &x, &params, rows);
+    layer
+        .param_grads(&mut be, &mut g, &cot, Some(&cot), &x, rows)
+        .unwrap();
+    let dinp = InputGrad::F32(&mut dx[..], Accumulate::Overwrite);
+    layer.input_grad(&mut be, dinp, &cot, &w, rows).unwrap();
     let f = |p: &P, x: &[f64]| lin(p, "", x, rows, k, n);
     assert_close(
         "linear forward",
@@ -66,11 +91,33 @@ fn layernorm_gradients() {
     let mut rng = keyed(2, &[stream::TEST]);
     let x = uniform(&mut rng, rows * d, 2.0);
     let cot = uniform(&mut rng, rows * d, 1.0);
+    let (mut be, w) = cpu(&params);
+    let shape = NormShape { rows, channels: d };
     let mut y = vec![0f32; rows * d];
-    let stats = ln.forward(&mut y, &x, &params, rows);
+    let (mut mean, mut rstd) = (vec![0f32; rows], vec![0f32; rows]);
+    ln.with_params::<CpuBackend, _>(&w, |p| {
+        let stats = LnStats {
+            mean: &mut mean[..],
+            rstd: &mut rstd[..],
+        };
+        be.layernorm_forward(NormOut::F32(&mut y[..]), stats, &x, p, shape)
+    })
+    .unwrap();
     let mut g = vec![0f32; table.len()];
     let mut dx = vec![0f32; rows * d];
-    ln.backward(&mut dx, &mut g, &cot, &x, &stats, &params, rows);
+    {
+        let weight = w.f32().window(ln.weight.range()).unwrap();
+        let [dw, db] = g.windows_mut([ln.weight.range(), ln.bias.range()]).unwrap();
+        let saved = LnSaved {
+            dout: &cot[..],
+            inp: &x[..],
+            weight,
+            mean: &mean[..],
+            rstd: &rstd[..],
+        };
+        be.layernorm_backward(&mut dx, Accumulate::Overwrite, dw, db, saved, shape)
+            .unwrap();
+    }
     let f = |p: &P, x: &[f64]| layernorm(p, "", x, rows, d);
     assert_close(
         "layernorm forward",
@@ -114,11 +161,21 @@ fn attention_gradients() {
     let mut rng = keyed(4, &[stream::TEST]);
     let x = uniform(&mut rng, b * t * d, 1.0);
     let cot = uniform(&mut rng, b * t * d, 1.0);
+    let (mut be, w) = cpu(&params);
+    let mut bufs = attn.bufs(&mut be, b, t).unwrap();
     let mut y = vec![0f32; b * t * d];
-    let cache = attn.forward(&mut y, &x, &params, b, t);
+    attn.forward(&mut be, &mut bufs, &mut y, &x, &w, (b, t))
+        .unwrap();
     let mut g = vec![0f32; table.len()];
     let mut dx = vec![0f32; b * t * d];
-    attn.backward(&mut dx, &mut g, &cot, &x, &cache, &params, b, t);
+    let (mut dqkv, mut datt) = (vec![0f32; b * t * 3 * d], vec![0f32; b * t * d]);
+    let scratch = AttnScratch {
+        dqkv: &mut dqkv[..],
+        datt: &mut datt[..],
+    };
+    let dy = (&cot[..], Some(&cot[..]));
+    attn.backward(&mut be, &mut g, &mut dx, scratch, dy, &bufs, &x, &w, (b, t))
+        .unwrap();
     let f = |p: &P, x: &[f64]| attention(p, "", x, b, t, d, h);
     assert_close(
         "attention forward",
@@ -145,11 +202,30 @@ fn ffn_check(ffn_kind: Ffn, seed: u64) {
     let mut rng = keyed(seed, &[stream::TEST]);
     let x = uniform(&mut rng, rows * d, 1.0);
     let cot = uniform(&mut rng, rows * d, 1.0);
+    let (mut be, w) = cpu(&params);
+    let mut bufs = layer.bufs(&mut be, rows).unwrap();
     let mut y = vec![0f32; rows * d];
-    let cache = layer.forward(&mut y, &x, &params, rows);
+    layer
+        .forward(&mut be, &mut bufs, &mut y, &x, &w, rows)
+        .unwrap();
     let mut g = vec![0f32; table.len()];
     let mut dx = vec![0f32; rows * d];
-    layer.backward(&mut dx, &mut g, &cot, &x, &cache, &params, rows);
+    let (fw, hw) = layer.scratch_widths();
+    let (mut wide, mut wide_half) = (vec![0f32; rows * fw], vec![0f32; rows * hw]);
+    let dy = (&cot[..], Some(&cot[..]));
+    layer
+        .backward(
+            &mut be,
+            &mut g,
+            &mut dx,
+            (&mut wide, &mut wide_half),
+            dy,
+            &bufs,
+            &x,
+            &w,
+            rows,
+        )
+        .unwrap();
     let f = |p: &P, x: &[f64]| ffn(p, "", x, rows, d, ffn_kind);
     assert_close(
         "ffn forward",
@@ -186,7 +262,13 @@ fn swiglu_gradients() {
     ffn_check(Ffn::SwiGlu { hidden: 24 }, 6);
 }
 
-fn block_check(drop_rate: f32, ffn_kind: Ffn, layerscale: Option<f32>, seed: u64) -> BlockCache {
+/// Returns the drop-path subsets the block ran with (attention branch, FFN branch).
+fn block_check(
+    drop_rate: f32,
+    ffn_kind: Ffn,
+    layerscale: Option<f32>,
+    seed: u64,
+) -> [Option<Subset>; 2] {
     let (b, t, d, h) = (4, 3, 8, 2);
     let cfg = BlockConfig {
         dim: d,
@@ -205,21 +287,27 @@ fn block_check(drop_rate: f32, ffn_kind: Ffn, layerscale: Option<f32>, seed: u64
     let x = uniform(&mut rng, b * t * d, 1.0);
     let cot = uniform(&mut rng, b * t * d, 1.0);
     let mut y = x.clone();
+    // The branches' subsets, drawn in branch order (attention, then FFN) as the backbone does.
     let mut dp_rng = keyed(seed, &[stream::DROP_PATH]);
-    let dp = (drop_rate > 0.0).then_some(DropPath {
-        rate: drop_rate,
-        rng: &mut dp_rng,
-    });
-    let cache = match dp {
-        Some(mut dp) => blk.forward(&mut y, &params, b, t, Some(&mut dp)),
-        None => blk.forward(&mut y, &params, b, t, None),
-    };
+    let attn_subset = draw_subset(b, drop_rate, &mut dp_rng);
+    let ffn_subset = draw_subset(b, drop_rate, &mut dp_rng);
+    let (mut be, w) = cpu(&params);
+    let mut runner = BlockRunner::new(&mut be, &blk, b, t).unwrap();
+    runner
+        .forward(
+            &mut be,
+            &blk,
+            &w,
+            &mut y,
+            [attn_subset.as_ref(), ffn_subset.as_ref()],
+        )
+        .unwrap();
     let mut g = vec![0f32; table.len()];
     let mut dx = cot.clone();
-    blk.backward(&mut dx, &mut g, &cache, &params);
+    runner.backward(&mut be, &blk, &w, &mut g, &mut dx).unwrap();
     let subsets = [
-        cache.attn.subset.as_ref().map(|s| s.kept.clone()),
-        cache.ffn.subset.as_ref().map(|s| s.kept.clone()),
+        attn_subset.as_ref().map(|s| s.kept.clone()),
+        ffn_subset.as_ref().map(|s| s.kept.clone()),
     ];
     let f = |p: &P, x: &[f64]| {
         block(
@@ -249,7 +337,7 @@ fn block_check(drop_rate: f32, ffn_kind: Ffn, layerscale: Option<f32>, seed: u64
     check_grads("block", &table, &params, &x, &g, &dx, &|p, x| {
         dot(&f(p, x), &cot)
     });
-    cache
+    [attn_subset, ffn_subset]
 }
 
 #[test]
@@ -260,8 +348,8 @@ fn block_gradients() {
 
 #[test]
 fn block_gradients_with_batch_subset_drop_path() {
-    let cache = block_check(0.5, Ffn::Mlp { hidden: 16 }, Some(0.7), 10);
-    let (a, f) = (cache.attn.subset.unwrap(), cache.ffn.subset.unwrap());
+    let [a, f] = block_check(0.5, Ffn::Mlp { hidden: 16 }, Some(0.7), 10);
+    let (a, f) = (a.unwrap(), f.unwrap());
     assert_eq!((a.kept.len(), f.kept.len()), (2, 2));
     assert_eq!((a.scale, f.scale), (2.0, 2.0));
 }
@@ -276,12 +364,25 @@ fn patch_embed_gradients() {
     let img = uniform(&mut rng, b * c * h * w, 1.0);
     let n = (h / ps) * (w / ps);
     let cot = uniform(&mut rng, b * n * d, 1.0);
+    // As the embedding runs it: patches unfolded on the host, one GEMM, and back.
+    let (mut be, wts) = cpu(&params);
     let mut y = vec![0f32; b * n * d];
     let mut cols = vec![0f32; b * n * c * ps * ps];
-    pe.forward(&mut y, &mut cols, &img, &params, b, h, w);
+    pe.unfold(&mut cols, &img, b, h, w);
+    pe.proj
+        .forward(&mut be, LinearOut::F32(&mut y[..]), &cols, &wts, b * n)
+        .unwrap();
     let mut g = vec![0f32; table.len()];
+    pe.proj
+        .param_grads(&mut be, &mut g, &cot, Some(&cot), &cols, b * n)
+        .unwrap();
+    let mut dcols = vec![0f32; cols.len()];
+    let dinp = InputGrad::F32(&mut dcols[..], Accumulate::Overwrite);
+    pe.proj
+        .input_grad(&mut be, dinp, &cot, &wts, b * n)
+        .unwrap();
     let mut dimg = vec![0f32; img.len()];
-    pe.backward(Some(&mut dimg), &mut g, &cot, &cols, &params, b, h, w);
+    pe.fold(&mut dimg, &dcols, b, h, w);
     let f = |p: &P, x: &[f64]| patch_embed(p, "patch_embed.", x, b, c, h, w, ps, d);
     assert_close(
         "patch embed forward",
@@ -352,9 +453,26 @@ fn dino_head_gradients_including_weight_g() {
     let mut rng = keyed(13, &[stream::TEST]);
     let x = uniform(&mut rng, n * i, 1.0);
     let cot = uniform(&mut rng, n * k, 1.0);
-    let (y, cache) = head.forward(&params, &x, n);
+    let (mut be, w) = cpu(&params);
+    let mut protos = Prototypes::new(&mut be, &head).unwrap();
+    protos.prepare(&mut be, &head, &w).unwrap();
+    let mut cache = HeadCache::default();
+    head.forward(&mut be, &mut cache, &protos, &w, &x, n)
+        .unwrap();
+    let y = cache.logits.get().unwrap().to_vec();
     let mut g = vec![0f32; table.len()];
-    let dx = head.backward(&params, &mut g, &cache, &cot);
+    let mut dx = vec![0f32; n * i];
+    let mut scratch = HeadScratch::default();
+    head.backward(
+        &mut be,
+        &mut scratch,
+        &mut g,
+        (&mut dx, Accumulate::Overwrite),
+        (&cache, &protos),
+        &w,
+        &cot,
+    )
+    .unwrap();
     let f = |p: &P, x: &[f64]| dino_head(p, x, n, (i, hd, bn, k));
     assert_close(
         "dino head forward",
@@ -388,13 +506,24 @@ fn vit_check(cfg: &VitConfig, b: usize, h: usize, w: usize, with_masks: bool, se
     let c_cls = uniform(&mut rng, b * d, 1.0);
     let c_reg = uniform(&mut rng, b * r * d, 1.0);
     let c_patch = uniform(&mut rng, b * n * d, 1.0);
-    let (out, cache) = model
-        .forward(&params, &img, b, h, w, masks.as_deref(), None)
+    let (mut be, wts) = cpu(&params);
+    let mut ws = VitWorkspaces::new(&model);
+    let key = (b, h, w);
+    let out = ws
+        .forward(&mut be, &model, &wts, &img, key, masks.as_deref(), None)
+        .unwrap()
+        .to_host(&mut be)
         .unwrap();
     let mut g = vec![0f32; table.len()];
-    let dimg = model
-        .backward(&params, &mut g, &cache, &c_cls, &c_patch, Some(&c_reg))
-        .unwrap();
+    let dout = OutputGrads::<CpuBackend> {
+        cls: &c_cls,
+        patch: &c_patch,
+        reg: Some(&c_reg),
+    };
+    let dimg = ws
+        .backward(&mut be, &model, &wts, &mut g, key, dout, ImageGrad::Compute)
+        .unwrap()
+        .expect("image gradient asked for");
     let p64 = to64(&params);
     let (cls, reg, patch) = vit(
         &P {

@@ -1,11 +1,10 @@
 //! Optimizer state resume, per-submodule clipping, and k-NN across several test chunks.
 
 use dinotrain::backend::cpu::optimizer::AdamHyper;
+use dinotrain::backend::cpu::CpuBackend;
 use dinotrain::eval::{knn::TEST_CHUNK, knn_classify};
 use dinotrain::nn::params::{Init, ParamTable};
-use dinotrain::optim::{
-    clip_grad_norms, AdamW, AdamWState, LayerDecay, ParamGroups, SubmoduleSpan,
-};
+use dinotrain::optim::{AdamW, AdamWState, GradClipper, LayerDecay, ParamGroups, SubmoduleSpan};
 
 fn random(n: usize, seed: u64) -> Vec<f32> {
     dinotrain::rng::uniform_vec(seed, n, 1.0)
@@ -28,29 +27,40 @@ fn adamw_resume_from_exported_state_is_bit_exact() {
     let groups = ParamGroups::from_table(&t, &LayerDecay::official(1)).unwrap();
     let grads: Vec<Vec<f32>> = (0..5).map(|s| random(t.len(), 10 + s)).collect();
     let lr = |s: usize| 1e-3 * (s + 1) as f64;
-    let mut straight = AdamW::new(&t, &groups, AdamHyper::default()).unwrap();
+    let mut be = CpuBackend::default();
+    let zeros = AdamWState::zeros(t.len());
+    let hyper = AdamHyper::default();
+    let mut straight = AdamW::new(&mut be, &t, &groups, hyper, &zeros).unwrap();
     let mut p1 = random(t.len(), 1);
     let mut p2 = p1.clone();
     for (s, g) in grads.iter().enumerate() {
-        straight
-            .step(&mut p1, g, lr(s), if s < 2 { 0.0 } else { lr(s) }, 0.04)
-            .unwrap();
+        let lrs = (lr(s), if s < 2 { 0.0 } else { lr(s) }, 0.04);
+        straight.step(&mut be, &mut p1, g, lrs).unwrap();
     }
-    let mut first = AdamW::new(&t, &groups, AdamHyper::default()).unwrap();
+    let mut first = AdamW::new(&mut be, &t, &groups, hyper, &zeros).unwrap();
     for (s, g) in grads.iter().enumerate().take(3) {
-        first
-            .step(&mut p2, g, lr(s), if s < 2 { 0.0 } else { lr(s) }, 0.04)
-            .unwrap();
+        let lrs = (lr(s), if s < 2 { 0.0 } else { lr(s) }, 0.04);
+        first.step(&mut be, &mut p2, g, lrs).unwrap();
     }
-    let saved = first.state.export(&t);
+    let saved = first.state(&mut be).unwrap().export(&t);
     assert_eq!(saved["step"].data, vec![3.0]);
-    let mut resumed = AdamW::new(&t, &groups, AdamHyper::default()).unwrap();
-    resumed.state = AdamWState::import(&t, &saved, "checkpoint").unwrap();
+    let mut resumed = AdamW::new(&mut be, &t, &groups, hyper, &zeros).unwrap();
+    resumed
+        .restore(
+            &mut be,
+            &AdamWState::import(&t, &saved, "checkpoint").unwrap(),
+        )
+        .unwrap();
     for (s, g) in grads.iter().enumerate().skip(3) {
-        resumed.step(&mut p2, g, lr(s), lr(s), 0.04).unwrap();
+        resumed
+            .step(&mut be, &mut p2, g, (lr(s), lr(s), 0.04))
+            .unwrap();
     }
     assert_eq!(p1, p2);
-    assert_eq!(straight.state, resumed.state);
+    assert_eq!(
+        straight.state(&mut be).unwrap(),
+        resumed.state(&mut be).unwrap()
+    );
     let mut broken = saved.clone();
     broken.remove("exp_avg.backbone.norm.bias");
     assert!(AdamWState::import(&t, &broken, "checkpoint").is_err());
@@ -71,8 +81,10 @@ fn clipping_is_per_submodule_and_reports_norms_before() {
     g[spans[2].ranges[0].start] = 3.0;
     g[spans[2].ranges[0].start + 1] = 4.0;
     let before = g.clone();
-    let norms = clip_grad_norms(&mut g, &spans, 3.0).unwrap();
-    assert_eq!(norms, vec![10.0, 2.0, 5.0]);
+    let mut be = CpuBackend::default();
+    let mut clipper = GradClipper::new(&mut be, &spans).unwrap();
+    clipper.clip(&mut be, &mut g, 3.0).unwrap();
+    assert_eq!(clipper.norms(), [10.0, 2.0, 5.0]);
     let coef = (3.0 / (10.0 + 1e-6)) as f32;
     assert!((g[bb.start] - 6.0 * coef).abs() < 1e-6);
     assert_eq!(
@@ -81,7 +93,7 @@ fn clipping_is_per_submodule_and_reports_norms_before() {
     );
     let ib = spans[2].ranges[0].start;
     assert!((g[ib + 1] - 4.0 * (3.0 / (5.0 + 1e-6)) as f32).abs() < 1e-6);
-    assert!(clip_grad_norms(&mut g, &spans, 0.0).is_err());
+    assert!(clipper.clip(&mut be, &mut g, 0.0).is_err());
 }
 
 #[test]

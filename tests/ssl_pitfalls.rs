@@ -1,8 +1,11 @@
 //! Regression tests for the pitfalls the seed project fell into, named after them.
 
 use dinotrain::backend::cpu::optimizer::AdamHyper;
+use dinotrain::backend::cpu::CpuBackend;
 use dinotrain::nn::params::{Init, ParamTable};
-use dinotrain::optim::{ema_update, AdamW, LayerDecay, ParamGroups, ScheduleConfig, Schedules};
+use dinotrain::optim::{
+    ema_update, AdamW, AdamWState, LayerDecay, ParamGroups, ScheduleConfig, Schedules,
+};
 
 /// A backbone weight and the weight-normalised last layer of a DINO head.
 fn tiny_model() -> (ParamTable, Vec<f32>) {
@@ -49,7 +52,9 @@ fn last_layer_frozen_by_zero_lr_keeps_adam_state_moving() {
     let (table, init) = tiny_model();
     let groups = ParamGroups::from_table(&table, &LayerDecay::official(1)).unwrap();
     let sched = schedules();
-    let mut opt = AdamW::new(&table, &groups, AdamHyper::default()).unwrap();
+    let mut be = CpuBackend::default();
+    let zeros = AdamWState::zeros(table.len());
+    let mut opt = AdamW::new(&mut be, &table, &groups, AdamHyper::default(), &zeros).unwrap();
     let mut p = init.clone();
     let last = table
         .get("dino_head.last_layer.weight_g")
@@ -72,15 +77,17 @@ fn last_layer_frozen_by_zero_lr_keeps_adam_state_moving() {
     assert!(sched.at(1).lr > 0.0 && sched.at(2).last_layer_lr > 0.0);
     for it in 0..2u64 {
         let v = sched.at(it);
-        let m_before = opt.state.exp_avg[last.clone()].to_vec();
+        let m_before = opt.state(&mut be).unwrap().exp_avg[last.clone()].to_vec();
         let g = grads(p.len(), it);
-        opt.step(&mut p, &g, v.lr, v.last_layer_lr, v.wd).unwrap();
-        assert_eq!(opt.state.step, it + 1);
+        opt.step(&mut be, &mut p, &g, (v.lr, v.last_layer_lr, v.wd))
+            .unwrap();
+        let state = opt.state(&mut be).unwrap();
+        assert_eq!(state.step, it + 1);
         // Weights unchanged (weight decay is scaled by lr = 0 too) ...
         assert_eq!(&p[last.clone()], &init[last.clone()], "iteration {it}");
         // ... but both moments advance.
-        assert_ne!(&opt.state.exp_avg[last.clone()], &m_before[..]);
-        assert!(opt.state.exp_avg_sq[last.clone()].iter().all(|&v| v > 0.0));
+        assert_ne!(&state.exp_avg[last.clone()], &m_before[..]);
+        assert!(state.exp_avg_sq[last.clone()].iter().all(|&v| v > 0.0));
     }
     // Other parameters did train at iteration 1.
     assert_ne!(&p[fc1.clone()], &init[fc1]);
@@ -88,13 +95,15 @@ fn last_layer_frozen_by_zero_lr_keeps_adam_state_moving() {
     // Iteration 2: the last layer moves, with warm moments and step-3 bias corrections.
     let v = sched.at(2);
     let g2 = grads(p.len(), 2);
-    opt.step(&mut p, &g2, v.lr, v.last_layer_lr, v.wd).unwrap();
+    opt.step(&mut be, &mut p, &g2, (v.lr, v.last_layer_lr, v.wd))
+        .unwrap();
     assert_ne!(&p[last.clone()], &init[last.clone()]);
 
     // The v1 way (drop the gradient while frozen) starts the last layer from cold state at
     // iteration 2: a different update. Emulate it with an optimizer over the last layer only.
     let mut cold = AdamW::from_parts(
-        vec![(
+        &mut be,
+        &[(
             dinotrain::nn::params::ParamRef {
                 offset: 0,
                 len: last.len(),
@@ -103,11 +112,12 @@ fn last_layer_frozen_by_zero_lr_keeps_adam_state_moving() {
         )],
         last.len(),
         AdamHyper::default(),
+        &AdamWState::zeros(last.len()),
     )
     .unwrap();
     let mut q = init[last.clone()].to_vec();
-    cold.step(&mut q, &g2[last.clone()], v.lr, v.last_layer_lr, v.wd)
-        .unwrap();
+    let lrs = (v.lr, v.last_layer_lr, v.wd);
+    cold.step(&mut be, &mut q, &g2[last.clone()], lrs).unwrap();
     let warm_delta: Vec<f32> = p[last.clone()]
         .iter()
         .zip(&init[last.clone()])
@@ -148,7 +158,9 @@ fn weight_g_is_trainable_decayed_and_averaged() {
 
     // AdamW changes it once the last-layer lr is positive; with a zero gradient only weight
     // decay acts: g · (1 − lr · wd).
-    let mut opt = AdamW::new(&table, &groups, AdamHyper::default()).unwrap();
+    let mut be = CpuBackend::default();
+    let zeros = AdamWState::zeros(table.len());
+    let mut opt = AdamW::new(&mut be, &table, &groups, AdamHyper::default(), &zeros).unwrap();
     let mut p = init.clone();
     let r = table
         .get("dino_head.last_layer.weight_g")
@@ -156,18 +168,18 @@ fn weight_g_is_trainable_decayed_and_averaged() {
         .at
         .range();
     let zero = vec![0f32; p.len()];
-    opt.step(&mut p, &zero, 0.1, 0.1, 0.5).unwrap();
+    opt.step(&mut be, &mut p, &zero, (0.1, 0.1, 0.5)).unwrap();
     for &v in &p[r.clone()] {
         assert!((v - 0.95).abs() < 1e-6, "{v}");
     }
     let mut g = zero.clone();
     g[r.clone()].fill(1.0);
-    opt.step(&mut p, &g, 0.1, 0.1, 0.0).unwrap();
+    opt.step(&mut be, &mut p, &g, (0.1, 0.1, 0.0)).unwrap();
     assert!(p[r.clone()].iter().all(|&v| v < 0.9));
 
     // EMA averages it into the teacher.
     let mut teacher = init.clone();
-    ema_update(&mut teacher, &p, 0.9).unwrap();
+    ema_update(&mut be, &mut teacher[..], &p[..], 0.9).unwrap();
     for (t, (&i, &s)) in teacher[r.clone()]
         .iter()
         .zip(init[r.clone()].iter().zip(&p[r.clone()]))

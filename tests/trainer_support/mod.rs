@@ -47,6 +47,7 @@ pub fn micro_plan(method: Method) -> TrainPlan {
         adam: AdamHyper::default(),
         clip_grad: 3.0,
         seed: 7,
+        precision: None,
     }
 }
 
