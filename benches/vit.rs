@@ -5,7 +5,7 @@
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use dinotrain::backend::cpu::{matmul, Accumulate, CpuBackend, Transpose};
-use dinotrain::backend::Backend;
+use dinotrain::backend::prelude::*;
 use dinotrain::nn::params::ParamTable;
 use dinotrain::nn::presets::Preset;
 use dinotrain::nn::vit::Vit;

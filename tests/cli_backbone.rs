@@ -3,7 +3,7 @@
 //! architecture against the golden forward, and errors that name what is missing.
 
 use dinotrain::backend::cpu::CpuBackend;
-use dinotrain::backend::Backend;
+use dinotrain::backend::prelude::*;
 use dinotrain::eval::backbone::{
     arch_metadata, load_backbone, load_backbone_with, BackboneOverrides, LoadedBackbone,
     RUN_BACKBONE_FILE,

@@ -15,7 +15,7 @@ mod cuda_support;
 use cuda_support::{gpu, rel_err, to_f64};
 use dinotrain::backend::cpu::CpuBackend;
 use dinotrain::backend::cuda::CudaBackend;
-use dinotrain::backend::Backend;
+use dinotrain::backend::prelude::*;
 use dinotrain::nn::block::{Block, BlockConfig, BlockRunner};
 use dinotrain::nn::drop_path::{draw_subset, DropPath, Subset};
 use dinotrain::nn::ffn::Ffn;
@@ -503,7 +503,7 @@ fn a_second_step_at_the_same_size_allocates_nothing_and_repeats_bit_for_bit() {
     let d_cls = upload(be, &uniform_vec(54, b * d, 1.0));
     let d_patch = upload(be, &uniform_vec(55, b * n * d, 1.0));
     let mut grads = be.alloc_f32(m.table.len()).unwrap();
-    let step = |g: &mut OnBackend<'_, CudaBackend>, grads: &mut <CudaBackend as Backend>::F32| {
+    let step = |g: &mut OnBackend<'_, CudaBackend>, grads: &mut <CudaBackend as Buffers>::F32| {
         let (be, vit) = (&mut g.be, &m.vit);
         let mut rng = keyed(56, &[stream::DROP_PATH]);
         let dp = DropPath {

@@ -11,9 +11,9 @@
 mod nn_reference;
 
 use dinotrain::backend::cpu::CpuBackend;
+use dinotrain::backend::prelude::*;
 use dinotrain::backend::{
-    Accumulate, Backend, InputGrad, LinearOut, LnSaved, LnStats, NormOut, NormShape, Storage,
-    WeightStore,
+    Accumulate, InputGrad, LinearOut, LnSaved, LnStats, NormOut, NormShape, Storage, WeightStore,
 };
 use dinotrain::nn::attention::{Attention, AttnScratch};
 use dinotrain::nn::block::{Block, BlockConfig, BlockRunner};
@@ -31,7 +31,7 @@ use dinotrain::nn::{ImageGrad, OutputGrads, VitWorkspaces};
 use dinotrain::rng::{keyed, stream};
 use nn_reference::*;
 
-type Weights = <CpuBackend as Backend>::Weights;
+type Weights = <CpuBackend as Buffers>::Weights;
 
 /// The CPU backend (f32) and `params` as its weights.
 fn cpu(params: &[f32]) -> (CpuBackend, Weights) {
@@ -138,14 +138,16 @@ fn layernorm_gradients() {
 
 #[test]
 fn gelu_kernel_gradients() {
-    use dinotrain::backend::cpu::elementwise::{gelu_backward, gelu_forward};
+    use dinotrain::backend::cpu::elementwise::gelu_forward;
     let mut rng = keyed(3, &[stream::TEST]);
     let x = uniform(&mut rng, 64, 4.0);
     let cot = uniform(&mut rng, 64, 1.0);
     let mut y = vec![0f32; 64];
     gelu_forward(&mut y, &x);
     let mut dx = vec![0f32; 64];
-    gelu_backward(&mut dx, &cot, &x);
+    CpuBackend::new(dinotrain::backend::Precision::F32)
+        .gelu_backward(&mut dx, &cot, &x)
+        .unwrap();
     let f = |x: &[f64]| x.iter().map(|&v| gelu(v)).collect::<Vec<_>>();
     assert_close("gelu forward", &y, &f(&to64(&x)), 1e-6);
     let table = ParamTable::new();

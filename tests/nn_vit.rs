@@ -2,7 +2,8 @@
 //! official key names, bad input as typed errors, and the cache-free forward.
 
 use dinotrain::backend::cpu::CpuBackend;
-use dinotrain::backend::{Backend, Counters};
+use dinotrain::backend::prelude::*;
+use dinotrain::backend::Counters;
 use dinotrain::nn::block::{Block, BlockConfig, BlockRunner};
 use dinotrain::nn::drop_path::{draw_subset, DropPath, Subset};
 use dinotrain::nn::ffn::Ffn;
@@ -18,7 +19,7 @@ use rand::Rng as _;
 struct Cpu<'a> {
     be: CpuBackend,
     vit: &'a Vit,
-    w: <CpuBackend as Backend>::Weights,
+    w: <CpuBackend as Buffers>::Weights,
     ws: VitWorkspaces<CpuBackend>,
 }
 

@@ -4,7 +4,7 @@
 mod trainer_support;
 
 use dinotrain::backend::cpu::CpuBackend;
-use dinotrain::backend::Backend;
+use dinotrain::backend::prelude::*;
 use dinotrain::nn::VitWorkspaces;
 use dinotrain::ssl::Method;
 use dinotrain::train::state::HostState;

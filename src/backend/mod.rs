@@ -578,6 +578,15 @@ pub trait OptimizerOps: Buffers {
     ) -> Result<()>;
 }
 
+/// The backend traits, for code that calls operations on a concrete backend
+/// (`use dinotrain::backend::prelude::*`).
+pub mod prelude {
+    pub use super::{
+        AttentionOps, Backend, Buffers, ElementwiseOps, GemmOps, HeadOps, LossOps, NormOps,
+        OptimizerOps, TokenOps,
+    };
+}
+
 /// A whole backend: its buffers and every operation family.
 pub trait Backend:
     Buffers

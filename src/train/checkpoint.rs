@@ -311,69 +311,11 @@ pub fn load(
     config: &BTreeMap<String, String>,
     check: ConfigCheck,
 ) -> Result<Checkpoint> {
-    let refuse = |detail: String| Error::Checkpoint {
-        file: path.to_path_buf(),
-        detail,
-    };
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    let torn = |e: safetensors::SafeTensorError| {
-        refuse(format!(
-            "torn or truncated file, or not a safetensors file ({e}); delete it to resume \
-             from the previous checkpoint"
-        ))
-    };
-    let st = SafeTensors::deserialize(&bytes).map_err(torn)?;
-    let (_, header) = SafeTensors::read_metadata(&bytes).map_err(torn)?;
-    let metadata: BTreeMap<String, String> = header
-        .metadata()
-        .as_ref()
-        .map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
-        .unwrap_or_default();
-    let meta = |key: &str| -> Result<&String> {
-        metadata
-            .get(key)
-            .ok_or_else(|| refuse(format!("metadata '{key}' is missing")))
-    };
-    match metadata.get("format") {
-        Some(tag) if tag == FORMAT_TAG => {}
-        Some(tag) => {
-            return Err(refuse(format!(
-                "not a dinotrain checkpoint (format '{tag}', expected '{FORMAT_TAG}')"
-            )))
-        }
-        None => {
-            return Err(refuse(format!(
-                "not a dinotrain checkpoint (no format tag; expected '{FORMAT_TAG}')"
-            )))
-        }
-    }
-    let version: u32 = meta("version")?
-        .parse()
-        .map_err(|_| refuse("unreadable version".into()))?;
-    if version != FORMAT_VERSION {
-        return Err(refuse(format!(
-            "format version {version}; this dinotrain reads version {FORMAT_VERSION}"
-        )));
-    }
-    let mut views = st.tensors();
-    views.sort_by(|a, b| a.0.cmp(&b.0));
-    if &checksum(views.iter().map(|(n, v)| (n.as_str(), v.data()))) != meta("crc32")? {
-        return Err(refuse(
-            "checksum mismatch: the file is damaged; delete it to resume from the previous \
-             checkpoint"
-                .into(),
-        ));
-    }
-    let parse = |key: &str| -> Result<serde_json::Value> {
-        serde_json::from_str(meta(key)?).map_err(|e| refuse(format!("metadata '{key}': {e}")))
-    };
-    let position: RunPosition = serde_json::from_value(parse("position")?)
-        .map_err(|e| refuse(format!("metadata 'position': {e}")))?;
-    let saved_config: BTreeMap<String, String> = serde_json::from_value(parse("config")?)
-        .map_err(|e| refuse(format!("metadata 'config': {e}")))?;
-    let extra: BTreeMap<String, String> = serde_json::from_value(parse("extra")?)
-        .map_err(|e| refuse(format!("metadata 'extra': {e}")))?;
-
+    let file = CheckedFile::open(path, &bytes)?;
+    let position: RunPosition = file.json("position")?;
+    let saved_config: BTreeMap<String, String> = file.json("config")?;
+    let extra: BTreeMap<String, String> = file.json("extra")?;
     let diffs = config_diffs(&saved_config, config);
     if check == ConfigCheck::Strict && !diffs.is_empty() {
         return Err(Error::ConfigChanged {
@@ -381,100 +323,172 @@ pub fn load(
             diffs,
         });
     }
-
-    let adam_step = match st.tensor(ADAM_STEP) {
+    let adam_step = match file.st.tensor(ADAM_STEP) {
         Ok(v) if v.dtype() == Dtype::I64 && v.data().len() == 8 => {
             let mut b = [0u8; 8];
             b.copy_from_slice(v.data());
             u64::try_from(i64::from_le_bytes(b))
-                .map_err(|_| refuse(format!("'{ADAM_STEP}' is negative")))?
+                .map_err(|_| file.refuse(format!("'{ADAM_STEP}' is negative")))?
         }
-        _ => return Err(refuse(format!("'{ADAM_STEP}' is missing or malformed"))),
+        _ => return Err(file.refuse(format!("'{ADAM_STEP}' is missing or malformed"))),
     };
-    let flat = |prefix: &str| -> Result<Vec<f32>> {
+    Ok(Checkpoint {
+        path: path.to_path_buf(),
+        student: file.flat(params, STUDENT)?,
+        teacher: file.flat(params, TEACHER)?,
+        exp_avg: file.flat(params, EXP_AVG)?,
+        exp_avg_sq: file.flat(params, EXP_AVG_SQ)?,
+        adam_step,
+        buffers: file.buffers(params)?,
+        position,
+        config: saved_config,
+        extra,
+    })
+}
+
+/// A checkpoint file whose format tag, version and checksum have been checked.
+struct CheckedFile<'a> {
+    path: &'a Path,
+    st: SafeTensors<'a>,
+    metadata: BTreeMap<String, String>,
+}
+
+impl<'a> CheckedFile<'a> {
+    fn open(path: &'a Path, bytes: &'a [u8]) -> Result<Self> {
+        let refuse = |detail: String| Error::Checkpoint {
+            file: path.to_path_buf(),
+            detail,
+        };
+        let torn = |e: safetensors::SafeTensorError| {
+            refuse(format!(
+                "torn or truncated file, or not a safetensors file ({e}); delete it to resume \
+                 from the previous checkpoint"
+            ))
+        };
+        let st = SafeTensors::deserialize(bytes).map_err(torn)?;
+        let (_, header) = SafeTensors::read_metadata(bytes).map_err(torn)?;
+        let metadata = header
+            .metadata()
+            .clone()
+            .unwrap_or_default()
+            .into_iter()
+            .collect();
+        let file = CheckedFile { path, st, metadata };
+        match file.metadata.get("format") {
+            Some(tag) if tag == FORMAT_TAG => {}
+            tag => {
+                let found = tag.map_or("no format tag".to_string(), |t| format!("format '{t}'"));
+                return Err(refuse(format!(
+                    "not a dinotrain checkpoint ({found}, expected '{FORMAT_TAG}')"
+                )));
+            }
+        }
+        let version: u32 = file
+            .meta("version")?
+            .parse()
+            .map_err(|_| refuse("unreadable version".into()))?;
+        if version != FORMAT_VERSION {
+            return Err(refuse(format!(
+                "format version {version}; this dinotrain reads version {FORMAT_VERSION}"
+            )));
+        }
+        let mut views = file.st.tensors();
+        views.sort_by(|a, b| a.0.cmp(&b.0));
+        if &checksum(views.iter().map(|(n, v)| (n.as_str(), v.data()))) != file.meta("crc32")? {
+            return Err(refuse(
+                "checksum mismatch: the file is damaged; delete it to resume from the previous \
+                 checkpoint"
+                    .into(),
+            ));
+        }
+        Ok(file)
+    }
+
+    fn refuse(&self, detail: String) -> Error {
+        Error::Checkpoint {
+            file: self.path.to_path_buf(),
+            detail,
+        }
+    }
+
+    fn meta(&self, key: &str) -> Result<&String> {
+        self.metadata
+            .get(key)
+            .ok_or_else(|| self.refuse(format!("metadata '{key}' is missing")))
+    }
+
+    fn json<T: serde::de::DeserializeOwned>(&self, key: &str) -> Result<T> {
+        serde_json::from_str(self.meta(key)?)
+            .map_err(|e| self.refuse(format!("metadata '{key}': {e}")))
+    }
+
+    /// Every parameter of `params` under `prefix`, as one flat buffer in table order.
+    fn flat(&self, params: &ParamTable, prefix: &str) -> Result<Vec<f32>> {
         let mut out = vec![0f32; params.len()];
         for spec in params.specs() {
             let name = format!("{prefix}{}", spec.name);
-            let view = st.tensor(&name).map_err(|_| {
-                refuse(format!(
+            let view = self.st.tensor(&name).map_err(|_| {
+                self.refuse(format!(
                     "'{name}' is missing: the checkpoint belongs to another model"
                 ))
             })?;
             if view.dtype() != Dtype::F32 {
-                return Err(refuse(format!(
-                    "'{name}' is {:?}, expected F32",
-                    view.dtype()
-                )));
+                let dtype = view.dtype();
+                return Err(self.refuse(format!("'{name}' is {dtype:?}, expected F32")));
             }
             if view.shape() != spec.shape.as_slice() {
-                return Err(refuse(format!(
+                return Err(self.refuse(format!(
                     "'{name}' has shape {:?}, the model needs {:?}",
                     view.shape(),
                     spec.shape
                 )));
             }
-            let dst: &mut [u8] = bytemuck::cast_slice_mut(&mut out[spec.at.range()]);
-            if cfg!(target_endian = "little") {
-                dst.copy_from_slice(view.data());
-            } else {
-                for (d, s) in dst.chunks_exact_mut(4).zip(view.data().chunks_exact(4)) {
-                    d.copy_from_slice(&f32::from_le_bytes([s[0], s[1], s[2], s[3]]).to_ne_bytes());
-                }
+            for (d, s) in out[spec.at.range()]
+                .iter_mut()
+                .zip(view.data().chunks_exact(4))
+            {
+                *d = f32::from_le_bytes([s[0], s[1], s[2], s[3]]);
             }
         }
         Ok(out)
-    };
-    let student = flat(STUDENT)?;
-    let teacher = flat(TEACHER)?;
-    let exp_avg = flat(EXP_AVG)?;
-    let exp_avg_sq = flat(EXP_AVG_SQ)?;
-    let mut buffers = BTreeMap::new();
-    let mut unknown = Vec::new();
-    for (name, view) in &views {
-        let known_param = [STUDENT, TEACHER, EXP_AVG, EXP_AVG_SQ].iter().any(|p| {
-            name.strip_prefix(p)
-                .is_some_and(|k| params.get(k).is_some())
-        });
-        if known_param || name == ADAM_STEP {
-            continue;
-        }
-        match name.strip_prefix(BUFFER) {
-            Some(b) if view.dtype() == Dtype::F32 => {
-                let data = view
-                    .data()
-                    .chunks_exact(4)
-                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                    .collect();
-                buffers.insert(
-                    b.to_string(),
-                    Tensor {
-                        shape: view.shape().to_vec(),
-                        data,
-                    },
-                );
+    }
+
+    /// The f32 buffers (centers and such); any tensor that is neither a parameter, the step
+    /// nor a buffer means the file belongs to another model.
+    fn buffers(&self, params: &ParamTable) -> Result<BTreeMap<String, Tensor>> {
+        let mut buffers = BTreeMap::new();
+        let mut unknown = Vec::new();
+        for (name, view) in self.st.tensors() {
+            let known_param = [STUDENT, TEACHER, EXP_AVG, EXP_AVG_SQ].iter().any(|p| {
+                name.strip_prefix(p)
+                    .is_some_and(|k| params.get(k).is_some())
+            });
+            if known_param || name == ADAM_STEP {
+                continue;
             }
-            _ => unknown.push(name.clone()),
+            match name.strip_prefix(BUFFER) {
+                Some(b) if view.dtype() == Dtype::F32 => {
+                    let data = view
+                        .data()
+                        .chunks_exact(4)
+                        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                        .collect();
+                    let shape = view.shape().to_vec();
+                    buffers.insert(b.to_string(), Tensor { shape, data });
+                }
+                _ => unknown.push(name.clone()),
+            }
         }
+        if !unknown.is_empty() {
+            unknown.sort();
+            unknown.truncate(5);
+            return Err(self.refuse(format!(
+                "it holds tensors the model does not have ({}): it belongs to another model",
+                unknown.join(", ")
+            )));
+        }
+        Ok(buffers)
     }
-    if !unknown.is_empty() {
-        unknown.truncate(5);
-        return Err(refuse(format!(
-            "it holds tensors the model does not have ({}): it belongs to another model",
-            unknown.join(", ")
-        )));
-    }
-    Ok(Checkpoint {
-        path: path.to_path_buf(),
-        student,
-        teacher,
-        exp_avg,
-        exp_avg_sq,
-        adam_step,
-        buffers,
-        position,
-        config: saved_config,
-        extra,
-    })
 }
 
 /// `key: was -> now` for every key that differs (absent keys shown as `(absent)`).
