@@ -40,5 +40,5 @@ pub mod run;
 pub mod state;
 pub mod trainer;
 
-pub use config::{Config, ConfigBuilder, Method, Preset, ResolvedConfig};
+pub use config::{Config, ConfigBuilder, Method, Preset, ResolvedConfig, TrainConfig};
 pub use run::{train, KnnReport, TrainOptions, TrainSummary};
