@@ -4,6 +4,7 @@ pub mod bench;
 pub mod embed;
 pub mod export;
 pub mod knn;
+pub mod logger;
 pub mod scan;
 pub mod train;
 pub mod verify;

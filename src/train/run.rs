@@ -523,7 +523,7 @@ pub fn train(options: TrainOptions) -> Result<TrainSummary> {
     let mut log = RunLog::open(&run.log_path())?;
     for w in &r.warnings {
         log.line(&format!("warning: {w}"))?;
-        eprintln!("warning: {w}");
+        log::warn!("{w}");
     }
     let identity = r.resume_identity()?;
 
