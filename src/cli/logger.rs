@@ -20,7 +20,7 @@ impl Log for StderrLogger {
 
     fn log(&self, record: &Record<'_>) {
         if self.enabled(record.metadata()) {
-            eprintln!("{}", line(record));
+            super::progress::eprint_line(&line(record));
         }
     }
 

@@ -5,6 +5,7 @@ pub mod embed;
 pub mod export;
 pub mod knn;
 pub mod logger;
+pub mod progress;
 pub mod scan;
 pub mod train;
 pub mod verify;
