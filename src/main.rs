@@ -40,6 +40,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 }
 
 fn main() -> ExitCode {
+    // The library reports warnings and notices through `log`: print them on stderr.
+    cli::logger::install();
     // Keep activation pages mapped between steps (the CPU step allocates per step).
     dinotrain::backend::cpu::tune_allocator();
     match run(Cli::parse()) {

@@ -4,6 +4,8 @@ pub mod bench;
 pub mod embed;
 pub mod export;
 pub mod knn;
+pub mod logger;
+pub mod progress;
 pub mod scan;
 pub mod train;
 pub mod verify;

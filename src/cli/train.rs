@@ -1,10 +1,10 @@
 //! `dinotrain train`: flags → configuration → `dinotrain::train`.
 
+use super::progress::{Progress, ProgressMode};
 use anyhow::{Context, Result};
 use clap::Parser;
 use dinotrain::train::config::{ConfigBuilder, Preset};
 use dinotrain::train::outdir::OutdirMode;
-use dinotrain::train::progress::ProgressMode;
 use dinotrain::train::run::knn_line;
 use dinotrain::train::{train, ResolvedConfig, TrainOptions};
 use std::path::{Path, PathBuf};
@@ -141,12 +141,12 @@ pub fn run(args: TrainArgs) -> Result<()> {
         config.output_dir.display()
     );
     let log_every = config.config.dinotrain.log_every.max(1);
-    let summary = train(TrainOptions {
-        config,
-        outdir,
-        allow_config_change: args.allow_config_change,
-        progress: ProgressMode::auto(log_every),
-    })?;
+    let summary = train(
+        TrainOptions::new(config)
+            .outdir(outdir)
+            .allow_config_change(args.allow_config_change)
+            .observer(Progress::new(ProgressMode::auto(log_every))),
+    )?;
     if let Some(last) = &summary.last {
         let terms: Vec<String> = last
             .losses

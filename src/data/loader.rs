@@ -34,7 +34,7 @@ pub struct LoaderConfig {
     pub workers: usize,
     /// Finished batches waiting for the trainer, at most.
     pub prefetch: usize,
-    /// Bad-file warnings printed before only counting them.
+    /// Bad-file warnings logged before only counting them.
     pub max_warnings: u64,
 }
 
@@ -70,7 +70,7 @@ struct BadFiles {
     known: HashSet<usize>,
     /// Images already named in a warning (each is named once).
     named: HashSet<usize>,
-    /// Warnings printed.
+    /// Warnings logged.
     warned: u64,
     /// Failed loads of a sample's own image, in all epochs.
     total: u64,
@@ -205,7 +205,7 @@ impl Loader {
             .unwrap_or(0)
     }
 
-    /// Prints one line per epoch that ended with `step`'s batch and had unreadable images.
+    /// Logs one warning per epoch that ended with `step`'s batch and had unreadable images.
     fn report_finished_epochs(&mut self, step: u64) {
         let n = self.shared.source.len() as u64;
         let done = (step + 1) * self.shared.batch_size as u64 / n; // epochs fully delivered
@@ -213,8 +213,8 @@ impl Loader {
             let e = self.epochs_reported;
             let bad = lock(&self.shared.bad);
             if let Some(&count) = bad.per_epoch.get(&e) {
-                eprintln!(
-                    "warning: epoch {e}: {count} unreadable images skipped and replaced ({} distinct files so far)",
+                log::warn!(
+                    "epoch {e}: {count} unreadable images skipped and replaced ({} distinct files so far)",
                     bad.known.len()
                 );
             }
@@ -246,7 +246,7 @@ fn first_readable(shared: &Shared) -> Result<()> {
         match shared.source.load(i) {
             Ok(_) => {
                 if i > 0 {
-                    eprintln!("warning: the first {i} images are unreadable");
+                    log::warn!("the first {i} images are unreadable");
                 }
                 return Ok(());
             }
@@ -393,9 +393,9 @@ fn note_bad(shared: &Shared, index: usize, epoch: Option<u64>, e: &DecodeError) 
     }
     if bad.named.insert(index) {
         if bad.warned < shared.max_warnings {
-            eprintln!("warning: skipping {}: {e}", shared.source.name(index));
+            log::warn!("skipping {}: {e}", shared.source.name(index));
         } else if bad.warned == shared.max_warnings {
-            eprintln!("warning: more unreadable images: only counted from now on");
+            log::warn!("more unreadable images: only counted from now on");
         }
         bad.warned += 1;
     }

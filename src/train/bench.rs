@@ -384,7 +384,7 @@ pub fn run(opts: &BenchOptions, on_step: &mut dyn FnMut(&StepTiming)) -> Result<
         Err(Error::Unsupported(why))
             if opts.device == Device::Auto && kind == BenchDevice::Cuda =>
         {
-            eprintln!("device auto: using the CPU ({why})");
+            log::info!("device auto: using the CPU ({why})");
             kind = BenchDevice::Cpu;
             config = bench_config(opts, kind)?;
             Trainer::new_on(plan_from_config(&config)?, ResolvedDevice::cpu())?

@@ -1,13 +1,28 @@
 //! The configuration tree: every key of the official `ssl_default_config.yaml` with its official
 //! default, plus dinotrain's own `dinotrain:` section.
 //!
-//! Two stages (ripgrep's pattern): [`Config`] is the raw user input (defaults, then a YAML file
-//! merged over them like OmegaConf, then `--set key=value` overrides; no I/O besides reading
-//! the file), and [`ResolvedConfig`] is the validated plan with derived values
-//! (the scaled learning rate, iteration counts, the architecture).
+//! Two stages (ripgrep's pattern): [`TrainConfig`] is the raw user input, and
+//! [`ResolvedConfig`] is the validated plan with derived values (the scaled learning rate,
+//! iteration counts, the architecture).
 //!
-//! Key names are the official ones (`optim.base_lr`, `crops.local_crops_number`,
-//! `train.OFFICIAL_EPOCH_LENGTH`, `MODEL.WEIGHTS`), so an official train config loads unchanged.
+//! Library code builds a [`TrainConfig`] directly: a [`Preset`], typed setters for the common
+//! settings, and any other key as a field (`config.optim.base_lr = 0.002`):
+//!
+//! ```
+//! use dinotrain::train::{Preset, TrainConfig};
+//!
+//! let mut config = TrainConfig::preset(Preset::Demo).steps(50);
+//! config.optim.base_lr = 0.002;
+//! let plan = config.resolve()?;
+//! assert_eq!(plan.total_iters, 50);
+//! // lr = base_lr * sqrt(batch / 1024), batch 64 in the demo preset.
+//! assert!((plan.lr - 0.002 * 0.25).abs() < 1e-12);
+//! # Ok::<(), dinotrain::Error>(())
+//! ```
+//!
+//! The command line layers text instead, through [`ConfigBuilder`]: the preset, then a YAML
+//! file merged over it like OmegaConf, then `--set key=value` overrides, each value checked
+//! against its key's type, unknown keys reported with the closest known ones:
 //!
 //! ```
 //! use dinotrain::train::config::{ConfigBuilder, Preset, ResolvedConfig};
@@ -18,10 +33,11 @@
 //! let (config, warnings) = builder.build()?;
 //! let plan = ResolvedConfig::resolve(config, warnings)?;
 //! assert_eq!(plan.total_iters, 50);
-//! // lr = base_lr * sqrt(batch / 1024), batch 64 in the demo preset.
-//! assert!((plan.lr - 0.002 * 0.25).abs() < 1e-12);
 //! # Ok::<(), dinotrain::Error>(())
 //! ```
+//!
+//! Key names are the official ones (`optim.base_lr`, `crops.local_crops_number`,
+//! `train.OFFICIAL_EPOCH_LENGTH`, `MODEL.WEIGHTS`), so an official train config loads unchanged.
 
 mod overrides;
 mod resolve;
@@ -29,14 +45,18 @@ mod resolve;
 pub use overrides::{ConfigBuilder, ConfigWarning, FLAG_KEYS};
 pub use resolve::{Architecture, ResolvedConfig, StartingPoint};
 
+use crate::backend::Device;
 use crate::error::{Error, Result};
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 
+/// The name this type had before it became the library's configuration type.
+pub type Config = TrainConfig;
+
 /// The whole configuration, official groups first, then `dinotrain`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Config {
+pub struct TrainConfig {
     #[serde(rename = "MODEL")]
     pub model: ModelSection,
     pub compute_precision: ComputePrecision,
@@ -348,7 +368,7 @@ pub struct DinotrainSection {
     pub workers: usize,
 }
 
-impl Default for Config {
+impl Default for TrainConfig {
     /// The official defaults (`ssl_default_config.yaml`) and dinotrain's own.
     fn default() -> Self {
         let precisions = |head_reduce: &str| ModulePrecisions {
@@ -356,7 +376,7 @@ impl Default for Config {
             dino_head: FsdpModule::official(head_reduce),
             ibot_head: FsdpModule::official(head_reduce),
         };
-        Config {
+        TrainConfig {
             model: ModelSection {
                 weights: String::new(),
             },
@@ -496,8 +516,8 @@ impl Preset {
     }
 
     /// The preset's configuration.
-    pub fn config(self) -> Config {
-        let mut c = Config::default();
+    pub fn config(self) -> TrainConfig {
+        let mut c = TrainConfig::default();
         if self == Preset::Demo {
             c.student.arch = Arch::VitTiny;
             c.dinotrain.embed_dim = Some(192);
@@ -528,7 +548,92 @@ impl Preset {
     }
 }
 
-impl Config {
+/// Typed setters for the common settings: each sets one key and returns the configuration, so
+/// a configuration reads as one expression. Every other key is a public field.
+impl TrainConfig {
+    /// A preset's configuration (the same as [`Preset::config`]).
+    pub fn preset(preset: Preset) -> Self {
+        preset.config()
+    }
+
+    /// Validates the configuration and derives the plan (learning rate, iterations, schedules,
+    /// architecture); the same as `ResolvedConfig::resolve(self, vec![])`.
+    pub fn resolve(self) -> Result<ResolvedConfig> {
+        ResolvedConfig::resolve(self, Vec::new())
+    }
+
+    /// The folder of training images (searched recursively): `dinotrain.data`. Without one, the
+    /// embedded Fashion-MNIST demo images.
+    pub fn data(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.dinotrain.data = Some(dir.into());
+        self
+    }
+
+    /// The run folder (config, log, metrics, checkpoints, the exported teacher):
+    /// `train.output_dir`.
+    pub fn output_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.train.output_dir = dir.into();
+        self
+    }
+
+    /// The run's length in iterations, the schedules stretched to fit: `dinotrain.steps`.
+    pub fn steps(mut self, steps: u64) -> Self {
+        self.dinotrain.steps = Some(steps);
+        self
+    }
+
+    /// The run's length in official epochs (`optim.epochs` × `train.OFFICIAL_EPOCH_LENGTH`
+    /// iterations); clears `dinotrain.steps`.
+    pub fn epochs(mut self, epochs: f64) -> Self {
+        self.optim.epochs = epochs;
+        self.dinotrain.steps = None;
+        self
+    }
+
+    /// Images per iteration: `train.batch_size_per_gpu`.
+    pub fn batch_size(mut self, batch: usize) -> Self {
+        self.train.batch_size_per_gpu = batch;
+        self
+    }
+
+    /// Where the steps run: `dinotrain.device`.
+    pub fn device(mut self, device: Device) -> Self {
+        self.dinotrain.device = device.to_string();
+        self
+    }
+
+    /// The method stage (DINO, iBOT, DINOv2): `dinotrain.method`.
+    pub fn method(mut self, method: Method) -> Self {
+        self.dinotrain.method = method;
+        self
+    }
+
+    /// The run seed (initialisation, crops, masks, drop path): `train.seed`.
+    pub fn seed(mut self, seed: u64) -> Self {
+        self.train.seed = seed;
+        self
+    }
+
+    /// The starting backbone: a released name (`dinov2/vits14`, ...) or a `.pth` /
+    /// `.safetensors` file; it sets the architecture for released names: `dinotrain.model`.
+    pub fn model(mut self, model: impl Into<String>) -> Self {
+        self.dinotrain.model = Some(model.into());
+        self
+    }
+
+    /// Whether k-NN runs (at initialisation, every `dinotrain.knn_every` steps and at the end)
+    /// when labelled images are available: `dinotrain.knn`.
+    pub fn knn(mut self, on: bool) -> Self {
+        self.dinotrain.knn = on;
+        self
+    }
+
+    /// A checkpoint every this many steps: `dinotrain.checkpoint_every`.
+    pub fn checkpoint_every(mut self, steps: u64) -> Self {
+        self.dinotrain.checkpoint_every = Some(steps);
+        self
+    }
+
     /// The configuration as YAML (every key, official names).
     pub fn to_yaml(&self) -> Result<String> {
         serde_yaml_ng::to_string(self)
@@ -551,17 +656,17 @@ mod tests {
 
     #[test]
     fn defaults_round_trip_through_yaml() {
-        let c = Config::default();
+        let c = TrainConfig::default();
         let yaml = c.to_yaml().unwrap();
         assert!(yaml.contains("OFFICIAL_EPOCH_LENGTH: 1250"), "{yaml}");
         assert!(yaml.contains("WEIGHTS: ''"), "{yaml}");
-        let back: Config = serde_yaml_ng::from_str(&yaml).unwrap();
+        let back: TrainConfig = serde_yaml_ng::from_str(&yaml).unwrap();
         assert_eq!(back, c);
     }
 
     #[test]
     fn flatten_names_official_keys() {
-        let flat = Config::default().flatten().unwrap();
+        let flat = TrainConfig::default().flatten().unwrap();
         assert_eq!(flat["optim.base_lr"], "0.004");
         assert_eq!(flat["crops.local_crops_number"], "8");
         assert_eq!(flat["train.centering"], "centering");
@@ -574,10 +679,42 @@ mod tests {
     }
 
     #[test]
+    fn typed_setters_set_the_keys_their_flags_set() {
+        let typed = TrainConfig::preset(Preset::Demo)
+            .data("imgs")
+            .output_dir("out/x")
+            .steps(7)
+            .batch_size(16)
+            .device(Device::Cuda(1))
+            .method(Method::Ibot)
+            .seed(3)
+            .model("dinov2/vits14");
+        let mut b = ConfigBuilder::new(Preset::Demo).unwrap();
+        for (flag, value) in [
+            ("data", "imgs"),
+            ("out", "out/x"),
+            ("steps", "7"),
+            ("batch-size", "16"),
+            ("device", "cuda:1"),
+            ("method", "ibot"),
+            ("seed", "3"),
+            ("model", "dinov2/vits14"),
+        ] {
+            b.flag(flag, value).unwrap();
+        }
+        assert_eq!(typed, b.build().unwrap().0);
+        let by_epochs = typed.epochs(2.0);
+        assert_eq!(
+            (by_epochs.optim.epochs, by_epochs.dinotrain.steps),
+            (2.0, None)
+        );
+    }
+
+    #[test]
     fn presets_parse_and_demo_is_small() {
         assert_eq!(
             Preset::from_name("official").unwrap().config(),
-            Config::default()
+            TrainConfig::default()
         );
         let demo = Preset::from_name("demo").unwrap().config();
         assert_eq!(demo.dinotrain.embed_dim, Some(192));

@@ -1,12 +1,29 @@
-//! Configuration, checkpoints and resume, the run folder, metrics, plots and progress: the
-//! pieces the training loop is written with.
+//! Training: the typed configuration, the loop and how to watch it, and the pieces the loop is
+//! written with (checkpoints and resume, the run folder, metrics, plots, export).
 //!
-//! How a loop uses them (a sketch; names from this module):
+//! The library path is a [`TrainConfig`] (a preset plus typed setters, or any field of the
+//! official key tree), resolved into a [`ResolvedConfig`] and run by [`train`]:
+//!
+//! ```no_run
+//! use dinotrain::train::{train, Preset, TrainConfig, TrainOptions};
+//!
+//! let config = TrainConfig::preset(Preset::Official)
+//!     .data("my_images")
+//!     .output_dir("out/run")
+//!     .steps(5000)
+//!     .batch_size(32);
+//! let summary = train(TrainOptions::new(config.resolve()?))?;
+//! println!("{} steps, teacher in {}", summary.steps, summary.export.display());
+//! # Ok::<(), dinotrain::Error>(())
+//! ```
+//!
+//! A [`TrainObserver`] in the options sees every step and may stop the run, a
+//! [`CancelHandle`] stops it from another thread. The command line's `--set key=value` and
+//! YAML files go through [`ConfigBuilder`] instead, which checks every key by name.
+//!
+//! How the loop uses the pieces (a sketch; names from this module):
 //!
 //! ```text
-//! let mut b = ConfigBuilder::new(Preset::Demo)?;          // or Preset::Official
-//! b.file(config_path)?; b.flag("steps", "300")?; b.set("optim.base_lr=1e-3")?;
-//! let (config, warnings) = b.build()?;
 //! let plan = ResolvedConfig::resolve(config, warnings)?;  // lr, iterations, schedules, arch
 //! let run = RunDir::prepare(&plan.output_dir, OutdirMode::Fresh)?;
 //! plan.write_yaml(&run.root)?;
@@ -14,12 +31,12 @@
 //! let identity = plan.resume_identity()?;
 //! // resume: checkpoint::load(&run.latest_checkpoint()?.unwrap(), &table, &identity, ConfigCheck::Strict)?
 //! let mut metrics = MetricsWriter::open(&run.metrics_path(), resume_step)?;
-//! let mut progress = Progress::new(ProgressMode::auto(log_every), first_step, plan.total_iters);
+//! observer.on_start(&start);
 //! for step in first_step..plan.total_iters {
 //!     let values = plan.schedules.at(step);                 // every scheduled scalar
 //!     ... one training step ...
 //!     metrics.write(&record)?;  if let Some((term, v)) = record.non_finite_loss() { stop }
-//!     progress.step(&report);
+//!     if observer.on_step(&record) == Control::Stop || cancel.is_cancelled() { stop }
 //!     if (step + 1) % plan.checkpoint_every == 0 { checkpoint::save(&run.checkpoints(), &state)?;
 //!                                                 checkpoint::prune(&run.checkpoints(), keep)?; }
 //!     if (step + 1) % plot_every == 0 { plot::write_png(&records, title, &run.plot_path())?; }
@@ -32,13 +49,19 @@ pub mod checkpoint;
 pub mod config;
 pub mod export;
 pub mod metrics;
+pub mod observer;
 pub mod outdir;
+pub mod plan;
 pub mod plot;
 pub mod pretrained;
-pub mod progress;
 pub mod run;
 pub mod state;
 pub mod trainer;
 
-pub use config::{Config, ConfigBuilder, Method, Preset, ResolvedConfig};
+#[doc(hidden)]
+pub use config::Config;
+pub use config::{ConfigBuilder, Method, Preset, ResolvedConfig, TrainConfig};
+pub use observer::{CancelHandle, Control, RunStart, StopReason, TrainObserver};
+pub use outdir::OutdirMode;
 pub use run::{train, KnnReport, TrainOptions, TrainSummary};
+pub use trainer::{StepRecord, TrainPlan, Trainer};

@@ -2,49 +2,112 @@
 //!
 //! The loop: prepare the run folder, build the trainer (random init, pretrained backbone, or a
 //! checkpoint to resume), start the loader at the resumed step, then per step: one iteration,
-//! metrics, progress, periodic checkpoints, plots and k-NN; at the end a last checkpoint, the
-//! teacher backbone exported with official keys, and k-NN of the trained teacher next to the
-//! same model at initialisation.
+//! metrics, the observer, periodic checkpoints, plots and k-NN; at the end (or when the observer
+//! or the cancel handle stops the run) a last checkpoint and the teacher backbone exported with
+//! official keys; at the end also k-NN of the trained teacher next to the same model at
+//! initialisation.
 
 use super::checkpoint::{self, CheckpointRef, ConfigCheck, RunPosition};
-use super::config::{FfnLayer, ResolvedConfig, StartingPoint};
+use super::config::{ResolvedConfig, StartingPoint};
 use super::export::{export_backbone, load_backbone_into, read_backbone, KeyNaming};
 use super::metrics::{MetricsWriter, StepMetrics};
+use super::observer::{CancelHandle, Control, LogMessages, RunStart, StopReason, TrainObserver};
 use super::outdir::{OutdirMode, RunDir, RunLog};
+pub use super::plan::{crops_from_config, plan_from_config};
 use super::plot;
-use super::progress::{Progress, ProgressMode, StepReport};
-use super::trainer::{EvalWeights, StepRecord, TrainPlan, Trainer};
-use crate::backend::cpu::optimizer::AdamHyper;
+use super::trainer::{EvalWeights, StepRecord, Trainer};
 use crate::backend::cuda::resolve_device;
 use crate::data::scan::Labels;
 use crate::data::source::needed_short_side;
 use crate::data::{
-    demo_split, DecodeOptions, FolderSource, ImageSource, Loader, LoaderConfig, MultiCropConfig,
-    ScanOptions, Split,
+    demo_split, DecodeOptions, FolderSource, ImageSource, Loader, LoaderConfig, ScanOptions, Split,
 };
 use crate::error::{Error, Result};
 use crate::eval::backbone::arch_metadata;
 use crate::eval::embed::{knn_top1, source_features, source_labels};
-use crate::nn::{Ffn, VitConfig};
 use crate::optim::AdamWState;
-use crate::optim::LayerDecay;
-use crate::ssl::dino_loss::STUDENT_TEMP;
-use crate::ssl::step::{HeadConfig, LossConfig, SslModel};
+use crate::ssl::step::SslModel;
 use crate::tensor::Tensor;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
-/// How to run: the resolved configuration plus what the command line decides about the folder.
-#[derive(Clone, Debug)]
+/// How to run: the resolved configuration, what to do with the output folder, and who
+/// watches. [`TrainOptions::new`] gives the defaults; the other methods change one each.
+///
+/// ```
+/// use dinotrain::train::{CancelHandle, OutdirMode, Preset, TrainConfig, TrainOptions};
+///
+/// let cancel = CancelHandle::new(); // keep a clone to stop the run from another thread
+/// let options = TrainOptions::new(TrainConfig::preset(Preset::Demo).resolve()?)
+///     .outdir(OutdirMode::Resume)
+///     .cancel(cancel.clone());
+/// assert!(options.observer.is_none());
+/// # Ok::<(), dinotrain::Error>(())
+/// ```
 pub struct TrainOptions {
     pub config: ResolvedConfig,
-    /// Fresh folder, resume from its last checkpoint, or overwrite dinotrain's files in it.
+    /// Fresh folder (the default), resume from its last checkpoint, or overwrite dinotrain's
+    /// files in it.
     pub outdir: OutdirMode,
-    /// Resume even though the configuration changed (the differences are logged).
+    /// Resume even though the configuration changed (the differences are logged). Default:
+    /// false.
     pub allow_config_change: bool,
-    pub progress: ProgressMode,
+    /// Sees every step, checkpoint, k-NN result and message, and may stop the run. Default:
+    /// none (messages go to the `log` crate).
+    pub observer: Option<Box<dyn TrainObserver + Send>>,
+    /// Stops the run from another thread after its current step. Default: none.
+    pub cancel: Option<CancelHandle>,
+}
+
+impl TrainOptions {
+    /// A fresh run folder, no observer, no cancel handle.
+    pub fn new(config: ResolvedConfig) -> Self {
+        TrainOptions {
+            config,
+            outdir: OutdirMode::Fresh,
+            allow_config_change: false,
+            observer: None,
+            cancel: None,
+        }
+    }
+
+    /// Fresh, resume or overwrite.
+    pub fn outdir(mut self, mode: OutdirMode) -> Self {
+        self.outdir = mode;
+        self
+    }
+
+    /// Whether a resume may change the configuration.
+    pub fn allow_config_change(mut self, allow: bool) -> Self {
+        self.allow_config_change = allow;
+        self
+    }
+
+    /// Who watches the run.
+    pub fn observer(mut self, observer: impl TrainObserver + Send + 'static) -> Self {
+        self.observer = Some(Box::new(observer));
+        self
+    }
+
+    /// The handle that stops the run.
+    pub fn cancel(mut self, cancel: CancelHandle) -> Self {
+        self.cancel = Some(cancel);
+        self
+    }
+}
+
+impl std::fmt::Debug for TrainOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TrainOptions")
+            .field("config", &self.config)
+            .field("outdir", &self.outdir)
+            .field("allow_config_change", &self.allow_config_change)
+            .field("observer", &self.observer.as_ref().map(|_| ".."))
+            .field("cancel", &self.cancel)
+            .finish()
+    }
 }
 
 /// k-NN top-1 accuracy of the teacher's normalised CLS token, trained and at initialisation.
@@ -68,7 +131,10 @@ pub struct TrainSummary {
     pub last: Option<StepMetrics>,
     pub knn: Option<KnnReport>,
     pub checkpoint: Option<PathBuf>,
+    /// The exported teacher backbone (absent when the run stopped by `dinotrain.stop_after`).
     pub export: PathBuf,
+    /// Why the run returned before its last step; `None` when it ran to the end.
+    pub stopped: Option<StopReason>,
     pub wall_seconds: f64,
     /// Mean training throughput of this call.
     pub images_per_s: f64,
@@ -77,115 +143,6 @@ pub struct TrainSummary {
     /// On CUDA: which library ran this process's GEMMs (cuBLASLt with fused epilogues or
     /// cuBLAS) and how often.
     pub gemms: Option<crate::backend::cuda::GemmStats>,
-}
-
-/// The iteration plan a resolved configuration describes.
-pub fn plan_from_config(r: &ResolvedConfig) -> Result<TrainPlan> {
-    let c = &r.config;
-    let a = &r.arch;
-    let ffn = match a.ffn_layer {
-        FfnLayer::Mlp => Ffn::Mlp {
-            hidden: a.ffn_hidden_dim,
-        },
-        // The SwiGLU layer derives its width from 4·D exactly as `SwiGLUFFNFused` does.
-        FfnLayer::Swiglu | FfnLayer::SwigluFused => Ffn::SwiGlu {
-            hidden: 4 * a.embed_dim,
-        },
-        FfnLayer::Identity => {
-            return Err(Error::Unsupported(
-                "student.ffn_layer = identity (no FFN) is not implemented".into(),
-            ))
-        }
-    };
-    if !a.drop_path_uniform && a.drop_path_rate > 0.0 {
-        return Err(Error::Unsupported(
-            "student.drop_path_uniform = false (linearly increasing rates) is not implemented; \
-             every official config uses uniform rates"
-                .into(),
-        ));
-    }
-    let vit = VitConfig {
-        img_size: a.img_size,
-        patch_size: a.patch_size,
-        in_chans: 3,
-        embed_dim: a.embed_dim,
-        depth: a.depth,
-        num_heads: a.num_heads,
-        ffn,
-        num_register_tokens: a.num_register_tokens,
-        layerscale: (a.layerscale > 0.0).then_some(a.layerscale as f32),
-        interpolate_offset: a.interpolate_offset as f32,
-        interpolate_antialias: a.interpolate_antialias,
-        qkv_bias: a.qkv_bias,
-        proj_bias: a.proj_bias,
-        ffn_bias: a.ffn_bias,
-    };
-    let head = |hidden, bottleneck, k| HeadConfig {
-        hidden_dim: hidden,
-        bottleneck_dim: bottleneck,
-        n_prototypes: k,
-    };
-    Ok(TrainPlan {
-        dino_head: head(
-            c.dino.head_hidden_dim,
-            c.dino.head_bottleneck_dim,
-            c.dino.head_n_prototypes,
-        ),
-        ibot_head: c.ibot.separate_head.then(|| {
-            head(
-                c.ibot.head_hidden_dim,
-                c.ibot.head_bottleneck_dim,
-                c.ibot.head_n_prototypes,
-            )
-        }),
-        losses: LossConfig {
-            method: r.method,
-            dino_loss_weight: c.dino.loss_weight as f32,
-            koleo_loss_weight: c.dino.koleo_loss_weight as f32,
-            ibot_loss_weight: c.ibot.loss_weight as f32,
-            student_temp: STUDENT_TEMP,
-        },
-        centering: c.train.centering,
-        batch_size: c.train.batch_size_per_gpu,
-        n_local_crops: c.crops.local_crops_number,
-        global_crop_size: c.crops.global_crops_size,
-        local_crop_size: c.crops.local_crops_size,
-        mask_probability: c.ibot.mask_sample_probability as f32,
-        mask_ratio_min_max: (
-            c.ibot.mask_ratio_min_max[0] as f32,
-            c.ibot.mask_ratio_min_max[1] as f32,
-        ),
-        drop_path_rate: a.drop_path_rate as f32,
-        schedules: r.schedules,
-        layer_decay: LayerDecay {
-            depth: a.depth,
-            layerwise_decay: c.optim.layerwise_decay,
-            patch_embed_lr_mult: c.optim.patch_embed_lr_mult,
-        },
-        adam: AdamHyper {
-            beta1: c.optim.adamw_beta1,
-            beta2: c.optim.adamw_beta2,
-            ..AdamHyper::default()
-        },
-        clip_grad: c.optim.clip_grad as f32,
-        seed: c.train.seed,
-        precision: None,
-        vit,
-    })
-}
-
-/// The multi-crop recipe of the configuration (official probabilities and jitter).
-pub fn crops_from_config(r: &ResolvedConfig) -> MultiCropConfig {
-    let c = &r.config.crops;
-    MultiCropConfig {
-        global_size: c.global_crops_size as u32,
-        local_size: c.local_crops_size as u32,
-        n_global: 2,
-        n_local: c.local_crops_number,
-        global_scale: (c.global_crops_scale[0], c.global_crops_scale[1]),
-        local_scale: (c.local_crops_scale[0], c.local_crops_scale[1]),
-        ..MultiCropConfig::default()
-    }
 }
 
 /// The training images: a folder, or the embedded demo set.
@@ -460,231 +417,313 @@ struct LoopTimes {
     wait_seconds: f64,
 }
 
-impl LoopTimes {
-    fn summary(
-        &self,
-        run: &RunDir,
-        trainer: &Trainer,
-        first_step: u64,
-        records: &[StepMetrics],
-        knn: Option<KnnReport>,
-        checkpoint: Option<PathBuf>,
-    ) -> TrainSummary {
-        let steps_this_run = trainer.step() - first_step;
+/// How the steps of a call ended, for the summary.
+#[derive(Default)]
+struct RunEnd {
+    knn: Option<KnnReport>,
+    checkpoint: Option<PathBuf>,
+    /// The step count of the last checkpoint this call wrote.
+    saved_at: Option<u64>,
+    stopped: Option<StopReason>,
+    /// Unreadable images the loader replaced.
+    bad_images: u64,
+}
+
+/// One call of [`train`]: the run folder, the trainer on its device, and who hears about it.
+struct Session {
+    r: ResolvedConfig,
+    run: RunDir,
+    log: RunLog,
+    identity: BTreeMap<String, String>,
+    trainer: Trainer,
+    source: Arc<dyn ImageSource>,
+    knn: Option<KnnSources>,
+    observer: Box<dyn TrainObserver + Send>,
+    cancel: Option<CancelHandle>,
+    times: LoopTimes,
+    resuming: bool,
+    first_step: u64,
+    /// Every step's metrics so far, those before a resume included (for the plots).
+    records: Vec<StepMetrics>,
+    end: RunEnd,
+}
+
+impl Session {
+    /// Prepares the run folder, builds the trainer on its device and resumes it when asked;
+    /// also returns the initial student weights (the k-NN baseline).
+    fn open(options: TrainOptions) -> Result<(Self, Vec<f32>)> {
+        let started = Instant::now();
+        let TrainOptions {
+            config: r,
+            outdir,
+            allow_config_change,
+            observer,
+            cancel,
+        } = options;
+        let plan = plan_from_config(&r)?;
+        let run = RunDir::prepare(&r.output_dir, outdir)?;
+        r.write_yaml(&run.root)?;
+        let mut log = RunLog::open(&run.log_path())?;
+        for w in &r.warnings {
+            log.line(&format!("warning: {w}"))?;
+            log::warn!("{w}");
+        }
+        let identity = r.resume_identity()?;
+        let source = training_source(&r)?;
+        let knn = knn_sources(&r)?;
+        // The device is resolved once: `auto` falls back to the CPU with one line saying why.
+        let device = resolve_device(r.device)?;
+        let model = SslModel::new(&plan.vit, plan.dino_head, plan.ibot_head)?;
+        let initial = initial_student(&model, plan.seed, &r.start)?;
+        let mut trainer = Trainer::from_parts_on(plan, model, initial.clone(), device)?;
+        log.line(&format!("device: {}", trainer.device_name()))?;
+        let resuming = outdir == OutdirMode::Resume;
+        if resuming {
+            resume(&run, &mut trainer, &identity, allow_config_change, &mut log)?;
+        }
+        let first_step = trainer.step();
+        let backbone: usize = (trainer.model.table.specs().iter())
+            .filter(|s| s.submodule() == "backbone")
+            .map(|s| s.at.len)
+            .sum();
+        log.line(&format!(
+            "{} images; model {} parameters ({backbone} backbone); {} steps from step {first_step}; batch {}; lr {:.3e}",
+            source.len(),
+            trainer.model.table.len(),
+            r.total_iters,
+            trainer.plan.batch_size,
+            r.lr
+        ))?;
+        let session = Session {
+            run,
+            log,
+            identity,
+            trainer,
+            source,
+            knn,
+            observer: observer.unwrap_or_else(|| Box::new(LogMessages)),
+            cancel,
+            times: LoopTimes {
+                started,
+                train_seconds: 0.0,
+                wait_seconds: 0.0,
+            },
+            resuming,
+            first_step,
+            records: Vec::new(),
+            end: RunEnd::default(),
+            r,
+        };
+        Ok((session, initial))
+    }
+
+    /// k-NN top-1 (%) of `weights` on the run's labelled sources (`None` without them).
+    fn knn_of(&mut self, weights: EvalWeights<'_>) -> Result<Option<f64>> {
+        let d = &self.r.config.dinotrain;
+        let (k, temperature) = (d.knn_k, d.knn_temperature as f32);
+        match &self.knn {
+            Some(sources) => {
+                knn_accuracy(&mut self.trainer, weights, sources, k, temperature).map(Some)
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// Writes a checkpoint, prunes the old ones and tells the observer.
+    fn checkpoint(&mut self) -> Result<()> {
+        let n_images = self.source.len() as u64;
+        let path = save_checkpoint(&self.run, &mut self.trainer, &self.identity, n_images)?;
+        let keep = self.r.config.dinotrain.keep_checkpoints.max(1);
+        checkpoint::prune(&self.run.checkpoints(), keep)?;
+        self.observer.on_checkpoint(&path, self.trainer.step());
+        self.end.checkpoint = Some(path);
+        self.end.saved_at = Some(self.trainer.step());
+        Ok(())
+    }
+
+    /// Runs the steps up to the end of the run, or until a stop (recorded in `self.end`).
+    fn steps(&mut self) -> Result<()> {
+        let (r, plan) = (&self.r, &self.trainer.plan);
+        let loader_cfg = LoaderConfig {
+            crops: crops_from_config(r),
+            workers: match r.config.dinotrain.workers {
+                0 => LoaderConfig::default().workers,
+                n => n,
+            },
+            ..LoaderConfig::default()
+        };
+        let first_step = self.first_step;
+        let mut loader = Loader::new(
+            Arc::clone(&self.source),
+            loader_cfg,
+            plan.batch_size,
+            plan.seed,
+            first_step,
+        )?;
+        let mut metrics = MetricsWriter::open(&self.run.metrics_path(), Some(first_step))?;
+        if self.resuming {
+            self.records = super::metrics::read(&self.run.metrics_path())?;
+        }
+        self.records.retain(|m| m.step < first_step);
+        let every = |n: u64, step: u64| n > 0 && (step + 1) % n == 0;
+        let (total, checkpoint_every) = (self.r.total_iters, self.r.checkpoint_every);
+        let d = self.r.config.dinotrain.clone();
+        let loop_start = Instant::now();
+        while self.trainer.step() < total {
+            let step_start = Instant::now();
+            let waited_before = loader.wait_seconds();
+            let batch = loader.next_batch()?;
+            let record = match self.trainer.train_step(&batch.global, &batch.local) {
+                Ok(record) => record,
+                Err(e @ Error::NonFinite { .. }) => {
+                    let line = format!("stopped: {e}; the last good checkpoint is kept");
+                    self.log.line(&line)?;
+                    self.observer.on_loop_end();
+                    return Err(e);
+                }
+                Err(e) => return Err(e),
+            };
+            let epoch = batch.epoch;
+            loader.recycle(batch);
+            let step_seconds = step_start.elapsed().as_secs_f64();
+            let waited = loader.wait_seconds() - waited_before;
+            self.times.train_seconds += step_seconds;
+            self.times.wait_seconds += waited;
+            let m = metrics_of(
+                &record,
+                epoch,
+                self.trainer.plan.batch_size as f64 / step_seconds.max(1e-9),
+                waited / step_seconds.max(1e-9),
+                loop_start.elapsed().as_secs_f64(),
+            );
+            metrics.write(&m)?;
+            let control = self.observer.on_step(&m);
+            self.records.push(m);
+            let step = record.step;
+            let more = self.trainer.step() < total;
+            if every(checkpoint_every, step) && more {
+                self.checkpoint()?;
+            }
+            if every(d.plot_every, step) {
+                plot::write_png(&self.records, "dinotrain", &self.run.plot_path())?;
+            }
+            let cancelled = self.cancel.as_ref().is_some_and(CancelHandle::is_cancelled);
+            self.end.stopped = match (control, cancelled) {
+                _ if !more => None,
+                (Control::Stop, _) => Some(StopReason::Observer),
+                (_, true) => Some(StopReason::Cancelled),
+                _ if d.stop_after == Some(self.trainer.step() - first_step) => {
+                    Some(StopReason::StopAfter)
+                }
+                _ => None,
+            };
+            if self.end.stopped.is_some() {
+                break;
+            }
+            if every(d.knn_every, step) && more {
+                // The teacher is read where it lives: no download of the whole state.
+                if let Some(acc) = self.knn_of(EvalWeights::Teacher)? {
+                    let line = format!("step {}: k-NN top-1 (k={}) {acc:.2}%", step + 1, d.knn_k);
+                    self.observer.on_knn(step + 1, d.knn_k, acc);
+                    self.observer.on_message(&line);
+                    self.log.line(&line)?;
+                }
+            }
+        }
+        self.observer.on_loop_end();
+        self.end.bad_images = loader.bad_images();
+        Ok(())
+    }
+
+    /// After the steps: a last checkpoint, the plots, the exported teacher and, for a run that
+    /// reached its end, k-NN of the trained teacher next to `initial_knn`.
+    fn finish(mut self, initial_knn: Option<f64>) -> Result<TrainSummary> {
+        let step = self.trainer.step();
+        match self.end.stopped {
+            Some(StopReason::StopAfter) => {
+                let n = step - self.first_step;
+                let line =
+                    format!("stopped after {n} steps (dinotrain.stop_after), at step {step}");
+                self.log.line(&line)?;
+                return Ok(self.summary());
+            }
+            Some(reason) => self
+                .log
+                .line(&format!("stopped at step {step} ({reason})"))?,
+            None => {}
+        }
+        // A stop right after a periodic checkpoint needs no second one.
+        if self.end.saved_at != Some(step) {
+            self.checkpoint()?;
+        }
+        if !self.records.is_empty() {
+            plot::write_png(&self.records, "dinotrain", &self.run.plot_path())?;
+        }
+        export_teacher(&self.run, &mut self.trainer, &mut self.log)?;
+        if let (Some(initial_top1), None) = (initial_knn, self.end.stopped) {
+            if let Some(trained) = self.knn_of(EvalWeights::Teacher)? {
+                self.final_knn(initial_top1, trained)?;
+            }
+        }
+        let bad = self.end.bad_images;
+        if bad > 0 {
+            let line = format!("{bad} unreadable images were replaced during training");
+            self.log.line(&line)?;
+        }
+        Ok(self.summary())
+    }
+
+    /// Reports and records k-NN of the trained teacher.
+    fn final_knn(&mut self, initial_top1: f64, trained: f64) -> Result<()> {
+        let Some((train, test)) = &self.knn else {
+            return Ok(());
+        };
+        let k = self.r.config.dinotrain.knn_k;
+        let step = self.trainer.step();
+        self.observer.on_knn(step, k, trained);
+        let report = KnnReport {
+            k,
+            initial_top1,
+            trained_top1: trained,
+            n_train: train.len(),
+            n_test: test.len(),
+        };
+        self.log.line(&format!(
+            "k-NN top-1 (k={k}): trained teacher {trained:.2}%, at initialisation {initial_top1:.2}%"
+        ))?;
+        let json = serde_json::json!({
+            "k": k, "trained_top1": trained, "initial_top1": initial_top1,
+            "n_train": report.n_train, "n_test": report.n_test, "step": step,
+        });
+        crate::io::write_atomic(&self.run.knn_path(), json.to_string().as_bytes())?;
+        self.end.knn = Some(report);
+        Ok(())
+    }
+
+    fn summary(self) -> TrainSummary {
+        let trainer = &self.trainer;
+        let t = &self.times;
+        let steps_this_run = trainer.step() - self.first_step;
         let images = steps_this_run as f64 * trainer.plan.batch_size as f64;
         TrainSummary {
-            output_dir: run.root.clone(),
+            output_dir: self.run.root.clone(),
             steps: trainer.step(),
             steps_this_run,
-            last: records.last().cloned(),
-            knn,
-            checkpoint,
-            export: run.export_path(),
-            wall_seconds: self.started.elapsed().as_secs_f64(),
-            images_per_s: images / self.train_seconds.max(1e-9),
-            data_wait_share: self.wait_seconds / self.train_seconds.max(1e-9),
+            last: self.records.last().cloned(),
+            knn: self.end.knn,
+            checkpoint: self.end.checkpoint,
+            export: self.run.export_path(),
+            stopped: self.end.stopped,
+            wall_seconds: t.started.elapsed().as_secs_f64(),
+            images_per_s: images / t.train_seconds.max(1e-9),
+            data_wait_share: t.wait_seconds / t.train_seconds.max(1e-9),
             gemms: trainer.gemm_stats(),
         }
     }
 }
 
-/// Trains as configured. See the module documentation.
-///
-/// ```
-/// use dinotrain::train::config::{ConfigBuilder, Preset, ResolvedConfig};
-/// use dinotrain::train::{outdir::OutdirMode, progress::ProgressMode, train, TrainOptions};
-///
-/// let out = std::env::temp_dir().join(format!("dinotrain-doc-{}", std::process::id()));
-/// let mut b = ConfigBuilder::new(Preset::Demo)?; // the demo model on the embedded images
-/// b.flag("out", &out.to_string_lossy())?.flag("steps", "2")?.flag("batch-size", "8")?;
-/// b.set("dinotrain.knn=false")?; // skip k-NN to keep the example fast
-/// let (config, warnings) = b.build()?;
-/// let summary = train(TrainOptions {
-///     config: ResolvedConfig::resolve(config, warnings)?,
-///     outdir: OutdirMode::Fresh,
-///     allow_config_change: false,
-///     progress: ProgressMode::Silent,
-/// })?;
-/// assert_eq!(summary.steps, 2);
-/// assert!(summary.export.exists());
-/// # std::fs::remove_dir_all(&out).ok();
-/// # Ok::<(), dinotrain::Error>(())
-/// ```
-pub fn train(options: TrainOptions) -> Result<TrainSummary> {
-    let mut times = LoopTimes {
-        started: Instant::now(),
-        train_seconds: 0.0,
-        wait_seconds: 0.0,
-    };
-    let r = &options.config;
-    let plan = plan_from_config(r)?;
-    let run = RunDir::prepare(&r.output_dir, options.outdir)?;
-    r.write_yaml(&run.root)?;
-    let mut log = RunLog::open(&run.log_path())?;
-    for w in &r.warnings {
-        log.line(&format!("warning: {w}"))?;
-        eprintln!("warning: {w}");
-    }
-    let identity = r.resume_identity()?;
-
-    let source = training_source(r)?;
-    let n_images = source.len() as u64;
-    let knn = knn_sources(r)?;
-    // The device is resolved once: `auto` falls back to the CPU with one line saying why.
-    let device = resolve_device(r.device)?;
-    let model = SslModel::new(&plan.vit, plan.dino_head, plan.ibot_head)?;
-    let initial = initial_student(&model, plan.seed, &r.start)?;
-    let mut trainer = Trainer::from_parts_on(plan.clone(), model, initial.clone(), device)?;
-    log.line(&format!("device: {}", trainer.device_name()))?;
-    let resuming = options.outdir == OutdirMode::Resume;
-    if resuming {
-        resume(
-            &run,
-            &mut trainer,
-            &identity,
-            options.allow_config_change,
-            &mut log,
-        )?;
-    }
-    let first_step = trainer.step();
-    let total = r.total_iters;
-    log.line(&format!(
-        "{} images; model {} parameters ({} backbone); {} steps from step {first_step}; batch {}; lr {:.3e}",
-        n_images,
-        trainer.model.table.len(),
-        trainer
-            .model
-            .table
-            .specs()
-            .iter()
-            .filter(|s| s.submodule() == "backbone")
-            .map(|s| s.at.len)
-            .sum::<usize>(),
-        total,
-        plan.batch_size,
-        r.lr
-    ))?;
-
-    let k = r.config.dinotrain.knn_k;
-    let temperature = r.config.dinotrain.knn_temperature as f32;
-    let mut progress = Progress::new(options.progress, first_step, total);
-    progress.message(&format!("training on {}", trainer.device_name()));
-    let initial_knn = match &knn {
-        Some(sources) if first_step < total || !resuming => {
-            progress.message("k-NN of the model at initialisation ...");
-            Some(knn_accuracy(
-                &mut trainer,
-                EvalWeights::Host(&initial),
-                sources,
-                k,
-                temperature,
-            )?)
-        }
-        _ => None,
-    };
-    if let Some(acc) = initial_knn {
-        log.line(&format!("k-NN top-1 (k={k}) at initialisation: {acc:.2}%"))?;
-    }
-
-    let loader_cfg = LoaderConfig {
-        crops: crops_from_config(r),
-        workers: match r.config.dinotrain.workers {
-            0 => LoaderConfig::default().workers,
-            n => n,
-        },
-        ..LoaderConfig::default()
-    };
-    let mut loader = Loader::new(
-        Arc::clone(&source),
-        loader_cfg,
-        plan.batch_size,
-        plan.seed,
-        first_step,
-    )?;
-    let mut metrics = MetricsWriter::open(&run.metrics_path(), Some(first_step))?;
-    let mut records = if resuming {
-        super::metrics::read(&run.metrics_path())?
-    } else {
-        Vec::new()
-    };
-    records.retain(|m| m.step < first_step);
-    let every = |n: u64, step: u64| n > 0 && (step + 1) % n == 0;
-    let d = &r.config.dinotrain;
-    let mut last_checkpoint = None;
-    let loop_start = Instant::now();
-    while trainer.step() < total {
-        let step_start = Instant::now();
-        let waited_before = loader.wait_seconds();
-        let batch = loader.next_batch()?;
-        let record = match trainer.train_step(&batch.global, &batch.local) {
-            Ok(record) => record,
-            Err(e @ Error::NonFinite { .. }) => {
-                log.line(&format!("stopped: {e}; the last good checkpoint is kept"))?;
-                progress.finish();
-                return Err(e);
-            }
-            Err(e) => return Err(e),
-        };
-        let epoch = batch.epoch;
-        loader.recycle(batch);
-        let step_seconds = step_start.elapsed().as_secs_f64();
-        let waited = loader.wait_seconds() - waited_before;
-        times.train_seconds += step_seconds;
-        times.wait_seconds += waited;
-        let images_per_s = plan.batch_size as f64 / step_seconds.max(1e-9);
-        let wait_share = waited / step_seconds.max(1e-9);
-        let m = metrics_of(
-            &record,
-            epoch,
-            images_per_s,
-            wait_share,
-            loop_start.elapsed().as_secs_f64(),
-        );
-        metrics.write(&m)?;
-        progress.step(&StepReport {
-            step: record.step,
-            epoch,
-            loss: record.losses.loss as f64,
-            images_per_s,
-            data_wait_share: wait_share,
-        });
-        records.push(m);
-        let step = record.step;
-        if every(r.checkpoint_every, step) && trainer.step() < total {
-            last_checkpoint = Some(save_checkpoint(&run, &mut trainer, &identity, n_images)?);
-            checkpoint::prune(&run.checkpoints(), d.keep_checkpoints.max(1))?;
-        }
-        if every(d.plot_every, step) {
-            plot::write_png(&records, "dinotrain", &run.plot_path())?;
-        }
-        if d.stop_after == Some(trainer.step() - first_step) && trainer.step() < total {
-            progress.finish();
-            log.line(&format!(
-                "stopped after {} steps (dinotrain.stop_after), at step {}",
-                trainer.step() - first_step,
-                trainer.step()
-            ))?;
-            return Ok(times.summary(&run, &trainer, first_step, &records, None, last_checkpoint));
-        }
-        if let Some(sources) = &knn {
-            if every(d.knn_every, step) && trainer.step() < total {
-                // The teacher is read where it lives: no download of the whole state.
-                let acc =
-                    knn_accuracy(&mut trainer, EvalWeights::Teacher, sources, k, temperature)?;
-                progress.message(&format!("step {}: k-NN top-1 (k={k}) {acc:.2}%", step + 1));
-                log.line(&format!("step {}: k-NN top-1 (k={k}) {acc:.2}%", step + 1))?;
-            }
-        }
-    }
-    progress.finish();
-    let steps_this_run = trainer.step() - first_step;
-    if steps_this_run > 0 || last_checkpoint.is_none() {
-        last_checkpoint = Some(save_checkpoint(&run, &mut trainer, &identity, n_images)?);
-        checkpoint::prune(&run.checkpoints(), d.keep_checkpoints.max(1))?;
-    }
-    if !records.is_empty() {
-        plot::write_png(&records, "dinotrain", &run.plot_path())?;
-    }
+/// Exports the teacher backbone with official keys.
+fn export_teacher(run: &RunDir, trainer: &mut Trainer, log: &mut RunLog) -> Result<()> {
     let export = run.export_path();
     let mut meta = arch_metadata(&trainer.model.backbone.cfg);
     meta.insert("dinotrain.step".into(), trainer.step().to_string());
@@ -699,45 +738,56 @@ pub fn train(options: TrainOptions) -> Result<TrainSummary> {
     log.line(&format!(
         "exported the teacher backbone to {}",
         export.display()
-    ))?;
-
-    let knn_report = match (&knn, initial_knn) {
-        (Some(sources), Some(initial_top1)) => {
-            let trained =
-                knn_accuracy(&mut trainer, EvalWeights::Teacher, sources, k, temperature)?;
-            let report = KnnReport {
-                k,
-                initial_top1,
-                trained_top1: trained,
-                n_train: sources.0.len(),
-                n_test: sources.1.len(),
-            };
-            log.line(&format!(
-                "k-NN top-1 (k={k}): trained teacher {trained:.2}%, at initialisation {initial_top1:.2}%"
-            ))?;
-            let json = serde_json::json!({
-                "k": k, "trained_top1": trained, "initial_top1": initial_top1,
-                "n_train": report.n_train, "n_test": report.n_test, "step": trainer.step(),
-            });
-            crate::io::write_atomic(&run.knn_path(), json.to_string().as_bytes())?;
-            Some(report)
-        }
-        _ => None,
-    };
-    let bad = loader.bad_images();
-    if bad > 0 {
-        log.line(&format!(
-            "{bad} unreadable images were replaced during training"
-        ))?;
-    }
-    Ok(times.summary(
-        &run,
-        &trainer,
-        first_step,
-        &records,
-        knn_report,
-        last_checkpoint,
     ))
+}
+
+/// Trains as configured: see the module documentation. An observer in `options` sees every
+/// step and may stop the run; so may its cancel handle. A stopped run writes a checkpoint and
+/// the teacher backbone, skips the final k-NN, and says why in [`TrainSummary::stopped`].
+///
+/// ```
+/// use dinotrain::train::{train, Preset, TrainConfig, TrainOptions};
+///
+/// let out = std::env::temp_dir().join(format!("dinotrain-doc-{}", std::process::id()));
+/// let config = TrainConfig::preset(Preset::Demo) // the demo model on the embedded images
+///     .steps(2)
+///     .batch_size(8)
+///     .output_dir(&out)
+///     .knn(false); // skip k-NN to keep the example fast
+/// let summary = train(TrainOptions::new(config.resolve()?))?;
+/// assert_eq!(summary.steps, 2);
+/// assert!(summary.export.exists());
+/// # std::fs::remove_dir_all(&out).ok();
+/// # Ok::<(), dinotrain::Error>(())
+/// ```
+pub fn train(options: TrainOptions) -> Result<TrainSummary> {
+    let (mut s, initial) = Session::open(options)?;
+    let total = s.r.total_iters;
+    s.observer.on_start(&RunStart {
+        first_step: s.first_step,
+        total_steps: total,
+        batch_size: s.trainer.plan.batch_size,
+        device: s.trainer.device_name(),
+    });
+    let device = s.trainer.device_name();
+    s.observer.on_message(&format!("training on {device}"));
+    let initial_knn = if s.knn.is_some() && (s.first_step < total || !s.resuming) {
+        s.observer
+            .on_message("k-NN of the model at initialisation ...");
+        let acc = s.knn_of(EvalWeights::Host(&initial))?;
+        if let Some(acc) = acc {
+            let k = s.r.config.dinotrain.knn_k;
+            s.observer.on_knn(0, k, acc);
+            s.log
+                .line(&format!("k-NN top-1 (k={k}) at initialisation: {acc:.2}%"))?;
+        }
+        acc
+    } else {
+        None
+    };
+    drop(initial);
+    s.steps()?;
+    s.finish(initial_knn)
 }
 
 /// The k-NN accuracy summary line for people.
@@ -746,32 +796,4 @@ pub fn knn_line(r: &KnnReport) -> String {
         "k-NN top-1 (k={}, {} train / {} test images): trained teacher {:.2}%, same model at initialisation {:.2}%",
         r.k, r.n_train, r.n_test, r.trained_top1, r.initial_top1
     )
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::train::config::{ConfigBuilder, Preset};
-
-    #[test]
-    fn the_demo_preset_resolves_to_a_valid_plan() {
-        let (config, warnings) = ConfigBuilder::new(Preset::Demo).unwrap().build().unwrap();
-        let r = ResolvedConfig::resolve(config, warnings).unwrap();
-        let plan = plan_from_config(&r).unwrap();
-        assert_eq!(plan.vit.patch_size, r.arch.patch_size);
-        assert_eq!(plan.global_crop_size % plan.vit.patch_size, 0);
-        assert_eq!(plan.centering, r.config.train.centering);
-        assert!(matches!(plan.vit.ffn, Ffn::Mlp { hidden } if hidden == 4 * plan.vit.embed_dim));
-    }
-
-    #[test]
-    fn swiglu_configs_build_the_official_width() {
-        let mut b = ConfigBuilder::new(Preset::Official).unwrap();
-        b.set("student.ffn_layer=swiglufused").unwrap();
-        b.set("student.arch=vit_small").unwrap();
-        let (config, warnings) = b.build().unwrap();
-        let r = ResolvedConfig::resolve(config, warnings).unwrap();
-        let plan = plan_from_config(&r).unwrap();
-        assert_eq!(plan.vit.ffn, Ffn::SwiGlu { hidden: 4 * 384 });
-    }
 }

@@ -511,10 +511,13 @@ impl CudaBackend {
                 .map_err(|_| Error::Cuda("cuBLASLt heuristic cache poisoned".into()))?
                 .insert(key, None);
             if self.lt.refused.fetch_add(1, Ordering::Relaxed) == 0 {
-                eprintln!(
-                    "warning: cuBLASLt refused a {}x{}x{} GEMM ({kind:?} epilogue, batch {}): \
+                log::warn!(
+                    "cuBLASLt refused a {}x{}x{} GEMM ({kind:?} epilogue, batch {}): \
                      {e}; such problems run on cuBLAS (further refusals are only counted)",
-                    problem.cols, problem.depth, problem.rows, problem.batch
+                    problem.cols,
+                    problem.depth,
+                    problem.rows,
+                    problem.batch
                 );
             }
             return Ok(LtOutcome::Unsupported);

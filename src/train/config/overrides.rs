@@ -1,4 +1,4 @@
-//! Building a [`Config`] from layers: a preset, YAML files merged over it the way OmegaConf
+//! Building a [`TrainConfig`] from layers: a preset, YAML files merged over it the way OmegaConf
 //! merges (groups recursively, leaves replaced), then `--set key=value` overrides.
 //!
 //! Every value is type-checked against the default's YAML type before it is stored, so a bad
@@ -7,7 +7,7 @@
 //! file is a warning (an official config from a newer release still loads). Official keys that
 //! dinotrain reads but does not act on draw a warning when they differ from the base.
 
-use super::{Config, Preset};
+use super::{Preset, TrainConfig};
 use crate::error::{Error, Result};
 use serde_yaml_ng::Value;
 use std::collections::BTreeMap;
@@ -105,7 +105,7 @@ impl ConfigBuilder {
     }
 
     /// Starts from any configuration.
-    pub fn from_config(config: &Config) -> Result<Self> {
+    pub fn from_config(config: &TrainConfig) -> Result<Self> {
         let tree = serde_yaml_ng::to_value(config)
             .map_err(|e| Error::Config(format!("cannot represent the configuration: {e}")))?;
         Ok(ConfigBuilder {
@@ -222,7 +222,7 @@ impl ConfigBuilder {
     }
 
     /// The validated configuration and the warnings gathered on the way.
-    pub fn build(&self) -> Result<(Config, Vec<ConfigWarning>)> {
+    pub fn build(&self) -> Result<(TrainConfig, Vec<ConfigWarning>)> {
         let config = parse(&self.tree, "configuration")?;
         let mut warnings = self.warnings.clone();
         for (key, value) in config.flatten()? {
@@ -245,7 +245,7 @@ impl ConfigBuilder {
     }
 }
 
-fn parse(tree: &Value, source: &str) -> Result<Config> {
+fn parse(tree: &Value, source: &str) -> Result<TrainConfig> {
     serde_yaml_ng::from_value(tree.clone()).map_err(|e| Error::Config(format!("{source}: {e}")))
 }
 
@@ -372,7 +372,7 @@ fn nullable(key: &str) -> bool {
     static NULLABLE: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
     NULLABLE
         .get_or_init(|| {
-            let tree = serde_yaml_ng::to_value(Config::default()).unwrap_or(Value::Null);
+            let tree = serde_yaml_ng::to_value(TrainConfig::default()).unwrap_or(Value::Null);
             let mut flat = BTreeMap::new();
             flatten_into(&tree, "", &mut flat);
             flat.into_iter()

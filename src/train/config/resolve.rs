@@ -1,7 +1,7 @@
 //! Stage two: a validated [`ResolvedConfig`] with every derived value the loop needs (scaled
 //! learning rate, iteration counts, schedule parameters, the architecture, the starting point).
 
-use super::{Config, ConfigWarning, FfnLayer, Method, ScalingRule, StepsSchedule};
+use super::{ConfigWarning, FfnLayer, Method, ScalingRule, StepsSchedule, TrainConfig};
 use crate::backend::Device;
 use crate::error::{Error, Result};
 use crate::optim::{CosineScheduler, Schedules};
@@ -45,7 +45,7 @@ pub enum StartingPoint {
 #[derive(Clone, Debug, PartialEq)]
 pub struct ResolvedConfig {
     /// The configuration as given, with `optim.lr` set by the scaling rule.
-    pub config: Config,
+    pub config: TrainConfig,
     pub warnings: Vec<ConfigWarning>,
     pub method: Method,
     pub device: Device,
@@ -88,7 +88,7 @@ const RESUME_VOLATILE: &[&str] = &[
 
 impl ResolvedConfig {
     /// Validates `config` and derives the plan.
-    pub fn resolve(mut config: Config, mut warnings: Vec<ConfigWarning>) -> Result<Self> {
+    pub fn resolve(mut config: TrainConfig, mut warnings: Vec<ConfigWarning>) -> Result<Self> {
         validate(&config)?;
         let device: Device = config.dinotrain.device.parse()?;
         let world_size = 1;
@@ -211,7 +211,7 @@ impl ResolvedConfig {
     }
 }
 
-fn architecture(config: &Config) -> Result<(Architecture, StartingPoint)> {
+fn architecture(config: &TrainConfig) -> Result<(Architecture, StartingPoint)> {
     let s = &config.student;
     let d = &config.dinotrain;
     let weights = match (&d.model, s.pretrained_weights.as_str()) {
@@ -284,7 +284,7 @@ fn architecture(config: &Config) -> Result<(Architecture, StartingPoint)> {
     Ok((arch, start))
 }
 
-fn validate(c: &Config) -> Result<()> {
+fn validate(c: &TrainConfig) -> Result<()> {
     let mut problems = Vec::new();
     let mut need = |ok: bool, what: String| {
         if !ok {
