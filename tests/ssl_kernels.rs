@@ -18,8 +18,8 @@ use dinotrain::ssl::{
 use dinotrain::Error;
 use kernel_support::reference::{koleo_loss_f64, koleo_reference, sinkhorn_reference};
 use kernel_support::{
-    assert_close, assert_each_close, cpu, down, gpu, nans, randn, rel_err, to_f64, uniform, up,
-    up_i64, up_u8, Tol,
+    assert_close, assert_each_close, bits, cpu, down, gpu, nans, randn, rel_err, to_f64, uniform,
+    up, up_i64, up_u8, Tol,
 };
 
 /// The draws the CPU unit tests used (uniform in `[-scale, scale)`).
@@ -312,6 +312,11 @@ fn check_koleo<B: Backend>(be: &mut B, tol: Tol) {
         );
         let got = down(be, &dx);
         assert_close(&format!("koleo dx b{b} d{d}"), &got, &ref_dx, tol.at(1e-4));
+        // The forward alone gives the same loss.
+        let mut alone = nans(be, 1);
+        be.koleo_forward(&mut alone, &mut state, &d_x, b, d)
+            .unwrap();
+        assert_eq!(bits(&down(be, &alone)), bits(&down(be, &loss)));
     }
     let one_row = up(be, &[1.0, 2.0, 3.0]);
     let mut state = be.koleo_state(1, 3).unwrap();
