@@ -18,9 +18,9 @@ use dinotrain::backend::cuda::{
     ResolvedDevice, GENERAL_MAX_HEAD_DIM,
 };
 use dinotrain::backend::{
-    Accumulate, AttentionOps, AttentionShape, Backend, Buffers, Device, Gemm, InputGrad,
-    LinearDims, LinearOut, LnParams, LnSaved, LnStats, NormOut, NormShape, Residual, Storage,
-    Transpose,
+    Accumulate, AttentionOps, AttentionShape, Backend, Buffers, Device, Gemm, GemmBatch, InputGrad,
+    LinearDims, LinearOut, LnParams, LnSaved, LnStats, NormOut, NormShape, Residual, SampleSubset,
+    Storage, TokenLayout, Transpose,
 };
 use dinotrain::Error;
 use kernel_support::reference::{
@@ -29,7 +29,7 @@ use kernel_support::reference::{
 };
 use kernel_support::{
     as_operand, assert_close, assert_each_close, bits, cpu, down, down_half, gpu, nans, nans_half,
-    operand_values, randn, round_bf16, rounds_operands, to_f64, uniform, up, up_half, Tol,
+    operand_values, randn, round_bf16, rounds_operands, to_f64, uniform, up, up_half, up_i64, Tol,
 };
 
 // ---- the CUDA device and its kernels ------------------------------------------------------
@@ -174,6 +174,46 @@ fn gemm_matches_f64_in_every_transpose_layout_and_write_mode() {
             }
         }
     }
+}
+
+/// The batched f32 products (the position-embedding resampling): plain f32 arithmetic on every
+/// backend. Three products of one shape, `a` and `c` strided, `b` shared (stride 0).
+fn check_matmul_f32<B: Backend>(be: &mut B, tol: Tol) {
+    let (batch, m, k, n) = (3, 7, 5, 6);
+    for (case, (ta, tb)) in LAYOUTS.into_iter().enumerate() {
+        let a = randn(90 + case as u64, batch * m * k, 1.0);
+        let b = randn(95 + case as u64, k * n, 1.0);
+        let c0 = randn(99, batch * m * n, 1.0);
+        let (da, db) = (up(be, &a), up(be, &b));
+        for acc in [Accumulate::Add, Accumulate::Overwrite] {
+            let mut dc = up(be, &c0);
+            let g = GemmBatch {
+                gemm: Gemm::nn(m, k, n).t(ta, tb).acc(acc),
+                batch,
+                stride_a: m * k,
+                stride_b: 0,
+                stride_c: m * n,
+            };
+            be.matmul_f32(&mut dc, &da, &db, g).unwrap();
+            let mut reference = match acc {
+                Accumulate::Add => to_f64(&c0),
+                Accumulate::Overwrite => vec![0.0; batch * m * n],
+            };
+            for (i, c) in reference.chunks_mut(m * n).enumerate() {
+                let a = &a[i * m * k..(i + 1) * m * k];
+                gemm_reference(c, a, ta, &b, tb, m, k, n);
+            }
+            let name = format!("matmul_f32 {batch} x {m}x{k}x{n} {ta:?} {tb:?} {acc:?}");
+            assert_close(&name, &down(be, &dc), &reference, tol.at(1e-6));
+        }
+    }
+}
+
+#[test]
+fn batched_f32_gemm_matches_f64() {
+    check_matmul_f32(&mut cpu(), Tol::f32(1e-6));
+    let Some(mut gpu) = gpu() else { return };
+    check_matmul_f32(&mut gpu, Tol::CUDA);
 }
 
 /// A linear layer `y = x · Wᵀ + b` through the trait: forward into f32 (with and without a
@@ -947,6 +987,100 @@ fn cuda_attention_general_kernels_agree_with_the_fast_kernels() {
             2e-2,
         );
     }
+}
+
+// ---- tokens and samples -------------------------------------------------------------------
+
+/// Token assembly `[cls + pos[0], reg.., pe + pos[1 + p]]` with and without registers, the
+/// scaled gather of kept samples, and the residual add into a batch subset (kept samples with
+/// LayerScale, or the first samples without).
+fn check_tokens_and_samples<B: Backend>(be: &mut B, tol: Tol) {
+    let (batch, patches, c) = (3, 10, 24);
+    let pe = randn(80, batch * patches * c, 1.0);
+    let cls = randn(81, c, 1.0);
+    let pos = randn(82, (1 + patches) * c, 1.0);
+    let reg = randn(83, 2 * c, 1.0);
+    let (d_pe, d_cls, d_pos, d_reg) = (up(be, &pe), up(be, &cls), up(be, &pos), up(be, &reg));
+    for registers in [0, 2] {
+        let layout = TokenLayout {
+            batch,
+            patches,
+            registers,
+            channels: c,
+        };
+        let t = layout.tokens();
+        let mut x = nans(be, batch * t * c);
+        let regs = (registers > 0).then_some(&*d_reg);
+        be.assemble_tokens(&mut x, &d_pe, &d_cls, regs, &d_pos, layout)
+            .unwrap();
+        let want: Vec<f32> = (0..batch * t * c)
+            .map(|i| {
+                let (b, tok, j) = (i / (t * c), (i / c) % t, i % c);
+                match tok {
+                    0 => cls[j] + pos[j],
+                    _ if tok <= registers => reg[(tok - 1) * c + j],
+                    _ => {
+                        let p = tok - 1 - registers;
+                        pe[(b * patches + p) * c + j] + pos[(1 + p) * c + j]
+                    }
+                }
+            })
+            .collect();
+        assert_eq!(down(be, &x), want, "{registers} registers");
+    }
+
+    // Samples of `len` values (2 tokens of c channels) in a batch of 5; three kept, unsorted.
+    let (batch, len) = (5, 2 * c);
+    let x = randn(84, batch * len, 1.0);
+    let kept = [3i64, 0, 4];
+    let (d_x, d_kept) = (up(be, &x), up_i64(be, &kept));
+    let mut gathered = nans(be, kept.len() * len);
+    be.gather_samples_scaled(&mut gathered, &d_x, &d_kept, len, 1.25)
+        .unwrap();
+    let want: Vec<f32> = kept
+        .iter()
+        .flat_map(|&i| {
+            x[i as usize * len..(i as usize + 1) * len]
+                .iter()
+                .map(|v| 1.25 * v)
+        })
+        .collect();
+    assert_eq!(down(be, &gathered), want);
+
+    let y = randn(85, kept.len() * len, 1.0);
+    let gamma = randn(86, c, 0.5);
+    let (d_y, d_gamma) = (up(be, &y), up(be, &gamma));
+    for (kept_given, samples) in [(true, kept.len()), (false, 2)] {
+        let mut d_x = up(be, &x);
+        let subset = SampleSubset {
+            kept: kept_given.then_some(&*d_kept),
+            samples,
+            batch,
+            sample_len: len,
+            channels: c,
+        };
+        let branch = d_y.window(0..samples * len).unwrap();
+        let scale = kept_given.then_some(&*d_gamma);
+        be.residual_add_samples(&mut d_x, &branch, scale, subset, 1.25)
+            .unwrap();
+        let mut want = to_f64(&x);
+        for j in 0..samples {
+            let i = if kept_given { kept[j] as usize } else { j };
+            for e in 0..len {
+                let g = if kept_given { gamma[e % c] as f64 } else { 1.0 };
+                want[i * len + e] += 1.25 * g * y[j * len + e] as f64;
+            }
+        }
+        let name = format!("residual_add_samples (kept given: {kept_given})");
+        assert_close(&name, &down(be, &d_x), &want, tol.at(1e-6));
+    }
+}
+
+#[test]
+fn token_assembly_and_sample_subsets_match_reference() {
+    check_tokens_and_samples(&mut cpu(), Tol::f32(2e-7));
+    let Some(mut gpu) = gpu() else { return };
+    check_tokens_and_samples(&mut gpu, Tol::CUDA);
 }
 
 // ---- LayerNorm ----------------------------------------------------------------------------

@@ -18,8 +18,8 @@ use dinotrain::ssl::{
 use dinotrain::Error;
 use kernel_support::reference::{koleo_loss_f64, koleo_reference, sinkhorn_reference};
 use kernel_support::{
-    assert_close, assert_each_close, bits, cpu, down, gpu, nans, randn, rel_err, to_f64, uniform,
-    up, up_i64, up_u8, Tol,
+    as_operand, assert_close, assert_each_close, bits, cpu, down, down_half, gpu, nans, nans_half,
+    randn, rel_err, to_f64, uniform, up, up_i64, up_u8, Tol,
 };
 
 /// The draws the CPU unit tests used (uniform in `[-scale, scale)`).
@@ -384,6 +384,86 @@ fn cpu_koleo_backward_accumulates_on_request() {
     }
 }
 
+/// The DINO head's row L2 normalisation, forward (f32 and as an operand) and backward, with
+/// one row below `eps` (clamped: `z = y / eps`, `dy = dz / eps`).
+fn check_l2_normalize<B: Backend>(be: &mut B, tol: Tol) {
+    let (rows, c, eps, small) = (37, 64, 1e-3f32, 5);
+    let shape = NormShape { rows, channels: c };
+    let mut y = randn(110, rows * c, 1.0);
+    y[small * c..(small + 1) * c]
+        .iter_mut()
+        .for_each(|v| *v *= 1e-5);
+    let dz = randn(111, rows * c, 1.0);
+    let (d_y, d_dz) = (up(be, &y), up(be, &dz));
+    let (mut z, mut z_half, mut norm) =
+        (nans(be, rows * c), nans_half(be, rows * c), nans(be, rows));
+    be.l2_normalize_forward(&mut z, &mut z_half, &mut norm, &d_y, eps, shape)
+        .unwrap();
+    let (mut dy, mut dy_half) = (nans(be, rows * c), nans_half(be, rows * c));
+    be.l2_normalize_backward(&mut dy, &mut dy_half, &d_dz, &z, &norm, eps, shape)
+        .unwrap();
+    let norms: Vec<f64> = y
+        .chunks(c)
+        .map(|r| r.iter().map(|&v| (v as f64).powi(2)).sum::<f64>().sqrt())
+        .collect();
+    assert!(norms[small] < eps as f64 && norms.iter().filter(|&&n| n < eps as f64).count() == 1);
+    let (mut ref_z, mut ref_dy) = (vec![0.0f64; rows * c], vec![0.0f64; rows * c]);
+    for (r, &norm) in norms.iter().enumerate() {
+        let n = norm.max(eps as f64);
+        let range = r * c..(r + 1) * c;
+        let zr: Vec<f64> = y[range.clone()].iter().map(|&v| v as f64 / n).collect();
+        let dot: f64 = if r == small {
+            0.0
+        } else {
+            zr.iter()
+                .zip(&dz[range.clone()])
+                .map(|(a, &b)| a * b as f64)
+                .sum()
+        };
+        for (j, i) in range.enumerate() {
+            ref_z[i] = zr[j];
+            ref_dy[i] = (dz[i] as f64 - zr[j] * dot) / n;
+        }
+    }
+    // The unclamped rows, then the clamped row on its own (its gradient is 1/eps larger).
+    let (z, z_half, dy, dy_half) = (
+        down(be, &z),
+        down_half(be, &z_half),
+        down(be, &dy),
+        down_half(be, &dy_half),
+    );
+    let (z_op, dy_op) = (as_operand(be, &ref_z), as_operand(be, &ref_dy));
+    for clamped in [false, true] {
+        let pick = |v: &[f32]| rows_where(v, c, |r| (r == small) == clamped);
+        let pick_ref = |v: &[f64]| rows_where(v, c, |r| (r == small) == clamped);
+        let name = |what: &str| format!("l2_normalize {what} (clamped row: {clamped})");
+        assert_close(&name("z"), &pick(&z), &pick_ref(&ref_z), tol.at(1e-6));
+        let (got, want) = (pick(&z_half), pick_ref(&z_op));
+        assert_close(&name("z operand"), &got, &want, tol.at(1e-4));
+        assert_close(&name("dy"), &pick(&dy), &pick_ref(&ref_dy), tol.at(1e-5));
+        let (got, want) = (pick(&dy_half), pick_ref(&dy_op));
+        assert_close(&name("dy operand"), &got, &want, tol.at(1e-4));
+    }
+    // The norms of the rows that were not clamped. (A clamped row's stored norm differs: the
+    // CPU keeps max(‖y‖, eps), CUDA ‖y‖; both backwards read it as max(·, eps).)
+    let got = rows_where(&down(be, &norm), 1, |r| r != small);
+    let want = rows_where(&norms, 1, |r| r != small);
+    assert_close("l2_normalize norm", &got, &want, tol.at(1e-6));
+}
+
+/// The rows of `v` (rows of `c`) whose index passes `keep`, concatenated.
+fn rows_where<T: Copy>(v: &[T], c: usize, keep: impl Fn(usize) -> bool) -> Vec<T> {
+    let rows = v.chunks(c).enumerate().filter(|(r, _)| keep(*r));
+    rows.flat_map(|(_, row)| row.to_vec()).collect()
+}
+
+#[test]
+fn l2_normalize_forward_and_backward_match_f64() {
+    check_l2_normalize(&mut cpu(), Tol::f32(1e-6));
+    let Some(mut gpu) = gpu() else { return };
+    check_l2_normalize(&mut gpu, Tol::CUDA);
+}
+
 // ---- teacher targets and the DINO / iBOT cross-entropy ------------------------------------
 
 /// Teacher softmax with centering, the centre EMA and the paired cross-entropy of the DINO
@@ -492,6 +572,44 @@ fn dino_loss_with_centering_matches_f64_at_k_65536() {
     check_dino_loss_with_centering(&mut cpu(), Tol::f32(1e-5));
     let Some(mut gpu) = gpu() else { return };
     check_dino_loss_with_centering(&mut gpu, Tol::CUDA);
+}
+
+/// The mean over rows of the targets' entropy `−Σ p log p` (nats), zeros included.
+fn check_mean_row_entropy<B: Backend>(be: &mut B, tol: Tol) {
+    let (rows, k) = (6, 1000);
+    let mut p = Vec::with_capacity(rows * k);
+    for r in 0..rows {
+        let e: Vec<f64> = randn(120 + r as u64, k, 3.0)
+            .iter()
+            .enumerate()
+            .map(|(j, &v)| {
+                if r == 0 && j % 3 == 0 {
+                    0.0
+                } else {
+                    (v as f64).exp()
+                }
+            })
+            .collect();
+        let sum: f64 = e.iter().sum();
+        p.extend(e.iter().map(|v| (v / sum) as f32));
+    }
+    let d_p = up(be, &p);
+    let mut out = nans(be, 1);
+    be.mean_row_entropy(&mut out, &d_p, k).unwrap();
+    let want = p
+        .iter()
+        .filter(|&&v| v > 0.0)
+        .map(|&v| -(v as f64) * (v as f64).ln())
+        .sum::<f64>()
+        / rows as f64;
+    assert_close("mean_row_entropy", &down(be, &out), &[want], tol.at(1e-5));
+}
+
+#[test]
+fn mean_row_entropy_matches_f64() {
+    check_mean_row_entropy(&mut cpu(), Tol::f32(1e-6));
+    let Some(mut gpu) = gpu() else { return };
+    check_mean_row_entropy(&mut gpu, Tol::CUDA);
 }
 
 /// Element by element against f64, from the scaled logits rounded to f32 as the CPU kernel
