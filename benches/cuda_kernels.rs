@@ -5,7 +5,8 @@
 //! `cargo bench --bench cuda_kernels` (prints `skipped: no GPU` without one). Each result is
 //! also printed as `RESULT <name> <value> <unit>` for `tools/gpu-check.sh`.
 
-use dinotrain::backend::cuda::{bf16, AttentionShape, CudaBackend, NormShape};
+use dinotrain::backend::cuda::{bf16, AttentionShape, CudaBackend, DevBuf, NormShape};
+use dinotrain::backend::{AttentionOps, Buffers, LnParams, LnStats, NormOps, NormOut};
 use dinotrain::Result;
 
 const WARMUP: usize = 5;
@@ -36,6 +37,20 @@ fn time_ms(
     Ok(times[REPS / 2])
 }
 
+/// A bf16 operand buffer holding `values`.
+fn upload_half(gpu: &mut CudaBackend, values: &[f32]) -> Result<DevBuf<bf16>> {
+    let mut buf = gpu.alloc_half(values.len())?;
+    gpu.upload_half(&mut buf, values)?;
+    Ok(buf)
+}
+
+/// An f32 buffer holding `values`.
+fn upload(gpu: &mut CudaBackend, values: &[f32]) -> Result<DevBuf<f32>> {
+    let mut buf = gpu.alloc_f32(values.len())?;
+    gpu.upload_f32(&mut buf, values)?;
+    Ok(buf)
+}
+
 /// Seeded pseudo-random values in [-1, 1) (a cheap LCG: timing needs non-zero data only).
 fn noise(n: usize, seed: u64) -> Vec<f32> {
     let mut state = seed
@@ -52,18 +67,17 @@ fn noise(n: usize, seed: u64) -> Vec<f32> {
 }
 
 fn bench_attention(gpu: &mut CudaBackend, name: &str, s: AttentionShape) -> Result<()> {
-    let qkv = gpu.upload_bf16(&noise(s.qkv_len(), 1))?;
-    let dout = gpu.upload_bf16(&noise(s.out_len(), 2))?;
-    let mut out = gpu.alloc_zeros::<bf16>(s.out_len())?;
-    let mut lse = gpu.alloc_zeros::<f32>(s.stats_len())?;
-    let mut delta = gpu.alloc_zeros::<f32>(s.stats_len())?;
-    let mut dqkv = gpu.alloc_zeros::<bf16>(s.qkv_len())?;
+    let qkv = upload_half(gpu, &noise(s.qkv_len(), 1))?;
+    let dout = upload_half(gpu, &noise(s.out_len(), 2))?;
+    let mut out = gpu.alloc_half(s.out_len())?;
+    let mut lse = gpu.alloc_f32(s.stats_len())?;
+    let mut dqkv = gpu.alloc_half(s.qkv_len())?;
     // Nominal FLOPs: forward 2 GEMMs (QK^T, PV), backward 5 (FlashAttention convention).
     let fwd_flops = 4.0 * (s.batch * s.heads * s.tokens * s.tokens * s.head_dim) as f64;
     let fwd_ms = time_ms(gpu, |g| g.attention_forward(&mut out, &mut lse, &qkv, s))?;
     let both_ms = time_ms(gpu, |g| {
         g.attention_forward(&mut out, &mut lse, &qkv, s)?;
-        g.attention_backward(&mut dqkv, &mut delta, &dout, &qkv, &out, &lse, s)
+        g.attention_backward(&mut dqkv, &dout, &qkv, &out, &lse, s)
     })?;
     let fwd_tflops = fwd_flops / (fwd_ms * 1e-3) / 1e12;
     let both_tflops = 3.5 * fwd_flops / (both_ms * 1e-3) / 1e12;
@@ -83,16 +97,23 @@ fn bench_layernorm(
     copy_gbs: f64,
 ) -> Result<()> {
     let n = shape.rows * shape.channels;
-    let inp = gpu.upload(&noise(n, 3))?;
-    let weight = gpu.upload(&noise(shape.channels, 4))?;
-    let bias = gpu.upload(&noise(shape.channels, 5))?;
-    let mut out = gpu.alloc_zeros::<bf16>(n)?;
-    let mut mean = gpu.alloc_zeros::<f32>(shape.rows)?;
-    let mut rstd = gpu.alloc_zeros::<f32>(shape.rows)?;
+    let inp = upload(gpu, &noise(n, 3))?;
+    let weight = upload(gpu, &noise(shape.channels, 4))?;
+    let bias = upload(gpu, &noise(shape.channels, 5))?;
+    let mut out = gpu.alloc_half(n)?;
+    let mut mean = gpu.alloc_f32(shape.rows)?;
+    let mut rstd = gpu.alloc_f32(shape.rows)?;
     let ms = time_ms(gpu, |g| {
-        g.layernorm_forward(
-            &mut out, &mut mean, &mut rstd, &inp, &weight, &bias, shape, 1e-6,
-        )
+        let stats = LnStats {
+            mean: &mut *mean,
+            rstd: &mut *rstd,
+        };
+        let p = LnParams {
+            weight: &*weight,
+            bias: &*bias,
+            eps: 1e-6,
+        };
+        g.layernorm_forward(NormOut::Half(&mut *out), stats, &inp, p, shape)
     })?;
     // Compulsory traffic: read x (f32), write out (bf16), write mean and rstd.
     let bytes = (n * 4 + n * 2 + shape.rows * 8) as f64;

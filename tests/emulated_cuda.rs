@@ -304,12 +304,12 @@ fn training_step_tests_pass_when_cublaslt_refuses_every_matmul() {
 
 #[test]
 fn kernel_tests_pass_on_the_emulated_device() {
-    run_gpu_tests("cuda_kernels");
+    run_gpu_tests("kernels");
 }
 
 #[test]
 fn kernel_tests_of_the_method_pass_on_the_emulated_device() {
-    run_gpu_tests("cuda_ssl_kernels");
+    run_gpu_tests("ssl_kernels");
 }
 
 #[test]

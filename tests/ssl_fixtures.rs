@@ -1,7 +1,9 @@
 //! Checks beyond the golden outputs: the fixtures' metadata (fused groups, mask index lists) and
 //! the losses at shapes the fixtures do not cover, against literal f64 references.
 
-use dinotrain::backend::cpu::sinkhorn::{sinkhorn_knopp, sinkhorn_knopp_reference};
+mod kernel_support;
+
+use dinotrain::backend::cpu::sinkhorn::sinkhorn_knopp;
 use dinotrain::backend::cpu::CpuBackend;
 use dinotrain::golden::{rel_err, Fixture};
 use dinotrain::io::Value;
@@ -10,6 +12,7 @@ use dinotrain::ssl::dino_loss::dino_terms;
 use dinotrain::ssl::{
     dino_loss_forward_backward, Centering, DinoPairs, DinoStudent, MaskBatch, TargetState,
 };
+use kernel_support::reference::sinkhorn_knopp_reference;
 use std::path::Path;
 
 fn fixture(name: &str) -> Fixture {

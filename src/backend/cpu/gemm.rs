@@ -94,43 +94,6 @@ pub fn gemm(c: &mut [f32], a: &[f32], b: &[f32], g: Gemm) {
     matmul(c, a, g.ta, b, g.tb, g.m, g.k, g.n, g.acc);
 }
 
-/// Reference triple loop (f64 accumulation) used by tests to check [`matmul`].
-#[allow(clippy::too_many_arguments)]
-pub fn matmul_reference(
-    c: &mut [f32],
-    a: &[f32],
-    ta: Transpose,
-    b: &[f32],
-    tb: Transpose,
-    m: usize,
-    k: usize,
-    n: usize,
-    acc: Accumulate,
-) {
-    for i in 0..m {
-        for j in 0..n {
-            let mut s = 0f64;
-            for p in 0..k {
-                let av = match ta {
-                    Transpose::No => a[i * k + p],
-                    Transpose::Yes => a[p * m + i],
-                };
-                let bv = match tb {
-                    Transpose::No => b[p * n + j],
-                    Transpose::Yes => b[j * k + p],
-                };
-                s += av as f64 * bv as f64;
-            }
-            let prev = if acc == Accumulate::Add {
-                c[i * n + j] as f64
-            } else {
-                0.0
-            };
-            c[i * n + j] = (prev + s) as f32;
-        }
-    }
-}
-
 impl GemmOps for CpuBackend {
     fn matmul(&mut self, c: &mut [f32], a: &[f32], b: &[f32], g: Gemm) -> Result<()> {
         const OP: &str = "cpu matmul";
@@ -283,47 +246,5 @@ impl GemmOps for CpuBackend {
             self.column_sum(db, dout, rows, Accumulate::Add)?;
         }
         Ok(())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn seeded(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        (0..n)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5
-            })
-            .collect()
-    }
-
-    #[test]
-    fn matches_reference_for_every_transpose_and_accumulate() {
-        let (m, k, n) = (37, 53, 29);
-        let a = seeded(m * k, 1);
-        let b = seeded(k * n, 2);
-        for ta in [Transpose::No, Transpose::Yes] {
-            for tb in [Transpose::No, Transpose::Yes] {
-                for acc in [Accumulate::Overwrite, Accumulate::Add] {
-                    let mut c = seeded(m * n, 3);
-                    let mut r = c.clone();
-                    matmul(&mut c, &a, ta, &b, tb, m, k, n, acc);
-                    matmul_reference(&mut r, &a, ta, &b, tb, m, k, n, acc);
-                    for (x, y) in c.iter().zip(&r) {
-                        assert!(
-                            (x - y).abs() <= 1e-5 + 1e-5 * y.abs(),
-                            "{ta:?} {tb:?} {acc:?}: {x} vs {y}"
-                        );
-                    }
-                }
-            }
-        }
     }
 }

@@ -19,7 +19,7 @@
 //! column-block-parallel pass for the next prototype sums.
 
 use super::backend::check;
-use super::loss::{check_temp, exp_f32, has_avx2, sum_f64};
+use super::loss::{check_temp, exp_f32, has_avx2};
 use crate::error::{Error, Result};
 use rayon::prelude::*;
 
@@ -171,114 +171,4 @@ fn column_max(m: &[f32], rows: usize, k: usize) -> Vec<f32> {
         }
     });
     out
-}
-
-/// The official algorithm, literally (f64, no shift, total normalisation, final `· R`): the
-/// reference the fast version and the CUDA kernel are tested against.
-pub fn sinkhorn_knopp_reference(
-    logits: &[f32],
-    rows: usize,
-    k: usize,
-    teacher_temp: f32,
-    n_iters: usize,
-) -> Vec<f32> {
-    // Q [K, R]
-    let mut q = vec![0f64; k * rows];
-    for r in 0..rows {
-        for j in 0..k {
-            q[j * rows + r] = (logits[r * k + j] as f64 / teacher_temp as f64).exp();
-        }
-    }
-    let total: f64 = q.iter().sum();
-    q.iter_mut().for_each(|v| *v /= total);
-    for _ in 0..n_iters {
-        for j in 0..k {
-            let s: f64 = q[j * rows..(j + 1) * rows].iter().sum();
-            for v in &mut q[j * rows..(j + 1) * rows] {
-                *v = *v / s / k as f64;
-            }
-        }
-        for r in 0..rows {
-            let s: f64 = (0..k).map(|j| q[j * rows + r]).sum();
-            for j in 0..k {
-                q[j * rows + r] = q[j * rows + r] / s / rows as f64;
-            }
-        }
-    }
-    let mut out = vec![0f32; rows * k];
-    for r in 0..rows {
-        for j in 0..k {
-            out[r * k + j] = (q[j * rows + r] * rows as f64) as f32;
-        }
-    }
-    debug_assert_eq!(sum_f64(&out).round() as usize, rows);
-    out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn random(n: usize, seed: u64, scale: f32) -> Vec<f32> {
-        crate::rng::uniform_vec(seed, n, scale)
-    }
-
-    #[test]
-    fn matches_the_literal_official_algorithm() {
-        for &(r, k, tt, iters) in &[(6, 40, 0.04f32, 3), (16, 1000, 0.07, 3), (7, 9, 0.05, 5)] {
-            let t = random(r * k, r as u64, 1.0);
-            let mut got = vec![0f32; r * k];
-            sinkhorn_knopp(&mut got, &t, r, k, tt, iters).unwrap();
-            let want = sinkhorn_knopp_reference(&t, r, k, tt, iters);
-            let err = crate::golden::rel_err(&got, &want);
-            assert!(err < 1e-6, "R {r} K {k}: relative error {err}");
-            for row in got.chunks(k) {
-                assert!((sum_f64(row) - 1.0).abs() < 1e-5);
-            }
-        }
-    }
-
-    #[test]
-    fn large_logits_do_not_overflow_and_a_global_shift_changes_nothing() {
-        // |t| / tt up to 250: exp would overflow in f32 without the shift.
-        let (r, k) = (8, 300);
-        let t = random(r * k, 9, 10.0);
-        let mut a = vec![0f32; r * k];
-        sinkhorn_knopp(&mut a, &t, r, k, 0.04, 3).unwrap();
-        assert!(a.iter().all(|v| v.is_finite()));
-        let shifted: Vec<f32> = t.iter().map(|v| v - 3.0).collect();
-        let mut b = vec![0f32; r * k];
-        sinkhorn_knopp(&mut b, &shifted, r, k, 0.04, 3).unwrap();
-        assert!(crate::golden::rel_err(&a, &b) < 1e-5);
-    }
-
-    #[test]
-    fn a_per_sample_shift_does_change_the_result() {
-        // Guards against "simplifying" the kernel to a per-row max: it is not equivalent.
-        let (r, k) = (4, 50);
-        let t = random(r * k, 11, 1.0);
-        let mut a = vec![0f32; r * k];
-        sinkhorn_knopp(&mut a, &t, r, k, 0.1, 3).unwrap();
-        let mut shifted = t.clone();
-        for v in &mut shifted[..k] {
-            *v -= 0.5;
-        }
-        let mut b = vec![0f32; r * k];
-        sinkhorn_knopp(&mut b, &shifted, r, k, 0.1, 3).unwrap();
-        assert!(crate::golden::rel_err(&a, &b) > 1e-4);
-    }
-
-    #[test]
-    fn bad_input_is_an_error() {
-        let mut out = vec![0f32; 6];
-        assert!(sinkhorn_knopp(&mut out, &[0.0; 5], 2, 3, 0.1, 3).is_err());
-        assert!(sinkhorn_knopp(&mut out, &[0.0; 6], 2, 3, 0.0, 3).is_err());
-        assert!(sinkhorn_knopp(&mut out, &[0.0; 6], 2, 3, 0.1, 0).is_err());
-        assert!(
-            sinkhorn_knopp(&mut out, &[0.0, f32::NAN, 0.0, 0.0, 0.0, 0.0], 2, 3, 0.1, 3).is_err()
-        );
-        // Sample 1 is 100 below sample 0 on every prototype: its weights underflow.
-        let t = [0.0, 0.0, 0.0, -100.0, -100.0, -100.0];
-        assert!(sinkhorn_knopp(&mut out, &t, 2, 3, 0.04, 3).is_err());
-    }
 }
