@@ -10,7 +10,7 @@
 
 use dinotrain::data::{demo_split, Loader, LoaderConfig, Split};
 use dinotrain::eval::backbone::arch_metadata;
-use dinotrain::train::export::{export_backbone, KeyNaming};
+use dinotrain::io::export::{export_backbone, KeyNaming};
 use dinotrain::train::{Preset, TrainConfig, Trainer};
 use std::sync::Arc;
 

@@ -85,7 +85,15 @@ impl Error {
     }
 
     /// Shorthand for [`Error::Io`].
+    /// An I/O error on `path`; a full disk or an exhausted quota is [`Error::DiskFull`].
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        // ENOSPC (28) and EDQUOT (122 on Linux) both mean no room to write.
+        use std::io::ErrorKind::{QuotaExceeded, StorageFull};
+        if matches!(source.kind(), StorageFull | QuotaExceeded)
+            || matches!(source.raw_os_error(), Some(28 | 122))
+        {
+            return Error::DiskFull { path: path.into() };
+        }
         Error::Io {
             path: path.into(),
             source,

@@ -9,11 +9,11 @@ use dinotrain::eval::backbone::{
     RUN_BACKBONE_FILE,
 };
 use dinotrain::golden::{rel_err, Fixture};
+use dinotrain::io::export::{export_backbone, KeyNaming};
 use dinotrain::io::TensorFile;
 use dinotrain::nn::params::ParamTable;
 use dinotrain::nn::{Preset, Vit, VitConfig, VitOutput, VitWorkspaces};
 use dinotrain::rng::{keyed, stream};
-use dinotrain::train::export::{export_backbone, KeyNaming};
 use rand::Rng as _;
 use std::path::Path;
 use std::process::Command;

@@ -3,11 +3,11 @@
 //! refused, k-NN on labelled folders and on the demo split.
 
 use dinotrain::eval::backbone::arch_metadata;
+use dinotrain::io::export::{export_backbone, KeyNaming};
 use dinotrain::io::{TensorFile, Value};
 use dinotrain::nn::params::ParamTable;
 use dinotrain::nn::{Preset, Vit};
 use dinotrain::rng::{keyed, stream};
-use dinotrain::train::export::{export_backbone, KeyNaming};
 use rand::Rng as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

@@ -416,8 +416,8 @@ mod knn_support;
 /// architecture to `dir/model.safetensors`.
 fn random_micro_backbone(dir: &Path) -> PathBuf {
     use dinotrain::eval::backbone::arch_metadata;
+    use dinotrain::io::export::{export_backbone, KeyNaming};
     use dinotrain::nn::{params::ParamTable, Preset, Vit};
-    use dinotrain::train::export::{export_backbone, KeyNaming};
     let cfg = Preset::Micro.config(16, 4, 1);
     let mut table = ParamTable::new();
     Vit::new(&cfg, &mut table, "backbone.");

@@ -1,8 +1,9 @@
 //! The configuration tree against the official train configs and the schedules fixture.
 
 use dinotrain::golden::Fixture;
+use dinotrain::nn::Ffn;
 use dinotrain::train::config::{
-    Centering, ConfigBuilder, FfnLayer, Method, Preset, ResolvedConfig, StartingPoint,
+    Centering, ConfigBuilder, Method, Preset, ResolvedConfig, StartingPoint,
 };
 use std::path::Path;
 
@@ -32,18 +33,18 @@ fn vitl16_short_resolves_to_the_official_recipe() {
     assert_eq!(r.method, Method::Dinov2);
     assert_eq!(
         (
-            r.arch.embed_dim,
-            r.arch.depth,
-            r.arch.num_heads,
-            r.arch.patch_size
+            r.arch.vit.embed_dim,
+            r.arch.vit.depth,
+            r.arch.vit.num_heads,
+            r.arch.vit.patch_size
         ),
         (1024, 24, 16, 16)
     );
     assert_eq!(
-        (r.arch.ffn_layer, r.arch.ffn_hidden_dim),
-        (FfnLayer::Mlp, 4096)
+        (r.arch.vit.ffn, r.arch.vit.ffn.width()),
+        (Ffn::Mlp { hidden: 4096 }, 4096)
     );
-    assert_eq!(r.arch.img_size, 224);
+    assert_eq!(r.arch.vit.img_size, 224);
     assert_eq!(r.config.dino.head_n_prototypes, 65536);
     assert!(!r.config.ibot.separate_head);
     assert_eq!(r.config.train.centering, Centering::Softmax);
@@ -67,11 +68,11 @@ fn vitl14_resolves_to_the_official_recipe() {
     assert_eq!(r.schedules.wd.final_value, 0.2);
     assert_eq!(r.schedules.momentum.base, 0.994);
     assert_eq!(r.config.train.centering, Centering::SinkhornKnopp);
-    assert_eq!(r.arch.patch_size, 14);
+    assert_eq!(r.arch.vit.patch_size, 14);
     assert_eq!(r.arch.drop_path_rate, 0.4);
     assert_eq!(
-        (r.arch.ffn_layer, r.arch.ffn_hidden_dim),
-        (FfnLayer::SwigluFused, 2736)
+        (r.arch.vit.ffn, r.arch.vit.ffn.width()),
+        (Ffn::SwiGlu { hidden: 4096 }, 2736)
     );
     assert_eq!(r.config.dino.head_n_prototypes, 131_072);
     assert_eq!(r.config.dino.head_bottleneck_dim, 384);
@@ -182,11 +183,18 @@ fn pretrained_name_sets_the_architecture() {
     let (config, warnings) = b.build().unwrap();
     let r = ResolvedConfig::resolve(config, warnings).unwrap();
     assert_eq!(
-        (r.arch.embed_dim, r.arch.depth, r.arch.patch_size),
+        (
+            r.arch.vit.embed_dim,
+            r.arch.vit.depth,
+            r.arch.vit.patch_size
+        ),
         (768, 12, 14)
     );
-    assert_eq!((r.arch.img_size, r.arch.num_register_tokens), (518, 4));
-    assert!(r.arch.interpolate_antialias);
+    assert_eq!(
+        (r.arch.vit.img_size, r.arch.vit.num_register_tokens),
+        (518, 4)
+    );
+    assert!(r.arch.vit.interpolate_antialias);
     assert!(matches!(r.start, StartingPoint::Weights(_)));
 }
 
@@ -196,10 +204,10 @@ fn demo_preset_resolves_small() {
     assert!(warnings.is_empty(), "{warnings:?}");
     let r = ResolvedConfig::resolve(config, warnings).unwrap();
     assert_eq!(
-        (r.arch.embed_dim, r.arch.depth, r.arch.num_heads),
+        (r.arch.vit.embed_dim, r.arch.vit.depth, r.arch.vit.num_heads),
         (192, 6, 3)
     );
-    assert_eq!((r.arch.patch_size, r.arch.img_size), (4, 32));
+    assert_eq!((r.arch.vit.patch_size, r.arch.vit.img_size), (4, 32));
     assert_eq!(r.config.crops.local_crops_size, 16);
     assert_eq!(r.total_batch, 64);
     assert!(close(r.lr, 0.004 * 0.25, 1e-12));
@@ -300,17 +308,17 @@ fn official_default_file_equals_the_built_in_defaults() {
 fn eval_config_of_a_register_model_resolves() {
     let r = resolve("vitg14_reg4_pretrain.yaml", &[]);
     assert_eq!(
-        (r.arch.embed_dim, r.arch.depth, r.arch.num_heads),
+        (r.arch.vit.embed_dim, r.arch.vit.depth, r.arch.vit.num_heads),
         (1536, 40, 24)
     );
     assert_eq!(
-        (r.arch.ffn_layer, r.arch.ffn_hidden_dim),
-        (FfnLayer::SwigluFused, 4096)
+        (r.arch.vit.ffn, r.arch.vit.ffn.width()),
+        (Ffn::SwiGlu { hidden: 6144 }, 4096)
     );
-    assert_eq!(r.arch.num_register_tokens, 4);
-    assert!(r.arch.interpolate_antialias);
-    assert_eq!(r.arch.interpolate_offset, 0.0);
-    assert_eq!(r.arch.img_size, 518);
+    assert_eq!(r.arch.vit.num_register_tokens, 4);
+    assert!(r.arch.vit.interpolate_antialias);
+    assert_eq!(r.arch.vit.interpolate_offset, 0.0);
+    assert_eq!(r.arch.vit.img_size, 518);
 }
 
 #[test]

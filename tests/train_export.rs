@@ -2,10 +2,10 @@
 //! checkpoints into a model's flat buffer.
 
 use dinotrain::golden::Fixture;
+use dinotrain::io::export::{self, KeyNaming};
 use dinotrain::io::keys::Tensors;
+use dinotrain::io::pretrained::{WeightsFormat, WeightsSource};
 use dinotrain::nn::params::{Init, ParamTable};
-use dinotrain::train::export::{self, KeyNaming};
-use dinotrain::train::pretrained::{WeightsFormat, WeightsSource};
 use std::collections::BTreeMap;
 use std::path::Path;
 

@@ -3,7 +3,7 @@
 
 use clap::{Args, ValueEnum};
 use dinotrain::eval::backbone::{arch_metadata, load_backbone};
-use dinotrain::train::export::{export_backbone, KeyNaming};
+use dinotrain::io::export::{export_backbone, KeyNaming};
 use std::path::PathBuf;
 
 /// Key naming of the exported file.

@@ -11,13 +11,12 @@ use crate::error::{Error, Result};
 use crate::eval::embed::eval_transform;
 use crate::eval::features::FeatureExtractor;
 pub use crate::eval::features::PatchMean;
+use crate::io::export::{load_backbone_into, read_backbone_with_metadata, BACKBONE};
 use crate::io::keys::Tensors;
+use crate::io::pretrained::{WeightsFormat, WeightsSource};
 use crate::nn::params::ParamTable;
 use crate::nn::swiglu::swiglu_width;
-use crate::nn::{Ffn, Preset, Vit, VitConfig};
-use crate::train::config::Arch;
-use crate::train::export::{load_backbone_into, read_backbone_with_metadata, BACKBONE};
-use crate::train::pretrained::{PretrainedModel, Registers, WeightsFormat, WeightsSource};
+use crate::nn::{Ffn, Vit, VitConfig};
 use rayon::prelude::*;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -93,22 +92,10 @@ pub fn load_backbone_with(spec: &str, overrides: BackboneOverrides) -> Result<Lo
     let source = WeightsSource::parse(spec)?;
     let (path, format) = source.locate()?;
     let released = match source {
-        WeightsSource::Pretrained(m) => Some(released_config(m)),
+        WeightsSource::Pretrained(m) => Some(m.architecture()),
         WeightsSource::File { .. } => None,
     };
     load_file(&path, format, released, overrides)
-}
-
-/// The architecture of a released backbone.
-fn released_config(m: PretrainedModel) -> VitConfig {
-    let preset = match m.arch {
-        Arch::VitSmall => Preset::Small,
-        Arch::VitBase => Preset::Base,
-        Arch::VitLarge => Preset::Large,
-        // `from_name` only builds S/B/L/g; vit_tiny has no release.
-        Arch::VitGiant2 | Arch::VitTiny => Preset::Giant,
-    };
-    preset.released(m.registers == Registers::Four)
 }
 
 fn load_file(
@@ -374,6 +361,7 @@ impl LoadedBackbone {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::nn::Preset;
     use crate::tensor::Tensor;
 
     #[test]

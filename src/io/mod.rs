@@ -1,7 +1,9 @@
 //! File formats: safetensors (fixtures, exports, checkpoints), PyTorch `.pth` reading, and
 //! parameter key names (official layouts and Hugging Face).
 
+pub mod export;
 pub mod keys;
+pub mod pretrained;
 pub mod pth;
 pub mod safetensors;
 

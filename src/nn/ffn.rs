@@ -15,6 +15,16 @@ pub enum Ffn {
     SwiGlu { hidden: usize },
 }
 
+impl Ffn {
+    /// The width of the hidden activation: `hidden` for the MLP, the derived SwiGLU width.
+    pub fn width(self) -> usize {
+        match self {
+            Ffn::Mlp { hidden } => hidden,
+            Ffn::SwiGlu { hidden } => super::swiglu::swiglu_width(hidden),
+        }
+    }
+}
+
 #[derive(Clone, Debug)]
 pub enum FfnLayer {
     Mlp(Mlp),

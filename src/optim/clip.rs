@@ -41,7 +41,7 @@ impl SubmoduleSpan {
 
 /// Gradient clipping per submodule on a backend: one contiguous range of the flat buffer per
 /// submodule (the model registers its submodules one after the other), and the norms of the
-/// last clip on the backend, where [`crate::ssl::SslStep::read`] picks them up.
+/// last clip on the backend, where the SSL step's `read` picks them up.
 pub struct GradClipper<B: Backend> {
     spans: Vec<(String, Range<usize>)>,
     /// `[S]` gradient norms of the last [`GradClipper::clip`], before clipping.

@@ -263,7 +263,7 @@ pub fn save(dir: &Path, state: &CheckpointRef<'_>) -> Result<PathBuf> {
     // safetensors pads the header with spaces so the data starts 8-byte aligned.
     header.resize(header.len().next_multiple_of(8), b' ');
 
-    std::fs::create_dir_all(dir).map_err(|e| super::outdir::io_error(dir, e))?;
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     write_streamed(&path, |w| {
         w.write_all(&(header.len() as u64).to_le_bytes())?;
         w.write_all(&header)?;
@@ -300,7 +300,7 @@ fn write_streamed(
     })();
     result.map_err(|e: std::io::Error| {
         let _ = std::fs::remove_file(&tmp);
-        super::outdir::io_error(path, e)
+        Error::io(path, e)
     })
 }
 

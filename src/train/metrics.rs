@@ -4,7 +4,6 @@
 //! throughput. On resume, records past the checkpoint's step are dropped first, so the file
 //! reads as one uninterrupted run.
 
-use super::outdir::io_error;
 use crate::error::{Error, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -82,14 +81,14 @@ impl MetricsWriter {
                 for r in &kept {
                     text.push_str(&line(r)?);
                 }
-                crate::io::write_atomic(path, text.as_bytes()).map_err(super::outdir::disk_full)?;
+                crate::io::write_atomic(path, text.as_bytes())?;
             }
         }
         let file = OpenOptions::new()
             .create(true)
             .append(true)
             .open(path)
-            .map_err(|e| io_error(path, e))?;
+            .map_err(|e| Error::io(path, e))?;
         Ok(MetricsWriter {
             path: path.to_path_buf(),
             file,
@@ -102,7 +101,7 @@ impl MetricsWriter {
         self.file
             .write_all(text.as_bytes())
             .and_then(|_| self.file.flush())
-            .map_err(|e| io_error(&self.path, e))
+            .map_err(|e| Error::io(&self.path, e))
     }
 }
 

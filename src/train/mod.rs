@@ -47,13 +47,13 @@
 pub mod bench;
 pub mod checkpoint;
 pub mod config;
-pub mod export;
+
 pub mod metrics;
 pub mod observer;
 pub mod outdir;
 pub mod plan;
 pub mod plot;
-pub mod pretrained;
+
 pub mod run;
 pub mod state;
 pub mod trainer;

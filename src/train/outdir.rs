@@ -108,7 +108,7 @@ impl RunDir {
         let dir = RunDir {
             root: root.to_path_buf(),
         };
-        std::fs::create_dir_all(dir.checkpoints()).map_err(|e| io_error(dir.checkpoints(), e))?;
+        std::fs::create_dir_all(dir.checkpoints()).map_err(|e| Error::io(dir.checkpoints(), e))?;
         Ok(dir)
     }
 
@@ -176,30 +176,6 @@ fn entries(dir: &Path) -> Result<Vec<String>> {
     }
 }
 
-/// An I/O error on `path`, with a full disk reported as [`Error::DiskFull`].
-pub fn io_error(path: impl Into<PathBuf>, e: std::io::Error) -> Error {
-    if is_disk_full(&e) {
-        Error::DiskFull { path: path.into() }
-    } else {
-        Error::io(path, e)
-    }
-}
-
-/// Turns an [`Error::Io`] caused by a full disk into [`Error::DiskFull`]; other errors pass.
-pub fn disk_full(e: Error) -> Error {
-    match e {
-        Error::Io { path, source } if is_disk_full(&source) => Error::DiskFull { path },
-        other => other,
-    }
-}
-
-fn is_disk_full(e: &std::io::Error) -> bool {
-    // ENOSPC (28) and EDQUOT (122 on Linux) both mean no room to write.
-    e.kind() == std::io::ErrorKind::StorageFull
-        || e.kind() == std::io::ErrorKind::QuotaExceeded
-        || e.raw_os_error() == Some(28)
-}
-
 /// `train.log`: timestamped lines, appended and flushed one by one (a killed run keeps its log).
 #[derive(Debug)]
 pub struct RunLog {
@@ -214,7 +190,7 @@ impl RunLog {
             .create(true)
             .append(true)
             .open(path)
-            .map_err(|e| io_error(path, e))?;
+            .map_err(|e| Error::io(path, e))?;
         Ok(RunLog {
             path: path.to_path_buf(),
             file,
@@ -227,7 +203,7 @@ impl RunLog {
         self.file
             .write_all(text.as_bytes())
             .and_then(|_| self.file.flush())
-            .map_err(|e| io_error(&self.path, e))
+            .map_err(|e| Error::io(&self.path, e))
     }
 }
 
@@ -269,15 +245,15 @@ mod tests {
 
     #[test]
     fn disk_full_is_named() {
-        let e = io_error("/x/ckpt", std::io::Error::from_raw_os_error(28));
+        let e = Error::io("/x/ckpt", std::io::Error::from_raw_os_error(28));
         let msg = e.to_string();
         assert!(
             msg.contains("disk full") && msg.contains("/x/ckpt"),
             "{msg}"
         );
-        let e = disk_full(Error::io("/y", std::io::Error::from_raw_os_error(28)));
+        let e = Error::io("/y", std::io::Error::from_raw_os_error(122));
         assert!(matches!(e, Error::DiskFull { .. }));
-        let e = disk_full(Error::io("/y", std::io::Error::from_raw_os_error(2)));
+        let e = Error::io("/y", std::io::Error::from_raw_os_error(2));
         assert!(matches!(e, Error::Io { .. }));
     }
 

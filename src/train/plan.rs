@@ -1,12 +1,11 @@
 //! From a resolved configuration to what the trainer and the loader are built with: the
 //! iteration plan ([`TrainPlan`]) and the multi-crop recipe.
 
-use super::config::{FfnLayer, ResolvedConfig};
+use super::config::ResolvedConfig;
 use super::trainer::TrainPlan;
 use crate::backend::cpu::optimizer::AdamHyper;
 use crate::data::MultiCropConfig;
-use crate::error::{Error, Result};
-use crate::nn::{Ffn, VitConfig};
+use crate::error::Result;
 use crate::optim::LayerDecay;
 use crate::ssl::dino_loss::STUDENT_TEMP;
 use crate::ssl::step::{HeadConfig, LossConfig};
@@ -26,44 +25,6 @@ impl ResolvedConfig {
 /// The iteration plan a resolved configuration describes.
 pub fn plan_from_config(r: &ResolvedConfig) -> Result<TrainPlan> {
     let c = &r.config;
-    let a = &r.arch;
-    let ffn = match a.ffn_layer {
-        FfnLayer::Mlp => Ffn::Mlp {
-            hidden: a.ffn_hidden_dim,
-        },
-        // The SwiGLU layer derives its width from 4·D exactly as `SwiGLUFFNFused` does.
-        FfnLayer::Swiglu | FfnLayer::SwigluFused => Ffn::SwiGlu {
-            hidden: 4 * a.embed_dim,
-        },
-        FfnLayer::Identity => {
-            return Err(Error::Unsupported(
-                "student.ffn_layer = identity (no FFN) is not implemented".into(),
-            ))
-        }
-    };
-    if !a.drop_path_uniform && a.drop_path_rate > 0.0 {
-        return Err(Error::Unsupported(
-            "student.drop_path_uniform = false (linearly increasing rates) is not implemented; \
-             every official config uses uniform rates"
-                .into(),
-        ));
-    }
-    let vit = VitConfig {
-        img_size: a.img_size,
-        patch_size: a.patch_size,
-        in_chans: 3,
-        embed_dim: a.embed_dim,
-        depth: a.depth,
-        num_heads: a.num_heads,
-        ffn,
-        num_register_tokens: a.num_register_tokens,
-        layerscale: (a.layerscale > 0.0).then_some(a.layerscale as f32),
-        interpolate_offset: a.interpolate_offset as f32,
-        interpolate_antialias: a.interpolate_antialias,
-        qkv_bias: a.qkv_bias,
-        proj_bias: a.proj_bias,
-        ffn_bias: a.ffn_bias,
-    };
     let head = |hidden, bottleneck, k| HeadConfig {
         hidden_dim: hidden,
         bottleneck_dim: bottleneck,
@@ -99,10 +60,10 @@ pub fn plan_from_config(r: &ResolvedConfig) -> Result<TrainPlan> {
             c.ibot.mask_ratio_min_max[0] as f32,
             c.ibot.mask_ratio_min_max[1] as f32,
         ),
-        drop_path_rate: a.drop_path_rate as f32,
+        drop_path_rate: r.arch.drop_path_rate as f32,
         schedules: r.schedules,
         layer_decay: LayerDecay {
-            depth: a.depth,
+            depth: r.arch.vit.depth,
             layerwise_decay: c.optim.layerwise_decay,
             patch_embed_lr_mult: c.optim.patch_embed_lr_mult,
         },
@@ -114,7 +75,7 @@ pub fn plan_from_config(r: &ResolvedConfig) -> Result<TrainPlan> {
         clip_grad: c.optim.clip_grad as f32,
         seed: c.train.seed,
         precision: None,
-        vit,
+        vit: r.arch.vit.clone(),
     })
 }
 
@@ -135,6 +96,7 @@ pub fn crops_from_config(r: &ResolvedConfig) -> MultiCropConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::nn::Ffn;
     use crate::train::config::{ConfigBuilder, Preset};
 
     #[test]
@@ -142,7 +104,7 @@ mod tests {
         let (config, warnings) = ConfigBuilder::new(Preset::Demo).unwrap().build().unwrap();
         let r = ResolvedConfig::resolve(config, warnings).unwrap();
         let plan = plan_from_config(&r).unwrap();
-        assert_eq!(plan.vit.patch_size, r.arch.patch_size);
+        assert_eq!(plan.vit.patch_size, r.arch.vit.patch_size);
         assert_eq!(plan.global_crop_size % plan.vit.patch_size, 0);
         assert_eq!(plan.centering, r.config.train.centering);
         assert!(matches!(plan.vit.ffn, Ffn::Mlp { hidden } if hidden == 4 * plan.vit.embed_dim));

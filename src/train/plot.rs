@@ -166,7 +166,7 @@ pub fn render_png(records: &[StepMetrics], title: &str) -> Result<Vec<u8>> {
 /// Draws the curves and replaces `path` atomically.
 pub fn write_png(records: &[StepMetrics], title: &str, path: &Path) -> Result<()> {
     let png = render_png(records, title)?;
-    crate::io::write_atomic(path, &png).map_err(super::outdir::disk_full)
+    crate::io::write_atomic(path, &png)
 }
 
 #[cfg(test)]

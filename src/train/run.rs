@@ -9,7 +9,6 @@
 
 use super::checkpoint::{self, CheckpointRef, ConfigCheck, RunPosition};
 use super::config::{ResolvedConfig, StartingPoint};
-use super::export::{export_backbone, load_backbone_into, read_backbone, KeyNaming};
 use super::metrics::{MetricsWriter, StepMetrics};
 use super::observer::{CancelHandle, Control, LogMessages, RunStart, StopReason, TrainObserver};
 use super::outdir::{OutdirMode, RunDir, RunLog};
@@ -25,6 +24,7 @@ use crate::data::{
 use crate::error::{Error, Result};
 use crate::eval::backbone::arch_metadata;
 use crate::eval::embed::{knn_top1, source_features, source_labels};
+use crate::io::export::{export_backbone, load_backbone_into, read_backbone, KeyNaming};
 use crate::optim::AdamWState;
 use crate::ssl::step::SslModel;
 use crate::tensor::Tensor;

@@ -4,33 +4,20 @@
 use super::{ConfigWarning, FfnLayer, Method, ScalingRule, StepsSchedule, TrainConfig};
 use crate::backend::Device;
 use crate::error::{Error, Result};
+use crate::io::pretrained::WeightsSource;
+use crate::nn::{Ffn, VitConfig};
 use crate::optim::{CosineScheduler, Schedules};
-use crate::train::pretrained::WeightsSource;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 /// The backbone to build (student and teacher share it; the teacher has no drop path).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Architecture {
-    pub embed_dim: usize,
-    pub depth: usize,
-    pub num_heads: usize,
-    pub patch_size: usize,
-    /// Construction size (sizes the position embedding): the global crop size, or 518 for a
-    /// released backbone.
-    pub img_size: usize,
-    pub ffn_layer: FfnLayer,
-    /// 4·D for the MLP; `(int(4·D·2/3) + 7) / 8 · 8` for SwiGLU (as `SwiGLUFFNFused`).
-    pub ffn_hidden_dim: usize,
-    pub num_register_tokens: usize,
-    pub layerscale: f64,
+    /// The model itself; its construction size (`img_size`, which sizes the position
+    /// embedding) is the global crop size, or 518 for a released backbone.
+    pub vit: VitConfig,
+    /// The student's drop-path rate, the same in every block (`drop_path_uniform`).
     pub drop_path_rate: f64,
-    pub drop_path_uniform: bool,
-    pub qkv_bias: bool,
-    pub proj_bias: bool,
-    pub ffn_bias: bool,
-    pub interpolate_offset: f64,
-    pub interpolate_antialias: bool,
 }
 
 /// Where the backbone's weights come from; heads always start fresh (official behaviour).
@@ -193,7 +180,7 @@ impl ResolvedConfig {
             self.total_iters,
             self.to_yaml()?
         );
-        crate::io::write_atomic(&path, text.as_bytes()).map_err(crate::train::outdir::disk_full)?;
+        crate::io::write_atomic(&path, text.as_bytes())?;
         Ok(path)
     }
 
@@ -219,42 +206,58 @@ fn architecture(config: &TrainConfig) -> Result<(Architecture, StartingPoint)> {
         (None, "") => None,
         (None, path) => Some(WeightsSource::parse(path)?),
     };
-    let released = match &weights {
-        Some(WeightsSource::Pretrained(m)) => Some(m.architecture()),
-        _ => None,
+    let (embed_dim, depth, num_heads) = s.arch.dims();
+    let embed_dim = d.embed_dim.unwrap_or(embed_dim);
+    let ffn = match s.ffn_layer {
+        FfnLayer::Mlp => Ffn::Mlp {
+            hidden: 4 * embed_dim,
+        },
+        // The SwiGLU layer derives its width from 4·D exactly as `SwiGLUFFNFused` does.
+        FfnLayer::Swiglu | FfnLayer::SwigluFused => Ffn::SwiGlu {
+            hidden: 4 * embed_dim,
+        },
+        FfnLayer::Identity => {
+            return Err(Error::Unsupported(
+                "student.ffn_layer = identity (no FFN) is not implemented".into(),
+            ))
+        }
     };
-    let (mut embed_dim, mut depth, mut num_heads) = s.arch.dims();
-    let mut arch = Architecture {
-        embed_dim,
-        depth,
-        num_heads,
-        patch_size: s.patch_size,
+    if !s.drop_path_uniform && s.drop_path_rate > 0.0 {
+        return Err(Error::Unsupported(
+            "student.drop_path_uniform = false (linearly increasing rates) is not implemented; \
+             every official config uses uniform rates"
+                .into(),
+        ));
+    }
+    let configured = VitConfig {
         img_size: config.crops.global_crops_size,
-        ffn_layer: s.ffn_layer,
-        ffn_hidden_dim: 0,
+        patch_size: s.patch_size,
+        in_chans: 3,
+        embed_dim,
+        depth: d.depth.unwrap_or(depth),
+        num_heads: d.num_heads.unwrap_or(num_heads),
+        ffn,
         num_register_tokens: s.num_register_tokens,
-        layerscale: s.layerscale,
-        drop_path_rate: s.drop_path_rate,
-        drop_path_uniform: s.drop_path_uniform,
+        layerscale: (s.layerscale > 0.0).then_some(s.layerscale as f32),
+        interpolate_offset: s.interpolate_offset as f32,
+        interpolate_antialias: s.interpolate_antialias,
         qkv_bias: s.qkv_bias,
         proj_bias: s.proj_bias,
         ffn_bias: s.ffn_bias,
-        interpolate_offset: s.interpolate_offset,
-        interpolate_antialias: s.interpolate_antialias,
     };
-    if let Some(r) = released {
-        (embed_dim, depth, num_heads) = (r.embed_dim, r.depth, r.num_heads);
-        arch.patch_size = r.patch_size;
-        arch.img_size = r.img_size;
-        arch.ffn_layer = r.ffn_layer;
-        arch.num_register_tokens = r.num_register_tokens;
-        arch.interpolate_offset = r.interpolate_offset;
-        arch.interpolate_antialias = r.interpolate_antialias;
-    } else {
-        embed_dim = d.embed_dim.unwrap_or(embed_dim);
-        depth = d.depth.unwrap_or(depth);
-        num_heads = d.num_heads.unwrap_or(num_heads);
-    }
+    // A released backbone fixes its shapes and interpolation; LayerScale's init and the
+    // biases stay as configured (the loaded weights hold the trained values).
+    let vit = match &weights {
+        Some(WeightsSource::Pretrained(m)) => VitConfig {
+            layerscale: configured.layerscale,
+            qkv_bias: configured.qkv_bias,
+            proj_bias: configured.proj_bias,
+            ffn_bias: configured.ffn_bias,
+            ..m.architecture()
+        },
+        _ => configured,
+    };
+    let (embed_dim, depth, num_heads) = (vit.embed_dim, vit.depth, vit.num_heads);
     if embed_dim == 0 || depth == 0 || num_heads == 0 || embed_dim % num_heads != 0 {
         return Err(Error::Config(format!(
             "embed dim {embed_dim} must be a positive multiple of the head count {num_heads}, \
@@ -265,22 +268,18 @@ fn architecture(config: &TrainConfig) -> Result<(Architecture, StartingPoint)> {
         ("crops.global_crops_size", config.crops.global_crops_size),
         ("crops.local_crops_size", config.crops.local_crops_size),
     ] {
-        if size == 0 || size % arch.patch_size != 0 {
+        if size == 0 || size % vit.patch_size != 0 {
             return Err(Error::Config(format!(
                 "{what} = {size} must be a positive multiple of the patch size {}",
-                arch.patch_size
+                vit.patch_size
             )));
         }
     }
-    arch.embed_dim = embed_dim;
-    arch.depth = depth;
-    arch.num_heads = num_heads;
-    arch.ffn_hidden_dim = match arch.ffn_layer {
-        FfnLayer::Mlp => 4 * embed_dim,
-        FfnLayer::Swiglu | FfnLayer::SwigluFused => (4 * embed_dim * 2 / 3).div_ceil(8) * 8,
-        FfnLayer::Identity => 0,
-    };
     let start = weights.map_or(StartingPoint::Random, StartingPoint::Weights);
+    let arch = Architecture {
+        vit,
+        drop_path_rate: s.drop_path_rate,
+    };
     Ok((arch, start))
 }
 

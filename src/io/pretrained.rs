@@ -5,8 +5,8 @@
 //! folder to put it in and the URL it is published at. A path to a `.pth` or `.safetensors`
 //! file works too ([`WeightsSource::parse`]).
 
-use super::config::{Arch, FfnLayer};
 use crate::error::{Error, Result};
+use crate::nn::{Preset, VitConfig};
 use std::fmt;
 use std::path::{Path, PathBuf};
 
@@ -19,7 +19,8 @@ pub const HOME_ENV: &str = "DINOTRAIN_HOME";
 /// One released backbone.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PretrainedModel {
-    pub arch: Arch,
+    /// Small, Base, Large or Giant.
+    pub size: Preset,
     /// With 4 register tokens (the `_reg4` releases).
     pub registers: Registers,
 }
@@ -29,24 +30,6 @@ pub struct PretrainedModel {
 pub enum Registers {
     None,
     Four,
-}
-
-/// The architecture of a released backbone, as the hub builds it (`hub/backbones.py`).
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct PretrainedArch {
-    pub arch: Arch,
-    pub embed_dim: usize,
-    pub depth: usize,
-    pub num_heads: usize,
-    pub patch_size: usize,
-    /// Construction size: sizes the position embedding (518 / 14 = 37, so 37·37 + 1 positions).
-    pub img_size: usize,
-    pub ffn_layer: FfnLayer,
-    pub num_register_tokens: usize,
-    pub interpolate_offset: f64,
-    pub interpolate_antialias: bool,
-    /// LayerScale init (the hub passes 1.0; the trained gammas are loaded anyway).
-    pub layerscale: f64,
 }
 
 impl PretrainedModel {
@@ -70,23 +53,23 @@ impl PretrainedModel {
             Some(s) => (s, Registers::Four),
             None => (bare, Registers::None),
         };
-        let arch = match size {
-            "vits14" => Arch::VitSmall,
-            "vitb14" => Arch::VitBase,
-            "vitl14" => Arch::VitLarge,
-            "vitg14" => Arch::VitGiant2,
+        let size = match size {
+            "vits14" => Preset::Small,
+            "vitb14" => Preset::Base,
+            "vitl14" => Preset::Large,
+            "vitg14" => Preset::Giant,
             _ => return None,
         };
-        Some(PretrainedModel { arch, registers })
+        Some(PretrainedModel { size, registers })
     }
 
     fn size_letter(self) -> &'static str {
-        match self.arch {
-            Arch::VitSmall => "s",
-            Arch::VitBase => "b",
-            Arch::VitLarge => "l",
-            // vit_tiny has no release; from_name never builds it.
-            Arch::VitGiant2 | Arch::VitTiny => "g",
+        match self.size {
+            Preset::Small => "s",
+            Preset::Base => "b",
+            Preset::Large => "l",
+            // The test sizes have no release; from_name never builds them.
+            Preset::Giant | Preset::Micro | Preset::Tiny => "g",
         }
     }
 
@@ -117,31 +100,9 @@ impl PretrainedModel {
         )
     }
 
-    /// The architecture the weights belong to.
-    pub fn architecture(self) -> PretrainedArch {
-        let (embed_dim, depth, num_heads) = self.arch.dims();
-        let (num_register_tokens, interpolate_offset, interpolate_antialias) = match self.registers
-        {
-            Registers::None => (0, 0.1, false),
-            Registers::Four => (4, 0.0, true),
-        };
-        PretrainedArch {
-            arch: self.arch,
-            embed_dim,
-            depth,
-            num_heads,
-            patch_size: 14,
-            img_size: 518,
-            ffn_layer: if self.arch == Arch::VitGiant2 {
-                FfnLayer::SwigluFused
-            } else {
-                FfnLayer::Mlp
-            },
-            num_register_tokens,
-            interpolate_offset,
-            interpolate_antialias,
-            layerscale: 1.0,
-        }
+    /// The architecture the weights belong to, as the hub builds it (`hub/backbones.py`).
+    pub fn architecture(self) -> VitConfig {
+        self.size.released(self.registers == Registers::Four)
     }
 
     /// The file in the cache folder, which must exist.
@@ -268,6 +229,7 @@ mod tests {
         );
         let a = s.architecture();
         assert_eq!((a.embed_dim, a.depth, a.num_heads), (384, 12, 6));
+        assert_eq!(a.ffn, crate::nn::Ffn::Mlp { hidden: 1536 });
         assert_eq!(
             (a.patch_size, a.img_size, a.num_register_tokens),
             (14, 518, 0)
@@ -284,8 +246,8 @@ mod tests {
         );
         let a = g.architecture();
         assert_eq!(
-            (a.embed_dim, a.depth, a.ffn_layer),
-            (1536, 40, FfnLayer::SwigluFused)
+            (a.embed_dim, a.depth, a.ffn),
+            (1536, 40, crate::nn::Ffn::SwiGlu { hidden: 6144 })
         );
         assert_eq!((a.num_register_tokens, a.interpolate_offset), (4, 0.0));
         assert!(a.interpolate_antialias);

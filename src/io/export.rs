@@ -4,10 +4,10 @@
 
 use crate::error::{Error, Result};
 use crate::io::keys::{self, Tensors};
+use crate::io::pretrained::WeightsFormat;
 use crate::io::{TensorFile, Value};
 use crate::nn::params::ParamTable;
 use crate::tensor::Tensor;
-use crate::train::pretrained::WeightsFormat;
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -87,7 +87,7 @@ pub fn export_backbone(
     file.metadata
         .insert("format".into(), "dinotrain-backbone".into());
     file.metadata.insert("naming".into(), naming.tag().into());
-    file.write(path).map_err(super::outdir::disk_full)
+    file.write(path)
 }
 
 /// Reads a backbone from a `.pth` (official release, teacher checkpoint) or `.safetensors`
