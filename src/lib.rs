@@ -9,6 +9,7 @@
 //! [`eval`] (k-NN), [`io`] (file formats), [`golden`] (the reference fixtures).
 
 pub mod backend;
+pub mod bench;
 pub mod data;
 pub mod error;
 pub mod eval;

@@ -1,10 +1,10 @@
 //! `dinotrain bench`: training-step throughput on synthetic crops (a table on stdout, optionally
-//! JSON). The measurement lives in [`dinotrain::train::bench`].
+//! JSON). The measurement lives in [`dinotrain::bench`].
 
 use anyhow::{Context, Result};
 use clap::Parser;
 use dinotrain::backend::Device;
-use dinotrain::train::bench::{self, BenchModel, BenchOptions, BenchReport, StepTiming};
+use dinotrain::bench::{self, BenchModel, BenchOptions, BenchReport, StepTiming};
 use dinotrain::train::Method;
 use std::path::PathBuf;
 

@@ -44,7 +44,6 @@
 //! export::export_backbone(&run.export_path(), &table, &teacher, KeyNaming::Official, &meta)?;
 //! ```
 
-pub mod bench;
 pub mod checkpoint;
 pub mod config;
 

@@ -123,7 +123,7 @@ fn decimal(v: f32) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::train::bench::{bench_config, BenchDevice, BenchModel, BenchOptions};
+    use crate::bench::{bench_config, BenchDevice, BenchModel, BenchOptions};
     use crate::train::config::Method;
     use crate::train::run::plan_from_config;
 

@@ -32,15 +32,15 @@ mod flops;
 
 pub use flops::{head_forward_flops, vit_forward_flops, StepFlops};
 
-use super::config::{ConfigBuilder, Method, Preset, ResolvedConfig};
-use super::run::plan_from_config;
-use super::trainer::Trainer;
 use crate::backend::cpu::{matmul, Accumulate, Transpose};
 use crate::backend::cuda::{resolve_device, GemmStats, ResolvedDevice};
 use crate::backend::Device;
 use crate::error::{Error, Result};
 use crate::nn::{Ffn, Preset as SizePreset};
 use crate::rng::{keyed, stream};
+use crate::train::config::{ConfigBuilder, Method, Preset, ResolvedConfig};
+use crate::train::plan::plan_from_config;
+use crate::train::trainer::Trainer;
 use rand::Rng as _;
 use rand_distr::StandardNormal;
 use serde::Serialize;
