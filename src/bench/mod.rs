@@ -409,58 +409,13 @@ pub fn run(opts: &BenchOptions, on_step: &mut dyn FnMut(&StepTiming)) -> Result<
     let cpu_peak_before =
         (kind == BenchDevice::Cpu && opts.peak_tflops.is_none()).then(cpu_gemm_peak_gflops);
 
-    let total = warmup + steps;
-    let mut timed = Vec::with_capacity(steps);
-    let mut timed_cpu = Vec::with_capacity(steps);
-    let mut losses = Vec::with_capacity(total);
-    let (mut gemms_before_timing, mut launches_before_timing) = (None, None);
-    for index in 0..total {
-        if index == warmup {
-            gemms_before_timing = trainer.gemm_stats();
-            launches_before_timing = trainer.kernel_launches();
-        }
-        let cpu_start = process_cpu_seconds();
-        let start = Instant::now();
-        // `train_step` returns host losses: on CUDA that copy waits for the step's queued
-        // work, so the clock stops after the GPU is done.
-        let record = trainer.train_step(&global, &local)?;
-        let seconds = start.elapsed().as_secs_f64();
-        let is_warmup = index < warmup;
-        if !is_warmup {
-            timed.push(seconds);
-            if let (Some(a), Some(b)) = (cpu_start, process_cpu_seconds()) {
-                timed_cpu.push(b - a);
-            }
-        }
-        losses.push(record.losses.loss);
-        on_step(&StepTiming {
-            index,
-            total,
-            warmup: is_warmup,
-            seconds,
-            loss: record.losses.loss,
-        });
-    }
-
-    let steps_u64 = steps.max(1) as u64;
-    let gemms_per_step = match (trainer.gemm_stats(), gemms_before_timing) {
-        (Some(now), Some(before)) => {
-            let d = now.since(&before);
-            Some(GemmStats {
-                cublaslt: d.cublaslt / steps_u64,
-                fused_epilogues: d.fused_epilogues / steps_u64,
-                cublas: d.cublas / steps_u64,
-                separate_epilogues: d.separate_epilogues / steps_u64,
-                // Problems, not calls: refused once, whenever it happened.
-                refused_problems: now.refused_problems,
-            })
-        }
-        _ => None,
-    };
-    let kernel_launches_per_step = match (trainer.kernel_launches(), launches_before_timing) {
-        (Some(now), Some(before)) => Some((now - before) as f64 / steps_u64 as f64),
-        _ => None,
-    };
+    let TimedSteps {
+        timed,
+        timed_cpu,
+        losses,
+        gemms_per_step,
+        kernel_launches_per_step,
+    } = time_steps(&mut trainer, (&global, &local), warmup, steps, on_step)?;
     let (peak_memory_bytes, peak_memory_source) = match kind {
         BenchDevice::Cpu => (
             peak_rss_bytes(),
@@ -537,6 +492,84 @@ pub fn run(opts: &BenchOptions, on_step: &mut dyn FnMut(&StepTiming)) -> Result<
         config_warnings: config.warnings.iter().map(|w| w.to_string()).collect(),
         step_seconds,
         cpu_seconds,
+    })
+}
+
+/// What the timing loop measured.
+struct TimedSteps {
+    timed: Vec<f64>,
+    timed_cpu: Vec<f64>,
+    losses: Vec<f32>,
+    gemms_per_step: Option<GemmStats>,
+    kernel_launches_per_step: Option<f64>,
+}
+
+/// `warmup` untimed then `steps` timed training steps on one synthetic batch.
+fn time_steps(
+    trainer: &mut Trainer,
+    (global, local): (&[f32], &[f32]),
+    warmup: usize,
+    steps: usize,
+    on_step: &mut dyn FnMut(&StepTiming),
+) -> Result<TimedSteps> {
+    let total = warmup + steps;
+    let mut timed = Vec::with_capacity(steps);
+    let mut timed_cpu = Vec::with_capacity(steps);
+    let mut losses = Vec::with_capacity(total);
+    let (mut gemms_before_timing, mut launches_before_timing) = (None, None);
+    for index in 0..total {
+        if index == warmup {
+            gemms_before_timing = trainer.gemm_stats();
+            launches_before_timing = trainer.kernel_launches();
+        }
+        let cpu_start = process_cpu_seconds();
+        let start = Instant::now();
+        // `train_step` returns host losses: on CUDA that copy waits for the step's queued
+        // work, so the clock stops after the GPU is done.
+        let record = trainer.train_step(global, local)?;
+        let seconds = start.elapsed().as_secs_f64();
+        let is_warmup = index < warmup;
+        if !is_warmup {
+            timed.push(seconds);
+            if let (Some(a), Some(b)) = (cpu_start, process_cpu_seconds()) {
+                timed_cpu.push(b - a);
+            }
+        }
+        losses.push(record.losses.loss);
+        on_step(&StepTiming {
+            index,
+            total,
+            warmup: is_warmup,
+            seconds,
+            loss: record.losses.loss,
+        });
+    }
+
+    let steps_u64 = steps.max(1) as u64;
+    let gemms_per_step = match (trainer.gemm_stats(), gemms_before_timing) {
+        (Some(now), Some(before)) => {
+            let d = now.since(&before);
+            Some(GemmStats {
+                cublaslt: d.cublaslt / steps_u64,
+                fused_epilogues: d.fused_epilogues / steps_u64,
+                cublas: d.cublas / steps_u64,
+                separate_epilogues: d.separate_epilogues / steps_u64,
+                // Problems, not calls: refused once, whenever it happened.
+                refused_problems: now.refused_problems,
+            })
+        }
+        _ => None,
+    };
+    let kernel_launches_per_step = match (trainer.kernel_launches(), launches_before_timing) {
+        (Some(now), Some(before)) => Some((now - before) as f64 / steps_u64 as f64),
+        _ => None,
+    };
+    Ok(TimedSteps {
+        timed,
+        timed_cpu,
+        losses,
+        gemms_per_step,
+        kernel_launches_per_step,
     })
 }
 

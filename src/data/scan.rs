@@ -6,7 +6,7 @@
 
 use crate::data::format::ImageFormat;
 use crate::error::{Error, Result};
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 use std::fs;
 use std::path::{Path, PathBuf};
 
@@ -67,17 +67,6 @@ pub struct ScanResult {
     pub repeated_dirs: u64,
     /// Entries that could not be read (permission denied, dangling symlink, ...).
     pub unreadable: Vec<Skipped>,
-}
-
-impl ScanResult {
-    /// How many entries of each format.
-    pub fn count_by_format(&self) -> BTreeMap<ImageFormat, usize> {
-        let mut counts = BTreeMap::new();
-        for e in &self.entries {
-            *counts.entry(e.format).or_insert(0) += 1;
-        }
-        counts
-    }
 }
 
 /// Lists every image file under `root` (sorted by path).

@@ -106,14 +106,6 @@ impl<B: Backend> BranchBufs<B> {
     pub fn y(&self) -> &B::F32 {
         &self.y
     }
-
-    pub fn y_mut(&mut self) -> &mut B::F32 {
-        &mut self.y
-    }
-
-    pub fn ln_out_mut(&mut self) -> &mut B::Half {
-        &mut self.ln_out
-    }
 }
 
 /// Two `[b·t, d]` f32 buffers for a branch's gathered input and output gradients.

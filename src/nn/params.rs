@@ -194,22 +194,6 @@ impl ParamTable {
     }
 }
 
-/// Two disjoint mutable views of one flat buffer (e.g. a LayerNorm's weight and bias
-/// gradients). Panics if they overlap: parameters never do, by construction of the table.
-pub fn two_mut(buf: &mut [f32], a: ParamRef, b: ParamRef) -> (&mut [f32], &mut [f32]) {
-    assert!(
-        a.offset + a.len <= b.offset || b.offset + b.len <= a.offset,
-        "overlapping parameters"
-    );
-    if a.offset < b.offset {
-        let (lo, hi) = buf.split_at_mut(b.offset);
-        (&mut lo[a.range()], &mut hi[..b.len])
-    } else {
-        let (lo, hi) = buf.split_at_mut(a.offset);
-        (&mut hi[..a.len], &mut lo[b.range()])
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

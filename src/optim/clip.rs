@@ -6,8 +6,6 @@ use crate::error::{Error, Result};
 use crate::nn::params::ParamTable;
 use std::ops::Range;
 
-/// The official `clip_grad` and the eps added to the norm.
-pub const CLIP_GRAD: f32 = 3.0;
 pub use crate::backend::CLIP_EPS;
 
 /// The parts of the flat buffer that belong to one submodule.

@@ -59,7 +59,7 @@ impl LossConfig {
         LossConfig {
             method,
             dino_loss_weight: 1.0,
-            koleo_loss_weight: 0.1,
+            koleo_loss_weight: super::koleo::KOLEO_LOSS_WEIGHT,
             ibot_loss_weight: 1.0,
             student_temp: STUDENT_TEMP,
         }
