@@ -3,10 +3,12 @@
 //! Train DINOv2 vision foundation models on your own images, with every numeric piece checked
 //! against the official implementation (golden fixtures in `tests/golden`).
 //!
-//! Layout: [`backend`] (CPU reference and CUDA), [`nn`] (layers with explicit forward and
-//! backward), [`ssl`] (the method: losses, masking, one training step), [`optim`] (parameter
-//! groups, AdamW, schedules), [`data`] (folders, decoding, multi-crop), [`train`] (the loop),
-//! [`eval`] (k-NN), [`io`] (file formats), [`golden`] (the reference fixtures).
+//! Layers, lowest first (each imports only those before it): [`backend`] (the seam: the
+//! `Backend` trait, the CPU reference and CUDA), [`nn`] (the model, written once over the seam),
+//! [`ssl`] (the method: losses, masking, one training step), [`optim`] (parameter groups, AdamW,
+//! schedules), [`data`] (folders, decoding, multi-crop), [`io`] (file formats, released weights,
+//! export), [`eval`] (features and k-NN), [`train`] (configuration, trainer, the loop),
+//! [`bench`] (throughput) and [`golden`] (the reference fixtures, per device).
 
 pub mod backend;
 pub mod bench;

@@ -2,7 +2,7 @@
 # Builds everything a GPU machine without Rust needs into gpu-bundle/ and packs it into
 # gpu-bundle.tar.xz (both git-ignored):
 #   gpu-bundle/dinotrain          the release binary
-#   gpu-bundle/tests/cuda_*       the GPU test binaries of `cargo test --release`
+#   gpu-bundle/tests/cuda_*, kernels, ssl_kernels   the GPU test binaries of `cargo test --release`
 #   gpu-bundle/benches/cuda_*     the GPU benchmark binaries
 #   gpu-bundle/golden/            the golden fixtures (for `dinotrain verify --device cuda`)
 #   gpu-bundle/tools/             gpu-check.sh and the PyTorch baselines
@@ -51,7 +51,8 @@ for line in sys.stdin:
     kind = target["kind"][0]
     name = target["name"]
     # Only the GPU binaries: the CPU tests run in CI and read fixtures by the build machine paths.
-    if kind in ("test", "bench") and name.startswith("cuda_") and name != "cuda_emulator":
+    gpu = name.startswith("cuda_") or (kind == "test" and name in ("kernels", "ssl_kernels"))
+    if kind in ("test", "bench") and gpu and name != "cuda_emulator":
         shutil.copy2(exe, f"{dest}/{name}")
         print(f"  {dest}/{name}")
 ' "$dest"

@@ -58,7 +58,7 @@ row "device" "${device:-unknown (nvidia-smi failed)}"
 # --- 2. every GPU test binary (tests/cuda_*; the CPU tests run in CI and read fixtures by the
 # build machine's paths). They print "skipping:" when they cannot use the GPU: a failure here.
 echo "== tests"
-for bin in "$BUNDLE"/tests/cuda_*; do
+for bin in "$BUNDLE"/tests/cuda_* "$BUNDLE"/tests/kernels "$BUNDLE"/tests/ssl_kernels; do
     [ -x "$bin" ] || continue
     name="$(basename "$bin")"
     [ "$name" = cuda_emulator ] && continue  # CPU-only (runs in CI), needs the sources
@@ -80,7 +80,7 @@ done
 # --- 3. compute-sanitizer on the kernel tests (memcheck all; racecheck the attention tiles)
 echo "== compute-sanitizer"
 if command -v compute-sanitizer >/dev/null 2>&1; then
-    for bin in "$BUNDLE"/tests/cuda_kernels "$BUNDLE"/tests/cuda_ssl_kernels; do
+    for bin in "$BUNDLE"/tests/kernels "$BUNDLE"/tests/ssl_kernels; do
         [ -x "$bin" ] || continue
         name="$(basename "$bin")"
         log="$LOGDIR/memcheck-$name.log"
@@ -98,7 +98,7 @@ if command -v compute-sanitizer >/dev/null 2>&1; then
     done
     log="$LOGDIR/racecheck-attention.log"
     (cd "$BUNDLE" && timeout 90 compute-sanitizer --tool racecheck --error-exitcode 99 \
-        "$BUNDLE/tests/cuda_kernels" --test-threads 1 attention_forward) > "$log" 2>&1
+        "$BUNDLE/tests/kernels" --test-threads 1 attention_forward) > "$log" 2>&1
     rc=$?
     if [ $rc -eq 0 ]; then status=pass
     elif [ $rc -eq 124 ] && ! grep -q 'ERROR SUMMARY: [1-9]\|Race reported' "$log"; then

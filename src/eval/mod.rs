@@ -1,4 +1,5 @@
-//! Evaluation: k-NN classification of (teacher) features.
+//! Evaluation: backbones loaded for evaluation ([`backbone`]), features on any backend
+//! ([`features`], [`embed`]) and k-NN classification ([`knn`]).
 
 pub mod backbone;
 pub mod embed;

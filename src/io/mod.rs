@@ -1,5 +1,6 @@
-//! File formats: safetensors (fixtures, exports, checkpoints), PyTorch `.pth` reading, and
-//! parameter key names (official layouts and Hugging Face).
+//! File formats: safetensors (fixtures, exports, checkpoints), PyTorch `.pth` reading,
+//! parameter key names (official layouts and Hugging Face), the released backbones
+//! ([`pretrained`]) and backbone export / import ([`export`]).
 
 pub mod export;
 pub mod keys;
