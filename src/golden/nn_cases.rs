@@ -22,19 +22,6 @@ use crate::nn::vit::Vit;
 use crate::nn::{ImageGrad, OutputGrads, VitWorkspaces};
 use crate::tensor::Tensor;
 
-/// Runs a backbone or head case on `be` (`pos_interp` is a host computation everywhere).
-pub fn compute<B: Backend>(fx: &Fixture, be: &mut B) -> Result<Outputs> {
-    match fx.case.as_str() {
-        "layernorm" => layernorm(fx, be),
-        "attention" => attention(fx, be),
-        "block" => block(fx, be),
-        "vit_forward" => vit_forward(fx, be),
-        "pos_interp" => pos_interp(fx),
-        "dino_head" => dino_head(fx, be),
-        other => Err(Error::Unsupported(format!("nn golden case '{other}'"))),
-    }
-}
-
 /// The fixture's parameters loaded into `table`'s layout.
 pub(crate) fn load_params(fx: &Fixture, table: &ParamTable) -> Result<Vec<f32>> {
     let mut flat = vec![0f32; table.len()];
@@ -93,7 +80,7 @@ pub(super) fn attention_module(fx: &Fixture, d: usize) -> Result<(ParamTable, At
     Ok((table, attn))
 }
 
-fn layernorm<B: Backend>(fx: &Fixture, be: &mut B) -> Result<Outputs> {
+pub(super) fn layernorm<B: Backend>(fx: &Fixture, be: &mut B) -> Result<Outputs> {
     let (b, t, d) = dims3(fx)?;
     let eps = fx.param_f64("eps")? as f32;
     let mut table = ParamTable::new();
@@ -144,7 +131,7 @@ fn layernorm<B: Backend>(fx: &Fixture, be: &mut B) -> Result<Outputs> {
 
 /// The attention module alone: the input becomes an operand (it is a GEMM input), qkv,
 /// attention, proj; backward to the input.
-fn attention<B: Backend>(fx: &Fixture, be: &mut B) -> Result<Outputs> {
+pub(super) fn attention<B: Backend>(fx: &Fixture, be: &mut B) -> Result<Outputs> {
     let (b, t, d) = dims3(fx)?;
     let (table, attn) = attention_module(fx, d)?;
     let w = be.weights(&load_params(fx, &table)?)?;
@@ -174,7 +161,7 @@ fn attention<B: Backend>(fx: &Fixture, be: &mut B) -> Result<Outputs> {
     Ok(o)
 }
 
-fn block<B: Backend>(fx: &Fixture, be: &mut B) -> Result<Outputs> {
+pub(super) fn block<B: Backend>(fx: &Fixture, be: &mut B) -> Result<Outputs> {
     let (b, t, d) = dims3(fx)?;
     let cfg = block_config(fx, d)?;
     let mut table = ParamTable::new();
@@ -238,7 +225,7 @@ fn resampling(fx: &Fixture) -> Result<Resampling> {
     })
 }
 
-fn pos_interp(fx: &Fixture) -> Result<Outputs> {
+pub(super) fn pos_interp(fx: &Fixture) -> Result<Outputs> {
     let m = fx.param_usize("M")?;
     let d = fx.param_usize("embed_dim")?;
     let (h, w) = (fx.param_usize("input_h")?, fx.param_usize("input_w")?);
@@ -260,7 +247,7 @@ fn pos_interp(fx: &Fixture) -> Result<Outputs> {
     Ok(o)
 }
 
-fn vit_forward<B: Backend>(fx: &Fixture, be: &mut B) -> Result<Outputs> {
+pub(super) fn vit_forward<B: Backend>(fx: &Fixture, be: &mut B) -> Result<Outputs> {
     let cfg = super::step_case::vit_config(fx)?;
     let d = cfg.embed_dim;
     let (b, h, w_px) = (
@@ -325,7 +312,7 @@ pub(crate) fn vit_masks(fx: &Fixture, b: usize, n: usize) -> Result<Option<Vec<b
     Ok(Some(data.iter().map(|&v| v != 0).collect()))
 }
 
-fn dino_head<B: Backend>(fx: &Fixture, be: &mut B) -> Result<Outputs> {
+pub(super) fn dino_head<B: Backend>(fx: &Fixture, be: &mut B) -> Result<Outputs> {
     let (in_dim, k) = (fx.param_usize("in_dim")?, fx.param_usize("out_dim")?);
     let (hidden, bn, n) = (
         fx.param_usize("hidden_dim")?,

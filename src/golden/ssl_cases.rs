@@ -21,24 +21,6 @@ use crate::ssl::{
 use crate::tensor::Tensor;
 use std::collections::BTreeMap;
 
-/// Runs a method case on `be` (schedules, parameter groups and k-NN are host computations).
-pub fn compute<B: Backend>(fx: &Fixture, be: &mut B) -> Result<Outputs> {
-    match fx.case.as_str() {
-        "dino_loss_centering" | "dino_loss_sinkhorn" => dino_loss(fx, be),
-        "ibot_loss" => ibot_loss(fx, be),
-        "koleo" => koleo(fx, be),
-        "schedules" => schedules(fx),
-        "param_groups" => param_groups(fx),
-        "adamw_freeze" => adamw_freeze(fx, be),
-        "clip_grad" => clip_grad(fx, be),
-        "ema" => ema(fx, be),
-        "knn" => knn(fx),
-        other => Err(Error::Unsupported(format!(
-            "golden case '{other}' is composed by the training step, not computed here yet"
-        ))),
-    }
-}
-
 pub(crate) fn f32_param(fx: &Fixture, key: &str) -> Result<f32> {
     fx.param_f64(key).map(|v| v as f32)
 }
@@ -149,7 +131,7 @@ pub(crate) fn dino_loss_outputs(
     Ok(o)
 }
 
-fn dino_loss<B: Backend>(fx: &Fixture, be: &mut B) -> Result<Outputs> {
+pub(super) fn dino_loss<B: Backend>(fx: &Fixture, be: &mut B) -> Result<Outputs> {
     let case = dino_loss_case(fx)?;
     let (b, nl, k) = (case.b, case.nl, case.k);
     let mut targets = TargetState::new(be, &case.centering)?;
@@ -258,7 +240,7 @@ pub(crate) fn ibot_loss_outputs(
     Ok(o)
 }
 
-fn ibot_loss<B: Backend>(fx: &Fixture, be: &mut B) -> Result<Outputs> {
+pub(super) fn ibot_loss<B: Backend>(fx: &Fixture, be: &mut B) -> Result<Outputs> {
     let case = ibot_loss_case(fx)?;
     let (m, k) = (case.m, case.k);
     let mut targets = TargetState::new(be, &case.centering)?;
@@ -285,7 +267,7 @@ pub(crate) fn koleo_input(fx: &Fixture) -> Result<(&Tensor, usize, usize)> {
     }
 }
 
-fn koleo<B: Backend>(fx: &Fixture, be: &mut B) -> Result<Outputs> {
+pub(super) fn koleo<B: Backend>(fx: &Fixture, be: &mut B) -> Result<Outputs> {
     let (x, b, d) = koleo_input(fx)?;
     let x_dev = upload(be, &x.data)?;
     let (mut dx, mut loss) = (be.alloc_f32(b * d)?, be.alloc_f32(1)?);
@@ -301,7 +283,7 @@ fn koleo<B: Backend>(fx: &Fixture, be: &mut B) -> Result<Outputs> {
     Ok(o)
 }
 
-fn schedules(fx: &Fixture) -> Result<Outputs> {
+pub(super) fn schedules(fx: &Fixture) -> Result<Outputs> {
     let u = |k: &str| fx.param_usize(k).map(|v| v as u64);
     let f = |k: &str| fx.param_f64(k);
     let rule = fx.param_str("scaling_rule")?;
@@ -359,7 +341,7 @@ fn fixture_param_names(fx: &Fixture) -> Result<Vec<String>> {
         .map_err(|e| fx.error("metadata.param_names", e.to_string()))
 }
 
-fn param_groups(fx: &Fixture) -> Result<Outputs> {
+pub(super) fn param_groups(fx: &Fixture) -> Result<Outputs> {
     let names = fixture_param_names(fx)?;
     let groups = ParamGroups::from_names(&names, &fixture_layer_decay(fx)?)?;
     let p = names.len();
@@ -519,7 +501,7 @@ pub(crate) fn adamw_outputs(case: &AdamwCase, hist: &[Vec<Vec<f32>>; 3]) -> Resu
     Ok(o)
 }
 
-fn adamw_freeze<B: Backend>(fx: &Fixture, be: &mut B) -> Result<Outputs> {
+pub(super) fn adamw_freeze<B: Backend>(fx: &Fixture, be: &mut B) -> Result<Outputs> {
     let case = adamw_case(fx)?;
     let n = case.flat.data.len();
     let mut params = upload(be, &case.flat.data)?;
@@ -602,7 +584,7 @@ pub(crate) fn clip_outputs(case: &ClipCase, clipped: &[f32], norms: &[f32]) -> R
     Ok(o)
 }
 
-fn clip_grad<B: Backend>(fx: &Fixture, be: &mut B) -> Result<Outputs> {
+pub(super) fn clip_grad<B: Backend>(fx: &Fixture, be: &mut B) -> Result<Outputs> {
     let case = clip_case(fx)?;
     let mut data = upload(be, &case.data)?;
     let mut clipper = GradClipper::new(be, &case.spans)?;
@@ -611,7 +593,7 @@ fn clip_grad<B: Backend>(fx: &Fixture, be: &mut B) -> Result<Outputs> {
     clip_outputs(&case, &be.download_f32(&data)?, &norms)
 }
 
-fn ema<B: Backend>(fx: &Fixture, be: &mut B) -> Result<Outputs> {
+pub(super) fn ema<B: Backend>(fx: &Fixture, be: &mut B) -> Result<Outputs> {
     let m = fx.param_f64("momentum")?;
     let teacher = fx.inputs_with_prefix("in.teacher.")?;
     let student = fx.inputs_with_prefix("in.student.")?;
@@ -633,7 +615,7 @@ fn ema<B: Backend>(fx: &Fixture, be: &mut B) -> Result<Outputs> {
     Ok(o)
 }
 
-fn knn(fx: &Fixture) -> Result<Outputs> {
+pub(super) fn knn(fx: &Fixture) -> Result<Outputs> {
     let train = fx.input("train_features")?;
     let test = fx.input("test_features")?;
     let (_, labels) = fx.input_i64("train_labels")?;

@@ -217,7 +217,7 @@ pub(crate) fn parse(fx: &Fixture) -> Result<StepInputs<'_>> {
 }
 
 /// One step of the fixture's model on `be`, with the teacher targets read back.
-pub fn compute<B: Backend>(fx: &Fixture, be: &mut B) -> Result<Outputs> {
+pub(super) fn ssl_step<B: Backend>(fx: &Fixture, be: &mut B) -> Result<Outputs> {
     let mut inputs = parse(fx)?;
     let (student, teacher) = (be.weights(&inputs.student)?, be.weights(&inputs.teacher)?);
     let mut grads = be.alloc_f32(inputs.model.table.len())?;
