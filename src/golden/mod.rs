@@ -14,6 +14,7 @@ use crate::backend::cuda::ResolvedDevice;
 use crate::backend::Backend;
 use crate::error::{Error, Result};
 use crate::io::{TensorFile, Value};
+use crate::nn::params::ParamTable;
 use crate::tensor::Tensor;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -84,16 +85,6 @@ impl Fixture {
         self.f32(&format!("in.{name}"))
     }
 
-    /// The f32 tensor `in.<name>` if present.
-    pub fn input_opt(&self, name: &str) -> Result<Option<&Tensor>> {
-        let full = format!("in.{name}");
-        if self.has(&full) {
-            self.f32(&full).map(Some)
-        } else {
-            Ok(None)
-        }
-    }
-
     /// The f32 tensor with this full name.
     pub fn f32(&self, full: &str) -> Result<&Tensor> {
         match self.file.tensors.get(full) {
@@ -101,6 +92,21 @@ impl Fixture {
             Some(v) => Err(self.error(full, format!("expected F32, found {}", v.dtype_name()))),
             None => Err(self.error(full, "missing")),
         }
+    }
+
+    /// The f32 tensor `in.<name>`, checked to have `shape`.
+    pub fn input_shaped(&self, name: &str, shape: &[usize]) -> Result<&Tensor> {
+        let t = self.input(name)?;
+        self.check_shape(&format!("in.{name}"), &t.shape, shape)?;
+        Ok(t)
+    }
+
+    /// An error about `tensor` unless its shape `have` is `want`.
+    fn check_shape(&self, tensor: &str, have: &[usize], want: &[usize]) -> Result<()> {
+        if have != want {
+            return Err(self.error(tensor, format!("shape {have:?}, expected {want:?}")));
+        }
+        Ok(())
     }
 
     /// The I64 tensor `in.<name>` (data and shape).
@@ -165,6 +171,11 @@ impl Fixture {
             .ok_or_else(|| self.error(&format!("params.{key}"), "not a number"))
     }
 
+    /// The `params` entry `key` as an f32.
+    pub fn param_f32(&self, key: &str) -> Result<f32> {
+        self.param_f64(key).map(|v| v as f32)
+    }
+
     /// The `params` entry `key` as a string.
     pub fn param_str(&self, key: &str) -> Result<&str> {
         self.param(key)?
@@ -177,6 +188,12 @@ impl Fixture {
         self.param(key)?
             .as_bool()
             .ok_or_else(|| self.error(&format!("params.{key}"), "not a boolean"))
+    }
+
+    /// The `params` entry `key` deserialized as a `T` (e.g. a list of names).
+    pub fn param_as<T: serde::de::DeserializeOwned>(&self, key: &str) -> Result<T> {
+        serde_json::from_value(self.param(key)?.clone())
+            .map_err(|e| self.error(&format!("params.{key}"), e.to_string()))
     }
 
     /// The metadata entry `key` parsed as JSON (e.g. `param_names` of `param_groups`).
@@ -449,7 +466,33 @@ pub fn verify_file_on(path: &Path, device: &mut ResolvedDevice) -> Verified {
     }
 }
 
-/// Helper for case implementations: wraps an f32 tensor as an output.
-pub fn out(outputs: &mut Outputs, name: &str, t: Tensor) {
-    outputs.insert(format!("out.{name}"), Value::F32(t));
+/// Adds the f32 output `out.<name>` with `shape`.
+fn put(o: &mut Outputs, name: &str, shape: &[usize], data: Vec<f32>) -> Result<()> {
+    let t = Tensor::from_vec(shape, data)?;
+    o.insert(format!("out.{name}"), Value::F32(t));
+    Ok(())
+}
+
+/// `out.grad.param.<prefix><key>` for every parameter of `table`.
+fn param_grads(o: &mut Outputs, prefix: &str, table: &ParamTable, grads: &[f32]) -> Result<()> {
+    for spec in table.specs() {
+        let name = format!("grad.param.{prefix}{}", spec.name);
+        put(o, &name, &spec.shape, grads[spec.at.range()].to_vec())?;
+    }
+    Ok(())
+}
+
+/// The fixture's tensors `in.param.<prefix>*` loaded into `table`'s layout.
+fn load_params(fx: &Fixture, prefix: &str, table: &ParamTable) -> Result<Vec<f32>> {
+    let mut flat = vec![0f32; table.len()];
+    let named = fx.inputs_with_prefix(&format!("in.param.{prefix}"))?;
+    table.load(&mut flat, &named, &fx.path.display().to_string())?;
+    Ok(flat)
+}
+
+/// A new backend buffer holding `host`.
+fn upload<B: Backend>(be: &mut B, host: &[f32]) -> Result<B::BufF32> {
+    let mut buf = be.alloc_f32(host.len())?;
+    be.upload_f32(&mut buf, host)?;
+    Ok(buf)
 }
