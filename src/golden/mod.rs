@@ -37,25 +37,23 @@ impl Fixture {
     /// Reads and parses a fixture; a malformed file is an error naming the file and the field.
     pub fn load(path: &Path) -> Result<Self> {
         let file = TensorFile::read(path)?;
-        let meta = |key: &str| -> Result<&String> {
-            file.metadata.get(key).ok_or_else(|| Error::Fixture {
-                file: path.to_path_buf(),
-                tensor: format!("metadata.{key}"),
-                detail: "missing".into(),
-            })
+        let err = |key: &str, detail: String| Error::Fixture {
+            file: path.to_path_buf(),
+            tensor: format!("metadata.{key}"),
+            detail,
+        };
+        let meta = |key: &str| {
+            file.metadata
+                .get(key)
+                .ok_or_else(|| err(key, "missing".into()))
         };
         let case = meta("case")?.clone();
         let variant = meta("variant")?.clone();
-        let tol = meta("tol")?.parse::<f64>().map_err(|e| Error::Fixture {
-            file: path.to_path_buf(),
-            tensor: "metadata.tol".into(),
-            detail: e.to_string(),
-        })?;
-        let params = serde_json::from_str(meta("params")?).map_err(|e| Error::Fixture {
-            file: path.to_path_buf(),
-            tensor: "metadata.params".into(),
-            detail: format!("not JSON: {e}"),
-        })?;
+        let tol = meta("tol")?
+            .parse::<f64>()
+            .map_err(|e| err("tol", e.to_string()))?;
+        let params = serde_json::from_str(meta("params")?)
+            .map_err(|e| err("params", format!("not JSON: {e}")))?;
         Ok(Fixture {
             path: path.to_path_buf(),
             case,
