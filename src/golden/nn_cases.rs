@@ -5,7 +5,7 @@
 //! `in.param.*`), loads the fixture's values, runs forward, then backward with the fixture's
 //! cotangents, and returns the outputs and every parameter gradient.
 
-use super::{out, Fixture, Outputs};
+use super::{load_params, param_grads, put, upload, Fixture, Outputs};
 use crate::backend::{
     Accumulate, Backend, LnSaved, LnStats, NormOut, NormShape, Storage, WeightStore,
 };
@@ -19,59 +19,10 @@ use crate::nn::linear::Bias;
 use crate::nn::params::ParamTable;
 use crate::nn::pos_embed::{PosEmbed, Resampling};
 use crate::nn::vit::Vit;
-use crate::nn::{ImageGrad, OutputGrads, VitWorkspaces};
-use crate::tensor::Tensor;
-
-/// Runs a backbone or head case on `be` (`pos_interp` is a host computation everywhere).
-pub fn compute<B: Backend>(fx: &Fixture, be: &mut B) -> Result<Outputs> {
-    match fx.case.as_str() {
-        "layernorm" => layernorm(fx, be),
-        "attention" => attention(fx, be),
-        "block" => block(fx, be),
-        "vit_forward" => vit_forward(fx, be),
-        "pos_interp" => pos_interp(fx),
-        "dino_head" => dino_head(fx, be),
-        other => Err(Error::Unsupported(format!("nn golden case '{other}'"))),
-    }
-}
-
-/// The fixture's parameters loaded into `table`'s layout.
-pub(crate) fn load_params(fx: &Fixture, table: &ParamTable) -> Result<Vec<f32>> {
-    let mut flat = vec![0f32; table.len()];
-    let named = fx.inputs_with_prefix("in.param.")?;
-    table.load(&mut flat, &named, &fx.path.display().to_string())?;
-    Ok(flat)
-}
-
-/// `out.grad.param.<key>` for every parameter of `table`.
-pub(crate) fn param_grads(outputs: &mut Outputs, table: &ParamTable, grads: &[f32]) {
-    for spec in table.specs() {
-        let t = Tensor {
-            shape: spec.shape.clone(),
-            data: grads[spec.at.range()].to_vec(),
-        };
-        out(outputs, &format!("grad.param.{}", spec.name), t);
-    }
-}
-
-/// The input `name`, checked to have `shape`.
-pub(crate) fn input_shaped<'a>(fx: &'a Fixture, name: &str, shape: &[usize]) -> Result<&'a Tensor> {
-    let t = fx.input(name)?;
-    if t.shape != shape {
-        return Err(fx.error(
-            &format!("in.{name}"),
-            format!("shape {:?}, expected {shape:?}", t.shape),
-        ));
-    }
-    Ok(t)
-}
-
-pub(crate) fn tensor(shape: &[usize], data: Vec<f32>) -> Result<Tensor> {
-    Tensor::from_vec(shape, data)
-}
+use crate::nn::{ImageGrad, OutputGrads, VitConfig, VitWorkspaces};
 
 /// `(batch, ntok, dim)` of a token-sequence case.
-pub(super) fn dims3(fx: &Fixture) -> Result<(usize, usize, usize)> {
+fn dims3(fx: &Fixture) -> Result<(usize, usize, usize)> {
     Ok((
         fx.param_usize("batch")?,
         fx.param_usize("ntok")?,
@@ -79,28 +30,50 @@ pub(super) fn dims3(fx: &Fixture) -> Result<(usize, usize, usize)> {
     ))
 }
 
-/// The attention module an `attention` case describes, with its parameter table.
-pub(super) fn attention_module(fx: &Fixture, d: usize) -> Result<(ParamTable, Attention)> {
-    let mut table = ParamTable::new();
-    let attn = Attention::new(
-        &mut table,
-        "",
-        d,
-        fx.param_usize("num_heads")?,
-        Bias::from(fx.param_bool("qkv_bias")?),
-        Bias::from(fx.param_bool("proj_bias")?),
-    );
-    Ok((table, attn))
+/// The FFN `params.ffn_layer` names (`mlp` when absent, as in the first `block` fixtures) with
+/// the nominal width `mlp_hidden_dim`.
+fn ffn(fx: &Fixture) -> Result<Ffn> {
+    let hidden = fx.param_usize("mlp_hidden_dim")?;
+    let kind = match fx.params.get("ffn_layer") {
+        None => "mlp",
+        Some(_) => fx.param_str("ffn_layer")?,
+    };
+    match kind {
+        "mlp" => Ok(Ffn::Mlp { hidden }),
+        "swiglu" | "swiglufused" => Ok(Ffn::SwiGlu { hidden }),
+        other => Err(fx.error("params.ffn_layer", format!("unknown FFN '{other}'"))),
+    }
 }
 
-fn layernorm<B: Backend>(fx: &Fixture, be: &mut B) -> Result<Outputs> {
+/// The backbone configuration a fixture's `params` describe (`vit_forward`, `ssl_step`).
+pub(super) fn vit_config(fx: &Fixture) -> Result<VitConfig> {
+    let cfg = VitConfig {
+        img_size: fx.param_usize("img_size")?,
+        patch_size: fx.param_usize("patch_size")?,
+        in_chans: fx.param_usize("in_chans")?,
+        embed_dim: fx.param_usize("embed_dim")?,
+        depth: fx.param_usize("depth")?,
+        num_heads: fx.param_usize("num_heads")?,
+        ffn: ffn(fx)?,
+        num_register_tokens: fx.param_usize("num_register_tokens")?,
+        layerscale: fx.param_bool("layerscale")?.then_some(1.0),
+        interpolate_offset: fx.param_f32("interpolate_offset")?,
+        interpolate_antialias: fx.param_bool("interpolate_antialias")?,
+        qkv_bias: fx.param_bool("qkv_bias")?,
+        proj_bias: fx.param_bool("proj_bias")?,
+        ffn_bias: fx.param_bool("ffn_bias")?,
+    };
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+pub(super) fn layernorm<B: Backend>(fx: &Fixture, be: &mut B) -> Result<Outputs> {
     let (b, t, d) = dims3(fx)?;
-    let eps = fx.param_f64("eps")? as f32;
     let mut table = ParamTable::new();
-    let ln = LayerNorm::new(&mut table, "", d, eps);
-    let w = be.weights(&load_params(fx, &table)?)?;
-    let x = upload(be, &input_shaped(fx, "x", &[b, t, d])?.data)?;
-    let dy = upload(be, &input_shaped(fx, "grad_out", &[b, t, d])?.data)?;
+    let ln = LayerNorm::new(&mut table, "", d, fx.param_f32("eps")?);
+    let w = be.weights(&load_params(fx, "", &table)?)?;
+    let x = upload(be, &fx.input_shaped("x", &[b, t, d])?.data)?;
+    let dy = upload(be, &fx.input_shaped("grad_out", &[b, t, d])?.data)?;
     let rows = b * t;
     let shape = NormShape { rows, channels: d };
     let (mut y, mut mean, mut rstd) = (
@@ -126,32 +99,34 @@ fn layernorm<B: Backend>(fx: &Fixture, be: &mut B) -> Result<Outputs> {
             mean: &*mean,
             rstd: &*rstd,
         };
-        be.layernorm_backward(
-            &mut dx,
-            Accumulate::Overwrite,
-            &mut dw,
-            &mut db,
-            saved,
-            shape,
-        )?;
+        let dx_to = Accumulate::Overwrite;
+        be.layernorm_backward(&mut dx, dx_to, &mut dw, &mut db, saved, shape)?;
     }
     let mut o = Outputs::new();
-    out(&mut o, "out", tensor(&[b, t, d], be.download_f32(&y)?)?);
-    out(&mut o, "grad.x", tensor(&[b, t, d], be.download_f32(&dx)?)?);
-    param_grads(&mut o, &table, &be.download_f32(&grads)?);
+    put(&mut o, "out", &[b, t, d], be.download_f32(&y)?)?;
+    put(&mut o, "grad.x", &[b, t, d], be.download_f32(&dx)?)?;
+    param_grads(&mut o, "", &table, &be.download_f32(&grads)?)?;
     Ok(o)
 }
 
 /// The attention module alone: the input becomes an operand (it is a GEMM input), qkv,
 /// attention, proj; backward to the input.
-fn attention<B: Backend>(fx: &Fixture, be: &mut B) -> Result<Outputs> {
+pub(super) fn attention<B: Backend>(fx: &Fixture, be: &mut B) -> Result<Outputs> {
     let (b, t, d) = dims3(fx)?;
-    let (table, attn) = attention_module(fx, d)?;
-    let w = be.weights(&load_params(fx, &table)?)?;
+    let mut table = ParamTable::new();
+    let attn = Attention::new(
+        &mut table,
+        "",
+        d,
+        fx.param_usize("num_heads")?,
+        Bias::from(fx.param_bool("qkv_bias")?),
+        Bias::from(fx.param_bool("proj_bias")?),
+    );
+    let w = be.weights(&load_params(fx, "", &table)?)?;
     let rows = b * t;
     let mut x = be.alloc_half(rows * d)?;
-    be.upload_half(&mut x, &input_shaped(fx, "x", &[b, t, d])?.data)?;
-    let dy_host = &input_shaped(fx, "grad_out", &[b, t, d])?.data;
+    be.upload_half(&mut x, &fx.input_shaped("x", &[b, t, d])?.data)?;
+    let dy_host = &fx.input_shaped("grad_out", &[b, t, d])?.data;
     let mut bufs = attn.bufs(be, b, t)?;
     let mut y = be.alloc_f32(rows * d)?;
     attn.forward(be, &mut bufs, &mut y, &x, &w, (b, t))?;
@@ -168,100 +143,70 @@ fn attention<B: Backend>(fx: &Fixture, be: &mut B) -> Result<Outputs> {
     let dys = (&*dy_half, Some(&*dy));
     attn.backward(be, &mut grads, &mut dx, scratch, dys, &bufs, &x, &w, (b, t))?;
     let mut o = Outputs::new();
-    out(&mut o, "out", tensor(&[b, t, d], be.download_f32(&y)?)?);
-    out(&mut o, "grad.x", tensor(&[b, t, d], be.download_f32(&dx)?)?);
-    param_grads(&mut o, &table, &be.download_f32(&grads)?);
+    put(&mut o, "out", &[b, t, d], be.download_f32(&y)?)?;
+    put(&mut o, "grad.x", &[b, t, d], be.download_f32(&dx)?)?;
+    param_grads(&mut o, "", &table, &be.download_f32(&grads)?)?;
     Ok(o)
 }
 
-fn block<B: Backend>(fx: &Fixture, be: &mut B) -> Result<Outputs> {
+pub(super) fn block<B: Backend>(fx: &Fixture, be: &mut B) -> Result<Outputs> {
     let (b, t, d) = dims3(fx)?;
-    let cfg = block_config(fx, d)?;
+    let cfg = BlockConfig {
+        dim: d,
+        num_heads: fx.param_usize("num_heads")?,
+        ffn: ffn(fx)?,
+        layerscale: fx.param_bool("layerscale")?.then_some(1.0),
+        eps: fx.param_f32("ln_eps")?,
+        // The case lists no bias flags: a bias exists exactly when the fixture has it.
+        qkv_bias: fx.has("in.param.attn.qkv.bias"),
+        proj_bias: fx.has("in.param.attn.proj.bias"),
+        ffn_bias: fx.has("in.param.mlp.fc1.bias") || fx.has("in.param.mlp.w12.bias"),
+    };
     let mut table = ParamTable::new();
     let blk = Block::new(&mut table, "", &cfg);
-    let w = be.weights(&load_params(fx, &table)?)?;
-    let mut x = upload(be, &input_shaped(fx, "x", &[b, t, d])?.data)?;
-    let mut dx = upload(be, &input_shaped(fx, "grad_out", &[b, t, d])?.data)?;
+    let w = be.weights(&load_params(fx, "", &table)?)?;
+    let mut x = upload(be, &fx.input_shaped("x", &[b, t, d])?.data)?;
+    let mut dx = upload(be, &fx.input_shaped("grad_out", &[b, t, d])?.data)?;
     let mut runner = BlockRunner::new(be, &blk, b, t)?;
     runner.forward(be, &blk, &w, &mut x, [None, None])?;
     let mut grads = be.alloc_f32(table.len())?;
     runner.backward(be, &blk, &w, &mut grads, &mut dx)?;
     let mut o = Outputs::new();
-    out(&mut o, "out", tensor(&[b, t, d], be.download_f32(&x)?)?);
-    out(&mut o, "grad.x", tensor(&[b, t, d], be.download_f32(&dx)?)?);
-    param_grads(&mut o, &table, &be.download_f32(&grads)?);
+    put(&mut o, "out", &[b, t, d], be.download_f32(&x)?)?;
+    put(&mut o, "grad.x", &[b, t, d], be.download_f32(&dx)?)?;
+    param_grads(&mut o, "", &table, &be.download_f32(&grads)?)?;
     Ok(o)
 }
 
-/// A new backend buffer holding `host`.
-pub(crate) fn upload<B: Backend>(be: &mut B, host: &[f32]) -> Result<B::BufF32> {
-    let mut buf = be.alloc_f32(host.len())?;
-    be.upload_f32(&mut buf, host)?;
-    Ok(buf)
-}
-
-/// The `block` case's configuration.
-pub(crate) fn block_config(fx: &Fixture, d: usize) -> Result<BlockConfig> {
-    Ok(BlockConfig {
-        dim: d,
-        num_heads: fx.param_usize("num_heads")?,
-        ffn: ffn_kind(fx)?,
-        layerscale: fx.param_bool("layerscale")?.then_some(1.0),
-        eps: fx.param_f64("ln_eps")? as f32,
-        // The case lists no bias flags: a bias exists exactly when the fixture has it.
-        qkv_bias: fx.has("in.param.attn.qkv.bias"),
-        proj_bias: fx.has("in.param.attn.proj.bias"),
-        ffn_bias: fx.has("in.param.mlp.fc1.bias") || fx.has("in.param.mlp.w12.bias"),
-    })
-}
-
-/// The FFN of a `block` case: `params.ffn_layer` (`mlp` when absent, as in the first fixtures)
-/// with the nominal width `mlp_hidden_dim`.
-fn ffn_kind(fx: &Fixture) -> Result<Ffn> {
-    let hidden = fx.param_usize("mlp_hidden_dim")?;
-    let kind = match fx.params.get("ffn_layer") {
-        None => "mlp",
-        Some(_) => fx.param_str("ffn_layer")?,
-    };
-    match kind {
-        "mlp" => Ok(Ffn::Mlp { hidden }),
-        "swiglu" | "swiglufused" => Ok(Ffn::SwiGlu { hidden }),
-        other => Err(fx.error("params.ffn_layer", format!("unknown FFN '{other}'"))),
-    }
-}
-
-fn resampling(fx: &Fixture) -> Result<Resampling> {
-    Ok(if fx.param_bool("interpolate_antialias")? {
-        Resampling::Antialias
-    } else {
-        Resampling::Bicubic
-    })
-}
-
-fn pos_interp(fx: &Fixture) -> Result<Outputs> {
+pub(super) fn pos_interp(fx: &Fixture) -> Result<Outputs> {
     let m = fx.param_usize("M")?;
     let d = fx.param_usize("embed_dim")?;
     let (h, w) = (fx.param_usize("input_h")?, fx.param_usize("input_w")?);
     let (gh, gw) = (fx.param_usize("out_h")?, fx.param_usize("out_w")?);
-    let offset = fx.param_f64("interpolate_offset")? as f32;
+    let offset = fx.param_f32("interpolate_offset")?;
+    let resampling = if fx.param_bool("interpolate_antialias")? {
+        Resampling::Antialias
+    } else {
+        Resampling::Bicubic
+    };
     let mut table = ParamTable::new();
-    let pos = PosEmbed::new(&mut table, "", m, d, offset, resampling(fx)?);
-    let params = load_params(fx, &table)?;
+    let pos = PosEmbed::new(&mut table, "", m, d, offset, resampling);
+    let params = load_params(fx, "", &table)?;
     let plan = pos.plan(h, w, gh, gw);
     let n = 1 + gh * gw;
-    let dy = input_shaped(fx, "grad_pos_embed_interp", &[1, n, d])?;
+    let dy = fx.input_shaped("grad_pos_embed_interp", &[1, n, d])?;
     let mut y = vec![0f32; n * d];
     pos.forward(&mut y, &params, &plan);
     let mut grads = vec![0f32; table.len()];
     pos.backward(&mut grads, &dy.data, &plan);
     let mut o = Outputs::new();
-    out(&mut o, "pos_embed_interp", tensor(&[1, n, d], y)?);
-    param_grads(&mut o, &table, &grads);
+    put(&mut o, "pos_embed_interp", &[1, n, d], y)?;
+    param_grads(&mut o, "", &table, &grads)?;
     Ok(o)
 }
 
-fn vit_forward<B: Backend>(fx: &Fixture, be: &mut B) -> Result<Outputs> {
-    let cfg = super::step_case::vit_config(fx)?;
+pub(super) fn vit_forward<B: Backend>(fx: &Fixture, be: &mut B) -> Result<Outputs> {
+    let cfg = vit_config(fx)?;
     let d = cfg.embed_dim;
     let (b, h, w_px) = (
         fx.param_usize("batch")?,
@@ -271,25 +216,27 @@ fn vit_forward<B: Backend>(fx: &Fixture, be: &mut B) -> Result<Outputs> {
     let (c, r) = (cfg.in_chans, cfg.num_register_tokens);
     let mut table = ParamTable::new();
     let vit = Vit::new(&cfg, &mut table, "");
-    let w = be.weights(&load_params(fx, &table)?)?;
-    let images = input_shaped(fx, "images", &[b, c, h, w_px])?;
+    let w = be.weights(&load_params(fx, "", &table)?)?;
+    let images = fx.input_shaped("images", &[b, c, h, w_px])?;
     let n = (h / cfg.patch_size) * (w_px / cfg.patch_size);
-    let masks = vit_masks(fx, b, n)?;
+    let masks = if fx.has("in.masks") {
+        let (shape, data) = fx.input_u8("masks")?;
+        fx.check_shape("in.masks", shape, &[b, n])?;
+        Some(data.iter().map(|&v| v != 0).collect::<Vec<bool>>())
+    } else {
+        None
+    };
     let mut runner = VitWorkspaces::new(&vit);
     let key = (b, h, w_px);
     let y = runner
         .forward(be, &vit, &w, &images.data, key, masks.as_deref(), None)?
         .to_host(be)?;
-    let d_cls = upload(be, &input_shaped(fx, "grad_x_norm_clstoken", &[b, d])?.data)?;
-    let d_patch = upload(
-        be,
-        &input_shaped(fx, "grad_x_norm_patchtokens", &[b, n, d])?.data,
-    )?;
+    let d_cls = upload(be, &fx.input_shaped("grad_x_norm_clstoken", &[b, d])?.data)?;
+    let d_patch = fx.input_shaped("grad_x_norm_patchtokens", &[b, n, d])?;
+    let d_patch = upload(be, &d_patch.data)?;
     let d_reg = if r > 0 {
-        Some(upload(
-            be,
-            &input_shaped(fx, "grad_x_norm_regtokens", &[b, r, d])?.data,
-        )?)
+        let t = fx.input_shaped("grad_x_norm_regtokens", &[b, r, d])?;
+        Some(upload(be, &t.data)?)
     } else {
         None
     };
@@ -303,29 +250,17 @@ fn vit_forward<B: Backend>(fx: &Fixture, be: &mut B) -> Result<Outputs> {
         .backward(be, &vit, &w, &mut grads, key, dout, ImageGrad::Compute)?
         .ok_or_else(|| Error::Unsupported("vit backward returned no image gradient".into()))?;
     let mut o = Outputs::new();
-    out(&mut o, "x_norm_clstoken", tensor(&[b, d], y.cls)?);
-    out(&mut o, "x_norm_patchtokens", tensor(&[b, n, d], y.patch)?);
+    put(&mut o, "x_norm_clstoken", &[b, d], y.cls)?;
+    put(&mut o, "x_norm_patchtokens", &[b, n, d], y.patch)?;
     if r > 0 {
-        out(&mut o, "x_norm_regtokens", tensor(&[b, r, d], y.reg)?);
+        put(&mut o, "x_norm_regtokens", &[b, r, d], y.reg)?;
     }
-    out(&mut o, "grad.images", tensor(&[b, c, h, w_px], dimages)?);
-    param_grads(&mut o, &table, &be.download_f32(&grads)?);
+    put(&mut o, "grad.images", &[b, c, h, w_px], dimages)?;
+    param_grads(&mut o, "", &table, &be.download_f32(&grads)?)?;
     Ok(o)
 }
 
-/// The `vit_forward` case's optional masks `[b, n]`.
-pub(crate) fn vit_masks(fx: &Fixture, b: usize, n: usize) -> Result<Option<Vec<bool>>> {
-    if !fx.has("in.masks") {
-        return Ok(None);
-    }
-    let (shape, data) = fx.input_u8("masks")?;
-    if shape != [b, n] {
-        return Err(fx.error("in.masks", format!("shape {shape:?}, expected [{b}, {n}]")));
-    }
-    Ok(Some(data.iter().map(|&v| v != 0).collect()))
-}
-
-fn dino_head<B: Backend>(fx: &Fixture, be: &mut B) -> Result<Outputs> {
+pub(super) fn dino_head<B: Backend>(fx: &Fixture, be: &mut B) -> Result<Outputs> {
     let (in_dim, k) = (fx.param_usize("in_dim")?, fx.param_usize("out_dim")?);
     let (hidden, bn, n) = (
         fx.param_usize("hidden_dim")?,
@@ -337,9 +272,9 @@ fn dino_head<B: Backend>(fx: &Fixture, be: &mut B) -> Result<Outputs> {
     }
     let mut table = ParamTable::new();
     let head = DinoHead::new(in_dim, hidden, bn, k, &mut table, "");
-    let w = be.weights(&load_params(fx, &table)?)?;
-    let x = upload(be, &input_shaped(fx, "x", &[n, in_dim])?.data)?;
-    let d_out = upload(be, &input_shaped(fx, "grad_out", &[n, k])?.data)?;
+    let w = be.weights(&load_params(fx, "", &table)?)?;
+    let x = upload(be, &fx.input_shaped("x", &[n, in_dim])?.data)?;
+    let d_out = upload(be, &fx.input_shaped("grad_out", &[n, k])?.data)?;
     let mut protos = Prototypes::new(be, &head)?;
     protos.prepare(be, &head, &w)?;
     let mut cache = HeadCache::default();
@@ -348,22 +283,11 @@ fn dino_head<B: Backend>(fx: &Fixture, be: &mut B) -> Result<Outputs> {
     let (mut dx, mut grads) = (be.alloc_f32(n * in_dim)?, be.alloc_f32(table.len())?);
     let mut scratch = HeadScratch::default();
     let dx_to = (&mut *dx, Accumulate::Overwrite);
-    head.backward(
-        be,
-        &mut scratch,
-        &mut grads,
-        dx_to,
-        (&cache, &protos),
-        &w,
-        &d_out,
-    )?;
+    let saved = (&cache, &protos);
+    head.backward(be, &mut scratch, &mut grads, dx_to, saved, &w, &d_out)?;
     let mut o = Outputs::new();
-    out(&mut o, "out", tensor(&[n, k], y)?);
-    out(
-        &mut o,
-        "grad.x",
-        tensor(&[n, in_dim], be.download_f32(&dx)?)?,
-    );
-    param_grads(&mut o, &table, &be.download_f32(&grads)?);
+    put(&mut o, "out", &[n, k], y)?;
+    put(&mut o, "grad.x", &[n, in_dim], be.download_f32(&dx)?)?;
+    param_grads(&mut o, "", &table, &be.download_f32(&grads)?)?;
     Ok(o)
 }
