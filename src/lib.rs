@@ -8,7 +8,7 @@
 //! [`ssl`] (the method: losses, masking, one training step), [`optim`] (parameter groups, AdamW,
 //! schedules), [`data`] (folders, decoding, multi-crop), [`io`] (file formats, released weights,
 //! export), [`eval`] (features and k-NN), [`train`] (configuration, trainer, the loop),
-//! [`bench`] (throughput) and [`golden`] (the reference fixtures, per device).
+//! [`mod@bench`] (throughput) and [`golden`] (the reference fixtures, per device).
 
 pub mod backend;
 pub mod bench;

@@ -9,7 +9,7 @@
 //!
 //! Why a trait with associated buffer types: the CPU and CUDA backends keep their memory as
 //! different things (`[f32]` slices and device allocations), and each chooses its own storage
-//! for the GEMM operands ([`Backend::Half`]: bf16 on CUDA, f32 on the CPU, rounded to bf16 values
+//! for the GEMM operands ([`Buffers::Half`]: bf16 on CUDA, f32 on the CPU, rounded to bf16 values
 //! under [`Precision::Bf16`]). Fusions (bias in the GEMM epilogue, residual add + LayerNorm) and
 //! fallbacks (a GEMM cuBLASLt refuses) stay inside the backend; the model only states what it
 //! needs computed. Generic code is monomorphised per backend: no dynamic dispatch in the step.
@@ -175,7 +175,7 @@ pub trait Buffers: Sized {
     fn alloc_u8(&mut self, len: usize) -> Result<Self::BufU8>;
     /// Copies `src` into the first `src.len()` elements of `dst`.
     fn upload_f32(&mut self, dst: &mut Self::F32, src: &[f32]) -> Result<()>;
-    /// As [`Backend::upload_f32`], rounded to the operand precision.
+    /// As [`Buffers::upload_f32`], rounded to the operand precision.
     fn upload_half(&mut self, dst: &mut Self::Half, src: &[f32]) -> Result<()>;
     fn upload_i64(&mut self, dst: &mut Self::I64, src: &[i64]) -> Result<()>;
     fn upload_u8(&mut self, dst: &mut Self::U8, src: &[u8]) -> Result<()>;
@@ -306,7 +306,7 @@ pub trait ElementwiseOps: Buffers {
         rows: usize,
         width: usize,
     ) -> Result<()>;
-    /// Backward of [`Backend::swiglu_forward`]: `dx12 [rows, 2w]`, as an operand.
+    /// Backward of [`ElementwiseOps::swiglu_forward`]: `dx12 [rows, 2w]`, as an operand.
     fn swiglu_backward(
         &mut self,
         dx12: &mut Self::Half,
@@ -420,7 +420,7 @@ pub trait HeadOps: Buffers {
         eps: f32,
         shape: NormShape,
     ) -> Result<()>;
-    /// Backward of [`Backend::l2_normalize_forward`] (`dy` f32 and as an operand).
+    /// Backward of [`HeadOps::l2_normalize_forward`] (`dy` f32 and as an operand).
     #[allow(clippy::too_many_arguments)]
     fn l2_normalize_backward(
         &mut self,

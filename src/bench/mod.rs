@@ -10,7 +10,7 @@
 //! `--set student.drop_path_rate=0.3` to time it anyway.
 //!
 //! # FLOP count
-//! Analytical, in [`flops`]: matrix products only, backward = 2 × forward, teacher forward on the
+//! Analytical, in `flops.rs`: matrix products only, backward = 2 × forward, teacher forward on the
 //! global crops, heads on CLS tokens and the expected masked patches. ViT-S/14: 12.25 GFLOP per
 //! 224-px forward, about 166 GFLOP per image per DINOv2 step (593 for ViT-B/14), as in `GPU.md`.
 //!

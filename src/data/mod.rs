@@ -1,6 +1,6 @@
 //! The input side: folder scan, decoding, multi-crop augmentation, parallel loader, cache.
 //!
-//! [`scan`] lists image files; [`decode`] turns bytes into RGB8; [`augment`] is the official
+//! [`scan`] lists image files; [`mod@decode`] turns bytes into RGB8; [`augment`] is the official
 //! multi-crop recipe (built from [`resize`], [`color`] and [`blur`]); [`source`] and
 //! [`loader`] feed the trainer; [`cache`] stores decoded images; [`idx`] and [`demo`] hold the
 //! Fashion-MNIST demo data.

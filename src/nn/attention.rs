@@ -1,7 +1,7 @@
 //! The attention module: `qkv` Linear → multi-head softmax attention → `proj` Linear.
 //!
 //! Precision: the qkv output, the attention output and their gradients are operands
-//! ([`Backend::Half`]): the attention kernel reads and writes them directly; the softmax
+//! ([`crate::backend::Buffers::Half`]): the attention kernel reads and writes them directly; the softmax
 //! statistics (`lse`) are f32.
 
 use super::linear::{Bias, Linear};

@@ -4,7 +4,7 @@
 //! Buffers are sized for the whole batch once (see [`BranchBufs::new`]); a batch subset
 //! (stochastic depth) uses the first `samples · t` rows of each. Precision: LayerNorm
 //! statistics, the branch output, biases and the residual stream are f32; the LayerNorm output
-//! and the gradients that only feed GEMMs are operands ([`Backend::Half`]).
+//! and the gradients that only feed GEMMs are operands ([`crate::backend::Buffers::Half`]).
 
 use super::attention::{Attention, AttnBufs, AttnScratch};
 use super::drop_path::Subset;

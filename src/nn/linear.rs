@@ -1,6 +1,6 @@
 //! `Linear`: `y = x Wᵀ + b` with the PyTorch weight layout `[out, in]`, over the backend seam.
 //!
-//! The operand `x` is in the backend's operand precision ([`Backend::Half`]); the weight is read
+//! The operand `x` is in the backend's operand precision ([`crate::backend::Buffers::Half`]); the weight is read
 //! from the model's operand copy and the bias in f32. Where the output goes (f32, an operand,
 //! or fc1's GELU pair) is the caller's choice ([`LinearOut`]).
 
