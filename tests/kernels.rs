@@ -18,9 +18,9 @@ use dinotrain::backend::cuda::{
     ResolvedDevice, GENERAL_MAX_HEAD_DIM,
 };
 use dinotrain::backend::{
-    Accumulate, AttentionOps, AttentionShape, Backend, Buffers, Device, Gemm, GemmBatch, InputGrad,
-    LinearDims, LinearOut, LnParams, LnSaved, LnStats, NormOut, NormShape, Residual, SampleSubset,
-    Storage, TokenLayout, Transpose,
+    Accumulate, AttentionOps, AttentionShape, Backend, Buffers, Device, Gemm, GemmBatch, GemmOps,
+    InputGrad, LinearDims, LinearOut, LnParams, LnSaved, LnStats, NormOut, NormShape, Residual,
+    SampleSubset, Storage, TokenLayout, Transpose,
 };
 use dinotrain::Error;
 use kernel_support::reference::{
@@ -391,7 +391,13 @@ fn cuda_gemm_bias_epilogue_matches_f64_fused_or_separate() {
             let bias_view = holder.window(shift..shift + n).unwrap();
             let mut dc = nans(&mut gpu, m * n); // overwritten
             let before = gpu.gemm_stats();
-            gpu.matmul_bf16_bias(&mut dc, &dx, &dw, Transpose::Yes, Some(&bias_view), m, k, n)
+            let dims = LinearDims {
+                rows: m,
+                in_dim: k,
+                out_dim: n,
+            };
+            let out = LinearOut::F32(&mut *dc);
+            gpu.linear_forward(out, &dx, &dw, Some(&bias_view), dims)
                 .unwrap();
             let ran = ran_since(&gpu, before);
             assert_eq!(ran.fused_epilogues + ran.separate_epilogues, 1, "{ran}");
@@ -443,15 +449,12 @@ fn cuda_gemm_to_bf16_rounds_the_biased_f32_result_once() {
             gpu.set_gemm_path(path);
             let mut dc = up_half(&mut gpu, &vec![7.0; m * n]);
             let outcome = gpu
-                .matmul_bf16_to_bf16(
+                .matmul_to_bf16(
                     &mut dc,
                     &dx,
                     &dw,
-                    Transpose::Yes,
                     with_bias.then_some(&*dbias),
-                    m,
-                    k,
-                    n,
+                    Gemm::nn(m, k, n).t(Transpose::No, Transpose::Yes),
                 )
                 .unwrap();
             let got = down_half(&mut gpu, &dc);
@@ -515,17 +518,14 @@ fn cuda_gemm_row_sums_epilogue_accumulates_the_bias_gradient() {
         let mut db = up(&mut gpu, &db0);
         let before = gpu.gemm_stats();
         let run = gpu
-            .matmul_bf16_with_row_sums(
+            .matmul_with_row_sums(
                 &mut dw,
                 &d_dout,
-                Transpose::Yes,
                 &d_inp,
-                Transpose::No,
-                out_dim,
-                rows,
-                inp_dim,
-                Accumulate::Add,
-                Some(&mut db),
+                &mut db,
+                Gemm::nn(out_dim, rows, inp_dim)
+                    .t(Transpose::Yes, Transpose::No)
+                    .acc(Accumulate::Add),
             )
             .unwrap();
         let ran = ran_since(&gpu, before);

@@ -22,9 +22,8 @@
 //! per column `j` of our `C`, and its `BGRADB` (one per column of `D`, reduced over `k` from its
 //! `B`) is the row sums of our `op(A)`.
 
-use super::gemm::{operation, GemmShape};
 use super::{cuda_error, CudaBackend};
-use crate::backend::cpu::{Accumulate, Transpose};
+use crate::backend::{Accumulate, Gemm, GemmBatch, Transpose};
 use crate::error::{Error, Result};
 use cudarc::cublas::sys::cublasOperation_t;
 use cudarc::cublaslt::result as lt;
@@ -151,7 +150,9 @@ impl std::fmt::Display for GemmStats {
     }
 }
 
-/// One GEMM problem in column-major cuBLASLt terms, with operand pointers.
+/// One GEMM problem in column-major cuBLASLt terms (the cuBLAS fallback's as well), with its
+/// operand pointers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub(super) struct LtProblem {
     pub data_type: cudaDataType,
     /// The type of C and D (f32, or bf16 for a bf16 output).
@@ -167,25 +168,29 @@ pub(super) struct LtProblem {
     pub a: (u64, u64, i64, i64),
     pub b: (u64, u64, i64, i64),
     pub c: (u64, u64, i64, i64),
-    pub ptr_a: u64,
-    pub ptr_b: u64,
-    pub ptr_c: u64,
-    pub acc: Accumulate,
+    /// `C += A·B` (beta 1) rather than `C = A·B`.
+    pub beta_one: bool,
+    /// Device addresses of A, B and C = D.
+    pub ptrs: [u64; 3],
 }
 
 impl LtProblem {
-    /// The row-major `C[m,n] (=|+=) op(A)[m,k] · op(B)[k,n]` (the convention of `gemm.rs`) as
-    /// cuBLASLt's column-major `Cᵀ = op(B)ᵀ · op(A)ᵀ`: its A is our B, its B our A.
+    /// The row-major `C[m,n] (=|+=) op(A)[m,k] · op(B)[k,n]` (the convention of `gemm.rs`) at
+    /// `[a, b, c]` as cuBLASLt's column-major `Cᵀ = op(B)ᵀ · op(A)ᵀ`: its A is our B, its B our A.
     pub fn row_major(
         data_type: cudaDataType,
         c_type: cudaDataType,
-        (ptr_a, ta): (u64, Transpose),
-        (ptr_b, tb): (u64, Transpose),
-        ptr_c: u64,
-        shape: GemmShape,
-        acc: Accumulate,
+        [ptr_a, ptr_b, ptr_c]: [u64; 3],
+        g: GemmBatch,
     ) -> Self {
-        let GemmShape { m, k, n, .. } = shape;
+        let Gemm {
+            m,
+            k,
+            n,
+            ta,
+            tb,
+            acc,
+        } = g.gemm;
         // The stored matrix of an operand whose op is [rows, cols]: op N stores it as is,
         // op T its transpose; packed, so the leading dimension is its row count.
         let stored = |t: Transpose, rows: usize, cols: usize, stride: usize| {
@@ -195,6 +200,10 @@ impl LtProblem {
             };
             (r as u64, c as u64, r as i64, stride as i64)
         };
+        let operation = |t| match t {
+            Transpose::No => cublasOperation_t::CUBLAS_OP_N,
+            Transpose::Yes => cublasOperation_t::CUBLAS_OP_T,
+        };
         LtProblem {
             data_type,
             c_type,
@@ -203,14 +212,21 @@ impl LtProblem {
             rows: n as u64,
             cols: m as u64,
             depth: k as u64,
-            batch: shape.batch,
-            a: stored(tb, n, k, shape.stride_b),
-            b: stored(ta, k, m, shape.stride_a),
-            c: (n as u64, m as u64, n as i64, shape.stride_c as i64),
-            ptr_a: ptr_b,
-            ptr_b: ptr_a,
-            ptr_c,
-            acc,
+            batch: g.batch,
+            a: stored(tb, n, k, g.stride_b),
+            b: stored(ta, k, m, g.stride_a),
+            c: (n as u64, m as u64, n as i64, g.stride_c as i64),
+            beta_one: acc == Accumulate::Add,
+            ptrs: [ptr_b, ptr_a, ptr_c],
+        }
+    }
+
+    /// The GEMM's beta: 0 overwrites C, 1 accumulates into it.
+    pub fn beta(&self) -> f32 {
+        if self.beta_one {
+            1.0
+        } else {
+            0.0
         }
     }
 }
@@ -218,17 +234,9 @@ impl LtProblem {
 /// The heuristic's answer for one problem: the algorithm and its workspace, or none.
 type Choice = Option<(cublasLtMatmulAlgo_t, usize)>;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-struct ProblemKey {
-    data_type: u32,
-    c_type: u32,
-    ops: (u32, u32),
-    dims: (u64, u64, u64, usize),
-    layouts: [(u64, u64, i64, i64); 3],
-    beta_one: bool,
-    epilogue: EpilogueKind,
-    alignments: [u32; 4],
-}
+/// What the heuristic's answer depends on: the problem without its pointers, the epilogue, and
+/// the alignments of A, B, C and the epilogue vector.
+type ProblemKey = (LtProblem, EpilogueKind, [u32; 4]);
 
 /// The cuBLASLt handle, its workspace, the heuristic cache and the path counters.
 pub(super) struct LtGemm {
@@ -432,21 +440,21 @@ impl CudaBackend {
             .bind_to_thread()
             .map_err(|e| cuda_error("cuCtxSetCurrent", e))?;
         let kind = epilogue.kind();
-        let key = ProblemKey {
-            data_type: problem.data_type as u32,
-            c_type: problem.c_type as u32,
-            ops: (problem.op_a as u32, problem.op_b as u32),
-            dims: (problem.rows, problem.cols, problem.depth, problem.batch),
-            layouts: [problem.a, problem.b, problem.c],
-            beta_one: problem.acc == Accumulate::Add,
-            epilogue: kind,
-            alignments: [
-                alignment(problem.ptr_a),
-                alignment(problem.ptr_b),
-                alignment(problem.ptr_c),
-                vector_ptr.map_or(256, alignment),
-            ],
-        };
+        let [ptr_a, ptr_b, ptr_c] = problem.ptrs;
+        let alignments = [
+            alignment(ptr_a),
+            alignment(ptr_b),
+            alignment(ptr_c),
+            vector_ptr.map_or(256, alignment),
+        ];
+        let key = (
+            LtProblem {
+                ptrs: [0; 3],
+                ..*problem
+            },
+            kind,
+            alignments,
+        );
         let desc = self.describe_problem(problem, kind, vector_ptr)?;
         let a = layout(problem.data_type, problem.a, problem.batch)?;
         let b = layout(problem.data_type, problem.b, problem.batch)?;
@@ -460,7 +468,7 @@ impl CudaBackend {
             match choices.get(&key) {
                 Some(choice) => *choice,
                 None => {
-                    let choice = self.ask_heuristic(&desc, &a, &b, &c, &key)?;
+                    let choice = self.ask_heuristic(&desc, [&a, &b, &c], alignments)?;
                     choices.insert(key, choice);
                     choice
                 }
@@ -469,11 +477,7 @@ impl CudaBackend {
         let Some((algo, workspace_size)) = choice else {
             return Ok(LtOutcome::Unsupported);
         };
-        let alpha: f32 = 1.0;
-        let beta: f32 = match problem.acc {
-            Accumulate::Overwrite => 0.0,
-            Accumulate::Add => 1.0,
-        };
+        let (alpha, beta) = (1.0f32, problem.beta());
         let workspace = device_address(&self.lt.workspace, stream);
         // SAFETY: the descriptors describe the operands' checked lengths (the caller verified
         // them against the shape); C and D are the same buffer with the same layout, which
@@ -485,13 +489,13 @@ impl CudaBackend {
                 desc.0,
                 (&alpha) as *const f32 as *const c_void,
                 (&beta) as *const f32 as *const c_void,
-                problem.ptr_a as *const c_void,
+                ptr_a as *const c_void,
                 a.0,
-                problem.ptr_b as *const c_void,
+                ptr_b as *const c_void,
                 b.0,
-                problem.ptr_c as *const c_void,
+                ptr_c as *const c_void,
                 c.0,
-                problem.ptr_c as *mut c_void,
+                ptr_c as *mut c_void,
                 c.0,
                 &algo,
                 workspace as *mut c_void,
@@ -573,15 +577,12 @@ impl CudaBackend {
     fn ask_heuristic(
         &self,
         desc: &Desc,
-        a: &Layout,
-        b: &Layout,
-        c: &Layout,
-        key: &ProblemKey,
+        [a, b, c]: [&Layout; 3],
+        [align_a, align_b, align_c, _]: [u32; 4],
     ) -> Result<Choice> {
         let pref =
             Pref(lt::create_matmul_pref().map_err(lt_error("cublasLtMatmulPreferenceCreate"))?);
         let max_workspace = self.lt.workspace.len() as u64;
-        let [align_a, align_b, align_c, _] = key.alignments;
         // SAFETY: MAX_WORKSPACE_BYTES is a uint64_t, the MIN_ALIGNMENT_*_BYTES uint32_t.
         unsafe {
             set_pref(

@@ -23,7 +23,7 @@ mod view;
 pub use crate::backend::{AdamWStep, AttentionShape, NormShape, PatchLayout, TokenLayout};
 pub use buffers::CudaWeights;
 pub use device::{resolve_device, ResolvedDevice};
-pub use gemm::{EpilogueRun, GemmShape};
+pub use gemm::EpilogueRun;
 pub use gemm_lt::{GemmPath, GemmStats, LtOutcome};
 pub use half::bf16;
 pub use kernels::{all_precompiled, compile_source_with_nvrtc, EmbeddedKernel, KernelFamily};
