@@ -799,10 +799,12 @@ fn cuda_attention_rejects_head_dims_its_kernels_lack() {
     );
     assert_eq!(AttentionKernels::for_head_dim(64), AttentionKernels::Fast);
     gpu.attention_forward(&mut out, &mut lse, &qkv, s).unwrap();
+    gpu.set_attention_kernels(Some(AttentionKernels::Fast));
     assert!(matches!(
-        gpu.attention_forward_with(AttentionKernels::Fast, &mut out, &mut lse, &qkv, s),
+        gpu.attention_forward(&mut out, &mut lse, &qkv, s),
         Err(Error::Unsupported(_))
     ));
+    gpu.set_attention_kernels(None);
     // Beyond the general kernels' range: refused before any length is looked at.
     for head_dim in [0, GENERAL_MAX_HEAD_DIM + 1] {
         let s = AttentionShape { head_dim, ..s };
@@ -813,11 +815,13 @@ fn cuda_attention_rejects_head_dims_its_kernels_lack() {
     }
     for kernels in [AttentionKernels::Fast, AttentionKernels::General] {
         let s = AttentionShape { head_dim: 64, ..s };
+        gpu.set_attention_kernels(Some(kernels));
         assert!(matches!(
-            gpu.attention_forward_with(kernels, &mut out, &mut lse, &qkv, s),
+            gpu.attention_forward(&mut out, &mut lse, &qkv, s),
             Err(Error::Shape { .. })
         ));
     }
+    gpu.set_attention_kernels(None);
 }
 
 /// Head dims without a tensor-core instance on CUDA (the golden fixtures' and small models' 4,
@@ -938,14 +942,13 @@ fn run_attention_with(
     let (d_qkv, d_dout) = (up_half(gpu, &qkv), up_half(gpu, &dout));
     let mut out = gpu.alloc_zeros::<bf16>(s.out_len()).unwrap();
     let mut lse = gpu.alloc_zeros::<f32>(s.stats_len()).unwrap();
-    let mut delta = gpu.alloc_zeros::<f32>(s.stats_len()).unwrap();
     let mut dqkv = gpu.alloc_zeros::<bf16>(s.qkv_len()).unwrap();
-    gpu.attention_forward_with(kernels, &mut out, &mut lse, &d_qkv, s)
+    gpu.set_attention_kernels(Some(kernels));
+    gpu.attention_forward(&mut out, &mut lse, &d_qkv, s)
         .unwrap();
-    gpu.attention_backward_with(
-        kernels, &mut dqkv, &mut delta, &d_dout, &d_qkv, &out, &lse, s,
-    )
-    .unwrap();
+    gpu.attention_backward(&mut dqkv, &d_dout, &d_qkv, &out, &lse, s)
+        .unwrap();
+    gpu.set_attention_kernels(None);
     AttentionRun {
         out: down_half(gpu, &out),
         lse: down(gpu, &lse),

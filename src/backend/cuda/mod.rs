@@ -109,6 +109,8 @@ pub struct CudaBackend {
     work: buffers::Work,
     /// Buffers allocated through the seam (workspaces and work buffers).
     allocations: u64,
+    /// The attention kernels chosen by [`Self::set_attention_kernels`] (`None`: by head dim).
+    attention_kernels: Option<AttentionKernels>,
 }
 
 impl fmt::Debug for CudaBackend {
@@ -170,6 +172,7 @@ impl CudaBackend {
             launches: std::sync::atomic::AtomicU64::new(0),
             work: buffers::Work::default(),
             allocations: 0,
+            attention_kernels: None,
         })
     }
 
