@@ -14,7 +14,7 @@ mod kernel_support;
 
 use dinotrain::backend::cuda::{
     all_precompiled, bf16, compile_source_with_nvrtc, resolve_device, AttentionKernels,
-    CudaBackend, EpilogueRun, GemmPath, GemmStats, GradWrite, KernelFamily, LtOutcome, ReduceOp,
+    CudaBackend, EpilogueRun, GemmPath, GemmStats, KernelFamily, LtOutcome, ReduceOp,
     ResolvedDevice, GENERAL_MAX_HEAD_DIM,
 };
 use dinotrain::backend::{
@@ -1470,13 +1470,12 @@ fn cuda_elementwise_kernels_outside_the_trait_match_f64() {
     );
     // The inherent column sum with a second factor: Σ_r x ∘ y, written.
     let mut colsum = gpu.alloc_zeros::<f32>(c).unwrap();
-    gpu.column_sum(
+    gpu.column_sum_product(
         &mut colsum,
         &d_x,
         Some(&d_branch),
         rows,
-        c,
-        GradWrite::Overwrite,
+        Accumulate::Overwrite,
     )
     .unwrap();
     let mut ref_colsum = vec![0.0f64; c];

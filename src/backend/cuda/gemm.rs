@@ -11,10 +11,10 @@
 
 use super::buffers::Slot;
 use super::gemm_lt::{Epilogue, LtOutcome, LtProblem};
-use super::launch::GradWrite;
 use super::{bf16, cuda_error, CudaBackend};
 use crate::backend::{
-    Accumulate, Gemm, GemmBatch, GemmOps, InputGrad, LinearDims, LinearOut, Storage, Transpose,
+    Accumulate, Buffers, ElementwiseOps, Gemm, GemmBatch, GemmOps, InputGrad, LinearDims,
+    LinearOut, Storage, Transpose,
 };
 use crate::error::{Error, Result};
 use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cudaDataType};
@@ -144,7 +144,7 @@ impl CudaBackend {
         let run = match run {
             Ok(EpilogueRun::Fused) => {
                 let (ptr, _sync) = written.device_ptr(self.stream.as_ref());
-                self.column_partial_reduce_raw(sums, ptr, 1, m, 1.0, GradWrite::Accumulate)
+                self.column_partial_reduce_raw(sums, ptr, 1, m, 1.0, Accumulate::Add)
                     .map(|()| EpilogueRun::Fused)
             }
             other => other,
@@ -281,7 +281,7 @@ impl GemmOps for CudaBackend {
                     // f32 result (bias included) rounded once, through a work buffer.
                     self.with_work(Slot::A, rows * n, |gpu, f32_out| {
                         biased(gpu, f32_out)?;
-                        gpu.cast_f32_to_bf16(y, f32_out)
+                        gpu.cast_to_half(y, f32_out)
                     })?;
                 }
                 Ok(())
@@ -311,7 +311,7 @@ impl GemmOps for CudaBackend {
                 if self.matmul_to_bf16(dx, dout, weight, None, g)? == LtOutcome::Unsupported {
                     self.with_work(Slot::A, dims.rows * dims.in_dim, |gpu, f32_out| {
                         gpu.matmul(f32_out, dout, weight, g)?;
-                        gpu.cast_f32_to_bf16(dx, f32_out)
+                        gpu.cast_to_half(dx, f32_out)
                     })?;
                 }
                 Ok(())
@@ -340,11 +340,12 @@ impl GemmOps for CudaBackend {
             return self.matmul(dweight, dout, inp, g);
         };
         if self.matmul_with_row_sums(dweight, dout, inp, db, g)? == EpilogueRun::Separate {
+            let add = Accumulate::Add;
             match dout_f32 {
-                Some(ready) => self.bias_backward(db, ready, rows, out_dim)?,
+                Some(ready) => self.column_sum(db, ready, rows, add)?,
                 None => self.with_work(Slot::A, rows * out_dim, |gpu, wide| {
-                    gpu.cast_bf16_to_f32(wide, dout)?;
-                    gpu.bias_backward(db, wide, rows, out_dim)
+                    gpu.cast_to_f32(wide, dout)?;
+                    gpu.column_sum(db, wide, rows, add)
                 })?,
             }
         }

@@ -32,8 +32,6 @@ pub use launch::elementwise::ReduceOp;
 pub use launch::koleo::{KoleoSaved, KOLEO_MAX_DIM};
 pub use launch::loss::{CrossEntropyPairs, MAX_PAIRS};
 pub use launch::optimizer::ParamSegments;
-pub use launch::tokens::KeptSamples;
-pub use launch::GradWrite;
 pub use view::{DevBuf, SubSlice, SubSliceMut};
 
 use crate::error::{Error, Result};
@@ -198,13 +196,6 @@ impl CudaBackend {
     /// The stream every launcher queues work on.
     pub fn stream(&self) -> &Arc<CudaStream> {
         &self.stream
-    }
-
-    /// Blocks until all queued work is done.
-    pub fn synchronize(&self) -> Result<()> {
-        self.stream
-            .synchronize()
-            .map_err(|e| cuda_error("cuStreamSynchronize", e))
     }
 
     /// A timing event recorded now on the stream.
