@@ -20,7 +20,6 @@ mod kernels;
 mod launch;
 mod view;
 
-pub use crate::backend::{AdamWStep, AttentionShape, NormShape, PatchLayout, TokenLayout};
 pub use buffers::CudaWeights;
 pub use device::{resolve_device, ResolvedDevice};
 pub use gemm::EpilogueRun;
