@@ -5,8 +5,10 @@
 //! `cargo bench --bench cuda_kernels` (prints `skipped: no GPU` without one). Each result is
 //! also printed as `RESULT <name> <value> <unit>` for `tools/gpu-check.sh`.
 
-use dinotrain::backend::cuda::{bf16, AttentionShape, CudaBackend, DevBuf, NormShape};
-use dinotrain::backend::{AttentionOps, Buffers, LnParams, LnStats, NormOps, NormOut};
+use dinotrain::backend::cuda::{bf16, CudaBackend, DevBuf};
+use dinotrain::backend::{
+    AttentionOps, AttentionShape, Buffers, LnParams, LnStats, NormOps, NormOut, NormShape,
+};
 use dinotrain::Result;
 
 const WARMUP: usize = 5;

@@ -14,13 +14,13 @@ mod kernel_support;
 
 use dinotrain::backend::cuda::{
     all_precompiled, bf16, compile_source_with_nvrtc, resolve_device, AttentionKernels,
-    CudaBackend, EpilogueRun, GemmPath, GemmStats, GradWrite, KernelFamily, LtOutcome, ReduceOp,
+    CudaBackend, EpilogueRun, GemmPath, GemmStats, KernelFamily, LtOutcome, ReduceOp,
     ResolvedDevice, GENERAL_MAX_HEAD_DIM,
 };
 use dinotrain::backend::{
-    Accumulate, AttentionOps, AttentionShape, Backend, Buffers, Device, Gemm, GemmBatch, InputGrad,
-    LinearDims, LinearOut, LnParams, LnSaved, LnStats, NormOut, NormShape, Residual, SampleSubset,
-    Storage, TokenLayout, Transpose,
+    Accumulate, AttentionOps, AttentionShape, Backend, Buffers, Device, Gemm, GemmBatch, GemmOps,
+    InputGrad, LinearDims, LinearOut, LnParams, LnSaved, LnStats, NormOut, NormShape, Residual,
+    SampleSubset, Storage, TokenLayout, Transpose,
 };
 use dinotrain::Error;
 use kernel_support::reference::{
@@ -391,7 +391,13 @@ fn cuda_gemm_bias_epilogue_matches_f64_fused_or_separate() {
             let bias_view = holder.window(shift..shift + n).unwrap();
             let mut dc = nans(&mut gpu, m * n); // overwritten
             let before = gpu.gemm_stats();
-            gpu.matmul_bf16_bias(&mut dc, &dx, &dw, Transpose::Yes, Some(&bias_view), m, k, n)
+            let dims = LinearDims {
+                rows: m,
+                in_dim: k,
+                out_dim: n,
+            };
+            let out = LinearOut::F32(&mut *dc);
+            gpu.linear_forward(out, &dx, &dw, Some(&bias_view), dims)
                 .unwrap();
             let ran = ran_since(&gpu, before);
             assert_eq!(ran.fused_epilogues + ran.separate_epilogues, 1, "{ran}");
@@ -443,15 +449,12 @@ fn cuda_gemm_to_bf16_rounds_the_biased_f32_result_once() {
             gpu.set_gemm_path(path);
             let mut dc = up_half(&mut gpu, &vec![7.0; m * n]);
             let outcome = gpu
-                .matmul_bf16_to_bf16(
+                .matmul_to_bf16(
                     &mut dc,
                     &dx,
                     &dw,
-                    Transpose::Yes,
                     with_bias.then_some(&*dbias),
-                    m,
-                    k,
-                    n,
+                    Gemm::nn(m, k, n).t(Transpose::No, Transpose::Yes),
                 )
                 .unwrap();
             let got = down_half(&mut gpu, &dc);
@@ -515,17 +518,14 @@ fn cuda_gemm_row_sums_epilogue_accumulates_the_bias_gradient() {
         let mut db = up(&mut gpu, &db0);
         let before = gpu.gemm_stats();
         let run = gpu
-            .matmul_bf16_with_row_sums(
+            .matmul_with_row_sums(
                 &mut dw,
                 &d_dout,
-                Transpose::Yes,
                 &d_inp,
-                Transpose::No,
-                out_dim,
-                rows,
-                inp_dim,
-                Accumulate::Add,
-                Some(&mut db),
+                &mut db,
+                Gemm::nn(out_dim, rows, inp_dim)
+                    .t(Transpose::Yes, Transpose::No)
+                    .acc(Accumulate::Add),
             )
             .unwrap();
         let ran = ran_since(&gpu, before);
@@ -799,10 +799,12 @@ fn cuda_attention_rejects_head_dims_its_kernels_lack() {
     );
     assert_eq!(AttentionKernels::for_head_dim(64), AttentionKernels::Fast);
     gpu.attention_forward(&mut out, &mut lse, &qkv, s).unwrap();
+    gpu.set_attention_kernels(Some(AttentionKernels::Fast));
     assert!(matches!(
-        gpu.attention_forward_with(AttentionKernels::Fast, &mut out, &mut lse, &qkv, s),
+        gpu.attention_forward(&mut out, &mut lse, &qkv, s),
         Err(Error::Unsupported(_))
     ));
+    gpu.set_attention_kernels(None);
     // Beyond the general kernels' range: refused before any length is looked at.
     for head_dim in [0, GENERAL_MAX_HEAD_DIM + 1] {
         let s = AttentionShape { head_dim, ..s };
@@ -813,11 +815,13 @@ fn cuda_attention_rejects_head_dims_its_kernels_lack() {
     }
     for kernels in [AttentionKernels::Fast, AttentionKernels::General] {
         let s = AttentionShape { head_dim: 64, ..s };
+        gpu.set_attention_kernels(Some(kernels));
         assert!(matches!(
-            gpu.attention_forward_with(kernels, &mut out, &mut lse, &qkv, s),
+            gpu.attention_forward(&mut out, &mut lse, &qkv, s),
             Err(Error::Shape { .. })
         ));
     }
+    gpu.set_attention_kernels(None);
 }
 
 /// Head dims without a tensor-core instance on CUDA (the golden fixtures' and small models' 4,
@@ -938,14 +942,13 @@ fn run_attention_with(
     let (d_qkv, d_dout) = (up_half(gpu, &qkv), up_half(gpu, &dout));
     let mut out = gpu.alloc_zeros::<bf16>(s.out_len()).unwrap();
     let mut lse = gpu.alloc_zeros::<f32>(s.stats_len()).unwrap();
-    let mut delta = gpu.alloc_zeros::<f32>(s.stats_len()).unwrap();
     let mut dqkv = gpu.alloc_zeros::<bf16>(s.qkv_len()).unwrap();
-    gpu.attention_forward_with(kernels, &mut out, &mut lse, &d_qkv, s)
+    gpu.set_attention_kernels(Some(kernels));
+    gpu.attention_forward(&mut out, &mut lse, &d_qkv, s)
         .unwrap();
-    gpu.attention_backward_with(
-        kernels, &mut dqkv, &mut delta, &d_dout, &d_qkv, &out, &lse, s,
-    )
-    .unwrap();
+    gpu.attention_backward(&mut dqkv, &d_dout, &d_qkv, &out, &lse, s)
+        .unwrap();
+    gpu.set_attention_kernels(None);
     AttentionRun {
         out: down_half(gpu, &out),
         lse: down(gpu, &lse),
@@ -1467,13 +1470,12 @@ fn cuda_elementwise_kernels_outside_the_trait_match_f64() {
     );
     // The inherent column sum with a second factor: Σ_r x ∘ y, written.
     let mut colsum = gpu.alloc_zeros::<f32>(c).unwrap();
-    gpu.column_sum(
+    gpu.column_sum_product(
         &mut colsum,
         &d_x,
         Some(&d_branch),
         rows,
-        c,
-        GradWrite::Overwrite,
+        Accumulate::Overwrite,
     )
     .unwrap();
     let mut ref_colsum = vec![0.0f64; c];

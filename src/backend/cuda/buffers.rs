@@ -4,8 +4,8 @@
 //! cuBLASLt cannot fuse an epilogue (or write bf16 directly) the fallback pass runs here, on
 //! work buffers the backend owns and reuses ([`Work`]), so the model never sees it.
 
-use super::{bf16, CudaBackend, DevBuf, GradWrite};
-use crate::backend::{Accumulate, Buffers, Counters, Precision, Storage, WeightStore};
+use super::{bf16, CudaBackend, DevBuf};
+use crate::backend::{Buffers, Counters, Precision, Storage, WeightStore};
 use crate::error::{Error, Result};
 use cudarc::driver::{CudaSlice, DeviceRepr, ValidAsZeroBits};
 
@@ -101,13 +101,6 @@ impl CudaBackend {
     }
 }
 
-pub(super) fn write_code(acc: Accumulate) -> GradWrite {
-    match acc {
-        Accumulate::Overwrite => GradWrite::Overwrite,
-        Accumulate::Add => GradWrite::Accumulate,
-    }
-}
-
 pub(super) fn rows_of(op: &'static str, what: &str, len: usize, c: usize) -> Result<usize> {
     if c == 0 || len % c != 0 {
         return Err(Error::shape(
@@ -155,8 +148,11 @@ impl Buffers for CudaBackend {
         }
     }
 
+    /// Blocks until all queued work is done.
     fn synchronize(&mut self) -> Result<()> {
-        CudaBackend::synchronize(self)
+        self.stream
+            .synchronize()
+            .map_err(|e| super::cuda_error("cuStreamSynchronize", e))
     }
 
     fn memory_in_use(&self) -> Option<u64> {
@@ -246,14 +242,17 @@ impl Buffers for CudaBackend {
         }
         let n = w.master.len();
         let mut half = w.bf16.window_mut(0..n)?;
-        self.cast_f32_to_bf16(&mut half, &w.master)
+        self.cast_to_half(&mut half, &w.master)
     }
 
+    /// `out = bf16(inp)`, round to nearest even.
     fn cast_to_half(&mut self, out: &mut CudaSlice<bf16>, inp: &CudaSlice<f32>) -> Result<()> {
-        self.cast_f32_to_bf16(out, inp)
+        let names = ("cuda cast_f32_to_bf16", "cast_f32_to_bf16");
+        self.map_elements(names, out, inp)
     }
 
     fn cast_to_f32(&mut self, out: &mut CudaSlice<f32>, inp: &CudaSlice<bf16>) -> Result<()> {
-        self.cast_bf16_to_f32(out, inp)
+        let names = ("cuda cast_bf16_to_f32", "cast_bf16_to_f32");
+        self.map_elements(names, out, inp)
     }
 }

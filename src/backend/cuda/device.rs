@@ -25,11 +25,6 @@ impl ResolvedDevice {
             ResolvedDevice::Cuda(gpu) => Buffers::describe(&**gpu),
         }
     }
-
-    /// Whether this is a CUDA device.
-    pub fn is_cuda(&self) -> bool {
-        matches!(self, ResolvedDevice::Cuda(_))
-    }
 }
 
 /// `Cpu` → the CPU (f32); `Cuda(i)` → device i or the typed error saying why not; `Auto` →

@@ -1,21 +1,23 @@
 //! bf16 GEMMs with f32 output and f32 accumulation on the tensor cores: cuBLASLt with fused
 //! epilogues (`gemm_lt.rs`), or `cublasGemmStridedBatchedEx` where cuBLASLt has no algorithm.
 //!
-//! Row-major convention, the same as the CPU [`matmul`](crate::backend::cpu::matmul):
-//! `C[m,n] (=|+=) op(A)[m,k] · op(B)[k,n]`, `a` holds `A` as `[m,k]` (or `[k,m]` with
-//! `ta = Yes`), `b` holds `B` as `[k,n]` (or `[n,k]` with `tb = Yes`), `c` is `[m,n]`.
-//! cuBLAS is column-major: a row-major `[r,s]` matrix is its column-major transpose, so the
-//! row-major `C = A·B` is computed as the column-major `Cᵀ = Bᵀ·Aᵀ` (operands swapped, m and n
-//! swapped, each operand's transpose flag kept).
+//! Row-major convention, the same as the CPU [`matmul`](crate::backend::cpu::matmul), described
+//! by the shared [`Gemm`] / [`GemmBatch`]: `C[m,n] (=|+=) op(A)[m,k] · op(B)[k,n]`, `a` holds `A`
+//! as `[m,k]` (or `[k,m]` with `ta = Yes`), `b` holds `B` as `[k,n]` (or `[n,k]` with
+//! `tb = Yes`), `c` is `[m,n]`. cuBLAS is column-major: a row-major `[r,s]` matrix is its
+//! column-major transpose, so the row-major `C = A·B` is computed as the column-major
+//! `Cᵀ = Bᵀ·Aᵀ` (operands swapped, m and n swapped, each operand's transpose flag kept; see
+//! [`LtProblem::row_major`]).
 
+use super::buffers::Slot;
 use super::gemm_lt::{Epilogue, LtOutcome, LtProblem};
-use super::launch::GradWrite;
 use super::{bf16, cuda_error, CudaBackend};
-use crate::backend::cpu::{Accumulate, Transpose};
-use crate::backend::cuda::buffers::Slot;
-use crate::backend::{Gemm, GemmBatch, GemmOps, InputGrad, LinearDims, LinearOut, Storage};
+use crate::backend::{
+    Accumulate, Buffers, ElementwiseOps, Gemm, GemmBatch, GemmOps, InputGrad, LinearDims,
+    LinearOut, Storage, Transpose,
+};
 use crate::error::{Error, Result};
-use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType};
+use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cudaDataType};
 use cudarc::cublaslt::sys::cudaDataType as LtDataType;
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut};
 use std::ffi::c_void;
@@ -27,43 +29,6 @@ pub enum EpilogueRun {
     Fused,
     /// The GEMM ran without it (cuBLAS path): the caller runs the separate kernel.
     Separate,
-}
-
-/// Shape of one (possibly batched) GEMM; strides in elements between batch entries.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct GemmShape {
-    pub m: usize,
-    pub k: usize,
-    pub n: usize,
-    pub batch: usize,
-    pub stride_a: usize,
-    pub stride_b: usize,
-    pub stride_c: usize,
-}
-
-impl GemmShape {
-    /// A single (unbatched) product.
-    pub fn single(m: usize, k: usize, n: usize) -> Self {
-        GemmShape {
-            m,
-            k,
-            n,
-            batch: 1,
-            stride_a: m * k,
-            stride_b: k * n,
-            stride_c: m * n,
-        }
-    }
-
-    /// Elements each operand must hold.
-    fn required(&self) -> (usize, usize, usize) {
-        let last = self.batch.saturating_sub(1);
-        (
-            last * self.stride_a + self.m * self.k,
-            last * self.stride_b + self.k * self.n,
-            last * self.stride_c + self.m * self.n,
-        )
-    }
 }
 
 /// GEMM operand element types: bf16 (tensor cores) or f32.
@@ -81,137 +46,85 @@ impl GemmOperand for f32 {
     const LT_TYPE: LtDataType = LtDataType::CUDA_R_32F;
 }
 
-/// cuBLAS's operation for a transpose flag.
-pub(super) fn operation(t: Transpose) -> cublasOperation_t {
-    match t {
-        Transpose::No => cublasOperation_t::CUBLAS_OP_N,
-        Transpose::Yes => cublasOperation_t::CUBLAS_OP_T,
-    }
+fn to_i32<T: TryInto<i32> + Copy + std::fmt::Display>(what: &str, v: T) -> Result<i32> {
+    v.try_into()
+        .map_err(|_| Error::shape("cuda gemm", format!("{what} = {v} exceeds i32")))
 }
 
-/// Rows of the stored column-major matrix whose `op` is `[rows, cols]` (its leading
-/// dimension, packed).
-fn stored_rows(t: Transpose, rows: usize, cols: usize) -> usize {
-    match t {
-        Transpose::No => rows,
-        Transpose::Yes => cols,
+/// Checks the operand lengths (`a`, `b`, `c`) against `g`: exactly, or at least.
+fn check_operands(op: &'static str, g: &GemmBatch, lens: [usize; 3], exact: bool) -> Result<()> {
+    let Gemm { m, k, n, .. } = g.gemm;
+    let last = g.batch.saturating_sub(1);
+    let need = [
+        last * g.stride_a + m * k,
+        last * g.stride_b + k * n,
+        last * g.stride_c + m * n,
+    ];
+    let fits = |(len, need): (&usize, &usize)| if exact { len == need } else { len >= need };
+    if lens.iter().zip(&need).all(fits) {
+        return Ok(());
     }
+    Err(Error::shape(
+        op,
+        format!("{g:?} needs A, B, C of {need:?} elements; got {lens:?}"),
+    ))
 }
 
-fn to_i32(what: &str, v: usize) -> Result<i32> {
-    i32::try_from(v).map_err(|_| Error::shape("cuda gemm", format!("{what} = {v} exceeds i32")))
+/// The bias an epilogue adds (`[n]`), `None` without one.
+fn bias_epilogue<'e>(
+    op: &'static str,
+    bias: Option<&'e CudaSlice<f32>>,
+    n: usize,
+) -> Result<Epilogue<'e>> {
+    match bias {
+        Some(v) if v.len() != n => Err(Error::shape(op, format!("the bias must hold {n} values"))),
+        Some(v) => Ok(Epilogue::AddColumnBias(v)),
+        None => Ok(Epilogue::None),
+    }
 }
 
 impl CudaBackend {
-    /// `C (=|+=) op(A) · op(B)`, bf16 operands, f32 `C`, f32 accumulation (see module docs).
-    #[allow(clippy::too_many_arguments)]
-    pub fn matmul_bf16(
+    /// `C[m,n] = bf16(op(A) · op(B) (+ bias[n]))`: bf16 output rounded once from the f32
+    /// accumulator (plus the f32 bias), for a consumer that reads bf16 only (the attention's
+    /// qkv). cuBLASLt only: [`LtOutcome::Unsupported`] (nothing ran) sends the caller to the
+    /// f32 GEMM and a cast.
+    pub fn matmul_to_bf16(
         &self,
-        c: &mut CudaSlice<f32>,
-        a: &CudaSlice<bf16>,
-        ta: Transpose,
-        b: &CudaSlice<bf16>,
-        tb: Transpose,
-        m: usize,
-        k: usize,
-        n: usize,
-        acc: Accumulate,
-    ) -> Result<()> {
-        self.matmul_bf16_batched(c, a, ta, b, tb, GemmShape::single(m, k, n), acc)
-    }
-
-    /// Batched form of [`matmul_bf16`](Self::matmul_bf16): entry `i` uses `a[i*stride_a..]`,
-    /// `b[i*stride_b..]`, `c[i*stride_c..]`.
-    #[allow(clippy::too_many_arguments)]
-    pub fn matmul_bf16_batched(
-        &self,
-        c: &mut CudaSlice<f32>,
-        a: &CudaSlice<bf16>,
-        ta: Transpose,
-        b: &CudaSlice<bf16>,
-        tb: Transpose,
-        shape: GemmShape,
-        acc: Accumulate,
-    ) -> Result<()> {
-        self.matmul_batched(c, a, ta, b, tb, shape, acc, &mut Epilogue::None)
-            .map(drop)
-    }
-
-    /// `C[m,n] = A[m,k] · op(B) (+ bias[n])` (broadcast over rows), the bias fused into the GEMM
-    /// when cuBLASLt can, else added by a separate pass.
-    #[allow(clippy::too_many_arguments)]
-    pub fn matmul_bf16_bias(
-        &self,
-        c: &mut CudaSlice<f32>,
+        c: &mut CudaSlice<bf16>,
         a: &CudaSlice<bf16>,
         b: &CudaSlice<bf16>,
-        tb: Transpose,
         bias: Option<&CudaSlice<f32>>,
-        m: usize,
-        k: usize,
-        n: usize,
-    ) -> Result<()> {
-        let run = self.matmul_bf16_try_bias(c, a, b, tb, bias, m, k, n)?;
-        match (run, bias) {
-            (EpilogueRun::Separate, Some(bias)) => self.add_bias(c, bias, m, n),
-            _ => Ok(()),
+        g: Gemm,
+    ) -> Result<LtOutcome> {
+        const OP: &str = "cuda gemm to bf16";
+        let g = GemmBatch::single(g);
+        check_operands(OP, &g, [a.len(), b.len(), c.len()], true)?;
+        let mut epilogue = bias_epilogue(OP, bias, g.gemm.n)?;
+        if g.gemm.m == 0 || g.gemm.n == 0 || g.gemm.k == 0 {
+            return Ok(LtOutcome::Unsupported);
         }
+        let stream = self.stream.as_ref();
+        let (a_ptr, _a_sync) = a.device_ptr(stream);
+        let (b_ptr, _b_sync) = b.device_ptr(stream);
+        let (c_ptr, _c_sync) = c.device_ptr(stream);
+        let bf16 = LtDataType::CUDA_R_16BF;
+        let problem = LtProblem::row_major(bf16, bf16, [a_ptr, b_ptr, c_ptr], g);
+        self.matmul_lt(&problem, &mut epilogue)
     }
 
-    /// [`matmul_bf16_bias`](Self::matmul_bf16_bias) that leaves the bias to the caller when it
-    /// cannot fuse it ([`EpilogueRun::Separate`]: `C` holds the product alone), for a caller
-    /// whose next pass can add it for free (fc1's GELU).
-    #[allow(clippy::too_many_arguments)]
-    pub fn matmul_bf16_try_bias(
-        &self,
-        c: &mut CudaSlice<f32>,
-        a: &CudaSlice<bf16>,
-        b: &CudaSlice<bf16>,
-        tb: Transpose,
-        bias: Option<&CudaSlice<f32>>,
-        m: usize,
-        k: usize,
-        n: usize,
-    ) -> Result<EpilogueRun> {
-        if bias.is_some_and(|v| v.len() != n) {
-            return Err(Error::shape(
-                "cuda gemm bias",
-                format!("the bias must hold {n} values"),
-            ));
-        }
-        let shape = GemmShape::single(m, k, n);
-        let mut epilogue = match bias {
-            Some(v) => Epilogue::AddColumnBias(v),
-            None => Epilogue::None,
-        };
-        let overwrite = Accumulate::Overwrite;
-        self.matmul_batched(c, a, Transpose::No, b, tb, shape, overwrite, &mut epilogue)
-    }
-
-    /// `C (=|+=) op(A)[m,k] · op(B)` and, when given, `sums[i] += Σ_p op(A)[i, p]` (the bias
-    /// gradient of a linear layer from its weight-gradient GEMM, `dW = doutᵀ · inp`,
-    /// `db += Σ_rows dout`), fused when cuBLASLt can. Returns [`EpilogueRun::Separate`] when it
-    /// could not: the GEMM ran and `sums` is untouched, for the caller to update from its f32
-    /// copy of `A`.
-    #[allow(clippy::too_many_arguments)]
-    pub fn matmul_bf16_with_row_sums(
+    /// `C (=|+=) op(A)[m,k] · op(B)` and `sums[i] += Σ_p op(A)[i, p]` (the bias gradient of a
+    /// linear layer from its weight-gradient GEMM, `dW = doutᵀ · inp`, `db += Σ_rows dout`),
+    /// fused when cuBLASLt can. Returns [`EpilogueRun::Separate`] when it could not: the GEMM
+    /// ran and `sums` is untouched, for the caller to update from its f32 copy of `A`.
+    pub fn matmul_with_row_sums(
         &mut self,
         c: &mut CudaSlice<f32>,
         a: &CudaSlice<bf16>,
-        ta: Transpose,
         b: &CudaSlice<bf16>,
-        tb: Transpose,
-        m: usize,
-        k: usize,
-        n: usize,
-        acc: Accumulate,
-        sums: Option<&mut CudaSlice<f32>>,
+        sums: &mut CudaSlice<f32>,
+        g: Gemm,
     ) -> Result<EpilogueRun> {
-        let shape = GemmShape::single(m, k, n);
-        let Some(sums) = sums else {
-            self.matmul_batched(c, a, ta, b, tb, shape, acc, &mut Epilogue::None)?;
-            return Ok(EpilogueRun::Fused);
-        };
+        let m = g.m;
         if sums.len() != m {
             return Err(Error::shape(
                 "cuda gemm row sums",
@@ -226,12 +139,12 @@ impl CudaBackend {
         let run = {
             let mut window = written.window_mut(0..m)?;
             let mut epilogue = Epilogue::RowSumsOfA(&mut window);
-            self.matmul_batched(c, a, ta, b, tb, shape, acc, &mut epilogue)
+            self.gemm(c, a, b, GemmBatch::single(g), &mut epilogue)
         };
         let run = match run {
             Ok(EpilogueRun::Fused) => {
                 let (ptr, _sync) = written.device_ptr(self.stream.as_ref());
-                self.column_partial_reduce_raw(sums, ptr, 1, m, 1.0, GradWrite::Accumulate)
+                self.column_partial_reduce_raw(sums, ptr, 1, m, 1.0, Accumulate::Add)
                     .map(|()| EpilogueRun::Fused)
             }
             other => other,
@@ -240,136 +153,41 @@ impl CudaBackend {
         run
     }
 
-    /// `C[m,n] = bf16(A[m,k] · op(B) (+ bias[n]))`: bf16 output rounded once from the f32
-    /// accumulator (plus the f32 bias), for a consumer that reads bf16 only (the attention's
-    /// qkv). cuBLASLt only: [`LtOutcome::Unsupported`] (nothing ran) sends the caller to the
-    /// f32 GEMM and a cast.
-    #[allow(clippy::too_many_arguments)]
-    pub fn matmul_bf16_to_bf16(
-        &self,
-        c: &mut CudaSlice<bf16>,
-        a: &CudaSlice<bf16>,
-        b: &CudaSlice<bf16>,
-        tb: Transpose,
-        bias: Option<&CudaSlice<f32>>,
-        m: usize,
-        k: usize,
-        n: usize,
-    ) -> Result<LtOutcome> {
-        let shape = GemmShape::single(m, k, n);
-        let (need_a, need_b, need_c) = shape.required();
-        if a.len() != need_a || b.len() != need_b || c.len() != need_c {
-            return Err(Error::shape(
-                "cuda gemm to bf16",
-                format!(
-                    "{shape:?} needs A {need_a}, B {need_b}, C {need_c} elements; got {}, {}, {}",
-                    a.len(),
-                    b.len(),
-                    c.len()
-                ),
-            ));
-        }
-        if bias.is_some_and(|v| v.len() != n) {
-            return Err(Error::shape(
-                "cuda gemm to bf16",
-                format!("the bias must hold {n} values"),
-            ));
-        }
-        if m == 0 || n == 0 || k == 0 {
-            return Ok(LtOutcome::Unsupported);
-        }
-        let stream = self.stream.as_ref();
-        let (a_ptr, _a_sync) = a.device_ptr(stream);
-        let (b_ptr, _b_sync) = b.device_ptr(stream);
-        let (c_ptr, _c_sync) = c.device_ptr(stream);
-        let problem = LtProblem::row_major(
-            LtDataType::CUDA_R_16BF,
-            LtDataType::CUDA_R_16BF,
-            (a_ptr, Transpose::No),
-            (b_ptr, tb),
-            c_ptr,
-            shape,
-            Accumulate::Overwrite,
-        );
-        let mut epilogue = match bias {
-            Some(v) => Epilogue::AddColumnBias(v),
-            None => Epilogue::None,
-        };
-        self.matmul_lt(&problem, &mut epilogue)
-    }
-
-    /// [`matmul_bf16_batched`](Self::matmul_bf16_batched) with f32 operands and plain f32
-    /// arithmetic (no TF32): for the small products that must stay exact, such as resampling
-    /// the position embedding.
-    #[allow(clippy::too_many_arguments)]
-    pub fn matmul_f32_batched(
+    /// `C = op(A) · op(B) (+ bias[n])`, the bias fused when cuBLASLt can; else
+    /// ([`EpilogueRun::Separate`]) `C` holds the product alone and the caller adds the bias.
+    fn matmul_bias(
         &self,
         c: &mut CudaSlice<f32>,
-        a: &CudaSlice<f32>,
-        ta: Transpose,
-        b: &CudaSlice<f32>,
-        tb: Transpose,
-        shape: GemmShape,
-        acc: Accumulate,
-    ) -> Result<()> {
-        self.matmul_batched(c, a, ta, b, tb, shape, acc, &mut Epilogue::None)
-            .map(drop)
+        a: &CudaSlice<bf16>,
+        b: &CudaSlice<bf16>,
+        bias: Option<&CudaSlice<f32>>,
+        g: Gemm,
+    ) -> Result<EpilogueRun> {
+        let mut epilogue = bias_epilogue("cuda gemm bias", bias, g.n)?;
+        self.gemm(c, a, b, GemmBatch::single(g), &mut epilogue)
     }
 
     /// cuBLASLt (with `epilogue` fused) when it has an algorithm, else cuBLAS without it.
-    #[allow(clippy::too_many_arguments)]
-    fn matmul_batched<T: GemmOperand>(
+    fn gemm<T: GemmOperand>(
         &self,
         c: &mut CudaSlice<f32>,
         a: &CudaSlice<T>,
-        ta: Transpose,
         b: &CudaSlice<T>,
-        tb: Transpose,
-        shape: GemmShape,
-        acc: Accumulate,
+        g: GemmBatch,
         epilogue: &mut Epilogue<'_>,
     ) -> Result<EpilogueRun> {
-        let (need_a, need_b, need_c) = shape.required();
-        if a.len() < need_a || b.len() < need_b || c.len() < need_c {
-            return Err(Error::shape(
-                "cuda gemm",
-                format!(
-                    "{shape:?} needs A {need_a}, B {need_b}, C {need_c} elements; got {}, {}, {}",
-                    a.len(),
-                    b.len(),
-                    c.len()
-                ),
-            ));
-        }
-        if shape.m == 0 || shape.n == 0 || shape.batch == 0 {
+        check_operands("cuda gemm", &g, [a.len(), b.len(), c.len()], false)?;
+        if g.gemm.m == 0 || g.gemm.n == 0 || g.batch == 0 {
             return Ok(EpilogueRun::Separate);
         }
-        let GemmShape { m, k, n, .. } = shape;
-        // Column-major view: C^T[n,m] = op(B)^T[n,k] · op(A)^T[k,m].
-        let (op_b, ld_b) = (operation(tb), stored_rows(tb, n, k));
-        let (op_a, ld_a) = (operation(ta), stored_rows(ta, k, m));
-        let alpha: f32 = 1.0;
-        let beta: f32 = match acc {
-            Accumulate::Overwrite => 0.0,
-            Accumulate::Add => 1.0,
-        };
         let stream = self.stream.as_ref();
         let (a_ptr, _a_sync) = a.device_ptr(stream);
         let (b_ptr, _b_sync) = b.device_ptr(stream);
         let (c_ptr, _c_sync) = c.device_ptr_mut(stream);
-        if k > 0 {
-            let problem = LtProblem::row_major(
-                T::LT_TYPE,
-                LtDataType::CUDA_R_32F,
-                (a_ptr, ta),
-                (b_ptr, tb),
-                c_ptr,
-                shape,
-                acc,
-            );
-            if self.matmul_lt(&problem, epilogue)? == LtOutcome::Done {
-                return Ok(EpilogueRun::Fused);
-            }
+        let f32_type = LtDataType::CUDA_R_32F;
+        let p = LtProblem::row_major(T::LT_TYPE, f32_type, [a_ptr, b_ptr, c_ptr], g);
+        if g.gemm.k > 0 && self.matmul_lt(&p, epilogue)? == LtOutcome::Done {
+            return Ok(EpilogueRun::Fused);
         }
         self.ctx
             .bind_to_thread()
@@ -378,32 +196,33 @@ impl CudaBackend {
         if !matches!(epilogue, Epilogue::None) {
             self.lt.separate.fetch_add(1, Ordering::Relaxed);
         }
+        let (alpha, beta) = (1.0f32, p.beta());
         // SAFETY: the lengths were checked against the shape and strides above; the pointers
         // are live device allocations of this context; alpha/beta are f32 as the compute type
-        // CUBLAS_COMPUTE_32F requires.
+        // CUBLAS_COMPUTE_32F requires. The column-major problem `p` is cuBLAS's as well.
         unsafe {
             cudarc::cublas::result::gemm_strided_batched_ex(
                 *self.blas.handle(),
-                op_b,
-                op_a,
-                to_i32("n", n)?,
-                to_i32("m", m)?,
-                to_i32("k", k)?,
+                p.op_a,
+                p.op_b,
+                to_i32("n", p.rows)?,
+                to_i32("m", p.cols)?,
+                to_i32("k", p.depth)?,
                 (&alpha) as *const f32 as *const c_void,
-                b_ptr as *const c_void,
+                p.ptrs[0] as *const c_void,
                 T::CUDA_TYPE,
-                to_i32("ldb", ld_b)?,
-                shape.stride_b as i64,
-                a_ptr as *const c_void,
+                to_i32("ldb", p.a.2)?,
+                p.a.3,
+                p.ptrs[1] as *const c_void,
                 T::CUDA_TYPE,
-                to_i32("lda", ld_a)?,
-                shape.stride_a as i64,
+                to_i32("lda", p.b.2)?,
+                p.b.3,
                 (&beta) as *const f32 as *const c_void,
-                c_ptr as *mut c_void,
+                p.ptrs[2] as *mut c_void,
                 cudaDataType::CUDA_R_32F,
-                to_i32("ldc", n)?,
-                shape.stride_c as i64,
-                to_i32("batch", shape.batch)?,
+                to_i32("ldc", p.c.2)?,
+                p.c.3,
+                to_i32("batch", p.batch)?,
                 cublasComputeType_t::CUBLAS_COMPUTE_32F,
                 cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
             )
@@ -421,9 +240,12 @@ impl GemmOps for CudaBackend {
         b: &CudaSlice<bf16>,
         g: Gemm,
     ) -> Result<()> {
-        self.matmul_bf16(c, a, g.ta, b, g.tb, g.m, g.k, g.n, g.acc)
+        self.gemm(c, a, b, GemmBatch::single(g), &mut Epilogue::None)
+            .map(drop)
     }
 
+    /// f32 operands and plain f32 arithmetic (no TF32): for the small products that must stay
+    /// exact, such as resampling the position embedding.
     fn matmul_f32(
         &mut self,
         c: &mut CudaSlice<f32>,
@@ -431,16 +253,7 @@ impl GemmOps for CudaBackend {
         b: &CudaSlice<f32>,
         g: GemmBatch,
     ) -> Result<()> {
-        let shape = GemmShape {
-            m: g.gemm.m,
-            k: g.gemm.k,
-            n: g.gemm.n,
-            batch: g.batch,
-            stride_a: g.stride_a,
-            stride_b: g.stride_b,
-            stride_c: g.stride_c,
-        };
-        self.matmul_f32_batched(c, a, g.gemm.ta, b, g.gemm.tb, shape, g.gemm.acc)
+        self.gemm(c, a, b, g, &mut Epilogue::None).map(drop)
     }
 
     fn linear_forward(
@@ -451,28 +264,31 @@ impl GemmOps for CudaBackend {
         bias: Option<&CudaSlice<f32>>,
         dims: LinearDims,
     ) -> Result<()> {
-        let LinearDims {
-            rows,
-            in_dim: k,
-            out_dim: n,
-        } = dims;
-        let yes = Transpose::Yes;
+        let (rows, n) = (dims.rows, dims.out_dim);
+        let g = Gemm::nn(rows, dims.in_dim, n).t(Transpose::No, Transpose::Yes);
+        // The biased f32 product, the bias added by a separate pass where it could not fuse.
+        let biased = |gpu: &mut Self, y: &mut CudaSlice<f32>| match (
+            gpu.matmul_bias(y, inp, weight, bias, g)?,
+            bias,
+        ) {
+            (EpilogueRun::Separate, Some(v)) => gpu.add_bias(y, v, rows, n),
+            _ => Ok(()),
+        };
         match out {
-            LinearOut::F32(y) => self.matmul_bf16_bias(y, inp, weight, yes, bias, rows, k, n),
+            LinearOut::F32(y) => biased(self, y),
             LinearOut::Half(y) => {
-                let direct = self.matmul_bf16_to_bf16(y, inp, weight, yes, bias, rows, k, n)?;
-                if direct == LtOutcome::Unsupported {
+                if self.matmul_to_bf16(y, inp, weight, bias, g)? == LtOutcome::Unsupported {
                     // f32 result (bias included) rounded once, through a work buffer.
                     self.with_work(Slot::A, rows * n, |gpu, f32_out| {
-                        gpu.matmul_bf16_bias(f32_out, inp, weight, yes, bias, rows, k, n)?;
-                        gpu.cast_f32_to_bf16(y, f32_out)
+                        biased(gpu, f32_out)?;
+                        gpu.cast_to_half(y, f32_out)
                     })?;
                 }
                 Ok(())
             }
             LinearOut::Gelu { pre, act } => {
-                let run = self.matmul_bf16_try_bias(pre, inp, weight, yes, bias, rows, k, n)?;
-                let left = match run {
+                // A bias that did not fuse is added by the GELU pass, for free.
+                let left = match self.matmul_bias(pre, inp, weight, bias, g)? {
                     EpilogueRun::Fused => None,
                     EpilogueRun::Separate => bias,
                 };
@@ -488,21 +304,14 @@ impl GemmOps for CudaBackend {
         weight: &CudaSlice<bf16>,
         dims: LinearDims,
     ) -> Result<()> {
-        let LinearDims {
-            rows,
-            in_dim: k,
-            out_dim: n,
-        } = dims;
-        let no = Transpose::No;
+        let g = Gemm::nn(dims.rows, dims.out_dim, dims.in_dim);
         match dinp {
-            InputGrad::F32(dx, acc) => self.matmul_bf16(dx, dout, no, weight, no, rows, n, k, acc),
+            InputGrad::F32(dx, acc) => self.matmul(dx, dout, weight, g.acc(acc)),
             InputGrad::Half(dx) => {
-                let direct = self.matmul_bf16_to_bf16(dx, dout, weight, no, None, rows, n, k)?;
-                if direct == LtOutcome::Unsupported {
-                    self.with_work(Slot::A, rows * k, |gpu, f32_out| {
-                        let acc = Accumulate::Overwrite;
-                        gpu.matmul_bf16(f32_out, dout, no, weight, no, rows, n, k, acc)?;
-                        gpu.cast_f32_to_bf16(dx, f32_out)
+                if self.matmul_to_bf16(dx, dout, weight, None, g)? == LtOutcome::Unsupported {
+                    self.with_work(Slot::A, dims.rows * dims.in_dim, |gpu, f32_out| {
+                        gpu.matmul(f32_out, dout, weight, g)?;
+                        gpu.cast_to_half(dx, f32_out)
                     })?;
                 }
                 Ok(())
@@ -521,22 +330,22 @@ impl GemmOps for CudaBackend {
     ) -> Result<()> {
         let LinearDims {
             rows,
-            in_dim: k,
-            out_dim: n,
+            in_dim,
+            out_dim,
         } = dims;
-        let (yes, no, add) = (Transpose::Yes, Transpose::No, Accumulate::Add);
+        let g = Gemm::nn(out_dim, rows, in_dim)
+            .t(Transpose::Yes, Transpose::No)
+            .acc(Accumulate::Add);
         let Some(db) = dbias else {
-            self.matmul_bf16_with_row_sums(dweight, dout, yes, inp, no, n, rows, k, add, None)?;
-            return Ok(());
+            return self.matmul(dweight, dout, inp, g);
         };
-        let run =
-            self.matmul_bf16_with_row_sums(dweight, dout, yes, inp, no, n, rows, k, add, Some(db))?;
-        if run == EpilogueRun::Separate {
+        if self.matmul_with_row_sums(dweight, dout, inp, db, g)? == EpilogueRun::Separate {
+            let add = Accumulate::Add;
             match dout_f32 {
-                Some(ready) => self.bias_backward(db, ready, rows, n)?,
-                None => self.with_work(Slot::A, rows * n, |gpu, wide| {
-                    gpu.cast_bf16_to_f32(wide, dout)?;
-                    gpu.bias_backward(db, wide, rows, n)
+                Some(ready) => self.column_sum(db, ready, rows, add)?,
+                None => self.with_work(Slot::A, rows * out_dim, |gpu, wide| {
+                    gpu.cast_to_f32(wide, dout)?;
+                    gpu.column_sum(db, wide, rows, add)
                 })?,
             }
         }

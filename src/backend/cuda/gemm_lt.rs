@@ -22,9 +22,8 @@
 //! per column `j` of our `C`, and its `BGRADB` (one per column of `D`, reduced over `k` from its
 //! `B`) is the row sums of our `op(A)`.
 
-use super::gemm::{operation, GemmShape};
 use super::{cuda_error, CudaBackend};
-use crate::backend::cpu::{Accumulate, Transpose};
+use crate::backend::{Accumulate, Gemm, GemmBatch, Transpose};
 use crate::error::{Error, Result};
 use cudarc::cublas::sys::cublasOperation_t;
 use cudarc::cublaslt::result as lt;
@@ -39,7 +38,7 @@ use cudarc::driver::CudaSlice;
 use std::collections::HashMap;
 use std::ffi::c_void;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Mutex, MutexGuard};
 
 /// Which library runs the GEMMs. `DINOTRAIN_GEMM=cublas` selects [`GemmPath::Cublas`] for a
 /// whole process (to rule cuBLASLt in or out when diagnosing a GPU).
@@ -151,7 +150,9 @@ impl std::fmt::Display for GemmStats {
     }
 }
 
-/// One GEMM problem in column-major cuBLASLt terms, with operand pointers.
+/// One GEMM problem in column-major cuBLASLt terms (the cuBLAS fallback's as well), with its
+/// operand pointers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub(super) struct LtProblem {
     pub data_type: cudaDataType,
     /// The type of C and D (f32, or bf16 for a bf16 output).
@@ -167,25 +168,29 @@ pub(super) struct LtProblem {
     pub a: (u64, u64, i64, i64),
     pub b: (u64, u64, i64, i64),
     pub c: (u64, u64, i64, i64),
-    pub ptr_a: u64,
-    pub ptr_b: u64,
-    pub ptr_c: u64,
-    pub acc: Accumulate,
+    /// `C += A·B` (beta 1) rather than `C = A·B`.
+    pub beta_one: bool,
+    /// Device addresses of A, B and C = D.
+    pub ptrs: [u64; 3],
 }
 
 impl LtProblem {
-    /// The row-major `C[m,n] (=|+=) op(A)[m,k] · op(B)[k,n]` (the convention of `gemm.rs`) as
-    /// cuBLASLt's column-major `Cᵀ = op(B)ᵀ · op(A)ᵀ`: its A is our B, its B our A.
+    /// The row-major `C[m,n] (=|+=) op(A)[m,k] · op(B)[k,n]` (the convention of `gemm.rs`) at
+    /// `[a, b, c]` as cuBLASLt's column-major `Cᵀ = op(B)ᵀ · op(A)ᵀ`: its A is our B, its B our A.
     pub fn row_major(
         data_type: cudaDataType,
         c_type: cudaDataType,
-        (ptr_a, ta): (u64, Transpose),
-        (ptr_b, tb): (u64, Transpose),
-        ptr_c: u64,
-        shape: GemmShape,
-        acc: Accumulate,
+        [ptr_a, ptr_b, ptr_c]: [u64; 3],
+        g: GemmBatch,
     ) -> Self {
-        let GemmShape { m, k, n, .. } = shape;
+        let Gemm {
+            m,
+            k,
+            n,
+            ta,
+            tb,
+            acc,
+        } = g.gemm;
         // The stored matrix of an operand whose op is [rows, cols]: op N stores it as is,
         // op T its transpose; packed, so the leading dimension is its row count.
         let stored = |t: Transpose, rows: usize, cols: usize, stride: usize| {
@@ -195,6 +200,10 @@ impl LtProblem {
             };
             (r as u64, c as u64, r as i64, stride as i64)
         };
+        let operation = |t| match t {
+            Transpose::No => cublasOperation_t::CUBLAS_OP_N,
+            Transpose::Yes => cublasOperation_t::CUBLAS_OP_T,
+        };
         LtProblem {
             data_type,
             c_type,
@@ -203,14 +212,21 @@ impl LtProblem {
             rows: n as u64,
             cols: m as u64,
             depth: k as u64,
-            batch: shape.batch,
-            a: stored(tb, n, k, shape.stride_b),
-            b: stored(ta, k, m, shape.stride_a),
-            c: (n as u64, m as u64, n as i64, shape.stride_c as i64),
-            ptr_a: ptr_b,
-            ptr_b: ptr_a,
-            ptr_c,
-            acc,
+            batch: g.batch,
+            a: stored(tb, n, k, g.stride_b),
+            b: stored(ta, k, m, g.stride_a),
+            c: (n as u64, m as u64, n as i64, g.stride_c as i64),
+            beta_one: acc == Accumulate::Add,
+            ptrs: [ptr_b, ptr_a, ptr_c],
+        }
+    }
+
+    /// The GEMM's beta: 0 overwrites C, 1 accumulates into it.
+    pub fn beta(&self) -> f32 {
+        if self.beta_one {
+            1.0
+        } else {
+            0.0
         }
     }
 }
@@ -218,17 +234,9 @@ impl LtProblem {
 /// The heuristic's answer for one problem: the algorithm and its workspace, or none.
 type Choice = Option<(cublasLtMatmulAlgo_t, usize)>;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-struct ProblemKey {
-    data_type: u32,
-    c_type: u32,
-    ops: (u32, u32),
-    dims: (u64, u64, u64, usize),
-    layouts: [(u64, u64, i64, i64); 3],
-    beta_one: bool,
-    epilogue: EpilogueKind,
-    alignments: [u32; 4],
-}
+/// What the heuristic's answer depends on: the problem without its pointers, the epilogue, and
+/// the alignments of A, B, C and the epilogue vector.
+type ProblemKey = (LtProblem, EpilogueKind, [u32; 4]);
 
 /// The cuBLASLt handle, its workspace, the heuristic cache and the path counters.
 pub(super) struct LtGemm {
@@ -292,6 +300,13 @@ impl LtGemm {
         })
     }
 
+    /// The heuristic's answers so far.
+    fn choices(&self) -> Result<MutexGuard<'_, HashMap<ProblemKey, Choice>>> {
+        self.choices
+            .lock()
+            .map_err(|_| Error::Cuda("cuBLASLt heuristic cache poisoned".into()))
+    }
+
     pub fn stats(&self) -> GemmStats {
         GemmStats {
             cublaslt: self.cublaslt.load(Ordering::Relaxed),
@@ -303,27 +318,31 @@ impl LtGemm {
     }
 }
 
-/// Owned cuBLASLt descriptors, destroyed on drop.
-struct Desc(cublasLtMatmulDesc_t);
-struct Layout(cublasLtMatrixLayout_t);
-struct Pref(cublasLtMatmulPreference_t);
+/// An owned cuBLASLt descriptor with its attribute setter, destroyed on drop.
+struct Descriptor<H: Copy, A> {
+    raw: H,
+    set: unsafe fn(H, A, *const c_void, usize) -> std::result::Result<(), lt::CublasError>,
+    destroy: unsafe fn(H) -> std::result::Result<(), lt::CublasError>,
+}
+type Desc = Descriptor<cublasLtMatmulDesc_t, DescAttr>;
+type Layout = Descriptor<cublasLtMatrixLayout_t, LayoutAttr>;
+type Pref = Descriptor<cublasLtMatmulPreference_t, PrefAttr>;
 
-impl Drop for Desc {
+impl<H: Copy, A> Drop for Descriptor<H, A> {
     fn drop(&mut self) {
-        // SAFETY: created by `create_matmul_desc`, destroyed once.
-        let _ = unsafe { lt::destroy_matmul_desc(self.0) };
+        // SAFETY: created by the matching create call, destroyed once, here.
+        let _ = unsafe { (self.destroy)(self.raw) };
     }
 }
-impl Drop for Layout {
-    fn drop(&mut self) {
-        // SAFETY: created by `create_matrix_layout`, destroyed once.
-        let _ = unsafe { lt::destroy_matrix_layout(self.0) };
-    }
-}
-impl Drop for Pref {
-    fn drop(&mut self) {
-        // SAFETY: created by `create_matmul_pref`, destroyed once.
-        let _ = unsafe { lt::destroy_matmul_pref(self.0) };
+
+impl<H: Copy, A> Descriptor<H, A> {
+    /// Sets one attribute from a plain value.
+    ///
+    /// SAFETY (for the callers): `T` must be the attribute's documented type.
+    unsafe fn set<T>(&self, attr: A, value: &T) -> Result<()> {
+        let size = std::mem::size_of::<T>();
+        (self.set)(self.raw, attr, value as *const T as *const c_void, size)
+            .map_err(lt_error("cublasLt attribute"))
     }
 }
 
@@ -331,56 +350,24 @@ fn lt_error(op: &str) -> impl Fn(lt::CublasError) -> Error + '_ {
     move |e| cuda_error(op, e)
 }
 
-/// Sets one attribute from a plain value.
-///
-/// SAFETY (for the callers): `T` must be the attribute's documented type.
-unsafe fn set_desc<T>(desc: &Desc, attr: DescAttr, value: &T) -> Result<()> {
-    lt::set_matmul_desc_attribute(
-        desc.0,
-        attr,
-        value as *const T as *const c_void,
-        std::mem::size_of::<T>(),
-    )
-    .map_err(lt_error("cublasLtMatmulDescSetAttribute"))
-}
-
-unsafe fn set_layout<T>(layout: &Layout, attr: LayoutAttr, value: &T) -> Result<()> {
-    lt::set_matrix_layout_attribute(
-        layout.0,
-        attr,
-        value as *const T as *const c_void,
-        std::mem::size_of::<T>(),
-    )
-    .map_err(lt_error("cublasLtMatrixLayoutSetAttribute"))
-}
-
-unsafe fn set_pref<T>(pref: &Pref, attr: PrefAttr, value: &T) -> Result<()> {
-    lt::set_matmul_pref_attribute(
-        pref.0,
-        attr,
-        value as *const T as *const c_void,
-        std::mem::size_of::<T>(),
-    )
-    .map_err(lt_error("cublasLtMatmulPreferenceSetAttribute"))
-}
-
 fn layout(
     data_type: cudaDataType,
     (rows, cols, ld, stride): (u64, u64, i64, i64),
     batch: usize,
 ) -> Result<Layout> {
-    let l = Layout(
-        lt::create_matrix_layout(data_type, rows, cols, ld)
+    let l = Layout {
+        raw: lt::create_matrix_layout(data_type, rows, cols, ld)
             .map_err(lt_error("cublasLtMatrixLayoutCreate"))?,
-    );
+        set: lt::set_matrix_layout_attribute,
+        destroy: lt::destroy_matrix_layout,
+    };
     if batch > 1 {
         let count = i32::try_from(batch)
             .map_err(|_| Error::shape("cuda gemm", format!("batch {batch} exceeds i32")))?;
         // SAFETY: BATCH_COUNT is an int32_t, STRIDED_BATCH_OFFSET an int64_t.
         unsafe {
-            set_layout(&l, LayoutAttr::CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT, &count)?;
-            set_layout(
-                &l,
+            l.set(LayoutAttr::CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT, &count)?;
+            l.set(
                 LayoutAttr::CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET,
                 &stride,
             )?;
@@ -398,11 +385,6 @@ impl CudaBackend {
     /// The library the GEMMs use from now on (tests compare both paths).
     pub fn set_gemm_path(&mut self, path: GemmPath) {
         self.lt.path = path;
-    }
-
-    /// The library the GEMMs use.
-    pub fn gemm_path(&self) -> GemmPath {
-        self.lt.path
     }
 
     /// Runs `problem` with `epilogue` on cuBLASLt, or says it cannot (path set to cuBLAS, no
@@ -432,35 +414,31 @@ impl CudaBackend {
             .bind_to_thread()
             .map_err(|e| cuda_error("cuCtxSetCurrent", e))?;
         let kind = epilogue.kind();
-        let key = ProblemKey {
-            data_type: problem.data_type as u32,
-            c_type: problem.c_type as u32,
-            ops: (problem.op_a as u32, problem.op_b as u32),
-            dims: (problem.rows, problem.cols, problem.depth, problem.batch),
-            layouts: [problem.a, problem.b, problem.c],
-            beta_one: problem.acc == Accumulate::Add,
-            epilogue: kind,
-            alignments: [
-                alignment(problem.ptr_a),
-                alignment(problem.ptr_b),
-                alignment(problem.ptr_c),
-                vector_ptr.map_or(256, alignment),
-            ],
-        };
+        let [ptr_a, ptr_b, ptr_c] = problem.ptrs;
+        let alignments = [
+            alignment(ptr_a),
+            alignment(ptr_b),
+            alignment(ptr_c),
+            vector_ptr.map_or(256, alignment),
+        ];
+        let key = (
+            LtProblem {
+                ptrs: [0; 3],
+                ..*problem
+            },
+            kind,
+            alignments,
+        );
         let desc = self.describe_problem(problem, kind, vector_ptr)?;
         let a = layout(problem.data_type, problem.a, problem.batch)?;
         let b = layout(problem.data_type, problem.b, problem.batch)?;
         let c = layout(problem.c_type, problem.c, problem.batch)?;
         let choice = {
-            let mut choices = self
-                .lt
-                .choices
-                .lock()
-                .map_err(|_| Error::Cuda("cuBLASLt heuristic cache poisoned".into()))?;
+            let mut choices = self.lt.choices()?;
             match choices.get(&key) {
                 Some(choice) => *choice,
                 None => {
-                    let choice = self.ask_heuristic(&desc, &a, &b, &c, &key)?;
+                    let choice = self.ask_heuristic(&desc, [&a, &b, &c], alignments)?;
                     choices.insert(key, choice);
                     choice
                 }
@@ -469,11 +447,7 @@ impl CudaBackend {
         let Some((algo, workspace_size)) = choice else {
             return Ok(LtOutcome::Unsupported);
         };
-        let alpha: f32 = 1.0;
-        let beta: f32 = match problem.acc {
-            Accumulate::Overwrite => 0.0,
-            Accumulate::Add => 1.0,
-        };
+        let (alpha, beta) = (1.0f32, problem.beta());
         let workspace = device_address(&self.lt.workspace, stream);
         // SAFETY: the descriptors describe the operands' checked lengths (the caller verified
         // them against the shape); C and D are the same buffer with the same layout, which
@@ -482,17 +456,17 @@ impl CudaBackend {
         let launched = unsafe {
             lt::matmul(
                 self.lt.handle,
-                desc.0,
+                desc.raw,
                 (&alpha) as *const f32 as *const c_void,
                 (&beta) as *const f32 as *const c_void,
-                problem.ptr_a as *const c_void,
-                a.0,
-                problem.ptr_b as *const c_void,
-                b.0,
-                problem.ptr_c as *const c_void,
-                c.0,
-                problem.ptr_c as *mut c_void,
-                c.0,
+                ptr_a as *const c_void,
+                a.raw,
+                ptr_b as *const c_void,
+                b.raw,
+                ptr_c as *const c_void,
+                c.raw,
+                ptr_c as *mut c_void,
+                c.raw,
                 &algo,
                 workspace as *mut c_void,
                 workspace_size,
@@ -505,11 +479,7 @@ impl CudaBackend {
             }
             // A refusal launches nothing: remember it for this problem, say so once, and let
             // the caller take cuBLAS (counted there).
-            self.lt
-                .choices
-                .lock()
-                .map_err(|_| Error::Cuda("cuBLASLt heuristic cache poisoned".into()))?
-                .insert(key, None);
+            self.lt.choices()?.insert(key, None);
             if self.lt.refused.fetch_add(1, Ordering::Relaxed) == 0 {
                 log::warn!(
                     "cuBLASLt refused a {}x{}x{} GEMM ({kind:?} epilogue, batch {}): \
@@ -536,33 +506,31 @@ impl CudaBackend {
         kind: EpilogueKind,
         vector_ptr: Option<u64>,
     ) -> Result<Desc> {
-        let desc = Desc(
-            lt::create_matmul_desc(
+        let desc = Desc {
+            raw: lt::create_matmul_desc(
                 cublasComputeType_t::CUBLAS_COMPUTE_32F,
                 cudaDataType::CUDA_R_32F,
             )
             .map_err(lt_error("cublasLtMatmulDescCreate"))?,
-        );
+            set: lt::set_matmul_desc_attribute,
+            destroy: lt::destroy_matmul_desc,
+        };
+        let epilogue = match kind {
+            EpilogueKind::None => cublasLtEpilogue_t::CUBLASLT_EPILOGUE_DEFAULT,
+            EpilogueKind::Bias => cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS,
+            EpilogueKind::RowSums => cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BGRADB,
+        };
         // SAFETY: TRANSA/TRANSB are cublasOperation_t, EPILOGUE a cublasLtEpilogue_t,
         // BIAS_POINTER a device pointer, BIAS_DATA_TYPE a cudaDataType (int32).
         unsafe {
-            set_desc(&desc, DescAttr::CUBLASLT_MATMUL_DESC_TRANSA, &problem.op_a)?;
-            set_desc(&desc, DescAttr::CUBLASLT_MATMUL_DESC_TRANSB, &problem.op_b)?;
-            let epilogue = match kind {
-                EpilogueKind::None => cublasLtEpilogue_t::CUBLASLT_EPILOGUE_DEFAULT,
-                EpilogueKind::Bias => cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS,
-                EpilogueKind::RowSums => cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BGRADB,
-            };
-            set_desc(&desc, DescAttr::CUBLASLT_MATMUL_DESC_EPILOGUE, &epilogue)?;
+            desc.set(DescAttr::CUBLASLT_MATMUL_DESC_TRANSA, &problem.op_a)?;
+            desc.set(DescAttr::CUBLASLT_MATMUL_DESC_TRANSB, &problem.op_b)?;
+            desc.set(DescAttr::CUBLASLT_MATMUL_DESC_EPILOGUE, &epilogue)?;
             if let Some(ptr) = vector_ptr {
                 let ptr = ptr as *const c_void;
-                set_desc(&desc, DescAttr::CUBLASLT_MATMUL_DESC_BIAS_POINTER, &ptr)?;
+                desc.set(DescAttr::CUBLASLT_MATMUL_DESC_BIAS_POINTER, &ptr)?;
                 let f32_type = cudaDataType::CUDA_R_32F;
-                set_desc(
-                    &desc,
-                    DescAttr::CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE,
-                    &f32_type,
-                )?;
+                desc.set(DescAttr::CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &f32_type)?;
             }
         }
         Ok(desc)
@@ -573,46 +541,53 @@ impl CudaBackend {
     fn ask_heuristic(
         &self,
         desc: &Desc,
-        a: &Layout,
-        b: &Layout,
-        c: &Layout,
-        key: &ProblemKey,
+        [a, b, c]: [&Layout; 3],
+        [align_a, align_b, align_c, _]: [u32; 4],
     ) -> Result<Choice> {
-        let pref =
-            Pref(lt::create_matmul_pref().map_err(lt_error("cublasLtMatmulPreferenceCreate"))?);
+        let pref = Pref {
+            raw: lt::create_matmul_pref().map_err(lt_error("cublasLtMatmulPreferenceCreate"))?,
+            set: lt::set_matmul_pref_attribute,
+            destroy: lt::destroy_matmul_pref,
+        };
         let max_workspace = self.lt.workspace.len() as u64;
-        let [align_a, align_b, align_c, _] = key.alignments;
         // SAFETY: MAX_WORKSPACE_BYTES is a uint64_t, the MIN_ALIGNMENT_*_BYTES uint32_t.
         unsafe {
-            set_pref(
-                &pref,
+            pref.set(
                 PrefAttr::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
                 &max_workspace,
             )?;
-            set_pref(
-                &pref,
-                PrefAttr::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES,
-                &align_a,
-            )?;
-            set_pref(
-                &pref,
-                PrefAttr::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
-                &align_b,
-            )?;
-            set_pref(
-                &pref,
-                PrefAttr::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES,
-                &align_c,
-            )?;
-            set_pref(
-                &pref,
-                PrefAttr::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES,
-                &align_c,
-            )?;
+            for (attr, align) in [
+                (
+                    PrefAttr::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES,
+                    align_a,
+                ),
+                (
+                    PrefAttr::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
+                    align_b,
+                ),
+                (
+                    PrefAttr::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES,
+                    align_c,
+                ),
+                (
+                    PrefAttr::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES,
+                    align_c,
+                ),
+            ] {
+                pref.set(attr, &align)?;
+            }
         }
         // SAFETY: every descriptor is live for the call.
         let answer = unsafe {
-            lt::get_matmul_algo_heuristic(self.lt.handle, desc.0, a.0, b.0, c.0, c.0, pref.0)
+            lt::get_matmul_algo_heuristic(
+                self.lt.handle,
+                desc.raw,
+                a.raw,
+                b.raw,
+                c.raw,
+                c.raw,
+                pref.raw,
+            )
         };
         Ok(match answer {
             Ok(result) if result.workspaceSize as u64 <= max_workspace => {

@@ -63,16 +63,13 @@ impl KernelFamily {
             .iter()
             .find(|k| k.family == self.file_stem())
     }
-
-    /// Whether nvcc compiled this family at build time.
-    pub fn is_precompiled(self) -> bool {
-        self.embedded().is_some_and(|k| k.fatbin.is_some())
-    }
 }
 
-/// True when every family has a fatbin (NVRTC is then never needed).
+/// True when nvcc compiled every family at build time (NVRTC is then never needed).
 pub fn all_precompiled() -> bool {
-    KernelFamily::ALL.iter().all(|f| f.is_precompiled())
+    KernelFamily::ALL
+        .iter()
+        .all(|f| f.embedded().is_some_and(|k| k.fatbin.is_some()))
 }
 
 /// Modules loaded on first use, and the functions looked up in them.
@@ -122,11 +119,8 @@ impl Kernels {
     }
 
     fn module(&self, family: KernelFamily) -> Result<Arc<CudaModule>> {
-        let index = KernelFamily::ALL
-            .iter()
-            .position(|&f| f == family)
-            .unwrap_or(0);
-        let cell = &self.modules[index];
+        // `ALL` lists the families in declaration order.
+        let cell = &self.modules[family as usize];
         if let Some(m) = cell.get() {
             return Ok(m.clone());
         }

@@ -20,10 +20,9 @@ mod kernels;
 mod launch;
 mod view;
 
-pub use crate::backend::{AdamWStep, AttentionShape, NormShape, PatchLayout, TokenLayout};
 pub use buffers::CudaWeights;
 pub use device::{resolve_device, ResolvedDevice};
-pub use gemm::{EpilogueRun, GemmShape};
+pub use gemm::EpilogueRun;
 pub use gemm_lt::{GemmPath, GemmStats, LtOutcome};
 pub use half::bf16;
 pub use kernels::{all_precompiled, compile_source_with_nvrtc, EmbeddedKernel, KernelFamily};
@@ -32,8 +31,6 @@ pub use launch::elementwise::ReduceOp;
 pub use launch::koleo::{KoleoSaved, KOLEO_MAX_DIM};
 pub use launch::loss::{CrossEntropyPairs, MAX_PAIRS};
 pub use launch::optimizer::ParamSegments;
-pub use launch::tokens::KeptSamples;
-pub use launch::GradWrite;
 pub use view::{DevBuf, SubSlice, SubSliceMut};
 
 use crate::error::{Error, Result};
@@ -109,6 +106,8 @@ pub struct CudaBackend {
     work: buffers::Work,
     /// Buffers allocated through the seam (workspaces and work buffers).
     allocations: u64,
+    /// The attention kernels chosen by [`Self::set_attention_kernels`] (`None`: by head dim).
+    attention_kernels: Option<AttentionKernels>,
 }
 
 impl fmt::Debug for CudaBackend {
@@ -170,6 +169,7 @@ impl CudaBackend {
             launches: std::sync::atomic::AtomicU64::new(0),
             work: buffers::Work::default(),
             allocations: 0,
+            attention_kernels: None,
         })
     }
 
@@ -195,13 +195,6 @@ impl CudaBackend {
     /// The stream every launcher queues work on.
     pub fn stream(&self) -> &Arc<CudaStream> {
         &self.stream
-    }
-
-    /// Blocks until all queued work is done.
-    pub fn synchronize(&self) -> Result<()> {
-        self.stream
-            .synchronize()
-            .map_err(|e| cuda_error("cuStreamSynchronize", e))
     }
 
     /// A timing event recorded now on the stream.

@@ -2,10 +2,10 @@
 //! tensor-core instantiation (multiples of 16 up to 128) run the fast kernels, any other head
 //! dim up to [`GENERAL_MAX_HEAD_DIM`] the general scalar ones ([`AttentionKernels`]).
 
-use super::{blocks, check_len, config, dim, launch};
+use super::{blocks, config, dim, launch};
 use crate::backend::cuda::buffers::Slot;
 use crate::backend::cuda::{bf16, CudaBackend, KernelFamily};
-use crate::backend::{AttentionOps, AttentionShape};
+use crate::backend::{check_lens, AttentionOps, AttentionShape};
 use crate::error::{Error, Result};
 use cudarc::driver::CudaSlice;
 
@@ -41,71 +41,23 @@ impl AttentionKernels {
 /// Kernel names of one fast instantiation: (forward, backward dK/dV, backward dQ).
 type FastNames = (&'static str, &'static str, &'static str);
 
-/// The fast kernels' names for `kernels == Fast`, `None` for the general ones; an
-/// [`Error::Unsupported`] where the chosen kernels have no instance for the head dim.
-fn fast_kernels(
-    op: &'static str,
-    kernels: AttentionKernels,
-    head_dim: usize,
-) -> Result<Option<FastNames>> {
-    match kernels {
-        AttentionKernels::Fast => kernel_names(head_dim).map(Some),
-        AttentionKernels::General if (1..=GENERAL_MAX_HEAD_DIM).contains(&head_dim) => Ok(None),
-        AttentionKernels::General => Err(Error::Unsupported(format!(
-            "{op}: head dim {head_dim} (supported: 1 to {GENERAL_MAX_HEAD_DIM})"
-        ))),
-    }
-}
-
 /// Fast-kernel names per supported head dim.
 fn kernel_names(head_dim: usize) -> Result<FastNames> {
-    Ok(match head_dim {
-        16 => (
-            "attention_forward_hd16",
-            "attention_backward_dkdv_hd16",
-            "attention_backward_dq_hd16",
-        ),
-        32 => (
-            "attention_forward_hd32",
-            "attention_backward_dkdv_hd32",
-            "attention_backward_dq_hd32",
-        ),
-        48 => (
-            "attention_forward_hd48",
-            "attention_backward_dkdv_hd48",
-            "attention_backward_dq_hd48",
-        ),
-        64 => (
-            "attention_forward_hd64",
-            "attention_backward_dkdv_hd64",
-            "attention_backward_dq_hd64",
-        ),
-        80 => (
-            "attention_forward_hd80",
-            "attention_backward_dkdv_hd80",
-            "attention_backward_dq_hd80",
-        ),
-        96 => (
-            "attention_forward_hd96",
-            "attention_backward_dkdv_hd96",
-            "attention_backward_dq_hd96",
-        ),
-        112 => (
-            "attention_forward_hd112",
-            "attention_backward_dkdv_hd112",
-            "attention_backward_dq_hd112",
-        ),
-        128 => (
-            "attention_forward_hd128",
-            "attention_backward_dkdv_hd128",
-            "attention_backward_dq_hd128",
-        ),
-        _ => {
-            return Err(Error::Unsupported(format!(
-                "cuda attention (fast kernels): head dim {head_dim} (supported: multiples of 16 up to 128)"
-            )))
-        }
-    })
+    macro_rules! instances {
+        ($($hd:literal),*) => {
+            match head_dim {
+                $($hd => Ok((
+                    concat!("attention_forward_hd", $hd),
+                    concat!("attention_backward_dkdv_hd", $hd),
+                    concat!("attention_backward_dq_hd", $hd),
+                )),)*
+                _ => Err(Error::Unsupported(format!(
+                    "cuda attention (fast kernels): head dim {head_dim} (supported: multiples of 16 up to 128)"
+                ))),
+            }
+        };
+    }
+    instances!(16, 32, 48, 64, 80, 96, 112, 128)
 }
 
 /// Rows per backward tile (must match `BwdTile` in attention.cu).
@@ -147,11 +99,31 @@ fn check_shape(op: &'static str, s: &AttentionShape) -> Result<(i32, i32, i32)> 
 }
 
 impl CudaBackend {
-    /// [`AttentionOps::attention_forward`] on the given kernels (an
-    /// [`Error::Unsupported`] where they have no instance for the head dim).
-    pub fn attention_forward_with(
-        &self,
-        kernels: AttentionKernels,
+    /// Runs attention on `kernels` from now on (an [`Error::Unsupported`] where they have no
+    /// instance for a head dim); `None` (the default) picks
+    /// [`AttentionKernels::for_head_dim`]. Tests compare both.
+    pub fn set_attention_kernels(&mut self, kernels: Option<AttentionKernels>) {
+        self.attention_kernels = kernels;
+    }
+
+    /// The fast kernels' names for the kernels attention runs on, `None` for the general ones.
+    fn fast_kernels(&self, op: &'static str, head_dim: usize) -> Result<Option<FastNames>> {
+        let kernels = self
+            .attention_kernels
+            .unwrap_or_else(|| AttentionKernels::for_head_dim(head_dim));
+        match kernels {
+            AttentionKernels::Fast => kernel_names(head_dim).map(Some),
+            AttentionKernels::General if (1..=GENERAL_MAX_HEAD_DIM).contains(&head_dim) => Ok(None),
+            AttentionKernels::General => Err(Error::Unsupported(format!(
+                "{op}: head dim {head_dim} (supported: 1 to {GENERAL_MAX_HEAD_DIM})"
+            ))),
+        }
+    }
+}
+
+impl AttentionOps for CudaBackend {
+    fn attention_forward(
+        &mut self,
         out: &mut CudaSlice<bf16>,
         lse: &mut CudaSlice<f32>,
         qkv: &CudaSlice<bf16>,
@@ -159,10 +131,15 @@ impl CudaBackend {
     ) -> Result<()> {
         const OP: &str = "cuda attention_forward";
         let (b, t, h) = check_shape(OP, &shape)?;
-        let fast = fast_kernels(OP, kernels, shape.head_dim)?;
-        check_len(OP, "qkv", qkv.len(), shape.qkv_len())?;
-        check_len(OP, "out", out.len(), shape.out_len())?;
-        check_len(OP, "lse", lse.len(), shape.stats_len())?;
+        let fast = self.fast_kernels(OP, shape.head_dim)?;
+        check_lens(
+            OP,
+            &[
+                ("qkv", qkv.len(), shape.qkv_len()),
+                ("out", out.len(), shape.out_len()),
+                ("lse", lse.len(), shape.stats_len()),
+            ],
+        )?;
         let scale = shape.scale();
         match fast {
             Some((forward, _, _)) => {
@@ -193,99 +170,7 @@ impl CudaBackend {
         Ok(())
     }
 
-    /// [`attention_backward`](Self::attention_backward) on the given kernels (an
-    /// [`Error::Unsupported`] where they have no instance for the head dim).
-    #[allow(clippy::too_many_arguments)]
-    pub fn attention_backward_with(
-        &self,
-        kernels: AttentionKernels,
-        dqkv: &mut CudaSlice<bf16>,
-        delta: &mut CudaSlice<f32>,
-        dout: &CudaSlice<bf16>,
-        qkv: &CudaSlice<bf16>,
-        out: &CudaSlice<bf16>,
-        lse: &CudaSlice<f32>,
-        shape: AttentionShape,
-    ) -> Result<()> {
-        const OP: &str = "cuda attention_backward";
-        let (b, t, h) = check_shape(OP, &shape)?;
-        let fast = fast_kernels(OP, kernels, shape.head_dim)?;
-        check_len(OP, "dqkv", dqkv.len(), shape.qkv_len())?;
-        check_len(OP, "qkv", qkv.len(), shape.qkv_len())?;
-        check_len(OP, "dout", dout.len(), shape.out_len())?;
-        check_len(OP, "out", out.len(), shape.out_len())?;
-        check_len(OP, "lse", lse.len(), shape.stats_len())?;
-        check_len(OP, "delta", delta.len(), shape.stats_len())?;
-        let hd = dim(OP, "head_dim", shape.head_dim)?;
-        let rows = shape.batch * shape.tokens * shape.heads;
-        let pre_grid = (blocks(OP, rows.div_ceil(8))?, 1, 1);
-        launch!(
-            self,
-            KernelFamily::Attention,
-            "attention_backward_preprocess",
-            config(pre_grid, 256),
-            [&mut *delta, out, dout, &b, &t, &h, &hd]
-        );
-
-        let scale = shape.scale();
-        match fast {
-            Some((_, dkdv, dq)) => {
-                let tile = backward_tile(shape.head_dim);
-                let grid = (
-                    blocks(OP, shape.tokens.div_ceil(tile))?,
-                    shape.heads as u32,
-                    shape.batch as u32,
-                );
-                let threads = (tile / 16 * 32) as u32;
-                launch!(
-                    self,
-                    KernelFamily::Attention,
-                    dkdv,
-                    config(grid, threads),
-                    [&mut *dqkv, qkv, dout, lse, &*delta, &b, &t, &h, &scale]
-                );
-                launch!(
-                    self,
-                    KernelFamily::Attention,
-                    dq,
-                    config(grid, threads),
-                    [dqkv, qkv, dout, lse, &*delta, &b, &t, &h, &scale]
-                );
-            }
-            None => {
-                let grid = general_grid(OP, &shape)?;
-                launch!(
-                    self,
-                    KernelFamily::Attention,
-                    "attention_backward_dkdv_general",
-                    config(grid, GENERAL_THREADS),
-                    [&mut *dqkv, qkv, dout, lse, &*delta, &b, &t, &h, &hd, &scale]
-                );
-                launch!(
-                    self,
-                    KernelFamily::Attention,
-                    "attention_backward_dq_general",
-                    config(grid, GENERAL_THREADS),
-                    [dqkv, qkv, dout, lse, &*delta, &b, &t, &h, &hd, &scale]
-                );
-            }
-        }
-        Ok(())
-    }
-}
-
-impl AttentionOps for CudaBackend {
-    fn attention_forward(
-        &mut self,
-        out: &mut CudaSlice<bf16>,
-        lse: &mut CudaSlice<f32>,
-        qkv: &CudaSlice<bf16>,
-        shape: AttentionShape,
-    ) -> Result<()> {
-        let kernels = AttentionKernels::for_head_dim(shape.head_dim);
-        self.attention_forward_with(kernels, out, lse, qkv, shape)
-    }
-
+    /// The softmax row sums `delta [B, H, T]` go to a work buffer.
     fn attention_backward(
         &mut self,
         dqkv: &mut CudaSlice<bf16>,
@@ -295,9 +180,74 @@ impl AttentionOps for CudaBackend {
         lse: &CudaSlice<f32>,
         shape: AttentionShape,
     ) -> Result<()> {
+        const OP: &str = "cuda attention_backward";
+        let (b, t, h) = check_shape(OP, &shape)?;
+        let fast = self.fast_kernels(OP, shape.head_dim)?;
+        check_lens(
+            OP,
+            &[
+                ("dqkv", dqkv.len(), shape.qkv_len()),
+                ("qkv", qkv.len(), shape.qkv_len()),
+                ("dout", dout.len(), shape.out_len()),
+                ("out", out.len(), shape.out_len()),
+                ("lse", lse.len(), shape.stats_len()),
+            ],
+        )?;
+        let hd = dim(OP, "head_dim", shape.head_dim)?;
+        let rows = shape.batch * shape.tokens * shape.heads;
+        let pre_grid = (blocks(OP, rows.div_ceil(8))?, 1, 1);
+        let scale = shape.scale();
         self.with_work(Slot::B, shape.stats_len(), |gpu, delta| {
-            let kernels = AttentionKernels::for_head_dim(shape.head_dim);
-            gpu.attention_backward_with(kernels, dqkv, delta, dout, qkv, out, lse, shape)
+            launch!(
+                gpu,
+                KernelFamily::Attention,
+                "attention_backward_preprocess",
+                config(pre_grid, 256),
+                [&mut *delta, out, dout, &b, &t, &h, &hd]
+            );
+            match fast {
+                Some((_, dkdv, dq)) => {
+                    let tile = backward_tile(shape.head_dim);
+                    let grid = (
+                        blocks(OP, shape.tokens.div_ceil(tile))?,
+                        shape.heads as u32,
+                        shape.batch as u32,
+                    );
+                    let threads = (tile / 16 * 32) as u32;
+                    launch!(
+                        gpu,
+                        KernelFamily::Attention,
+                        dkdv,
+                        config(grid, threads),
+                        [&mut *dqkv, qkv, dout, lse, &*delta, &b, &t, &h, &scale]
+                    );
+                    launch!(
+                        gpu,
+                        KernelFamily::Attention,
+                        dq,
+                        config(grid, threads),
+                        [dqkv, qkv, dout, lse, &*delta, &b, &t, &h, &scale]
+                    );
+                }
+                None => {
+                    let grid = general_grid(OP, &shape)?;
+                    launch!(
+                        gpu,
+                        KernelFamily::Attention,
+                        "attention_backward_dkdv_general",
+                        config(grid, GENERAL_THREADS),
+                        [&mut *dqkv, qkv, dout, lse, &*delta, &b, &t, &h, &hd, &scale]
+                    );
+                    launch!(
+                        gpu,
+                        KernelFamily::Attention,
+                        "attention_backward_dq_general",
+                        config(grid, GENERAL_THREADS),
+                        [dqkv, qkv, dout, lse, &*delta, &b, &t, &h, &hd, &scale]
+                    );
+                }
+            }
+            Ok(())
         })
     }
 }

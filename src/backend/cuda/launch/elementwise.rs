@@ -1,10 +1,11 @@
 //! Launchers of `kernels/elementwise.cu`: casts, bias, GELU, SwiGLU, LayerScale, and the deterministic
 //! reductions (column sums for parameter gradients, full sums for losses and norms).
 
-use super::{blocks, check_len, config, dim, grid_stride, launch, row_chunks, GradWrite, BLOCK};
-use crate::backend::cuda::buffers::write_code;
+use super::{
+    blocks, check_len, column_chunks, config, dim, grid_stride, launch, write_code, BLOCK,
+};
 use crate::backend::cuda::{bf16, CudaBackend, KernelFamily};
-use crate::backend::{Accumulate, ElementwiseOps, NormShape};
+use crate::backend::{check_lens, Accumulate, ElementwiseOps, NormShape};
 use crate::error::{Error, Result};
 use cudarc::driver::CudaSlice;
 
@@ -25,7 +26,7 @@ impl ReduceOp {
 }
 
 /// Blocks of the first stage of [`CudaBackend::sum`].
-const SUM_GROUPS: usize = 264;
+pub(in crate::backend::cuda) const SUM_GROUPS: usize = 264;
 
 fn matrix(op: &'static str, rows: usize, channels: usize) -> Result<(i32, i32)> {
     if channels == 0 {
@@ -41,28 +42,19 @@ fn swiglu_dims(op: &'static str, rows: usize, width: usize) -> Result<(i32, i32)
 }
 
 impl CudaBackend {
-    /// `out = bf16(inp)`, round to nearest even.
-    pub fn cast_f32_to_bf16(&self, out: &mut CudaSlice<bf16>, inp: &CudaSlice<f32>) -> Result<()> {
-        check_len("cuda cast_f32_to_bf16", "out", out.len(), inp.len())?;
+    /// `out[i] = f(inp[i])` by the grid-stride kernel `name` (a cast, GELU).
+    pub(in crate::backend::cuda) fn map_elements<O, I>(
+        &self,
+        (op, name): (&'static str, &'static str),
+        out: &mut CudaSlice<O>,
+        inp: &CudaSlice<I>,
+    ) -> Result<()> {
+        check_len(op, "out", out.len(), inp.len())?;
         let n = inp.len() as i64;
         launch!(
             self,
             KernelFamily::Elementwise,
-            "cast_f32_to_bf16",
-            grid_stride(inp.len()),
-            [out, inp, &n]
-        );
-        Ok(())
-    }
-
-    /// `out = f32(inp)`.
-    pub fn cast_bf16_to_f32(&self, out: &mut CudaSlice<f32>, inp: &CudaSlice<bf16>) -> Result<()> {
-        check_len("cuda cast_bf16_to_f32", "out", out.len(), inp.len())?;
-        let n = inp.len() as i64;
-        launch!(
-            self,
-            KernelFamily::Elementwise,
-            "cast_bf16_to_f32",
+            name,
             grid_stride(inp.len()),
             [out, inp, &n]
         );
@@ -79,8 +71,13 @@ impl CudaBackend {
     ) -> Result<()> {
         const OP: &str = "cuda add_bias";
         let (n, c) = matrix(OP, rows, channels)?;
-        check_len(OP, "x", x.len(), rows * channels)?;
-        check_len(OP, "bias", bias.len(), channels)?;
+        check_lens(
+            OP,
+            &[
+                ("x", x.len(), rows * channels),
+                ("bias", bias.len(), channels),
+            ],
+        )?;
         launch!(
             self,
             KernelFamily::Elementwise,
@@ -103,11 +100,14 @@ impl CudaBackend {
     ) -> Result<()> {
         const OP: &str = "cuda bias_gelu_forward";
         let (n, c) = matrix(OP, rows, channels)?;
-        check_len(OP, "pre", pre.len(), rows * channels)?;
-        check_len(OP, "act", act.len(), rows * channels)?;
-        if let Some(b) = bias {
-            check_len(OP, "bias", b.len(), channels)?;
-        }
+        check_lens(
+            OP,
+            &[
+                ("pre", pre.len(), rows * channels),
+                ("act", act.len(), rows * channels),
+                ("bias", bias.map_or(channels, |b| b.len()), channels),
+            ],
+        )?;
         let bias_ptr = self.optional_ptr(bias);
         let pre_ptr = self.device_ptr_mut_raw(pre);
         launch!(
@@ -122,16 +122,7 @@ impl CudaBackend {
 
     /// `out = gelu(inp)` (exact erf form), f32.
     pub fn gelu_forward(&self, out: &mut CudaSlice<f32>, inp: &CudaSlice<f32>) -> Result<()> {
-        check_len("cuda gelu_forward", "out", out.len(), inp.len())?;
-        let n = inp.len() as i64;
-        launch!(
-            self,
-            KernelFamily::Elementwise,
-            "gelu_forward",
-            grid_stride(inp.len()),
-            [out, inp, &n]
-        );
-        Ok(())
+        self.map_elements(("cuda gelu_forward", "gelu_forward"), out, inp)
     }
 
     /// `residual += gamma ∘ branch`.
@@ -145,9 +136,14 @@ impl CudaBackend {
     ) -> Result<()> {
         const OP: &str = "cuda layerscale_residual_forward";
         let (n, c) = matrix(OP, rows, channels)?;
-        check_len(OP, "residual", residual.len(), rows * channels)?;
-        check_len(OP, "branch", branch.len(), rows * channels)?;
-        check_len(OP, "gamma", gamma.len(), channels)?;
+        check_lens(
+            OP,
+            &[
+                ("residual", residual.len(), rows * channels),
+                ("branch", branch.len(), rows * channels),
+                ("gamma", gamma.len(), channels),
+            ],
+        )?;
         launch!(
             self,
             KernelFamily::Elementwise,
@@ -158,52 +154,38 @@ impl CudaBackend {
         Ok(())
     }
 
-    /// `dbias += Σ_rows dout`, dout `[rows, channels]`.
-    pub fn bias_backward(
-        &mut self,
-        dbias: &mut CudaSlice<f32>,
-        dout: &CudaSlice<f32>,
-        rows: usize,
-        channels: usize,
-    ) -> Result<()> {
-        self.column_sum(dbias, dout, None, rows, channels, GradWrite::Accumulate)
-    }
-
-    /// `out[c] (=|+=) Σ_r x[r, c] (· y[r, c])`, deterministic (fixed-order chunks).
-    pub fn column_sum(
+    /// `out[c] (=|+=) Σ_r x[r, c] · y[r, c]` (`Σ_r x[r, c]` without `y`), `c < out.len()`;
+    /// deterministic (fixed-order chunks).
+    pub fn column_sum_product(
         &mut self,
         out: &mut CudaSlice<f32>,
         x: &CudaSlice<f32>,
         y: Option<&CudaSlice<f32>>,
         rows: usize,
-        channels: usize,
-        write: GradWrite,
+        write: Accumulate,
     ) -> Result<()> {
         const OP: &str = "cuda column_sum";
+        let channels = out.len();
         let (n, c) = matrix(OP, rows, channels)?;
-        check_len(OP, "x", x.len(), rows * channels)?;
-        if let Some(y) = y {
-            check_len(OP, "y", y.len(), rows * channels)?;
-        }
-        check_len(OP, "out", out.len(), channels)?;
-        let (groups, per_chunk) = row_chunks(rows);
-        self.reserve_scratch(groups * channels)?;
+        check_lens(
+            OP,
+            &[
+                ("x", x.len(), rows * channels),
+                ("y", y.map_or(rows * channels, |y| y.len()), rows * channels),
+            ],
+        )?;
+        let chunks = column_chunks(OP, rows, channels)?;
+        self.reserve_scratch(chunks.groups * channels)?;
         let partial = self.scratch_ptr(0);
         let y_ptr = self.optional_ptr(y);
-        let per_chunk_i = dim(OP, "rows per chunk", per_chunk)?;
-        let grid = (
-            blocks(OP, channels.div_ceil(BLOCK as usize))?,
-            groups as u32,
-            1,
-        );
         launch!(
             self,
             KernelFamily::Elementwise,
             "column_sum_partial",
-            config(grid, BLOCK),
-            [&partial, x, &y_ptr, &n, &c, &per_chunk_i]
+            config(chunks.grid, BLOCK),
+            [&partial, x, &y_ptr, &n, &c, &chunks.per_chunk]
         );
-        self.column_partial_reduce_raw(out, partial, groups, channels, 1.0, write)
+        self.column_partial_reduce_raw(out, partial, chunks.groups, channels, 1.0, write)
     }
 
     /// `out[c] (=|+=) scale · Σ_g partial[g, c]` with `partial` a raw device address.
@@ -214,13 +196,13 @@ impl CudaBackend {
         groups: usize,
         channels: usize,
         scale: f32,
-        write: GradWrite,
+        write: Accumulate,
     ) -> Result<()> {
         const OP: &str = "cuda column_partial_reduce";
         check_len(OP, "out", out.len(), channels)?;
         let g = dim(OP, "groups", groups)?;
         let c = dim(OP, "channels", channels)?;
-        let write = write.code();
+        let write = write_code(write);
         let grid = (blocks(OP, channels.div_ceil(BLOCK as usize))?, 1, 1);
         launch!(
             self,
@@ -242,14 +224,15 @@ impl CudaBackend {
     ) -> Result<()> {
         check_len("cuda sum", "out", out.len(), 1)?;
         self.reserve_scratch(SUM_GROUPS)?;
-        let partial = self.scratch_ptr(0);
-        self.sum_raw(out, partial, x, op, scale)
+        let out = self.device_ptr_mut_raw(out);
+        self.sum_into(out, self.scratch_ptr(0), x, op, scale)
     }
 
-    /// [`sum`](Self::sum) with the partials at a raw scratch address (SUM_GROUPS floats).
-    pub(in crate::backend::cuda) fn sum_raw(
+    /// [`sum`](Self::sum) into the raw address `out`, with the partials at a raw scratch
+    /// address (`SUM_GROUPS` floats).
+    pub(in crate::backend::cuda) fn sum_into(
         &self,
-        out: &mut CudaSlice<f32>,
+        out: u64,
         partial: u64,
         x: &CudaSlice<f32>,
         op: ReduceOp,
@@ -270,15 +253,9 @@ impl CudaBackend {
             KernelFamily::Elementwise,
             "sum_finalize",
             config((1, 1, 1), BLOCK),
-            [out, &partial, &groups, &scale]
+            [&out, &partial, &groups, &scale]
         );
         Ok(())
-    }
-
-    /// The device address of a buffer that a kernel reads and writes in place.
-    pub(in crate::backend::cuda) fn device_ptr_mut_raw<T>(&self, buf: &mut CudaSlice<T>) -> u64 {
-        use cudarc::driver::DevicePtrMut;
-        buf.device_ptr_mut(self.stream.as_ref()).0
     }
 }
 
@@ -382,14 +359,7 @@ impl ElementwiseOps for CudaBackend {
             grid_stride(rows * channels),
             [dbranch, dresidual, gamma, &n, &c]
         );
-        self.column_sum(
-            dgamma,
-            dresidual,
-            Some(branch),
-            rows,
-            channels,
-            GradWrite::Accumulate,
-        )
+        self.column_sum_product(dgamma, dresidual, Some(branch), rows, Accumulate::Add)
     }
 
     fn column_sum(
@@ -399,7 +369,6 @@ impl ElementwiseOps for CudaBackend {
         rows: usize,
         write: Accumulate,
     ) -> Result<()> {
-        let c = out.len();
-        CudaBackend::column_sum(self, out, x, None, rows, c, write_code(write))
+        self.column_sum_product(out, x, None, rows, write)
     }
 }

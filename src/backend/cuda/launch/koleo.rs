@@ -2,7 +2,7 @@
 //! normalisation of the projection heads.
 
 use super::elementwise::ReduceOp;
-use super::{blocks, check_len, config, dim, launch, BLOCK, ROWS_PER_BLOCK};
+use super::{check_len, dim, launch, per_row, warp_per_row};
 use crate::backend::cuda::{bf16, CudaBackend, KernelFamily};
 use crate::backend::{HeadOps, NormShape};
 use crate::error::{Error, Result};
@@ -24,19 +24,6 @@ pub struct KoleoSaved {
     pub dist: CudaSlice<f32>,
     /// `[b]` per-row `-log(d + 1e-8)`.
     pub row_loss: CudaSlice<f32>,
-}
-
-impl KoleoSaved {
-    /// Buffers for `b` rows of `d` features (allocate once, reuse every step).
-    pub fn new(backend: &CudaBackend, b: usize, d: usize) -> Result<Self> {
-        Ok(KoleoSaved {
-            xn: backend.alloc_zeros(b * d)?,
-            norm: backend.alloc_zeros(b)?,
-            nn: backend.alloc_zeros(b)?,
-            dist: backend.alloc_zeros(b)?,
-            row_loss: backend.alloc_zeros(b)?,
-        })
-    }
 }
 
 fn check(op: &'static str, saved: &KoleoSaved, b: usize, d: usize) -> Result<(i32, i32)> {
@@ -63,8 +50,6 @@ fn check(op: &'static str, saved: &KoleoSaved, b: usize, d: usize) -> Result<(i3
     Ok((dim(op, "rows", b)?, dim(op, "dim", d)?))
 }
 
-impl CudaBackend {}
-
 fn check_rows(op: &'static str, rows: usize, channels: usize, eps: f32) -> Result<(i32, i32)> {
     if channels == 0 {
         return Err(Error::shape(op, "zero channels"));
@@ -74,10 +59,6 @@ fn check_rows(op: &'static str, rows: usize, channels: usize, eps: f32) -> Resul
     }
     Ok((dim(op, "rows", rows)?, dim(op, "channels", channels)?))
 }
-
-impl CudaBackend {}
-
-impl CudaBackend {}
 
 impl HeadOps for CudaBackend {
     type Koleo = KoleoSaved;
@@ -100,12 +81,11 @@ impl HeadOps for CudaBackend {
         check_len(OP, "z", z.len(), rows * channels)?;
         check_len(OP, "z_bf16", z_half.len(), rows * channels)?;
         check_len(OP, "norm", norm.len(), rows)?;
-        let grid = (blocks(OP, rows.div_ceil(ROWS_PER_BLOCK))?, 1, 1);
         launch!(
             self,
             KernelFamily::Koleo,
             "l2_normalize_forward",
-            config(grid, BLOCK),
+            warp_per_row(OP, rows)?,
             [z, z_half, norm, y, &eps, &r, &c]
         );
         Ok(())
@@ -135,12 +115,11 @@ impl HeadOps for CudaBackend {
             check_len(OP, name, len, rows * channels)?;
         }
         check_len(OP, "norm", norm.len(), rows)?;
-        let grid = (blocks(OP, rows.div_ceil(ROWS_PER_BLOCK))?, 1, 1);
         launch!(
             self,
             KernelFamily::Koleo,
             "l2_normalize_backward",
-            config(grid, BLOCK),
+            warp_per_row(OP, rows)?,
             [dy, dy_half, dz, z, norm, &eps, &r, &c]
         );
         Ok(())
@@ -165,12 +144,11 @@ impl HeadOps for CudaBackend {
             dim(OP, "prototypes", rows)?,
             dim(OP, "bottleneck", channels)?,
         );
-        let grid = (blocks(OP, rows.div_ceil(ROWS_PER_BLOCK))?, 1, 1);
         launch!(
             self,
             KernelFamily::Optimizer,
             "weight_norm_forward",
-            config(grid, BLOCK),
+            warp_per_row(OP, rows)?,
             [w, inv_norm, g, v, &k, &bn]
         );
         Ok(())
@@ -203,20 +181,26 @@ impl HeadOps for CudaBackend {
             dim(OP, "prototypes", rows)?,
             dim(OP, "bottleneck", channels)?,
         );
-        let grid = (blocks(OP, rows.div_ceil(ROWS_PER_BLOCK))?, 1, 1);
         launch!(
             self,
             KernelFamily::Optimizer,
             "weight_norm_backward",
-            config(grid, BLOCK),
+            warp_per_row(OP, rows)?,
             [dg, dv, dw, g, v, inv_norm, &k, &bn]
         );
         Ok(())
     }
 
+    /// Buffers for `b` rows of `d` features (allocated once, reused every step).
     fn koleo_state(&mut self, b: usize, d: usize) -> Result<KoleoSaved> {
         self.allocations += 5;
-        KoleoSaved::new(self, b, d)
+        Ok(KoleoSaved {
+            xn: self.alloc_zeros(b * d)?,
+            norm: self.alloc_zeros(b)?,
+            nn: self.alloc_zeros(b)?,
+            dist: self.alloc_zeros(b)?,
+            row_loss: self.alloc_zeros(b)?,
+        })
     }
 
     /// `loss [1] = KL(x)` for `x [b, d]`, filling `saved` for the backward.
@@ -232,19 +216,18 @@ impl HeadOps for CudaBackend {
         let (bi, di) = check(OP, state, b, d)?;
         check_len(OP, "x", x.len(), b * d)?;
         check_len(OP, "loss", loss.len(), 1)?;
-        let grid = (blocks(OP, b.div_ceil(ROWS_PER_BLOCK))?, 1, 1);
         launch!(
             self,
             KernelFamily::Koleo,
             "koleo_normalize",
-            config(grid, BLOCK),
+            warp_per_row(OP, b)?,
             [&mut state.xn, &mut state.norm, x, &bi, &di]
         );
         launch!(
             self,
             KernelFamily::Koleo,
             "koleo_nearest",
-            config((blocks(OP, b)?, 1, 1), BLOCK),
+            per_row(OP, b)?,
             [
                 &mut state.nn,
                 &mut state.dist,
@@ -273,7 +256,7 @@ impl HeadOps for CudaBackend {
             self,
             KernelFamily::Koleo,
             "koleo_backward",
-            config((blocks(OP, b)?, 1, 1), BLOCK),
+            per_row(OP, b)?,
             [
                 dx,
                 &state.xn,

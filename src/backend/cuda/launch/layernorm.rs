@@ -1,14 +1,13 @@
 //! `NormOps` on CUDA: the launchers of `kernels/layernorm.cu`, LayerNorm forward (optionally
 //! fused with the LayerScale residual add) and backward. f32 statistics; output bf16 or f32.
 
-use super::{blocks, config, dim, launch, row_chunks, GradWrite, BLOCK, ROWS_PER_BLOCK};
-use crate::backend::cuda::buffers::write_code;
+use super::{column_chunks, config, dim, launch, warp_per_row, write_code, BLOCK};
 use crate::backend::cuda::{bf16, CudaBackend, KernelFamily};
 use crate::backend::{
     check_lens, Accumulate, LnParams, LnSaved, LnStats, NormOps, NormOut, NormShape, Residual,
 };
 use crate::error::{Error, Result};
-use cudarc::driver::{CudaSlice, DevicePtr, DeviceRepr};
+use cudarc::driver::{CudaSlice, DeviceRepr, LaunchConfig};
 
 /// Element types a LayerNorm may write: bf16 (GEMM inputs) or f32 (final norm, heads).
 trait LayerNormOutput: DeviceRepr {
@@ -24,16 +23,16 @@ impl LayerNormOutput for f32 {
     const RESIDUAL_FORWARD: &'static str = "residual_layernorm_forward_f32";
 }
 
-/// `(rows, channels)` as kernel arguments, and the block grid of one-warp-per-row kernels.
-fn dims(op: &'static str, shape: NormShape) -> Result<(i32, i32, (u32, u32, u32))> {
+/// `(rows, channels)` as kernel arguments, and the launch of one-warp-per-row kernels.
+fn dims(op: &'static str, shape: NormShape) -> Result<(i32, i32, LaunchConfig)> {
     if shape.channels == 0 {
         return Err(Error::shape(op, "zero channels"));
     }
-    let grid = (blocks(op, shape.rows.div_ceil(ROWS_PER_BLOCK))?, 1, 1);
+    let cfg = warp_per_row(op, shape.rows)?;
     Ok((
         dim(op, "rows", shape.rows)?,
         dim(op, "channels", shape.channels)?,
-        grid,
+        cfg,
     ))
 }
 
@@ -48,7 +47,7 @@ impl CudaBackend {
         shape: NormShape,
     ) -> Result<()> {
         const OP: &str = "cuda layernorm_forward";
-        let (n, c, grid) = dims(OP, shape)?;
+        let (n, c, cfg) = dims(OP, shape)?;
         let (rows, numel) = (shape.rows, shape.rows * shape.channels);
         let LnStats { mean, rstd } = stats;
         check_lens(
@@ -67,7 +66,7 @@ impl CudaBackend {
             self,
             KernelFamily::Layernorm,
             O::FORWARD,
-            config(grid, BLOCK),
+            cfg,
             [out, mean, rstd, inp, weight, bias, &n, &c, &eps]
         );
         Ok(())
@@ -84,7 +83,7 @@ impl CudaBackend {
         shape: NormShape,
     ) -> Result<()> {
         const OP: &str = "cuda residual_layernorm_forward";
-        let (n, c, grid) = dims(OP, shape)?;
+        let (n, c, cfg) = dims(OP, shape)?;
         let (rows, numel, ch) = (shape.rows, shape.rows * shape.channels, shape.channels);
         let LnStats { mean, rstd } = stats;
         let Residual {
@@ -113,7 +112,7 @@ impl CudaBackend {
             self,
             KernelFamily::Layernorm,
             O::RESIDUAL_FORWARD,
-            config(grid, BLOCK),
+            cfg,
             [
                 &residual_ptr,
                 out,
@@ -130,12 +129,6 @@ impl CudaBackend {
             ]
         );
         Ok(())
-    }
-
-    /// The device address of an optional buffer, 0 (a null pointer) when absent.
-    pub(in crate::backend::cuda) fn optional_ptr(&self, buf: Option<&CudaSlice<f32>>) -> u64 {
-        buf.map(|b| b.device_ptr(self.stream.as_ref()).0)
-            .unwrap_or(0)
     }
 }
 
@@ -180,7 +173,7 @@ impl NormOps for CudaBackend {
         shape: NormShape,
     ) -> Result<()> {
         const OP: &str = "cuda layernorm_backward";
-        let (n, c, grid) = dims(OP, shape)?;
+        let (n, c, cfg) = dims(OP, shape)?;
         let (rows, numel, ch) = (shape.rows, shape.rows * shape.channels, shape.channels);
         let LnSaved {
             dout,
@@ -202,29 +195,28 @@ impl NormOps for CudaBackend {
                 ("rstd", rstd.len(), rows),
             ],
         )?;
-        let write = write_code(dinp_write).code();
+        let write = write_code(dinp_write);
         launch!(
             self,
             KernelFamily::Layernorm,
             "layernorm_backward_input",
-            config(grid, BLOCK),
+            cfg,
             [dinp, dout, inp, weight, mean, rstd, &n, &c, &write]
         );
-        let (groups, per_chunk) = row_chunks(rows);
-        self.reserve_scratch(2 * groups * ch)?;
+        // dweight and dbias partials side by side in scratch, then each reduced.
+        let chunks = column_chunks(OP, rows, ch)?;
+        self.reserve_scratch(2 * chunks.groups * ch)?;
         let partial = self.scratch_ptr(0);
-        let per_chunk_i = dim(OP, "rows per chunk", per_chunk)?;
-        let grid = (blocks(OP, ch.div_ceil(BLOCK as usize))?, groups as u32, 1);
         launch!(
             self,
             KernelFamily::Layernorm,
             "layernorm_backward_params_partial",
-            config(grid, BLOCK),
-            [&partial, dout, inp, mean, rstd, &n, &c, &per_chunk_i]
+            config(chunks.grid, BLOCK),
+            [&partial, dout, inp, mean, rstd, &n, &c, &chunks.per_chunk]
         );
-        let dbias_partial = self.scratch_ptr(groups * ch);
-        let acc = GradWrite::Accumulate;
-        self.column_partial_reduce_raw(dweight, partial, groups, ch, 1.0, acc)?;
-        self.column_partial_reduce_raw(dbias, dbias_partial, groups, ch, 1.0, acc)
+        let dbias_partial = self.scratch_ptr(chunks.groups * ch);
+        let (add, groups) = (Accumulate::Add, chunks.groups);
+        self.column_partial_reduce_raw(dweight, partial, groups, ch, 1.0, add)?;
+        self.column_partial_reduce_raw(dbias, dbias_partial, groups, ch, 1.0, add)
     }
 }

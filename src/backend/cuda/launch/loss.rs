@@ -1,11 +1,12 @@
-//! Launchers of `kernels/loss.cu`: teacher softmax with centering, the centre EMA, and the
-//! fused student log-softmax cross-entropy with its gradient (DINO and iBOT).
+//! `LossOps` on CUDA: the launchers of `kernels/loss.cu` (teacher softmax with centering, the
+//! centre EMA, the fused student log-softmax cross-entropy with its gradient, for DINO and
+//! iBOT) and of `kernels/sinkhorn.cu` (Sinkhorn-Knopp teacher targets).
 
-use super::elementwise::ReduceOp;
-use super::{blocks, check_len, config, dim, launch, row_chunks, BLOCK};
+use super::elementwise::{ReduceOp, SUM_GROUPS};
+use super::{check_len, column_chunks, config, dim, grid_stride, launch, per_row, BLOCK};
 use crate::backend::cuda::buffers::{rows_of, Slot};
 use crate::backend::cuda::{CudaBackend, KernelFamily};
-use crate::backend::{Buffers, LossOps, Storage};
+use crate::backend::{check_lens, Buffers, LossOps};
 use crate::error::{Error, Result};
 use cudarc::driver::CudaSlice;
 
@@ -22,132 +23,23 @@ pub struct CrossEntropyPairs {
     pub weight: CudaSlice<f32>,
 }
 
-impl CrossEntropyPairs {
-    /// Uploads a host pairing table (`teacher[r * pairs + p]`, `weight[...]`).
-    pub fn new(
-        backend: &CudaBackend,
-        student_rows: usize,
-        pairs: usize,
-        teacher: &[i32],
-        weight: &[f32],
-    ) -> Result<Self> {
-        const OP: &str = "CrossEntropyPairs";
-        if pairs == 0 || pairs > MAX_PAIRS {
-            return Err(Error::Unsupported(format!(
-                "{OP}: {pairs} pairs per row (1..={MAX_PAIRS})"
-            )));
-        }
-        check_len(OP, "teacher", teacher.len(), student_rows * pairs)?;
-        check_len(OP, "weight", weight.len(), student_rows * pairs)?;
-        Ok(CrossEntropyPairs {
-            student_rows,
-            pairs,
-            teacher: backend.upload(teacher)?,
-            weight: backend.upload(weight)?,
-        })
-    }
-}
-
-impl CudaBackend {
-    /// Fused cross-entropy: for each student row r, `row_loss[r] = Σ_p w_p CE(probs[t_p], s_r;
-    /// ts)` and `dstudent[r] = grad_scale · dΣ/ds_r`; `loss [1] = Σ_r row_loss[r]`.
-    #[allow(clippy::too_many_arguments)]
-    pub fn softmax_cross_entropy(
-        &mut self,
-        loss: &mut CudaSlice<f32>,
-        row_loss: &mut CudaSlice<f32>,
-        dstudent: &mut CudaSlice<f32>,
-        student: &CudaSlice<f32>,
-        probs: &CudaSlice<f32>,
-        pairs: &CrossEntropyPairs,
-        student_temp: f32,
-        grad_scale: f32,
-        teacher_rows: usize,
-        prototypes: usize,
-    ) -> Result<()> {
-        const OP: &str = "cuda softmax_cross_entropy";
-        if student_temp.is_nan() || student_temp <= 0.0 {
-            return Err(Error::Config(format!(
-                "{OP}: student temperature must be > 0"
-            )));
-        }
-        let rs = pairs.student_rows;
-        check_len(OP, "loss", loss.len(), 1)?;
-        check_len(OP, "row_loss", row_loss.len(), rs)?;
-        check_len(OP, "student", student.len(), rs * prototypes)?;
-        check_len(OP, "dstudent", dstudent.len(), rs * prototypes)?;
-        check_len(OP, "probs", probs.len(), teacher_rows * prototypes)?;
-        let (rs_i, rt_i, k) = (
-            dim(OP, "student rows", rs)?,
-            dim(OP, "teacher rows", teacher_rows)?,
-            dim(OP, "prototypes", prototypes)?,
-        );
-        let n_pairs = pairs.pairs as i32;
-        let inv_ts = 1.0 / student_temp;
-        launch!(
-            self,
-            KernelFamily::Loss,
-            "softmax_cross_entropy",
-            config((blocks(OP, rs)?, 1, 1), BLOCK),
-            [
-                &mut *row_loss,
-                dstudent,
-                student,
-                probs,
-                &pairs.teacher,
-                &pairs.weight,
-                &n_pairs,
-                &inv_ts,
-                &grad_scale,
-                &rs_i,
-                &rt_i,
-                &k
-            ]
-        );
-        self.sum(loss, row_loss, ReduceOp::Sum, 1.0)
-    }
-}
-
-impl CudaBackend {
-    /// `mean_entropy [1] = (1/R) Σ_r −Σ_k p log p` of `probs [R, K]`; `row_entropy [R]` is the
-    /// caller's per-row scratch.
-    pub fn mean_row_entropy(
-        &mut self,
-        mean_entropy: &mut CudaSlice<f32>,
-        row_entropy: &mut CudaSlice<f32>,
-        probs: &CudaSlice<f32>,
-        rows: usize,
-        prototypes: usize,
-    ) -> Result<()> {
-        const OP: &str = "cuda mean_row_entropy";
-        if rows == 0 {
-            return Err(Error::shape(OP, "no rows"));
-        }
-        check_len(OP, "mean_entropy", mean_entropy.len(), 1)?;
-        check_len(OP, "row_entropy", row_entropy.len(), rows)?;
-        check_len(OP, "probs", probs.len(), rows * prototypes)?;
-        let (r, k) = (dim(OP, "rows", rows)?, dim(OP, "prototypes", prototypes)?);
-        launch!(
-            self,
-            KernelFamily::Loss,
-            "row_entropy",
-            config((blocks(OP, rows)?, 1, 1), BLOCK),
-            [&mut *row_entropy, probs, &r, &k]
-        );
-        self.sum(mean_entropy, row_entropy, ReduceOp::Sum, 1.0 / rows as f32)
-    }
-}
-
 impl LossOps for CudaBackend {
     type Pairs = CrossEntropyPairs;
 
     fn pairs(&mut self, capacity: usize, pairs: usize) -> Result<CrossEntropyPairs> {
+        if pairs == 0 || pairs > MAX_PAIRS {
+            return Err(Error::Unsupported(format!(
+                "CrossEntropyPairs: {pairs} pairs per row (1..={MAX_PAIRS})"
+            )));
+        }
         self.allocations += 2;
         let n = capacity.max(1) * pairs;
-        let mut table =
-            CrossEntropyPairs::new(self, capacity.max(1), pairs, &vec![-1; n], &vec![0.0; n])?;
-        table.student_rows = 0;
-        Ok(table)
+        Ok(CrossEntropyPairs {
+            student_rows: 0,
+            pairs,
+            teacher: self.upload(&vec![-1; n])?,
+            weight: self.upload(&vec![0.0; n])?,
+        })
     }
 
     fn set_pairs(
@@ -187,18 +79,20 @@ impl LossOps for CudaBackend {
         temp: f32,
         k: usize,
     ) -> Result<()> {
-        let rows = rows_of("cuda teacher_softmax", "logits", logits.len(), k)?;
         const OP: &str = "cuda teacher_softmax";
+        let rows = rows_of(OP, "logits", logits.len(), k)?;
         if temp.is_nan() || temp <= 0.0 {
             return Err(Error::Config(format!(
                 "{OP}: teacher temperature must be > 0"
             )));
         }
-        check_len(OP, "probs", probs.len(), rows * k)?;
-        check_len(OP, "teacher", logits.len(), rows * k)?;
-        if let Some(c) = center {
-            check_len(OP, "center", c.len(), k)?;
-        }
+        check_lens(
+            OP,
+            &[
+                ("probs", probs.len(), rows * k),
+                ("center", center.map_or(k, |c| c.len()), k),
+            ],
+        )?;
         let center_ptr = self.optional_ptr(center);
         let (r, k) = (dim(OP, "rows", rows)?, dim(OP, "prototypes", k)?);
         let inv_temp = 1.0 / temp;
@@ -206,7 +100,7 @@ impl LossOps for CudaBackend {
             self,
             KernelFamily::Loss,
             "teacher_softmax",
-            config((blocks(OP, rows)?, 1, 1), BLOCK),
+            per_row(OP, rows)?,
             [probs, logits, &center_ptr, &inv_temp, &r, &k]
         );
         Ok(())
@@ -221,29 +115,28 @@ impl LossOps for CudaBackend {
         momentum: f64,
         k: usize,
     ) -> Result<()> {
-        let rows = rows_of("cuda center_ema", "logits", logits.len(), k)?;
         const OP: &str = "cuda center_ema";
+        let rows = rows_of(OP, "logits", logits.len(), k)?;
         if rows == 0 {
             return Err(Error::shape(OP, "no teacher rows"));
         }
-        check_len(OP, "teacher", logits.len(), rows * k)?;
-        check_len(OP, "center", center.len(), k)?;
-        check_len(OP, "center_new", next.len(), k)?;
+        check_lens(
+            OP,
+            &[("center", center.len(), k), ("center_new", next.len(), k)],
+        )?;
         let (r, ki) = (dim(OP, "rows", rows)?, dim(OP, "prototypes", k)?);
-        let (groups, per_chunk) = row_chunks(rows);
-        self.reserve_scratch(groups * k)?;
+        let chunks = column_chunks(OP, rows, k)?;
+        self.reserve_scratch(chunks.groups * k)?;
         let partial = self.scratch_ptr(0);
-        let per_chunk_i = dim(OP, "rows per chunk", per_chunk)?;
         let null = 0u64;
-        let grid = (blocks(OP, k.div_ceil(BLOCK as usize))?, groups as u32, 1);
         launch!(
             self,
             KernelFamily::Elementwise,
             "column_sum_partial",
-            config(grid, BLOCK),
-            [&partial, logits, &null, &r, &ki, &per_chunk_i]
+            config(chunks.grid, BLOCK),
+            [&partial, logits, &null, &r, &ki, &chunks.per_chunk]
         );
-        let g = dim(OP, "groups", groups)?;
+        let g = dim(OP, "groups", chunks.groups)?;
         let inv_rows = 1.0 / rows as f32;
         // 1 - m in f64 (m is near 1), as the CPU twin forms it.
         let (m, one_minus_m) = (momentum as f32, (1.0 - momentum) as f32);
@@ -251,7 +144,7 @@ impl LossOps for CudaBackend {
             self,
             KernelFamily::Loss,
             "center_ema",
-            config((grid.0, 1, 1), BLOCK),
+            config((chunks.grid.0, 1, 1), BLOCK),
             [next, &partial, center, &g, &ki, &m, &one_minus_m, &inv_rows]
         );
         Ok(())
@@ -268,25 +161,55 @@ impl LossOps for CudaBackend {
         grad_scale: f32,
         k: usize,
     ) -> Result<()> {
+        const OP: &str = "cuda softmax_cross_entropy";
         let rows = table.student_rows;
         if rows == 0 {
             return self.zero_f32(loss);
         }
-        let teacher_rows = rows_of("cuda softmax_cross_entropy", "probs", probs.len(), k)?;
+        let teacher_rows = rows_of(OP, "probs", probs.len(), k)?;
+        if student_temp.is_nan() || student_temp <= 0.0 {
+            return Err(Error::Config(format!(
+                "{OP}: student temperature must be > 0"
+            )));
+        }
+        check_lens(
+            OP,
+            &[
+                ("loss", loss.len(), 1),
+                ("student", s.len(), rows * k),
+                ("dstudent", ds.len(), rows * k),
+            ],
+        )?;
+        let (rs, rt, ki) = (
+            dim(OP, "student rows", rows)?,
+            dim(OP, "teacher rows", teacher_rows)?,
+            dim(OP, "prototypes", k)?,
+        );
+        let n_pairs = table.pairs as i32;
+        let inv_ts = 1.0 / student_temp;
+        // Per-row losses into a work buffer, then their sum.
         self.with_work(Slot::A, rows, |gpu, row_loss| {
-            CudaBackend::softmax_cross_entropy(
+            launch!(
                 gpu,
-                loss,
-                row_loss,
-                ds,
-                s,
-                probs,
-                table,
-                student_temp,
-                grad_scale,
-                teacher_rows,
-                k,
-            )
+                KernelFamily::Loss,
+                "softmax_cross_entropy",
+                per_row(OP, rows)?,
+                [
+                    &mut *row_loss,
+                    ds,
+                    s,
+                    probs,
+                    &table.teacher,
+                    &table.weight,
+                    &n_pairs,
+                    &inv_ts,
+                    &grad_scale,
+                    &rs,
+                    &rt,
+                    &ki
+                ]
+            );
+            gpu.sum(loss, row_loss, ReduceOp::Sum, 1.0)
         })
     }
 
@@ -296,12 +219,27 @@ impl LossOps for CudaBackend {
         probs: &CudaSlice<f32>,
         k: usize,
     ) -> Result<()> {
-        let rows = rows_of("cuda mean_row_entropy", "probs", probs.len(), k)?;
-        self.with_work(Slot::A, rows, |gpu, row| {
-            CudaBackend::mean_row_entropy(gpu, out, row, probs, rows, k)
+        const OP: &str = "cuda mean_row_entropy";
+        let rows = rows_of(OP, "probs", probs.len(), k)?;
+        if rows == 0 {
+            return Err(Error::shape(OP, "no rows"));
+        }
+        check_len(OP, "mean_entropy", out.len(), 1)?;
+        let (r, ki) = (dim(OP, "rows", rows)?, dim(OP, "prototypes", k)?);
+        self.with_work(Slot::A, rows, |gpu, row_entropy| {
+            launch!(
+                gpu,
+                KernelFamily::Loss,
+                "row_entropy",
+                per_row(OP, rows)?,
+                [&mut *row_entropy, probs, &r, &ki]
+            );
+            gpu.sum(out, row_entropy, ReduceOp::Sum, 1.0 / rows as f32)
         })
     }
 
+    /// The official algorithm with `n_samples = R`; each output row sums to 1. The scaling
+    /// vectors `a [K]` and `b [R]` live in work buffers.
     fn sinkhorn_knopp(
         &mut self,
         q: &mut CudaSlice<f32>,
@@ -310,11 +248,113 @@ impl LossOps for CudaBackend {
         temp: f32,
         iterations: usize,
     ) -> Result<()> {
-        let rows = rows_of("cuda sinkhorn_knopp", "logits", logits.len(), k)?;
+        const OP: &str = "cuda sinkhorn_knopp";
+        let rows = rows_of(OP, "logits", logits.len(), k)?;
+        if rows == 0 {
+            return Err(Error::shape(
+                OP,
+                format!("empty problem: {rows} x {k}, {rows} samples"),
+            ));
+        }
+        if temp.is_nan() || temp <= 0.0 {
+            return Err(Error::Config(format!(
+                "{OP}: teacher temperature must be > 0, got {temp}"
+            )));
+        }
+        let n = rows * k;
+        check_len(OP, "q", q.len(), n)?;
+        let (r, ki) = (dim(OP, "rows", rows)?, dim(OP, "prototypes", k)?);
+        let n_i64 = n as i64;
+        let chunks = column_chunks(OP, rows, k)?;
+        // Scratch: [0, 2) scalars (max, total), [2, 2 + SUM_GROUPS) reduction partials, then
+        // the column partials [groups, K].
+        let col_offset = 2 + SUM_GROUPS;
+        self.reserve_scratch(col_offset + chunks.groups * k)?;
+        let scalar_max = self.scratch_ptr(0);
+        let scalar_total = self.scratch_ptr(1);
+        let partial = self.scratch_ptr(2);
+        let col_partial = self.scratch_ptr(col_offset);
+        let max_groups = SUM_GROUPS as i32;
+        let g = dim(OP, "groups", chunks.groups)?;
+        let samples = rows as f32;
+        let inv_temp = 1.0 / temp;
+        let col_update_grid = (chunks.grid.0, 1, 1);
+        let row_cfg = per_row(OP, rows)?;
         let mut b = self.take_work(Slot::B, rows)?;
         let result = self.with_work(Slot::A, k, |gpu, a| {
-            let mut b = b.window_mut(0..rows)?;
-            CudaBackend::sinkhorn_knopp(gpu, q, a, &mut b, logits, rows, k, temp, rows, iterations)
+            launch!(
+                gpu,
+                KernelFamily::Sinkhorn,
+                "sinkhorn_max_partial",
+                config((SUM_GROUPS as u32, 1, 1), BLOCK),
+                [&partial, logits, &n_i64]
+            );
+            launch!(
+                gpu,
+                KernelFamily::Sinkhorn,
+                "sinkhorn_max_finalize",
+                config((1, 1, 1), BLOCK),
+                [&scalar_max, &partial, &max_groups]
+            );
+            launch!(
+                gpu,
+                KernelFamily::Sinkhorn,
+                "sinkhorn_exp",
+                grid_stride(n),
+                [&mut *q, logits, &scalar_max, &inv_temp, &n_i64]
+            );
+            // b = 1 / sum(E)
+            gpu.sum_into(scalar_total, partial, q, ReduceOp::Sum, 1.0)?;
+            launch!(
+                gpu,
+                KernelFamily::Sinkhorn,
+                "sinkhorn_reciprocal",
+                config((1, 1, 1), BLOCK),
+                [&mut b, &scalar_total, &r]
+            );
+            for _ in 0..iterations {
+                launch!(
+                    gpu,
+                    KernelFamily::Sinkhorn,
+                    "sinkhorn_col_partial",
+                    config(chunks.grid, BLOCK),
+                    [&col_partial, &*q, &b, &r, &ki, &chunks.per_chunk]
+                );
+                launch!(
+                    gpu,
+                    KernelFamily::Sinkhorn,
+                    "sinkhorn_col_update",
+                    config(col_update_grid, BLOCK),
+                    [&mut *a, &col_partial, &g, &ki]
+                );
+                launch!(
+                    gpu,
+                    KernelFamily::Sinkhorn,
+                    "sinkhorn_row_update",
+                    row_cfg,
+                    [&mut b, &*q, &*a, &r, &ki, &samples]
+                );
+            }
+            if iterations == 0 {
+                // Q = E / sum(E) * n_samples with a = 1.
+                let (fill, k_i64) = (1.0f32, k as i64);
+                launch!(
+                    gpu,
+                    KernelFamily::Sinkhorn,
+                    "sinkhorn_fill",
+                    grid_stride(k),
+                    [&mut *a, &fill, &k_i64]
+                );
+            }
+            let q_ptr = gpu.device_ptr_mut_raw(q);
+            launch!(
+                gpu,
+                KernelFamily::Sinkhorn,
+                "sinkhorn_finalize",
+                grid_stride(n),
+                [&q_ptr, &q_ptr, &*a, &b, &r, &ki, &samples]
+            );
+            Ok(())
         });
         self.put_work(Slot::B, b);
         result

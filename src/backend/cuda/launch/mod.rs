@@ -7,12 +7,12 @@ pub mod koleo;
 pub mod layernorm;
 pub mod loss;
 pub mod optimizer;
-pub mod sinkhorn;
 pub mod tokens;
 
 use super::CudaBackend;
+use crate::backend::{check_lens, Accumulate};
 use crate::error::{Error, Result};
-use cudarc::driver::{DevicePtr, LaunchConfig};
+use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig};
 
 /// Threads per block of every 1-D launch.
 pub(super) const BLOCK: u32 = 256;
@@ -21,21 +21,12 @@ pub(super) const ROWS_PER_BLOCK: usize = (BLOCK / 32) as usize;
 /// Grid-stride kernels never use more blocks than this.
 const MAX_GRID: usize = 65_535;
 
-/// How a kernel writes a gradient: parameter gradients and the residual stream accumulate,
-/// other activation gradients overwrite (llm.c's contract).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum GradWrite {
-    Overwrite,
-    Accumulate,
-}
-
-impl GradWrite {
-    /// The `GradWrite` enum value of the `.cu` files.
-    pub(super) fn code(self) -> i32 {
-        match self {
-            GradWrite::Overwrite => 0,
-            GradWrite::Accumulate => 1,
-        }
+/// The `GradWrite` enum value of the `.cu` files: parameter gradients and the residual stream
+/// accumulate, other activation gradients overwrite (llm.c's contract).
+pub(super) fn write_code(acc: Accumulate) -> i32 {
+    match acc {
+        Accumulate::Overwrite => 0,
+        Accumulate::Add => 1,
     }
 }
 
@@ -62,25 +53,49 @@ pub(super) fn blocks(op: &'static str, n: usize) -> Result<u32> {
 }
 
 pub(super) fn check_len(op: &'static str, name: &str, len: usize, need: usize) -> Result<()> {
-    if len != need {
-        return Err(Error::shape(
-            op,
-            format!("{name} holds {len} elements, expected {need}"),
-        ));
-    }
-    Ok(())
+    check_lens(op, &[(name, len, need)])
 }
 
 pub(super) fn dim(op: &'static str, name: &str, v: usize) -> Result<i32> {
     i32::try_from(v).map_err(|_| Error::shape(op, format!("{name} = {v} exceeds i32")))
 }
 
-/// Row chunking of the deterministic column reductions: `(groups, rows_per_chunk)`, enough
-/// groups to fill the device, each chunk summed in a fixed order.
-pub(super) fn row_chunks(rows: usize) -> (usize, usize) {
+/// One block of [`BLOCK`] threads per row.
+pub(super) fn per_row(op: &'static str, rows: usize) -> Result<LaunchConfig> {
+    Ok(config((blocks(op, rows)?, 1, 1), BLOCK))
+}
+
+/// One warp per row, [`ROWS_PER_BLOCK`] rows per block.
+pub(super) fn warp_per_row(op: &'static str, rows: usize) -> Result<LaunchConfig> {
+    per_row(op, rows.div_ceil(ROWS_PER_BLOCK))
+}
+
+/// The first stage of a deterministic column reduction over `rows` rows of `channels`: `groups`
+/// row chunks of `per_chunk` rows (enough to fill the device), each summed in a fixed order into
+/// one row of a `[groups, channels]` partials array, on `grid`.
+pub(super) struct ColumnChunks {
+    pub groups: usize,
+    pub per_chunk: i32,
+    pub grid: (u32, u32, u32),
+}
+
+pub(super) fn column_chunks(
+    op: &'static str,
+    rows: usize,
+    channels: usize,
+) -> Result<ColumnChunks> {
     let groups = rows.clamp(1, 128);
     let per_chunk = rows.div_ceil(groups).max(1);
-    (rows.div_ceil(per_chunk).max(1), per_chunk)
+    let groups = rows.div_ceil(per_chunk).max(1);
+    Ok(ColumnChunks {
+        groups,
+        per_chunk: dim(op, "rows per chunk", per_chunk)?,
+        grid: (
+            blocks(op, channels.div_ceil(BLOCK as usize))?,
+            groups as u32,
+            1,
+        ),
+    })
 }
 
 impl CudaBackend {
@@ -89,6 +104,17 @@ impl CudaBackend {
     pub(super) fn scratch_ptr(&self, offset: usize) -> u64 {
         let (ptr, _sync) = self.scratch.device_ptr(self.stream.as_ref());
         ptr + (offset * std::mem::size_of::<f32>()) as u64
+    }
+
+    /// The device address of an optional buffer, 0 (a null pointer) when absent.
+    pub(super) fn optional_ptr(&self, buf: Option<&CudaSlice<f32>>) -> u64 {
+        buf.map(|b| b.device_ptr(self.stream.as_ref()).0)
+            .unwrap_or(0)
+    }
+
+    /// The device address of a buffer that a kernel reads and writes in place.
+    pub(super) fn device_ptr_mut_raw<T>(&self, buf: &mut CudaSlice<T>) -> u64 {
+        buf.device_ptr_mut(self.stream.as_ref()).0
     }
 }
 

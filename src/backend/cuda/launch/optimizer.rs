@@ -1,8 +1,8 @@
 //! Launchers of `kernels/optimizer.cu`: AdamW over the flat buffer with per-group lr / weight
 //! decay, gradient clipping, the teacher EMA and the weight-normalised last layer.
 
-use super::elementwise::ReduceOp;
-use super::{check_len, config, dim, grid_stride, launch, BLOCK};
+use super::elementwise::{ReduceOp, SUM_GROUPS};
+use super::{check_len, config, dim, grid_stride, launch};
 use crate::backend::cuda::{CudaBackend, KernelFamily};
 use crate::backend::AdamWStep;
 use crate::backend::{AdamWBuffers, OptimizerOps};
@@ -22,16 +22,19 @@ pub struct ParamSegments {
     pub numel: usize,
 }
 
-impl ParamSegments {
+impl OptimizerOps for CudaBackend {
+    type Segments = ParamSegments;
+
     /// `starts[s]` is the offset of tensor s, `groups[s]` its group (< `n_groups`).
-    pub fn new(
-        backend: &CudaBackend,
+    fn segments(
+        &mut self,
         starts: &[usize],
         groups: &[usize],
         n_groups: usize,
         numel: usize,
-    ) -> Result<Self> {
+    ) -> Result<ParamSegments> {
         const OP: &str = "ParamSegments";
+        self.allocations += 2;
         check_len(OP, "groups", groups.len(), starts.len())?;
         if starts.first() != Some(&0)
             || starts.windows(2).any(|w| w[0] >= w[1])
@@ -48,29 +51,12 @@ impl ParamSegments {
         let start: Vec<i64> = starts.iter().map(|&s| s as i64).collect();
         let group: Vec<i32> = groups.iter().map(|&g| g as i32).collect();
         Ok(ParamSegments {
-            start: backend.upload(&start)?,
-            group: backend.upload(&group)?,
+            start: self.upload(&start)?,
+            group: self.upload(&group)?,
             segments: starts.len(),
             groups: n_groups,
             numel,
         })
-    }
-}
-
-impl CudaBackend {}
-
-impl OptimizerOps for CudaBackend {
-    type Segments = ParamSegments;
-
-    fn segments(
-        &mut self,
-        starts: &[usize],
-        groups: &[usize],
-        n_groups: usize,
-        numel: usize,
-    ) -> Result<ParamSegments> {
-        self.allocations += 2;
-        ParamSegments::new(self, starts, groups, n_groups, numel)
     }
 
     /// One AdamW step over the flat buffers; `group_lr [G]` and `group_wd [G]` hold this step's
@@ -171,28 +157,13 @@ impl OptimizerOps for CudaBackend {
     ) -> Result<()> {
         const OP: &str = "cuda clip_grad_norm";
         check_len(OP, "norm", norm.len(), 1)?;
-        // Scratch: [0, 264) partials, 264 sum of squares, 265 coefficient.
-        self.reserve_scratch(266)?;
+        // Scratch: [0, SUM_GROUPS) partials, then the sum of squares and the coefficient.
+        self.reserve_scratch(SUM_GROUPS + 2)?;
         let partial = self.scratch_ptr(0);
-        let sumsq = self.scratch_ptr(264);
-        let coef = self.scratch_ptr(265);
+        let sumsq = self.scratch_ptr(SUM_GROUPS);
+        let coef = self.scratch_ptr(SUM_GROUPS + 1);
         let n = grads.len() as i64;
-        let code = ReduceOp::SumOfSquares.code();
-        let one = 1.0f32;
-        launch!(
-            self,
-            KernelFamily::Elementwise,
-            "sum_partial",
-            config((264, 1, 1), BLOCK),
-            [&partial, &*grads, &n, &code]
-        );
-        launch!(
-            self,
-            KernelFamily::Elementwise,
-            "sum_finalize",
-            config((1, 1, 1), BLOCK),
-            [&sumsq, &partial, &264i32, &one]
-        );
+        self.sum_into(sumsq, partial, grads, ReduceOp::SumOfSquares, 1.0)?;
         launch!(
             self,
             KernelFamily::Optimizer,

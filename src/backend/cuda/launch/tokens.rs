@@ -1,31 +1,12 @@
 //! `TokenOps` on CUDA: token assembly, mask tokens and the row gathers by flat index
 //! (`patch.cu`), and the batch-subset residual branches of stochastic depth (`elementwise.cu`).
 
-use super::{blocks, check_len, config, dim, grid_stride, launch, row_chunks, GradWrite, BLOCK};
+use super::{check_len, column_chunks, config, dim, grid_stride, launch, BLOCK};
 use crate::backend::cuda::buffers::rows_of;
 use crate::backend::cuda::{CudaBackend, KernelFamily};
-use crate::backend::TokenLayout;
-use crate::backend::{check_lens, PatchLayout, SampleSubset, TokenOps};
+use crate::backend::{check_lens, Accumulate, PatchLayout, SampleSubset, TokenLayout, TokenOps};
 use crate::error::{Error, Result};
 use cudarc::driver::{CudaSlice, DevicePtr};
-
-/// Which samples of the batch a residual branch covers, and its output scale.
-#[derive(Clone, Copy)]
-pub struct KeptSamples<'a> {
-    /// `[S]` kept sample indices (unique); `None` = samples `0..S` in order.
-    pub kept: Option<&'a CudaSlice<i64>>,
-    pub samples: usize,
-}
-
-impl KeptSamples<'_> {
-    fn kept_ptr(&self, gpu: &CudaBackend) -> u64 {
-        self.kept
-            .map(|k| k.device_ptr(gpu.stream().as_ref()).0)
-            .unwrap_or(0)
-    }
-}
-
-impl CudaBackend {}
 
 /// Checks a row gather or scatter (`(gathered, tokens)` lengths) and returns the kernels'
 /// integer arguments: rows, channels, patches, tokens, token offset, all token rows.
@@ -153,24 +134,18 @@ impl TokenOps for CudaBackend {
             ],
         )?;
         let (r, c) = (dim(OP, "rows", rows)?, dim(OP, "channels", channels)?);
-        let (groups, per_chunk) = row_chunks(rows);
-        self.reserve_scratch(groups * channels)?;
+        let chunks = column_chunks(OP, rows, channels)?;
+        self.reserve_scratch(chunks.groups * channels)?;
         let partial = self.scratch_ptr(0);
-        let per_chunk_i = dim(OP, "rows per chunk", per_chunk)?;
-        let grid = (
-            blocks(OP, channels.div_ceil(BLOCK as usize))?,
-            groups as u32,
-            1,
-        );
         launch!(
             self,
             KernelFamily::Patch,
             "mask_token_backward_partial",
-            config(grid, BLOCK),
-            [&partial, dx, masks, &r, &c, &per_chunk_i]
+            config(chunks.grid, BLOCK),
+            [&partial, dx, masks, &r, &c, &chunks.per_chunk]
         );
-        let acc = GradWrite::Accumulate;
-        self.column_partial_reduce_raw(dtoken, partial, groups, channels, 1.0, acc)
+        let (groups, add) = (chunks.groups, Accumulate::Add);
+        self.column_partial_reduce_raw(dtoken, partial, groups, channels, 1.0, add)
     }
 
     /// `out [M, C]` = the token rows `layout.token_row(indices[i])`; `indices_host` is the same
@@ -264,14 +239,12 @@ impl TokenOps for CudaBackend {
     ) -> Result<()> {
         let SampleSubset {
             kept,
-            samples,
+            samples: s,
             batch,
             sample_len,
             channels,
         } = subset;
-        let kept = KeptSamples { kept, samples };
         const OP: &str = "cuda residual_add_samples";
-        let s = kept.samples;
         if s > batch || channels == 0 || sample_len % channels != 0 {
             return Err(Error::shape(
                 OP,
@@ -280,16 +253,18 @@ impl TokenOps for CudaBackend {
                 ),
             ));
         }
-        if let Some(k) = kept.kept {
-            check_len(OP, "kept", k.len(), s)?;
-        }
-        check_len(OP, "x", x.len(), batch * sample_len)?;
-        check_len(OP, "y", y.len(), s * sample_len)?;
-        if let Some(g) = gamma {
-            check_len(OP, "gamma", g.len(), channels)?;
-        }
+        check_lens(
+            OP,
+            &[
+                ("kept", kept.map_or(s, |k| k.len()), s),
+                ("x", x.len(), batch * sample_len),
+                ("y", y.len(), s * sample_len),
+                ("gamma", gamma.map_or(channels, |g| g.len()), channels),
+            ],
+        )?;
         let gamma_ptr = self.optional_ptr(gamma);
-        let kept_ptr = kept.kept_ptr(self);
+        // `None`: samples `0..S` in order.
+        let kept_ptr = kept.map_or(0, |k| k.device_ptr(self.stream.as_ref()).0);
         let si = dim(OP, "samples", s)?;
         let l = sample_len as i64;
         let c = dim(OP, "channels", channels)?;
