@@ -24,7 +24,7 @@ use crate::ssl::step::{
     HeadConfig, LossConfig, SslModel, SslStep, StepBatch, StepInputs, StepOutput, TeacherProbs,
     TeacherTargets,
 };
-use crate::ssl::{collate_masks, Centering, MaskingGenerator};
+use crate::ssl::{collate_masks, Centering, MaskBatch, MaskingGenerator};
 use crate::train::config::Centering as CenteringMode;
 
 /// Everything one iteration needs, resolved from the configuration.
@@ -397,6 +397,30 @@ impl Trainer {
     /// A non-finite loss or gradient norm stops with an error naming the step and the term,
     /// before any parameter changes.
     pub fn train_step(&mut self, global: &[f32], local: &[f32]) -> Result<StepRecord> {
+        let plan = &self.plan;
+        let masks = if plan.losses.method.uses_ibot() {
+            Some(collate_masks(
+                &mut keyed(plan.seed, &[stream::MASKS, self.step()]),
+                &self.masking,
+                2 * plan.batch_size,
+                plan.mask_probability,
+                plan.mask_ratio_min_max,
+            )?)
+        } else {
+            None
+        };
+        self.train_step_with_masks(global, local, masks.as_ref())
+    }
+
+    /// [`Trainer::train_step`] with the iBOT masks given instead of drawn (`Some` exactly when
+    /// the method uses iBOT; `[2B, N]` for the global crops): for crops and masks that another
+    /// pipeline produced, as the multi-step parity check against the official code does.
+    pub fn train_step_with_masks(
+        &mut self,
+        global: &[f32],
+        local: &[f32],
+        masks: Option<&MaskBatch>,
+    ) -> Result<StepRecord> {
         let step = self.step();
         let plan = &self.plan;
         if global.len() != self.global_len() || local.len() != self.local_len() {
@@ -411,18 +435,34 @@ impl Trainer {
                 ),
             ));
         }
+        let n_patches = (plan.global_crop_size / plan.vit.patch_size).pow(2);
+        match masks {
+            Some(m) if m.n_crops != 2 * plan.batch_size || m.n_patches != n_patches => {
+                return Err(Error::shape(
+                    "train step masks",
+                    format!(
+                        "masks for {} crops of {} patches, expected {} of {n_patches}",
+                        m.n_crops,
+                        m.n_patches,
+                        2 * plan.batch_size
+                    ),
+                ))
+            }
+            None if plan.losses.method.uses_ibot() => {
+                return Err(Error::shape(
+                    "train step masks",
+                    "the method uses iBOT: masks are required",
+                ))
+            }
+            Some(_) if !plan.losses.method.uses_ibot() => {
+                return Err(Error::shape(
+                    "train step masks",
+                    "the method does not use iBOT: no masks apply",
+                ))
+            }
+            _ => {}
+        }
         let scheduled = plan.schedules.at(step);
-        let masks = if plan.losses.method.uses_ibot() {
-            Some(collate_masks(
-                &mut keyed(plan.seed, &[stream::MASKS, step]),
-                &self.masking,
-                2 * plan.batch_size,
-                plan.mask_probability,
-                plan.mask_ratio_min_max,
-            )?)
-        } else {
-            None
-        };
         let batch = StepBatch {
             global,
             local,
@@ -430,7 +470,7 @@ impl Trainer {
             n_local: plan.n_local_crops,
             global_size: plan.global_crop_size,
             local_size: plan.local_crop_size,
-            masks: masks.as_ref(),
+            masks,
         };
         let mut drop_rng = keyed(plan.seed, &[stream::DROP_PATH, step]);
         let drop_path = (plan.drop_path_rate > 0.0).then_some((plan.drop_path_rate, &mut drop_rng));
@@ -444,7 +484,7 @@ impl Trainer {
         let (losses, norms) = self.engine.iteration(&self.model, it, step)?;
         Ok(StepRecord {
             step,
-            n_masked: masks.as_ref().map_or(0, |m| m.n_masked()),
+            n_masked: masks.map_or(0, |m| m.n_masked()),
             losses,
             scheduled,
             grad_norms: self.engine.span_names().into_iter().zip(norms).collect(),
