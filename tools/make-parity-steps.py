@@ -7,7 +7,7 @@ weights, and for every iteration the global and local crops that the official au
 official `MaskingGenerator` + `collate_data_and_cast` drew. The expected outputs are the
 official losses of every iteration and the student, teacher and centers after the last one.
 
-What runs is the official code: `SSLMetaArch.forward_backward` (teacher targets, centering or
+What runs is the official code (through `official_dinov2.py`, which says what it shims): `SSLMetaArch.forward_backward` (teacher targets, centering or
 Sinkhorn-Knopp, student, heads, DINO + KoLeo + iBOT losses, backward), the official schedules
 (`build_schedulers`, `apply_optim_scheduler`), parameter groups (`get_params_groups`: layer
 decay, patch-embed lr multiplier, no decay on biases and norms, the last-layer freeze) and
@@ -44,7 +44,7 @@ facebookresearch/dinov2, torch 2.15.0 (CPU, one thread), numpy, omegaconf, fvcor
 torchvision, safetensors:
 
     python3 -m venv .parity-venv
-    .parity-venv/bin/pip install torch torchvision numpy safetensors omegaconf fvcore pillow
+    .parity-venv/bin/pip install torch torchvision numpy safetensors omegaconf fvcore pillow torchmetrics
     git -C dinov2 archive b8931f7bf91576930313be2c6d6af376033b35f0 | tar -x -C /tmp/dinov2-official
     .parity-venv/bin/python tools/make-parity-steps.py /tmp/dinov2-official tests/parity
 """
@@ -60,7 +60,8 @@ import warnings
 
 import numpy as np
 
-os.environ.setdefault("XFORMERS_DISABLED", "1")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from official_dinov2 import import_official, make_cfg  # noqa: E402
 
 # (variant, seed, overrides of BASE)
 SPECS = [
@@ -118,104 +119,6 @@ BASE = dict(
     adamw_beta1=0.9,
     adamw_beta2=0.999,
 )
-
-
-class _BlockDiagonalMask:
-    """xFormers' `BlockDiagonalMask.from_tensor_list` / `.split` as `forward_backward` uses them:
-    concatenate `[1, n_i, D]` tensors along dim 1, split the result back."""
-
-    def __init__(self, sizes):
-        self.sizes = sizes
-
-    @classmethod
-    def from_tensor_list(cls, tensors):
-        import torch
-
-        return cls([t.shape[1] for t in tensors]), torch.cat(tensors, dim=1)
-
-    def split(self, x):
-        return list(x.split(self.sizes, dim=1))
-
-
-def import_official(path):
-    sys.path.insert(0, os.path.abspath(path))
-    fmha = types.SimpleNamespace(BlockDiagonalMask=_BlockDiagonalMask)
-    sys.modules["xformers"] = types.ModuleType("xformers")
-    sys.modules["xformers.ops"] = types.SimpleNamespace(fmha=fmha)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        import torch
-        import torch.distributed as dist
-        from omegaconf import OmegaConf
-
-        from dinov2.configs import dinov2_default_config
-        from dinov2.data import DataAugmentationDINO, MaskingGenerator, collate_data_and_cast
-        from dinov2.layers import MemEffAttention, NestedTensorBlock
-        from dinov2.layers import attention as attention_mod
-        from dinov2.models import vision_transformer as vits
-        from dinov2.train import ssl_meta_arch
-        from dinov2.train import train as official_train
-    assert not attention_mod.XFORMERS_AVAILABLE, "xFormers must be off: the plain PyTorch path is the reference"
-    torch.set_num_threads(1)
-    torch.Tensor.cuda = lambda self, *args, **kwargs: self
-    ssl_meta_arch.reshard_fsdp_model = lambda model: None
-    # The nested (list) block path needs xFormers: its block-diagonal attention over the
-    # concatenated crops is attention within each crop set, so without drop path it is the
-    # block applied to each list item.
-    plain_forward = NestedTensorBlock.forward
-    NestedTensorBlock.forward = lambda self, x: [plain_forward(self, t) for t in x] if isinstance(x, list) else plain_forward(self, x)
-    if not dist.is_initialized():
-        dist.init_process_group("gloo", init_method="tcp://127.0.0.1:29581", rank=0, world_size=1)
-    return types.SimpleNamespace(
-        torch=torch, OmegaConf=OmegaConf, default_cfg=dinov2_default_config, vits=vits,
-        MemEffAttention=MemEffAttention, NestedTensorBlock=NestedTensorBlock,
-        DataAugmentationDINO=DataAugmentationDINO, MaskingGenerator=MaskingGenerator,
-        collate=collate_data_and_cast, SSLMetaArch=ssl_meta_arch.SSLMetaArch, train=official_train,
-    )
-
-
-def make_cfg(O, p):
-    """The official default config with the fixture's keys; the tiny architecture is registered
-    as `vit_parity` beside the official ones (build_model_from_cfg looks the name up there)."""
-    from functools import partial
-
-    def vit_parity(**kwargs):
-        return O.vits.DinoVisionTransformer(
-            embed_dim=p["embed_dim"], depth=p["depth"], num_heads=p["num_heads"], mlp_ratio=p["mlp_ratio"],
-            block_fn=partial(O.NestedTensorBlock, attn_class=O.MemEffAttention), **kwargs)
-
-    O.vits.vit_parity = vit_parity
-    over = {
-        "compute_precision": {"grad_scaler": False},
-        "student": dict(arch="vit_parity", patch_size=p["patch_size"], drop_path_rate=p["drop_path_rate"],
-                        layerscale=p["layerscale"], num_register_tokens=p["num_register_tokens"],
-                        interpolate_offset=p["interpolate_offset"],
-                        interpolate_antialias=p["interpolate_antialias"], block_chunks=0),
-        "dino": dict(loss_weight=p["dino_loss_weight"], koleo_loss_weight=p["koleo_loss_weight"],
-                     head_n_prototypes=p["head_n_prototypes"], head_hidden_dim=p["head_hidden_dim"],
-                     head_bottleneck_dim=p["head_bottleneck_dim"], head_nlayers=p["head_nlayers"]),
-        "ibot": dict(loss_weight=p["ibot_loss_weight"], separate_head=p["ibot_separate_head"],
-                     mask_sample_probability=p["mask_sample_probability"],
-                     mask_ratio_min_max=p["mask_ratio_min_max"]),
-        "train": dict(batch_size_per_gpu=p["n_img"], OFFICIAL_EPOCH_LENGTH=p["official_epoch_length"],
-                      centering=p["centering"]),
-        "crops": dict(global_crops_size=p["global_crops_size"], local_crops_size=p["local_crops_size"],
-                      local_crops_number=p["local_crops_number"], global_crops_scale=p["global_crops_scale"],
-                      local_crops_scale=p["local_crops_scale"]),
-        "teacher": dict(momentum_teacher=p["momentum_teacher"], final_momentum_teacher=p["final_momentum_teacher"],
-                        warmup_teacher_temp=p["warmup_teacher_temp"], teacher_temp=p["teacher_temp"],
-                        warmup_teacher_temp_epochs=p["warmup_teacher_temp_epochs"]),
-        "optim": dict(epochs=p["epochs"], warmup_epochs=p["warmup_epochs"],
-                      freeze_last_layer_epochs=p["freeze_last_layer_epochs"], base_lr=p["base_lr"],
-                      min_lr=p["min_lr"], weight_decay=p["weight_decay"], weight_decay_end=p["weight_decay_end"],
-                      clip_grad=p["clip_grad"], layerwise_decay=p["layerwise_decay"],
-                      patch_embed_lr_mult=p["patch_embed_lr_mult"], adamw_beta1=p["adamw_beta1"],
-                      adamw_beta2=p["adamw_beta2"]),
-    }
-    cfg = O.OmegaConf.merge(O.OmegaConf.create(O.default_cfg), O.OmegaConf.create(over))
-    # apply_scaling_rules_to_cfg, sqrt_wrt_1024, one rank
-    cfg.optim.lr = cfg.optim.base_lr * math.sqrt(cfg.train.batch_size_per_gpu * 1 / 1024.0)
-    return cfg
 
 
 def synthetic_images(p, seed):
