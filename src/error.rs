@@ -67,6 +67,19 @@ pub enum Error {
     )]
     DiskFull { path: PathBuf },
 
+    /// Released weights could not be downloaded (network, server, checksum).
+    #[error(
+        "could not download {url} to {}: {detail}. Without a network, fetch the file elsewhere \
+         and place it there (e.g. curl -L -o {} {url})",
+        path.display(),
+        path.display()
+    )]
+    Download {
+        url: String,
+        path: PathBuf,
+        detail: String,
+    },
+
     /// Training produced a non-finite value.
     #[error("non-finite {what} at step {step}")]
     NonFinite { what: String, step: u64 },

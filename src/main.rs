@@ -42,6 +42,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 fn main() -> ExitCode {
     // The library reports warnings and notices through `log`: print them on stderr.
     cli::logger::install();
+    // Released weights are downloaded on first use: show how far.
+    cli::progress::install_download_progress();
     // Keep activation pages mapped between steps (the CPU step allocates per step).
     dinotrain::backend::cpu::tune_allocator();
     match run(Cli::parse()) {

@@ -169,6 +169,43 @@ pub fn format_duration(d: Option<Duration>) -> String {
     }
 }
 
+/// The download bar's layout (bytes, rate, ETA).
+const DOWNLOAD_TEMPLATE: &str =
+    "{msg} [{bar:30.cyan/blue}] {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}";
+
+/// Draws each download of released weights as a bar on stderr (a line per 64 MiB when stderr
+/// is not a terminal).
+pub fn install_download_progress() {
+    let current: Mutex<Option<(std::path::PathBuf, ProgressBar)>> = Mutex::new(None);
+    let terminal = std::io::stderr().is_terminal();
+    let hook = move |file: &std::path::Path, done: u64, total: Option<u64>| {
+        let name = file.file_name().unwrap_or_default().to_string_lossy();
+        if !terminal {
+            if done % (64 << 20) < (1 << 20) || total == Some(done) {
+                let of = total.map_or(String::new(), |t| format!(" of {} MiB", t >> 20));
+                eprint_line(&format!("downloading {name}: {} MiB{of}", done >> 20));
+            }
+            return;
+        }
+        let mut slot = current.lock().unwrap_or_else(PoisonError::into_inner);
+        if slot.as_ref().is_none_or(|(f, _)| f != file) {
+            let bar = ProgressBar::new(total.unwrap_or(0));
+            if let Ok(style) = ProgressStyle::with_template(DOWNLOAD_TEMPLATE) {
+                bar.set_style(style);
+            }
+            bar.set_message(format!("downloading {name}"));
+            *slot = Some((file.to_path_buf(), bar));
+        }
+        if let Some((_, bar)) = slot.as_ref() {
+            bar.set_position(done);
+            if total == Some(done) {
+                bar.finish();
+            }
+        }
+    };
+    dinotrain::io::download::set_progress(Some(Box::new(hook)));
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -219,6 +256,7 @@ mod tests {
     #[test]
     fn bar_template_parses_and_the_bar_runs() {
         assert!(ProgressStyle::with_template(TEMPLATE).is_ok());
+        assert!(ProgressStyle::with_template(DOWNLOAD_TEMPLATE).is_ok());
         let mut p = Progress::new(ProgressMode::Bar);
         p.on_start(&start(0, 3));
         assert_eq!(p.on_step(&metrics(0)), Control::Continue);

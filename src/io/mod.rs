@@ -1,7 +1,8 @@
 //! File formats: safetensors (fixtures, exports, checkpoints), PyTorch `.pth` reading,
 //! parameter key names (official layouts and Hugging Face), the released backbones
-//! ([`pretrained`]) and backbone export / import ([`export`]).
+//! ([`pretrained`], downloaded by [`download`]) and backbone export / import ([`export`]).
 
+pub mod download;
 pub mod export;
 pub mod keys;
 pub mod pretrained;

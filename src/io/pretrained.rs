@@ -6,6 +6,7 @@
 //! file works too ([`WeightsSource::parse`]).
 
 use crate::error::{Error, Result};
+use crate::io::download;
 use crate::nn::{Preset, VitConfig};
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -15,6 +16,10 @@ pub const OFFICIAL_BASE_URL: &str = "https://dl.fbaipublicfiles.com/dinov2";
 
 /// Environment variable naming dinotrain's cache folder.
 pub const HOME_ENV: &str = "DINOTRAIN_HOME";
+/// Environment variable naming a mirror of the official download site (same layout).
+pub const WEIGHTS_URL_ENV: &str = "DINOTRAIN_WEIGHTS_URL";
+/// Environment variable that, when set, forbids downloads.
+pub const OFFLINE_ENV: &str = "DINOTRAIN_OFFLINE";
 
 /// One released backbone.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -93,8 +98,14 @@ impl PretrainedModel {
 
     /// The official download URL.
     pub fn url(self) -> String {
+        self.url_at(OFFICIAL_BASE_URL)
+    }
+
+    /// The URL under another base (a mirror: `$DINOTRAIN_WEIGHTS_URL`).
+    pub fn url_at(self, base: &str) -> String {
         format!(
-            "{OFFICIAL_BASE_URL}/dinov2_vit{}14/{}",
+            "{}/dinov2_vit{}14/{}",
+            base.trim_end_matches('/'),
             self.size_letter(),
             self.file_name()
         )
@@ -105,25 +116,53 @@ impl PretrainedModel {
         self.size.released(self.registers == Registers::Four)
     }
 
-    /// The file in the cache folder, which must exist.
+    /// The file in the cache folder, downloaded on first use.
     pub fn locate(self) -> Result<PathBuf> {
         self.locate_in(&cache_dir()?)
     }
 
-    /// The file in `dir`, which must exist.
+    /// The file in `dir`: checked against the SHA-256 recorded when it was downloaded, or
+    /// downloaded now from `$DINOTRAIN_WEIGHTS_URL` if set, else the official site, unless
+    /// `$DINOTRAIN_OFFLINE` is set.
     pub fn locate_in(self, dir: &Path) -> Result<PathBuf> {
+        let offline = std::env::var_os(OFFLINE_ENV).is_some_and(|v| !v.is_empty());
+        let base = std::env::var(WEIGHTS_URL_ENV).unwrap_or_else(|_| OFFICIAL_BASE_URL.into());
+        self.locate_from(dir, (!offline).then_some(base.as_str()))
+    }
+
+    /// [`PretrainedModel::locate_in`] with the download base given (`None`: no download).
+    pub fn locate_from(self, dir: &Path, base: Option<&str>) -> Result<PathBuf> {
         let path = dir.join(self.file_name());
         if path.is_file() {
+            download::verify_recorded(&path)?;
             return Ok(path);
         }
-        Err(Error::Config(format!(
-            "pretrained model {} needs the file {} in {} (set {HOME_ENV} to use another folder); \
-             it is published at {} (dinotrain does not download: fetch it once, e.g. with curl -LO)",
-            self.name(),
-            self.file_name(),
-            dir.display(),
-            self.url()
-        )))
+        let url = self.url_at(base.unwrap_or(OFFICIAL_BASE_URL));
+        if base.is_none() || !cfg!(feature = "download") {
+            let why = if base.is_none() {
+                format!("{OFFLINE_ENV} is set")
+            } else {
+                "this build has no download feature".into()
+            };
+            return Err(Error::Config(format!(
+                "pretrained model {} needs the file {} in {} (set {HOME_ENV} to use another \
+                 folder) and {why}: fetch it from {url} once (e.g. curl -L -o {} {url})",
+                self.name(),
+                self.file_name(),
+                dir.display(),
+                path.display()
+            )));
+        }
+        #[cfg(feature = "download")]
+        {
+            log::info!(
+                "downloading {} ({url}) into {}",
+                self.name(),
+                path.display()
+            );
+            download::download(&url, &path, None)?;
+        }
+        Ok(path)
     }
 }
 
@@ -284,16 +323,17 @@ mod tests {
 
         // The message names the file, the folder and the URL.
         let m = PretrainedModel::from_name("vitl14").unwrap();
-        let err = m.locate_in(dir.path()).unwrap_err().to_string();
+        let err = m.locate_from(dir.path(), None).unwrap_err().to_string();
         for needle in [
             "dinov2_vitl14_pretrain.pth",
             dir.path().to_str().unwrap(),
             "https://dl.fbaipublicfiles.com/dinov2/dinov2_vitl14/dinov2_vitl14_pretrain.pth",
             "DINOTRAIN_HOME",
+            "DINOTRAIN_OFFLINE",
         ] {
             assert!(err.contains(needle), "{needle}: {err}");
         }
         std::fs::write(dir.path().join(m.file_name()), b"x").unwrap();
-        assert!(m.locate_in(dir.path()).is_ok());
+        assert!(m.locate_from(dir.path(), None).is_ok());
     }
 }
