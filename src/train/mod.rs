@@ -55,6 +55,7 @@ pub mod plot;
 
 pub mod run;
 pub mod state;
+pub mod tensorboard;
 pub mod trainer;
 
 #[doc(hidden)]

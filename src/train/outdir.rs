@@ -46,6 +46,7 @@ pub const OWN_ENTRIES: &[&str] = &[
     EXPORT_FILE,
     KNN_FILE,
     CHECKPOINT_DIR,
+    super::tensorboard::TENSORBOARD_DIR,
 ];
 
 /// A prepared run folder.

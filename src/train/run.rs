@@ -14,6 +14,7 @@ use super::observer::{CancelHandle, Control, LogMessages, RunStart, StopReason, 
 use super::outdir::{OutdirMode, RunDir, RunLog};
 pub use super::plan::{crops_from_config, plan_from_config};
 use super::plot;
+use super::tensorboard::{EventWriter, TENSORBOARD_DIR};
 use super::trainer::{EvalWeights, StepRecord, Trainer};
 use crate::backend::cuda::resolve_device;
 use crate::data::scan::Labels;
@@ -561,6 +562,7 @@ impl Session {
             first_step,
         )?;
         let mut metrics = MetricsWriter::open(&self.run.metrics_path(), Some(first_step))?;
+        let mut events = EventWriter::create(&self.run.root.join(TENSORBOARD_DIR))?;
         if self.resuming {
             self.records = super::metrics::read(&self.run.metrics_path())?;
         }
@@ -597,6 +599,7 @@ impl Session {
                 loop_start.elapsed().as_secs_f64(),
             );
             metrics.write(&m)?;
+            events.write(&m)?;
             let control = self.observer.on_step(&m);
             self.records.push(m);
             let step = record.step;
