@@ -23,7 +23,7 @@ fn masked_crc32c(data: &[u8]) -> u32 {
         }
     }
     let crc = !crc;
-    ((crc >> 15) | (crc << 17)).wrapping_add(0xa282_ead8)
+    crc.rotate_right(15).wrapping_add(0xa282_ead8)
 }
 
 /// The records of a TFRecord file, checksums checked.
@@ -192,6 +192,6 @@ fn the_reader_checks_what_it_reads() {
     let crc = 0xE306_9283u32;
     assert_eq!(
         masked_crc32c(b"123456789"),
-        ((crc >> 15) | (crc << 17)).wrapping_add(0xa282_ead8)
+        crc.rotate_right(15).wrapping_add(0xa282_ead8)
     );
 }

@@ -130,14 +130,16 @@ pub fn download(url: &str, dest: &Path, sha256: Option<&str>) -> Result<String> 
         let n = match reader.read(&mut buf) {
             Ok(0) => break,
             Ok(n) => n,
-            Err(e) => return Err(failed(
-                url,
-                dest,
-                format!(
+            Err(e) => {
+                return Err(failed(
+                    url,
+                    dest,
+                    format!(
                     "the transfer broke off after {done} bytes ({e}); run again to resume from {}",
                     part.display()
                 ),
-            )),
+                ))
+            }
         };
         file.write_all(&buf[..n]).map_err(|e| Error::io(&part, e))?;
         done += n as u64;
