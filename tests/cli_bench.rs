@@ -147,6 +147,51 @@ fn tiny_cpu_bench_writes_the_documented_json() {
 }
 
 #[test]
+fn bench_with_data_times_the_loader_and_gives_a_verdict() {
+    let dir = tempfile::tempdir().unwrap();
+    let json_path = dir.path().join("bench.json");
+    let photos = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/photos");
+    let out = dinotrain(&tiny(&[
+        ("--json", json_path.to_str().unwrap()),
+        ("--data", photos),
+        ("--workers", "1"),
+    ]));
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("loader") && stdout.contains("verdict"),
+        "{stdout}"
+    );
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json_path).unwrap()).unwrap();
+    let loader = &r["loader"];
+    // 2 timed steps: at least 10 batches of 3 images, one worker.
+    assert_eq!(number(loader, "images"), 30.0, "{r}");
+    assert_eq!(number(loader, "workers"), 1.0, "{r}");
+    let ips = number(loader, "images_per_s");
+    assert!(ips > 0.0 && (ips - 30.0 / number(loader, "seconds")).abs() < 1e-6 * ips);
+    let ratio = ips / number(&r, "images_per_s");
+    let want = if ratio < 1.0 {
+        "data_bound"
+    } else if ratio < 1.5 {
+        "balanced"
+    } else {
+        "compute_bound"
+    };
+    assert_eq!(r["verdict"], want, "{r}");
+
+    // Without --data both are null.
+    let plain = dinotrain(&tiny(&[
+        ("--steps", "1"),
+        ("--json", json_path.to_str().unwrap()),
+    ]));
+    assert!(plain.status.success());
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json_path).unwrap()).unwrap();
+    assert!(r["loader"].is_null() && r["verdict"].is_null(), "{r}");
+}
+
+#[test]
 fn peak_override_is_used() {
     let out = dinotrain(&tiny(&[("--steps", "1"), ("--peak-tflops", "2.5")]));
     let stdout = text(&out.stdout);

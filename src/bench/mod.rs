@@ -26,11 +26,15 @@
 //! (null when unknown), `peak_memory_source`, `gemms_per_step` (CUDA: `{cublaslt,
 //! fused_epilogues, cublas, separate_epilogues}` per timed step and `refused_problems` in all,
 //! null on the CPU), `kernel_launches_per_step` (CUDA, else null), `loss_first`,
-//! `loss_last`, `config_warnings`.
+//! `loss_last`, `config_warnings`; with `--data`, `loader {images, workers, batches, seconds,
+//! images_per_s, images_per_s_per_worker, bad_images}` and `verdict` (`data_bound`,
+//! `balanced`, `compute_bound`), else null.
 
 mod flops;
+pub mod loader;
 
 pub use flops::{head_forward_flops, vit_forward_flops, StepFlops};
+pub use loader::{LoaderReport, Verdict};
 
 use crate::backend::cpu::{matmul, Accumulate, Transpose};
 use crate::backend::cuda::{resolve_device, GemmStats, ResolvedDevice};
@@ -198,6 +202,10 @@ pub struct BenchOptions {
     /// Extra `key=value` configuration overrides, applied last.
     pub sets: Vec<String>,
     pub seed: u64,
+    /// A folder of images: the loader is timed on it too (decode + multi-crop).
+    pub data: Option<std::path::PathBuf>,
+    /// Loader threads for `data` (None: one per core).
+    pub workers: Option<usize>,
 }
 
 impl Default for BenchOptions {
@@ -215,6 +223,8 @@ impl Default for BenchOptions {
             peak_tflops: None,
             sets: Vec::new(),
             seed: 0,
+            data: None,
+            workers: None,
         }
     }
 }
@@ -362,6 +372,9 @@ pub struct BenchReport {
     pub loss_first: f32,
     pub loss_last: f32,
     pub config_warnings: Vec<String>,
+    /// The loader on `--data`, timed after the steps.
+    pub loader: Option<LoaderReport>,
+    pub verdict: Option<Verdict>,
 }
 
 impl BenchReport {
@@ -457,6 +470,21 @@ pub fn run(opts: &BenchOptions, on_step: &mut dyn FnMut(&StepTiming)) -> Result<
     };
     let images_per_s = plan.batch_size as f64 / step_seconds.median;
     let achieved_tflops = flops.total() * images_per_s / 1e12;
+    // After the steps, so that the two do not compete for the cores.
+    let loader = match &opts.data {
+        Some(dir) => Some(loader::time_loader(
+            dir,
+            &config,
+            plan.batch_size,
+            (2 * steps).max(10),
+            2,
+            opts.workers.unwrap_or(0),
+        )?),
+        None => None,
+    };
+    let verdict = loader
+        .as_ref()
+        .map(|l| Verdict::of(l.images_per_s, images_per_s));
     Ok(BenchReport {
         schema: "dinotrain-bench/1",
         device: device_description,
@@ -492,6 +520,8 @@ pub fn run(opts: &BenchOptions, on_step: &mut dyn FnMut(&StepTiming)) -> Result<
         config_warnings: config.warnings.iter().map(|w| w.to_string()).collect(),
         step_seconds,
         cpu_seconds,
+        loader,
+        verdict,
     })
 }
 

@@ -4,7 +4,7 @@
 use anyhow::{Context, Result};
 use clap::Parser;
 use dinotrain::backend::Device;
-use dinotrain::bench::{self, BenchModel, BenchOptions, BenchReport, StepTiming};
+use dinotrain::bench::{self, BenchModel, BenchOptions, BenchReport, StepTiming, Verdict};
 use dinotrain::train::Method;
 use std::path::PathBuf;
 
@@ -52,6 +52,13 @@ pub struct BenchArgs {
     /// Seed of the initialisation, masks and synthetic crops.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// A folder of images: also time the loader (decode + multi-crop) on it and say whether a
+    /// run would be data-bound or compute-bound
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// Loader threads for --data (default: one per core)
+    #[arg(long)]
+    pub workers: Option<usize>,
 }
 
 impl BenchArgs {
@@ -79,6 +86,8 @@ impl BenchArgs {
             peak_tflops: self.peak_tflops,
             sets: self.sets.clone(),
             seed: self.seed,
+            data: self.data.clone(),
+            workers: self.workers,
         })
     }
 }
@@ -203,6 +212,33 @@ fn table(r: &BenchReport) -> String {
     let mut out = String::from("dinotrain bench\n");
     for (name, value) in rows {
         out.push_str(&format!("  {name:<16} {value}\n"));
+    }
+    if let (Some(l), Some(v)) = (&r.loader, r.verdict) {
+        out.push_str(&format!(
+            "  {:<16} {:.2} images/s ({:.2} per worker, {} workers; {} images in {:.2} s{})\n",
+            "loader",
+            l.images_per_s,
+            l.images_per_s_per_worker,
+            l.workers,
+            l.images,
+            l.seconds,
+            if l.bad_images > 0 {
+                format!(", {} unreadable files replaced", l.bad_images)
+            } else {
+                String::new()
+            }
+        ));
+        out.push_str(&format!(
+            "  {:<16} {}: the loader gives {:.2}x the images/s the step takes{}\n",
+            "verdict",
+            v.describe(),
+            l.images_per_s / r.images_per_s,
+            match v {
+                Verdict::DataBound => "; more --set dinotrain.workers, or the decoded-image cache",
+                Verdict::Balanced => "; on the CPU both share the cores",
+                Verdict::ComputeBound => "",
+            }
+        ));
     }
     out
 }
