@@ -141,6 +141,7 @@ fn tiny_cpu_bench_writes_the_documented_json() {
     assert!(r["peak_source"].as_str().unwrap().contains("GEMM"), "{r}");
     assert!(number(&r, "peak_memory_bytes") > 1e6, "{r}");
     assert!(r["peak_memory_source"].as_str().unwrap().contains("VmHWM"));
+    assert!(number(&r, "minor_faults_per_step") >= 0.0, "{r}");
     for key in ["loss_first", "loss_last"] {
         assert!(number(&r, key).is_finite() && number(&r, key) > 0.0, "{r}");
     }

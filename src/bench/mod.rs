@@ -25,7 +25,8 @@
 //! `peak_tflops`, `peak_source`, `utilisation` (fraction of the peak), `peak_memory_bytes`
 //! (null when unknown), `peak_memory_source`, `gemms_per_step` (CUDA: `{cublaslt,
 //! fused_epilogues, cublas, separate_epilogues}` per timed step and `refused_problems` in all,
-//! null on the CPU), `kernel_launches_per_step` (CUDA, else null), `loss_first`,
+//! null on the CPU), `kernel_launches_per_step` (CUDA, else null), `minor_faults_per_step`
+//! (page faults of the process per timed step, null where /proc is missing), `loss_first`,
 //! `loss_last`, `config_warnings`; with `--data`, `loader {images, workers, batches, seconds,
 //! images_per_s, images_per_s_per_worker, bad_images}` and `verdict` (`data_bound`,
 //! `balanced`, `compute_bound`), else null.
@@ -369,6 +370,9 @@ pub struct BenchReport {
     pub gemms_per_step: Option<GemmStats>,
     /// Hand-written kernels launched per timed step (CUDA runs).
     pub kernel_launches_per_step: Option<f64>,
+    /// Minor page faults of the process per timed step (Linux): near 0 when the steady-state
+    /// step allocates nothing new.
+    pub minor_faults_per_step: Option<f64>,
     pub loss_first: f32,
     pub loss_last: f32,
     pub config_warnings: Vec<String>,
@@ -428,6 +432,7 @@ pub fn run(opts: &BenchOptions, on_step: &mut dyn FnMut(&StepTiming)) -> Result<
         losses,
         gemms_per_step,
         kernel_launches_per_step,
+        minor_faults_per_step,
     } = time_steps(&mut trainer, (&global, &local), warmup, steps, on_step)?;
     let (peak_memory_bytes, peak_memory_source) = match kind {
         BenchDevice::Cpu => (
@@ -514,6 +519,7 @@ pub fn run(opts: &BenchOptions, on_step: &mut dyn FnMut(&StepTiming)) -> Result<
         peak_memory_source,
         gemms_per_step,
         kernel_launches_per_step,
+        minor_faults_per_step,
         // `total >= steps >= 1`, so there is a first and a last loss.
         loss_first: losses.first().copied().unwrap_or(f32::NAN),
         loss_last: losses.last().copied().unwrap_or(f32::NAN),
@@ -532,6 +538,7 @@ struct TimedSteps {
     losses: Vec<f32>,
     gemms_per_step: Option<GemmStats>,
     kernel_launches_per_step: Option<f64>,
+    minor_faults_per_step: Option<f64>,
 }
 
 /// `warmup` untimed then `steps` timed training steps on one synthetic batch.
@@ -547,10 +554,12 @@ fn time_steps(
     let mut timed_cpu = Vec::with_capacity(steps);
     let mut losses = Vec::with_capacity(total);
     let (mut gemms_before_timing, mut launches_before_timing) = (None, None);
+    let mut faults_before_timing = None;
     for index in 0..total {
         if index == warmup {
             gemms_before_timing = trainer.gemm_stats();
             launches_before_timing = trainer.kernel_launches();
+            faults_before_timing = process_minor_faults();
         }
         let cpu_start = process_cpu_seconds();
         let start = Instant::now();
@@ -594,12 +603,17 @@ fn time_steps(
         (Some(now), Some(before)) => Some((now - before) as f64 / steps_u64 as f64),
         _ => None,
     };
+    let minor_faults_per_step = match (process_minor_faults(), faults_before_timing) {
+        (Some(now), Some(before)) => Some(now.saturating_sub(before) as f64 / steps_u64 as f64),
+        _ => None,
+    };
     Ok(TimedSteps {
         timed,
         timed_cpu,
         losses,
         gemms_per_step,
         kernel_launches_per_step,
+        minor_faults_per_step,
     })
 }
 
@@ -674,6 +688,15 @@ pub fn process_cpu_seconds() -> Option<f64> {
 /// The kernel reports these times in USER_HZ ticks, which is 100 on every Linux architecture
 /// the project builds for (the /proc ABI fixes it, whatever the kernel's internal HZ).
 const USER_HZ: f64 = 100.0;
+
+/// Minor page faults of the process so far (`/proc/self/stat` field 10): the steady-state
+/// count per step says whether the step still allocates (fresh pages fault on first touch).
+pub fn process_minor_faults() -> Option<u64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    let rest = &stat[stat.rfind(')')? + 1..];
+    // `rest` starts at field 3 (state); minflt is field 10.
+    rest.split_whitespace().nth(7)?.parse().ok()
+}
 
 fn parse_proc_stat_cpu(stat: &str) -> Option<f64> {
     // The command name (field 2) is in parentheses and may hold spaces: split after it.

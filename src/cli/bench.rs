@@ -205,6 +205,13 @@ fn table(r: &BenchReport) -> String {
             },
         ),
         (
+            "page faults",
+            match r.minor_faults_per_step {
+                Some(n) => format!("{n:.0} minor faults per step"),
+                None => "-".to_string(),
+            },
+        ),
+        (
             "loss",
             format!("{:.4} first, {:.4} last", r.loss_first, r.loss_last),
         ),
