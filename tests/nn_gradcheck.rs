@@ -25,7 +25,7 @@ use dinotrain::nn::linear::{Bias, Linear};
 use dinotrain::nn::params::{Init, ParamTable};
 use dinotrain::nn::patch_embed::PatchEmbed;
 use dinotrain::nn::pos_embed::{PosEmbed, Resampling};
-use dinotrain::nn::swiglu::swiglu_width;
+use dinotrain::nn::ffn::swiglu_width;
 use dinotrain::nn::vit::{Vit, VitConfig};
 use dinotrain::nn::{ImageGrad, OutputGrads, VitWorkspaces};
 use dinotrain::rng::{keyed, stream};
@@ -408,13 +408,14 @@ fn pos_check(h: usize, w: usize, gh: usize, gw: usize, offset: f32, resampling: 
     let mut table = ParamTable::new();
     let pos = PosEmbed::new(&mut table, "", m, d, offset, resampling);
     let params = random_params(&table, 12);
-    let plan = pos.plan(h, w, gh, gw);
+    let (mut be, wts) = cpu(&params);
+    let mut bufs = pos.bufs(&mut be, (h, w), (gh, gw)).unwrap();
     let n = 1 + gh * gw;
     let cot = uniform(&mut keyed(12, &[stream::TEST]), n * d, 1.0);
-    let mut y = vec![0f32; n * d];
-    pos.forward(&mut y, &params, &plan);
+    let y = pos.forward(&mut be, &mut bufs, &wts).unwrap().to_vec();
     let mut g = vec![0f32; table.len()];
-    pos.backward(&mut g, &cot, &plan);
+    pos.backward(&mut be, &mut bufs, &mut g, &cot[..d], &cot[d..])
+        .unwrap();
     let aa = resampling == Resampling::Antialias;
     let f = |p: &P| pos_interp(p.get("pos_embed"), m, d, h, w, gh, gw, offset as f64, aa);
     let what = format!("pos interp {h}x{w} -> {gh}x{gw}, offset {offset}, {resampling:?}");

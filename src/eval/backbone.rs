@@ -15,7 +15,7 @@ use crate::io::export::{load_backbone_into, read_backbone_with_metadata, BACKBON
 use crate::io::keys::Tensors;
 use crate::io::pretrained::{WeightsFormat, WeightsSource};
 use crate::nn::params::ParamTable;
-use crate::nn::swiglu::swiglu_width;
+use crate::nn::ffn::swiglu_width;
 use crate::nn::{Ffn, Vit, VitConfig};
 use rayon::prelude::*;
 use std::collections::BTreeMap;
