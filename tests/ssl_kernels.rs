@@ -366,24 +366,6 @@ fn koleo_of_zero_rows_and_exact_duplicates_stays_finite() {
     check_koleo_zero_rows_and_exact_duplicates(&mut gpu);
 }
 
-/// The CPU's KoLeo backward kernel adds into `dx` on request (the backend always writes).
-#[test]
-fn cpu_koleo_backward_accumulates_on_request() {
-    use dinotrain::backend::cpu::koleo::{koleo_backward, koleo_forward, KoleoSaved};
-    use dinotrain::backend::Accumulate;
-    let (b, d) = (6, 5);
-    let x = koleo_small_input();
-    let mut saved = KoleoSaved::default();
-    koleo_forward(&mut saved, &x, b, d).unwrap();
-    let mut dx = vec![7f32; b * d];
-    koleo_backward(&mut dx, &saved, 0.5, b, d, Accumulate::Overwrite).unwrap();
-    let mut acc = vec![1f32; b * d];
-    koleo_backward(&mut acc, &saved, 0.5, b, d, Accumulate::Add).unwrap();
-    for (a, g) in acc.iter().zip(&dx) {
-        assert!((a - 1.0 - g).abs() < 1e-6);
-    }
-}
-
 /// The DINO head's row L2 normalisation, forward (f32 and as an operand) and backward, with
 /// one row below `eps` (clamped: `z = y / eps`, `dy = dz / eps`).
 fn check_l2_normalize<B: Backend>(be: &mut B, tol: Tol) {

@@ -73,20 +73,20 @@ pub enum BenchModel {
 }
 
 impl BenchModel {
-    pub const NAMES: [&'static str; 7] = [
-        "demo", "micro", "tiny", "vits14", "vitb14", "vitl14", "vitg14",
+    /// Every model with its name and the other spellings the command line accepts.
+    const NAMES: [(BenchModel, &'static str, &'static [&'static str]); 7] = [
+        (BenchModel::Demo, "demo", &[]),
+        (BenchModel::Micro, "micro", &[]),
+        (BenchModel::Tiny, "tiny", &[]),
+        (BenchModel::Vits14, "vits14", &["vits", "small"]),
+        (BenchModel::Vitb14, "vitb14", &["vitb", "base"]),
+        (BenchModel::Vitl14, "vitl14", &["vitl", "large"]),
+        (BenchModel::Vitg14, "vitg14", &["vitg", "giant"]),
     ];
 
     pub fn name(self) -> &'static str {
-        match self {
-            BenchModel::Demo => "demo",
-            BenchModel::Micro => "micro",
-            BenchModel::Tiny => "tiny",
-            BenchModel::Vits14 => "vits14",
-            BenchModel::Vitb14 => "vitb14",
-            BenchModel::Vitl14 => "vitl14",
-            BenchModel::Vitg14 => "vitg14",
-        }
+        let entry = Self::NAMES.iter().find(|(m, ..)| *m == self);
+        entry.map_or("", |(_, name, _)| name)
     }
 
     /// The backbone size; `None` for the demo, which keeps its preset's.
@@ -121,21 +121,17 @@ impl FromStr for BenchModel {
     type Err = Error;
 
     fn from_str(s: &str) -> Result<Self> {
-        Ok(match s {
-            "demo" => BenchModel::Demo,
-            "micro" => BenchModel::Micro,
-            "tiny" => BenchModel::Tiny,
-            "vits14" | "vits" | "small" => BenchModel::Vits14,
-            "vitb14" | "vitb" | "base" => BenchModel::Vitb14,
-            "vitl14" | "vitl" | "large" => BenchModel::Vitl14,
-            "vitg14" | "vitg" | "giant" => BenchModel::Vitg14,
-            _ => {
-                return Err(Error::Config(format!(
+        let known = |&&(_, name, also): &&(_, &str, &[&str])| name == s || also.contains(&s);
+        match Self::NAMES.iter().find(known) {
+            Some(&(model, ..)) => Ok(model),
+            None => {
+                let names: Vec<&str> = Self::NAMES.iter().map(|(_, name, _)| *name).collect();
+                Err(Error::Config(format!(
                     "unknown bench model '{s}' (expected {})",
-                    BenchModel::NAMES.join(", ")
+                    names.join(", ")
                 )))
             }
-        })
+        }
     }
 }
 
@@ -575,18 +571,13 @@ fn time_steps(
 
 /// The peak of a CUDA device from its description.
 fn cuda_peak(description: &str) -> (f64, String) {
-    if description.contains("H100") || description.contains("H200") {
-        (
-            H100_BF16_PEAK_TFLOPS,
-            "H100/H200 dense bf16 (989 TFLOP/s)".to_string(),
-        )
+    let known = description.contains("H100") || description.contains("H200");
+    let source = if known {
+        "H100/H200 dense bf16 (989 TFLOP/s)"
     } else {
-        (
-            H100_BF16_PEAK_TFLOPS,
-            "assumed H100/H200 dense bf16 (989 TFLOP/s); give this card's with --peak-tflops"
-                .to_string(),
-        )
-    }
+        "assumed H100/H200 dense bf16 (989 TFLOP/s); give this card's with --peak-tflops"
+    };
+    (H100_BF16_PEAK_TFLOPS, source.to_string())
 }
 
 /// The practical f32 GEMM peak of this machine (GFLOP/s): the best of a few large square
