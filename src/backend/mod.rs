@@ -28,6 +28,7 @@ pub use shapes::{
     Accumulate, AdamWStep, AttentionShape, Gemm, GemmBatch, LinearDims, NormShape, PatchLayout,
     Precision, TokenLayout, Transpose, CLIP_EPS,
 };
+pub(crate) use storage::workspace;
 pub use storage::{check_windows, Grow, Storage};
 
 use crate::error::{Error, Result};

@@ -194,7 +194,10 @@ pub(super) fn pos_interp<B: Backend>(fx: &Fixture, be: &mut B) -> Result<Outputs
     let weights = be.weights(&load_params(fx, "", &table)?)?;
     let mut bufs = pos.bufs(be, (h, w), (gh, gw))?;
     let n = 1 + gh * gw;
-    let dy = upload(be, &fx.input_shaped("grad_pos_embed_interp", &[1, n, d])?.data)?;
+    let dy = upload(
+        be,
+        &fx.input_shaped("grad_pos_embed_interp", &[1, n, d])?.data,
+    )?;
     let y = {
         let y = pos.forward(be, &mut bufs, &weights)?;
         be.download_f32(&y)?

@@ -168,8 +168,7 @@ impl<B: Backend> EmbedBufs<B> {
         }
         let dcls = g.dtok.window(0..d)?;
         let dgrid = g.dtok.window((1 + r) * d..t * d)?;
-        vit.pos
-            .backward(be, &mut self.pos, grads, &dcls, &dgrid)?;
+        vit.pos.backward(be, &mut self.pos, grads, &dcls, &dgrid)?;
         // Patch rows of dx into pe (now the patch-embedding gradient); masked rows feed the
         // mask token instead.
         let patch_layout = PatchLayout {

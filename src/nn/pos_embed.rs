@@ -14,9 +14,7 @@
 //! on the backend.
 
 use super::params::{Init, ParamRef, ParamTable};
-use crate::backend::{
-    Accumulate, Backend, Gemm, GemmBatch, Storage, Transpose, WeightStore,
-};
+use crate::backend::{Accumulate, Backend, Gemm, GemmBatch, Storage, Transpose, WeightStore};
 use crate::error::Result;
 
 /// How the grid is resampled when it must be.
@@ -241,7 +239,12 @@ impl PosEmbed {
         be.column_sum(&mut *grads.window_mut(cls_rows)?, dcls, 1, Accumulate::Add)?;
         let mut dparam = grads.window_mut(grid_rows)?;
         let PosBufs::Resample {
-            gh, gw, wr, wc, tmp, ..
+            gh,
+            gw,
+            wr,
+            wc,
+            tmp,
+            ..
         } = bufs
         else {
             return be.column_sum(&mut dparam, dgrid, 1, Accumulate::Add);
