@@ -993,36 +993,6 @@ fn adamw_segments_take_their_group_lr_and_weight_decay() {
     check_adamw_segments(&mut gpu);
 }
 
-/// The CPU's segment kernel also takes segments in any order with gaps between them (left
-/// untouched), and refuses overlapping ones.
-#[test]
-fn cpu_adamw_segments_leave_gaps_untouched_and_refuse_overlaps() {
-    use dinotrain::backend::cpu::optimizer::{adamw_step, adamw_step_segments};
-    use dinotrain::backend::cpu::optimizer::{AdamHyper, AdamwSegment};
-    let hp = AdamHyper::default();
-    let mut p = vec![1f32; 10];
-    let g = vec![0.5f32; 10];
-    let (mut m, mut v) = (vec![0f32; 10], vec![0f32; 10]);
-    let segment = |offset, len, lr, weight_decay| AdamwSegment {
-        offset,
-        len,
-        lr,
-        weight_decay,
-    };
-    let segs = [segment(6, 4, 0.0, 0.1), segment(0, 3, 0.1, 0.0)];
-    adamw_step_segments(&mut p, &g, &mut m, &mut v, &segs, &hp, 1).unwrap();
-    // lr 0.1, first step: p - lr · m̂/(√v̂ + eps) = 1 - 0.1 · sign(g).
-    assert!(p[..3].iter().all(|&x| (x - 0.9).abs() < 1e-6));
-    assert_eq!(&p[3..6], &[1.0; 3]);
-    assert_eq!(&m[3..6], &[0.0; 3]);
-    // lr 0: weights unchanged, moments advanced.
-    assert_eq!(&p[6..], &[1.0; 4]);
-    assert!(m[6..].iter().all(|&x| (x - 0.05).abs() < 1e-7));
-    let overlap = [segment(0, 5, 0.1, 0.0), segment(4, 2, 0.1, 0.0)];
-    assert!(adamw_step_segments(&mut p, &g, &mut m, &mut v, &overlap, &hp, 2).is_err());
-    assert!(adamw_step(&mut p, &g, &mut m, &mut v, 0.1, 0.0, &hp, 0).is_err());
-}
-
 fn check_ema_is_the_convex_combination<B: Backend>(be: &mut B) {
     let mut t = up(be, &[1f32, 2.0, 3.0]);
     let s = up(be, &[3f32, 2.0, 1.0]);
