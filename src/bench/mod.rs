@@ -32,9 +32,10 @@ mod flops;
 
 pub use flops::{head_forward_flops, vit_forward_flops, StepFlops};
 
-use crate::backend::cpu::{matmul, Accumulate, Transpose};
+use crate::backend::cpu::matmul;
 use crate::backend::cuda::{resolve_device, GemmStats, ResolvedDevice};
 use crate::backend::Device;
+use crate::backend::Gemm;
 use crate::error::{Error, Result};
 use crate::nn::{Ffn, Preset as SizePreset};
 use crate::rng::{keyed, stream};
@@ -590,17 +591,7 @@ pub fn cpu_gemm_peak_gflops() -> f64 {
     let mut best = f64::INFINITY;
     for rep in 0..=CPU_PEAK_GEMM_REPS {
         let start = Instant::now();
-        matmul(
-            &mut c,
-            &a,
-            Transpose::No,
-            &b,
-            Transpose::No,
-            n,
-            n,
-            n,
-            Accumulate::Overwrite,
-        );
+        matmul(&mut c, &a, &b, Gemm::nn(n, n, n));
         let seconds = start.elapsed().as_secs_f64();
         if rep > 0 {
             best = best.min(seconds);

@@ -7,9 +7,9 @@
 //! `x / max(‖x‖, eps)`; the pairwise distance adds eps to **every component** of the
 //! difference before the norm; the log adds eps to the distance.
 
-use super::backend::{check, one_scalar, CpuBackend};
+use super::backend::{one_scalar, CpuBackend};
 use super::gemm::matmul;
-use crate::backend::{check_lens, Accumulate, Buffers, HeadOps, NormShape, Transpose};
+use crate::backend::{check_len, check_lens, Buffers, Gemm, HeadOps, NormShape, Transpose};
 use crate::error::{Error, Result};
 use rayon::prelude::*;
 
@@ -186,7 +186,7 @@ impl HeadOps for CpuBackend {
         d: usize,
     ) -> Result<()> {
         const OP: &str = "cpu koleo_forward";
-        check(OP, "x", x.len(), b * d)?;
+        check_len(OP, "x", x.len(), b * d)?;
         if b < 2 {
             return Err(Error::shape(
                 OP,
@@ -214,17 +214,8 @@ impl HeadOps for CpuBackend {
         }
         // [b,b] cosine similarities.
         let mut dots = vec![0f32; b * b];
-        matmul(
-            &mut dots,
-            &state.xn,
-            Transpose::No,
-            &state.xn,
-            Transpose::Yes,
-            b,
-            d,
-            b,
-            Accumulate::Overwrite,
-        );
+        let g = Gemm::nn(b, d, b).t(Transpose::No, Transpose::Yes);
+        matmul(&mut dots, &state.xn, &state.xn, g);
         let xn = &state.xn;
         state
             .nn
@@ -271,9 +262,9 @@ impl HeadOps for CpuBackend {
         d: usize,
     ) -> Result<()> {
         const OP: &str = "cpu koleo_backward";
-        check(OP, "dx", dx.len(), b * d)?;
-        check(OP, "state.xn", state.xn.len(), b * d)?;
-        check(OP, "state.nn", state.nn.len(), b)?;
+        check_len(OP, "dx", dx.len(), b * d)?;
+        check_len(OP, "state.xn", state.xn.len(), b * d)?;
+        check_len(OP, "state.nn", state.nn.len(), b)?;
         // [b,d] gradient w.r.t. the normalised vectors, in f64 (each row receives from several i).
         let mut dxn = vec![0f64; b * d];
         let xn = &state.xn;

@@ -3,8 +3,8 @@
 //! AdamW follows `torch.optim.AdamW`; the scalars that depend only on the step are computed
 //! once in f64 on the host, as the CUDA launcher does.
 
-use super::backend::{check, one_scalar, CpuBackend, CpuSegments};
-use crate::backend::{check_lens, AdamWBuffers, AdamWStep, OptimizerOps};
+use super::backend::{one_scalar, CpuBackend, CpuSegments};
+use crate::backend::{check_len, check_lens, AdamWBuffers, AdamWStep, OptimizerOps};
 use crate::error::{Error, Result};
 use rayon::prelude::*;
 
@@ -64,7 +64,7 @@ impl OptimizerOps for CpuBackend {
         numel: usize,
     ) -> Result<CpuSegments> {
         const OP: &str = "cpu segments";
-        check(OP, "groups", groups.len(), starts.len())?;
+        check_len(OP, "groups", groups.len(), starts.len())?;
         let ok = starts.first().is_none_or(|&s| s == 0)
             && starts.windows(2).all(|w| w[0] < w[1])
             && starts.last().is_none_or(|&s| s < numel.max(1))
@@ -145,7 +145,7 @@ impl OptimizerOps for CpuBackend {
     /// `teacher = momentum · teacher + (1 − momentum) · student`, elementwise (`1 − momentum`
     /// formed in f64, as PyTorch does with the Python float).
     fn ema_update(&mut self, teacher: &mut [f32], student: &[f32], momentum: f64) -> Result<()> {
-        check("cpu ema_update", "student", student.len(), teacher.len())?;
+        check_len("cpu ema_update", "student", student.len(), teacher.len())?;
         let m = momentum as f32;
         let one_minus = (1.0 - momentum) as f32;
         teacher
