@@ -20,7 +20,9 @@ use super::ibot_loss::{ibot_loss_forward_backward, IbotPairs};
 use super::masking::MaskBatch;
 pub use super::model::{HeadConfig, SslModel};
 use super::Method;
-use crate::backend::{workspace, Accumulate, Backend, Grow, PatchLayout, Storage, WeightStore};
+use crate::backend::{
+    check_lens, workspace, Accumulate, Backend, Grow, PatchLayout, Storage, WeightStore,
+};
 use crate::error::{Error, Result};
 use crate::nn::{
     DropPath, HeadCache, HeadScratch, ImageGrad, OutputGrads, Prototypes, VitWorkspaces,
@@ -346,17 +348,12 @@ impl<B: Backend> SslStep<B> {
         let (model, batch) = (inp.model, inp.batch);
         let masks = step_masks(inp.losses.method, batch)?;
         let p = model.table.len();
-        if grads.len() != p || inp.student.f32().len() != p || inp.teacher.f32().len() != p {
-            return Err(Error::shape(
-                OP,
-                format!(
-                    "grads / student / teacher hold {} / {} / {} values for a model of {p}",
-                    grads.len(),
-                    inp.student.f32().len(),
-                    inp.teacher.f32().len(),
-                ),
-            ));
-        }
+        let lens = [
+            ("grads", grads.len(), p),
+            ("student", inp.student.f32().len(), p),
+            ("teacher", inp.teacher.f32().len(), p),
+        ];
+        check_lens(OP, &lens)?;
         let cfg = &model.backbone.cfg;
         let patches = |size: usize| (size / cfg.patch_size).pow(2);
         let shape = Shape {
