@@ -4,9 +4,10 @@
 //! `cargo bench --bench ssl -- --warm-up-time 1 --measurement-time 3`
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use dinotrain::backend::cpu::optimizer::{adamw_step, ema_update, AdamHyper};
 use dinotrain::backend::cpu::sinkhorn::sinkhorn_knopp;
 use dinotrain::backend::cpu::CpuBackend;
+use dinotrain::backend::prelude::*;
+use dinotrain::backend::{AdamWBuffers, AdamWStep};
 use dinotrain::ssl::{dino_loss_forward_backward, Centering, DinoPairs, DinoStudent, TargetState};
 use std::hint::black_box;
 
@@ -76,7 +77,8 @@ fn bench_optimizer(c: &mut Criterion) {
     let mut m = vec![0f32; n];
     let mut v = vec![0f32; n];
     let mut teacher = random(n, 6);
-    let hp = AdamHyper::default();
+    let mut be = CpuBackend::default();
+    let segments = be.segments(&[0], &[0], 1, n).unwrap();
     let mut g = c.benchmark_group("optimizer_22m");
     g.sample_size(10);
     // Traffic: AdamW reads p, g, m, v and writes p, m, v; EMA reads t, s and writes t.
@@ -85,22 +87,25 @@ fn bench_optimizer(c: &mut Criterion) {
     g.bench_function("adamw", |b| {
         b.iter(|| {
             step += 1;
-            adamw_step(
-                &mut p,
-                black_box(&grad),
-                &mut m,
-                &mut v,
-                1e-4,
-                0.04,
-                &hp,
+            let bufs = AdamWBuffers {
+                params: &mut p[..],
+                exp_avg: &mut m[..],
+                exp_avg_sq: &mut v[..],
+                grads: black_box(&grad[..]),
+            };
+            let hp = AdamWStep {
+                beta1: 0.9,
+                beta2: 0.999,
+                eps: 1e-8,
                 step,
-            )
-            .unwrap()
+            };
+            be.adamw_update(bufs, &segments, &[1e-4], &[0.04], hp)
+                .unwrap()
         })
     });
     g.throughput(Throughput::Bytes((n * 4 * 3) as u64));
     g.bench_function("ema", |b| {
-        b.iter(|| ema_update(&mut teacher, black_box(&p), 0.994).unwrap())
+        b.iter(|| be.ema_update(&mut teacher, black_box(&p), 0.994).unwrap())
     });
     g.finish();
 }

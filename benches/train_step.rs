@@ -5,8 +5,8 @@
 //! `cargo bench --bench train_step`
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use dinotrain::backend::cpu::optimizer::AdamHyper;
 use dinotrain::nn::Preset;
+use dinotrain::optim::AdamHyper;
 use dinotrain::optim::{LayerDecay, ScheduleConfig, Schedules};
 use dinotrain::rng::{keyed, stream};
 use dinotrain::ssl::step::{HeadConfig, LossConfig};

@@ -4,8 +4,9 @@
 //! `cargo bench --bench vit -- --warm-up-time 1 --measurement-time 3`
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use dinotrain::backend::cpu::{matmul, Accumulate, CpuBackend, Transpose};
+use dinotrain::backend::cpu::{matmul, CpuBackend, Transpose};
 use dinotrain::backend::prelude::*;
+use dinotrain::backend::Gemm;
 use dinotrain::nn::params::ParamTable;
 use dinotrain::nn::presets::Preset;
 use dinotrain::nn::vit::Vit;
@@ -30,17 +31,8 @@ fn gemm(c: &mut Criterion) {
         group.throughput(Throughput::Elements((2 * rows * k * n) as u64)); // FLOP
         group.bench_function(BenchmarkId::new(name, format!("{rows}x{k}x{n}")), |bch| {
             bch.iter(|| {
-                matmul(
-                    &mut out,
-                    black_box(&a),
-                    Transpose::No,
-                    &w,
-                    Transpose::Yes,
-                    rows,
-                    k,
-                    n,
-                    Accumulate::Overwrite,
-                );
+                let g = Gemm::nn(rows, k, n).t(Transpose::No, Transpose::Yes);
+                matmul(&mut out, black_box(&a), &w, g);
             })
         });
     }

@@ -22,14 +22,6 @@ impl Tensor {
         }
     }
 
-    /// A tensor filled with `value`.
-    pub fn full(shape: &[usize], value: f32) -> Self {
-        Tensor {
-            shape: shape.to_vec(),
-            data: vec![value; shape.iter().product()],
-        }
-    }
-
     /// Wraps `data`, checking that it holds exactly `shape.product()` values.
     pub fn from_vec(shape: &[usize], data: Vec<f32>) -> Result<Self> {
         let n: usize = shape.iter().product();
@@ -56,38 +48,5 @@ impl Tensor {
     /// Number of elements.
     pub fn numel(&self) -> usize {
         self.data.len()
-    }
-
-    /// Same data, new shape (same element count).
-    pub fn reshape(mut self, shape: &[usize]) -> Result<Self> {
-        let n: usize = shape.iter().product();
-        if n != self.data.len() {
-            return Err(Error::shape(
-                "Tensor::reshape",
-                format!("{:?} -> {shape:?}", self.shape),
-            ));
-        }
-        self.shape = shape.to_vec();
-        Ok(self)
-    }
-
-    /// Checks the shape, naming `what` in the error.
-    pub fn expect_shape(&self, what: &'static str, shape: &[usize]) -> Result<()> {
-        if self.shape != shape {
-            return Err(Error::shape(
-                what,
-                format!("expected {shape:?}, got {:?}", self.shape),
-            ));
-        }
-        Ok(())
-    }
-
-    /// Euclidean norm, accumulated in f64.
-    pub fn norm(&self) -> f64 {
-        self.data
-            .iter()
-            .map(|&v| (v as f64) * (v as f64))
-            .sum::<f64>()
-            .sqrt()
     }
 }

@@ -15,12 +15,12 @@ mod cuda_support;
 mod trainer_support;
 
 use cuda_support::{assert_close, gpu, randn, to_f64, uniform};
-use dinotrain::backend::cpu::optimizer::AdamHyper;
 use dinotrain::backend::cpu::CpuBackend;
 use dinotrain::backend::cuda::ResolvedDevice;
 use dinotrain::backend::{Accumulate, Backend, Precision, Storage};
 use dinotrain::nn::params::ParamTable;
 use dinotrain::nn::{DinoHead, HeadCache, HeadScratch, Preset, Prototypes};
+use dinotrain::optim::AdamHyper;
 use dinotrain::optim::{
     ema_update, AdamW, AdamWState, GradClipper, LayerDecay, ParamGroups, SubmoduleSpan,
 };

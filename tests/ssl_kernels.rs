@@ -366,24 +366,6 @@ fn koleo_of_zero_rows_and_exact_duplicates_stays_finite() {
     check_koleo_zero_rows_and_exact_duplicates(&mut gpu);
 }
 
-/// The CPU's KoLeo backward kernel adds into `dx` on request (the backend always writes).
-#[test]
-fn cpu_koleo_backward_accumulates_on_request() {
-    use dinotrain::backend::cpu::koleo::{koleo_backward, koleo_forward, KoleoSaved};
-    use dinotrain::backend::Accumulate;
-    let (b, d) = (6, 5);
-    let x = koleo_small_input();
-    let mut saved = KoleoSaved::default();
-    koleo_forward(&mut saved, &x, b, d).unwrap();
-    let mut dx = vec![7f32; b * d];
-    koleo_backward(&mut dx, &saved, 0.5, b, d, Accumulate::Overwrite).unwrap();
-    let mut acc = vec![1f32; b * d];
-    koleo_backward(&mut acc, &saved, 0.5, b, d, Accumulate::Add).unwrap();
-    for (a, g) in acc.iter().zip(&dx) {
-        assert!((a - 1.0 - g).abs() < 1e-6);
-    }
-}
-
 /// The DINO head's row L2 normalisation, forward (f32 and as an operand) and backward, with
 /// one row below `eps` (clamped: `z = y / eps`, `dy = dz / eps`).
 fn check_l2_normalize<B: Backend>(be: &mut B, tol: Tol) {
@@ -1009,36 +991,6 @@ fn adamw_segments_take_their_group_lr_and_weight_decay() {
     check_adamw_segments(&mut cpu());
     let Some(mut gpu) = gpu() else { return };
     check_adamw_segments(&mut gpu);
-}
-
-/// The CPU's segment kernel also takes segments in any order with gaps between them (left
-/// untouched), and refuses overlapping ones.
-#[test]
-fn cpu_adamw_segments_leave_gaps_untouched_and_refuse_overlaps() {
-    use dinotrain::backend::cpu::optimizer::{adamw_step, adamw_step_segments};
-    use dinotrain::backend::cpu::optimizer::{AdamHyper, AdamwSegment};
-    let hp = AdamHyper::default();
-    let mut p = vec![1f32; 10];
-    let g = vec![0.5f32; 10];
-    let (mut m, mut v) = (vec![0f32; 10], vec![0f32; 10]);
-    let segment = |offset, len, lr, weight_decay| AdamwSegment {
-        offset,
-        len,
-        lr,
-        weight_decay,
-    };
-    let segs = [segment(6, 4, 0.0, 0.1), segment(0, 3, 0.1, 0.0)];
-    adamw_step_segments(&mut p, &g, &mut m, &mut v, &segs, &hp, 1).unwrap();
-    // lr 0.1, first step: p - lr · m̂/(√v̂ + eps) = 1 - 0.1 · sign(g).
-    assert!(p[..3].iter().all(|&x| (x - 0.9).abs() < 1e-6));
-    assert_eq!(&p[3..6], &[1.0; 3]);
-    assert_eq!(&m[3..6], &[0.0; 3]);
-    // lr 0: weights unchanged, moments advanced.
-    assert_eq!(&p[6..], &[1.0; 4]);
-    assert!(m[6..].iter().all(|&x| (x - 0.05).abs() < 1e-7));
-    let overlap = [segment(0, 5, 0.1, 0.0), segment(4, 2, 0.1, 0.0)];
-    assert!(adamw_step_segments(&mut p, &g, &mut m, &mut v, &overlap, &hp, 2).is_err());
-    assert!(adamw_step(&mut p, &g, &mut m, &mut v, 0.1, 0.0, &hp, 0).is_err());
 }
 
 fn check_ema_is_the_convex_combination<B: Backend>(be: &mut B) {

@@ -1,9 +1,9 @@
 //! Optimizer state resume, per-submodule clipping, and k-NN across several test chunks.
 
-use dinotrain::backend::cpu::optimizer::AdamHyper;
 use dinotrain::backend::cpu::CpuBackend;
 use dinotrain::eval::{knn::TEST_CHUNK, knn_classify};
 use dinotrain::nn::params::{Init, ParamTable};
+use dinotrain::optim::AdamHyper;
 use dinotrain::optim::{AdamW, AdamWState, GradClipper, LayerDecay, ParamGroups, SubmoduleSpan};
 
 fn random(n: usize, seed: u64) -> Vec<f32> {

@@ -1,8 +1,8 @@
 //! Regression tests for the pitfalls the seed project fell into, named after them.
 
-use dinotrain::backend::cpu::optimizer::AdamHyper;
 use dinotrain::backend::cpu::CpuBackend;
 use dinotrain::nn::params::{Init, ParamTable};
+use dinotrain::optim::AdamHyper;
 use dinotrain::optim::{
     ema_update, AdamW, AdamWState, LayerDecay, ParamGroups, ScheduleConfig, Schedules,
 };

@@ -23,11 +23,12 @@ pub mod cuda;
 mod shapes;
 mod storage;
 
-pub use shapes::check_lens;
+pub use shapes::{check_len, check_lens};
 pub use shapes::{
     Accumulate, AdamWStep, AttentionShape, Gemm, GemmBatch, LinearDims, NormShape, PatchLayout,
     Precision, TokenLayout, Transpose, CLIP_EPS,
 };
+pub(crate) use storage::workspace;
 pub use storage::{check_windows, Grow, Storage};
 
 use crate::error::{Error, Result};

@@ -198,6 +198,11 @@ pub fn check_lens(op: &'static str, lens: &[(&str, usize, usize)]) -> Result<()>
     }
 }
 
+/// [`check_lens`] of one buffer.
+pub fn check_len(op: &'static str, name: &str, len: usize, want: usize) -> Result<()> {
+    check_lens(op, &[(name, len, want)])
+}
+
 /// The eps added to a gradient norm before clipping (`clip_grad_norm_`'s 1e-6).
 pub const CLIP_EPS: f64 = 1e-6;
 

@@ -141,10 +141,7 @@ where
 {
     /// Sets the current length, allocating (zeroed) only when it exceeds the capacity.
     pub fn resize(&mut self, len: usize, alloc: impl FnOnce(usize) -> Result<Buf>) -> Result<()> {
-        if self.buf.is_none() || self.capacity < len {
-            self.buf = Some(alloc(len.max(1))?);
-            self.capacity = len.max(1);
-        }
+        self.reserve(len, alloc)?;
         self.len = len;
         Ok(())
     }
@@ -175,9 +172,7 @@ where
     }
 
     fn buffer(&self) -> Result<&S> {
-        self.buf.as_deref().ok_or_else(|| {
-            Error::Unsupported("a workspace buffer was used before it was sized".into())
-        })
+        self.buf.as_deref().ok_or_else(unsized_buffer)
     }
 
     /// The first `len` elements, read-only.
@@ -187,13 +182,7 @@ where
 
     /// The first `len` elements, writable.
     pub fn get_mut(&mut self) -> Result<S::Mut<'_>> {
-        let len = self.len;
-        self.buf
-            .as_deref_mut()
-            .ok_or_else(|| {
-                Error::Unsupported("a workspace buffer was used before it was sized".into())
-            })?
-            .head_mut(len)
+        self.rows_mut(0..self.len)
     }
 
     /// Elements `range` of the current length, writable.
@@ -204,14 +193,35 @@ where
                 format!("{range:?} beyond the current length {}", self.len),
             ));
         }
-        self.buf
-            .as_deref_mut()
-            .ok_or_else(|| {
-                Error::Unsupported("a workspace buffer was used before it was sized".into())
-            })?
-            .window_mut(range)
+        let buf = self.buf.as_deref_mut().ok_or_else(unsized_buffer)?;
+        buf.window_mut(range)
     }
 }
+
+fn unsized_buffer() -> Error {
+    Error::Unsupported("a workspace buffer was used before it was sized".into())
+}
+
+/// A workspace struct generic over the backend `B`, with a `Default` that leaves every field at
+/// its default (empty buffers, no state). `#[derive(Default)]` would also demand `B: Default`,
+/// which a device backend is not.
+macro_rules! workspace {
+    ($(#[$meta:meta])* $vis:vis struct $name:ident<B: Backend> {
+        $($(#[$fmeta:meta])* $fvis:vis $field:ident: $ty:ty,)*
+    }) => {
+        $(#[$meta])*
+        $vis struct $name<B: Backend> {
+            $($(#[$fmeta])* $fvis $field: $ty,)*
+        }
+
+        impl<B: Backend> Default for $name<B> {
+            fn default() -> Self {
+                $name { $($field: Default::default(),)* }
+            }
+        }
+    };
+}
+pub(crate) use workspace;
 
 #[cfg(test)]
 mod tests {

@@ -87,7 +87,7 @@ pub fn vit_forward_flops(vit: &VitConfig, crop: usize) -> f64 {
     let ffn = match vit.ffn {
         Ffn::Mlp { hidden } => 2.0 * 2.0 * t * d * hidden as f64,
         Ffn::SwiGlu { hidden } => {
-            let w = crate::nn::swiglu::swiglu_width(hidden) as f64;
+            let w = crate::nn::ffn::swiglu_width(hidden) as f64;
             2.0 * t * d * 2.0 * w + 2.0 * t * w * d
         }
     };
@@ -185,7 +185,7 @@ mod tests {
         let Ffn::SwiGlu { hidden } = p.vit.ffn else {
             panic!("vitg14 uses SwiGLU: {:?}", p.vit.ffn)
         };
-        let w = crate::nn::swiglu::swiglu_width(hidden) as f64;
+        let w = crate::nn::ffn::swiglu_width(hidden) as f64;
         assert_eq!(w, 4096.0);
         let (t, d) = (257.0, 1536.0);
         let block = 8.0 * t * d * d + 4.0 * t * t * d + 6.0 * t * d * w;

@@ -37,9 +37,10 @@ pub mod loader;
 pub use flops::{head_forward_flops, vit_forward_flops, StepFlops};
 pub use loader::{LoaderReport, Verdict};
 
-use crate::backend::cpu::{matmul, Accumulate, Transpose};
+use crate::backend::cpu::matmul;
 use crate::backend::cuda::{resolve_device, GemmStats, ResolvedDevice};
 use crate::backend::Device;
+use crate::backend::Gemm;
 use crate::error::{Error, Result};
 use crate::nn::{Ffn, Preset as SizePreset};
 use crate::rng::{keyed, stream};
@@ -78,20 +79,20 @@ pub enum BenchModel {
 }
 
 impl BenchModel {
-    pub const NAMES: [&'static str; 7] = [
-        "demo", "micro", "tiny", "vits14", "vitb14", "vitl14", "vitg14",
+    /// Every model with its name and the other spellings the command line accepts.
+    const NAMES: [(BenchModel, &'static str, &'static [&'static str]); 7] = [
+        (BenchModel::Demo, "demo", &[]),
+        (BenchModel::Micro, "micro", &[]),
+        (BenchModel::Tiny, "tiny", &[]),
+        (BenchModel::Vits14, "vits14", &["vits", "small"]),
+        (BenchModel::Vitb14, "vitb14", &["vitb", "base"]),
+        (BenchModel::Vitl14, "vitl14", &["vitl", "large"]),
+        (BenchModel::Vitg14, "vitg14", &["vitg", "giant"]),
     ];
 
     pub fn name(self) -> &'static str {
-        match self {
-            BenchModel::Demo => "demo",
-            BenchModel::Micro => "micro",
-            BenchModel::Tiny => "tiny",
-            BenchModel::Vits14 => "vits14",
-            BenchModel::Vitb14 => "vitb14",
-            BenchModel::Vitl14 => "vitl14",
-            BenchModel::Vitg14 => "vitg14",
-        }
+        let entry = Self::NAMES.iter().find(|(m, ..)| *m == self);
+        entry.map_or("", |(_, name, _)| name)
     }
 
     /// The backbone size; `None` for the demo, which keeps its preset's.
@@ -126,21 +127,17 @@ impl FromStr for BenchModel {
     type Err = Error;
 
     fn from_str(s: &str) -> Result<Self> {
-        Ok(match s {
-            "demo" => BenchModel::Demo,
-            "micro" => BenchModel::Micro,
-            "tiny" => BenchModel::Tiny,
-            "vits14" | "vits" | "small" => BenchModel::Vits14,
-            "vitb14" | "vitb" | "base" => BenchModel::Vitb14,
-            "vitl14" | "vitl" | "large" => BenchModel::Vitl14,
-            "vitg14" | "vitg" | "giant" => BenchModel::Vitg14,
-            _ => {
-                return Err(Error::Config(format!(
+        let known = |&&(_, name, also): &&(_, &str, &[&str])| name == s || also.contains(&s);
+        match Self::NAMES.iter().find(known) {
+            Some(&(model, ..)) => Ok(model),
+            None => {
+                let names: Vec<&str> = Self::NAMES.iter().map(|(_, name, _)| *name).collect();
+                Err(Error::Config(format!(
                     "unknown bench model '{s}' (expected {})",
-                    BenchModel::NAMES.join(", ")
+                    names.join(", ")
                 )))
             }
-        })
+        }
     }
 }
 
@@ -619,18 +616,13 @@ fn time_steps(
 
 /// The peak of a CUDA device from its description.
 fn cuda_peak(description: &str) -> (f64, String) {
-    if description.contains("H100") || description.contains("H200") {
-        (
-            H100_BF16_PEAK_TFLOPS,
-            "H100/H200 dense bf16 (989 TFLOP/s)".to_string(),
-        )
+    let known = description.contains("H100") || description.contains("H200");
+    let source = if known {
+        "H100/H200 dense bf16 (989 TFLOP/s)"
     } else {
-        (
-            H100_BF16_PEAK_TFLOPS,
-            "assumed H100/H200 dense bf16 (989 TFLOP/s); give this card's with --peak-tflops"
-                .to_string(),
-        )
-    }
+        "assumed H100/H200 dense bf16 (989 TFLOP/s); give this card's with --peak-tflops"
+    };
+    (H100_BF16_PEAK_TFLOPS, source.to_string())
 }
 
 /// The practical f32 GEMM peak of this machine (GFLOP/s): the best of a few large square
@@ -643,17 +635,7 @@ pub fn cpu_gemm_peak_gflops() -> f64 {
     let mut best = f64::INFINITY;
     for rep in 0..=CPU_PEAK_GEMM_REPS {
         let start = Instant::now();
-        matmul(
-            &mut c,
-            &a,
-            Transpose::No,
-            &b,
-            Transpose::No,
-            n,
-            n,
-            n,
-            Accumulate::Overwrite,
-        );
+        matmul(&mut c, &a, &b, Gemm::nn(n, n, n));
         let seconds = start.elapsed().as_secs_f64();
         if rep > 0 {
             best = best.min(seconds);

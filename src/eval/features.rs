@@ -13,6 +13,7 @@ use crate::backend::cuda::ResolvedDevice;
 use crate::backend::{Backend, Buffers};
 use crate::error::{Error, Result};
 use crate::nn::{Vit, VitWorkspaces};
+use std::ops::{Deref, DerefMut};
 
 /// Images per forward. An inference workspace holds about 30 f32 per token and channel
 /// (stream, attention and MLP buffers, operand copies, the final norm): for ViT-L/14 at 224 px
@@ -36,14 +37,24 @@ pub struct Features {
     pub patch_mean: Option<Vec<f32>>,
 }
 
-/// A value borrowed from the caller or owned by the extractor.
-enum Held<'a, T> {
-    Borrowed(&'a mut T),
+/// A value borrowed from the caller (`R`: a reference to `T`) or owned by the extractor.
+enum Held<R, T> {
+    Borrowed(R),
     Owned(T),
 }
 
-impl<T> Held<'_, T> {
-    fn get(&mut self) -> &mut T {
+impl<R: Deref<Target = T>, T> Deref for Held<R, T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        match self {
+            Held::Borrowed(t) => t,
+            Held::Owned(t) => t,
+        }
+    }
+}
+
+impl<R: DerefMut<Target = T>, T> DerefMut for Held<R, T> {
+    fn deref_mut(&mut self) -> &mut T {
         match self {
             Held::Borrowed(t) => t,
             Held::Owned(t) => t,
@@ -65,17 +76,12 @@ trait ChunkForward {
 }
 
 struct OnBackend<'a, B: Backend> {
-    be: Held<'a, B>,
-    weights: WeightsRef<'a, B>,
+    be: Held<&'a mut B, B>,
+    weights: Held<&'a B::Weights, B::Weights>,
     /// Replaced (dropping the old workspace) when the chunk shape changes, so at most one
     /// workspace is resident.
     runner: Option<VitWorkspaces<B>>,
     shape: Option<(usize, usize)>,
-}
-
-enum WeightsRef<'a, B: Backend> {
-    Borrowed(&'a B::Weights),
-    Owned(B::Weights),
 }
 
 impl<B: Backend> ChunkForward for OnBackend<'_, B> {
@@ -92,11 +98,7 @@ impl<B: Backend> ChunkForward for OnBackend<'_, B> {
             self.shape = Some((b, size));
         }
         let runner = self.runner.get_or_insert_with(|| VitWorkspaces::new(vit));
-        let w = match &self.weights {
-            WeightsRef::Borrowed(w) => *w,
-            WeightsRef::Owned(w) => w,
-        };
-        let be = self.be.get();
+        let (be, w) = (&mut *self.be, &*self.weights);
         let out = runner.forward_inference(be, vit, w, images, (b, size, size))?;
         let cls = be.download_f32(&out.cls)?;
         let patch = match patch_mean {
@@ -107,10 +109,7 @@ impl<B: Backend> ChunkForward for OnBackend<'_, B> {
     }
 
     fn device_name(&self) -> String {
-        match &self.be {
-            Held::Borrowed(be) => be.describe(),
-            Held::Owned(be) => be.describe(),
-        }
+        self.be.describe()
     }
 }
 
@@ -123,10 +122,20 @@ pub struct FeatureExtractor<'a> {
 }
 
 impl<'a> FeatureExtractor<'a> {
-    fn with(vit: &'a Vit, inner: Box<dyn ChunkForward + 'a>) -> Self {
+    fn with<B: Backend + 'a>(
+        vit: &'a Vit,
+        be: Held<&'a mut B, B>,
+        weights: Held<&'a B::Weights, B::Weights>,
+    ) -> Self {
+        let inner = OnBackend {
+            be,
+            weights,
+            runner: None,
+            shape: None,
+        };
         FeatureExtractor {
             vit,
-            inner,
+            inner: Box::new(inner),
             chunk: DEVICE_CHUNK,
         }
     }
@@ -137,38 +146,20 @@ impl<'a> FeatureExtractor<'a> {
         vit: &'a Vit,
         weights: &'a B::Weights,
     ) -> Self {
-        let inner = OnBackend {
-            be: Held::Borrowed(be),
-            weights: WeightsRef::Borrowed(weights),
-            runner: None,
-            shape: None,
-        };
-        Self::with(vit, Box::new(inner))
+        Self::with(vit, Held::Borrowed(be), Held::Borrowed(weights))
     }
 
     /// A backbone on `be` from host parameters, uploaded for this extractor.
     pub fn uploading<B: Backend + 'a>(be: &'a mut B, vit: &'a Vit, params: &[f32]) -> Result<Self> {
         let weights = be.weights(params)?;
-        let inner = OnBackend {
-            be: Held::Borrowed(be),
-            weights: WeightsRef::Owned(weights),
-            runner: None,
-            shape: None,
-        };
-        Ok(Self::with(vit, Box::new(inner)))
+        Ok(Self::with(vit, Held::Borrowed(be), Held::Owned(weights)))
     }
 
     /// The CPU backbone (f32) on host parameters.
     pub fn cpu(vit: &'a Vit, params: &[f32]) -> Result<Self> {
         let mut be = CpuBackend::default();
         let weights = be.weights(params)?;
-        let inner = OnBackend {
-            be: Held::Owned(be),
-            weights: WeightsRef::Owned(weights),
-            runner: None,
-            shape: None,
-        };
-        Ok(Self::with(vit, Box::new(inner)))
+        Ok(Self::with(vit, Held::Owned(be), Held::Owned(weights)))
     }
 
     /// On a resolved device, with `params` uploaded to it.

@@ -7,7 +7,8 @@
 //! `TEST_CHUNK · n_train` similarities beyond the inputs (10 MB for 10k training images); the
 //! training features are not copied (their inverse norms scale the similarity columns).
 
-use crate::backend::cpu::{matmul, Accumulate, Transpose};
+use crate::backend::cpu::matmul;
+use crate::backend::{Gemm, Transpose};
 use crate::error::{Error, Result};
 use rayon::prelude::*;
 
@@ -109,17 +110,8 @@ pub fn knn_classify(
             }
         }
         let sims = &mut sims[..rows * n_train];
-        matmul(
-            sims,
-            &test_n[..rows * dim],
-            Transpose::No,
-            train_features,
-            Transpose::Yes,
-            rows,
-            dim,
-            n_train,
-            Accumulate::Overwrite,
-        );
+        let g = Gemm::nn(rows, dim, n_train).t(Transpose::No, Transpose::Yes);
+        matmul(sims, &test_n[..rows * dim], train_features, g);
         sims.par_chunks_mut(n_train)
             .zip(topk_sims[c0 * max_k..(c0 + rows) * max_k].par_chunks_mut(max_k))
             .zip(topk_idx[c0 * max_k..(c0 + rows) * max_k].par_chunks_mut(max_k))

@@ -207,14 +207,14 @@ impl Fixture {
 
 /// Runs the project's code on the fixture's inputs on `be` and returns every `out.*` tensor.
 /// Every case is written once, over the backend seam; host computations (schedules, parameter
-/// groups, k-NN, the position-embedding resampling) run on the host whatever `be` is.
+/// groups, k-NN) run on the host whatever `be` is.
 pub fn compute<B: Backend>(fx: &Fixture, be: &mut B) -> Result<Outputs> {
     match fx.case.as_str() {
         "layernorm" => nn_cases::layernorm(fx, be),
         "attention" => nn_cases::attention(fx, be),
         "block" => nn_cases::block(fx, be),
         "vit_forward" => nn_cases::vit_forward(fx, be),
-        "pos_interp" => nn_cases::pos_interp(fx),
+        "pos_interp" => nn_cases::pos_interp(fx, be),
         "dino_head" => nn_cases::dino_head(fx, be),
         "dino_loss_centering" | "dino_loss_sinkhorn" => ssl_cases::dino_loss(fx, be),
         "ibot_loss" => ssl_cases::ibot_loss(fx, be),
@@ -246,8 +246,8 @@ pub fn compute_on(fx: &Fixture, device: &mut ResolvedDevice) -> Result<Outputs> 
 /// The tolerance `fx` is judged by on `device`, stated per case before any GPU run: the
 /// fixture's own, except on CUDA where bf16 operands enter (one bf16 rounding is a relative
 /// error of at most 2^-9 ≈ 2e-3 per operand; ‖out − ref‖/‖ref‖ of a bf16 GEMM lands between
-/// 1e-3 and 1e-2, GPU.md). Host cases (schedules, parameter groups, k-NN, the position-embedding
-/// resampling) and cases on the GPU in f32 (LayerNorm, the losses, Sinkhorn, KoLeo, clipping,
+/// 1e-3 and 1e-2, GPU.md). Host cases (schedules, parameter groups, k-NN) and cases on the GPU in
+/// f32 (the position-embedding resampling, LayerNorm, the losses, Sinkhorn, KoLeo, clipping,
 /// EMA, AdamW) keep the fixture's tolerance on CUDA too.
 pub fn tolerance_on(fx: &Fixture, device: &ResolvedDevice) -> f64 {
     let bf16_tol: f64 = match fx.case.as_str() {

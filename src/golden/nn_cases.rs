@@ -178,7 +178,7 @@ pub(super) fn block<B: Backend>(fx: &Fixture, be: &mut B) -> Result<Outputs> {
     Ok(o)
 }
 
-pub(super) fn pos_interp(fx: &Fixture) -> Result<Outputs> {
+pub(super) fn pos_interp<B: Backend>(fx: &Fixture, be: &mut B) -> Result<Outputs> {
     let m = fx.param_usize("M")?;
     let d = fx.param_usize("embed_dim")?;
     let (h, w) = (fx.param_usize("input_h")?, fx.param_usize("input_w")?);
@@ -191,17 +191,23 @@ pub(super) fn pos_interp(fx: &Fixture) -> Result<Outputs> {
     };
     let mut table = ParamTable::new();
     let pos = PosEmbed::new(&mut table, "", m, d, offset, resampling);
-    let params = load_params(fx, "", &table)?;
-    let plan = pos.plan(h, w, gh, gw);
+    let weights = be.weights(&load_params(fx, "", &table)?)?;
+    let mut bufs = pos.bufs(be, (h, w), (gh, gw))?;
     let n = 1 + gh * gw;
-    let dy = fx.input_shaped("grad_pos_embed_interp", &[1, n, d])?;
-    let mut y = vec![0f32; n * d];
-    pos.forward(&mut y, &params, &plan);
-    let mut grads = vec![0f32; table.len()];
-    pos.backward(&mut grads, &dy.data, &plan);
+    let dy = upload(
+        be,
+        &fx.input_shaped("grad_pos_embed_interp", &[1, n, d])?.data,
+    )?;
+    let y = {
+        let y = pos.forward(be, &mut bufs, &weights)?;
+        be.download_f32(&y)?
+    };
+    let mut grads = be.alloc_f32(table.len())?;
+    let (dcls, dgrid) = (dy.window(0..d)?, dy.window(d..n * d)?);
+    pos.backward(be, &mut bufs, &mut grads, &dcls, &dgrid)?;
     let mut o = Outputs::new();
     put(&mut o, "pos_embed_interp", &[1, n, d], y)?;
-    param_grads(&mut o, "", &table, &grads)?;
+    param_grads(&mut o, "", &table, &be.download_f32(&grads)?)?;
     Ok(o)
 }
 

@@ -11,7 +11,9 @@ use super::branch::Dims;
 use super::drop_path::{check_rate, draw_subset, DropPath, Subset};
 use super::embed::{EmbedBufs, ImageGrad, Indices};
 use super::{Vit, VitConfig, VitOutput};
-use crate::backend::{Accumulate, Backend, LnSaved, NormShape, PatchLayout, Storage, WeightStore};
+use crate::backend::{
+    check_lens, Accumulate, Backend, LnSaved, NormShape, PatchLayout, Storage, WeightStore,
+};
 use crate::error::{Error, Result};
 
 /// The backbone's outputs after the final LayerNorm (f32), owned by the workspace of their size.
@@ -84,11 +86,7 @@ impl<B: Backend> Workspace<B> {
         let out = VitOutputBufs {
             cls: be.alloc_f32(b * d)?,
             patch: be.alloc_f32(b * n * d)?,
-            reg: if r > 0 {
-                Some(be.alloc_f32(b * r * d)?)
-            } else {
-                None
-            },
+            reg: (r > 0).then(|| be.alloc_f32(b * r * d)).transpose()?,
             b,
             n_patches: n,
             n_registers: r,
@@ -111,11 +109,7 @@ impl<B: Backend> Workspace<B> {
             norm_rstd: be.alloc_f32(b * t)?,
             cls_rows: Indices::iota(be, b)?,
             patch_rows: Indices::iota(be, b * n)?,
-            reg_rows: if r > 0 {
-                Some(Indices::iota(be, b * r)?)
-            } else {
-                None
-            },
+            reg_rows: (r > 0).then(|| Indices::iota(be, b * r)).transpose()?,
             out,
             grad,
             forwarded: false,
@@ -187,21 +181,13 @@ impl<B: Backend> Workspace<B> {
     ) -> Result<Option<Vec<f32>>> {
         let l = self.embed.layout;
         let (b, n, r, c, t) = (l.batch, l.patches, l.registers, l.channels, l.tokens());
-        let check = |what: &str, len: usize, want: usize| {
-            if len == want {
-                Ok(())
-            } else {
-                Err(Error::shape(
-                    "vit backward",
-                    format!("{what} holds {len} values, expected {want}"),
-                ))
-            }
-        };
-        check("d_cls", d.cls.len(), b * c)?;
-        check("d_patch", d.patch.len(), b * n * c)?;
-        if let Some(dr) = d.reg {
-            check("d_reg", dr.len(), b * r * c)?;
-        }
+        let d_reg = d.reg.map_or(b * r * c, |dr| dr.len());
+        let lens = [
+            ("d_cls", d.cls.len(), b * c),
+            ("d_patch", d.patch.len(), b * n * c),
+            ("d_reg", d_reg, b * r * c),
+        ];
+        check_lens("vit backward", &lens)?;
         let [cls_at, patch_at, reg_at] = self.layouts();
         let g = self
             .grad

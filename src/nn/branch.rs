@@ -186,20 +186,7 @@ pub fn branch_forward<B: Backend>(
             be.layernorm_forward(NormOut::Half(&mut *ln_out), stats, input, p, shape)
         })?;
     }
-    body_forward(be, body, w, bufs, dims)
-}
-
-/// The body of a branch from `bufs.ln_out` into `bufs.y` (`samples · t` rows).
-pub fn body_forward<B: Backend>(
-    be: &mut B,
-    body: Body<'_>,
-    w: &B::Weights,
-    bufs: &mut BranchBufs<B>,
-    dims: Dims,
-) -> Result<()> {
-    let Dims { b, t, d } = dims;
-    let (bs, _) = bufs.samples(b);
-    let rows = bs * t;
+    // The body from `ln_out` into `y`.
     let ln_out = bufs.ln_out.head(rows * d)?;
     let mut y = bufs.y.head_mut(rows * d)?;
     match (body, &mut bufs.body) {
@@ -207,9 +194,7 @@ pub fn body_forward<B: Backend>(
             attn.forward(be, a, &mut y, &ln_out, w, (bs, t))
         }
         (Body::Ffn(ffn), BodyBufs::Ffn(f)) => ffn.forward(be, f, &mut y, &ln_out, w, rows),
-        _ => Err(Error::Unsupported(
-            "branch: buffers built for another body".into(),
-        )),
+        _ => Err(other_body()),
     }
 }
 
@@ -348,7 +333,28 @@ pub fn branch_backward<B: Backend>(
                 }
             }
         };
-        body_backward(be, parts.body, w, grads, bufs, scratch, dy_f32, (bs, t, d))?;
+        // The body's backward into `scratch.narrow` (the gradient of the LayerNorm output).
+        let ln_out = bufs.ln_out.head(rows * d)?;
+        let dy = scratch.narrow_half.head(rows * d)?;
+        let mut dln = scratch.narrow.head_mut(rows * d)?;
+        let dy = (&*dy, dy_f32);
+        match (parts.body, &bufs.body) {
+            (Body::Attention(attn), BodyBufs::Attention(a)) => {
+                let [mut dqkv, mut datt] = scratch
+                    .wide_half
+                    .windows_mut([0..rows * 3 * d, rows * 3 * d..rows * 4 * d])?;
+                let s = AttnScratch {
+                    dqkv: &mut *dqkv,
+                    datt: &mut *datt,
+                };
+                attn.backward(be, grads, &mut dln, s, dy, a, &ln_out, w, (bs, t))?
+            }
+            (Body::Ffn(ffn), BodyBufs::Ffn(f)) => {
+                let wide = (&mut *scratch.wide, &mut *scratch.wide_half);
+                ffn.backward(be, grads, &mut dln, wide, dy, f, &ln_out, w, rows)?
+            }
+            _ => return Err(other_body()),
+        }
     }
     // LayerNorm backward from dln (in scratch.narrow) to the stream.
     let dln = scratch.narrow.head(rows * d)?;
@@ -399,61 +405,6 @@ pub fn branch_backward<B: Backend>(
     }
 }
 
-/// Backward of the body from the gradient of the branch output before LayerScale (operand in
-/// `scratch.narrow_half`, `[rows, d]`; `dy_f32` its f32 form where at hand) to `scratch.narrow`
-/// (gradient of the LayerNorm output, written).
-#[allow(clippy::too_many_arguments)]
-pub fn body_backward<B: Backend>(
-    be: &mut B,
-    body: Body<'_>,
-    w: &B::Weights,
-    grads: &mut B::F32,
-    bufs: &BranchBufs<B>,
-    scratch: &mut BodyScratch<B>,
-    dy_f32: Option<&B::F32>,
-    (bs, t, d): (usize, usize, usize),
-) -> Result<()> {
-    let rows = bs * t;
-    let ln_out = bufs.ln_out.head(rows * d)?;
-    let dy = scratch.narrow_half.head(rows * d)?;
-    let mut dln = scratch.narrow.head_mut(rows * d)?;
-    match (body, &bufs.body) {
-        (Body::Attention(attn), BodyBufs::Attention(a)) => {
-            let [mut dqkv, mut datt] = scratch
-                .wide_half
-                .windows_mut([0..rows * 3 * d, rows * 3 * d..rows * 4 * d])?;
-            let s = AttnScratch {
-                dqkv: &mut *dqkv,
-                datt: &mut *datt,
-            };
-            attn.backward(
-                be,
-                grads,
-                &mut dln,
-                s,
-                (&dy, dy_f32),
-                a,
-                &ln_out,
-                w,
-                (bs, t),
-            )
-        }
-        (Body::Ffn(ffn), BodyBufs::Ffn(f)) => {
-            let wide = (&mut *scratch.wide, &mut *scratch.wide_half);
-            ffn.backward(
-                be,
-                grads,
-                &mut dln,
-                wide,
-                (&dy, dy_f32),
-                f,
-                &ln_out,
-                w,
-                rows,
-            )
-        }
-        _ => Err(Error::Unsupported(
-            "branch: buffers built for another body".into(),
-        )),
-    }
+fn other_body() -> Error {
+    Error::Unsupported("branch: buffers built for another body".into())
 }

@@ -14,8 +14,8 @@ use super::attention::LINEAR_INIT;
 use super::linear::{Bias, Linear};
 use super::params::{Init, ParamRef, ParamTable};
 use crate::backend::{
-    Accumulate, Backend, Gemm, Grow, InputGrad, LinearOut, NormShape, Storage, Transpose,
-    WeightStore,
+    workspace, Accumulate, Backend, Gemm, Grow, InputGrad, LinearOut, NormShape, Storage,
+    Transpose, WeightStore,
 };
 use crate::error::{Error, Result};
 
@@ -121,79 +121,46 @@ impl<B: Backend> Prototypes<B> {
     }
 }
 
-/// What one head call saves for its backward (also its output, `logits`). Buffers keep their
-/// capacity across steps; `n` may change from call to call.
-pub struct HeadCache<B: Backend> {
-    n: usize,
-    x_half: Grow<B::BufHalf>,    // [n, in_dim]
-    pre0: Grow<B::BufF32>,       // [n, hidden] after the bias (GELU input)
-    act0: Grow<B::BufHalf>,      // [n, hidden]
-    pre2: Grow<B::BufF32>,       // [n, hidden]
-    act2: Grow<B::BufHalf>,      // [n, hidden]
-    y: Grow<B::BufF32>,          // [n, bn] before normalisation
-    z: Grow<B::BufF32>,          // [n, bn] normalised
-    z_half: Grow<B::BufHalf>,    // [n, bn]
-    y_norm: Grow<B::BufF32>,     // [n] max(‖y‖, eps)
-    pub logits: Grow<B::BufF32>, // [n, k]
-}
-
-impl<B: Backend> Default for HeadCache<B> {
-    fn default() -> Self {
-        HeadCache {
-            n: 0,
-            x_half: Grow::default(),
-            pre0: Grow::default(),
-            act0: Grow::default(),
-            pre2: Grow::default(),
-            act2: Grow::default(),
-            y: Grow::default(),
-            z: Grow::default(),
-            z_half: Grow::default(),
-            y_norm: Grow::default(),
-            logits: Grow::default(),
-        }
+workspace! {
+    /// What one head call saves for its backward (also its output, `logits`). Buffers keep their
+    /// capacity across steps; `n` may change from call to call.
+    pub struct HeadCache<B: Backend> {
+        n: usize,
+        x_half: Grow<B::BufHalf>,    // [n, in_dim]
+        pre0: Grow<B::BufF32>,       // [n, hidden] after the bias (GELU input)
+        act0: Grow<B::BufHalf>,      // [n, hidden]
+        pre2: Grow<B::BufF32>,       // [n, hidden]
+        act2: Grow<B::BufHalf>,      // [n, hidden]
+        y: Grow<B::BufF32>,          // [n, bn] before normalisation
+        z: Grow<B::BufF32>,          // [n, bn] normalised
+        z_half: Grow<B::BufHalf>,    // [n, bn]
+        y_norm: Grow<B::BufF32>,     // [n] max(‖y‖, eps)
+        pub logits: Grow<B::BufF32>, // [n, k]
     }
 }
 
 impl<B: Backend> HeadCache<B> {
-    /// Sizes every buffer for `rows` rows (allocating only beyond the capacity), or with
-    /// `reserve`, only makes the capacity at least that.
-    fn size(&mut self, be: &mut B, head: &DinoHead, rows: usize, reserve: bool) -> Result<()> {
+    /// Sizes every buffer for `rows` rows (allocating only beyond the capacity).
+    fn size(&mut self, be: &mut B, head: &DinoHead, rows: usize) -> Result<()> {
         let (in_dim, hidden, bn, k) = head.dims();
-        fn go<Buf, S>(
-            g: &mut Grow<Buf>,
-            len: usize,
-            reserve: bool,
-            alloc: impl FnOnce(usize) -> Result<Buf>,
-        ) -> Result<()>
-        where
-            Buf: std::ops::DerefMut<Target = S>,
-            S: Storage + ?Sized,
-        {
-            if reserve {
-                g.reserve(len, alloc)
-            } else {
-                g.resize(len, alloc)
-            }
-        }
-        go(&mut self.x_half, rows * in_dim, reserve, |l| {
-            be.alloc_half(l)
-        })?;
-        go(&mut self.pre0, rows * hidden, reserve, |l| be.alloc_f32(l))?;
-        go(&mut self.act0, rows * hidden, reserve, |l| be.alloc_half(l))?;
-        go(&mut self.pre2, rows * hidden, reserve, |l| be.alloc_f32(l))?;
-        go(&mut self.act2, rows * hidden, reserve, |l| be.alloc_half(l))?;
-        go(&mut self.y, rows * bn, reserve, |l| be.alloc_f32(l))?;
-        go(&mut self.z, rows * bn, reserve, |l| be.alloc_f32(l))?;
-        go(&mut self.z_half, rows * bn, reserve, |l| be.alloc_half(l))?;
-        go(&mut self.y_norm, rows, reserve, |l| be.alloc_f32(l))?;
-        go(&mut self.logits, rows * k, reserve, |l| be.alloc_f32(l))
+        self.x_half.resize(rows * in_dim, |l| be.alloc_half(l))?;
+        self.pre0.resize(rows * hidden, |l| be.alloc_f32(l))?;
+        self.act0.resize(rows * hidden, |l| be.alloc_half(l))?;
+        self.pre2.resize(rows * hidden, |l| be.alloc_f32(l))?;
+        self.act2.resize(rows * hidden, |l| be.alloc_half(l))?;
+        self.y.resize(rows * bn, |l| be.alloc_f32(l))?;
+        self.z.resize(rows * bn, |l| be.alloc_f32(l))?;
+        self.z_half.resize(rows * bn, |l| be.alloc_half(l))?;
+        self.y_norm.resize(rows, |l| be.alloc_f32(l))?;
+        self.logits.resize(rows * k, |l| be.alloc_f32(l))
     }
 
     /// Capacity for `rows` rows of `head` (a row count that varies per step, such as the masked
-    /// patches, then never reallocates below its bound).
+    /// patches, then never reallocates below its bound); the lengths stay those of the last
+    /// forward.
     pub fn reserve(&mut self, be: &mut B, head: &DinoHead, rows: usize) -> Result<()> {
-        self.size(be, head, rows, true)
+        self.size(be, head, rows)?;
+        self.size(be, head, self.n)
     }
 
     /// Rows of the last forward.
@@ -202,56 +169,31 @@ impl<B: Backend> HeadCache<B> {
     }
 }
 
-/// Backward scratch shared by every head call of a step (backward calls run one at a time).
-pub struct HeadScratch<B: Backend> {
-    d_out_half: Grow<B::BufHalf>, // [n, k]
-    dz: Grow<B::BufF32>,          // [n, bn]
-    dy: Grow<B::BufF32>,          // [n, bn]
-    dy_half: Grow<B::BufHalf>,    // [n, bn]
-    dact: Grow<B::BufF32>,        // [n, hidden]
-    dpre_half: Grow<B::BufHalf>,  // [n, hidden]
-    dw: Grow<B::BufF32>,          // [k, bn] dL/dW of the effective prototypes
-}
-
-impl<B: Backend> Default for HeadScratch<B> {
-    fn default() -> Self {
-        HeadScratch {
-            d_out_half: Grow::default(),
-            dz: Grow::default(),
-            dy: Grow::default(),
-            dy_half: Grow::default(),
-            dact: Grow::default(),
-            dpre_half: Grow::default(),
-            dw: Grow::default(),
-        }
+workspace! {
+    /// Backward scratch shared by every head call of a step (backward calls run one at a time).
+    pub struct HeadScratch<B: Backend> {
+        d_out_half: Grow<B::BufHalf>, // [n, k]
+        dz: Grow<B::BufF32>,          // [n, bn]
+        dy: Grow<B::BufF32>,          // [n, bn]
+        dy_half: Grow<B::BufHalf>,    // [n, bn]
+        dact: Grow<B::BufF32>,        // [n, hidden]
+        dpre_half: Grow<B::BufHalf>,  // [n, hidden]
+        dw: Grow<B::BufF32>,          // [k, bn] dL/dW of the effective prototypes
     }
 }
 
 impl<B: Backend> HeadScratch<B> {
-    /// Capacity for backward calls of up to `rows` rows of `head`.
-    pub fn reserve(&mut self, be: &mut B, head: &DinoHead, rows: usize) -> Result<()> {
-        self.size(be, head, rows, true)
-    }
-
-    fn size(&mut self, be: &mut B, head: &DinoHead, n: usize, reserve: bool) -> Result<()> {
+    /// Sizes every buffer for backward calls of `n` rows of `head` (a backward sizes it for its
+    /// own rows first, so a larger size is a reservation).
+    pub fn reserve(&mut self, be: &mut B, head: &DinoHead, n: usize) -> Result<()> {
         let (_, hidden, bn, k) = head.dims();
-        macro_rules! size {
-            ($g:expr, $len:expr, $alloc:ident) => {
-                if reserve {
-                    $g.reserve($len, |l| be.$alloc(l))?
-                } else {
-                    $g.resize($len, |l| be.$alloc(l))?
-                }
-            };
-        }
-        size!(self.d_out_half, n * k, alloc_half);
-        size!(self.dz, n * bn, alloc_f32);
-        size!(self.dy, n * bn, alloc_f32);
-        size!(self.dy_half, n * bn, alloc_half);
-        size!(self.dact, n * hidden, alloc_f32);
-        size!(self.dpre_half, n * hidden, alloc_half);
-        size!(self.dw, k * bn, alloc_f32);
-        Ok(())
+        self.d_out_half.resize(n * k, |l| be.alloc_half(l))?;
+        self.dz.resize(n * bn, |l| be.alloc_f32(l))?;
+        self.dy.resize(n * bn, |l| be.alloc_f32(l))?;
+        self.dy_half.resize(n * bn, |l| be.alloc_half(l))?;
+        self.dact.resize(n * hidden, |l| be.alloc_f32(l))?;
+        self.dpre_half.resize(n * hidden, |l| be.alloc_half(l))?;
+        self.dw.resize(k * bn, |l| be.alloc_f32(l))
     }
 }
 
@@ -275,7 +217,7 @@ impl DinoHead {
             ));
         }
         cache.n = n;
-        cache.size(be, self, n, false)?;
+        cache.size(be, self, n)?;
         if n == 0 {
             return Ok(());
         }
@@ -345,7 +287,7 @@ impl DinoHead {
         if n == 0 {
             return Ok(());
         }
-        scratch.size(be, self, n, false)?;
+        scratch.reserve(be, self, n)?;
         // logits = z · Wᵀ: dz = d_logits · W, dW = d_logitsᵀ · z.
         let mut d_out_half = scratch.d_out_half.get_mut()?;
         be.cast_to_half(&mut d_out_half, d_logits)?;

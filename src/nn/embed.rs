@@ -1,13 +1,11 @@
 //! The token embedding at one input size, forward and backward: patch embedding (images
 //! unfolded on the host, one GEMM), mask-token substitution, the position embedding (resampled
-//! on the device by two f32 GEMMs with the plan's bicubic weights when the crop size differs
-//! from the construction size) and the token assembly `[cls, registers, patches]`.
+//! on the device when the crop size differs from the construction size, [`super::pos_embed`]) and the token assembly `[cls, registers, patches]`.
 
-use super::pos_embed::PosPlan;
+use super::pos_embed::PosBufs;
 use super::Vit;
 use crate::backend::{
-    Accumulate, Backend, Gemm, GemmBatch, InputGrad, LinearOut, PatchLayout, Storage, TokenLayout,
-    Transpose, WeightStore,
+    Accumulate, Backend, InputGrad, LinearOut, PatchLayout, Storage, TokenLayout, WeightStore,
 };
 use crate::error::{Error, Result};
 
@@ -34,16 +32,6 @@ impl<B: Backend> Indices<B> {
     }
 }
 
-/// The position-embedding resampling: the separable bicubic weights of the plan (fixed per
-/// crop size, uploaded once) applied with two f32 GEMMs, forward and backward.
-struct Resample<B: Backend> {
-    gh: usize,
-    gw: usize,
-    wr: B::BufF32,  // [gh, M] row weights
-    wc: B::BufF32,  // [gw, M] column weights
-    tmp: B::BufF32, // [gh, M·d] rows resampled (forward) / its gradient (backward)
-}
-
 /// Backward buffers of the embedding (training workspaces only).
 struct EmbedGrad<B: Backend> {
     dtok: B::BufF32, // [t·d] token gradients summed over the batch
@@ -62,9 +50,7 @@ pub struct EmbedBufs<B: Backend> {
     masks_host: Vec<u8>, // [b·n]
     masks: B::BufU8,     // [b·n]
     masked: bool,        // the last forward substituted mask tokens
-    plan: PosPlan,
-    resample: Option<Resample<B>>,
-    pos: B::BufF32, // [(1 + n)·d] the resampled embedding
+    pos: PosBufs<B>,
     grad: Option<EmbedGrad<B>>,
 }
 
@@ -86,27 +72,6 @@ impl<B: Backend> EmbedBufs<B> {
             registers: vit.cfg.num_register_tokens,
             channels: d,
         };
-        let plan = vit.pos.plan(h, w, gh, gw);
-        let resample = match &plan {
-            PosPlan::Identity => None,
-            PosPlan::Resample { gh, gw, wr, wc } => {
-                let m = vit.pos.grid;
-                let mut upload = |host: &[f32]| -> Result<B::BufF32> {
-                    let mut buf = be.alloc_f32(host.len())?;
-                    be.upload_f32(&mut buf, host)?;
-                    Ok(buf)
-                };
-                let (wr, wc) = (upload(wr)?, upload(wc)?);
-                Some(Resample {
-                    gh: *gh,
-                    gw: *gw,
-                    wr,
-                    wc,
-                    tmp: be.alloc_f32(gh * m * d)?,
-                })
-            }
-        };
-        let pos_len = if resample.is_some() { (1 + n) * d } else { 0 };
         let grad = if with_grad {
             Some(EmbedGrad {
                 dtok: be.alloc_f32(layout.tokens() * d)?,
@@ -125,9 +90,7 @@ impl<B: Backend> EmbedBufs<B> {
             masks_host: vec![0; b * n],
             masks: be.alloc_u8(b * n)?,
             masked: false,
-            plan,
-            resample,
-            pos: be.alloc_f32(pos_len)?,
+            pos: vit.pos.bufs(be, (h, w), (gh, gw))?,
             grad,
         })
     }
@@ -168,35 +131,7 @@ impl<B: Backend> EmbedBufs<B> {
             .register_tokens
             .map(|r| w.f32().window(r.range()))
             .transpose()?;
-        let param = w.f32().window(vit.pos.pos_embed.range())?; // [1 + M², d]
-        let pos = match (&self.plan, self.resample.as_mut()) {
-            (PosPlan::Identity, _) => param,
-            (PosPlan::Resample { .. }, Some(rs)) => {
-                let m = vit.pos.grid;
-                let len = (1 + rs.gh * rs.gw) * d;
-                // pos[0] = pos_embed[0] (the CLS row is not resampled).
-                be.copy_f32(&mut *self.pos.window_mut(0..d)?, &*param.window(0..d)?)?;
-                // tmp [gh, M·d] = wr [gh, M] · grid [M, M·d]
-                let grid = param.window(d..(1 + m * m) * d)?;
-                let single = GemmBatch::single(Gemm::nn(rs.gh, m, m * d));
-                be.matmul_f32(&mut rs.tmp, &rs.wr, &grid, single)?;
-                // pos row block i [gw, d] = wc [gw, M] · tmp_i [M, d], for every i < gh.
-                let blocks = GemmBatch {
-                    gemm: Gemm::nn(rs.gw, m, d),
-                    batch: rs.gh,
-                    stride_a: 0,
-                    stride_b: m * d,
-                    stride_c: rs.gw * d,
-                };
-                be.matmul_f32(&mut *self.pos.window_mut(d..len)?, &rs.wc, &rs.tmp, blocks)?;
-                self.pos.window(0..len)?
-            }
-            (PosPlan::Resample { .. }, None) => {
-                return Err(Error::Unsupported(
-                    "embedding: resampling weights missing".into(),
-                ))
-            }
-        };
+        let pos = vit.pos.forward(be, &mut self.pos, w)?;
         be.assemble_tokens(x0, &self.pe, &cls, reg.as_deref(), &pos, self.layout)
     }
 
@@ -231,36 +166,9 @@ impl<B: Backend> EmbedBufs<B> {
         if let Some(reg) = vit.register_tokens {
             add_rows(be, grads, reg.range(), &g.dtok, d)?;
         }
-        let pos = vit.pos.pos_embed;
-        add_rows(be, grads, pos.offset..pos.offset + d, &g.dtok, 0)?;
-        let grid_rows = pos.offset + d..pos.offset + pos.len;
-        match (&self.plan, self.resample.as_mut()) {
-            (PosPlan::Identity, _) => add_rows(be, grads, grid_rows, &g.dtok, (1 + r) * d)?,
-            (PosPlan::Resample { .. }, Some(rs)) => {
-                let m = vit.pos.grid;
-                // dtmp_i [M, d] = wcᵀ [M, gw] · dpos_i [gw, d]
-                let dgrid = g.dtok.window((1 + r) * d..t * d)?;
-                let blocks = GemmBatch {
-                    gemm: Gemm::nn(m, rs.gw, d).t(Transpose::Yes, Transpose::No),
-                    batch: rs.gh,
-                    stride_a: 0,
-                    stride_b: rs.gw * d,
-                    stride_c: m * d,
-                };
-                be.matmul_f32(&mut rs.tmp, &rs.wc, &dgrid, blocks)?;
-                // d grid [M, M·d] += wrᵀ [M, gh] · dtmp [gh, M·d]
-                let gemm = Gemm::nn(m, rs.gh, m * d)
-                    .t(Transpose::Yes, Transpose::No)
-                    .acc(Accumulate::Add);
-                let mut dparam = grads.window_mut(grid_rows)?;
-                be.matmul_f32(&mut dparam, &rs.wr, &rs.tmp, GemmBatch::single(gemm))?;
-            }
-            (PosPlan::Resample { .. }, None) => {
-                return Err(Error::Unsupported(
-                    "embedding: resampling weights missing".into(),
-                ))
-            }
-        }
+        let dcls = g.dtok.window(0..d)?;
+        let dgrid = g.dtok.window((1 + r) * d..t * d)?;
+        vit.pos.backward(be, &mut self.pos, grads, &dcls, &dgrid)?;
         // Patch rows of dx into pe (now the patch-embedding gradient); masked rows feed the
         // mask token instead.
         let patch_layout = PatchLayout {

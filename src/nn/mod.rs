@@ -18,12 +18,10 @@ pub mod embed;
 pub mod ffn;
 pub mod layernorm;
 pub mod linear;
-pub mod mlp;
 pub mod params;
 pub mod patch_embed;
 pub mod pos_embed;
 pub mod presets;
-pub mod swiglu;
 pub mod vit;
 
 pub use backbone::{OutputGrads, VitOutputBufs, VitWorkspaces};

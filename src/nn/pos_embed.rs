@@ -10,10 +10,12 @@
 //!   widens with the downscale factor, taps outside the input dropped, weights normalised.
 //!
 //! Resampling is linear, so it is stored as two small matrices `Wr [gh, M]`, `Wc [gw, M]`:
-//! `out = Wr · P · Wcᵀ` per channel, and backward is `dP = Wrᵀ · dout · Wc`.
+//! `out = Wr · P · Wcᵀ` per channel, and backward is `dP = Wrᵀ · dout · Wc`, both as f32 GEMMs
+//! on the backend.
 
 use super::params::{Init, ParamRef, ParamTable};
-use crate::backend::cpu::{matmul, Accumulate, Transpose};
+use crate::backend::{Accumulate, Backend, Gemm, GemmBatch, Storage, Transpose, WeightStore};
+use crate::error::Result;
 
 /// How the grid is resampled when it must be.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -34,26 +36,18 @@ pub struct PosEmbed {
     pub resampling: Resampling,
 }
 
-/// How the embedding maps to one input grid.
-#[derive(Clone, Debug, PartialEq)]
-pub enum PosPlan {
+/// The embedding for one input grid on a backend: the parameter as is, or resampled with the
+/// plan's weights (fixed per crop size, uploaded once) by two f32 GEMMs forward and backward.
+pub enum PosBufs<B: Backend> {
     Identity,
     Resample {
         gh: usize,
         gw: usize,
-        wr: Vec<f32>, // [gh, M]
-        wc: Vec<f32>, // [gw, M]
+        wr: B::BufF32,  // [gh, M] row weights
+        wc: B::BufF32,  // [gw, M] column weights
+        tmp: B::BufF32, // [gh, M·D] rows resampled (forward) / its gradient (backward)
+        out: B::BufF32, // [1 + gh·gw, D] the resampled embedding
     },
-}
-
-impl PosPlan {
-    /// Patch tokens of the planned grid.
-    pub fn n_patches(&self, grid: usize) -> usize {
-        match self {
-            PosPlan::Identity => grid * grid,
-            PosPlan::Resample { gh, gw, .. } => gh * gw,
-        }
-    }
 }
 
 /// Keys' cubic convolution kernel for |x| ≤ 1.
@@ -150,11 +144,16 @@ impl PosEmbed {
         }
     }
 
-    /// The resampling for an input of `h × w` pixels cut into `gh × gw` patches.
-    pub fn plan(&self, h: usize, w: usize, gh: usize, gw: usize) -> PosPlan {
-        let m = self.grid;
+    /// The resampling for an input of `h × w` pixels cut into `gh × gw` patches, on `be`.
+    pub fn bufs<B: Backend>(
+        &self,
+        be: &mut B,
+        (h, w): (usize, usize),
+        (gh, gw): (usize, usize),
+    ) -> Result<PosBufs<B>> {
+        let (m, d) = (self.grid, self.dim);
         if gh * gw == m * m && h == w {
-            return PosPlan::Identity;
+            return Ok(PosBufs::Identity);
         }
         // Source step per output index: 1/scale_factor with an offset, else M/g (f32 like PyTorch).
         let step = |g: usize| -> f32 {
@@ -165,94 +164,105 @@ impl PosEmbed {
                 m as f32 / g as f32
             }
         };
-        let matrix = |g: usize| match self.resampling {
-            Resampling::Bicubic => bicubic_matrix(m, g, step(g)),
-            Resampling::Antialias => antialias_matrix(m, g, step(g)),
+        let mut matrix = |g: usize| -> Result<B::BufF32> {
+            let host = match self.resampling {
+                Resampling::Bicubic => bicubic_matrix(m, g, step(g)),
+                Resampling::Antialias => antialias_matrix(m, g, step(g)),
+            };
+            let mut buf = be.alloc_f32(host.len())?;
+            be.upload_f32(&mut buf, &host)?;
+            Ok(buf)
         };
-        PosPlan::Resample {
+        let (wr, wc) = (matrix(gh)?, matrix(gw)?);
+        Ok(PosBufs::Resample {
             gh,
             gw,
-            wr: matrix(gh),
-            wc: matrix(gw),
-        }
+            wr,
+            wc,
+            tmp: be.alloc_f32(gh * m * d)?,
+            out: be.alloc_f32((1 + gh * gw) * d)?,
+        })
     }
 
-    /// `out [1 + gh·gw, D]`: the CLS position and the (resampled) grid.
-    pub fn forward(&self, out: &mut [f32], params: &[f32], plan: &PosPlan) {
+    /// `[1 + gh·gw, D]`: the CLS position and the (resampled) grid.
+    pub fn forward<'a, B: Backend>(
+        &self,
+        be: &mut B,
+        bufs: &'a mut PosBufs<B>,
+        w: &'a B::Weights,
+    ) -> Result<<B::F32 as Storage>::Ref<'a>> {
         let (m, d) = (self.grid, self.dim);
-        let pe = &params[self.pos_embed.range()];
-        match plan {
-            PosPlan::Identity => out[..pe.len()].copy_from_slice(pe),
-            PosPlan::Resample { gh, gw, wr, wc } => {
-                let (gh, gw) = (*gh, *gw);
-                out[..d].copy_from_slice(&pe[..d]);
-                let mut tmp = vec![0f32; gh * m * d]; // [gh, M, D]
-                matmul(
-                    &mut tmp,
-                    wr,
-                    Transpose::No,
-                    &pe[d..],
-                    Transpose::No,
-                    gh,
-                    m,
-                    m * d,
-                    Accumulate::Overwrite,
-                );
-                for i in 0..gh {
-                    let dst = &mut out[d + i * gw * d..d + (i + 1) * gw * d];
-                    matmul(
-                        dst,
-                        wc,
-                        Transpose::No,
-                        &tmp[i * m * d..],
-                        Transpose::No,
-                        gw,
-                        m,
-                        d,
-                        Accumulate::Overwrite,
-                    );
-                }
-            }
-        }
+        let param = w.f32().window(self.pos_embed.range())?; // [1 + M², D]
+        let PosBufs::Resample {
+            gh,
+            gw,
+            wr,
+            wc,
+            tmp,
+            out,
+        } = bufs
+        else {
+            return Ok(param);
+        };
+        // out[0] = pos_embed[0] (the CLS row is not resampled).
+        be.copy_f32(&mut *out.window_mut(0..d)?, &*param.window(0..d)?)?;
+        // tmp [gh, M·D] = wr [gh, M] · grid [M, M·D]
+        let grid = param.window(d..(1 + m * m) * d)?;
+        be.matmul_f32(tmp, wr, &grid, GemmBatch::single(Gemm::nn(*gh, m, m * d)))?;
+        // out row block i [gw, D] = wc [gw, M] · tmp_i [M, D], for every i < gh.
+        let blocks = GemmBatch {
+            gemm: Gemm::nn(*gw, m, d),
+            batch: *gh,
+            stride_a: 0,
+            stride_b: m * d,
+            stride_c: *gw * d,
+        };
+        let len = (1 + *gh * *gw) * d;
+        be.matmul_f32(&mut *out.window_mut(d..len)?, wc, tmp, blocks)?;
+        out.window(0..len)
     }
 
-    /// Backward: `dout [1 + gh·gw, D]` accumulates into the `pos_embed` gradient.
-    pub fn backward(&self, grads: &mut [f32], dout: &[f32], plan: &PosPlan) {
+    /// Backward: the gradients of the CLS position `dcls [D]` and of the grid
+    /// `dgrid [gh·gw, D]` accumulate into the `pos_embed` gradient.
+    pub fn backward<B: Backend>(
+        &self,
+        be: &mut B,
+        bufs: &mut PosBufs<B>,
+        grads: &mut B::F32,
+        dcls: &B::F32,
+        dgrid: &B::F32,
+    ) -> Result<()> {
         let (m, d) = (self.grid, self.dim);
-        let dpe = &mut grads[self.pos_embed.range()];
-        match plan {
-            PosPlan::Identity => dpe.iter_mut().zip(dout).for_each(|(g, v)| *g += v),
-            PosPlan::Resample { gh, gw, wr, wc } => {
-                let (gh, gw) = (*gh, *gw);
-                dpe[..d].iter_mut().zip(dout).for_each(|(g, v)| *g += v);
-                let mut dtmp = vec![0f32; gh * m * d]; // [gh, M, D]
-                for i in 0..gh {
-                    let src = &dout[d + i * gw * d..d + (i + 1) * gw * d];
-                    matmul(
-                        &mut dtmp[i * m * d..],
-                        wc,
-                        Transpose::Yes,
-                        src,
-                        Transpose::No,
-                        m,
-                        gw,
-                        d,
-                        Accumulate::Overwrite,
-                    );
-                }
-                matmul(
-                    &mut dpe[d..],
-                    wr,
-                    Transpose::Yes,
-                    &dtmp,
-                    Transpose::No,
-                    m,
-                    gh,
-                    m * d,
-                    Accumulate::Add,
-                );
-            }
-        }
+        let pos = self.pos_embed;
+        let (cls_rows, grid_rows) = (pos.offset..pos.offset + d, pos.offset + d..pos.range().end);
+        // A one-row column sum: a deterministic `+=`.
+        be.column_sum(&mut *grads.window_mut(cls_rows)?, dcls, 1, Accumulate::Add)?;
+        let mut dparam = grads.window_mut(grid_rows)?;
+        let PosBufs::Resample {
+            gh,
+            gw,
+            wr,
+            wc,
+            tmp,
+            ..
+        } = bufs
+        else {
+            return be.column_sum(&mut dparam, dgrid, 1, Accumulate::Add);
+        };
+        // dtmp_i [M, D] = wcᵀ [M, gw] · dout_i [gw, D]
+        let blocks = GemmBatch {
+            gemm: Gemm::nn(m, *gw, d).t(Transpose::Yes, Transpose::No),
+            batch: *gh,
+            stride_a: 0,
+            stride_b: *gw * d,
+            stride_c: m * d,
+        };
+        be.matmul_f32(tmp, wc, dgrid, blocks)?;
+        // d grid [M, M·D] += wrᵀ [M, gh] · dtmp [gh, M·D]
+        let gemm = Gemm::nn(m, *gh, m * d)
+            .t(Transpose::Yes, Transpose::No)
+            .acc(Accumulate::Add);
+        be.matmul_f32(&mut dparam, wr, tmp, GemmBatch::single(gemm))
     }
 }
 

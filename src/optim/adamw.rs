@@ -6,12 +6,31 @@
 //! `lr_g = (last_layer_lr if is_last_layer else lr) · lr_multiplier`, `wd_g = wd · wd_multiplier`.
 
 use super::param_groups::{GroupSettings, ParamGroups};
-pub use crate::backend::cpu::optimizer::AdamHyper;
 use crate::backend::{AdamWBuffers, AdamWStep, Backend, Storage};
 use crate::error::{Error, Result};
 use crate::nn::params::{ParamRef, ParamTable};
 use crate::tensor::Tensor;
 use std::collections::BTreeMap;
+
+/// AdamW constants shared by every parameter, in f64 like PyTorch's Python floats (the
+/// backends form `1 − β` and the bias corrections in f64 and only then round).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdamHyper {
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+}
+
+impl Default for AdamHyper {
+    /// The official values: betas (0.9, 0.999), eps 1e-8.
+    fn default() -> Self {
+        AdamHyper {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+        }
+    }
+}
 
 /// The optimizer state a checkpoint saves: both moments (`[P]`, the flat layout) and the number
 /// of steps taken.

@@ -9,7 +9,7 @@
 //! The pair weights hold the denominators and the gradient scale the loss weight, so the summed
 //! rows are the unweighted terms the logs report and the gradients belong to the weighted total.
 
-use crate::backend::{Backend, Storage};
+use crate::backend::{workspace, Backend, Storage};
 use crate::error::{Error, Result};
 
 /// The official student temperature.
@@ -30,20 +30,12 @@ pub fn dino_loss_denominator(n_local: usize) -> usize {
     2 + (2 * n_local).max(1)
 }
 
-/// The pairing tables of one (B, nl) layout, rebuilt only when it changes.
-pub struct DinoPairs<B: Backend> {
-    key: Option<(usize, usize)>,
-    global: Option<B::Pairs>, // [2B, 1]
-    local: Option<B::Pairs>,  // [nl·B, 2]
-}
-
-impl<B: Backend> Default for DinoPairs<B> {
-    fn default() -> Self {
-        DinoPairs {
-            key: None,
-            global: None,
-            local: None,
-        }
+workspace! {
+    /// The pairing tables of one (B, nl) layout, rebuilt only when it changes.
+    pub struct DinoPairs<B: Backend> {
+        key: Option<(usize, usize)>,
+        global: Option<B::Pairs>, // [2B, 1]
+        local: Option<B::Pairs>,  // [nl·B, 2]
     }
 }
 

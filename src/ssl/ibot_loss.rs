@@ -2,24 +2,16 @@
 //! against teacher row `i`, weighted `masks_weight[i] / n_global_crops` (the official loss
 //! divides by all global crops, masked or not).
 
-use crate::backend::{Backend, Storage};
+use crate::backend::{workspace, Backend, Storage};
 use crate::error::{Error, Result};
 
-/// The pairing table of one step's masks, in a buffer that grows to the largest mask count
-/// (the masks' official upper bound on the first step), so later steps only copy.
-pub struct IbotPairs<B: Backend> {
-    pairs: Option<B::Pairs>,
-    capacity: usize,
-    rows: usize,
-}
-
-impl<B: Backend> Default for IbotPairs<B> {
-    fn default() -> Self {
-        IbotPairs {
-            pairs: None,
-            capacity: 0,
-            rows: 0,
-        }
+workspace! {
+    /// The pairing table of one step's masks, in a buffer that grows to the largest mask count
+    /// (the masks' official upper bound on the first step), so later steps only copy.
+    pub struct IbotPairs<B: Backend> {
+        pairs: Option<B::Pairs>,
+        capacity: usize,
+        rows: usize,
     }
 }
 

@@ -20,7 +20,9 @@ use super::ibot_loss::{ibot_loss_forward_backward, IbotPairs};
 use super::masking::MaskBatch;
 pub use super::model::{HeadConfig, SslModel};
 use super::Method;
-use crate::backend::{Accumulate, Backend, Grow, PatchLayout, Storage, WeightStore};
+use crate::backend::{
+    check_lens, workspace, Accumulate, Backend, Grow, PatchLayout, Storage, WeightStore,
+};
 use crate::error::{Error, Result};
 use crate::nn::{
     DropPath, HeadCache, HeadScratch, ImageGrad, OutputGrads, Prototypes, VitWorkspaces,
@@ -234,60 +236,32 @@ impl<B: Backend> Heads<B> {
     }
 }
 
-/// Every buffer of the step, grown on the first step of a size and reused after.
-struct Workspace<B: Backend> {
-    t_dino: HeadCache<B>,
-    t_ibot: HeadCache<B>,
-    s_dino_global: HeadCache<B>,
-    s_dino_local: HeadCache<B>,
-    s_ibot: HeadCache<B>,
-    head_scratch: HeadScratch<B>,
-    dino_probs: Grow<B::BufF32>,      // [2B, K]
-    ibot_probs: Grow<B::BufF32>,      // [M, Ki]
-    mask_indices: Grow<B::BufI64>,    // [M]
-    t_masked: Grow<B::BufF32>,        // [M, D] teacher patch tokens of the masked patches
-    s_masked: Grow<B::BufF32>,        // [M, D] student ones
-    ds_global: Grow<B::BufF32>,       // [2B, K]
-    ds_local: Grow<B::BufF32>,        // [nl·B, K]
-    ds_ibot: Grow<B::BufF32>,         // [M, Ki]
-    d_cls_global: Grow<B::BufF32>,    // [2B, D]
-    d_patch_global: Grow<B::BufF32>,  // [2B, N, D]
-    d_masked: Grow<B::BufF32>,        // [M, D]
-    d_cls_local: Grow<B::BufF32>,     // [nl·B, D]
-    d_patch_local: Grow<B::BufF32>,   // [nl·B, Nl, D], always zero (no patch loss on local crops)
-    koleo: Option<(usize, B::Koleo)>, // (B, state)
-    dino_pairs: DinoPairs<B>,
-    ibot_pairs: IbotPairs<B>,
-    readback: Option<B::BufF32>, // [SLOT_NORMS + MAX_NORMS]
-}
-
-impl<B: Backend> Default for Workspace<B> {
-    fn default() -> Self {
-        Workspace {
-            t_dino: HeadCache::default(),
-            t_ibot: HeadCache::default(),
-            s_dino_global: HeadCache::default(),
-            s_dino_local: HeadCache::default(),
-            s_ibot: HeadCache::default(),
-            head_scratch: HeadScratch::default(),
-            dino_probs: Grow::default(),
-            ibot_probs: Grow::default(),
-            mask_indices: Grow::default(),
-            t_masked: Grow::default(),
-            s_masked: Grow::default(),
-            ds_global: Grow::default(),
-            ds_local: Grow::default(),
-            ds_ibot: Grow::default(),
-            d_cls_global: Grow::default(),
-            d_patch_global: Grow::default(),
-            d_masked: Grow::default(),
-            d_cls_local: Grow::default(),
-            d_patch_local: Grow::default(),
-            koleo: None,
-            dino_pairs: DinoPairs::default(),
-            ibot_pairs: IbotPairs::default(),
-            readback: None,
-        }
+workspace! {
+    /// Every buffer of the step, grown on the first step of a size and reused after.
+    struct Workspace<B: Backend> {
+        t_dino: HeadCache<B>,
+        t_ibot: HeadCache<B>,
+        s_dino_global: HeadCache<B>,
+        s_dino_local: HeadCache<B>,
+        s_ibot: HeadCache<B>,
+        head_scratch: HeadScratch<B>,
+        dino_probs: Grow<B::BufF32>,      // [2B, K]
+        ibot_probs: Grow<B::BufF32>,      // [M, Ki]
+        mask_indices: Grow<B::BufI64>,    // [M]
+        t_masked: Grow<B::BufF32>,        // [M, D] teacher patch tokens of the masked patches
+        s_masked: Grow<B::BufF32>,        // [M, D] student ones
+        ds_global: Grow<B::BufF32>,       // [2B, K]
+        ds_local: Grow<B::BufF32>,        // [nl·B, K]
+        ds_ibot: Grow<B::BufF32>,         // [M, Ki]
+        d_cls_global: Grow<B::BufF32>,    // [2B, D]
+        d_patch_global: Grow<B::BufF32>,  // [2B, N, D]
+        d_masked: Grow<B::BufF32>,        // [M, D]
+        d_cls_local: Grow<B::BufF32>,     // [nl·B, D]
+        // [nl·B, Nl, D], always zero (no patch loss on local crops)
+        d_patch_local: Grow<B::BufF32>,
+        koleo: Option<(usize, B::Koleo)>, // (B, state)
+        dino_pairs: DinoPairs<B>,
+        ibot_pairs: IbotPairs<B>,
     }
 }
 
@@ -307,6 +281,7 @@ pub struct SslStep<B: Backend> {
     student_heads: Heads<B>,
     teacher_heads: Heads<B>,
     ws: Workspace<B>,
+    readback: B::BufF32, // [SLOT_NORMS + MAX_NORMS]
     queued: Shape,
 }
 
@@ -320,6 +295,7 @@ impl<B: Backend> SslStep<B> {
             student_heads: Heads::new(be, model)?,
             teacher_heads: Heads::new(be, model)?,
             ws: Workspace::default(),
+            readback: be.alloc_f32(SLOT_NORMS + MAX_NORMS)?,
             queued: Shape::default(),
         })
     }
@@ -372,17 +348,12 @@ impl<B: Backend> SslStep<B> {
         let (model, batch) = (inp.model, inp.batch);
         let masks = step_masks(inp.losses.method, batch)?;
         let p = model.table.len();
-        if grads.len() != p || inp.student.f32().len() != p || inp.teacher.f32().len() != p {
-            return Err(Error::shape(
-                OP,
-                format!(
-                    "grads / student / teacher hold {} / {} / {} values for a model of {p}",
-                    grads.len(),
-                    inp.student.f32().len(),
-                    inp.teacher.f32().len(),
-                ),
-            ));
-        }
+        let lens = [
+            ("grads", grads.len(), p),
+            ("student", inp.student.f32().len(), p),
+            ("teacher", inp.teacher.f32().len(), p),
+        ];
+        check_lens(OP, &lens)?;
         let cfg = &model.backbone.cfg;
         let patches = |size: usize| (size / cfg.patch_size).pow(2);
         let shape = Shape {
@@ -400,9 +371,6 @@ impl<B: Backend> SslStep<B> {
             weights: None,
         };
         let ws = &mut self.ws;
-        if ws.readback.is_none() {
-            ws.readback = Some(be.alloc_f32(SLOT_NORMS + MAX_NORMS)?);
-        }
         self.student_heads.prepare(be, model, inp.student)?;
         self.teacher_heads.prepare(be, model, inp.teacher)?;
         if let Some(m) = masks {
@@ -426,8 +394,7 @@ impl<B: Backend> SslStep<B> {
             ws.ibot_pairs
                 .set(be, &m.masks_weight, shape.n_global(), m.upperbound)?;
         }
-        let readback = readback(&mut ws.readback)?;
-        be.zero_f32(readback)?;
+        be.zero_f32(&mut self.readback)?;
         Ok(shape)
     }
 
@@ -476,8 +443,7 @@ impl<B: Backend> SslStep<B> {
         } else {
             grow(be, &mut ws.ibot_probs, 0)?;
         }
-        let readback = readback(&mut ws.readback)?;
-        let mut entropy = readback.window_mut(SLOT_ENTROPY..SLOT_ENTROPY + 1)?;
+        let mut entropy = self.readback.window_mut(SLOT_ENTROPY..SLOT_ENTROPY + 1)?;
         be.mean_row_entropy(&mut entropy, &*ws.dino_probs.get()?, k)
     }
 
@@ -516,7 +482,7 @@ impl<B: Backend> SslStep<B> {
             if ws.koleo.as_ref().is_none_or(|(kb, _)| *kb != b) {
                 ws.koleo = Some((b, be.koleo_state(b, d)?));
             }
-            let readback = readback(&mut ws.readback)?;
+            let readback = &mut self.readback;
             let state = ws.koleo.as_mut().map(|(_, st)| st);
             let state = state.ok_or_else(|| Error::Unsupported("KoLeo state missing".into()))?;
             for crop in 0..2 {
@@ -580,7 +546,7 @@ impl<B: Backend> SslStep<B> {
         let losses = inp.losses;
         grow(be, &mut ws.ds_global, 2 * b * k)?;
         grow(be, &mut ws.ds_local, nl * b * k)?;
-        let readback = readback(&mut ws.readback)?;
+        let readback = &mut self.readback;
         {
             let mut terms = readback.window_mut(SLOT_DINO..SLOT_DINO + 2)?;
             let (s_global, s_local) = (
@@ -729,7 +695,7 @@ impl<B: Backend> SslStep<B> {
         let w = q
             .weights
             .ok_or_else(|| Error::Config("SslStep::read before a step ran".into()))?;
-        let readback = readback(&mut self.ws.readback)?;
+        let readback = &mut self.readback;
         let n_norms = norms.map_or(0, |n| n.len());
         if n_norms > MAX_NORMS {
             return Err(Error::shape(
@@ -743,7 +709,7 @@ impl<B: Backend> SslStep<B> {
                 n,
             )?;
         }
-        let host = be.download_f32(readback)?;
+        let host = be.download_f32(&self.readback)?;
         let dino = dino_terms(&host[SLOT_DINO..SLOT_DINO + 2], w.dino_loss_weight);
         let koleo_total = if q.use_koleo {
             w.koleo_loss_weight * host[SLOT_KOLEO] + w.koleo_loss_weight * host[SLOT_KOLEO + 1]
@@ -769,12 +735,6 @@ impl<B: Backend> SslStep<B> {
         }
         Ok((out, host[SLOT_NORMS..SLOT_NORMS + n_norms].to_vec()))
     }
-}
-
-/// The read-back buffer, allocated by [`SslStep::prepare`].
-fn readback<Buf>(slot: &mut Option<Buf>) -> Result<&mut Buf> {
-    slot.as_mut()
-        .ok_or_else(|| Error::Unsupported("read-back buffer missing".into()))
 }
 
 /// The masks a step needs: the batch's when the method uses iBOT (an error if it has none),

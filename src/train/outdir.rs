@@ -113,9 +113,6 @@ impl RunDir {
         Ok(dir)
     }
 
-    pub fn config_path(&self) -> PathBuf {
-        self.root.join(CONFIG_FILE)
-    }
     pub fn log_path(&self) -> PathBuf {
         self.root.join(LOG_FILE)
     }

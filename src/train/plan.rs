@@ -3,9 +3,9 @@
 
 use super::config::ResolvedConfig;
 use super::trainer::TrainPlan;
-use crate::backend::cpu::optimizer::AdamHyper;
 use crate::data::MultiCropConfig;
 use crate::error::Result;
+use crate::optim::AdamHyper;
 use crate::optim::LayerDecay;
 use crate::ssl::dino_loss::STUDENT_TEMP;
 use crate::ssl::step::{HeadConfig, LossConfig};

@@ -167,10 +167,10 @@ fn training_source(r: &ResolvedConfig) -> Result<Arc<dyn ImageSource>> {
     }
 }
 
-/// Labelled (train, test) sources for k-NN, when the run has them.
 /// Labelled (train, test) images for k-NN.
 type KnnSources = (Arc<dyn ImageSource>, Arc<dyn ImageSource>);
 
+/// The k-NN sources, when the run has them.
 fn knn_sources(r: &ResolvedConfig) -> Result<Option<KnnSources>> {
     let d = &r.config.dinotrain;
     if !d.knn {

@@ -3,9 +3,9 @@
 
 #![allow(dead_code)]
 
+use dinotrain::nn::ffn::swiglu_width;
 use dinotrain::nn::ffn::Ffn;
 use dinotrain::nn::params::ParamTable;
-use dinotrain::nn::swiglu::swiglu_width;
 use dinotrain::nn::vit::VitConfig;
 use dinotrain::rng::{keyed, stream, Rng};
 use rand::Rng as _;

@@ -3,8 +3,8 @@
 
 #![allow(dead_code)] // each test binary uses a different subset
 
-use dinotrain::backend::cpu::optimizer::AdamHyper;
 use dinotrain::nn::Preset;
+use dinotrain::optim::AdamHyper;
 use dinotrain::optim::{LayerDecay, ScheduleConfig, Schedules};
 use dinotrain::rng::{keyed, stream};
 use dinotrain::ssl::step::{HeadConfig, LossConfig};

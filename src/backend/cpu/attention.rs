@@ -11,7 +11,7 @@
 //! Images run in parallel; a tile is at most t² floats (7.8 MB at t = 1400).
 
 use super::backend::CpuBackend;
-use super::gemm::gemm;
+use super::gemm::matmul;
 use crate::backend::{check_lens, AttentionOps, AttentionShape, Gemm, Transpose};
 use crate::error::Result;
 use rayon::prelude::*;
@@ -102,9 +102,9 @@ impl AttentionOps for CpuBackend {
                     gather(&mut q, qkv, 0, head, t, h, hd, scale);
                     gather(&mut k, qkv, 1, head, t, h, hd, 1.0);
                     gather(&mut v, qkv, 2, head, t, h, hd, 1.0);
-                    gemm(&mut p, &q, &k, nt(t, hd, t));
+                    matmul(&mut p, &q, &k, nt(t, hd, t));
                     softmax_rows(&mut p, &mut lse[head * t..(head + 1) * t], t);
-                    gemm(&mut o, &p, &v, Gemm::nn(t, t, hd));
+                    matmul(&mut o, &p, &v, Gemm::nn(t, t, hd));
                     for i in 0..t {
                         out[i * c + head * hd..i * c + (head + 1) * hd]
                             .copy_from_slice(&o[i * hd..(i + 1) * hd]);
@@ -165,13 +165,13 @@ impl AttentionOps for CpuBackend {
                             .copy_from_slice(&dout[i * c + head * hd..i * c + (head + 1) * hd]);
                     }
                     // Recompute P = exp(S - lse).
-                    gemm(&mut p, &q, &k, nt(t, hd, t));
+                    matmul(&mut p, &q, &k, nt(t, hd, t));
                     for (row, &l) in p.chunks_mut(t).zip(&lse[head * t..(head + 1) * t]) {
                         row.iter_mut().for_each(|x| *x = (*x - l).exp());
                     }
                     // dV = Pᵀ dO ; dP = dO Vᵀ
-                    gemm(&mut dv, &p, &dout_h, tn(t, t, hd));
-                    gemm(&mut dp, &dout_h, &v, nt(t, hd, t));
+                    matmul(&mut dv, &p, &dout_h, tn(t, t, hd));
+                    matmul(&mut dp, &dout_h, &v, nt(t, hd, t));
                     // dS = P ∘ (dP − rowsum(P ∘ dP))
                     for (prow, dprow) in p.chunks(t).zip(dp.chunks_mut(t)) {
                         let dot: f32 = prow.iter().zip(dprow.iter()).map(|(a, b)| a * b).sum();
@@ -181,8 +181,8 @@ impl AttentionOps for CpuBackend {
                             .for_each(|(d, &pv)| *d = pv * (*d - dot));
                     }
                     // dQ = scale · dS K ; dK = dSᵀ (scale · Q)
-                    gemm(&mut dq, &dp, &k, Gemm::nn(t, t, hd));
-                    gemm(&mut dk, &dp, &q, tn(t, t, hd));
+                    matmul(&mut dq, &dp, &k, Gemm::nn(t, t, hd));
+                    matmul(&mut dk, &dp, &q, tn(t, t, hd));
                     for i in 0..t {
                         let row = &mut dqkv[i * 3 * c..(i + 1) * 3 * c];
                         for j in 0..hd {

@@ -6,7 +6,7 @@
 //! run's roundings (the products themselves stay f32: a product of two bf16 values is exact in
 //! f32). The golden fixtures run in [`Precision::F32`].
 
-use crate::backend::{Buffers, Counters, Precision, WeightStore};
+use crate::backend::{check_len, Buffers, Counters, Precision, WeightStore};
 use crate::error::{Error, Result};
 use rayon::prelude::*;
 
@@ -86,16 +86,6 @@ pub struct CpuSegments {
     pub(super) numel: usize,
 }
 
-pub(super) fn check(op: &'static str, what: &str, got: usize, want: usize) -> Result<()> {
-    if got != want {
-        return Err(Error::shape(
-            op,
-            format!("{what} holds {got} values, expected {want}"),
-        ));
-    }
-    Ok(())
-}
-
 /// `len / c` when `c` divides `len`, for row counts implied by a buffer.
 pub(super) fn rows_of(op: &'static str, what: &str, len: usize, c: usize) -> Result<usize> {
     if c == 0 || len % c != 0 {
@@ -118,7 +108,7 @@ pub(super) fn add_bias(out: &mut [f32], bias: &[f32]) {
 }
 
 pub(super) fn one_scalar(op: &'static str, out: &mut [f32], v: f32) -> Result<()> {
-    check(op, "out", out.len(), 1)?;
+    check_len(op, "out", out.len(), 1)?;
     out[0] = v;
     Ok(())
 }
@@ -212,7 +202,7 @@ impl Buffers for CpuBackend {
     }
 
     fn copy_f32(&mut self, dst: &mut [f32], src: &[f32]) -> Result<()> {
-        check("copy_f32", "src", src.len(), dst.len())?;
+        check_len("copy_f32", "src", src.len(), dst.len())?;
         dst.copy_from_slice(src);
         Ok(())
     }

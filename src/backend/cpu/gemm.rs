@@ -4,10 +4,12 @@
 //! Every matrix is a contiguous row-major slice. `Transpose::Yes` means the operand is *stored*
 //! transposed, e.g. a `Linear` weight `[out, in]` used as the right operand of `x · Wᵀ`.
 
-use super::backend::{add_bias, check, CpuBackend};
+use super::backend::{add_bias, CpuBackend};
 use super::elementwise::gelu;
+use crate::backend::{
+    check_len, ElementwiseOps, Gemm, GemmBatch, GemmOps, InputGrad, LinearDims, LinearOut,
+};
 pub use crate::backend::{Accumulate, Transpose};
-use crate::backend::{ElementwiseOps, Gemm, GemmBatch, GemmOps, InputGrad, LinearDims, LinearOut};
 use crate::error::{Error, Result};
 use rayon::prelude::*;
 
@@ -18,23 +20,20 @@ const CHUNK: usize = 1 << 14;
 /// costs more than it saves.
 const PARALLEL_MIN_MACS: usize = 1 << 18;
 
-/// `C[m,n] (=|+=) op(A)[m,k] · op(B)[k,n]`.
+/// `C[m,n] (=|+=) op(A)[m,k] · op(B)[k,n]` as `g` describes it.
 ///
-/// `a` holds `A` as `[m,k]` (or `[k,m]` with `ta = Yes`); `b` holds `B` as `[k,n]` (or `[n,k]` with
-/// `tb = Yes`). Panics if a slice is shorter than its declared shape (a programming error inside
-/// the engine, never user input).
-#[allow(clippy::too_many_arguments)]
-pub fn matmul(
-    c: &mut [f32],
-    a: &[f32],
-    ta: Transpose,
-    b: &[f32],
-    tb: Transpose,
-    m: usize,
-    k: usize,
-    n: usize,
-    acc: Accumulate,
-) {
+/// `a` holds `A` as `[m,k]` (or `[k,m]` with `g.ta = Yes`); `b` holds `B` as `[k,n]` (or `[n,k]`
+/// with `g.tb = Yes`). Panics if a slice is shorter than its declared shape (a programming error
+/// inside the engine, never user input).
+pub fn matmul(c: &mut [f32], a: &[f32], b: &[f32], g: Gemm) {
+    let Gemm {
+        m,
+        k,
+        n,
+        ta,
+        tb,
+        acc,
+    } = g;
     assert!(c.len() >= m * n, "matmul: C too small");
     assert!(a.len() >= m * k, "matmul: A too small");
     assert!(b.len() >= k * n, "matmul: B too small");
@@ -89,18 +88,13 @@ pub fn matmul(
     }
 }
 
-/// [`matmul`] with the product described by a [`Gemm`].
-pub fn gemm(c: &mut [f32], a: &[f32], b: &[f32], g: Gemm) {
-    matmul(c, a, g.ta, b, g.tb, g.m, g.k, g.n, g.acc);
-}
-
 impl GemmOps for CpuBackend {
     fn matmul(&mut self, c: &mut [f32], a: &[f32], b: &[f32], g: Gemm) -> Result<()> {
         const OP: &str = "cpu matmul";
-        check(OP, "c", c.len(), g.m * g.n)?;
-        check(OP, "a", a.len(), g.m * g.k)?;
-        check(OP, "b", b.len(), g.k * g.n)?;
-        matmul(c, a, g.ta, b, g.tb, g.m, g.k, g.n, g.acc);
+        check_len(OP, "c", c.len(), g.m * g.n)?;
+        check_len(OP, "a", a.len(), g.m * g.k)?;
+        check_len(OP, "b", b.len(), g.k * g.n)?;
+        matmul(c, a, b, g);
         Ok(())
     }
 
@@ -121,8 +115,7 @@ impl GemmOps for CpuBackend {
             let cs = &mut c[i * g.stride_c..i * g.stride_c + m * n];
             let as_ = &a[i * g.stride_a..i * g.stride_a + m * k];
             let bs = &b[i * g.stride_b..i * g.stride_b + k * n];
-            let gm = g.gemm;
-            matmul(cs, as_, gm.ta, bs, gm.tb, m, k, n, gm.acc);
+            matmul(cs, as_, bs, g.gemm);
         }
         Ok(())
     }
@@ -141,15 +134,15 @@ impl GemmOps for CpuBackend {
             in_dim: k,
             out_dim: n,
         } = dims;
-        check(OP, "inp", inp.len(), rows * k)?;
-        check(OP, "weight", weight.len(), n * k)?;
+        check_len(OP, "inp", inp.len(), rows * k)?;
+        check_len(OP, "weight", weight.len(), n * k)?;
         if let Some(b) = bias {
-            check(OP, "bias", b.len(), n)?;
+            check_len(OP, "bias", b.len(), n)?;
         }
         let product = |y: &mut [f32]| -> Result<()> {
-            check(OP, "out", y.len(), rows * n)?;
+            check_len(OP, "out", y.len(), rows * n)?;
             let g = Gemm::nn(rows, k, n).t(Transpose::No, Transpose::Yes);
-            matmul(y, inp, g.ta, weight, g.tb, rows, k, n, g.acc);
+            matmul(y, inp, weight, g);
             if let Some(b) = bias {
                 add_bias(y, b);
             }
@@ -164,7 +157,7 @@ impl GemmOps for CpuBackend {
             }
             LinearOut::Gelu { pre, act } => {
                 product(pre)?;
-                check(OP, "act", act.len(), rows * n)?;
+                check_len(OP, "act", act.len(), rows * n)?;
                 act.par_chunks_mut(CHUNK)
                     .zip(pre.par_chunks(CHUNK))
                     .for_each(|(a, p)| a.iter_mut().zip(p).for_each(|(a, &p)| *a = gelu(p)));
@@ -187,24 +180,14 @@ impl GemmOps for CpuBackend {
             in_dim: k,
             out_dim: n,
         } = dims;
-        check(OP, "dout", dout.len(), rows * n)?;
-        check(OP, "weight", weight.len(), n * k)?;
+        check_len(OP, "dout", dout.len(), rows * n)?;
+        check_len(OP, "weight", weight.len(), n * k)?;
         let (dx, acc, round) = match dinp {
             InputGrad::F32(dx, acc) => (dx, acc, false),
             InputGrad::Half(dx) => (dx, Accumulate::Overwrite, true),
         };
-        check(OP, "dinp", dx.len(), rows * k)?;
-        matmul(
-            dx,
-            dout,
-            Transpose::No,
-            weight,
-            Transpose::No,
-            rows,
-            n,
-            k,
-            acc,
-        );
+        check_len(OP, "dinp", dx.len(), rows * k)?;
+        matmul(dx, dout, weight, Gemm::nn(rows, n, k).acc(acc));
         if round {
             self.round(dx);
         }
@@ -226,23 +209,14 @@ impl GemmOps for CpuBackend {
             in_dim: k,
             out_dim: n,
         } = dims;
-        check(OP, "dweight", dweight.len(), n * k)?;
-        check(OP, "dout", dout.len(), rows * n)?;
-        check(OP, "inp", inp.len(), rows * k)?;
-        matmul(
-            dweight,
-            dout,
-            Transpose::Yes,
-            inp,
-            Transpose::No,
-            n,
-            rows,
-            k,
-            Accumulate::Add,
-        );
+        check_len(OP, "dweight", dweight.len(), n * k)?;
+        check_len(OP, "dout", dout.len(), rows * n)?;
+        check_len(OP, "inp", inp.len(), rows * k)?;
+        let g = Gemm::nn(n, rows, k).t(Transpose::Yes, Transpose::No);
+        matmul(dweight, dout, inp, g.acc(Accumulate::Add));
         if let Some(db) = dbias {
             // Summed from the operand `dout`, as the GPU's fused epilogue does.
-            check(OP, "dbias", db.len(), n)?;
+            check_len(OP, "dbias", db.len(), n)?;
             self.column_sum(db, dout, rows, Accumulate::Add)?;
         }
         Ok(())

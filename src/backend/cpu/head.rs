@@ -1,14 +1,33 @@
 //! `HeadOps` on the CPU (the reference of the CUDA `l2_normalize_*`, `weight_norm_*` and KoLeo
 //! kernels): row L2 normalisation with `F.normalize`'s eps, the weight-normalised prototypes
-//! `W_k = g_k · v_k / ‖v_k‖` (no eps, as `weight_norm`), and KoLeo ([`super::koleo`]).
+//! `W_k = g_k · v_k / ‖v_k‖` (no eps, as `weight_norm`), and KoLeo.
 //!
-//! Dimensions: `rows` rows of `c` channels; `k` prototypes of `bn` (the bottleneck).
+//! Dimensions: `rows` rows of `c` channels; `k` prototypes of `bn` (the bottleneck); KoLeo's
+//! `b` vectors of `d` features. KoLeo's official eps placements (all 1e-8): normalisation
+//! `x / max(‖x‖, eps)`; the pairwise distance adds eps to **every component** of the
+//! difference before the norm; the log adds eps to the distance.
 
 use super::backend::{one_scalar, CpuBackend};
-use super::koleo::{koleo_backward, koleo_forward, KoleoSaved};
-use crate::backend::{check_lens, Accumulate, Buffers, HeadOps, NormShape};
-use crate::error::Result;
+use super::gemm::matmul;
+use crate::backend::{check_len, check_lens, Buffers, Gemm, HeadOps, NormShape, Transpose};
+use crate::error::{Error, Result};
 use rayon::prelude::*;
+
+/// The official eps (normalisation, pairwise distance and log).
+const KOLEO_EPS: f32 = 1e-8;
+
+/// What the KoLeo backward needs from the forward.
+#[derive(Clone, Debug, Default)]
+pub struct KoleoSaved {
+    /// `[b,d]` the normalised vectors.
+    pub xn: Vec<f32>,
+    /// `[b]` the norms `‖x_i‖` (before the eps clamp).
+    pub norms: Vec<f32>,
+    /// `[b]` nearest neighbour of each vector (max cosine, itself excluded; first on ties).
+    pub nn: Vec<usize>,
+    /// `[b]` `d_i = ‖xn_i − xn_nn(i) + eps‖`.
+    pub dist: Vec<f32>,
+}
 
 impl HeadOps for CpuBackend {
     type Koleo = KoleoSaved;
@@ -157,6 +176,7 @@ impl HeadOps for CpuBackend {
         Ok(KoleoSaved::default())
     }
 
+    /// `−mean_i log(d_i + eps)` of `x [b, d]` (`b >= 2`), saving what backward needs.
     fn koleo_forward(
         &mut self,
         loss: &mut [f32],
@@ -165,10 +185,74 @@ impl HeadOps for CpuBackend {
         b: usize,
         d: usize,
     ) -> Result<()> {
-        let v = koleo_forward(state, x, b, d)?;
-        one_scalar("cpu koleo_forward", loss, v)
+        const OP: &str = "cpu koleo_forward";
+        check_len(OP, "x", x.len(), b * d)?;
+        if b < 2 {
+            return Err(Error::shape(
+                OP,
+                format!("needs at least 2 vectors to find neighbours, got {b}"),
+            ));
+        }
+        if let Some(i) = x.iter().position(|v| !v.is_finite()) {
+            return Err(Error::Numeric {
+                op: OP,
+                detail: format!("x[{}, {}] is {}", i / d, i % d, x[i]),
+            });
+        }
+        state.xn.resize(b * d, 0.0);
+        state.norms.resize(b, 0.0);
+        state.nn.resize(b, 0);
+        state.dist.resize(b, 0.0);
+        for i in 0..b {
+            let row = &x[i * d..(i + 1) * d];
+            let n = row.iter().map(|&v| v as f64 * v as f64).sum::<f64>().sqrt() as f32;
+            state.norms[i] = n;
+            let inv = 1.0 / n.max(KOLEO_EPS);
+            for (o, &v) in state.xn[i * d..(i + 1) * d].iter_mut().zip(row) {
+                *o = v * inv;
+            }
+        }
+        // [b,b] cosine similarities.
+        let mut dots = vec![0f32; b * b];
+        let g = Gemm::nn(b, d, b).t(Transpose::No, Transpose::Yes);
+        matmul(&mut dots, &state.xn, &state.xn, g);
+        let xn = &state.xn;
+        state
+            .nn
+            .par_iter_mut()
+            .zip(state.dist.par_iter_mut())
+            .enumerate()
+            .for_each(|(i, (nn, dist))| {
+                let mut best = usize::MAX;
+                let mut best_dot = f32::NEG_INFINITY;
+                for (j, &v) in dots[i * b..(i + 1) * b].iter().enumerate() {
+                    if j != i && (best == usize::MAX || v > best_dot) {
+                        best = j;
+                        best_dot = v;
+                    }
+                }
+                *nn = best;
+                let (a, c) = (&xn[i * d..(i + 1) * d], &xn[best * d..(best + 1) * d]);
+                let s: f64 = a
+                    .iter()
+                    .zip(c)
+                    .map(|(&p, &q)| {
+                        let u = (p - q + KOLEO_EPS) as f64;
+                        u * u
+                    })
+                    .sum();
+                *dist = s.sqrt() as f32;
+            });
+        let sum_log: f64 = state
+            .dist
+            .iter()
+            .map(|&v| ((v + KOLEO_EPS) as f64).ln())
+            .sum();
+        one_scalar(OP, loss, (-sum_log / b as f64) as f32)
     }
 
+    /// `dx = weight · ∂KoLeo/∂x`, with gradients flowing into both `xn_i` and its neighbour
+    /// `xn_nn(i)` (the neighbour choice itself is not differentiated).
     fn koleo_backward(
         &mut self,
         dx: &mut [f32],
@@ -177,6 +261,45 @@ impl HeadOps for CpuBackend {
         b: usize,
         d: usize,
     ) -> Result<()> {
-        koleo_backward(dx, state, weight, b, d, Accumulate::Overwrite)
+        const OP: &str = "cpu koleo_backward";
+        check_len(OP, "dx", dx.len(), b * d)?;
+        check_len(OP, "state.xn", state.xn.len(), b * d)?;
+        check_len(OP, "state.nn", state.nn.len(), b)?;
+        // [b,d] gradient w.r.t. the normalised vectors, in f64 (each row receives from several i).
+        let mut dxn = vec![0f64; b * d];
+        let xn = &state.xn;
+        for i in 0..b {
+            let j = state.nn[i];
+            let di = state.dist[i] as f64;
+            // dL/dd_i, then through the norm (torch gives 0 at a zero norm).
+            let g = -(weight as f64) / (b as f64 * (di + KOLEO_EPS as f64));
+            if di == 0.0 {
+                continue;
+            }
+            for c in 0..d {
+                let u = (xn[i * d + c] - xn[j * d + c] + KOLEO_EPS) as f64;
+                let gu = g * u / di;
+                dxn[i * d + c] += gu;
+                dxn[j * d + c] -= gu;
+            }
+        }
+        // Through xn = x / max(‖x‖, eps).
+        for i in 0..b {
+            let n = state.norms[i] as f64;
+            let g = &dxn[i * d..(i + 1) * d];
+            let out = &mut dx[i * d..(i + 1) * d];
+            let xr = &xn[i * d..(i + 1) * d];
+            if n > KOLEO_EPS as f64 {
+                let proj: f64 = g.iter().zip(xr).map(|(&a, &v)| a * v as f64).sum();
+                for c in 0..d {
+                    out[c] = ((g[c] - xr[c] as f64 * proj) / n) as f32;
+                }
+            } else {
+                for c in 0..d {
+                    out[c] = (g[c] / KOLEO_EPS as f64) as f32;
+                }
+            }
+        }
+        Ok(())
     }
 }

@@ -9,7 +9,6 @@ mod backend;
 pub mod elementwise;
 pub mod gemm;
 pub mod head;
-pub mod koleo;
 pub mod layernorm;
 pub mod loss;
 pub mod optimizer;

@@ -1,46 +1,15 @@
-//! Optimizer kernels over flat buffers (CPU reference of the fused CUDA AdamW and EMA kernels).
+//! `OptimizerOps` on the CPU: the reference of the fused CUDA AdamW, EMA and clipping kernels.
 //!
-//! AdamW follows `torch.optim.AdamW` (decoupled weight decay first, then the Adam step with bias
-//! corrections); the scalars that depend only on the step are computed once in f64 on the host,
-//! as the CUDA launcher does.
+//! AdamW follows `torch.optim.AdamW`; the scalars that depend only on the step are computed
+//! once in f64 on the host, as the CUDA launcher does.
 
-use super::backend::{check, one_scalar, CpuBackend, CpuSegments};
-use crate::backend::{AdamWBuffers, AdamWStep, OptimizerOps};
+use super::backend::{one_scalar, CpuBackend, CpuSegments};
+use crate::backend::{check_len, check_lens, AdamWBuffers, AdamWStep, OptimizerOps};
 use crate::error::{Error, Result};
 use rayon::prelude::*;
 
 /// Elements per parallel task: large enough to amortise the hand-off, small enough to balance.
 const CHUNK: usize = 1 << 15;
-
-/// AdamW constants shared by every parameter. Kept in f64 like PyTorch's Python floats: `1 − β`
-/// and the bias corrections are formed in f64 and only then rounded (`1 − 0.999f32` is off by
-/// 1.3e-5 relative, which the golden `exp_avg_sq` would see).
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct AdamHyper {
-    pub beta1: f64,
-    pub beta2: f64,
-    pub eps: f64,
-}
-
-impl Default for AdamHyper {
-    /// The official values: betas (0.9, 0.999), eps 1e-8.
-    fn default() -> Self {
-        AdamHyper {
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-8,
-        }
-    }
-}
-
-/// One contiguous run of the flat buffer with its group's learning rate and weight decay.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct AdamwSegment {
-    pub offset: usize,
-    pub len: usize,
-    pub lr: f32,
-    pub weight_decay: f32,
-}
 
 /// The per-step scalars of one segment, in f32 as the kernel uses them.
 #[derive(Clone, Copy, Debug)]
@@ -54,8 +23,11 @@ struct StepScalars {
     eps: f32,
 }
 
-fn step_scalars(lr: f32, weight_decay: f32, hp: &AdamHyper, step: u64) -> StepScalars {
-    let t = step.min(i32::MAX as u64) as i32;
+/// The step's scalars, formed in f64 like PyTorch's Python floats: `1 − β` and the bias
+/// corrections are only then rounded (`1 − 0.999f32` is off by 1.3e-5 relative, which the
+/// golden `exp_avg_sq` would see).
+fn step_scalars(lr: f32, weight_decay: f32, hp: &AdamWStep) -> StepScalars {
+    let t = hp.step.min(i32::MAX as u64) as i32;
     let bc1 = 1.0 - hp.beta1.powi(t);
     let bc2 = 1.0 - hp.beta2.powi(t);
     StepScalars {
@@ -81,115 +53,6 @@ fn adamw_inner(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], s: StepSc
     }
 }
 
-/// One AdamW step over `params`, `grads`, `exp_avg`, `exp_avg_sq` (all `[P]`) with one learning
-/// rate and weight decay. `step` is the step number *after* incrementing (1 on the first step).
-/// With `lr = 0` the parameters stay put but the moments still advance.
-#[allow(clippy::too_many_arguments)]
-pub fn adamw_step(
-    params: &mut [f32],
-    grads: &[f32],
-    exp_avg: &mut [f32],
-    exp_avg_sq: &mut [f32],
-    lr: f32,
-    weight_decay: f32,
-    hp: &AdamHyper,
-    step: u64,
-) -> Result<()> {
-    let n = params.len();
-    adamw_step_segments(
-        params,
-        grads,
-        exp_avg,
-        exp_avg_sq,
-        &[AdamwSegment {
-            offset: 0,
-            len: n,
-            lr,
-            weight_decay,
-        }],
-        hp,
-        step,
-    )
-}
-
-/// One AdamW step over the flat buffers, each segment with its own lr and weight decay (the
-/// fused-kernel form: one pass, one launch on the GPU). Elements outside every segment are not
-/// touched. Segments must lie inside the buffers and must not overlap.
-pub fn adamw_step_segments(
-    params: &mut [f32],
-    grads: &[f32],
-    exp_avg: &mut [f32],
-    exp_avg_sq: &mut [f32],
-    segments: &[AdamwSegment],
-    hp: &AdamHyper,
-    step: u64,
-) -> Result<()> {
-    const OP: &str = "adamw_step";
-    let n = params.len();
-    check(OP, "grads", grads.len(), n)?;
-    check(OP, "exp_avg", exp_avg.len(), n)?;
-    check(OP, "exp_avg_sq", exp_avg_sq.len(), n)?;
-    if step == 0 {
-        return Err(Error::Config(format!("{OP}: the step number starts at 1")));
-    }
-    // Split the buffers into per-segment slices (sorted, non-overlapping) without copying.
-    let mut order: Vec<&AdamwSegment> = segments.iter().filter(|s| s.len > 0).collect();
-    order.sort_by_key(|s| s.offset);
-    let mut tasks = Vec::with_capacity(order.len());
-    let (mut p, mut m, mut v, mut g) = (params, exp_avg, exp_avg_sq, grads);
-    let mut pos = 0;
-    for seg in order {
-        if seg.offset < pos || seg.offset + seg.len > n {
-            return Err(Error::shape(
-                OP,
-                format!(
-                    "segment {}..{} overlaps another or exceeds the {n} parameters",
-                    seg.offset,
-                    seg.offset + seg.len
-                ),
-            ));
-        }
-        let skip = seg.offset - pos;
-        let (_, p_rest) = std::mem::take(&mut p).split_at_mut(skip);
-        let (p_seg, p_tail) = p_rest.split_at_mut(seg.len);
-        let (_, m_rest) = std::mem::take(&mut m).split_at_mut(skip);
-        let (m_seg, m_tail) = m_rest.split_at_mut(seg.len);
-        let (_, v_rest) = std::mem::take(&mut v).split_at_mut(skip);
-        let (v_seg, v_tail) = v_rest.split_at_mut(seg.len);
-        let (g_seg, g_tail) = g[skip..].split_at(seg.len);
-        (p, m, v, g) = (p_tail, m_tail, v_tail, g_tail);
-        pos = seg.offset + seg.len;
-        let s = step_scalars(seg.lr, seg.weight_decay, hp, step);
-        tasks.push((p_seg, g_seg, m_seg, v_seg, s));
-    }
-    // Chunk every segment so small and large segments balance across threads.
-    tasks.into_par_iter().for_each(|(p, g, m, v, s)| {
-        p.par_chunks_mut(CHUNK)
-            .zip(g.par_chunks(CHUNK))
-            .zip(m.par_chunks_mut(CHUNK))
-            .zip(v.par_chunks_mut(CHUNK))
-            .for_each(|(((p, g), m), v)| adamw_inner(p, g, m, v, s));
-    });
-    Ok(())
-}
-
-/// Teacher EMA: `teacher = momentum · teacher + (1 − momentum) · student`, elementwise
-/// (`1 − momentum` formed in f64, as PyTorch does with the Python float).
-pub fn ema_update(teacher: &mut [f32], student: &[f32], momentum: f64) -> Result<()> {
-    check("ema_update", "student", student.len(), teacher.len())?;
-    let m = momentum as f32;
-    let one_minus = (1.0 - momentum) as f32;
-    teacher
-        .par_chunks_mut(CHUNK)
-        .zip(student.par_chunks(CHUNK))
-        .for_each(|(t, s)| {
-            for (tv, &sv) in t.iter_mut().zip(s) {
-                *tv = *tv * m + sv * one_minus;
-            }
-        });
-    Ok(())
-}
-
 impl OptimizerOps for CpuBackend {
     type Segments = CpuSegments;
 
@@ -201,7 +64,7 @@ impl OptimizerOps for CpuBackend {
         numel: usize,
     ) -> Result<CpuSegments> {
         const OP: &str = "cpu segments";
-        check(OP, "groups", groups.len(), starts.len())?;
+        check_len(OP, "groups", groups.len(), starts.len())?;
         let ok = starts.first().is_none_or(|&s| s == 0)
             && starts.windows(2).all(|w| w[0] < w[1])
             && starts.last().is_none_or(|&s| s < numel.max(1))
@@ -228,6 +91,9 @@ impl OptimizerOps for CpuBackend {
         })
     }
 
+    /// One AdamW step, each segment with its group's lr and weight decay (the fused-kernel
+    /// form: one pass, one launch on the GPU); `torch.optim.AdamW`'s order: decoupled weight
+    /// decay first, then the Adam step with bias corrections. `hp.step` counts from 1.
     fn adamw_update(
         &mut self,
         bufs: AdamWBuffers<'_, Self>,
@@ -237,37 +103,60 @@ impl OptimizerOps for CpuBackend {
         hp: AdamWStep,
     ) -> Result<()> {
         const OP: &str = "cpu adamw_update";
-        check(OP, "params", bufs.params.len(), segments.numel)?;
-        check(OP, "group_lr", group_lr.len(), segments.groups)?;
-        check(OP, "group_wd", group_wd.len(), segments.groups)?;
-        let segs: Vec<AdamwSegment> = segments
-            .segments
-            .iter()
-            .map(|&(offset, len, g)| AdamwSegment {
-                offset,
-                len,
-                lr: group_lr[g],
-                weight_decay: group_wd[g],
-            })
-            .collect();
-        let hyper = AdamHyper {
-            beta1: hp.beta1,
-            beta2: hp.beta2,
-            eps: hp.eps,
-        };
-        adamw_step_segments(
-            bufs.params,
-            bufs.grads,
-            bufs.exp_avg,
-            bufs.exp_avg_sq,
-            &segs,
-            &hyper,
-            hp.step,
-        )
+        let (n, groups) = (segments.numel, segments.groups);
+        check_lens(
+            OP,
+            &[
+                ("params", bufs.params.len(), n),
+                ("grads", bufs.grads.len(), n),
+                ("exp_avg", bufs.exp_avg.len(), n),
+                ("exp_avg_sq", bufs.exp_avg_sq.len(), n),
+                ("group_lr", group_lr.len(), groups),
+                ("group_wd", group_wd.len(), groups),
+            ],
+        )?;
+        if hp.step == 0 {
+            return Err(Error::Config(format!("{OP}: the step number starts at 1")));
+        }
+        // The segments tile the buffers in order (checked by `segments`): split them without
+        // copying.
+        let mut tasks = Vec::with_capacity(segments.segments.len());
+        let (mut p, mut m, mut v, mut g) = (bufs.params, bufs.exp_avg, bufs.exp_avg_sq, bufs.grads);
+        for &(_, len, group) in &segments.segments {
+            let (p_seg, p_tail) = std::mem::take(&mut p).split_at_mut(len);
+            let (m_seg, m_tail) = std::mem::take(&mut m).split_at_mut(len);
+            let (v_seg, v_tail) = std::mem::take(&mut v).split_at_mut(len);
+            let (g_seg, g_tail) = g.split_at(len);
+            (p, m, v, g) = (p_tail, m_tail, v_tail, g_tail);
+            let s = step_scalars(group_lr[group], group_wd[group], &hp);
+            tasks.push((p_seg, g_seg, m_seg, v_seg, s));
+        }
+        // Chunk every segment so small and large segments balance across threads.
+        tasks.into_par_iter().for_each(|(p, g, m, v, s)| {
+            p.par_chunks_mut(CHUNK)
+                .zip(g.par_chunks(CHUNK))
+                .zip(m.par_chunks_mut(CHUNK))
+                .zip(v.par_chunks_mut(CHUNK))
+                .for_each(|(((p, g), m), v)| adamw_inner(p, g, m, v, s));
+        });
+        Ok(())
     }
 
+    /// `teacher = momentum · teacher + (1 − momentum) · student`, elementwise (`1 − momentum`
+    /// formed in f64, as PyTorch does with the Python float).
     fn ema_update(&mut self, teacher: &mut [f32], student: &[f32], momentum: f64) -> Result<()> {
-        ema_update(teacher, student, momentum)
+        check_len("cpu ema_update", "student", student.len(), teacher.len())?;
+        let m = momentum as f32;
+        let one_minus = (1.0 - momentum) as f32;
+        teacher
+            .par_chunks_mut(CHUNK)
+            .zip(student.par_chunks(CHUNK))
+            .for_each(|(t, s)| {
+                for (tv, &sv) in t.iter_mut().zip(s) {
+                    *tv = *tv * m + sv * one_minus;
+                }
+            });
+        Ok(())
     }
 
     fn clip_grad_norm(&mut self, grads: &mut [f32], norm: &mut [f32], max_norm: f32) -> Result<()> {

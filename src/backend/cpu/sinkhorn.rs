@@ -18,8 +18,8 @@
 //! factors while summing the row, then scale the row, which is still in cache) and one
 //! column-block-parallel pass for the next prototype sums.
 
-use super::backend::check;
 use super::loss::{check_temp, exp_f32, has_avx2};
+use crate::backend::check_len;
 use crate::error::{Error, Result};
 use rayon::prelude::*;
 
@@ -39,8 +39,8 @@ pub fn sinkhorn_knopp(
     n_iters: usize,
 ) -> Result<()> {
     const OP: &str = "sinkhorn_knopp";
-    check(OP, "out_probs", out_probs.len(), rows * k)?;
-    check(OP, "logits", logits.len(), rows * k)?;
+    check_len(OP, "out_probs", out_probs.len(), rows * k)?;
+    check_len(OP, "logits", logits.len(), rows * k)?;
     check_temp(OP, "teacher temperature", teacher_temp)?;
     if n_iters == 0 {
         return Err(Error::Config(format!("{OP}: needs at least one iteration")));

@@ -10,7 +10,8 @@ pub mod optimizer;
 pub mod tokens;
 
 use super::CudaBackend;
-use crate::backend::{check_lens, Accumulate};
+pub(super) use crate::backend::check_len;
+use crate::backend::Accumulate;
 use crate::error::{Error, Result};
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig};
 
@@ -50,10 +51,6 @@ pub(super) fn blocks(op: &'static str, n: usize) -> Result<u32> {
         .ok()
         .filter(|&b| b < i32::MAX as u32)
         .ok_or_else(|| Error::shape(op, format!("{n} blocks exceed the grid limit")))
-}
-
-pub(super) fn check_len(op: &'static str, name: &str, len: usize, need: usize) -> Result<()> {
-    check_lens(op, &[(name, len, need)])
 }
 
 pub(super) fn dim(op: &'static str, name: &str, v: usize) -> Result<i32> {
