@@ -47,6 +47,7 @@
 pub mod checkpoint;
 pub mod config;
 
+pub mod lock;
 pub mod metrics;
 pub mod observer;
 pub mod outdir;
