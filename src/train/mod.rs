@@ -53,6 +53,7 @@ pub mod observer;
 pub mod outdir;
 pub mod plan;
 pub mod plot;
+pub mod resources;
 
 pub mod run;
 pub mod state;
