@@ -352,3 +352,13 @@ fn resource_requests_and_outputs_that_are_inputs_are_refused() {
     assert!(msg.contains("is the input --model"), "{msg}");
     assert_eq!(std::fs::read(&teacher).unwrap(), before);
 }
+
+#[test]
+fn knn_checks_its_flags_before_any_feature() {
+    // A model that does not exist: the flag error comes first.
+    for (flag, value) in [("--k", "0"), ("--temperature", "-1")] {
+        let arg = format!("{flag}={value}");
+        let msg = failed(&["knn", "--model", "/nonexistent.safetensors", "--demo", &arg]);
+        assert!(msg.contains(flag) && !msg.contains("nonexistent"), "{msg}");
+    }
+}
