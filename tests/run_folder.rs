@@ -362,3 +362,22 @@ fn knn_checks_its_flags_before_any_feature() {
         assert!(msg.contains(flag) && !msg.contains("nonexistent"), "{msg}");
     }
 }
+
+#[test]
+fn print_config_shows_the_warnings_of_the_config_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let yaml = tmp.path().join("c.yaml");
+    std::fs::write(&yaml, "optim:\n  base_lr: 0.001\n  no_such_key: 3\n").unwrap();
+    let out = ok(&[
+        "train",
+        "--config",
+        yaml.to_str().unwrap(),
+        "--print-config",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("warning") && err.contains("no_such_key"),
+        "{}",
+        text(&out)
+    );
+}

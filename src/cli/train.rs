@@ -150,6 +150,9 @@ fn stop_on_signals(cancel: &CancelHandle) -> Result<()> {
 pub fn run(args: TrainArgs) -> Result<()> {
     let config = resolve(&args)?;
     if args.print_config {
+        for w in &config.warnings {
+            eprintln!("warning: {w}");
+        }
         print!("{}", config.to_yaml()?);
         return Ok(());
     }
