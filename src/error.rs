@@ -83,6 +83,23 @@ pub enum Error {
     /// Training produced a non-finite value.
     #[error("non-finite {what} at step {step}")]
     NonFinite { what: String, step: u64 },
+
+    /// A training step diverged: the step (counted from 1), what went non-finite, what to do.
+    #[error("training diverged at step {step}: {cause}; {hint}")]
+    Diverged {
+        step: u64,
+        cause: String,
+        hint: String,
+    },
+
+    /// A weights file holds a non-finite value.
+    #[error("{}: tensor '{tensor}' holds a non-finite value ({value}) at index {index}: the weights are corrupt or come from a diverged run", file.display())]
+    NonFiniteWeights {
+        file: PathBuf,
+        tensor: String,
+        index: usize,
+        value: f32,
+    },
 }
 
 /// Result alias used across the library.

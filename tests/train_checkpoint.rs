@@ -276,11 +276,19 @@ fn save_checks_buffer_lengths() {
 fn run_folder_policy() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("run");
-    // Absent: created.
+    // Absent: created. The folder stays locked while the RunDir lives.
     let run = RunDir::prepare(&root, OutdirMode::Fresh).unwrap();
     assert!(run.checkpoints().is_dir());
+    let (log, metrics, ckpts) = (run.log_path(), run.metrics_path(), run.checkpoints());
+    let msg = RunDir::prepare(&root, OutdirMode::Resume)
+        .unwrap_err()
+        .to_string();
+    assert!(msg.contains("in use by another dinotrain run"), "{msg}");
+    drop(run);
     // Non-empty without a flag: the error names both flags.
-    std::fs::write(run.log_path(), "x").unwrap();
+    let line = "[2026-12-04T12:00:00Z] device: cpu\n";
+    std::fs::write(&log, line).unwrap();
+    std::fs::write(&metrics, "{\"step\":0,\"losses\":{}}\n").unwrap();
     let msg = RunDir::prepare(&root, OutdirMode::Fresh)
         .unwrap_err()
         .to_string();
@@ -295,26 +303,40 @@ fn run_folder_policy() {
     assert!(msg.contains("no checkpoint"), "{msg}");
     let t = table();
     let s = state(t.len(), 7);
-    save(&run.checkpoints(), &t, &s, 3);
+    save(&ckpts, &t, &s, 3);
     let resumed = RunDir::prepare(&root, OutdirMode::Resume).unwrap();
     assert!(resumed.latest_checkpoint().unwrap().is_some());
+    drop(resumed);
     // Overwrite clears dinotrain's files (and temp files of interrupted writes) only.
-    std::fs::write(run.metrics_path(), "{}").unwrap();
     std::fs::write(root.join(".loss_curves.png.tmp.123"), "x").unwrap();
-    RunDir::prepare(&root, OutdirMode::Overwrite).unwrap();
-    assert!(!run.log_path().exists() && !run.metrics_path().exists());
+    let run = RunDir::prepare(&root, OutdirMode::Overwrite).unwrap();
+    assert!(!log.exists() && !metrics.exists());
     assert!(run.latest_checkpoint().unwrap().is_none());
     assert!(!root.join(".loss_curves.png.tmp.123").exists());
+    drop(run);
     // ... and refuses a folder holding anything else, deleting nothing.
-    std::fs::write(run.log_path(), "x").unwrap();
+    std::fs::write(&log, line).unwrap();
     std::fs::write(root.join("my_photos.txt"), "precious").unwrap();
     let msg = RunDir::prepare(&root, OutdirMode::Overwrite)
         .unwrap_err()
         .to_string();
     assert!(msg.contains("my_photos.txt"), "{msg}");
-    assert!(run.log_path().exists() && root.join("my_photos.txt").exists());
+    assert!(log.exists() && root.join("my_photos.txt").exists());
     std::fs::remove_file(root.join("my_photos.txt")).unwrap();
-    std::fs::write(run.checkpoints().join("precious.bin"), "x").unwrap();
+    // dinotrain's names with the user's content are the user's files.
+    for (name, content) in [
+        ("config.yaml", "optim:\n  base_lr: 0.001\n"),
+        ("metrics.jsonl", "my own notes\n"),
+    ] {
+        std::fs::write(root.join(name), content).unwrap();
+        let msg = RunDir::prepare(&root, OutdirMode::Overwrite)
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains(name), "{msg}");
+        assert_eq!(std::fs::read_to_string(root.join(name)).unwrap(), content);
+        std::fs::remove_file(root.join(name)).unwrap();
+    }
+    std::fs::write(ckpts.join("precious.bin"), "x").unwrap();
     let msg = RunDir::prepare(&root, OutdirMode::Overwrite)
         .unwrap_err()
         .to_string();

@@ -188,5 +188,19 @@ fn a_non_finite_input_stops_the_step_with_the_term_named() {
         err.contains("step 0") || err.contains("non-finite") || err.contains("NaN"),
         "{err}"
     );
-    assert_eq!(state(&mut t).student, before.student);
+    // Nothing of the state moved: weights, optimizer, step, and the softmax centers the step
+    // had begun to update.
+    let after = state(&mut t);
+    assert_eq!(after.student, before.student);
+    assert_eq!(after.teacher, before.teacher);
+    assert_eq!(after.targets, before.targets);
+    assert_eq!(after.step, before.step);
+    // The next good step runs from the same state as if the bad one never came.
+    let (g, l) = crops(&t, 0);
+    let mut fresh = Trainer::new(micro_plan(Method::Dinov2)).unwrap();
+    let want = fresh.train_step(&g, &l).unwrap().losses.loss;
+    assert_eq!(
+        t.train_step(&g, &l).unwrap().losses.loss.to_bits(),
+        want.to_bits()
+    );
 }

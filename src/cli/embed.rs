@@ -18,6 +18,56 @@ use std::path::{Path, PathBuf};
 /// How many unreadable files are named one by one before the count alone is printed.
 pub const WARN_CAP: usize = 20;
 
+/// `path` made absolute with symbolic links resolved, as far as it exists (the rest appended).
+fn resolved(path: &Path) -> PathBuf {
+    if let Ok(p) = path.canonicalize() {
+        return p;
+    }
+    match (path.parent(), path.file_name()) {
+        (Some(parent), Some(name)) => {
+            let parent = if parent.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                parent
+            };
+            resolved(parent).join(name)
+        }
+        _ => path.to_path_buf(),
+    }
+}
+
+/// Refuses an output path that is an input: inside the image folder `data` (it would replace
+/// an image, or join the images), or the weights file `model` (a run folder's export).
+pub fn refuse_input_as_output(
+    out: &Path,
+    data: Option<&Path>,
+    model: Option<&Path>,
+) -> anyhow::Result<()> {
+    let o = resolved(out);
+    if let Some(data) = data.filter(|d| o.starts_with(resolved(d))) {
+        anyhow::bail!(
+            "--out {} is inside the input folder --data {}: choose a path outside it",
+            out.display(),
+            data.display()
+        );
+    }
+    if let Some(m) = model.filter(|m| m.exists()) {
+        let m_file = if m.is_dir() {
+            resolved(m).join(dinotrain::eval::backbone::RUN_BACKBONE_FILE)
+        } else {
+            resolved(m)
+        };
+        if m_file == o {
+            anyhow::bail!(
+                "--out {} is the input --model {}: choose another path",
+                out.display(),
+                m.display()
+            );
+        }
+    }
+    Ok(())
+}
+
 /// Output file formats.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Format {
@@ -72,6 +122,7 @@ pub fn resolve_eval_device(flag: &str) -> anyhow::Result<ResolvedDevice> {
 
 /// Runs `embed`.
 pub fn run(args: &EmbedArgs) -> anyhow::Result<()> {
+    refuse_input_as_output(&args.out, Some(&args.data), Some(Path::new(&args.model)))?;
     let format = args.format.unwrap_or_else(|| format_of(&args.out));
     let backbone = load_backbone(&args.model)?;
     let source = FolderSource::open(

@@ -4,7 +4,7 @@
 use clap::{Args, ValueEnum};
 use dinotrain::eval::backbone::{arch_metadata, load_backbone};
 use dinotrain::io::export::{export_backbone, KeyNaming};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// Key naming of the exported file.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -32,6 +32,7 @@ pub struct ExportArgs {
 
 /// Runs `export`.
 pub fn run(args: &ExportArgs) -> anyhow::Result<()> {
+    super::embed::refuse_input_as_output(&args.out, None, Some(Path::new(&args.model)))?;
     let b = load_backbone(&args.model)?;
     let naming = match args.keys {
         Keys::Official => KeyNaming::Official,

@@ -56,6 +56,13 @@ struct Labelled {
 
 /// Runs `knn`.
 pub fn run(args: &KnnArgs) -> anyhow::Result<()> {
+    // The cheap checks first, before minutes of features.
+    if args.k.is_empty() || args.k.contains(&0) {
+        anyhow::bail!("--k {:?}: every k must be positive", args.k);
+    }
+    if !(args.temperature.is_finite() && args.temperature > 0.0) {
+        anyhow::bail!("--temperature {}: must be positive", args.temperature);
+    }
     let backbone = load_backbone(&args.model)?;
     let size = args
         .size

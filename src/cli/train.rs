@@ -4,10 +4,11 @@ use super::progress::{Progress, ProgressMode};
 use anyhow::{Context, Result};
 use clap::Parser;
 use dinotrain::train::config::{ConfigBuilder, Preset};
-use dinotrain::train::outdir::OutdirMode;
+use dinotrain::train::outdir::{OutdirMode, CONFIG_FILE};
 use dinotrain::train::run::knn_line;
-use dinotrain::train::{train, ResolvedConfig, TrainOptions};
+use dinotrain::train::{train, CancelHandle, ResolvedConfig, StopReason, TrainOptions};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// Flags of `dinotrain train`. Every hyperparameter of the official recipe is a config key
 /// (`--set optim.base_lr=0.002`, or a YAML file with `--config`, official train configs included).
@@ -82,15 +83,28 @@ pub fn resolve(args: &TrainArgs) -> Result<ResolvedConfig> {
     } else {
         Preset::Demo
     };
-    let mut b = ConfigBuilder::new(preset)?;
-    if let Some(file) = &args.config {
-        b.file(file)?;
-    }
     let out = match (&args.out, args.resume) {
         (Some(o), _) => o.clone(),
         (None, true) => anyhow::bail!("--resume needs --out (the run folder to continue)"),
         (None, false) => default_out(),
     };
+    // `--resume` without --config continues with the run's own configuration (its
+    // config.yaml); flags and --set still apply over it.
+    let own = out.join(CONFIG_FILE);
+    let config = match &args.config {
+        Some(file) => Some(file.clone()),
+        None if args.resume && own.is_file() => Some(own),
+        None => None,
+    };
+    let preset = if config.is_some() {
+        Preset::Official
+    } else {
+        preset
+    };
+    let mut b = ConfigBuilder::new(preset)?;
+    if let Some(file) = &config {
+        b.file(file)?;
+    }
     b.flag("out", &out.to_string_lossy())?;
     let flags: [(&str, Option<String>); 8] = [
         (
@@ -117,10 +131,28 @@ pub fn resolve(args: &TrainArgs) -> Result<ResolvedConfig> {
     Ok(ResolvedConfig::resolve(config, warnings)?)
 }
 
+/// SIGINT, SIGTERM and SIGHUP: the first stops the run after its current step (it writes a
+/// checkpoint and says how to continue); a second one ends the process at once.
+fn stop_on_signals(cancel: &CancelHandle) -> Result<()> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let flag = cancel.flag();
+    for sig in [SIGINT, SIGTERM, SIGHUP] {
+        // Registered first, so it sees the flag as the earlier signal left it.
+        signal_hook::flag::register_conditional_shutdown(sig, 128 + sig, Arc::clone(&flag))
+            .context("installing the signal handlers")?;
+        signal_hook::flag::register(sig, Arc::clone(&flag))
+            .context("installing the signal handlers")?;
+    }
+    Ok(())
+}
+
 /// `dinotrain train`.
 pub fn run(args: TrainArgs) -> Result<()> {
     let config = resolve(&args)?;
     if args.print_config {
+        for w in &config.warnings {
+            eprintln!("warning: {w}");
+        }
         print!("{}", config.to_yaml()?);
         return Ok(());
     }
@@ -141,12 +173,24 @@ pub fn run(args: TrainArgs) -> Result<()> {
         config.output_dir.display()
     );
     let log_every = config.config.dinotrain.log_every.max(1);
+    let out = config.output_dir.clone();
+    let cancel = CancelHandle::new();
+    stop_on_signals(&cancel)?;
     let summary = train(
         TrainOptions::new(config)
             .outdir(outdir)
             .allow_config_change(args.allow_config_change)
-            .observer(Progress::new(ProgressMode::auto(log_every))),
+            .observer(Progress::new(ProgressMode::auto(log_every)))
+            .cancel(cancel),
     )?;
+    if summary.stopped == Some(StopReason::Cancelled) {
+        eprintln!(
+            "dinotrain: stopped by a signal after step {}; the checkpoint is saved. Continue with:\n  \
+             dinotrain train --out {} --resume",
+            summary.steps,
+            out.display()
+        );
+    }
     if let Some(last) = &summary.last {
         let terms: Vec<String> = last
             .losses

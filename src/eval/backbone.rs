@@ -41,9 +41,15 @@ pub fn arch_metadata(cfg: &VitConfig) -> BTreeMap<String, String> {
 /// The architecture stored by [`arch_metadata`]; `None` when the key is absent. A present but
 /// unreadable or invalid value is an error.
 pub fn arch_from_metadata(meta: &BTreeMap<String, String>) -> Result<Option<VitConfig>> {
-    let Some(json) = meta.get(ARCH_KEY) else {
+    // An export holds the key itself; a training checkpoint holds it in its `extra` entry.
+    let in_extra = meta
+        .get("extra")
+        .and_then(|e| serde_json::from_str::<BTreeMap<String, String>>(e).ok())
+        .and_then(|mut extra| extra.remove(ARCH_KEY));
+    let Some(json) = meta.get(ARCH_KEY).cloned().or(in_extra) else {
         return Ok(None);
     };
+    let json = &json;
     let cfg: VitConfig = serde_json::from_str(json)
         .map_err(|e| Error::Config(format!("metadata '{ARCH_KEY}' is not a ViT config: {e}")))?;
     cfg.validate()?;
@@ -113,7 +119,20 @@ fn load_file(
         Some(cfg) => cfg,
         None => match arch_from_metadata(&meta).map_err(in_file)? {
             Some(cfg) => cfg,
-            None => infer_config(&tensors, overrides).map_err(in_file)?,
+            None => {
+                let cfg = infer_config(&tensors, overrides).map_err(in_file)?;
+                if overrides.num_heads.is_none() {
+                    log::warn!(
+                        "{}: no architecture metadata; inferred from the tensor shapes with \
+                         num_heads = {} (D / {OFFICIAL_HEAD_DIM}); if the model was trained with \
+                         another head count, the features are wrong (dinotrain's exports and \
+                         checkpoints carry it)",
+                        path.display(),
+                        cfg.num_heads
+                    );
+                }
+                cfg
+            }
         },
     };
     if let Some(h) = overrides.num_heads {
@@ -341,6 +360,8 @@ impl LoadedBackbone {
             }
             images.truncate(rows * per);
             let f = extractor.features(&images, rows, size, patch_mean)?;
+            let kept = &out.kept[out.kept.len() - rows..];
+            crate::eval::knn::check_finite_features("embed", &f.cls, d, |r| source.name(kept[r]))?;
             out.cls.extend_from_slice(&f.cls);
             if let (Some(pm), Some(f_pm)) = (out.patch_mean.as_mut(), f.patch_mean) {
                 pm.extend_from_slice(&f_pm);

@@ -50,6 +50,30 @@ fn inv_norms(x: &[f32], dim: usize) -> Vec<f32> {
         .collect()
 }
 
+/// Refuses features with a non-finite value (`what`: who computed them; `name`: the image of a
+/// row): a metric over NaN features would be a confident wrong answer.
+pub fn check_finite_features(
+    what: &str,
+    features: &[f32],
+    dim: usize,
+    name: impl Fn(usize) -> String,
+) -> Result<()> {
+    if let Some(i) = features.iter().position(|v| !v.is_finite()) {
+        let row = i / dim.max(1);
+        return Err(Error::Numeric {
+            op: "features",
+            detail: format!(
+                "{what}: the feature of image {row} ({}) holds {} at dimension {}: the backbone \
+                 computes non-finite values (corrupt weights or a diverged model)",
+                name(row),
+                features[i],
+                i % dim.max(1)
+            ),
+        });
+    }
+    Ok(())
+}
+
 /// Classifies `test_features [n_test, dim]` against `train_features [n_train, dim]` with
 /// `train_labels [n_train]`, for every k in `nb_knn`, at temperature `temperature` (0.07
 /// officially).
@@ -76,6 +100,10 @@ pub fn knn_classify(
             ),
         ));
     }
+    check_finite_features("k-NN train", train_features, dim, |r| {
+        format!("train row {r}")
+    })?;
+    check_finite_features("k-NN test", test_features, dim, |r| format!("test row {r}"))?;
     let max_k = nb_knn.iter().copied().max().unwrap_or(0);
     if nb_knn.contains(&0) || max_k == 0 {
         return Err(Error::Config(format!(

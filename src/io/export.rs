@@ -115,6 +115,18 @@ pub fn read_backbone_with_metadata(
             (out, file.metadata)
         }
     };
+    // A NaN or infinite weight would give confident wrong answers downstream: refuse it here,
+    // naming the tensor (every loader of weights goes through this function).
+    for (name, t) in &tensors {
+        if let Some((index, &value)) = t.data.iter().enumerate().find(|(_, v)| !v.is_finite()) {
+            return Err(Error::NonFiniteWeights {
+                file: path.to_path_buf(),
+                tensor: name.clone(),
+                index,
+                value,
+            });
+        }
+    }
     let backbone = keys::import_backbone(tensors)?;
     if backbone.is_empty() {
         return Err(Error::Config(format!(

@@ -75,13 +75,22 @@ impl MetricsWriter {
     pub fn open(path: &Path, resume_step: Option<u64>) -> Result<Self> {
         if let Some(s) = resume_step {
             if path.exists() {
-                let kept: Vec<StepMetrics> =
-                    read(path)?.into_iter().filter(|r| r.step < s).collect();
-                let mut text = String::new();
-                for r in &kept {
-                    text.push_str(&line(r)?);
+                // The records before the resumed step keep their bytes (no parse / serialise
+                // round trip); later ones and a torn last line go.
+                read(path)?; // the same checks as a reader's
+                let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+                let mut kept = String::with_capacity(text.len());
+                for l in text.split_inclusive('\n') {
+                    let step = serde_json::from_str::<serde_json::Value>(l.trim())
+                        .ok()
+                        .and_then(|v| v.get("step").and_then(|x| x.as_u64()));
+                    if l.ends_with('\n') && step.is_some_and(|step| step < s) {
+                        kept.push_str(l);
+                    }
                 }
-                crate::io::write_atomic(path, text.as_bytes())?;
+                if kept != text {
+                    crate::io::write_atomic(path, kept.as_bytes())?;
+                }
             }
         }
         let file = OpenOptions::new()
@@ -196,6 +205,25 @@ mod tests {
         let all = read(&path).unwrap();
         assert_eq!(all.iter().map(|r| r.step).collect::<Vec<_>>(), [0, 1, 2, 3]);
         assert_eq!(all[3].losses["total"], 2.0);
+    }
+
+    #[test]
+    fn resume_keeps_the_earlier_records_byte_for_byte() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("metrics.jsonl");
+        // A digit string serde would print differently, and spacing it would drop.
+        let first = line(&record(0, 8.0))
+            .unwrap()
+            .replacen('{', "{ ", 1)
+            .replace("100.0", "100.00000000000001");
+        let second = line(&record(1, 7.0)).unwrap();
+        let later = line(&record(2, 6.0)).unwrap();
+        std::fs::write(&path, format!("{first}{second}{later}{{\"step\":3,")).unwrap();
+        drop(MetricsWriter::open(&path, Some(2)).unwrap());
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap(),
+            format!("{first}{second}")
+        );
     }
 
     #[test]

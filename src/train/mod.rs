@@ -47,11 +47,13 @@
 pub mod checkpoint;
 pub mod config;
 
+pub mod lock;
 pub mod metrics;
 pub mod observer;
 pub mod outdir;
 pub mod plan;
 pub mod plot;
+pub mod resources;
 
 pub mod run;
 pub mod state;

@@ -144,6 +144,12 @@ impl CancelHandle {
         self.0.store(true, Ordering::SeqCst);
     }
 
+    /// The flag behind the handle (set = cancelled), for code that can only store to an
+    /// atomic, such as a signal handler.
+    pub fn flag(&self) -> Arc<AtomicBool> {
+        Arc::clone(&self.0)
+    }
+
     /// Whether [`CancelHandle::cancel`] was called on this handle or a clone of it.
     pub fn is_cancelled(&self) -> bool {
         self.0.load(Ordering::SeqCst)

@@ -1,14 +1,19 @@
 //! The run folder: what is in it, when it may be reused, and the `train.log` writer.
 //!
-//! Policy: a new run needs an absent or empty folder. `--resume` continues the run in the folder
-//! (it must hold a checkpoint). `--overwrite` deletes dinotrain's own files and keeps the folder,
-//! but refuses when it finds anything else, so a mistyped `--out` never deletes a user's data.
+//! Policy: one process at a time (an advisory lock, [`super::lock`]). A new run needs an absent
+//! or empty folder (or one a run left that failed before its first checkpoint). `--resume`
+//! continues the run in the folder (it must hold a checkpoint). `--overwrite` deletes
+//! dinotrain's own files, recognised by their content, and keeps the folder, but refuses when it
+//! finds anything else, so a mistyped `--out` never deletes a user's data.
 
 use super::checkpoint;
+use super::lock::{RunLock, LOCK_FILE};
+use super::tensorboard::TENSORBOARD_DIR;
 use crate::error::{Error, Result};
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 /// How the user asked to treat an existing output folder.
@@ -46,17 +51,26 @@ pub const OWN_ENTRIES: &[&str] = &[
     EXPORT_FILE,
     KNN_FILE,
     CHECKPOINT_DIR,
-    super::tensorboard::TENSORBOARD_DIR,
+    TENSORBOARD_DIR,
 ];
 
-/// A prepared run folder.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// A prepared run folder, locked for this process while any clone of it lives.
+#[derive(Clone, Debug)]
 pub struct RunDir {
     pub root: PathBuf,
+    lock: Arc<RunLock>,
 }
 
+impl PartialEq for RunDir {
+    fn eq(&self, other: &Self) -> bool {
+        self.root == other.root
+    }
+}
+impl Eq for RunDir {}
+
 impl RunDir {
-    /// Applies the folder policy and creates the folder (and `checkpoints/`).
+    /// Takes the folder's lock (see [`super::lock`]), removes temp files that killed writes
+    /// left, applies the folder policy and creates the folder (and `checkpoints/`).
     pub fn prepare(root: &Path, mode: OutdirMode) -> Result<Self> {
         if root.exists() && !root.is_dir() {
             return Err(Error::Config(format!(
@@ -64,9 +78,16 @@ impl RunDir {
                 root.display()
             )));
         }
-        let entries = entries(root)?;
+        // The lock comes first: two processes never both pass the checks below.
+        std::fs::create_dir_all(root).map_err(|e| Error::io(root, e))?;
+        let lock = Arc::new(RunLock::acquire(root)?);
+        remove_stale_temp_files(root)?;
+        let entries: Vec<String> = entries(root)?
+            .into_iter()
+            .filter(|n| n != LOCK_FILE)
+            .collect();
         match mode {
-            OutdirMode::Fresh if !entries.is_empty() => {
+            OutdirMode::Fresh if !entries.is_empty() && !is_failed_start(root, &entries) => {
                 return Err(Error::Config(format!(
                     "output folder {} is not empty: pass --resume to continue the run in it, \
                      or --overwrite to replace dinotrain's files in it (or choose another --out)",
@@ -108,11 +129,20 @@ impl RunDir {
         }
         let dir = RunDir {
             root: root.to_path_buf(),
+            lock,
         };
         std::fs::create_dir_all(dir.checkpoints()).map_err(|e| Error::io(dir.checkpoints(), e))?;
         Ok(dir)
     }
 
+    /// The lock file this run holds.
+    pub fn lock_path(&self) -> &Path {
+        self.lock.path()
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.root.join(CONFIG_FILE)
+    }
     pub fn log_path(&self) -> PathBuf {
         self.root.join(LOG_FILE)
     }
@@ -137,25 +167,134 @@ impl RunDir {
     }
 }
 
-/// Whether `name` (a top-level entry of `root`) is dinotrain's: a known name, or a temp file
-/// left by an interrupted atomic write of one (`.<name>.tmp.<pid>`).
+/// The name a temp file of an interrupted atomic write of `base` has (`.<base>.tmp.<pid>`).
+fn temp_base(name: &str) -> Option<&str> {
+    let (base, pid) = name.strip_prefix('.')?.split_once(".tmp.")?;
+    pid.parse::<u32>().is_ok().then_some(base)
+}
+
+fn is_checkpoint_name(name: &str) -> bool {
+    name.starts_with("step_") && name.ends_with(".safetensors")
+}
+
+/// Removes the temp files that killed writes of dinotrain's files left in the run folder and
+/// its checkpoint folder (the caller holds the lock: no live write owns them).
+fn remove_stale_temp_files(root: &Path) -> Result<()> {
+    let ckpts = root.join(CHECKPOINT_DIR);
+    for (dir, own) in [
+        (
+            root,
+            &(|b: &str| OWN_ENTRIES.contains(&b)) as &dyn Fn(&str) -> bool,
+        ),
+        (ckpts.as_path(), &is_checkpoint_name),
+    ] {
+        if !dir.is_dir() {
+            continue;
+        }
+        for name in entries(dir)? {
+            if temp_base(&name).is_some_and(own) {
+                let path = dir.join(&name);
+                std::fs::remove_file(&path).map_err(|e| Error::io(&path, e))?;
+                log::info!("removed {} (left by an interrupted write)", path.display());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Whether the folder holds only what a run that failed before its first step leaves: its
+/// `config.yaml`, `train.log`, the TensorBoard file it opened and an empty `checkpoints/` (a
+/// new run may start there).
+fn is_failed_start(root: &Path, entries: &[String]) -> bool {
+    entries.iter().all(|name| match name.as_str() {
+        CONFIG_FILE | LOG_FILE | TENSORBOARD_DIR => is_own(root, name),
+        CHECKPOINT_DIR => self::entries(&root.join(name)).is_ok_and(|e| e.is_empty()),
+        _ => false,
+    })
+}
+
+/// The first `n` bytes of a file (fewer when it is shorter; empty when unreadable).
+fn head(path: &Path, n: u64) -> Vec<u8> {
+    use std::io::Read;
+    let mut buf = Vec::new();
+    if let Ok(f) = File::open(path) {
+        let _ = f.take(n).read_to_end(&mut buf);
+    }
+    buf
+}
+
+/// The `__metadata__` of a safetensors file, when it is one.
+fn safetensors_metadata(path: &Path) -> Option<serde_json::Map<String, serde_json::Value>> {
+    let first = head(path, 8);
+    let n = u64::from_le_bytes(first.get(..8)?.try_into().ok()?);
+    if n > 100 << 20 {
+        return None;
+    }
+    let bytes = head(path, 8 + n);
+    let header: serde_json::Value = serde_json::from_slice(bytes.get(8..)?).ok()?;
+    header.get("__metadata__")?.as_object().cloned()
+}
+
+/// Whether the file at `path` (named `name`) is one dinotrain wrote, by its content.
+fn is_own_file(path: &Path, name: &str) -> bool {
+    let text = || String::from_utf8_lossy(&head(path, 4096)).into_owned();
+    let first_json = || -> Option<serde_json::Value> {
+        serde_json::from_str(text().lines().next().unwrap_or("")).ok()
+    };
+    match name {
+        CONFIG_FILE => text().starts_with("# dinotrain resolved configuration"),
+        LOG_FILE => {
+            let t = text();
+            t.is_empty() || (t.starts_with("[") && t.get(21..23) == Some("] "))
+        }
+        METRICS_FILE => {
+            text().is_empty()
+                || first_json()
+                    .is_some_and(|v| v.get("step").is_some() && v.get("losses").is_some())
+        }
+        KNN_FILE => first_json().is_some_and(|v| v.get("trained_top1").is_some()),
+        PLOT_FILE => head(path, 8) == b"\x89PNG\r\n\x1a\n",
+        EXPORT_FILE => safetensors_metadata(path)
+            .is_some_and(|m| m.keys().any(|k| k.starts_with("dinotrain."))),
+        LOCK_FILE => super::lock::is_lock_content(&text()),
+        _ => {
+            is_checkpoint_name(name)
+                && safetensors_metadata(path).is_some_and(|m| {
+                    m.get("format").and_then(|v| v.as_str()) == Some(checkpoint::FORMAT_TAG)
+                })
+        }
+    }
+}
+
+/// Whether `name` (a top-level entry of `root`) is dinotrain's: one of its files with content
+/// it writes, or a temp file left by an interrupted atomic write of one (`.<name>.tmp.<pid>`).
 fn is_own(root: &Path, name: &str) -> bool {
-    if OWN_ENTRIES.contains(&name) {
-        // The checkpoint folder only counts as ours if everything in it is.
-        if name == CHECKPOINT_DIR {
-            return entries(&root.join(name)).is_ok_and(|inner| {
+    let path = root.join(name);
+    if name == TENSORBOARD_DIR {
+        // Ours if it holds only event files whose first record is a TensorBoard version event.
+        return path.is_dir()
+            && entries(&path).is_ok_and(|inner| {
                 inner.iter().all(|f| {
-                    let tmp = f.strip_prefix('.').and_then(|f| f.split_once(".tmp."));
-                    let base = tmp.map_or(f.as_str(), |(b, _)| b);
-                    base.starts_with("step_") && base.ends_with(".safetensors")
+                    f.starts_with("events.out.tfevents.")
+                        && head(&path.join(f), 64)
+                            .windows(13)
+                            .any(|w| w == b"brain.Event:2")
                 })
             });
-        }
-        return true;
     }
-    name.strip_prefix('.')
-        .and_then(|n| n.split_once(".tmp."))
-        .is_some_and(|(base, _)| OWN_ENTRIES.contains(&base))
+    if name == CHECKPOINT_DIR {
+        // The checkpoint folder only counts as ours if everything in it is.
+        return path.is_dir()
+            && entries(&path).is_ok_and(|inner| {
+                inner.iter().all(|f| {
+                    temp_base(f).is_some_and(is_checkpoint_name) || is_own_file(&path.join(f), f)
+                })
+            });
+    }
+    if OWN_ENTRIES.contains(&name) || name == LOCK_FILE {
+        return path.is_file() && is_own_file(&path, name);
+    }
+    temp_base(name).is_some_and(|base| OWN_ENTRIES.contains(&base))
 }
 
 fn entries(dir: &Path) -> Result<Vec<String>> {

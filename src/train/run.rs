@@ -281,6 +281,8 @@ fn save_checkpoint(
     }
     let mut extra = BTreeMap::new();
     extra.insert("dinotrain_version".into(), env!("CARGO_PKG_VERSION").into());
+    // The whole architecture (heads included), for embed / knn / export of the checkpoint.
+    extra.extend(arch_metadata(&trainer.model.backbone.cfg));
     let images_seen = state.step * trainer.plan.batch_size as u64;
     let ckpt = CheckpointRef {
         params: &trainer.model.table,
@@ -430,6 +432,17 @@ struct RunEnd {
     bad_images: u64,
 }
 
+/// What [`Session::build`] makes.
+struct Parts {
+    r: ResolvedConfig,
+    run: RunDir,
+    identity: BTreeMap<String, String>,
+    trainer: Trainer,
+    source: Arc<dyn ImageSource>,
+    knn: Option<KnnSources>,
+    initial: Vec<f32>,
+}
+
 /// One call of [`train`]: the run folder, the trainer on its device, and who hears about it.
 struct Session {
     r: ResolvedConfig,
@@ -461,10 +474,31 @@ impl Session {
             observer,
             cancel,
         } = options;
-        let plan = plan_from_config(&r)?;
         let run = RunDir::prepare(&r.output_dir, outdir)?;
-        r.write_yaml(&run.root)?;
         let mut log = RunLog::open(&run.log_path())?;
+        // Errors from here on are also written to train.log.
+        let logged = |log: &mut RunLog, e: Error| -> Error {
+            let _ = log.line(&format!("error: {e}"));
+            e
+        };
+        match Self::build(r, run, &mut log, outdir, allow_config_change) {
+            Ok(parts) => Ok(Self::assemble(
+                parts, log, observer, cancel, started, outdir,
+            )),
+            Err(e) => Err(logged(&mut log, e)),
+        }
+    }
+
+    /// The fallible part of [`Session::open`] after the folder is locked and the log open.
+    fn build(
+        r: ResolvedConfig,
+        run: RunDir,
+        log: &mut RunLog,
+        outdir: OutdirMode,
+        allow_config_change: bool,
+    ) -> Result<Parts> {
+        let plan = plan_from_config(&r)?;
+        super::resources::check(&plan, r.config.dinotrain.workers)?;
         for w in &r.warnings {
             log.line(&format!("warning: {w}"))?;
             log::warn!("{w}");
@@ -478,10 +512,11 @@ impl Session {
         let initial = initial_student(&model, plan.seed, &r.start)?;
         let mut trainer = Trainer::from_parts_on(plan, model, initial.clone(), device)?;
         log.line(&format!("device: {}", trainer.device_name()))?;
-        let resuming = outdir == OutdirMode::Resume;
-        if resuming {
-            resume(&run, &mut trainer, &identity, allow_config_change, &mut log)?;
+        if outdir == OutdirMode::Resume {
+            resume(&run, &mut trainer, &identity, allow_config_change, log)?;
         }
+        // Written once the resume is accepted: a refused one leaves the run's own config.
+        r.write_yaml(&run.root)?;
         let first_step = trainer.step();
         let backbone: usize = (trainer.model.table.specs().iter())
             .filter(|s| s.submodule() == "backbone")
@@ -495,6 +530,35 @@ impl Session {
             trainer.plan.batch_size,
             r.lr
         ))?;
+        Ok(Parts {
+            r,
+            run,
+            identity,
+            trainer,
+            source,
+            knn,
+            initial,
+        })
+    }
+
+    fn assemble(
+        parts: Parts,
+        log: RunLog,
+        observer: Option<Box<dyn TrainObserver + Send>>,
+        cancel: Option<CancelHandle>,
+        started: Instant,
+        outdir: OutdirMode,
+    ) -> (Self, Vec<f32>) {
+        let Parts {
+            r,
+            run,
+            identity,
+            trainer,
+            source,
+            knn,
+            initial,
+        } = parts;
+        let first_step = trainer.step();
         let session = Session {
             run,
             log,
@@ -509,13 +573,13 @@ impl Session {
                 train_seconds: 0.0,
                 wait_seconds: 0.0,
             },
-            resuming,
+            resuming: outdir == OutdirMode::Resume,
             first_step,
             records: Vec::new(),
             end: RunEnd::default(),
             r,
         };
-        Ok((session, initial))
+        (session, initial)
     }
 
     /// k-NN top-1 (%) of `weights` on the run's labelled sources (`None` without them).
@@ -577,11 +641,9 @@ impl Session {
             let batch = loader.next_batch()?;
             let record = match self.trainer.train_step(&batch.global, &batch.local) {
                 Ok(record) => record,
-                Err(e @ Error::NonFinite { .. }) => {
-                    let line = format!("stopped: {e}; the last good checkpoint is kept");
-                    self.log.line(&line)?;
+                Err(e @ (Error::NonFinite { .. } | Error::Numeric { .. })) => {
                     self.observer.on_loop_end();
-                    return Err(e);
+                    return Err(self.diverged(e));
                 }
                 Err(e) => return Err(e),
             };
@@ -638,9 +700,40 @@ impl Session {
         Ok(())
     }
 
+    /// The error a step that met a non-finite value ends the run with: the step, the cause,
+    /// where the last good state is, and what to try.
+    fn diverged(&self, e: Error) -> Error {
+        let step = self.trainer.step() + 1;
+        let cause = match &e {
+            Error::NonFinite { what, .. } => format!("the {what} is not finite"),
+            other => format!("a non-finite value in the step ({other})"),
+        };
+        let kept = match self.run.latest_checkpoint() {
+            Ok(Some(p)) => format!("the last good checkpoint {} is kept", p.display()),
+            _ => "no checkpoint was written yet".into(),
+        };
+        let start = match &self.r.start {
+            StartingPoint::Weights(crate::io::pretrained::WeightsSource::File { path, .. }) => {
+                format!(", or check the starting weights {}", path.display())
+            }
+            StartingPoint::Weights(crate::io::pretrained::WeightsSource::Pretrained(m)) => {
+                format!(", or check the starting weights ({m})")
+            }
+            _ => String::new(),
+        };
+        Error::Diverged {
+            step,
+            cause,
+            hint: format!(
+                "{kept}; lower optim.base_lr, lengthen the warm-up (optim.warmup_epochs) or \
+                 clip harder (optim.clip_grad){start}, then start again or --resume"
+            ),
+        }
+    }
+
     /// After the steps: a last checkpoint, the plots, the exported teacher and, for a run that
     /// reached its end, k-NN of the trained teacher next to `initial_knn`.
-    fn finish(mut self, initial_knn: Option<f64>) -> Result<TrainSummary> {
+    fn finish(&mut self, initial_knn: Option<f64>) -> Result<()> {
         let step = self.trainer.step();
         match self.end.stopped {
             Some(StopReason::StopAfter) => {
@@ -648,7 +741,7 @@ impl Session {
                 let line =
                     format!("stopped after {n} steps (dinotrain.stop_after), at step {step}");
                 self.log.line(&line)?;
-                return Ok(self.summary());
+                return Ok(());
             }
             Some(reason) => self
                 .log
@@ -673,7 +766,7 @@ impl Session {
             let line = format!("{bad} unreadable images were replaced during training");
             self.log.line(&line)?;
         }
-        Ok(self.summary())
+        Ok(())
     }
 
     /// Reports and records k-NN of the trained teacher.
@@ -765,6 +858,18 @@ fn export_teacher(run: &RunDir, trainer: &mut Trainer, log: &mut RunLog) -> Resu
 /// ```
 pub fn train(options: TrainOptions) -> Result<TrainSummary> {
     let (mut s, initial) = Session::open(options)?;
+    match run_session(&mut s, initial) {
+        Ok(()) => Ok(s.summary()),
+        Err(e) => {
+            // Also in train.log (best effort: the error may be that the disk is full).
+            let _ = s.log.line(&format!("error: {e}"));
+            Err(e)
+        }
+    }
+}
+
+/// The steps and the end of an opened session.
+fn run_session(s: &mut Session, initial: Vec<f32>) -> Result<()> {
     let total = s.r.total_iters;
     s.observer.on_start(&RunStart {
         first_step: s.first_step,

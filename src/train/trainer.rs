@@ -174,11 +174,24 @@ impl<B: Backend> Engine for DeviceEngine<B> {
             losses: it.losses,
             drop_path: it.drop_path,
         };
-        ssl.run(be, inputs, grads, &mut state.targets)?;
-        clipper.clip(be, grads, it.clip_grad)?;
-        let (losses, norms) = ssl.read(be, Some(clipper.norms()), TeacherProbs::Skip)?;
-        let names = clipper.names().map(String::from).collect::<Vec<_>>();
-        non_finite_check(&losses, &names, &norms, step)?;
+        // The step updates the softmax centers as it runs: a step that fails (a non-finite
+        // value) restores them, so nothing of the training state changes.
+        let targets_before = state.targets.to_host(be)?;
+        let checked = (|| {
+            ssl.run(be, inputs, grads, &mut state.targets)?;
+            clipper.clip(be, grads, it.clip_grad)?;
+            let (losses, norms) = ssl.read(be, Some(clipper.norms()), TeacherProbs::Skip)?;
+            let names = clipper.names().map(String::from).collect::<Vec<_>>();
+            non_finite_check(&losses, &names, &norms, step)?;
+            Ok::<_, Error>((losses, norms))
+        })();
+        let (losses, norms) = match checked {
+            Ok(v) => v,
+            Err(e) => {
+                state.targets.restore(be, &targets_before)?;
+                return Err(e);
+            }
+        };
         let lrs = (s.lr, s.last_layer_lr, s.wd);
         state
             .optimizer
