@@ -2,7 +2,7 @@
 //! tools/make-test-images.py; references are what Pillow decodes).
 
 use dinotrain::data::decode::{
-    decode, decode_file, jpeg_orientation, DecodeError, DEFAULT_MAX_PIXELS,
+    decode, decode_exif, decode_file, jpeg_orientation, DecodeError, Exif, DEFAULT_MAX_PIXELS,
 };
 use dinotrain::data::scan::{scan_folder, Labels, ScanOptions, Symlinks};
 use dinotrain::data::{ImageFormat, RgbImage};
@@ -126,6 +126,46 @@ fn exif_orientation_is_read_and_applied() {
     dinotrain::data::augment::flip_horizontal(&mut flipped.data, base.width as usize);
     assert!(diff(&mirrored, &flipped).0 < 1.0);
     assert!(diff(&mirrored, &base).0 > 10.0);
+}
+
+#[test]
+fn exif_orientation_can_be_ignored_as_the_official_loader_does() {
+    let ignored = |name: &str| {
+        let bytes = std::fs::read(data(&format!("kinds/{name}"))).unwrap();
+        decode_exif(
+            &bytes,
+            ImageFormat::Jpeg,
+            DEFAULT_MAX_PIXELS,
+            None,
+            Exif::Ignore,
+        )
+        .unwrap()
+    };
+    let base = decode_kind("baseline.jpg");
+    // The stored pixels: the mirror-tagged file holds the unmirrored image ...
+    let mirrored = ignored("exif-mirror.jpg");
+    assert!(diff(&mirrored, &base).0 < 1.0);
+    // ... and the rotate-tagged one stays 64 wide, 96 tall (Pillow's ROTATE_90 of the base).
+    let rotated = ignored("exif-rotate90.jpg");
+    assert_eq!((rotated.width, rotated.height), (64, 96));
+    let mut turned = RgbImage {
+        width: 64,
+        height: 96,
+        data: vec![0; 64 * 96 * 3],
+    };
+    for y in 0..96u32 {
+        for x in 0..64u32 {
+            // Counter-clockwise: stored (x, y) shows base (95 - y, x).
+            let p = base.pixel(95 - y, x);
+            let i = ((y * 64 + x) * 3) as usize;
+            turned.data[i..i + 3].copy_from_slice(&p);
+        }
+    }
+    assert!(diff(&rotated, &turned).0 < 2.0);
+    // A file without the tag decodes the same either way.
+    assert_eq!(ignored("baseline.jpg"), base);
+    assert_eq!("ignore".parse::<Exif>(), Ok(Exif::Ignore));
+    assert!("sideways".parse::<Exif>().is_err());
 }
 
 #[test]

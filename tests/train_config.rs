@@ -2,6 +2,7 @@
 
 use dinotrain::golden::Fixture;
 use dinotrain::nn::Ffn;
+use dinotrain::train::checkpoint::config_diffs;
 use dinotrain::train::config::{
     Centering, ConfigBuilder, Method, Preset, ResolvedConfig, StartingPoint,
 };
@@ -118,12 +119,80 @@ fn resolved_yaml_reads_back_to_the_same_plan() {
     let again = ResolvedConfig::resolve(config, warnings).unwrap();
     // Only what the original run warned about (block_chunks, dataset_path), nothing new.
     assert_eq!(again.warnings, r.warnings);
-    assert_eq!(again.config, r.config);
+    // The written file names every dimension; reading it back is a fixed point.
+    assert_eq!(again.config, r.recorded_config());
+    assert_eq!(again.recorded_config(), r.recorded_config());
+    assert_eq!(again.arch, r.arch);
     assert_eq!(again.schedules, r.schedules);
-    assert_eq!(
-        again.resume_identity().unwrap(),
-        r.resume_identity().unwrap()
+    // A resume with the written file matches the checkpoint of the original run.
+    let diffs = config_diffs(
+        &r.resume_identity().unwrap(),
+        &again.resume_identity().unwrap(),
     );
+    assert!(diffs.is_empty(), "{diffs:?}");
+}
+
+#[test]
+fn config_yaml_records_the_architecture_that_trains() {
+    // A small model on top of the official defaults (student.arch: vit_large, drop path 0.3).
+    let r = resolve(
+        "vitl16_short.yaml",
+        &[
+            "dinotrain.embed_dim=96",
+            "dinotrain.depth=3",
+            "dinotrain.num_heads=3",
+            "student.drop_path_rate=0.1",
+        ],
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let text = std::fs::read_to_string(r.write_yaml(dir.path()).unwrap()).unwrap();
+    assert!(
+        text.contains(
+            "# Architecture: no factory size: embed dim 96, depth 3, 3 heads, patch 16, \
+             0 register tokens, MLP hidden 384, LayerScale 1e-5, drop path 0.1, \
+             position embedding for 224 px."
+        ),
+        "{text}"
+    );
+    let yaml: serde_yaml_ng::Value = serde_yaml_ng::from_str(&text).unwrap();
+    let d = &yaml["dinotrain"];
+    assert_eq!(
+        (d["embed_dim"].as_u64(), d["depth"].as_u64()),
+        (Some(96), Some(3))
+    );
+    assert_eq!(d["num_heads"].as_u64(), Some(3));
+    assert_eq!(yaml["student"]["drop_path_rate"].as_f64(), Some(0.1));
+
+    // Dimensions that are a factory's are recorded under its name.
+    let r = resolve(
+        "vitl16_short.yaml",
+        &[
+            "dinotrain.embed_dim=384",
+            "dinotrain.depth=12",
+            "dinotrain.num_heads=6",
+        ],
+    );
+    let text = std::fs::read_to_string(r.write_yaml(dir.path()).unwrap()).unwrap();
+    let yaml: serde_yaml_ng::Value = serde_yaml_ng::from_str(&text).unwrap();
+    assert_eq!(
+        yaml["student"]["arch"].as_str(),
+        Some("vit_small"),
+        "{text}"
+    );
+    assert!(text.contains("# Architecture: vit_small: embed dim 384, depth 12, 6 heads"));
+    // ... and the config as given (vit_large with three overrides) resumes from it.
+    let r2 = resolve("vitl16_short.yaml", &["student.arch=vit_small"]);
+    let diffs = config_diffs(
+        &r.resume_identity().unwrap(),
+        &r2.resume_identity().unwrap(),
+    );
+    assert!(diffs.is_empty(), "{diffs:?}");
+    let r3 = resolve("vitl16_short.yaml", &["student.arch=vit_base"]);
+    let diffs = config_diffs(
+        &r.resume_identity().unwrap(),
+        &r3.resume_identity().unwrap(),
+    );
+    assert_eq!(diffs.len(), 2, "{diffs:?}"); // embed dim and heads; both have depth 12
 }
 
 #[test]

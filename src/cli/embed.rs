@@ -7,7 +7,7 @@ use dinotrain::backend::cuda::{resolve_device, ResolvedDevice};
 use dinotrain::backend::Device;
 use dinotrain::data::scan::ScanOptions;
 use dinotrain::data::source::{DecodeOptions, FolderSource};
-use dinotrain::data::ImageSource;
+use dinotrain::data::{Exif, ImageSource};
 use dinotrain::eval::backbone::{load_backbone, Embeddings, PatchMean};
 use dinotrain::io::safetensors::write_atomic;
 use dinotrain::io::TensorFile;
@@ -68,6 +68,27 @@ pub fn refuse_input_as_output(
     Ok(())
 }
 
+/// `--exif`: what a JPEG's EXIF orientation tag does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ExifArg {
+    /// Rotate / mirror as the tag says (as photo viewers show the image).
+    Apply,
+    /// Keep the stored pixels, as the official code's `Image.open(...).convert("RGB")` does.
+    Ignore,
+}
+
+impl ExifArg {
+    pub fn decode_options(self) -> DecodeOptions {
+        DecodeOptions {
+            exif: match self {
+                ExifArg::Apply => Exif::Apply,
+                ExifArg::Ignore => Exif::Ignore,
+            },
+            ..DecodeOptions::default()
+        }
+    }
+}
+
 /// Output file formats.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Format {
@@ -110,6 +131,9 @@ pub struct EmbedArgs {
     /// cuda:N.
     #[arg(long, default_value = "auto")]
     pub device: String,
+    /// A JPEG's EXIF orientation: ignore (the official evaluation's pixels) or apply.
+    #[arg(long, value_enum, default_value = "ignore")]
+    pub exif: ExifArg,
 }
 
 /// Resolves a `--device` flag once (auto falls back to the CPU with one line saying why).
@@ -128,7 +152,7 @@ pub fn run(args: &EmbedArgs) -> anyhow::Result<()> {
     let source = FolderSource::open(
         &args.data,
         &ScanOptions::default(),
-        DecodeOptions::default(),
+        args.exif.decode_options(),
     )?;
     let mode = if args.patch_mean {
         PatchMean::Compute

@@ -3,7 +3,7 @@
 
 use clap::Args;
 use dinotrain::data::scan::{Labels, ScanOptions};
-use dinotrain::data::source::{DecodeOptions, FolderSource};
+use dinotrain::data::source::FolderSource;
 use dinotrain::data::{demo_split, ImageSource, Split};
 use dinotrain::eval::backbone::{load_backbone, Embeddings, LoadedBackbone, PatchMean};
 use dinotrain::eval::{knn_classify, topk_accuracy, FeatureExtractor};
@@ -46,6 +46,9 @@ pub struct KnnArgs {
     /// cuda:N.
     #[arg(long, default_value = "auto")]
     pub device: String,
+    /// A JPEG's EXIF orientation: ignore (the official evaluation's pixels) or apply.
+    #[arg(long, value_enum, default_value = "ignore")]
+    pub exif: super::embed::ExifArg,
 }
 
 /// Features and labels of one split.
@@ -73,7 +76,7 @@ pub fn run(args: &KnnArgs) -> anyhow::Result<()> {
     let fx = &mut extractor;
     let start = std::time::Instant::now();
     let (train, val, num_classes) = match (&args.train, &args.val) {
-        (Some(train), Some(val)) => folders(&backbone, fx, train, val, size)?,
+        (Some(train), Some(val)) => folders(&backbone, fx, train, val, size, args.exif)?,
         _ => {
             let train = demo_split(Split::Train)?;
             let test = demo_split(Split::Test)?;
@@ -118,13 +121,14 @@ fn folders(
     train: &std::path::Path,
     val: &std::path::Path,
     size: usize,
+    exif: super::embed::ExifArg,
 ) -> anyhow::Result<(Labelled, Labelled, usize)> {
     let scan = ScanOptions {
         labels: Labels::Subfolder,
         ..ScanOptions::default()
     };
-    let train_src = FolderSource::open(train, &scan, DecodeOptions::default())?;
-    let val_src = FolderSource::open(val, &scan, DecodeOptions::default())?;
+    let train_src = FolderSource::open(train, &scan, exif.decode_options())?;
+    let val_src = FolderSource::open(val, &scan, exif.decode_options())?;
     let mut to_train = Vec::with_capacity(val_src.classes.len());
     for name in &val_src.classes {
         match train_src.classes.iter().position(|c| c == name) {

@@ -1,7 +1,7 @@
 //! Decoding any supported file to 8-bit RGB.
 //!
 //! Grayscale, CMYK, alpha (dropped, as PIL's `convert("RGB")` does) and 16-bit inputs all become
-//! 8-bit RGB; the EXIF orientation is applied. The image size is read from the header first and
+//! 8-bit RGB; the EXIF orientation is applied or ignored ([`Exif`]). The image size is read from the header first and
 //! an image over the pixel limit is refused before any pixel buffer is allocated
 //! (decompression bombs). JPEGs go through libjpeg-turbo when the `turbojpeg` feature is on
 //! (with DCT-domain downscaling when a size hint allows), else through the pure-Rust decoder.
@@ -34,6 +34,28 @@ impl RgbImage {
     pub fn pixel(&self, x: u32, y: u32) -> [u8; 3] {
         let i = (y as usize * self.width as usize + x as usize) * 3;
         [self.data[i], self.data[i + 1], self.data[i + 2]]
+    }
+}
+
+/// What to do with a JPEG's EXIF orientation tag.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Exif {
+    /// Rotate / mirror the pixels as the tag says (what photo viewers show).
+    #[default]
+    Apply,
+    /// Keep the stored pixel order: what the official DINOv2 code sees, since it loads with
+    /// `Image.open(path).convert("RGB")` and never calls `ImageOps.exif_transpose`.
+    Ignore,
+}
+
+impl std::str::FromStr for Exif {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "apply" => Ok(Exif::Apply),
+            "ignore" => Ok(Exif::Ignore),
+            other => Err(format!("unknown EXIF mode '{other}' (apply or ignore)")),
+        }
     }
 }
 
@@ -84,26 +106,48 @@ pub fn jpeg_decoder_name() -> &'static str {
     }
 }
 
-/// Reads and decodes a file; see [`decode`].
+/// Reads and decodes a file, the EXIF orientation applied; see [`decode`].
 pub fn decode_file(
     path: &Path,
     hint: ImageFormat,
     max_pixels: u64,
     min_side_hint: Option<u32>,
 ) -> Result<RgbImage, DecodeError> {
+    decode_file_exif(path, hint, max_pixels, min_side_hint, Exif::Apply)
+}
+
+/// Reads and decodes a file with the EXIF orientation applied or ignored; see [`decode_exif`].
+pub fn decode_file_exif(
+    path: &Path,
+    hint: ImageFormat,
+    max_pixels: u64,
+    min_side_hint: Option<u32>,
+    exif: Exif,
+) -> Result<RgbImage, DecodeError> {
     let bytes = std::fs::read(path)?;
-    decode(&bytes, hint, max_pixels, min_side_hint)
+    decode_exif(&bytes, hint, max_pixels, min_side_hint, exif)
 }
 
 /// Decodes `bytes` to RGB8. The magic bytes decide the format (`hint`, usually from the file
 /// extension, only names it in errors). `min_side_hint`: the decoder may return an image whose
 /// shorter side is down to this many pixels when that is cheaper (libjpeg-turbo's DCT scaling
-/// by 1/2, 1/4, 1/8); `None` always decodes at full size.
+/// by 1/2, 1/4, 1/8); `None` always decodes at full size. The EXIF orientation is applied.
 pub fn decode(
     bytes: &[u8],
     hint: ImageFormat,
     max_pixels: u64,
     min_side_hint: Option<u32>,
+) -> Result<RgbImage, DecodeError> {
+    decode_exif(bytes, hint, max_pixels, min_side_hint, Exif::Apply)
+}
+
+/// [`decode`] with the EXIF orientation applied or ignored.
+pub fn decode_exif(
+    bytes: &[u8],
+    hint: ImageFormat,
+    max_pixels: u64,
+    min_side_hint: Option<u32>,
+    exif: Exif,
 ) -> Result<RgbImage, DecodeError> {
     if bytes.is_empty() {
         return Err(DecodeError::Empty);
@@ -113,7 +157,7 @@ pub fn decode(
     })?;
     // Decoders parse hostile bytes; should one of them panic, that file is skipped like any
     // other corrupt file instead of stopping a training run.
-    std::panic::catch_unwind(|| decode_format(bytes, format, max_pixels, min_side_hint))
+    std::panic::catch_unwind(|| decode_format(bytes, format, max_pixels, min_side_hint, exif))
         .unwrap_or_else(|_| {
             Err(DecodeError::Corrupt {
                 format,
@@ -127,15 +171,16 @@ fn decode_format(
     format: ImageFormat,
     max_pixels: u64,
     min_side_hint: Option<u32>,
+    exif: Exif,
 ) -> Result<RgbImage, DecodeError> {
     #[cfg(feature = "turbojpeg")]
     if format == ImageFormat::Jpeg {
-        if let Some(img) = turbo::decode(bytes, max_pixels, min_side_hint)? {
+        if let Some(img) = turbo::decode(bytes, max_pixels, min_side_hint, exif)? {
             return Ok(img);
         }
     }
     let _ = min_side_hint;
-    decode_with_image_crate(bytes, format, max_pixels)
+    decode_with_image_crate(bytes, format, max_pixels, exif)
 }
 
 fn check_pixels(width: u32, height: u32, max_pixels: u64) -> Result<(), DecodeError> {
@@ -171,6 +216,7 @@ fn decode_with_image_crate(
     bytes: &[u8],
     format: ImageFormat,
     max_pixels: u64,
+    exif: Exif,
 ) -> Result<RgbImage, DecodeError> {
     use image::ImageDecoder as _;
     if format == ImageFormat::Jpeg {
@@ -189,7 +235,9 @@ fn decode_with_image_crate(
         .unwrap_or(image::metadata::Orientation::NoTransforms);
     let mut dynamic =
         image::DynamicImage::from_decoder(decoder).map_err(|e| image_error(format, e))?;
-    dynamic.apply_orientation(orientation);
+    if exif == Exif::Apply {
+        dynamic.apply_orientation(orientation);
+    }
     let rgb = dynamic.into_rgb8();
     Ok(RgbImage {
         width: rgb.width(),
@@ -242,7 +290,7 @@ pub fn jpeg_orientation(bytes: &[u8]) -> Option<image::metadata::Orientation> {
 mod turbo {
     //! libjpeg-turbo: faster baseline decoding and DCT-domain downscaling.
 
-    use super::{check_jpeg_complete, check_pixels, jpeg_orientation, DecodeError, RgbImage};
+    use super::{check_jpeg_complete, check_pixels, jpeg_orientation, DecodeError, Exif, RgbImage};
     use crate::data::format::ImageFormat;
 
     /// `Ok(None)` when libjpeg-turbo cannot convert this JPEG to RGB (CMYK/YCCK): the caller
@@ -251,6 +299,7 @@ mod turbo {
         bytes: &[u8],
         max_pixels: u64,
         min_side_hint: Option<u32>,
+        exif: Exif,
     ) -> Result<Option<RgbImage>, DecodeError> {
         let corrupt = |e: turbojpeg::Error| DecodeError::Corrupt {
             format: ImageFormat::Jpeg,
@@ -296,7 +345,7 @@ mod turbo {
             height: scaled.height as u32,
             data: image.pixels,
         };
-        if let Some(o) = jpeg_orientation(bytes) {
+        if let Some(o) = jpeg_orientation(bytes).filter(|_| exif == Exif::Apply) {
             if o != image::metadata::Orientation::NoTransforms {
                 img = super::orient(img, o);
             }

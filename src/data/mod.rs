@@ -19,7 +19,7 @@ pub mod scan;
 pub mod source;
 
 pub use augment::{multi_crop, MultiCropConfig};
-pub use decode::{decode, decode_file, DecodeError, RgbImage};
+pub use decode::{decode, decode_exif, decode_file, decode_file_exif, DecodeError, Exif, RgbImage};
 pub use demo::{demo_split, DemoImages, Split};
 pub use format::ImageFormat;
 pub use loader::{Batch, Loader, LoaderConfig};

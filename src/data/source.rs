@@ -2,7 +2,7 @@
 //! files (with an optional decoded-image cache). The demo dataset implements it in `demo.rs`.
 
 use crate::data::cache::DecodedCache;
-use crate::data::decode::{decode_file, DecodeError, RgbImage, DEFAULT_MAX_PIXELS};
+use crate::data::decode::{decode_file_exif, DecodeError, Exif, RgbImage, DEFAULT_MAX_PIXELS};
 use crate::data::scan::{scan_folder, ImageEntry, ScanOptions, ScanResult};
 use crate::error::{Error, Result};
 use std::path::{Path, PathBuf};
@@ -32,6 +32,9 @@ pub struct DecodeOptions {
     /// Allow decoders to return an image whose shorter side is down to this size when that is
     /// cheaper (JPEG DCT scaling with the `turbojpeg` feature). `None`: always full size.
     pub min_side_hint: Option<u32>,
+    /// JPEG EXIF orientation: applied by default (training); `dinotrain embed` / `knn` ignore it
+    /// by default, as the official code does.
+    pub exif: Exif,
 }
 
 impl Default for DecodeOptions {
@@ -39,6 +42,7 @@ impl Default for DecodeOptions {
         DecodeOptions {
             max_pixels: DEFAULT_MAX_PIXELS,
             min_side_hint: None,
+            exif: Exif::Apply,
         }
     }
 }
@@ -115,11 +119,12 @@ impl ImageSource for FolderSource {
                 format!("image {index} of {}", self.entries.len()),
             ))
         })?;
-        decode_file(
+        decode_file_exif(
             &e.path,
             e.format,
             self.decode.max_pixels,
             self.decode.min_side_hint,
+            self.decode.exif,
         )
     }
 

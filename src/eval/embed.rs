@@ -14,16 +14,50 @@ use rayon::prelude::*;
 pub const MEAN: [f32; 3] = [0.485, 0.456, 0.406];
 pub const STD: [f32; 3] = [0.229, 0.224, 0.225];
 
-/// The official evaluation transform at `size` (224 officially): resize the shorter side to
-/// `size · 256/224` (bicubic), centre-crop `size × size`, normalise. Writes `[3, size, size]`.
+/// The official evaluation transform at `size` (224 officially): torchvision's
+/// `Resize(round(size · 256/224), BICUBIC)` on the shorter side, `CenterCrop(size)`, `ToTensor`,
+/// `Normalize` with the ImageNet statistics. Writes `[3, size, size]`.
 pub fn eval_transform(out: &mut [f32], img: &RgbImage, size: usize) {
-    let short = (size as f64 * 256.0 / 224.0).round() as u32;
-    let (w, h) = (img.width.max(1), img.height.max(1));
-    let (rw, rh) = if w <= h {
-        (short, ((h as u64 * short as u64) / w as u64).max(1) as u32)
+    let crop = eval_crop(img, size);
+    normalize_chw(out, &crop.data, MEAN, STD);
+}
+
+/// The shorter side the evaluation transform resizes to: `round(size · 256/224)` (256 for 224).
+pub fn eval_resize_short(size: usize) -> u32 {
+    (size as f64 * 256.0 / 224.0).round() as u32
+}
+
+/// The size torchvision's `Resize(short)` gives a `width × height` image: the shorter side
+/// becomes `short`, the longer `int(short · long / short_in)` (truncated; the exact integer
+/// quotient, which the float division in torchvision always agrees with at these sizes).
+pub fn resized_size(width: u32, height: u32, short: u32) -> (u32, u32) {
+    let (w, h) = (width.max(1) as u64, height.max(1) as u64);
+    let s = short as u64;
+    if w <= h {
+        (short, ((h * s) / w).max(1) as u32)
     } else {
-        (((w as u64 * short as u64) / h as u64).max(1) as u32, short)
-    };
+        (((w * s) / h).max(1) as u32, short)
+    }
+}
+
+/// torchvision's `CenterCrop` offset along a side of `len` pixels: `int(round((len - crop) / 2))`
+/// with Python's round half to even, so `(len - crop) = 2k + 1` starts at `k` when `k` is even
+/// and at `k + 1` when it is odd (not `floor`). 0 when the side is not longer than the crop.
+pub fn center_crop_offset(len: u32, crop: u32) -> u32 {
+    let d = len.saturating_sub(crop);
+    let k = d / 2;
+    if d % 2 == 1 && k % 2 == 1 {
+        k + 1
+    } else {
+        k
+    }
+}
+
+/// The 8-bit `size × size` crop of the evaluation transform (before `ToTensor`). The resized
+/// shorter side, `round(size · 256/224)`, is never below `size`, so torchvision's padding branch
+/// never applies.
+pub fn eval_crop(img: &RgbImage, size: usize) -> RgbImage {
+    let (rw, rh) = resized_size(img.width, img.height, eval_resize_short(size));
     let mut resized = vec![0u8; (rw * rh * 3) as usize];
     let mut tmp = Vec::new();
     let whole = Rect {
@@ -34,7 +68,7 @@ pub fn eval_transform(out: &mut [f32], img: &RgbImage, size: usize) {
     };
     resize_bicubic(&mut resized, &mut tmp, &img.data, img.width, whole, rw, rh);
     let s = size as u32;
-    let (x0, y0) = ((rw.saturating_sub(s)) / 2, (rh.saturating_sub(s)) / 2);
+    let (x0, y0) = (center_crop_offset(rw, s), center_crop_offset(rh, s));
     let mut crop = vec![0u8; size * size * 3];
     for y in 0..s.min(rh) {
         let src = ((y0 + y) * rw + x0) as usize * 3;
@@ -42,7 +76,11 @@ pub fn eval_transform(out: &mut [f32], img: &RgbImage, size: usize) {
         crop[y as usize * size * 3..y as usize * size * 3 + n]
             .copy_from_slice(&resized[src..src + n]);
     }
-    normalize_chw(out, &crop, MEAN, STD);
+    RgbImage {
+        width: s,
+        height: s,
+        data: crop,
+    }
 }
 
 /// Final-norm CLS features `[n, D]` of every image of `source` from `extractor` (either
@@ -121,6 +159,22 @@ pub fn knn_top1(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn center_crop_offset_rounds_half_to_even() {
+        // (len - crop) / 2 = 0, 0.5, 1, 1.5, 2, 2.5, 3, 3.5 -> round half to even.
+        let want = [0, 0, 1, 2, 2, 2, 3, 4];
+        for (d, &w) in want.iter().enumerate() {
+            assert_eq!(
+                center_crop_offset(224 + d as u32, 224),
+                w,
+                "len - crop = {d}"
+            );
+        }
+        assert_eq!(center_crop_offset(455, 224), 116); // 231 / 2 = 115.5 -> 116
+        assert_eq!(center_crop_offset(341, 224), 58); // 117 / 2 = 58.5 -> 58
+        assert_eq!(center_crop_offset(100, 224), 0);
+    }
 
     #[test]
     fn eval_transform_keeps_a_uniform_image_uniform_and_centres_the_crop() {

@@ -496,6 +496,7 @@ pub fn config_diffs(
     saved: &BTreeMap<String, String>,
     now: &BTreeMap<String, String>,
 ) -> Vec<String> {
+    let (saved, now) = (&arch_explicit(saved), &arch_explicit(now));
     let absent = "(absent)".to_string();
     let mut keys: Vec<&String> = saved.keys().chain(now.keys()).collect();
     keys.sort();
@@ -509,6 +510,32 @@ pub fn config_diffs(
             (a != b).then(|| format!("{k}: {a} -> {b}"))
         })
         .collect()
+}
+
+/// The architecture keys compared by what they build: `student.arch` only supplies the
+/// dimensions that `dinotrain.embed_dim` / `depth` / `num_heads` leave unset, so a run resumed
+/// with the `config.yaml` it wrote (which names every dimension) matches its checkpoint.
+fn arch_explicit(flat: &BTreeMap<String, String>) -> BTreeMap<String, String> {
+    let mut flat = flat.clone();
+    let Some(arch) = flat.get("student.arch") else {
+        return flat;
+    };
+    let Ok(arch) = serde_yaml_ng::from_str::<crate::train::config::Arch>(arch) else {
+        return flat;
+    };
+    let (embed_dim, depth, num_heads) = arch.dims();
+    for (key, dim) in [
+        ("dinotrain.embed_dim", embed_dim),
+        ("dinotrain.depth", depth),
+        ("dinotrain.num_heads", num_heads),
+    ] {
+        let value = flat.entry(key.to_string()).or_insert_with(|| "null".into());
+        if value == "null" || value == "~" {
+            *value = dim.to_string();
+        }
+    }
+    flat.remove("student.arch");
+    flat
 }
 
 /// JSON text for a metadata entry.

@@ -199,6 +199,32 @@ pub enum Arch {
 }
 
 impl Arch {
+    pub const ALL: [Arch; 5] = [
+        Arch::VitTiny,
+        Arch::VitSmall,
+        Arch::VitBase,
+        Arch::VitLarge,
+        Arch::VitGiant2,
+    ];
+
+    /// The factory's name (`vit_small`, ...), as `student.arch` spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Arch::VitTiny => "vit_tiny",
+            Arch::VitSmall => "vit_small",
+            Arch::VitBase => "vit_base",
+            Arch::VitLarge => "vit_large",
+            Arch::VitGiant2 => "vit_giant2",
+        }
+    }
+
+    /// The factory with these (embed dim, depth, heads), if one has them.
+    pub fn matching(embed_dim: usize, depth: usize, num_heads: usize) -> Option<Arch> {
+        Arch::ALL
+            .into_iter()
+            .find(|a| a.dims() == (embed_dim, depth, num_heads))
+    }
+
     /// (embed dim, depth, heads) of the factory.
     pub fn dims(self) -> (usize, usize, usize) {
         match self {

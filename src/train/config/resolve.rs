@@ -1,7 +1,7 @@
 //! Stage two: a validated [`ResolvedConfig`] with every derived value the loop needs (scaled
 //! learning rate, iteration counts, schedule parameters, the architecture, the starting point).
 
-use super::{ConfigWarning, FfnLayer, Method, ScalingRule, StepsSchedule, TrainConfig};
+use super::{Arch, ConfigWarning, FfnLayer, Method, ScalingRule, StepsSchedule, TrainConfig};
 use crate::backend::Device;
 use crate::error::{Error, Result};
 use crate::io::pretrained::WeightsSource;
@@ -164,9 +164,50 @@ impl ResolvedConfig {
         })
     }
 
-    /// The configuration as YAML: readable back with `--config`.
+    /// The configuration as it trains: the given one with the architecture made explicit,
+    /// `student.arch` naming the factory whose (embed dim, depth, heads) the model has (left as
+    /// given when none has them) and `dinotrain.embed_dim` / `depth` / `num_heads` holding the
+    /// model's. Resolving it again gives the same plan.
+    pub fn recorded_config(&self) -> TrainConfig {
+        let mut c = self.config.clone();
+        let v = &self.arch.vit;
+        if let Some(arch) = Arch::matching(v.embed_dim, v.depth, v.num_heads) {
+            c.student.arch = arch;
+        }
+        c.dinotrain.embed_dim = Some(v.embed_dim);
+        c.dinotrain.depth = Some(v.depth);
+        c.dinotrain.num_heads = Some(v.num_heads);
+        c
+    }
+
+    /// One line naming the architecture that trains, every dimension included.
+    pub fn architecture_summary(&self) -> String {
+        let v = &self.arch.vit;
+        let name =
+            Arch::matching(v.embed_dim, v.depth, v.num_heads).map_or("no factory size", Arch::name);
+        let ffn = match v.ffn {
+            Ffn::Mlp { hidden } => format!("MLP hidden {hidden}"),
+            Ffn::SwiGlu { .. } => format!("SwiGLU hidden {}", v.ffn.width()),
+        };
+        let layerscale = v
+            .layerscale
+            .map_or("no LayerScale".to_string(), |l| format!("LayerScale {l:e}"));
+        format!(
+            "{name}: embed dim {}, depth {}, {} heads, patch {}, {} register tokens, {ffn}, \
+             {layerscale}, drop path {}, position embedding for {} px",
+            v.embed_dim,
+            v.depth,
+            v.num_heads,
+            v.patch_size,
+            v.num_register_tokens,
+            self.arch.drop_path_rate,
+            v.img_size
+        )
+    }
+
+    /// The configuration as YAML ([`Self::recorded_config`]): readable back with `--config`.
     pub fn to_yaml(&self) -> Result<String> {
-        self.config.to_yaml()
+        self.recorded_config().to_yaml()
     }
 
     /// Writes `config.yaml` into `dir` atomically and returns its path.
@@ -174,10 +215,11 @@ impl ResolvedConfig {
         let path = dir.join("config.yaml");
         let text = format!(
             "# dinotrain resolved configuration (optim.lr = base_lr * sqrt({} / 1024) = {:.6e}; \
-             {} iterations).\n# Pass it back with --config to repeat the run.\n{}",
+             {} iterations).\n# Architecture: {}.\n# Pass it back with --config to repeat the run.\n{}",
             self.total_batch,
             self.lr,
             self.total_iters,
+            self.architecture_summary(),
             self.to_yaml()?
         );
         crate::io::write_atomic(&path, text.as_bytes())?;
