@@ -424,3 +424,32 @@ fn every_cli_flag_maps_to_a_key() {
     );
     assert!(b.flag("colour", "red").is_err());
 }
+
+#[test]
+fn a_released_patch_14_model_fits_the_default_crop_sizes() {
+    let mut b = ConfigBuilder::new(Preset::Official).unwrap();
+    b.set("dinotrain.model=dinov2/vits14").unwrap();
+    let (config, warnings) = b.build().unwrap();
+    let r = ResolvedConfig::resolve(config, warnings).unwrap();
+    assert_eq!(
+        (
+            r.config.crops.global_crops_size,
+            r.config.crops.local_crops_size
+        ),
+        (224, 98)
+    );
+    let said: Vec<String> = r.warnings.iter().map(|w| w.to_string()).collect();
+    assert!(
+        said.iter()
+            .any(|w| w.contains("crops.local_crops_size = 96 changed to 98")),
+        "{said:?}"
+    );
+    // A patch size the user chose is not second-guessed.
+    let mut b = ConfigBuilder::new(Preset::Official).unwrap();
+    b.set("student.patch_size=14").unwrap();
+    let (config, warnings) = b.build().unwrap();
+    let err = ResolvedConfig::resolve(config, warnings)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("multiple of the patch size 14"), "{err}");
+}

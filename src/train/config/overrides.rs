@@ -25,6 +25,13 @@ pub enum ConfigWarning {
     },
     /// An official key that dinotrain reads but ignores, set to a non-default value.
     IgnoredKey { key: String, why: &'static str },
+    /// A value changed to one the run can use (with the reason).
+    Adjusted {
+        key: String,
+        from: String,
+        to: String,
+        why: String,
+    },
 }
 
 impl fmt::Display for ConfigWarning {
@@ -39,6 +46,9 @@ impl fmt::Display for ConfigWarning {
             }
             ConfigWarning::IgnoredKey { key, why } => {
                 write!(f, "'{key}' is ignored by dinotrain: {why}")
+            }
+            ConfigWarning::Adjusted { key, from, to, why } => {
+                write!(f, "{key} = {from} changed to {to}: {why}")
             }
         }
     }

@@ -140,6 +140,7 @@ impl ResolvedConfig {
             lr_peak: lr,
         };
 
+        fit_crops_to_released_patch(&mut config, &mut warnings)?;
         let (arch, start) = architecture(&config)?;
         let checkpoint_every = config
             .dinotrain
@@ -238,6 +239,42 @@ impl ResolvedConfig {
         });
         Ok(flat)
     }
+}
+
+/// A released backbone (`--model dinov2/vits14`, patch 14) with crop sizes made for patch 16
+/// (the defaults 224 / 96): a size that is not a multiple of 14 becomes the nearest one that is
+/// (96 -> 98, the official ViT-*/14 configs' local size), with a warning. A patch size the user
+/// chose keeps the error of [`architecture`].
+fn fit_crops_to_released_patch(
+    config: &mut TrainConfig,
+    warnings: &mut Vec<ConfigWarning>,
+) -> Result<()> {
+    let Some(name) = config.dinotrain.model.as_deref() else {
+        return Ok(());
+    };
+    let Some(WeightsSource::Pretrained(m)) = WeightsSource::parse(name).ok() else {
+        return Ok(());
+    };
+    let patch = m.architecture().patch_size;
+    for (key, size) in [
+        (
+            "crops.global_crops_size",
+            &mut config.crops.global_crops_size,
+        ),
+        ("crops.local_crops_size", &mut config.crops.local_crops_size),
+    ] {
+        if *size % patch != 0 {
+            let fitted = ((*size as f64 / patch as f64).round() as usize).max(1) * patch;
+            warnings.push(ConfigWarning::Adjusted {
+                key: key.into(),
+                from: size.to_string(),
+                to: fitted.to_string(),
+                why: format!("{} has patch size {patch}", m.name()),
+            });
+            *size = fitted;
+        }
+    }
+    Ok(())
 }
 
 fn architecture(config: &TrainConfig) -> Result<(Architecture, StartingPoint)> {
