@@ -401,7 +401,7 @@ fn crop_decisions_have_the_official_probabilities_jointly() {
         (CropKind::Global2, 0.9, 0.2, 195),
         (CropKind::Local, 0.5, 0.0, 196),
     ] {
-        let n = 50_000;
+        let n = 200_000;
         let ps = plans(kind, n, seed);
         let marg = [0.5, 0.8, 0.2, blur_p, solar_p];
         let mut counts = vec![0usize; 32];

@@ -18,7 +18,8 @@ tests/data/reference/augment.safetensors.gz, a gzipped safetensors file (format 
 tests/golden/README.md: `in.*` inputs, `out.*` references, U8 pixels in HWC order, F32 for the
 normalised tensors in CHW order, I64 for histograms) whose metadata `cases` is a JSON list that
 names, for each `out.*` tensor, its input, its operation, its parameters and its tolerance.
-Running it twice writes the same bytes.
+Running it twice writes the same tensors and metadata (the safetensors library may write
+the header's keys in another order, so the bytes can differ).
 """
 import gzip
 import io
