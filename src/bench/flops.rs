@@ -123,18 +123,9 @@ fn decimal(v: f32) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bench::{bench_config, BenchDevice, BenchModel, BenchOptions};
+    use crate::bench::tests::plan;
+    use crate::bench::BenchModel;
     use crate::train::config::Method;
-    use crate::train::run::plan_from_config;
-
-    fn plan(model: BenchModel, batch: usize) -> TrainPlan {
-        let opts = BenchOptions {
-            model,
-            batch_size: Some(batch),
-            ..BenchOptions::default()
-        };
-        plan_from_config(&bench_config(&opts, BenchDevice::Cpu).unwrap()).unwrap()
-    }
 
     fn close(got: f64, want: f64, rel: f64) -> bool {
         (got - want).abs() <= rel * want

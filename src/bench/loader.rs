@@ -8,11 +8,11 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use crate::data::source::{needed_short_side, DecodeOptions, FolderSource};
-use crate::data::{scan::ScanOptions, Loader, LoaderConfig};
+use crate::data::{Loader, LoaderConfig};
 use crate::error::Result;
 use crate::train::config::ResolvedConfig;
 use crate::train::plan::crops_from_config;
+use crate::train::run::training_folder;
 
 /// The loader's measured rate.
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -72,17 +72,9 @@ pub fn time_loader(
     warmup: usize,
     workers: usize,
 ) -> Result<LoaderReport> {
-    let crops = crops_from_config(config);
-    let decode = DecodeOptions {
-        min_side_hint: Some(needed_short_side(
-            crops.global_size,
-            config.config.crops.global_crops_scale[0],
-        )),
-        ..DecodeOptions::default()
-    };
-    let source = Arc::new(FolderSource::open(dir, &ScanOptions::default(), decode)?);
+    let source = Arc::new(training_folder(dir, config)?);
     let cfg = LoaderConfig {
-        crops,
+        crops: crops_from_config(config),
         workers: if workers == 0 {
             LoaderConfig::default().workers
         } else {

@@ -675,19 +675,19 @@ const USER_HZ: f64 = 100.0;
 /// count per step says whether the step still allocates (fresh pages fault on first touch).
 pub fn process_minor_faults() -> Option<u64> {
     let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
-    let rest = &stat[stat.rfind(')')? + 1..];
-    // `rest` starts at field 3 (state); minflt is field 10.
-    rest.split_whitespace().nth(7)?.parse().ok()
+    proc_stat_field(&stat, 10)?.parse().ok()
 }
 
 fn parse_proc_stat_cpu(stat: &str) -> Option<f64> {
-    // The command name (field 2) is in parentheses and may hold spaces: split after it.
-    let rest = &stat[stat.rfind(')')? + 1..];
-    let mut fields = rest.split_whitespace();
-    // `rest` starts at field 3 (state); utime and stime are fields 14 and 15.
-    let utime: u64 = fields.nth(11)?.parse().ok()?;
-    let stime: u64 = fields.next()?.parse().ok()?;
+    let utime: u64 = proc_stat_field(stat, 14)?.parse().ok()?;
+    let stime: u64 = proc_stat_field(stat, 15)?.parse().ok()?;
     Some((utime + stime) as f64 / USER_HZ)
+}
+
+/// Field `n` (1-based, as `man proc` numbers them, n >= 3) of a `/proc/<pid>/stat` line. The
+/// command name (field 2) is in parentheses and may hold spaces: count from after it.
+fn proc_stat_field(stat: &str, n: usize) -> Option<&str> {
+    stat[stat.rfind(')')? + 1..].split_whitespace().nth(n - 3)
 }
 
 /// `cpu (model name, N threads)`.
@@ -712,7 +712,8 @@ mod tests {
     use super::*;
     use crate::train::trainer::TrainPlan;
 
-    fn plan(model: BenchModel, batch: usize) -> TrainPlan {
+    /// The CPU plan of a benchmark model at `batch` (also for the FLOP-count tests).
+    pub(super) fn plan(model: BenchModel, batch: usize) -> TrainPlan {
         let opts = BenchOptions {
             model,
             batch_size: Some(batch),

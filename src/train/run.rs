@@ -30,7 +30,7 @@ use crate::optim::AdamWState;
 use crate::ssl::step::SslModel;
 use crate::tensor::Tensor;
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -149,22 +149,22 @@ pub struct TrainSummary {
 /// The training images: a folder, or the embedded demo set.
 fn training_source(r: &ResolvedConfig) -> Result<Arc<dyn ImageSource>> {
     match &r.config.dinotrain.data {
-        Some(dir) => {
-            let decode = DecodeOptions {
-                min_side_hint: Some(needed_short_side(
-                    r.config.crops.global_crops_size as u32,
-                    r.config.crops.global_crops_scale[0],
-                )),
-                ..DecodeOptions::default()
-            };
-            Ok(Arc::new(FolderSource::open(
-                dir,
-                &ScanOptions::default(),
-                decode,
-            )?))
-        }
+        Some(dir) => Ok(Arc::new(training_folder(dir, r)?)),
         None => Ok(Arc::new(demo_split(Split::Train)?)),
     }
+}
+
+/// A folder of training images, decoded no smaller than the configuration's crops need (also
+/// what `bench --data` times).
+pub fn training_folder(dir: &Path, r: &ResolvedConfig) -> Result<FolderSource> {
+    let decode = DecodeOptions {
+        min_side_hint: Some(needed_short_side(
+            r.config.crops.global_crops_size as u32,
+            r.config.crops.global_crops_scale[0],
+        )),
+        ..DecodeOptions::default()
+    };
+    FolderSource::open(dir, &ScanOptions::default(), decode)
 }
 
 /// Labelled (train, test) images for k-NN.

@@ -32,11 +32,8 @@ impl EventWriter {
     pub fn create(dir: &Path) -> Result<Self> {
         fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         let now = wall_time();
-        let host = fs::read_to_string("/etc/hostname")
-            .ok()
-            .map(|h| h.trim().to_string())
-            .filter(|h| !h.is_empty() && !h.contains('/'))
-            .unwrap_or_else(|| "dinotrain".into());
+        // The host part of the name TensorBoard's own writers use; never a path separator.
+        let host = super::lock::hostname().replace('/', "_");
         let mut path = dir.join(format!("events.out.tfevents.{}.{host}", now as u64));
         // Two starts within a second (a quick retry) must not share a file.
         let mut n = 1;
