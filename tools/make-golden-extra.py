@@ -66,6 +66,9 @@ import numpy as np
 
 os.environ.setdefault("XFORMERS_DISABLED", "1")
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from official_dinov2 import rel_err, save_sorted  # noqa: E402
+
 
 # --------------------------------------------------------------------------------------------
 # The fixtures this script makes: (case, variant, seed, params of the construction).
@@ -283,37 +286,11 @@ def _zero_cot(case, p):
 # --------------------------------------------------------------------------------------------
 # Comparison (tests/golden/README.md) and files.
 
-def rel_err(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    assert a.shape == b.shape, (a.shape, b.shape)
-    if not np.all(np.isfinite(a)):
-        return math.inf
-    return float(np.linalg.norm((a - b).ravel()) / max(np.linalg.norm(b.ravel()), 1e-6))
-
-
 def max_err(got, want):
     assert set(got) == set(want), sorted(set(got) ^ set(want))
     errs = {k: rel_err(got[k], want[k]) for k in want}
     worst = max(errs, key=errs.get)
     return errs[worst], worst
-
-
-def save_sorted(tensors, path, metadata):
-    """A safetensors file laid out like the existing fixtures, byte for byte reproducible:
-    compact JSON header (metadata first, keys sorted; tensors in name order, data in the same
-    order without gaps), padded with spaces to a multiple of 8."""
-    dtypes = {np.dtype(np.float32): "F32", np.dtype(np.int64): "I64", np.dtype(np.uint8): "U8"}
-    header, blobs, offset = {"__metadata__": dict(sorted(metadata.items()))}, [], 0
-    for name in sorted(tensors):
-        a = np.ascontiguousarray(tensors[name])
-        raw = a.astype(a.dtype.newbyteorder("<"), copy=False).tobytes()
-        header[name] = {"dtype": dtypes[a.dtype], "shape": list(a.shape), "data_offsets": [offset, offset + len(raw)]}
-        blobs.append(raw)
-        offset += len(raw)
-    h = json.dumps(header, separators=(",", ":")).encode()
-    h += b" " * (-len(h) % 8)
-    with open(path, "wb") as f:
-        f.write(len(h).to_bytes(8, "little") + h + b"".join(blobs))
 
 
 def make(O, case, variant, seed, spec, out_dir):

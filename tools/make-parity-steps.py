@@ -61,7 +61,7 @@ import warnings
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from official_dinov2 import import_official, make_cfg  # noqa: E402
+from official_dinov2 import import_official, make_cfg, official_iteration, rel_err, save_sorted  # noqa: E402
 
 # (variant, seed, overrides of BASE)
 SPECS = [
@@ -187,23 +187,11 @@ def run(O, cfg, state, batches, dtype):
     model.need_to_synchronize_fsdp_streams = False  # no CUDA streams to synchronise
     model.train()
     optimizer = O.train.build_optimizer(cfg, model.get_params_groups())
-    lr_s, wd_s, mom_s, tt_s, last_lr_s = O.train.build_schedulers(cfg)
+    schedules = O.train.build_schedulers(cfg)
     losses = []
     for it, batch in enumerate(batches):
         data = {k: (v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in batch.items()}
-        O.train.apply_optim_scheduler(optimizer, lr_s[it], wd_s[it], last_lr_s[it])
-        optimizer.zero_grad(set_to_none=True)
-        loss_dict = model.forward_backward(data, teacher_temp=tt_s[it])
-        for v in model.student.values():
-            torch.nn.utils.clip_grad_norm_(v.parameters(), cfg.optim.clip_grad)
-        optimizer.step()
-        with torch.no_grad():  # update_teacher on the modules' own parameters
-            m = mom_s[it]
-            for k in model.student.keys():
-                t_params = list(model.teacher[k].parameters())
-                s_params = list(model.student[k].parameters())
-                torch._foreach_mul_(t_params, m)
-                torch._foreach_add_(t_params, s_params, alpha=1 - m)
+        loss_dict = official_iteration(O, cfg, model, optimizer, schedules, it, data)
         logged = {k: float(v) for k, v in loss_dict.items()}
         total = (cfg.dino.loss_weight * (logged["dino_local_crops_loss"] + logged["dino_global_crops_loss"])
                  + 2 * logged["koleo_loss"] + cfg.ibot.loss_weight * 2 * logged["ibot_loss"])
@@ -222,13 +210,6 @@ def run(O, cfg, state, batches, dtype):
     return out
 
 
-def rel_err(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    if not np.all(np.isfinite(a)):
-        return math.inf
-    return float(np.linalg.norm((a - b).ravel()) / max(np.linalg.norm(b.ravel()), 1e-6))
-
-
 def group_errors(got, want):
     """Relative errors (README rule) of the compared groups: the loss table, the centers, and the
     student and the teacher each as one vector of all their parameters. Single tensors are not
@@ -239,22 +220,6 @@ def group_errors(got, want):
     for model in ("student", "teacher"):
         errs[model] = rel_err(flat(got, model + "."), flat(want, model + "."))
     return errs
-
-
-def save_sorted(tensors, path, metadata):
-    """A safetensors file laid out like the golden fixtures, byte for byte reproducible."""
-    dtypes = {np.dtype(np.float32): "F32", np.dtype(np.int64): "I64", np.dtype(np.uint8): "U8"}
-    header, blobs, offset = {"__metadata__": dict(sorted(metadata.items()))}, [], 0
-    for name in sorted(tensors):
-        a = np.ascontiguousarray(tensors[name])
-        raw = a.astype(a.dtype.newbyteorder("<"), copy=False).tobytes()
-        header[name] = {"dtype": dtypes[a.dtype], "shape": list(a.shape), "data_offsets": [offset, offset + len(raw)]}
-        blobs.append(raw)
-        offset += len(raw)
-    h = json.dumps(header, separators=(",", ":")).encode()
-    h += b" " * (-len(h) % 8)
-    with open(path, "wb") as f:
-        f.write(len(h).to_bytes(8, "little") + h + b"".join(blobs))
 
 
 def make(O, variant, seed, spec, out_dir):

@@ -11,6 +11,9 @@ block-diagonal attention keeps the sets apart) runs on each set, with drop path 
 path does it (a random batch subset per set, the residual scaled by b / subset). A
 one-rank gloo process group serves the all-reduces and the k-NN's broadcasts.
 
+`official_iteration` is one iteration of the official `do_train`; `rel_err` and `save_sorted`
+are the golden fixtures' comparison rule and file layout (make-golden-extra.py uses them too).
+
 `make_cfg(O, p)` is the official default config with the keys of `p` (the tiny architecture is
 registered as `vit_custom` beside the official ones, since build_model_from_cfg looks it up
 there) and the official `sqrt_wrt_1024` lr scaling for one rank.
@@ -141,3 +144,59 @@ def make_cfg(O, p):
     # apply_scaling_rules_to_cfg, sqrt_wrt_1024, one rank
     cfg.optim.lr = cfg.optim.base_lr * math.sqrt(cfg.train.batch_size_per_gpu * 1 / 1024.0)
     return cfg
+
+
+def official_iteration(O, cfg, model, optimizer, schedules, it, data):
+    """One training iteration as the official `do_train` runs it: the scheduled lr / weight
+    decay / last-layer lr, `forward_backward` at the scheduled teacher temperature, clipping per
+    student submodule (FSDP's `clip_grad_norm_` there, torch's here), AdamW, and the teacher EMA
+    of `update_teacher` on the modules' own parameters. Returns the logged loss dict."""
+    torch = O.torch
+    lr_s, wd_s, mom_s, tt_s, last_lr_s = schedules
+    O.train.apply_optim_scheduler(optimizer, lr_s[it], wd_s[it], last_lr_s[it])
+    optimizer.zero_grad(set_to_none=True)
+    loss_dict = model.forward_backward(data, teacher_temp=tt_s[it])
+    for v in model.student.values():
+        torch.nn.utils.clip_grad_norm_(v.parameters(), cfg.optim.clip_grad)
+    optimizer.step()
+    with torch.no_grad():
+        m = mom_s[it]
+        for k in model.student.keys():
+            t_params = list(model.teacher[k].parameters())
+            s_params = list(model.student[k].parameters())
+            torch._foreach_mul_(t_params, m)
+            torch._foreach_add_(t_params, s_params, alpha=1 - m)
+    return loss_dict
+
+
+def rel_err(a, b):
+    """The golden README's relative error: ||a - b|| / max(||b||, 1e-6), inf when a is not finite."""
+    import numpy as np
+
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    assert a.shape == b.shape, (a.shape, b.shape)
+    if not np.all(np.isfinite(a)):
+        return math.inf
+    return float(np.linalg.norm((a - b).ravel()) / max(np.linalg.norm(b.ravel()), 1e-6))
+
+
+def save_sorted(tensors, path, metadata):
+    """A safetensors file laid out like the golden fixtures, byte for byte reproducible:
+    compact JSON header (metadata first, keys sorted; tensors in name order, data in the same
+    order without gaps), padded with spaces to a multiple of 8."""
+    import json
+
+    import numpy as np
+
+    dtypes = {np.dtype(np.float32): "F32", np.dtype(np.int64): "I64", np.dtype(np.uint8): "U8"}
+    header, blobs, offset = {"__metadata__": dict(sorted(metadata.items()))}, [], 0
+    for name in sorted(tensors):
+        a = np.ascontiguousarray(tensors[name])
+        raw = a.astype(a.dtype.newbyteorder("<"), copy=False).tobytes()
+        header[name] = {"dtype": dtypes[a.dtype], "shape": list(a.shape), "data_offsets": [offset, offset + len(raw)]}
+        blobs.append(raw)
+        offset += len(raw)
+    h = json.dumps(header, separators=(",", ":")).encode()
+    h += b" " * (-len(h) % 8)
+    with open(path, "wb") as f:
+        f.write(len(h).to_bytes(8, "little") + h + b"".join(blobs))

@@ -39,7 +39,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from official_dinov2 import import_official  # noqa: E402
+from official_dinov2 import import_official, official_iteration  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -164,7 +164,7 @@ def run_official(O, cfg, args, seed, data, evaluate):
     model.need_to_synchronize_fsdp_streams = False
     model.train()
     optimizer = O.train.build_optimizer(cfg, model.get_params_groups())
-    lr_s, wd_s, mom_s, tt_s, last_lr_s = O.train.build_schedulers(cfg)
+    schedules = O.train.build_schedulers(cfg)
 
     from PIL import Image
 
@@ -193,18 +193,7 @@ def run_official(O, cfg, args, seed, data, evaluate):
     for it in range(args.steps):
         t0 = time.time()
         data_it = next(loader)
-        O.train.apply_optim_scheduler(optimizer, lr_s[it], wd_s[it], last_lr_s[it])
-        optimizer.zero_grad(set_to_none=True)
-        model.forward_backward(data_it, teacher_temp=tt_s[it])
-        for v in model.student.values():
-            torch.nn.utils.clip_grad_norm_(v.parameters(), cfg.optim.clip_grad)
-        optimizer.step()
-        with torch.no_grad():
-            m = mom_s[it]
-            for k in model.student.keys():
-                t_params, s_params = list(model.teacher[k].parameters()), list(model.student[k].parameters())
-                torch._foreach_mul_(t_params, m)
-                torch._foreach_add_(t_params, s_params, alpha=1 - m)
+        official_iteration(O, cfg, model, optimizer, schedules, it, data_it)
         train_seconds += time.time() - t0
         if (it + 1) % args.eval_every == 0:
             curve[it + 1] = evaluate(model.teacher.backbone.state_dict())
