@@ -40,6 +40,7 @@ fn plan(
         losses: LossConfig::official(Method::Dinov2),
         centering: Centering::Softmax,
         batch_size: batch,
+        accumulate: 1,
         n_local_crops: 8,
         global_crop_size: global,
         local_crop_size: local,

@@ -548,7 +548,7 @@ fn step_run<B: Backend>(
         model,
         student: &s_w,
         teacher: &t_w,
-        batch,
+        batches: std::slice::from_ref(batch),
         teacher_temp: STEP_TEMP,
         losses,
         drop_path,
@@ -823,6 +823,52 @@ fn three_trainer_iterations_on_cuda_follow_the_cpu() {
         &[r_cpu.losses.loss as f64],
         5e-2,
     );
+}
+
+#[test]
+fn accumulated_iterations_on_cuda_follow_the_cpu() {
+    let Some(gpu) = gpu() else { return };
+    // Two micro-batches per step (`--accumulate 2`): the step-wide teacher targets, the grouped
+    // iBOT center and the per-micro-batch windows on the device, against the CPU trainer with
+    // the CUDA path's precision policy (bounds as in the test above).
+    let mut plan = micro_plan(Method::Dinov2);
+    plan.vit.layerscale = Some(0.1);
+    plan.accumulate = 2;
+    let cpu_plan = TrainPlan {
+        precision: Some(Precision::Bf16),
+        ..plan.clone()
+    };
+    let mut cpu = Trainer::new(cpu_plan).unwrap();
+    let mut cuda = Trainer::new_on(plan, ResolvedDevice::Cuda(Box::new(gpu))).unwrap();
+    for step in 0..2 {
+        let (g0, l0) = crops(&cpu, 2 * step);
+        let (g1, l1) = crops(&cpu, 2 * step + 1);
+        let micro = [(&g0[..], &l0[..]), (&g1[..], &l1[..])];
+        let r_cpu = cpu.train_micro_batches(&micro).unwrap();
+        let r_gpu = cuda.train_micro_batches(&micro).unwrap();
+        assert_eq!((r_gpu.step, r_gpu.n_masked), (r_cpu.step, r_cpu.n_masked));
+        for ((name, v), (_, r)) in r_gpu.losses.terms().into_iter().zip(r_cpu.losses.terms()) {
+            assert_close(&format!("step {step}: {name}"), &[v], &[r as f64], 5e-2);
+        }
+    }
+    let (s_gpu, s_cpu) = (cuda.snapshot().unwrap(), cpu.snapshot().unwrap());
+    assert_close(
+        "after 2 steps: student",
+        &s_gpu.student,
+        &to_f64(&s_cpu.student),
+        1e-2,
+    );
+    for (a, r) in [
+        (s_gpu.targets.dino.center(), s_cpu.targets.dino.center()),
+        (s_gpu.targets.ibot.center(), s_cpu.targets.ibot.center()),
+    ] {
+        assert_close(
+            "after 2 steps: center",
+            a.unwrap(),
+            &to_f64(r.unwrap()),
+            5e-2,
+        );
+    }
 }
 
 #[test]

@@ -771,6 +771,42 @@ fn softmax_centering_uses_the_old_center_then_updates_it() {
     check_softmax_centering(&mut gpu);
 }
 
+/// Grouped targets (the micro-batches of an accumulated step, as ranks): the softmax center
+/// moves by the mean of the groups' row means (the official iBOT center), empty groups skipped;
+/// the targets are per row as without groups.
+fn check_grouped_centering<B: Backend>(be: &mut B) {
+    let k = 2;
+    // Group 0: one row [3, 0]; group 1: three rows with mean [0, 1].
+    let logits = [3.0f32, 0.0, 0.0, 0.0, 0.0, 3.0, 0.0, 0.0];
+    let t = up(be, &logits);
+    let mut grouped = TargetState::new(be, &Centering::softmax(k)).unwrap();
+    let mut p = nans(be, 8);
+    grouped
+        .teacher_probs_grouped(be, &mut p, &t, &[1, 0, 3], k, 1.0)
+        .unwrap();
+    let host = grouped.to_host(be).unwrap();
+    // 0.1 · ([3, 0] + [0, 1]) / 2; the mean over all four rows would give [0.075, 0.075].
+    let center = host.center().unwrap();
+    assert!(
+        (center[0] - 0.15).abs() < 1e-7 && (center[1] - 0.05).abs() < 1e-7,
+        "{center:?}"
+    );
+    let mut plain = TargetState::new(be, &Centering::softmax(k)).unwrap();
+    let mut q = nans(be, 8);
+    plain.teacher_probs(be, &mut q, &t, (4, k), 1.0).unwrap();
+    assert_eq!(down(be, &p), down(be, &q), "targets are per row");
+    let center = plain.to_host(be).unwrap();
+    let center = center.center().unwrap();
+    assert!((center[0] - 0.075).abs() < 1e-7, "{center:?}");
+}
+
+#[test]
+fn grouped_centering_averages_the_group_means() {
+    check_grouped_centering(&mut cpu());
+    let Some(mut gpu) = gpu() else { return };
+    check_grouped_centering(&mut gpu);
+}
+
 fn check_sinkhorn_targets<B: Backend>(be: &mut B) {
     let mut c = TargetState::new(be, &Centering::sinkhorn_knopp()).unwrap();
     let t = up(be, &[1.0f32, 0.5, -0.5, 0.25, 2.0, 0.0]);

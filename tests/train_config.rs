@@ -402,12 +402,13 @@ fn every_cli_flag_maps_to_a_key() {
         ("epochs", "3"),
         ("steps", "40"),
         ("batch-size", "16"),
+        ("accumulate", "4"),
         ("device", "cpu"),
         ("seed", "9"),
     ] {
         b.flag(flag, value).unwrap();
     }
-    assert_eq!(FLAG_KEYS.len(), 9);
+    assert_eq!(FLAG_KEYS.len(), 10);
     let (c, _) = b.build().unwrap();
     assert_eq!(c.dinotrain.data.as_deref(), Some(Path::new("/images")));
     assert_eq!(c.train.output_dir, Path::new("/runs/a"));
@@ -416,6 +417,7 @@ fn every_cli_flag_maps_to_a_key() {
     assert_eq!(c.optim.epochs, 3.0);
     assert_eq!(c.dinotrain.steps, Some(40));
     assert_eq!(c.train.batch_size_per_gpu, 16);
+    assert_eq!(c.dinotrain.accumulate, 4);
     assert_eq!(c.train.seed, 9);
     let err = b.flag("batch-size", "many").unwrap_err().to_string();
     assert!(

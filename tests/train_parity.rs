@@ -21,7 +21,7 @@ use dinotrain::optim::{AdamHyper, LayerDecay, ScheduleConfig, Schedules};
 use dinotrain::ssl::step::{HeadConfig, LossConfig, SslModel};
 use dinotrain::ssl::{MaskBatch, Method};
 use dinotrain::train::config::Centering;
-use dinotrain::train::trainer::{TrainPlan, Trainer};
+use dinotrain::train::trainer::{MicroBatch, TrainPlan, Trainer};
 
 fn fixture(variant: &str) -> Fixture {
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -101,6 +101,7 @@ fn plan(fx: &Fixture) -> TrainPlan {
         },
         centering,
         batch_size: u("n_img"),
+        accumulate: 1,
         n_local_crops: u("local_crops_number"),
         global_crop_size: u("global_crops_size"),
         local_crop_size: u("local_crops_size"),
@@ -188,11 +189,11 @@ fn replay(variant: &str) {
         )
         .unwrap();
         let record = trainer
-            .train_step_with_masks(
-                &global.data[step * g_len..(step + 1) * g_len],
-                &local.data[step * l_len..(step + 1) * l_len],
-                Some(&m),
-            )
+            .train_step_with_masks(&[MicroBatch {
+                global: &global.data[step * g_len..(step + 1) * g_len],
+                local: &local.data[step * l_len..(step + 1) * l_len],
+                masks: Some(&m),
+            }])
             .unwrap();
         let terms: Vec<f32> = record.losses.terms().into_iter().map(|(_, v)| v).collect();
         assert_eq!(terms.len(), 5);

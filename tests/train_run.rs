@@ -32,6 +32,20 @@ fn a_resumed_run_reproduces_the_uninterrupted_losses_bit_for_bit() {
 }
 
 #[test]
+fn an_accumulating_run_resumes_bit_for_bit_and_scales_the_lr_by_its_total_batch() {
+    let tmp = tempfile::tempdir().unwrap();
+    check_resume_reproduces_the_run(tmp.path(), &|args| {
+        run(&[args, &["--accumulate", "2"]].concat());
+    });
+    // Two micro-batches of 8: the official scaling rule sees a batch of 16.
+    let config = std::fs::read_to_string(tmp.path().join("whole/config.yaml")).unwrap();
+    assert!(config.contains("sqrt(16 / 1024)"), "{config}");
+    assert!(config.contains("accumulate: 2"), "{config}");
+    let log = std::fs::read_to_string(tmp.path().join("whole/train.log")).unwrap();
+    assert!(log.contains("batch 16 (2 micro-batches of 8)"), "{log}");
+}
+
+#[test]
 fn a_non_empty_output_folder_needs_resume_or_overwrite() {
     let tmp = tempfile::tempdir().unwrap();
     std::fs::write(tmp.path().join("notes.txt"), "mine").unwrap();

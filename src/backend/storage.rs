@@ -185,6 +185,17 @@ where
         self.rows_mut(0..self.len)
     }
 
+    /// Elements `range` of the current length, read-only.
+    pub fn rows(&self, range: Range<usize>) -> Result<S::Ref<'_>> {
+        if range.end > self.len {
+            return Err(Error::shape(
+                "workspace window",
+                format!("{range:?} beyond the current length {}", self.len),
+            ));
+        }
+        self.buffer()?.window(range)
+    }
+
     /// Elements `range` of the current length, writable.
     pub fn rows_mut(&mut self, range: Range<usize>) -> Result<S::Mut<'_>> {
         if range.end > self.len {

@@ -35,9 +35,13 @@ pub struct TrainArgs {
     /// Length in iterations; the schedules are stretched to fit (`dinotrain.steps_schedule`).
     #[arg(long)]
     pub steps: Option<u64>,
-    /// Images per iteration (`train.batch_size_per_gpu`).
+    /// Images per micro-batch (`train.batch_size_per_gpu`); a step takes --accumulate of them.
     #[arg(long)]
     pub batch_size: Option<usize>,
+    /// Micro-batches per step (`dinotrain.accumulate`): gradient accumulation with the
+    /// semantics of as many GPUs, for a large-batch recipe on a small device.
+    #[arg(long)]
+    pub accumulate: Option<usize>,
     /// auto, cpu, cuda or cuda:N.
     #[arg(long)]
     pub device: Option<String>,
@@ -106,7 +110,7 @@ pub fn resolve(args: &TrainArgs) -> Result<ResolvedConfig> {
         b.file(file)?;
     }
     b.flag("out", &out.to_string_lossy())?;
-    let flags: [(&str, Option<String>); 8] = [
+    let flags: [(&str, Option<String>); 9] = [
         (
             "data",
             args.data.as_ref().map(|p| p.to_string_lossy().into()),
@@ -116,6 +120,7 @@ pub fn resolve(args: &TrainArgs) -> Result<ResolvedConfig> {
         ("epochs", args.epochs.map(|v| v.to_string())),
         ("steps", args.steps.map(|v| v.to_string())),
         ("batch-size", args.batch_size.map(|v| v.to_string())),
+        ("accumulate", args.accumulate.map(|v| v.to_string())),
         ("device", args.device.clone()),
         ("seed", args.seed.map(|v| v.to_string())),
     ];

@@ -126,7 +126,7 @@ pub(super) fn ssl_step<B: Backend>(fx: &Fixture, be: &mut B) -> Result<Outputs> 
         model: &model,
         student: &student,
         teacher: &teacher,
-        batch: &batch,
+        batches: std::slice::from_ref(&batch),
         teacher_temp: fx.param_f32("teacher_temp")?,
         losses: &losses,
         drop_path: None,

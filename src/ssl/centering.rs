@@ -4,7 +4,7 @@
 //! the iBOT loss its own `[K_ibot]` center over the `M` masked-patch rows. [`Centering`] is the
 //! host form (configuration and checkpoints); [`TargetState`] lives on a backend and computes.
 
-use crate::backend::{Backend, Storage};
+use crate::backend::{Backend, Grow, Storage};
 use crate::error::{Error, Result};
 
 /// The official Sinkhorn-Knopp iteration count.
@@ -57,6 +57,8 @@ pub enum TargetState<B: Backend> {
         /// `[K]` where the moved center is written before the two swap.
         next: B::BufF32,
         momentum: f32,
+        /// `[G, K]` each group's row mean (grouped targets only).
+        group_means: Grow<B::BufF32>,
     },
     SinkhornKnopp {
         n_iters: usize,
@@ -77,6 +79,7 @@ impl<B: Backend> TargetState<B> {
                     center: c,
                     next: be.alloc_f32(center.len())?,
                     momentum: *momentum,
+                    group_means: Grow::default(),
                 })
             }
             Centering::SinkhornKnopp { n_iters } => {
@@ -141,12 +144,32 @@ impl<B: Backend> TargetState<B> {
         (rows, k): (usize, usize),
         teacher_temp: f32,
     ) -> Result<()> {
+        self.teacher_probs_grouped(be, probs, logits, &[rows], k, teacher_temp)
+    }
+
+    /// [`TargetState::teacher_probs`] of rows that come in groups of `groups[g]` rows, as the
+    /// ranks of a data-parallel step (here: the micro-batches of an accumulated step). The
+    /// targets are those of all rows jointly: softmax centering is per row, and Sinkhorn-Knopp
+    /// normalises over every row, as the official all-reduced sums do. The softmax center moves
+    /// by the mean of the groups' row means, as the official iBOT center averages each rank's
+    /// mean over its masked patches (for groups of equal size, the mean over all rows: the
+    /// official DINO center). Empty groups are skipped. One group: the plain update.
+    pub fn teacher_probs_grouped(
+        &mut self,
+        be: &mut B,
+        probs: &mut B::F32,
+        logits: &B::F32,
+        groups: &[usize],
+        k: usize,
+        teacher_temp: f32,
+    ) -> Result<()> {
         const OP: &str = "teacher targets";
         if !(teacher_temp.is_finite() && teacher_temp > 0.0) {
             return Err(Error::Config(format!(
                 "{OP}: teacher temperature must be a positive number, got {teacher_temp}"
             )));
         }
+        let rows: usize = groups.iter().sum();
         if rows == 0 || k == 0 {
             return Ok(());
         }
@@ -155,6 +178,7 @@ impl<B: Backend> TargetState<B> {
                 center,
                 next,
                 momentum,
+                group_means,
             } => {
                 if center.len() != k {
                     return Err(Error::shape(
@@ -163,7 +187,22 @@ impl<B: Backend> TargetState<B> {
                     ));
                 }
                 be.teacher_softmax(probs, logits, Some(center), teacher_temp, k)?;
-                be.center_ema(next, logits, center, f64::from(*momentum), k)?;
+                let momentum = f64::from(*momentum);
+                let non_empty = groups.iter().filter(|&&g| g > 0).count();
+                if non_empty == 1 {
+                    be.center_ema(next, logits, center, momentum, k)?;
+                } else {
+                    group_means.resize(non_empty * k, |l| be.alloc_f32(l))?;
+                    let (mut first_row, mut slot) = (0, 0);
+                    for &g in groups.iter().filter(|&&g| g > 0) {
+                        // Momentum 0: the group's row mean.
+                        let group = logits.window(first_row * k..(first_row + g) * k)?;
+                        let mut mean = group_means.rows_mut(slot * k..(slot + 1) * k)?;
+                        be.center_ema(&mut mean, &group, center, 0.0, k)?;
+                        (first_row, slot) = (first_row + g, slot + 1);
+                    }
+                    be.center_ema(next, &*group_means.get()?, center, momentum, k)?;
+                }
                 std::mem::swap(center, next);
                 Ok(())
             }

@@ -28,6 +28,7 @@ use crate::nn::{
     DropPath, HeadCache, HeadScratch, ImageGrad, OutputGrads, Prototypes, VitWorkspaces,
 };
 use crate::rng::Rng;
+use std::ops::Range;
 
 /// The crops and masks of one batch, crop-major (all images' crop A, then crop B, then the
 /// local crops in order).
@@ -133,14 +134,19 @@ impl<B: Backend> Targets<B> {
     }
 }
 
-/// Slots of the read-back buffer.
-const SLOT_DINO: usize = 0; // two slots: global, local
-const SLOT_KOLEO: usize = 2; // two slots, one per global crop
-const SLOT_IBOT: usize = 4;
-const SLOT_ENTROPY: usize = 5;
-const SLOT_NORMS: usize = 8;
+/// Slots of the read-back buffer: the teacher targets' entropy, the gradient norms the caller
+/// passes, then five loss terms per micro-batch.
+const SLOT_ENTROPY: usize = 0;
+const SLOT_NORMS: usize = 1;
 /// Gradient norms the read-back buffer has room for.
 pub const MAX_NORMS: usize = 24;
+const SLOT_MICRO: usize = SLOT_NORMS + MAX_NORMS;
+/// A micro-batch's terms, from `SLOT_MICRO + i · MICRO_SLOTS`: the DINO global and local terms,
+/// KoLeo of each global crop, iBOT.
+const MICRO_DINO: usize = 0;
+const MICRO_KOLEO: usize = 2;
+const MICRO_IBOT: usize = 4;
+const MICRO_SLOTS: usize = 5;
 
 /// Whether [`SslStep::read`] downloads the teacher targets (large: `[2B, K]` and `[M, Ki]`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -149,20 +155,25 @@ pub enum TeacherProbs {
     Skip,
 }
 
-/// Everything one step reads: the model, both models' weights, the batch, this step's
+/// Everything one step reads: the model, both models' weights, the batches, this step's
 /// scheduled teacher temperature, the loss configuration and the student's drop path
 /// (`None` = off; the teacher never drops).
+///
+/// `batches` holds one batch, or several micro-batches of one shape whose gradients accumulate
+/// into one step (`--accumulate`) with the semantics of as many data-parallel ranks: the
+/// teacher targets over all of them (Sinkhorn-Knopp jointly, softmax centers updated from all),
+/// KoLeo and the loss normalisations per micro-batch, and the gradient the mean of theirs.
 pub struct StepInputs<'a, 'r, B: Backend> {
     pub model: &'a SslModel,
     pub student: &'a B::Weights,
     pub teacher: &'a B::Weights,
-    pub batch: &'a StepBatch<'a>,
+    pub batches: &'a [StepBatch<'a>],
     pub teacher_temp: f32,
     pub losses: &'a LossConfig,
     pub drop_path: Option<(f32, &'r mut Rng)>,
 }
 
-/// The sizes of the step [`SslStep::run`] queued.
+/// The sizes of one micro-batch of the step [`SslStep::run`] queued.
 #[derive(Clone, Debug, Default)]
 struct Shape {
     b: usize,
@@ -175,8 +186,12 @@ struct Shape {
     n_local: usize,
     /// `[M]` flat `crop·N + patch` indices of the masked patches (empty without masks).
     mask_host: Vec<i64>,
+    /// The first of its masked patches in the step-wide buffers (mask indices, teacher iBOT
+    /// logits and targets): the masked patches of the micro-batches before it.
+    mask_offset: usize,
+    /// Its place among the step's micro-batches (its DINO target rows, its read-back slots).
+    index: usize,
     use_koleo: bool,
-    weights: Option<LossConfig>,
 }
 
 impl Shape {
@@ -192,6 +207,29 @@ impl Shape {
         !self.mask_host.is_empty()
     }
 
+    /// Its DINO targets in the step-wide `[n·2B, K]` buffer.
+    fn dino_target_values(&self) -> Range<usize> {
+        let len = self.n_global() * self.k;
+        self.index * len..(self.index + 1) * len
+    }
+
+    /// Its masked patches in the step-wide `[ΣM]` index buffer.
+    fn masked_rows(&self) -> Range<usize> {
+        self.mask_offset..self.mask_offset + self.n_masked()
+    }
+
+    /// Its iBOT targets in the step-wide `[ΣM, Ki]` buffer.
+    fn ibot_target_values(&self) -> Range<usize> {
+        let r = self.masked_rows();
+        r.start * self.ki..r.end * self.ki
+    }
+
+    /// Read-back slots `first..first + len` of its terms.
+    fn slots(&self, first: usize, len: usize) -> Range<usize> {
+        let start = SLOT_MICRO + self.index * MICRO_SLOTS + first;
+        start..start + len
+    }
+
     /// The patch tokens of the global crops as the row gathers see them (`[2B, N, D]`).
     fn patches(&self) -> PatchLayout {
         PatchLayout {
@@ -202,6 +240,14 @@ impl Shape {
             channels: self.d,
         }
     }
+}
+
+/// What [`SslStep::read`] needs of the step [`SslStep::run`] queued.
+#[derive(Clone, Debug, Default)]
+struct Queued {
+    shapes: Vec<Shape>,
+    /// The loss weights as configured (`None` before a step ran).
+    weights: Option<LossConfig>,
 }
 
 /// One model's effective prototypes: the DINO head's and, with a separate iBOT head, its.
@@ -237,7 +283,8 @@ impl<B: Backend> Heads<B> {
 }
 
 workspace! {
-    /// Every buffer of the step, grown on the first step of a size and reused after.
+    /// Every buffer of the step, grown on the first step of a size and reused after. Buffers
+    /// marked "step-wide" hold every micro-batch's rows; the others one micro-batch's.
     struct Workspace<B: Backend> {
         t_dino: HeadCache<B>,
         t_ibot: HeadCache<B>,
@@ -245,9 +292,11 @@ workspace! {
         s_dino_local: HeadCache<B>,
         s_ibot: HeadCache<B>,
         head_scratch: HeadScratch<B>,
-        dino_probs: Grow<B::BufF32>,      // [2B, K]
-        ibot_probs: Grow<B::BufF32>,      // [M, Ki]
-        mask_indices: Grow<B::BufI64>,    // [M]
+        t_dino_logits: Grow<B::BufF32>,   // step-wide [n·2B, K]
+        t_ibot_logits: Grow<B::BufF32>,   // step-wide [ΣM, Ki]
+        dino_probs: Grow<B::BufF32>,      // step-wide [n·2B, K]
+        ibot_probs: Grow<B::BufF32>,      // step-wide [ΣM, Ki]
+        mask_indices: Grow<B::BufI64>,    // step-wide [ΣM]
         t_masked: Grow<B::BufF32>,        // [M, D] teacher patch tokens of the masked patches
         s_masked: Grow<B::BufF32>,        // [M, D] student ones
         ds_global: Grow<B::BufF32>,       // [2B, K]
@@ -262,6 +311,7 @@ workspace! {
         koleo: Option<(usize, B::Koleo)>, // (B, state)
         dino_pairs: DinoPairs<B>,
         ibot_pairs: IbotPairs<B>,
+        readback: Grow<B::BufF32>,        // [SLOT_MICRO + n · MICRO_SLOTS]
     }
 }
 
@@ -281,8 +331,7 @@ pub struct SslStep<B: Backend> {
     student_heads: Heads<B>,
     teacher_heads: Heads<B>,
     ws: Workspace<B>,
-    readback: B::BufF32, // [SLOT_NORMS + MAX_NORMS]
-    queued: Shape,
+    queued: Queued,
 }
 
 impl<B: Backend> SslStep<B> {
@@ -295,8 +344,7 @@ impl<B: Backend> SslStep<B> {
             student_heads: Heads::new(be, model)?,
             teacher_heads: Heads::new(be, model)?,
             ws: Workspace::default(),
-            readback: be.alloc_f32(SLOT_NORMS + MAX_NORMS)?,
-            queued: Shape::default(),
+            queued: Queued::default(),
         })
     }
 
@@ -314,8 +362,10 @@ impl<B: Backend> SslStep<B> {
         Ok(self.read(be, None, probs)?.0)
     }
 
-    /// Queues the forward and backward of one step (see [`SslStep::forward_backward`]);
-    /// nothing is read back.
+    /// Queues the forward and backward of one step (see [`SslStep::forward_backward`]):
+    /// the teacher on every micro-batch and the targets over all of them, then per
+    /// micro-batch the student, its losses (weights divided by the micro-batch count, so the
+    /// gradient is the mean of theirs) and backward. Nothing is read back.
     pub fn run(
         &mut self,
         be: &mut B,
@@ -323,30 +373,51 @@ impl<B: Backend> SslStep<B> {
         grads: &mut B::F32,
         targets: &mut Targets<B>,
     ) -> Result<()> {
-        self.queued = Shape::default();
-        let mut shape = self.prepare(be, &inp, grads)?;
-        self.teacher(be, &inp, targets, &shape)?;
-        self.student_global(be, &mut inp, &mut shape)?;
-        self.student_local(be, &mut inp, &mut shape)?;
-        self.losses(be, &inp, &shape)?;
-        self.backward_global(be, &inp, grads, &shape)?;
-        self.backward_local(be, &inp, grads, &shape)?;
-        shape.weights = Some(*inp.losses);
-        self.queued = shape;
+        self.queued = Queued::default();
+        let shapes = self.prepare(be, &inp, grads)?;
+        self.teacher(be, &inp, targets, &shapes)?;
+        let configured = *inp.losses;
+        let n = shapes.len() as f32;
+        let weights = LossConfig {
+            dino_loss_weight: configured.dino_loss_weight / n,
+            koleo_loss_weight: configured.koleo_loss_weight / n,
+            ibot_loss_weight: configured.ibot_loss_weight / n,
+            ..configured
+        };
+        let batches = inp.batches;
+        for (batch, s) in batches.iter().zip(&shapes) {
+            if let Some(m) = batch.masks.filter(|_| s.ibot()) {
+                let ws = &mut self.ws;
+                ws.ibot_pairs
+                    .set(be, &m.masks_weight, s.n_global(), m.upperbound)?;
+            }
+            self.student_global(be, &mut inp, batch, &weights, s)?;
+            self.student_local(be, &mut inp, batch, s)?;
+            self.losses(be, &weights, s)?;
+            self.backward_global(be, &inp, batch, grads, s)?;
+            self.backward_local(be, &inp, batch, grads, s)?;
+        }
+        self.queued = Queued {
+            shapes,
+            weights: Some(configured),
+        };
         Ok(())
     }
 
-    /// Checks the inputs, prepares both models' prototypes, uploads the mask indices and sizes
-    /// the buffers whose length follows the masks.
+    /// Checks the inputs (micro-batches of one shape), prepares both models' prototypes,
+    /// uploads every micro-batch's mask indices and sizes the buffers whose length follows the
+    /// masks or the micro-batch count.
     fn prepare(
         &mut self,
         be: &mut B,
         inp: &StepInputs<'_, '_, B>,
         grads: &B::F32,
-    ) -> Result<Shape> {
+    ) -> Result<Vec<Shape>> {
         const OP: &str = "ssl step";
-        let (model, batch) = (inp.model, inp.batch);
-        let masks = step_masks(inp.losses.method, batch)?;
+        let (model, batches) = (inp.model, inp.batches);
+        let first = batches
+            .first()
+            .ok_or_else(|| Error::shape(OP, "a step needs at least one batch"))?;
         let p = model.table.len();
         let lens = [
             ("grads", grads.len(), p),
@@ -356,106 +427,154 @@ impl<B: Backend> SslStep<B> {
         check_lens(OP, &lens)?;
         let cfg = &model.backbone.cfg;
         let patches = |size: usize| (size / cfg.patch_size).pow(2);
-        let shape = Shape {
-            b: batch.n_img,
-            nl: batch.n_local,
-            d: cfg.embed_dim,
-            k: model.dino_head.out_dim,
-            ki: model.patch_head().out_dim,
-            n: patches(batch.global_size),
-            n_local: patches(batch.local_size),
-            mask_host: masks.map_or_else(Vec::new, |m| {
-                m.mask_indices.iter().map(|&i| i as i64).collect()
-            }),
-            use_koleo: inp.losses.method.uses_koleo(),
-            weights: None,
-        };
+        let sizes = |b: &StepBatch| (b.n_img, b.n_local, b.global_size, b.local_size);
+        let (mut shapes, mut mask_offset) = (Vec::with_capacity(batches.len()), 0);
+        // Per-micro-batch and step-wide upper bounds of the masked patches.
+        let (mut cap_one, mut cap_all) = (0, 0);
+        for (index, batch) in batches.iter().enumerate() {
+            if sizes(batch) != sizes(first) {
+                return Err(Error::shape(
+                    OP,
+                    format!("micro-batch {index} has another shape than micro-batch 0"),
+                ));
+            }
+            let masks = step_masks(inp.losses.method, batch)?;
+            let shape = Shape {
+                b: batch.n_img,
+                nl: batch.n_local,
+                d: cfg.embed_dim,
+                k: model.dino_head.out_dim,
+                ki: model.patch_head().out_dim,
+                n: patches(batch.global_size),
+                n_local: patches(batch.local_size),
+                mask_host: masks.map_or_else(Vec::new, |m| {
+                    m.mask_indices.iter().map(|&i| i as i64).collect()
+                }),
+                mask_offset,
+                index,
+                use_koleo: inp.losses.method.uses_koleo(),
+            };
+            if let Some(m) = masks {
+                // Buffers sized by M reserve the masks' upper bound once: M changes every step.
+                let cap = m.upperbound.max(shape.n_masked());
+                (cap_one, cap_all) = (cap_one.max(cap), cap_all + cap);
+            }
+            mask_offset += shape.n_masked();
+            shapes.push(shape);
+        }
         let ws = &mut self.ws;
         self.student_heads.prepare(be, model, inp.student)?;
         self.teacher_heads.prepare(be, model, inp.teacher)?;
-        if let Some(m) = masks {
-            // Buffers sized by M reserve the masks' upper bound once: M changes every step.
-            let cap = m.upperbound.max(shape.n_masked());
-            let (d, ki) = (shape.d, shape.ki);
+        if cap_all > 0 {
+            let (d, ki) = (shapes[0].d, shapes[0].ki);
             let patch_head = model.patch_head();
-            ws.mask_indices.reserve(cap, |l| be.alloc_i64(l))?;
             for buf in [&mut ws.t_masked, &mut ws.s_masked, &mut ws.d_masked] {
-                buf.reserve(cap * d, |l| be.alloc_f32(l))?;
+                buf.reserve(cap_one * d, |l| be.alloc_f32(l))?;
             }
-            for buf in [&mut ws.ibot_probs, &mut ws.ds_ibot] {
-                buf.reserve(cap * ki, |l| be.alloc_f32(l))?;
+            ws.ds_ibot.reserve(cap_one * ki, |l| be.alloc_f32(l))?;
+            for buf in [&mut ws.ibot_probs, &mut ws.t_ibot_logits] {
+                buf.reserve(cap_all * ki, |l| be.alloc_f32(l))?;
             }
-            ws.t_ibot.reserve(be, patch_head, cap)?;
-            ws.s_ibot.reserve(be, patch_head, cap)?;
-            ws.head_scratch.reserve(be, patch_head, cap)?;
-            ws.mask_indices
-                .resize(shape.n_masked(), |l| be.alloc_i64(l))?;
-            be.upload_i64(&mut *ws.mask_indices.get_mut()?, &shape.mask_host)?;
-            ws.ibot_pairs
-                .set(be, &m.masks_weight, shape.n_global(), m.upperbound)?;
+            ws.t_ibot.reserve(be, patch_head, cap_one)?;
+            ws.s_ibot.reserve(be, patch_head, cap_one)?;
+            ws.head_scratch.reserve(be, patch_head, cap_one)?;
+            ws.mask_indices.reserve(cap_all, |l| be.alloc_i64(l))?;
+            let all: Vec<i64> = shapes.iter().flat_map(|s| s.mask_host.clone()).collect();
+            ws.mask_indices.resize(all.len(), |l| be.alloc_i64(l))?;
+            be.upload_i64(&mut *ws.mask_indices.get_mut()?, &all)?;
         }
-        be.zero_f32(&mut self.readback)?;
-        Ok(shape)
+        grow(
+            be,
+            &mut ws.readback,
+            SLOT_MICRO + shapes.len() * MICRO_SLOTS,
+        )?;
+        be.zero_f32(&mut *ws.readback.get_mut()?)?;
+        Ok(shapes)
     }
 
-    /// The teacher: no gradient, no masks, no drop path; its DINO targets and the masked
-    /// patches' iBOT targets, and the targets' entropy.
+    /// The teacher on every micro-batch (no gradient, no masks, no drop path): its DINO
+    /// logits and the masked patches' iBOT logits, then the targets of all of them jointly,
+    /// and the DINO targets' entropy.
     fn teacher(
         &mut self,
         be: &mut B,
         inp: &StepInputs<'_, '_, B>,
         targets: &mut Targets<B>,
-        s: &Shape,
+        shapes: &[Shape],
     ) -> Result<()> {
-        let (model, batch, w) = (inp.model, inp.batch, inp.teacher);
+        let (model, w) = (inp.model, inp.teacher);
         let ws = &mut self.ws;
-        let g = batch.global_size;
-        let (n_global, k, ki, m) = (s.n_global(), s.k, s.ki, s.n_masked());
-        let t_out = self.vit_global.forward_inference(
-            be,
-            &model.backbone,
-            w,
-            batch.global,
-            (n_global, g, g),
-        )?;
-        let heads = &self.teacher_heads;
-        model
-            .dino_head
-            .forward(be, &mut ws.t_dino, &heads.dino, w, &t_out.cls, n_global)?;
-        grow(be, &mut ws.dino_probs, n_global * k)?;
+        let (rows, k, ki) = (shapes[0].n_global(), shapes[0].k, shapes[0].ki);
+        let all_rows = rows * shapes.len();
+        let groups: Vec<usize> = shapes.iter().map(Shape::n_masked).collect();
+        let all_masked: usize = groups.iter().sum();
+        grow(be, &mut ws.t_dino_logits, all_rows * k)?;
+        grow(be, &mut ws.t_ibot_logits, all_masked * ki)?;
+        for (batch, s) in inp.batches.iter().zip(shapes) {
+            let g = batch.global_size;
+            let t_out = self.vit_global.forward_inference(
+                be,
+                &model.backbone,
+                w,
+                batch.global,
+                (rows, g, g),
+            )?;
+            let heads = &self.teacher_heads;
+            model
+                .dino_head
+                .forward(be, &mut ws.t_dino, &heads.dino, w, &t_out.cls, rows)?;
+            let mut logits = ws.t_dino_logits.rows_mut(s.dino_target_values())?;
+            be.copy_f32(&mut logits, &*ws.t_dino.logits.get()?)?;
+            if s.ibot() {
+                let indices = ws.mask_indices.rows(s.masked_rows())?;
+                gather_masked(be, &mut ws.t_masked, &t_out.patch, &indices, s)?;
+                let t_masked = ws.t_masked.get()?;
+                let head = model.patch_head();
+                head.forward(
+                    be,
+                    &mut ws.t_ibot,
+                    heads.patch(),
+                    w,
+                    &t_masked,
+                    s.n_masked(),
+                )?;
+                let mut logits = ws.t_ibot_logits.rows_mut(s.ibot_target_values())?;
+                be.copy_f32(&mut logits, &*ws.t_ibot.logits.get()?)?;
+            }
+        }
+        let temp = inp.teacher_temp;
+        grow(be, &mut ws.dino_probs, all_rows * k)?;
         {
-            let (mut probs, logits) = (ws.dino_probs.get_mut()?, ws.t_dino.logits.get()?);
-            let temp = inp.teacher_temp;
+            let (mut probs, logits) = (ws.dino_probs.get_mut()?, ws.t_dino_logits.get()?);
+            // One group: the official DINO center is the mean over every rank's rows.
+            let dims = (all_rows, k);
             targets
                 .dino
-                .teacher_probs(be, &mut probs, &logits, (n_global, k), temp)?;
+                .teacher_probs(be, &mut probs, &logits, dims, temp)?;
         }
-        if s.ibot() {
-            gather_masked(be, &mut ws.t_masked, &t_out.patch, &ws.mask_indices, s)?;
-            let t_masked = ws.t_masked.get()?;
-            let head = model.patch_head();
-            head.forward(be, &mut ws.t_ibot, heads.patch(), w, &t_masked, m)?;
-            grow(be, &mut ws.ibot_probs, m * ki)?;
-            let (mut probs, logits) = (ws.ibot_probs.get_mut()?, ws.t_ibot.logits.get()?);
+        grow(be, &mut ws.ibot_probs, all_masked * ki)?;
+        if all_masked > 0 {
+            let (mut probs, logits) = (ws.ibot_probs.get_mut()?, ws.t_ibot_logits.get()?);
             targets
                 .ibot
-                .teacher_probs(be, &mut probs, &logits, (m, ki), inp.teacher_temp)?;
-        } else {
-            grow(be, &mut ws.ibot_probs, 0)?;
+                .teacher_probs_grouped(be, &mut probs, &logits, &groups, ki, temp)?;
         }
-        let mut entropy = self.readback.window_mut(SLOT_ENTROPY..SLOT_ENTROPY + 1)?;
+        let mut entropy = ws.readback.rows_mut(SLOT_ENTROPY..SLOT_ENTROPY + 1)?;
         be.mean_row_entropy(&mut entropy, &*ws.dino_probs.get()?, k)
     }
 
-    /// The student on the (masked) global crops: its DINO head, KoLeo on each crop's backbone
-    /// CLS tokens, and the masked patches through the iBOT head, while the output is at hand.
+    /// The student on one micro-batch's (masked) global crops: its DINO head, KoLeo on each
+    /// crop's backbone CLS tokens, and the masked patches through the iBOT head, while the
+    /// output is at hand.
     fn student_global(
         &mut self,
         be: &mut B,
         inp: &mut StepInputs<'_, '_, B>,
-        s: &mut Shape,
+        batch: &StepBatch<'_>,
+        weights: &LossConfig,
+        s: &Shape,
     ) -> Result<()> {
-        let (model, batch, w) = (inp.model, inp.batch, inp.student);
+        let (model, w) = (inp.model, inp.student);
         let ws = &mut self.ws;
         let (b, d, n_global, g) = (s.b, s.d, s.n_global(), batch.global_size);
         let masks = batch.masks.filter(|_| inp.losses.method.uses_ibot());
@@ -482,20 +601,20 @@ impl<B: Backend> SslStep<B> {
             if ws.koleo.as_ref().is_none_or(|(kb, _)| *kb != b) {
                 ws.koleo = Some((b, be.koleo_state(b, d)?));
             }
-            let readback = &mut self.readback;
             let state = ws.koleo.as_mut().map(|(_, st)| st);
             let state = state.ok_or_else(|| Error::Unsupported("KoLeo state missing".into()))?;
             for crop in 0..2 {
                 let rows = crop * b * d..(crop + 1) * b * d;
                 let x = out.cls.window(rows.clone())?;
-                let mut loss = readback.window_mut(SLOT_KOLEO + crop..SLOT_KOLEO + crop + 1)?;
+                let mut loss = ws.readback.rows_mut(s.slots(MICRO_KOLEO + crop, 1))?;
                 be.koleo_forward(&mut loss, state, &x, b, d)?;
                 let mut dx = ws.d_cls_global.rows_mut(rows)?;
-                be.koleo_backward(&mut dx, state, inp.losses.koleo_loss_weight, b, d)?;
+                be.koleo_backward(&mut dx, state, weights.koleo_loss_weight, b, d)?;
             }
         }
         if s.ibot() {
-            gather_masked(be, &mut ws.s_masked, &out.patch, &ws.mask_indices, s)?;
+            let indices = ws.mask_indices.rows(s.masked_rows())?;
+            gather_masked(be, &mut ws.s_masked, &out.patch, &indices, s)?;
             let s_masked = ws.s_masked.get()?;
             let head = model.patch_head();
             head.forward(
@@ -510,14 +629,15 @@ impl<B: Backend> SslStep<B> {
         Ok(())
     }
 
-    /// The student on the local crops and its DINO head.
+    /// The student on one micro-batch's local crops and its DINO head.
     fn student_local(
         &mut self,
         be: &mut B,
         inp: &mut StepInputs<'_, '_, B>,
-        s: &mut Shape,
+        batch: &StepBatch<'_>,
+        s: &Shape,
     ) -> Result<()> {
-        let (model, batch, w) = (inp.model, inp.batch, inp.student);
+        let (model, w) = (inp.model, inp.student);
         let rows = s.nl * s.b;
         if rows == 0 {
             return self.ws.s_dino_local.logits.resize(0, |l| be.alloc_f32(l));
@@ -538,17 +658,15 @@ impl<B: Backend> SslStep<B> {
             .forward(be, &mut self.ws.s_dino_local, protos, w, &out.cls, rows)
     }
 
-    /// The DINO loss over the official crop pairs and the iBOT loss, with the gradients of
-    /// the student logits.
-    fn losses(&mut self, be: &mut B, inp: &StepInputs<'_, '_, B>, s: &Shape) -> Result<()> {
+    /// One micro-batch's DINO loss over the official crop pairs and iBOT loss, with the
+    /// gradients of the student logits.
+    fn losses(&mut self, be: &mut B, weights: &LossConfig, s: &Shape) -> Result<()> {
         let ws = &mut self.ws;
         let (b, nl, k, ki) = (s.b, s.nl, s.k, s.ki);
-        let losses = inp.losses;
         grow(be, &mut ws.ds_global, 2 * b * k)?;
         grow(be, &mut ws.ds_local, nl * b * k)?;
-        let readback = &mut self.readback;
         {
-            let mut terms = readback.window_mut(SLOT_DINO..SLOT_DINO + 2)?;
+            let mut terms = ws.readback.rows_mut(s.slots(MICRO_DINO, 2))?;
             let (s_global, s_local) = (
                 ws.s_dino_global.logits.get()?,
                 ws.s_dino_local.logits.get()?,
@@ -560,35 +678,36 @@ impl<B: Backend> SslStep<B> {
                 d_global: &mut d_global,
                 d_local: &mut d_local,
             };
-            let probs = ws.dino_probs.get()?;
-            let (temp, weight) = (losses.student_temp, losses.dino_loss_weight);
+            let probs = ws.dino_probs.rows(s.dino_target_values())?;
+            let (temp, weight) = (weights.student_temp, weights.dino_loss_weight);
             let (pairs, dims) = (&mut ws.dino_pairs, (b, nl, k));
             dino_loss_forward_backward(be, pairs, &mut terms, student, &probs, dims, temp, weight)?;
         }
         grow(be, &mut ws.ds_ibot, s.n_masked() * ki)?;
         if s.ibot() {
-            let mut loss = readback.window_mut(SLOT_IBOT..SLOT_IBOT + 1)?;
+            let mut loss = ws.readback.rows_mut(s.slots(MICRO_IBOT, 1))?;
             let (mut ds, logits) = (ws.ds_ibot.get_mut()?, ws.s_ibot.logits.get()?);
-            let probs = ws.ibot_probs.get()?;
-            let temps = (losses.student_temp, losses.ibot_loss_weight);
+            let probs = ws.ibot_probs.rows(s.ibot_target_values())?;
+            let temps = (weights.student_temp, weights.ibot_loss_weight);
             let pairs = &ws.ibot_pairs;
             ibot_loss_forward_backward(be, pairs, &mut loss, &mut ds, &logits, &probs, ki, temps)?;
         }
         Ok(())
     }
 
-    /// Backward of the global crops: the DINO head (its input gradient added to KoLeo's), the
-    /// iBOT head scattered back to the masked patches, then the backbone.
+    /// Backward of one micro-batch's global crops: the DINO head (its input gradient added to
+    /// KoLeo's), the iBOT head scattered back to the masked patches, then the backbone.
     fn backward_global(
         &mut self,
         be: &mut B,
         inp: &StepInputs<'_, '_, B>,
+        batch: &StepBatch<'_>,
         grads: &mut B::F32,
         s: &Shape,
     ) -> Result<()> {
         let (model, w) = (inp.model, inp.student);
         let (ws, heads) = (&mut self.ws, &self.student_heads);
-        let (n_global, d, g) = (s.n_global(), s.d, inp.batch.global_size);
+        let (n_global, d, g) = (s.n_global(), s.d, batch.global_size);
         {
             let (ds, mut d_cls) = (ws.ds_global.get()?, ws.d_cls_global.get_mut()?);
             let write = if s.use_koleo {
@@ -617,7 +736,7 @@ impl<B: Backend> SslStep<B> {
                     .backward(be, scratch, grads, dx, saved, w, &ds)?;
             }
             let (mut d_patch, d_masked) = (ws.d_patch_global.get_mut()?, ws.d_masked.get()?);
-            let indices = ws.mask_indices.get()?;
+            let indices = ws.mask_indices.rows(s.masked_rows())?;
             be.scatter_rows_add(&mut d_patch, &d_masked, &indices, &s.mask_host, s.patches())?;
         }
         let (d_cls, d_patch) = (ws.d_cls_global.get()?, ws.d_patch_global.get()?);
@@ -632,11 +751,13 @@ impl<B: Backend> SslStep<B> {
             .map(drop)
     }
 
-    /// Backward of the local crops: the DINO head, then the backbone (no patch gradient).
+    /// Backward of one micro-batch's local crops: the DINO head, then the backbone (no patch
+    /// gradient).
     fn backward_local(
         &mut self,
         be: &mut B,
         inp: &StepInputs<'_, '_, B>,
+        batch: &StepBatch<'_>,
         grads: &mut B::F32,
         s: &Shape,
     ) -> Result<()> {
@@ -646,7 +767,7 @@ impl<B: Backend> SslStep<B> {
         }
         let (model, w) = (inp.model, inp.student);
         let (ws, heads) = (&mut self.ws, &self.student_heads);
-        let (d, l) = (s.d, inp.batch.local_size);
+        let (d, l) = (s.d, batch.local_size);
         grow(be, &mut ws.d_cls_local, rows * d)?;
         let patch_len = rows * s.n_local * d;
         let fresh = ws.d_patch_local.len() != patch_len;
@@ -684,7 +805,8 @@ impl<B: Backend> SslStep<B> {
 
     /// Reads back the loss terms of the step [`SslStep::run`] queued, with `norms` (e.g. the
     /// optimizer's gradient norms, at most [`MAX_NORMS`]) in the same copy; returns the step
-    /// output and the norms.
+    /// output (each term the mean over the micro-batches, as data-parallel ranks log it) and
+    /// the norms.
     pub fn read(
         &mut self,
         be: &mut B,
@@ -695,7 +817,7 @@ impl<B: Backend> SslStep<B> {
         let w = q
             .weights
             .ok_or_else(|| Error::Config("SslStep::read before a step ran".into()))?;
-        let readback = &mut self.readback;
+        let ws = &mut self.ws;
         let n_norms = norms.map_or(0, |n| n.len());
         if n_norms > MAX_NORMS {
             return Err(Error::shape(
@@ -705,32 +827,36 @@ impl<B: Backend> SslStep<B> {
         }
         if let Some(n) = norms {
             be.copy_f32(
-                &mut *readback.window_mut(SLOT_NORMS..SLOT_NORMS + n_norms)?,
+                &mut *ws.readback.rows_mut(SLOT_NORMS..SLOT_NORMS + n_norms)?,
                 n,
             )?;
         }
-        let host = be.download_f32(&self.readback)?;
-        let dino = dino_terms(&host[SLOT_DINO..SLOT_DINO + 2], w.dino_loss_weight);
-        let koleo_total = if q.use_koleo {
-            w.koleo_loss_weight * host[SLOT_KOLEO] + w.koleo_loss_weight * host[SLOT_KOLEO + 1]
-        } else {
-            0.0
-        };
-        let ibot = host[SLOT_IBOT];
+        let host = be.download_f32(&*ws.readback.get()?)?;
         let mut out = StepOutput {
-            loss: dino.total + koleo_total + w.ibot_loss_weight * ibot,
-            dino_local_crops_loss: dino.local,
-            dino_global_crops_loss: dino.global,
-            koleo_loss: koleo_total / 2.0,
-            ibot_loss: ibot / 2.0,
             teacher_entropy: host[SLOT_ENTROPY],
-            teacher_dino_probs: Vec::new(),
-            teacher_ibot_probs: Vec::new(),
+            ..StepOutput::default()
         };
+        let n = q.shapes.len() as f32;
+        for s in &q.shapes {
+            let terms = |first, len| &host[s.slots(first, len)];
+            let dino = dino_terms(terms(MICRO_DINO, 2), w.dino_loss_weight);
+            let koleo = terms(MICRO_KOLEO, 2);
+            let koleo_total = if s.use_koleo {
+                w.koleo_loss_weight * koleo[0] + w.koleo_loss_weight * koleo[1]
+            } else {
+                0.0
+            };
+            let ibot = terms(MICRO_IBOT, 1)[0];
+            out.loss += (dino.total + koleo_total + w.ibot_loss_weight * ibot) / n;
+            out.dino_local_crops_loss += dino.local / n;
+            out.dino_global_crops_loss += dino.global / n;
+            out.koleo_loss += koleo_total / 2.0 / n;
+            out.ibot_loss += ibot / 2.0 / n;
+        }
         if probs == TeacherProbs::Download {
-            out.teacher_dino_probs = be.download_f32(&*self.ws.dino_probs.get()?)?;
-            if q.ibot() {
-                out.teacher_ibot_probs = be.download_f32(&*self.ws.ibot_probs.get()?)?;
+            out.teacher_dino_probs = be.download_f32(&*ws.dino_probs.get()?)?;
+            if q.shapes.iter().any(Shape::ibot) {
+                out.teacher_ibot_probs = be.download_f32(&*ws.ibot_probs.get()?)?;
             }
         }
         Ok((out, host[SLOT_NORMS..SLOT_NORMS + n_norms].to_vec()))
@@ -774,20 +900,19 @@ fn reborrow<'a>(drop_path: &'a mut Option<(f32, &mut Rng)>) -> Option<DropPath<'
         .map(|(rate, rng)| DropPath { rate: *rate, rng })
 }
 
-/// `out [M, D]` = the masked rows of `patch [2B, N, D]`.
+/// `out [M, D]` = the masked rows of `patch [2B, N, D]` (`indices [M]`: this micro-batch's).
 fn gather_masked<B: Backend>(
     be: &mut B,
     out: &mut Grow<B::BufF32>,
     patch: &B::F32,
-    indices: &Grow<B::BufI64>,
+    indices: &B::I64,
     s: &Shape,
 ) -> Result<()> {
     grow(be, out, s.n_masked() * s.d)?;
-    let indices = indices.get()?;
     be.gather_rows(
         &mut *out.get_mut()?,
         patch,
-        &indices,
+        indices,
         &s.mask_host,
         s.patches(),
     )

@@ -392,6 +392,11 @@ pub struct DinotrainSection {
     pub plot_every: u64,
     /// Data-loading threads; 0 = one per core.
     pub workers: usize,
+    /// Micro-batches of `train.batch_size_per_gpu` images per step: their gradients accumulate
+    /// into one optimizer step with the semantics of as many data-parallel ranks (teacher
+    /// targets over all of them, KoLeo per micro-batch), and the learning rate scales with the
+    /// total batch, so a small device reproduces a large-batch recipe.
+    pub accumulate: usize,
 }
 
 impl Default for TrainConfig {
@@ -511,6 +516,7 @@ impl Default for TrainConfig {
                 log_every: 10,
                 plot_every: 50,
                 workers: 0,
+                accumulate: 1,
             },
         }
     }

@@ -52,6 +52,7 @@ pub fn plan_from_config(r: &ResolvedConfig) -> Result<TrainPlan> {
         },
         centering: c.train.centering,
         batch_size: c.train.batch_size_per_gpu,
+        accumulate: c.dinotrain.accumulate,
         n_local_crops: c.crops.local_crops_number,
         global_crop_size: c.crops.global_crops_size,
         local_crop_size: c.crops.local_crops_size,

@@ -283,7 +283,7 @@ fn save_checkpoint(
     extra.insert("dinotrain_version".into(), env!("CARGO_PKG_VERSION").into());
     // The whole architecture (heads included), for embed / knn / export of the checkpoint.
     extra.extend(arch_metadata(&trainer.model.backbone.cfg));
-    let images_seen = state.step * trainer.plan.batch_size as u64;
+    let images_seen = state.step * trainer.plan.images_per_step() as u64;
     let ckpt = CheckpointRef {
         params: &trainer.model.table,
         student: &state.student,
@@ -523,11 +523,15 @@ impl Session {
             .map(|s| s.at.len)
             .sum();
         log.line(&format!(
-            "{} images; model {} parameters ({backbone} backbone); {} steps from step {first_step}; batch {}; lr {:.3e}",
+            "{} images; model {} parameters ({backbone} backbone); {} steps from step {first_step}; batch {}{}; lr {:.3e}",
             source.len(),
             trainer.model.table.len(),
             r.total_iters,
-            trainer.plan.batch_size,
+            trainer.plan.images_per_step(),
+            match trainer.plan.accumulate {
+                1 => String::new(),
+                n => format!(" ({n} micro-batches of {})", trainer.plan.batch_size),
+            },
             r.lr
         ))?;
         Ok(Parts {
@@ -618,12 +622,14 @@ impl Session {
             ..LoaderConfig::default()
         };
         let first_step = self.first_step;
+        // The loader counts micro-batches: step s takes micro-batches s·n .. (s + 1)·n.
+        let accumulate = plan.accumulate;
         let mut loader = Loader::new(
             Arc::clone(&self.source),
             loader_cfg,
             plan.batch_size,
             plan.seed,
-            first_step,
+            first_step * accumulate as u64,
         )?;
         let mut metrics = MetricsWriter::open(&self.run.metrics_path(), Some(first_step))?;
         let mut events = EventWriter::create(&self.run.root.join(TENSORBOARD_DIR))?;
@@ -638,8 +644,13 @@ impl Session {
         while self.trainer.step() < total {
             let step_start = Instant::now();
             let waited_before = loader.wait_seconds();
-            let batch = loader.next_batch()?;
-            let record = match self.trainer.train_step(&batch.global, &batch.local) {
+            let batches = (0..accumulate)
+                .map(|_| loader.next_batch())
+                .collect::<Result<Vec<_>>>()?;
+            let crops: Vec<(&[f32], &[f32])> = (batches.iter())
+                .map(|b| (&b.global[..], &b.local[..]))
+                .collect();
+            let record = match self.trainer.train_micro_batches(&crops) {
                 Ok(record) => record,
                 Err(e @ (Error::NonFinite { .. } | Error::Numeric { .. })) => {
                     self.observer.on_loop_end();
@@ -647,8 +658,10 @@ impl Session {
                 }
                 Err(e) => return Err(e),
             };
-            let epoch = batch.epoch;
-            loader.recycle(batch);
+            let epoch = batches.last().map_or(0, |b| b.epoch);
+            for batch in batches {
+                loader.recycle(batch);
+            }
             let step_seconds = step_start.elapsed().as_secs_f64();
             let waited = loader.wait_seconds() - waited_before;
             self.times.train_seconds += step_seconds;
@@ -656,7 +669,7 @@ impl Session {
             let m = metrics_of(
                 &record,
                 epoch,
-                self.trainer.plan.batch_size as f64 / step_seconds.max(1e-9),
+                self.trainer.plan.images_per_step() as f64 / step_seconds.max(1e-9),
                 waited / step_seconds.max(1e-9),
                 loop_start.elapsed().as_secs_f64(),
             );
@@ -800,7 +813,7 @@ impl Session {
         let trainer = &self.trainer;
         let t = &self.times;
         let steps_this_run = trainer.step() - self.first_step;
-        let images = steps_this_run as f64 * trainer.plan.batch_size as f64;
+        let images = steps_this_run as f64 * trainer.plan.images_per_step() as f64;
         TrainSummary {
             output_dir: self.run.root.clone(),
             steps: trainer.step(),
@@ -874,7 +887,7 @@ fn run_session(s: &mut Session, initial: Vec<f32>) -> Result<()> {
     s.observer.on_start(&RunStart {
         first_step: s.first_step,
         total_steps: total,
-        batch_size: s.trainer.plan.batch_size,
+        batch_size: s.trainer.plan.images_per_step(),
         device: s.trainer.device_name(),
     });
     let device = s.trainer.device_name();

@@ -37,8 +37,11 @@ pub struct TrainPlan {
     pub losses: LossConfig,
     /// `train.centering`: softmax with the lagged center, or Sinkhorn-Knopp.
     pub centering: CenteringMode,
-    /// Images per step (`B`).
+    /// Images per micro-batch (`B`, the official `batch_size_per_gpu`).
     pub batch_size: usize,
+    /// Micro-batches per step (1 = none): their gradients accumulate into one optimizer step
+    /// with the semantics of as many data-parallel ranks (`--accumulate`).
+    pub accumulate: usize,
     pub n_local_crops: usize,
     pub global_crop_size: usize,
     pub local_crop_size: usize,
@@ -55,6 +58,13 @@ pub struct TrainPlan {
     /// The precision the step runs in; `None` = the device's default (f32 on the CPU, bf16 on
     /// CUDA, the only precision the CUDA backend runs).
     pub precision: Option<Precision>,
+}
+
+impl TrainPlan {
+    /// Images per optimizer step: the micro-batch size times the micro-batches per step.
+    pub fn images_per_step(&self) -> usize {
+        self.batch_size * self.accumulate
+    }
 }
 
 /// The weights an evaluation reads.
@@ -76,13 +86,22 @@ pub struct StepRecord {
     pub scheduled: ScheduledValues,
     /// Gradient norm of each student submodule before clipping, in table order.
     pub grad_norms: Vec<(String, f32)>,
-    /// Masked patches this step (M).
+    /// Masked patches this step (M, over all micro-batches).
     pub n_masked: usize,
+}
+
+/// One micro-batch of a step: crop-major crops, global `[2B, 3, G, G]` and local
+/// `[nl·B, 3, Lc, Lc]`, and its iBOT masks (`Some` exactly when the method uses iBOT).
+#[derive(Clone, Copy, Debug)]
+pub struct MicroBatch<'a> {
+    pub global: &'a [f32],
+    pub local: &'a [f32],
+    pub masks: Option<&'a MaskBatch>,
 }
 
 /// What one iteration needs besides the model.
 struct Iteration<'a, 'r> {
-    batch: StepBatch<'a>,
+    batches: &'a [StepBatch<'a>],
     scheduled: &'a ScheduledValues,
     losses: &'a LossConfig,
     clip_grad: f32,
@@ -169,7 +188,7 @@ impl<B: Backend> Engine for DeviceEngine<B> {
             model,
             student: &state.student,
             teacher: &state.teacher,
-            batch: &it.batch,
+            batches: it.batches,
             teacher_temp: s.teacher_temp as f32,
             losses: it.losses,
             drop_path: it.drop_path,
@@ -396,99 +415,119 @@ impl Trainer {
         self.engine.features(&self.model.backbone, weights)
     }
 
-    /// Floats in one global-crop batch `[2B, 3, G, G]`.
+    /// Floats in one micro-batch's global crops `[2B, 3, G, G]`.
     pub fn global_len(&self) -> usize {
         2 * self.plan.batch_size * 3 * self.plan.global_crop_size.pow(2)
     }
 
-    /// Floats in one local-crop batch `[nl·B, 3, Lc, Lc]`.
+    /// Floats in one micro-batch's local crops `[nl·B, 3, Lc, Lc]`.
     pub fn local_len(&self) -> usize {
         self.plan.n_local_crops * self.plan.batch_size * 3 * self.plan.local_crop_size.pow(2)
     }
 
-    /// One iteration on crop-major crops: global `[2B, 3, G, G]`, local `[nl·B, 3, Lc, Lc]`.
-    /// A non-finite loss or gradient norm stops with an error naming the step and the term,
-    /// before any parameter changes.
+    /// One iteration on crop-major crops: global `[2B, 3, G, G]`, local `[nl·B, 3, Lc, Lc]`
+    /// (a plan without accumulation). A non-finite loss or gradient norm stops with an error
+    /// naming the step and the term, before any parameter changes.
     pub fn train_step(&mut self, global: &[f32], local: &[f32]) -> Result<StepRecord> {
-        let plan = &self.plan;
-        let masks = if plan.losses.method.uses_ibot() {
-            Some(collate_masks(
-                &mut keyed(plan.seed, &[stream::MASKS, self.step()]),
-                &self.masking,
-                2 * plan.batch_size,
-                plan.mask_probability,
-                plan.mask_ratio_min_max,
-            )?)
-        } else {
-            None
-        };
-        self.train_step_with_masks(global, local, masks.as_ref())
+        self.train_micro_batches(&[(global, local)])
     }
 
-    /// [`Trainer::train_step`] with the iBOT masks given instead of drawn (`Some` exactly when
-    /// the method uses iBOT; `[2B, N]` for the global crops): for crops and masks that another
+    /// One iteration of `plan.accumulate` micro-batches of crops (global, local), their iBOT
+    /// masks drawn from the seed and the step.
+    pub fn train_micro_batches(&mut self, crops: &[(&[f32], &[f32])]) -> Result<StepRecord> {
+        let plan = &self.plan;
+        let step = self.step();
+        let masks = (0..crops.len())
+            .filter(|_| plan.losses.method.uses_ibot())
+            .map(|i| {
+                // Micro-batch 0 keeps the key of a step without accumulation.
+                let key = [stream::MASKS, step, i as u64];
+                let key = if i == 0 { &key[..2] } else { &key[..] };
+                collate_masks(
+                    &mut keyed(plan.seed, key),
+                    &self.masking,
+                    2 * plan.batch_size,
+                    plan.mask_probability,
+                    plan.mask_ratio_min_max,
+                )
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let micro: Vec<MicroBatch> = (crops.iter().enumerate())
+            .map(|(i, &(global, local))| MicroBatch {
+                global,
+                local,
+                masks: masks.get(i),
+            })
+            .collect();
+        self.train_step_with_masks(&micro)
+    }
+
+    /// One iteration of `plan.accumulate` micro-batches with their iBOT masks given instead of
+    /// drawn (`[2B, N]` for each micro-batch's global crops): for crops and masks that another
     /// pipeline produced, as the multi-step parity check against the official code does.
-    pub fn train_step_with_masks(
-        &mut self,
-        global: &[f32],
-        local: &[f32],
-        masks: Option<&MaskBatch>,
-    ) -> Result<StepRecord> {
+    pub fn train_step_with_masks(&mut self, micro: &[MicroBatch<'_>]) -> Result<StepRecord> {
         let step = self.step();
         let plan = &self.plan;
-        if global.len() != self.global_len() || local.len() != self.local_len() {
+        if micro.len() != plan.accumulate {
             return Err(Error::shape(
                 "train step",
                 format!(
-                    "crops hold {} + {} values, expected {} + {}",
-                    global.len(),
-                    local.len(),
-                    self.global_len(),
-                    self.local_len()
+                    "{} micro-batches for a plan that accumulates {}",
+                    micro.len(),
+                    plan.accumulate
                 ),
             ));
         }
         let n_patches = (plan.global_crop_size / plan.vit.patch_size).pow(2);
-        match masks {
-            Some(m) if m.n_crops != 2 * plan.batch_size || m.n_patches != n_patches => {
+        let uses_ibot = plan.losses.method.uses_ibot();
+        for (i, mb) in micro.iter().enumerate() {
+            let (global, local) = (mb.global.len(), mb.local.len());
+            if global != self.global_len() || local != self.local_len() {
                 return Err(Error::shape(
-                    "train step masks",
+                    "train step",
                     format!(
-                        "masks for {} crops of {} patches, expected {} of {n_patches}",
-                        m.n_crops,
-                        m.n_patches,
-                        2 * plan.batch_size
+                        "micro-batch {i}: crops hold {global} + {local} values, expected {} + {}",
+                        self.global_len(),
+                        self.local_len()
                     ),
-                ))
+                ));
             }
-            None if plan.losses.method.uses_ibot() => {
+            let fits = |m: &MaskBatch| m.n_crops == 2 * plan.batch_size && m.n_patches == n_patches;
+            let problem = match (mb.masks, uses_ibot) {
+                (Some(m), true) if !fits(m) => Some(format!(
+                    "masks for {} crops of {} patches, expected {} of {n_patches}",
+                    m.n_crops,
+                    m.n_patches,
+                    2 * plan.batch_size
+                )),
+                (None, true) => Some("the method uses iBOT: masks are required".into()),
+                (Some(_), false) => Some("the method does not use iBOT: no masks apply".into()),
+                _ => None,
+            };
+            if let Some(problem) = problem {
                 return Err(Error::shape(
                     "train step masks",
-                    "the method uses iBOT: masks are required",
-                ))
+                    format!("micro-batch {i}: {problem}"),
+                ));
             }
-            Some(_) if !plan.losses.method.uses_ibot() => {
-                return Err(Error::shape(
-                    "train step masks",
-                    "the method does not use iBOT: no masks apply",
-                ))
-            }
-            _ => {}
         }
         let scheduled = plan.schedules.at(step);
-        let batch = StepBatch {
-            global,
-            local,
-            n_img: plan.batch_size,
-            n_local: plan.n_local_crops,
-            global_size: plan.global_crop_size,
-            local_size: plan.local_crop_size,
-            masks,
-        };
+        let batches: Vec<StepBatch> = micro
+            .iter()
+            .map(|mb| StepBatch {
+                global: mb.global,
+                local: mb.local,
+                n_img: plan.batch_size,
+                n_local: plan.n_local_crops,
+                global_size: plan.global_crop_size,
+                local_size: plan.local_crop_size,
+                masks: mb.masks,
+            })
+            .collect();
         let mut drop_rng = keyed(plan.seed, &[stream::DROP_PATH, step]);
         let drop_path = (plan.drop_path_rate > 0.0).then_some((plan.drop_path_rate, &mut drop_rng));
         let it = Iteration {
-            batch,
+            batches: &batches,
             scheduled: &scheduled,
             losses: &plan.losses,
             clip_grad: plan.clip_grad,
@@ -497,7 +536,11 @@ impl Trainer {
         let (losses, norms) = self.engine.iteration(&self.model, it, step)?;
         Ok(StepRecord {
             step,
-            n_masked: masks.map_or(0, |m| m.n_masked()),
+            n_masked: micro
+                .iter()
+                .filter_map(|mb| mb.masks)
+                .map(MaskBatch::n_masked)
+                .sum(),
             losses,
             scheduled,
             grad_norms: self.engine.span_names().into_iter().zip(norms).collect(),

@@ -28,6 +28,7 @@ pub fn micro_plan(method: Method) -> TrainPlan {
         losses: LossConfig::official(method),
         centering: Centering::Softmax,
         batch_size: 4,
+        accumulate: 1,
         n_local_crops: 2,
         global_crop_size: 16,
         local_crop_size: 8,

@@ -88,7 +88,7 @@ const IGNORED: &[(&str, &str)] = &[
 ];
 
 /// Command-line flags of `dinotrain train` and the configuration key each one sets.
-pub const FLAG_KEYS: [(&str, &str); 9] = [
+pub const FLAG_KEYS: [(&str, &str); 10] = [
     ("data", "dinotrain.data"),
     ("out", "train.output_dir"),
     ("model", "dinotrain.model"),
@@ -96,6 +96,7 @@ pub const FLAG_KEYS: [(&str, &str); 9] = [
     ("epochs", "optim.epochs"),
     ("steps", "dinotrain.steps"),
     ("batch-size", "train.batch_size_per_gpu"),
+    ("accumulate", "dinotrain.accumulate"),
     ("device", "dinotrain.device"),
     ("seed", "train.seed"),
 ];

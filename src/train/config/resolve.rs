@@ -38,7 +38,7 @@ pub struct ResolvedConfig {
     pub device: Device,
     /// Processes taking part (dinotrain runs one).
     pub world_size: usize,
-    /// `batch_size_per_gpu · world_size`.
+    /// Images per optimizer step: `batch_size_per_gpu · world_size · dinotrain.accumulate`.
     pub total_batch: usize,
     /// The peak learning rate after the scaling rule.
     pub lr: f64,
@@ -79,7 +79,8 @@ impl ResolvedConfig {
         validate(&config)?;
         let device: Device = config.dinotrain.device.parse()?;
         let world_size = 1;
-        let total_batch = config.train.batch_size_per_gpu * world_size;
+        let total_batch =
+            config.train.batch_size_per_gpu * world_size * config.dinotrain.accumulate;
         let lr = match config.optim.scaling_rule {
             ScalingRule::SqrtWrt1024 => config.optim.base_lr * (total_batch as f64 / 1024.0).sqrt(),
         };
@@ -372,6 +373,10 @@ fn validate(c: &TrainConfig) -> Result<()> {
     need(
         c.train.batch_size_per_gpu > 0,
         "train.batch_size_per_gpu must be > 0".into(),
+    );
+    need(
+        c.dinotrain.accumulate > 0,
+        "dinotrain.accumulate must be > 0 (1 = no gradient accumulation)".into(),
     );
     need(
         c.train.official_epoch_length > 0,
