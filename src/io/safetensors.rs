@@ -164,8 +164,9 @@ impl TensorFile {
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
         let metadata = (!metadata.is_empty()).then_some(metadata);
-        safetensors::serialize(views, metadata)
-            .map_err(|e| Error::shape("safetensors", e.to_string()))
+        let bytes = safetensors::serialize(views, metadata)
+            .map_err(|e| Error::shape("safetensors", e.to_string()))?;
+        sorted_header(bytes)
     }
 
     /// Writes atomically: a temp file beside `path`, fsync, rename.
@@ -211,9 +212,64 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     })
 }
 
+/// The file with its JSON header's keys in sorted order: the safetensors crate writes the
+/// metadata map in hash order, so two writes of the same tensors would differ in bytes. Data
+/// offsets count from the end of the header, so the data stays as it is; the header keeps the
+/// format's space padding to a multiple of 8 bytes.
+fn sorted_header(bytes: Vec<u8>) -> Result<Vec<u8>> {
+    let bad = |what: &str| Error::shape("safetensors", format!("serialised file: {what}"));
+    let len = u64::from_le_bytes(bytes[..8].try_into().map_err(|_| bad("no header"))?);
+    let end = usize::try_from(len).ok().and_then(|l| l.checked_add(8));
+    let end = end
+        .filter(|&e| e <= bytes.len())
+        .ok_or_else(|| bad("header length"))?;
+    // serde_json's map is ordered by key (no `preserve_order`): re-serialising sorts.
+    let header: serde_json::Value =
+        serde_json::from_slice(&bytes[8..end]).map_err(|e| bad(&e.to_string()))?;
+    let mut text = serde_json::to_vec(&header).map_err(|e| bad(&e.to_string()))?;
+    text.resize(text.len().div_ceil(8) * 8, b' ');
+    let mut out = Vec::with_capacity(8 + text.len() + bytes.len() - end);
+    out.extend_from_slice(&(text.len() as u64).to_le_bytes());
+    out.extend_from_slice(&text);
+    out.extend_from_slice(&bytes[end..]);
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn equal_files_are_equal_bytes_whatever_the_metadata_order() {
+        let file = || {
+            let mut f = TensorFile::default();
+            f.insert("w", Tensor::from_vec(&[3], vec![1.0, 2.0, 3.0]).unwrap());
+            f.tensors.insert(
+                "i".into(),
+                Value::I64 {
+                    shape: vec![1],
+                    data: vec![5],
+                },
+            );
+            for k in 0..16 {
+                f.metadata.insert(format!("key{k}"), format!("value {k}"));
+            }
+            f.to_bytes().unwrap()
+        };
+        let first = file();
+        // Each write hashes its metadata map with a fresh random seed.
+        for _ in 0..8 {
+            assert!(file() == first);
+        }
+        let header_len = u64::from_le_bytes(first[..8].try_into().unwrap()) as usize;
+        assert_eq!(header_len % 8, 0);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.safetensors");
+        std::fs::write(&path, &first).unwrap();
+        let back = TensorFile::read(&path).unwrap();
+        assert_eq!(back.metadata["key7"], "value 7");
+        assert!(matches!(&back.tensors["i"], Value::I64 { data, .. } if data == &[5]));
+    }
 
     #[test]
     fn round_trips_every_dtype_and_metadata() {

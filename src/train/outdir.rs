@@ -59,6 +59,9 @@ pub const OWN_ENTRIES: &[&str] = &[
 pub struct RunDir {
     pub root: PathBuf,
     lock: Arc<RunLock>,
+    /// How the run starts: the mode asked for, except a `Resume` of a run that wrote no
+    /// checkpoint, which starts again (`Fresh`).
+    pub mode: OutdirMode,
 }
 
 impl PartialEq for RunDir {
@@ -71,7 +74,7 @@ impl Eq for RunDir {}
 impl RunDir {
     /// Takes the folder's lock (see [`super::lock`]), removes temp files that killed writes
     /// left, applies the folder policy and creates the folder (and `checkpoints/`).
-    pub fn prepare(root: &Path, mode: OutdirMode) -> Result<Self> {
+    pub fn prepare(root: &Path, mut mode: OutdirMode) -> Result<Self> {
         if root.exists() && !root.is_dir() {
             return Err(Error::Config(format!(
                 "output folder {} is a file",
@@ -97,39 +100,32 @@ impl RunDir {
             OutdirMode::Fresh => {}
             OutdirMode::Resume => {
                 if checkpoint::latest(&root.join(CHECKPOINT_DIR))?.is_none() {
-                    return Err(Error::Config(format!(
-                        "--resume: no checkpoint in {} (nothing to resume; start without --resume)",
-                        root.join(CHECKPOINT_DIR).display()
-                    )));
+                    // A run stopped (killed, failed) before its first checkpoint: nothing of
+                    // it to continue, so it starts again, as its --resume line promised. A
+                    // folder without a run's config.yaml (a mistyped path) is refused.
+                    let started = entries.iter().any(|name| name == CONFIG_FILE);
+                    if !started || !entries.iter().all(|name| is_own(root, name)) {
+                        return Err(Error::Config(format!(
+                            "--resume: no checkpoint in {} (nothing to resume; start without \
+                             --resume)",
+                            root.join(CHECKPOINT_DIR).display()
+                        )));
+                    }
+                    log::warn!(
+                        "{}: no checkpoint yet (the run stopped before its first one); \
+                         starting it again from step 0",
+                        root.display()
+                    );
+                    remove_own_files(root, &entries)?;
+                    mode = OutdirMode::Fresh;
                 }
             }
-            OutdirMode::Overwrite => {
-                let foreign: Vec<&String> =
-                    entries.iter().filter(|name| !is_own(root, name)).collect();
-                if !foreign.is_empty() {
-                    let shown: Vec<&str> = foreign.iter().take(5).map(|s| s.as_str()).collect();
-                    return Err(Error::Config(format!(
-                        "--overwrite refused: {} holds files dinotrain did not write ({}{}); \
-                         choose another --out or move them",
-                        root.display(),
-                        shown.join(", "),
-                        if foreign.len() > 5 { ", ..." } else { "" }
-                    )));
-                }
-                for name in &entries {
-                    let path = root.join(name);
-                    let removed = if path.is_dir() {
-                        std::fs::remove_dir_all(&path)
-                    } else {
-                        std::fs::remove_file(&path)
-                    };
-                    removed.map_err(|e| Error::io(&path, e))?;
-                }
-            }
+            OutdirMode::Overwrite => remove_own_files(root, &entries)?,
         }
         let dir = RunDir {
             root: root.to_path_buf(),
             lock,
+            mode,
         };
         std::fs::create_dir_all(dir.checkpoints()).map_err(|e| Error::io(dir.checkpoints(), e))?;
         Ok(dir)
@@ -205,6 +201,32 @@ fn remove_stale_temp_files(root: &Path) -> Result<()> {
 /// Whether the folder holds only what a run that failed before its first step leaves: its
 /// `config.yaml`, `train.log`, the TensorBoard file it opened and an empty `checkpoints/` (a
 /// new run may start there).
+/// Deletes `entries` of `root` (`--overwrite`, or a resume with nothing to resume), refusing
+/// when any is not dinotrain's.
+fn remove_own_files(root: &Path, entries: &[String]) -> Result<()> {
+    let foreign: Vec<&String> = entries.iter().filter(|name| !is_own(root, name)).collect();
+    if !foreign.is_empty() {
+        let shown: Vec<&str> = foreign.iter().take(5).map(|s| s.as_str()).collect();
+        return Err(Error::Config(format!(
+            "--overwrite refused: {} holds files dinotrain did not write ({}{}); \
+             choose another --out or move them",
+            root.display(),
+            shown.join(", "),
+            if foreign.len() > 5 { ", ..." } else { "" }
+        )));
+    }
+    for name in entries {
+        let path = root.join(name);
+        let removed = if path.is_dir() {
+            std::fs::remove_dir_all(&path)
+        } else {
+            std::fs::remove_file(&path)
+        };
+        removed.map_err(|e| Error::io(&path, e))?;
+    }
+    Ok(())
+}
+
 fn is_failed_start(root: &Path, entries: &[String]) -> bool {
     entries.iter().all(|name| match name.as_str() {
         CONFIG_FILE | LOG_FILE | TENSORBOARD_DIR => is_own(root, name),

@@ -475,6 +475,7 @@ impl Session {
             cancel,
         } = options;
         let run = RunDir::prepare(&r.output_dir, outdir)?;
+        let outdir = run.mode;
         let mut log = RunLog::open(&run.log_path())?;
         // Errors from here on are also written to train.log.
         let logged = |log: &mut RunLog, e: Error| -> Error {
