@@ -381,3 +381,42 @@ fn print_config_shows_the_warnings_of_the_config_file() {
         text(&out)
     );
 }
+
+#[test]
+fn unreadable_entries_are_counted_and_os_errors_said_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    let kinds = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/kinds");
+    for name in ["baseline.jpg", "rgb.png"] {
+        std::fs::copy(kinds.join(name), data.join(name)).unwrap();
+    }
+    std::os::unix::fs::symlink(tmp.path().join("gone.jpg"), data.join("dangling.jpg")).unwrap();
+    let out = tmp.path().join("run");
+    let (d, o) = (data.to_str().unwrap(), out.to_str().unwrap());
+    let run = ok(&[
+        &["train", "--data", d, "--out", o, "--steps", "1"][..],
+        SMALL,
+    ]
+    .concat());
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(
+        stderr.contains("1 entries could not be read and are left out")
+            && stderr.contains("dangling.jpg: broken symlink"),
+        "{stderr}"
+    );
+    let missing = tmp.path().join("missing");
+    let text = failed(&[
+        "train",
+        "--data",
+        missing.to_str().unwrap(),
+        "--out",
+        o,
+        "--overwrite",
+    ]);
+    assert_eq!(
+        text.matches("No such file or directory").count(),
+        1,
+        "{text}"
+    );
+}

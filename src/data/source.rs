@@ -83,6 +83,18 @@ impl FolderSource {
                 found.other_files
             )));
         }
+        if let Some(first) = found.unreadable.first() {
+            // Training goes on without them, but says so (with a count), as `scan` does.
+            log::warn!(
+                "{}: {} entries could not be read and are left out (first: {}: {}); \
+                 `dinotrain scan {}` lists them",
+                root.display(),
+                found.unreadable.len(),
+                first.path.display(),
+                first.reason,
+                root.display()
+            );
+        }
         Ok(FolderSource {
             root: root.to_path_buf(),
             entries: found.entries,
