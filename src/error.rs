@@ -61,8 +61,8 @@ pub enum Error {
 
     /// The disk is full (ENOSPC) while writing a file.
     #[error(
-        "disk full while writing {}: free some space, then continue with --resume \
-         (the last complete checkpoint is kept)",
+        "disk full while writing {}: free some space, then continue with --resume (from the \
+         last complete checkpoint; a run that wrote none yet starts again)",
         path.display()
     )]
     DiskFull { path: PathBuf },
