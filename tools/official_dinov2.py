@@ -87,7 +87,12 @@ def import_official(path):
 
     NestedTensorBlock.forward = nested_forward
     if not dist.is_initialized():
-        dist.init_process_group("gloo", init_method="tcp://127.0.0.1:29581", rank=0, world_size=1)
+        # A rendezvous file of this process's own (a fixed TCP port would keep two tools from
+        # running at once).
+        import tempfile
+
+        store = os.path.join(tempfile.mkdtemp(prefix="dinotrain-gloo-"), "store")
+        dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
     from dinov2.data import samplers
     from dinov2.data.transforms import make_normalize_transform
     from dinov2.eval.knn import KnnModule
