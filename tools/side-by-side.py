@@ -150,7 +150,20 @@ def run_dinotrain(args, seed, evaluate, out):
     for step in range(args.eval_every, args.steps + 1, args.eval_every):
         ckpt = os.path.join(out, "checkpoints", f"step_{step:08d}.safetensors")
         curve[step] = evaluate(dinotrain_teacher(ckpt))
-    return dict(curve=curve, minutes=minutes)
+    losses = [json.loads(line)["losses"] for line in open(os.path.join(out, "metrics.jsonl"))]
+    return dict(curve=curve, minutes=minutes, losses=window_means(losses, args.eval_every))
+
+
+def window_means(losses, every):
+    """The mean of each logged loss term over each window of `every` steps (official names;
+    dinotrain's `total` is the official `loss`)."""
+    out = {}
+    for start in range(0, len(losses), every):
+        window = losses[start: start + every]
+        for name in window[0]:
+            key = "loss" if name == "total" else name
+            out.setdefault(key, []).append(statistics.mean(float(w[name]) for w in window))
+    return out
 
 
 def run_official(O, cfg, args, seed, data, evaluate):
@@ -189,16 +202,18 @@ def run_official(O, cfg, args, seed, data, evaluate):
     loader = iter(torch.utils.data.DataLoader(Demo(), batch_size=cfg.train.batch_size_per_gpu, sampler=sampler,
                                               num_workers=args.official_workers, drop_last=True,
                                               collate_fn=collate, persistent_workers=args.official_workers > 0))
-    curve, train_seconds = {}, 0.0
+    curve, train_seconds, losses = {}, 0.0, []
     for it in range(args.steps):
         t0 = time.time()
         data_it = next(loader)
-        official_iteration(O, cfg, model, optimizer, schedules, it, data_it)
+        loss_dict = official_iteration(O, cfg, model, optimizer, schedules, it, data_it)
+        losses.append({k: float(v) for k, v in loss_dict.items()})
         train_seconds += time.time() - t0
         if (it + 1) % args.eval_every == 0:
             curve[it + 1] = evaluate(model.teacher.backbone.state_dict())
             model.train()
-    return dict(curve=curve, minutes=(time.time() - start) / 60, train_minutes=train_seconds / 60)
+    return dict(curve=curve, minutes=(time.time() - start) / 60, train_minutes=train_seconds / 60,
+                losses=window_means(losses, args.eval_every))
 
 
 def summary(results, steps_list):
