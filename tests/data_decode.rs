@@ -277,17 +277,24 @@ fn pixel_limit_refuses_before_decoding() {
 }
 
 #[test]
-fn size_hint_downscales_only_with_turbojpeg() {
+fn size_hint_downscales_in_the_dct_domain_in_every_build() {
     let bytes = std::fs::read(data("photos/astronaut.jpg")).unwrap();
     let full = decode(&bytes, ImageFormat::Jpeg, DEFAULT_MAX_PIXELS, None).unwrap();
-    let hinted = decode(&bytes, ImageFormat::Jpeg, DEFAULT_MAX_PIXELS, Some(100)).unwrap();
     assert_eq!((full.width, full.height), (500, 375));
-    if cfg!(feature = "turbojpeg") {
-        // 1/2 gives a 188-pixel shorter side, 1/4 would give 94 < 100.
-        assert_eq!((hinted.width, hinted.height), (250, 188));
-    } else {
-        assert_eq!(hinted, full);
+    // 1/2 gives a 188-pixel shorter side, 1/4 would give 94 < 100; 1/8 rounds 375 up to 47.
+    for (hint, size) in [
+        (100, (250, 188)),
+        (90, (125, 94)),
+        (47, (63, 47)),
+        (400, (500, 375)),
+    ] {
+        let hinted = decode(&bytes, ImageFormat::Jpeg, DEFAULT_MAX_PIXELS, Some(hint)).unwrap();
+        assert_eq!((hinted.width, hinted.height), size, "hint {hint}");
     }
+    // Not for PNG: only JPEG has a DCT domain.
+    let png = std::fs::read(data("kinds/rgb.png")).unwrap();
+    let hinted = decode(&png, ImageFormat::Png, DEFAULT_MAX_PIXELS, Some(8)).unwrap();
+    assert_eq!((hinted.width, hinted.height), (96, 64));
 }
 
 #[test]

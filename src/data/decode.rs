@@ -8,9 +8,11 @@
 //! JPEGs decode to the pixels Pillow (libjpeg-turbo) gives, through one of two decoders chosen
 //! at build time ([`jpeg_decoder_name`]):
 //! - default: libjpeg-turbo's C code as vendored by mozjpeg, built with the C compiler and no
-//!   SIMD (`decode/libjpeg.rs`); full size only;
+//!   SIMD (`decode/libjpeg.rs`);
 //! - feature `turbojpeg`: libjpeg-turbo 3 with its SIMD through the turbojpeg crate
-//!   (`decode/turbo.rs`), faster, and with DCT-domain downscaling when a size hint allows.
+//!   (`decode/turbo.rs`), faster.
+//!
+//! Both downscale in the DCT domain (1/2, 1/4, 1/8) when a size hint allows.
 //!
 //! CMYK / YCCK JPEGs, and every other format, go through the `image` crate (zune-jpeg for JPEG).
 
@@ -195,16 +197,27 @@ fn decode_format(
         #[cfg(feature = "turbojpeg")]
         let decoded = turbo::decode(bytes, max_pixels, min_side_hint, exif)?;
         #[cfg(not(feature = "turbojpeg"))]
-        let decoded = {
-            let _ = min_side_hint; // full size only: see the module documentation
-            libjpeg::decode(bytes, max_pixels, exif)?
-        };
+        let decoded = libjpeg::decode(bytes, max_pixels, min_side_hint, exif)?;
         // `None`: a CMYK / YCCK file, which libjpeg cannot convert to RGB.
         if let Some(img) = decoded {
             return Ok(img);
         }
     }
     decode_with_image_crate(bytes, format, max_pixels, exif)
+}
+
+/// The JPEG DCT-domain downscaling both libjpeg decoders apply: the largest denominator of
+/// 1/8, 1/4, 1/2 whose output keeps the shorter side at least `min_side_hint` pixels (output
+/// sides round up, as libjpeg's do), else 1 (full size).
+fn dct_scale_denominator(width: u32, height: u32, min_side_hint: Option<u32>) -> u32 {
+    let Some(target) = min_side_hint else {
+        return 1;
+    };
+    let short = width.min(height) as u64;
+    [8u32, 4, 2]
+        .into_iter()
+        .find(|&denom| short.div_ceil(denom as u64) >= target as u64)
+        .unwrap_or(1)
 }
 
 fn check_pixels(width: u32, height: u32, max_pixels: u64) -> Result<(), DecodeError> {

@@ -25,12 +25,20 @@ struct LibjpegError(String);
 /// `JMSG_LENGTH_MAX` in jerror.h: the buffer `format_message` writes into.
 const MESSAGE_LENGTH: usize = 200;
 
-/// Decodes a JPEG to RGB8 at full size. `Ok(None)` when the file is CMYK or YCCK: libjpeg
-/// cannot convert those to RGB, and the caller falls back to the pure-Rust decoder.
-pub fn decode(bytes: &[u8], max_pixels: u64, exif: Exif) -> Result<Option<RgbImage>, DecodeError> {
+/// Decodes a JPEG to RGB8, downscaled in the DCT domain when `min_side_hint` allows (see
+/// [`super::decode`]). `Ok(None)` when the file is CMYK or YCCK: libjpeg cannot convert those
+/// to RGB, and the caller falls back to the pure-Rust decoder.
+pub fn decode(
+    bytes: &[u8],
+    max_pixels: u64,
+    min_side_hint: Option<u32>,
+    exif: Exif,
+) -> Result<Option<RgbImage>, DecodeError> {
     // libjpeg pads a truncated scan with gray and only warns; Pillow refuses such a file.
     check_jpeg_complete(bytes)?;
-    let decoded = match catch_unwind(AssertUnwindSafe(|| decode_rgb(bytes, max_pixels))) {
+    let decoded = match catch_unwind(AssertUnwindSafe(|| {
+        decode_rgb(bytes, max_pixels, min_side_hint)
+    })) {
         Ok(result) => result?,
         Err(payload) => match payload.downcast::<LibjpegError>() {
             Ok(error) => {
@@ -90,7 +98,11 @@ impl Drop for Decompressor {
 }
 
 /// Every libjpeg call; a fatal error unwinds out of here with a [`LibjpegError`].
-fn decode_rgb(bytes: &[u8], max_pixels: u64) -> Result<Option<RgbImage>, DecodeError> {
+fn decode_rgb(
+    bytes: &[u8],
+    max_pixels: u64,
+    min_side_hint: Option<u32>,
+) -> Result<Option<RgbImage>, DecodeError> {
     let mut dec = Decompressor::new();
     let cinfo = &mut *dec.cinfo;
     // SAFETY: `bytes` outlives `dec`; libjpeg only reads `bytes.len()` bytes from it.
@@ -109,6 +121,10 @@ fn decode_rgb(bytes: &[u8], max_pixels: u64) -> Result<Option<RgbImage>, DecodeE
     // libjpeg's defaults are Pillow's: JDCT_ISLOW, fancy upsampling, no scaling. Grayscale
     // files are replicated to three channels, as `convert("RGB")` does.
     cinfo.out_color_space = sys::J_COLOR_SPACE::JCS_RGB;
+    // Scaled only when the caller asks for it (the same choice as the turbojpeg build).
+    cinfo.scale_num = 1;
+    cinfo.scale_denom =
+        super::dct_scale_denominator(cinfo.image_width, cinfo.image_height, min_side_hint);
     // SAFETY: the header was read; the source is still `bytes`.
     unsafe { sys::jpeg_start_decompress(cinfo) };
     let (width, height) = (cinfo.output_width, cinfo.output_height);

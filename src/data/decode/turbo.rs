@@ -25,20 +25,9 @@ pub fn decode(
     ) {
         return Ok(None);
     }
-    let short = header.width.min(header.height);
-    let mut factor = turbojpeg::ScalingFactor::ONE;
-    if let Some(target) = min_side_hint {
-        for f in [
-            turbojpeg::ScalingFactor::ONE_EIGHTH,
-            turbojpeg::ScalingFactor::ONE_QUARTER,
-            turbojpeg::ScalingFactor::ONE_HALF,
-        ] {
-            if f.scale(short) >= target as usize {
-                factor = f;
-                break;
-            }
-        }
-    }
+    let denom =
+        super::dct_scale_denominator(header.width as u32, header.height as u32, min_side_hint);
+    let factor = turbojpeg::ScalingFactor::new(1, denom as usize);
     dec.set_scaling_factor(factor).map_err(corrupt)?;
     let scaled = header.scaled(factor);
     let mut image = turbojpeg::Image {
