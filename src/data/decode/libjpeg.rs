@@ -118,7 +118,7 @@ fn decode_rgb(
     ) {
         return Ok(None);
     }
-    // libjpeg's defaults are Pillow's: JDCT_ISLOW, fancy upsampling, no scaling. Grayscale
+    // libjpeg's defaults (JDCT_ISLOW, fancy upsampling) are Pillow's, and stay. Grayscale
     // files are replicated to three channels, as `convert("RGB")` does.
     cinfo.out_color_space = sys::J_COLOR_SPACE::JCS_RGB;
     // Scaled only when the caller asks for it (the same choice as the turbojpeg build).
