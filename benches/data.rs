@@ -29,6 +29,12 @@ fn read(name: &str) -> Vec<u8> {
     std::fs::read(photos_dir().join(name)).expect("tests/data/photos is part of the repository")
 }
 
+fn decode_zune(jpeg: &[u8]) -> image::RgbImage {
+    image::load_from_memory_with_format(jpeg, image::ImageFormat::Jpeg)
+        .expect("photo decodes")
+        .into_rgb8()
+}
+
 fn crop_all(
     scratch: &mut Scratch,
     img: &RgbImage,
@@ -177,6 +183,35 @@ fn bench(c: &mut Criterion) {
                             .expect("photo decodes"),
                     );
                 }
+            })
+        })
+    });
+    // zune-jpeg through the `image` crate (the default build's JPEG decoder before the libjpeg
+    // code, still the CMYK path): the same files, so each build measures it alongside its own.
+    g.bench_function("baseline-zune-jpeg-cpu-time", |b| {
+        b.iter_custom(|iters| {
+            cpu_timed(iters, || {
+                for j in &jpegs {
+                    black_box(decode_zune(j));
+                }
+            })
+        })
+    });
+    g.throughput(Throughput::Elements(1));
+    g.bench_function("progressive-cpu-time", |b| {
+        b.iter_custom(|iters| {
+            cpu_timed(iters, || {
+                black_box(
+                    decode(&progressive, ImageFormat::Jpeg, DEFAULT_MAX_PIXELS, None)
+                        .expect("photo decodes"),
+                );
+            })
+        })
+    });
+    g.bench_function("progressive-zune-jpeg-cpu-time", |b| {
+        b.iter_custom(|iters| {
+            cpu_timed(iters, || {
+                black_box(decode_zune(&progressive));
             })
         })
     });

@@ -214,6 +214,45 @@ fn bad_files_give_typed_errors() {
 }
 
 #[test]
+fn corrupt_jpeg_bytes_give_the_decoders_error_not_a_crash() {
+    // The C decoders report errors through a callback that must not return; each must reach
+    // the caller as a typed error with libjpeg's message, never abort the process or panic.
+    let good = std::fs::read(data("photos/coffee.jpg")).unwrap();
+    // The header and the end marker, nothing between: no image data.
+    let mut no_scan = good[..200].to_vec();
+    no_scan.extend_from_slice(&[0xFF, 0xD9]);
+    let e = decode(&no_scan, ImageFormat::Jpeg, DEFAULT_MAX_PIXELS, None).unwrap_err();
+    let DecodeError::Corrupt { format, detail } = &e else {
+        panic!("{e}")
+    };
+    assert_eq!(*format, ImageFormat::Jpeg);
+    assert!(!detail.contains("panicked"), "{detail}");
+    eprintln!("no scan: {detail}");
+    // Bytes overwritten at 300 spread positions, one file each (a fixed LCG, so the test is
+    // the same every run): each decodes to some image or fails with a typed error.
+    let mut state = 12345u64;
+    let mut errors = 0;
+    for _ in 0..300 {
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let at = 2 + (state >> 33) as usize % (good.len() - 4);
+        let mut bad = good.clone();
+        bad[at] = (state >> 16) as u8;
+        match decode(&bad, ImageFormat::Jpeg, DEFAULT_MAX_PIXELS, None) {
+            Ok(img) => assert_eq!(img.data.len(), img.width as usize * img.height as usize * 3),
+            Err(DecodeError::Corrupt { detail, .. }) => {
+                assert!(!detail.contains("panicked"), "byte {at}: {detail}");
+                errors += 1;
+            }
+            Err(DecodeError::TooLarge { .. }) => errors += 1,
+            Err(e) => panic!("byte {at}: {e}"),
+        }
+    }
+    eprintln!("{errors} of 300 damaged files refused");
+}
+
+#[test]
 fn pixel_limit_refuses_before_decoding() {
     let bytes = std::fs::read(data("photos/coffee.jpg")).unwrap();
     let e = decode(&bytes, ImageFormat::Jpeg, 500 * 375 - 1, None).unwrap_err();
@@ -238,17 +277,24 @@ fn pixel_limit_refuses_before_decoding() {
 }
 
 #[test]
-fn size_hint_downscales_only_with_turbojpeg() {
+fn size_hint_downscales_in_the_dct_domain_in_every_build() {
     let bytes = std::fs::read(data("photos/astronaut.jpg")).unwrap();
     let full = decode(&bytes, ImageFormat::Jpeg, DEFAULT_MAX_PIXELS, None).unwrap();
-    let hinted = decode(&bytes, ImageFormat::Jpeg, DEFAULT_MAX_PIXELS, Some(100)).unwrap();
     assert_eq!((full.width, full.height), (500, 375));
-    if cfg!(feature = "turbojpeg") {
-        // 1/2 gives a 188-pixel shorter side, 1/4 would give 94 < 100.
-        assert_eq!((hinted.width, hinted.height), (250, 188));
-    } else {
-        assert_eq!(hinted, full);
+    // 1/2 gives a 188-pixel shorter side, 1/4 would give 94 < 100; 1/8 rounds 375 up to 47.
+    for (hint, size) in [
+        (100, (250, 188)),
+        (90, (125, 94)),
+        (47, (63, 47)),
+        (400, (500, 375)),
+    ] {
+        let hinted = decode(&bytes, ImageFormat::Jpeg, DEFAULT_MAX_PIXELS, Some(hint)).unwrap();
+        assert_eq!((hinted.width, hinted.height), size, "hint {hint}");
     }
+    // Not for PNG: only JPEG has a DCT domain.
+    let png = std::fs::read(data("kinds/rgb.png")).unwrap();
+    let hinted = decode(&png, ImageFormat::Png, DEFAULT_MAX_PIXELS, Some(8)).unwrap();
+    assert_eq!((hinted.width, hinted.height), (96, 64));
 }
 
 #[test]

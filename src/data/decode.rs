@@ -1,14 +1,29 @@
 //! Decoding any supported file to 8-bit RGB.
 //!
 //! Grayscale, CMYK, alpha (dropped, as PIL's `convert("RGB")` does) and 16-bit inputs all become
-//! 8-bit RGB; the EXIF orientation is applied or ignored ([`Exif`]). The image size is read from the header first and
-//! an image over the pixel limit is refused before any pixel buffer is allocated
-//! (decompression bombs). JPEGs go through libjpeg-turbo when the `turbojpeg` feature is on
-//! (with DCT-domain downscaling when a size hint allows), else through the pure-Rust decoder.
+//! 8-bit RGB; the EXIF orientation is applied or ignored ([`Exif`]). The image size is read from
+//! the header first and an image over the pixel limit is refused before any pixel buffer is
+//! allocated (decompression bombs).
+//!
+//! JPEGs decode to the pixels Pillow (libjpeg-turbo) gives, through one of two decoders chosen
+//! at build time ([`jpeg_decoder_name`]):
+//! - default: libjpeg-turbo's C code as vendored by mozjpeg, built with the C compiler and no
+//!   SIMD (`decode/libjpeg.rs`);
+//! - feature `turbojpeg`: libjpeg-turbo 3 with its SIMD through the turbojpeg crate
+//!   (`decode/turbo.rs`), faster.
+//!
+//! Both downscale in the DCT domain (1/2, 1/4, 1/8) when a size hint allows.
+//!
+//! CMYK / YCCK JPEGs, and every other format, go through the `image` crate (zune-jpeg for JPEG).
 
 use crate::data::format::ImageFormat;
 use std::io::Cursor;
 use std::path::Path;
+
+#[cfg(not(feature = "turbojpeg"))]
+mod libjpeg;
+#[cfg(feature = "turbojpeg")]
+mod turbo;
 
 /// An 8-bit RGB image.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -97,12 +112,17 @@ impl DecodeError {
     }
 }
 
-/// Which JPEG decoder is compiled in.
+/// Which JPEG decoder is compiled in: `libjpeg-turbo` (feature `turbojpeg`) or `mozjpeg`
+/// (the default: libjpeg-turbo's C code without SIMD). Both give Pillow's pixels.
+///
+/// Only one of the two is compiled into the decoding code: both C libraries export the same
+/// `jpeg_*` symbols, and a binary that called into both could bind one library's calls to the
+/// other's internals.
 pub fn jpeg_decoder_name() -> &'static str {
     if cfg!(feature = "turbojpeg") {
         "libjpeg-turbo"
     } else {
-        "zune-jpeg"
+        "mozjpeg"
     }
 }
 
@@ -173,14 +193,31 @@ fn decode_format(
     min_side_hint: Option<u32>,
     exif: Exif,
 ) -> Result<RgbImage, DecodeError> {
-    #[cfg(feature = "turbojpeg")]
     if format == ImageFormat::Jpeg {
-        if let Some(img) = turbo::decode(bytes, max_pixels, min_side_hint, exif)? {
+        #[cfg(feature = "turbojpeg")]
+        let decoded = turbo::decode(bytes, max_pixels, min_side_hint, exif)?;
+        #[cfg(not(feature = "turbojpeg"))]
+        let decoded = libjpeg::decode(bytes, max_pixels, min_side_hint, exif)?;
+        // `None`: a CMYK / YCCK file, which libjpeg cannot convert to RGB.
+        if let Some(img) = decoded {
             return Ok(img);
         }
     }
-    let _ = min_side_hint;
     decode_with_image_crate(bytes, format, max_pixels, exif)
+}
+
+/// The JPEG DCT-domain downscaling both libjpeg decoders apply: the largest denominator of
+/// 1/8, 1/4, 1/2 whose output keeps the shorter side at least `min_side_hint` pixels (output
+/// sides round up, as libjpeg's do), else 1 (full size).
+fn dct_scale_denominator(width: u32, height: u32, min_side_hint: Option<u32>) -> u32 {
+    let Some(target) = min_side_hint else {
+        return 1;
+    };
+    let short = width.min(height) as u64;
+    [8u32, 4, 2]
+        .into_iter()
+        .find(|&denom| short.div_ceil(denom as u64) >= target as u64)
+        .unwrap_or(1)
 }
 
 fn check_pixels(width: u32, height: u32, max_pixels: u64) -> Result<(), DecodeError> {
@@ -246,9 +283,9 @@ fn decode_with_image_crate(
     })
 }
 
-/// The pure-Rust JPEG decoder fills a truncated scan with gray instead of failing; PIL refuses
-/// such a file ("image file is truncated"), and so do we: a complete JPEG ends with EOI (FFD9),
-/// possibly followed by padding.
+/// Every JPEG decoder here fills a truncated scan with gray instead of failing (libjpeg with a
+/// warning, zune-jpeg silently); PIL refuses such a file ("image file is truncated"), and so do
+/// we: a complete JPEG ends with EOI (FFD9), possibly followed by padding.
 fn check_jpeg_complete(bytes: &[u8]) -> Result<(), DecodeError> {
     let tail = &bytes[bytes.len().saturating_sub(4096)..];
     if tail.windows(2).any(|w| w == [0xFF, 0xD9]) {
@@ -286,76 +323,7 @@ pub fn jpeg_orientation(bytes: &[u8]) -> Option<image::metadata::Orientation> {
     None
 }
 
-#[cfg(feature = "turbojpeg")]
-mod turbo {
-    //! libjpeg-turbo: faster baseline decoding and DCT-domain downscaling.
-
-    use super::{check_jpeg_complete, check_pixels, jpeg_orientation, DecodeError, Exif, RgbImage};
-    use crate::data::format::ImageFormat;
-
-    /// `Ok(None)` when libjpeg-turbo cannot convert this JPEG to RGB (CMYK/YCCK): the caller
-    /// falls back to the pure-Rust decoder.
-    pub fn decode(
-        bytes: &[u8],
-        max_pixels: u64,
-        min_side_hint: Option<u32>,
-        exif: Exif,
-    ) -> Result<Option<RgbImage>, DecodeError> {
-        let corrupt = |e: turbojpeg::Error| DecodeError::Corrupt {
-            format: ImageFormat::Jpeg,
-            detail: e.to_string(),
-        };
-        check_jpeg_complete(bytes)?;
-        let mut dec = turbojpeg::Decompressor::new().map_err(corrupt)?;
-        let header = dec.read_header(bytes).map_err(corrupt)?;
-        check_pixels(header.width as u32, header.height as u32, max_pixels)?;
-        if matches!(
-            header.colorspace,
-            turbojpeg::Colorspace::CMYK | turbojpeg::Colorspace::YCCK
-        ) {
-            return Ok(None);
-        }
-        let short = header.width.min(header.height);
-        let mut factor = turbojpeg::ScalingFactor::ONE;
-        if let Some(target) = min_side_hint {
-            for f in [
-                turbojpeg::ScalingFactor::ONE_EIGHTH,
-                turbojpeg::ScalingFactor::ONE_QUARTER,
-                turbojpeg::ScalingFactor::ONE_HALF,
-            ] {
-                if f.scale(short) >= target as usize {
-                    factor = f;
-                    break;
-                }
-            }
-        }
-        dec.set_scaling_factor(factor).map_err(corrupt)?;
-        let scaled = header.scaled(factor);
-        let mut image = turbojpeg::Image {
-            pixels: vec![0u8; scaled.width * scaled.height * 3],
-            width: scaled.width,
-            pitch: scaled.width * 3,
-            height: scaled.height,
-            format: turbojpeg::PixelFormat::RGB,
-        };
-        dec.decompress(bytes, image.as_deref_mut())
-            .map_err(corrupt)?;
-        let mut img = RgbImage {
-            width: scaled.width as u32,
-            height: scaled.height as u32,
-            data: image.pixels,
-        };
-        if let Some(o) = jpeg_orientation(bytes).filter(|_| exif == Exif::Apply) {
-            if o != image::metadata::Orientation::NoTransforms {
-                img = super::orient(img, o);
-            }
-        }
-        Ok(Some(img))
-    }
-}
-
 /// Applies an EXIF orientation to a decoded image.
-#[cfg_attr(not(feature = "turbojpeg"), allow(dead_code))]
 fn orient(img: RgbImage, o: image::metadata::Orientation) -> RgbImage {
     // from_raw only fails when the buffer is shorter than w·h·3, which RgbImage never is.
     let Some(buf) = image::RgbImage::from_raw(img.width, img.height, img.data) else {

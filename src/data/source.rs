@@ -30,7 +30,7 @@ pub struct DecodeOptions {
     /// Images with more pixels are refused before decoding.
     pub max_pixels: u64,
     /// Allow decoders to return an image whose shorter side is down to this size when that is
-    /// cheaper (JPEG DCT scaling with the `turbojpeg` feature). `None`: always full size.
+    /// cheaper (JPEG DCT scaling by 1/2, 1/4 or 1/8). `None`: always full size.
     pub min_side_hint: Option<u32>,
     /// JPEG EXIF orientation: applied by default (training); `dinotrain embed` / `knn` ignore it
     /// by default, as the official code does.
