@@ -253,3 +253,59 @@ fn knn_on_labelled_folders_finds_exact_copies_and_runs_on_the_demo() {
     assert!(top1 > 20.0 && top1 <= 100.0, "{line}");
     assert!(line.contains("top-5"), "{line}");
 }
+
+#[test]
+fn export_writes_a_hugging_face_folder_byte_for_byte_reproducibly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = micro_model(tmp.path());
+    let (a, b) = (tmp.path().join("hf-a"), tmp.path().join("hf-b"));
+    for out in [&a, &b] {
+        let m = model.to_str().unwrap();
+        ok(&[
+            "export",
+            "--model",
+            m,
+            "--out",
+            out.to_str().unwrap(),
+            "--keys",
+            "hf-folder",
+        ]);
+    }
+    for file in ["config.json", "model.safetensors"] {
+        let bytes = std::fs::read(a.join(file)).unwrap();
+        assert!(
+            bytes == std::fs::read(b.join(file)).unwrap(),
+            "{file} differs"
+        );
+    }
+    // transformers' Dinov2Config of the micro model (checked against `from_pretrained` and the
+    // official model by tools/check-hf-export.py).
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(a.join("config.json")).unwrap()).unwrap();
+    let cfg = Preset::Micro.config(16, 4, 0);
+    assert_eq!(config["model_type"], "dinov2");
+    assert_eq!(config["architectures"][0], "Dinov2Model");
+    assert_eq!(config["hidden_size"], D);
+    assert_eq!(config["num_hidden_layers"], cfg.depth);
+    assert_eq!(config["num_attention_heads"], cfg.num_heads);
+    assert_eq!(config["patch_size"], 4);
+    assert_eq!(config["image_size"], cfg.img_size);
+    assert_eq!(
+        config["mlp_ratio"], 4,
+        "an integer: transformers 5 refuses 4.0"
+    );
+    assert_eq!(config["layerscale_value"], 1e-5);
+    assert_eq!(config["use_swiglu_ffn"], false);
+    assert!(config.get("num_register_tokens").is_none());
+    let weights = TensorFile::read(&a.join("model.safetensors")).unwrap();
+    assert_eq!(weights.metadata["format"], "pt", "transformers requires it");
+    for key in [
+        "embeddings.cls_token",
+        "embeddings.patch_embeddings.projection.weight",
+        "encoder.layer.0.attention.attention.query.weight",
+        "encoder.layer.0.layer_scale1.lambda1",
+        "layernorm.weight",
+    ] {
+        assert!(weights.tensors.contains_key(key), "{key} missing");
+    }
+}

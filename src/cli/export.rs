@@ -3,7 +3,7 @@
 
 use clap::{Args, ValueEnum};
 use dinotrain::eval::backbone::{arch_metadata, load_backbone};
-use dinotrain::io::export::{export_backbone, KeyNaming};
+use dinotrain::io::export::{export_backbone, export_hf_folder, KeyNaming, HF_WEIGHTS};
 use std::path::{Path, PathBuf};
 
 /// Key naming of the exported file.
@@ -13,6 +13,9 @@ pub enum Keys {
     Official,
     /// Hugging Face `Dinov2Model` keys (`encoder.layer.0.attention.attention.query.weight`).
     Hf,
+    /// A folder Hugging Face `from_pretrained` loads: config.json and model.safetensors
+    /// (`Dinov2Model`, or `Dinov2WithRegistersModel` with registers); --out names the folder.
+    HfFolder,
 }
 
 /// `dinotrain export` flags.
@@ -22,7 +25,7 @@ pub struct ExportArgs {
     /// (dinov2/vits14, ...).
     #[arg(long)]
     pub model: String,
-    /// The safetensors file to write (atomically).
+    /// The safetensors file to write (atomically); with --keys hf-folder, the folder.
     #[arg(long)]
     pub out: PathBuf,
     /// Key naming of the written tensors.
@@ -34,12 +37,27 @@ pub struct ExportArgs {
 pub fn run(args: &ExportArgs) -> anyhow::Result<()> {
     super::embed::refuse_input_as_output(&args.out, None, Some(Path::new(&args.model)))?;
     let b = load_backbone(&args.model)?;
+    let mut meta = arch_metadata(&b.cfg);
+    meta.insert("source".into(), b.path.display().to_string());
     let naming = match args.keys {
         Keys::Official => KeyNaming::Official,
         Keys::Hf => KeyNaming::HuggingFace,
+        Keys::HfFolder => {
+            let weights = args.out.join(HF_WEIGHTS);
+            super::embed::refuse_input_as_output(&weights, None, Some(Path::new(&args.model)))?;
+            export_hf_folder(&args.out, &b.table, &b.params, &b.cfg, &meta)?;
+            println!(
+                "exported {} (D {}, depth {}, {} parameters) as a Hugging Face folder -> {} \
+                 (AutoModel.from_pretrained loads it)",
+                b.path.display(),
+                b.cfg.embed_dim,
+                b.cfg.depth,
+                b.params.len(),
+                args.out.display()
+            );
+            return Ok(());
+        }
     };
-    let mut meta = arch_metadata(&b.cfg);
-    meta.insert("source".into(), b.path.display().to_string());
     export_backbone(&args.out, &b.table, &b.params, naming, &meta)?;
     println!(
         "exported {} (D {}, depth {}, {} parameters) with {naming:?} keys -> {}",

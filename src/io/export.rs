@@ -7,6 +7,7 @@ use crate::io::keys::{self, Tensors};
 use crate::io::pretrained::WeightsFormat;
 use crate::io::{TensorFile, Value};
 use crate::nn::params::ParamTable;
+use crate::nn::{Ffn, VitConfig};
 use crate::tensor::Tensor;
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -88,6 +89,102 @@ pub fn export_backbone(
         .insert("format".into(), "dinotrain-backbone".into());
     file.metadata.insert("naming".into(), naming.tag().into());
     file.write(path)
+}
+
+/// The file names of a Hugging Face model folder.
+pub const HF_CONFIG: &str = "config.json";
+pub const HF_WEIGHTS: &str = "model.safetensors";
+
+/// Writes the backbone of `flat` as a folder that Hugging Face transformers' `from_pretrained`
+/// loads: `config.json` (`Dinov2Model`, or `Dinov2WithRegistersModel` with register tokens)
+/// and `model.safetensors` with `Dinov2Model` keys and the `format: pt` metadata transformers
+/// requires (dinotrain's own metadata beside it). transformers versions that renamed the
+/// attention keys convert these names when loading through `from_pretrained`.
+pub fn export_hf_folder(
+    dir: &Path,
+    params: &ParamTable,
+    flat: &[f32],
+    cfg: &VitConfig,
+    metadata: &BTreeMap<String, String>,
+) -> Result<()> {
+    let config = hf_config(cfg)?;
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let official = backbone_tensors(params, flat)?;
+    let mut file = TensorFile {
+        metadata: metadata.clone(),
+        ..TensorFile::default()
+    };
+    for (k, t) in keys::official_to_hf(&official)? {
+        file.insert(k, t);
+    }
+    file.metadata.insert("format".into(), "pt".into());
+    file.metadata
+        .insert("naming".into(), KeyNaming::HuggingFace.tag().into());
+    file.write(&dir.join(HF_WEIGHTS))?;
+    let text = serde_json::to_string_pretty(&config)
+        .map_err(|e| Error::Config(format!("config.json: {e}")))?;
+    crate::io::write_atomic(&dir.join(HF_CONFIG), format!("{text}\n").as_bytes())
+}
+
+/// The transformers `Dinov2Config` of a backbone (keys sorted: the file is byte-reproducible).
+pub fn hf_config(cfg: &VitConfig) -> Result<serde_json::Value> {
+    if !(cfg.proj_bias && cfg.ffn_bias) {
+        return Err(Error::Unsupported(
+            "a Hugging Face Dinov2 model always has attention-projection and FFN biases; this \
+             backbone has none (export it with official keys)"
+                .into(),
+        ));
+    }
+    let (hidden, swiglu) = match cfg.ffn {
+        Ffn::Mlp { hidden } => (hidden, false),
+        // transformers derives the SwiGLU width from mlp_ratio as the official code does.
+        Ffn::SwiGlu { hidden } => (hidden, true),
+    };
+    if hidden % cfg.embed_dim != 0 {
+        return Err(Error::Unsupported(format!(
+            "a Hugging Face Dinov2 config holds the FFN width as an integer multiple of the \
+             embedding (mlp_ratio); {hidden} is not a multiple of {} (export with official keys)",
+            cfg.embed_dim
+        )));
+    }
+    let registers = cfg.num_register_tokens > 0;
+    let (model_type, architecture) = if registers {
+        ("dinov2_with_registers", "Dinov2WithRegistersModel")
+    } else {
+        ("dinov2", "Dinov2Model")
+    };
+    let mut c = serde_json::json!({
+        "architectures": [architecture],
+        "model_type": model_type,
+        "hidden_size": cfg.embed_dim,
+        "num_hidden_layers": cfg.depth,
+        "num_attention_heads": cfg.num_heads,
+        "mlp_ratio": hidden / cfg.embed_dim,
+        "hidden_act": "gelu",
+        "hidden_dropout_prob": 0.0,
+        "attention_probs_dropout_prob": 0.0,
+        "initializer_range": 0.02,
+        "layer_norm_eps": 1e-6,
+        "image_size": cfg.img_size,
+        "patch_size": cfg.patch_size,
+        "num_channels": cfg.in_chans,
+        "qkv_bias": cfg.qkv_bias,
+        // The trained LayerScale values are in the weights; without LayerScale, 1 leaves the
+        // branches unscaled (transformers fills the missing lambdas with it).
+        "layerscale_value": cfg.layerscale.map_or(1.0, shortest_f64),
+        "drop_path_rate": 0.0,
+        "use_swiglu_ffn": swiglu,
+        "torch_dtype": "float32",
+    });
+    if registers {
+        c["num_register_tokens"] = cfg.num_register_tokens.into();
+    }
+    Ok(c)
+}
+
+/// An f32 as the f64 of its shortest decimal form (1e-5, not 9.999999747378752e-6).
+fn shortest_f64(v: f32) -> f64 {
+    v.to_string().parse().unwrap_or(f64::from(v))
 }
 
 /// Reads a backbone from a `.pth` (official release, teacher checkpoint) or `.safetensors`
