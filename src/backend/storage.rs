@@ -185,25 +185,26 @@ where
         self.rows_mut(0..self.len)
     }
 
-    /// Elements `range` of the current length, read-only.
-    pub fn rows(&self, range: Range<usize>) -> Result<S::Ref<'_>> {
+    /// Refuses a window reaching past the current length.
+    fn check_within(&self, range: &Range<usize>) -> Result<()> {
         if range.end > self.len {
             return Err(Error::shape(
                 "workspace window",
                 format!("{range:?} beyond the current length {}", self.len),
             ));
         }
+        Ok(())
+    }
+
+    /// Elements `range` of the current length, read-only.
+    pub fn rows(&self, range: Range<usize>) -> Result<S::Ref<'_>> {
+        self.check_within(&range)?;
         self.buffer()?.window(range)
     }
 
     /// Elements `range` of the current length, writable.
     pub fn rows_mut(&mut self, range: Range<usize>) -> Result<S::Mut<'_>> {
-        if range.end > self.len {
-            return Err(Error::shape(
-                "workspace window",
-                format!("{range:?} beyond the current length {}", self.len),
-            ));
-        }
+        self.check_within(&range)?;
         let buf = self.buf.as_deref_mut().ok_or_else(unsized_buffer)?;
         buf.window_mut(range)
     }

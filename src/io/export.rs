@@ -68,6 +68,17 @@ pub fn export_backbone(
     naming: KeyNaming,
     metadata: &BTreeMap<String, String>,
 ) -> Result<()> {
+    backbone_file(params, flat, naming, metadata, "dinotrain-backbone")?.write(path)
+}
+
+/// The backbone of `flat` with `naming`'s keys, `metadata` and the `format` and `naming` tags.
+fn backbone_file(
+    params: &ParamTable,
+    flat: &[f32],
+    naming: KeyNaming,
+    metadata: &BTreeMap<String, String>,
+    format: &str,
+) -> Result<TensorFile> {
     let official = backbone_tensors(params, flat)?;
     if official.is_empty() {
         return Err(Error::Config(
@@ -85,10 +96,9 @@ pub fn export_backbone(
     for (k, t) in named {
         file.insert(k, t);
     }
-    file.metadata
-        .insert("format".into(), "dinotrain-backbone".into());
+    file.metadata.insert("format".into(), format.into());
     file.metadata.insert("naming".into(), naming.tag().into());
-    file.write(path)
+    Ok(file)
 }
 
 /// The file names of a Hugging Face model folder.
@@ -109,17 +119,7 @@ pub fn export_hf_folder(
 ) -> Result<()> {
     let config = hf_config(cfg)?;
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    let official = backbone_tensors(params, flat)?;
-    let mut file = TensorFile {
-        metadata: metadata.clone(),
-        ..TensorFile::default()
-    };
-    for (k, t) in keys::official_to_hf(&official)? {
-        file.insert(k, t);
-    }
-    file.metadata.insert("format".into(), "pt".into());
-    file.metadata
-        .insert("naming".into(), KeyNaming::HuggingFace.tag().into());
+    let file = backbone_file(params, flat, KeyNaming::HuggingFace, metadata, "pt")?;
     file.write(&dir.join(HF_WEIGHTS))?;
     let text = serde_json::to_string_pretty(&config)
         .map_err(|e| Error::Config(format!("config.json: {e}")))?;

@@ -479,7 +479,9 @@ impl<B: Backend> SslStep<B> {
             ws.s_ibot.reserve(be, patch_head, cap_one)?;
             ws.head_scratch.reserve(be, patch_head, cap_one)?;
             ws.mask_indices.reserve(cap_all, |l| be.alloc_i64(l))?;
-            let all: Vec<i64> = shapes.iter().flat_map(|s| s.mask_host.clone()).collect();
+            let all: Vec<i64> = (shapes.iter())
+                .flat_map(|s| s.mask_host.iter().copied())
+                .collect();
             ws.mask_indices.resize(all.len(), |l| be.alloc_i64(l))?;
             be.upload_i64(&mut *ws.mask_indices.get_mut()?, &all)?;
         }

@@ -198,9 +198,6 @@ fn remove_stale_temp_files(root: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Whether the folder holds only what a run that failed before its first step leaves: its
-/// `config.yaml`, `train.log`, the TensorBoard file it opened and an empty `checkpoints/` (a
-/// new run may start there).
 /// Deletes `entries` of `root` (`--overwrite`, or a resume with nothing to resume), refusing
 /// when any is not dinotrain's.
 fn remove_own_files(root: &Path, entries: &[String]) -> Result<()> {
@@ -227,6 +224,9 @@ fn remove_own_files(root: &Path, entries: &[String]) -> Result<()> {
     Ok(())
 }
 
+/// Whether the folder holds only what a run that failed before its first step leaves: its
+/// `config.yaml`, `train.log`, the TensorBoard file it opened and an empty `checkpoints/` (a
+/// new run may start there).
 fn is_failed_start(root: &Path, entries: &[String]) -> bool {
     entries.iter().all(|name| match name.as_str() {
         CONFIG_FILE | LOG_FILE | TENSORBOARD_DIR => is_own(root, name),
