@@ -19,6 +19,9 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+/// Inputs per entry point even past the time budget.
+const MIN_INPUTS: usize = 500;
+
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
     std::env::var(name)
         .ok()
@@ -84,7 +87,8 @@ fn fuzz(name: &str, seeds: &[Vec<u8>], read: &dyn Fn(&[u8])) {
     let budget = Duration::from_secs_f64(env_or("DINOTRAIN_FUZZ_SECONDS", 4.0));
     let start = Instant::now();
     let mut done = 0;
-    while done < iterations && start.elapsed() < budget {
+    // At least MIN_INPUTS whatever the clock says, so a slow machine still fuzzes.
+    while done < iterations && (done < MIN_INPUTS || start.elapsed() < budget) {
         let input = mutate(&mut rng, &seeds[done % seeds.len()]);
         if catch_unwind(AssertUnwindSafe(|| read(&input))).is_err() {
             let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("fuzz-failures");
@@ -99,7 +103,6 @@ fn fuzz(name: &str, seeds: &[Vec<u8>], read: &dyn Fn(&[u8])) {
         "{name}: {done} mutated inputs in {:.1} s",
         start.elapsed().as_secs_f64()
     );
-    assert!(done >= 100, "{name}: only {done} inputs in the time budget");
 }
 
 fn files(dir: &str, keep: impl Fn(&Path) -> bool) -> Vec<Vec<u8>> {
