@@ -616,6 +616,7 @@ fn whole_gpu_step_matches_the_cpu_step() {
             global_size: g_size,
             local_size: l_size,
             masks: case.method.uses_ibot().then_some(&masks),
+            drop_path: None,
         };
         let k = model.dino_head.out_dim;
         let ki = model.patch_head().out_dim;

@@ -109,6 +109,7 @@ fn accumulation_matches_the_larger_batch(centering: Centering) {
                 global: &d.global,
                 local: &d.local,
                 masks: Some(&big_masks),
+                drop_path: None,
             }])
             .unwrap();
         let parts: Vec<_> = (0..2)
@@ -131,6 +132,7 @@ fn accumulation_matches_the_larger_batch(centering: Centering) {
                 global,
                 local,
                 masks: Some(masks),
+                drop_path: None,
             })
             .collect();
         let two = acc.train_step_with_masks(&micro).unwrap();

@@ -16,7 +16,8 @@ use std::path::{Path, PathBuf};
 
 use dinotrain::backend::Precision;
 use dinotrain::golden::{rel_err, Fixture};
-use dinotrain::nn::{Ffn, VitConfig};
+use dinotrain::nn::drop_path::Subset;
+use dinotrain::nn::{Ffn, GivenSubsets, VitConfig};
 use dinotrain::optim::{AdamHyper, LayerDecay, ScheduleConfig, Schedules};
 use dinotrain::ssl::step::{HeadConfig, LossConfig, SslModel};
 use dinotrain::ssl::{MaskBatch, Method};
@@ -54,7 +55,6 @@ fn plan(fx: &Fixture) -> TrainPlan {
         ffn_bias: true,
     };
     assert!(!fx.param_bool("ibot_separate_head").unwrap());
-    assert_eq!(f("drop_path_rate"), 0.0);
     let centering = match fx.param_str("centering").unwrap() {
         "centering" => Centering::Softmax,
         "sinkhorn_knopp" => Centering::SinkhornKnopp,
@@ -107,7 +107,7 @@ fn plan(fx: &Fixture) -> TrainPlan {
         local_crop_size: u("local_crops_size"),
         mask_probability: f("mask_sample_probability") as f32,
         mask_ratio_min_max: (lo, hi),
-        drop_path_rate: 0.0,
+        drop_path_rate: f("drop_path_rate") as f32,
         schedules,
         adam: AdamHyper {
             beta1: f("adamw_beta1"),
@@ -142,6 +142,42 @@ fn check(name: &str, got: &[f32], want: &[f32], tols: &BTreeMap<String, f64>, ke
     assert!(err <= tol, "{name}: relative error {err:.3e} > {tol:.0e}");
 }
 
+/// The official run's drop-path subsets of every step (`in.drop_path.global` / `.local`
+/// `[steps, 2·depth, keep]`), or `None` for a fixture without drop path.
+fn recorded_subsets(fx: &Fixture, plan: &TrainPlan, steps: usize) -> Option<Vec<GivenSubsets>> {
+    if plan.drop_path_rate == 0.0 {
+        assert!(!fx.has("in.drop_path.global"));
+        return None;
+    }
+    let branches = 2 * plan.vit.depth;
+    let sets = [
+        ("global", 2 * plan.batch_size),
+        ("local", plan.n_local_crops * plan.batch_size),
+    ];
+    let per_set: Vec<Vec<Vec<Option<Subset>>>> = sets
+        .iter()
+        .map(|&(name, b)| {
+            let (shape, kept) = fx.input_i64(&format!("drop_path.{name}")).unwrap();
+            let keep = ((b as f64) * (1.0 - f64::from(plan.drop_path_rate))) as usize;
+            assert_eq!(shape, &[steps, branches, keep.max(1)], "{name}");
+            kept.chunks(shape[2])
+                .map(|k| Some(Subset::new(k.iter().map(|&i| i as usize).collect(), b).unwrap()))
+                .collect::<Vec<_>>()
+                .chunks(branches)
+                .map(<[_]>::to_vec)
+                .collect()
+        })
+        .collect();
+    let [global, local] = <[_; 2]>::try_from(per_set).unwrap();
+    Some(
+        global
+            .into_iter()
+            .zip(local)
+            .map(|(global, local)| GivenSubsets { global, local })
+            .collect(),
+    )
+}
+
 fn replay(variant: &str) {
     let fx = fixture(variant);
     let plan = plan(&fx);
@@ -170,6 +206,7 @@ fn replay(variant: &str) {
     let (mask_shape, masks) = fx.input_u8("masks").unwrap();
     assert_eq!(mask_shape, &[steps, n_crops, n_patches]);
     let want_losses = &fx.f32("out.losses").unwrap().data;
+    let drop_path = recorded_subsets(&fx, &plan, steps);
 
     let mut losses = Vec::with_capacity(steps * 5);
     let (g_len, l_len, m_len) = (
@@ -193,6 +230,7 @@ fn replay(variant: &str) {
                 global: &global.data[step * g_len..(step + 1) * g_len],
                 local: &local.data[step * l_len..(step + 1) * l_len],
                 masks: Some(&m),
+                drop_path: drop_path.as_ref().map(|d| &d[step]),
             }])
             .unwrap();
         let terms: Vec<f32> = record.losses.terms().into_iter().map(|(_, v)| v).collect();
@@ -244,6 +282,12 @@ fn fifty_steps_with_sinkhorn_knopp_follow_the_official_run() {
 }
 
 #[test]
+fn fifty_steps_with_drop_path_follow_the_official_run() {
+    // The official run's random batch subsets of every student branch, replayed.
+    replay("drop-path-s2");
+}
+
+#[test]
 fn the_fixtures_are_the_ones_the_generator_writes() {
     // Every fixture in tests/parity is replayed above: a new one must get its test.
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/parity");
@@ -257,6 +301,7 @@ fn the_fixtures_are_the_ones_the_generator_writes() {
         names,
         [
             "train_steps-centering-s0.safetensors",
+            "train_steps-drop-path-s2.safetensors",
             "train_steps-sinkhorn-s1.safetensors"
         ]
     );

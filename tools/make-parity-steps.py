@@ -19,8 +19,10 @@ FSDP's reshard and stream synchronisation are no-ops, xFormers' `BlockDiagonalMa
 run the student head once on a concatenation of inputs) is a plain concatenate-and-split, and a
 block given a list of crop sets (the nested path, whose block-diagonal attention keeps the sets
 apart) runs on each set. A one-rank
-gloo process group serves the centers' all-reduce. Drop path is 0 (its draws cannot be
-replayed), everything else is the default recipe.
+gloo process group serves the centers' all-reduce. Everything else is the default recipe; drop
+path is 0 except in the drop-path variant, whose random batch subsets (`torch.randperm` in the
+official `drop_add_residual_stochastic_depth`) are recorded and stored, so that a replay runs
+the same branches on the same samples.
 
 The reference is computed in float64 (outputs rounded to float32). The same run in float32
 gives `f32_errs`, the relative error (the README rule) of each compared group: the loss table,
@@ -37,6 +39,10 @@ Tensors (crop-major as in the golden fixtures; p = patch size, N = (G/p)^2):
     out.losses [steps, 5]
     out.student.<key>, out.teacher.<key>   after the last step
     out.dino_center [1, K], out.ibot_center [1, 1, K] (centering only)
+    in.drop_path.global [steps, 2*depth, keep_g] I64, in.drop_path.local [steps, 2*depth, keep_l]
+        I64 (drop-path variant): the samples each student branch ran on (branch order block 0
+        attention, block 0 FFN, block 1 attention, ...), in the official permutation's order,
+        keep = max(int(b * (1 - rate)), 1) of b = 2*n_img global and nl*n_img local crops
 params: the model, heads, crops, batch and the official schedule keys (see SPECS below).
 
 Made with the official commit b8931f7bf91576930313be2c6d6af376033b35f0 of
@@ -67,6 +73,9 @@ from official_dinov2 import import_official, make_cfg, official_iteration, rel_e
 SPECS = [
     ("centering-s0", 0, dict(centering="centering")),
     ("sinkhorn-s1", 1, dict(centering="sinkhorn_knopp")),
+    # Stochastic depth at a rate that drops half of each crop set (keep 2 of 4, scale 2): the
+    # official run draws its subsets, the fixture records them, dinotrain replays them.
+    ("drop-path-s2", 2, dict(centering="centering", drop_path_rate=0.5)),
 ]
 
 BASE = dict(
@@ -177,9 +186,57 @@ def initial_state(O, cfg, seed):
 LOSS_NAMES = ["loss", "dino_local_crops_loss", "dino_global_crops_loss", "koleo_loss", "ibot_loss"]
 
 
-def run(O, cfg, state, batches, dtype):
-    """The official iteration, `steps` times, in `dtype`; returns the losses and final state."""
+class SubsetRecorder:
+    """Records the permutations the official stochastic depth draws (`torch.randperm`, called
+    once per student branch and crop set), so that they can be stored and replayed."""
+
+    def __init__(self, torch):
+        self.torch, self.real, self.perms = torch, torch.randperm, []
+
+    def __enter__(self):
+        def randperm(n, *args, **kwargs):
+            perm = self.real(n, *args, **kwargs)
+            self.perms.append(perm.clone())
+            return perm
+
+        self.torch.randperm = randperm
+        return self
+
+    def __exit__(self, *exc):
+        self.torch.randperm = self.real
+
+
+def keep_count(b, rate):
+    return max(int(b * (1 - rate)), 1)
+
+
+def subsets_by_set(perms, p):
+    """The recorded permutations as the fixture's two tensors. The official nested block draws,
+    per block, attention global, attention local, FFN global, FFN local."""
+    depth, rate = p["depth"], p["drop_path_rate"]
+    b_global, b_local = 2 * p["n_img"], p["local_crops_number"] * p["n_img"]
+    per_step = 4 * depth
+    assert len(perms) == p["steps"] * per_step, (len(perms), p["steps"] * per_step)
+    out = {"global": [], "local": []}
+    for step in range(p["steps"]):
+        draws = perms[step * per_step:(step + 1) * per_step]
+        rows = {"global": [], "local": []}
+        for block in range(depth):
+            for branch in range(2):
+                for k, (name, b) in enumerate((("global", b_global), ("local", b_local))):
+                    perm = draws[4 * block + 2 * branch + k]
+                    assert perm.numel() == b, (perm.numel(), b)
+                    rows[name].append(perm[:keep_count(b, rate)].numpy())
+        for name in out:
+            out[name].append(np.stack(rows[name]))
+    return {name: np.stack(v).astype(np.int64) for name, v in out.items()}
+
+
+def run(O, cfg, state, batches, dtype, seed):
+    """The official iteration, `steps` times, in `dtype`; returns the losses and final state,
+    and the permutations its stochastic depth drew (the same in every dtype: one seed)."""
     torch = O.torch
+    torch.manual_seed(20_000 + seed)
     model = O.SSLMetaArch(cfg)
     model.student.load_state_dict(state)
     model.teacher.load_state_dict(state)
@@ -189,9 +246,11 @@ def run(O, cfg, state, batches, dtype):
     optimizer = O.train.build_optimizer(cfg, model.get_params_groups())
     schedules = O.train.build_schedulers(cfg)
     losses = []
+    recorder = SubsetRecorder(torch)
     for it, batch in enumerate(batches):
         data = {k: (v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in batch.items()}
-        loss_dict = official_iteration(O, cfg, model, optimizer, schedules, it, data)
+        with recorder:
+            loss_dict = official_iteration(O, cfg, model, optimizer, schedules, it, data)
         logged = {k: float(v) for k, v in loss_dict.items()}
         total = (cfg.dino.loss_weight * (logged["dino_local_crops_loss"] + logged["dino_global_crops_loss"])
                  + 2 * logged["koleo_loss"] + cfg.ibot.loss_weight * 2 * logged["ibot_loss"])
@@ -207,7 +266,7 @@ def run(O, cfg, state, batches, dtype):
         model.ibot_patch_loss.apply_center_update()
         out["dino_center"] = model.dino_loss.center.detach().double().numpy()
         out["ibot_center"] = model.ibot_patch_loss.center.detach().double().numpy()
-    return out
+    return out, recorder.perms
 
 
 def group_errors(got, want):
@@ -228,14 +287,20 @@ def make(O, variant, seed, spec, out_dir):
     cfg = make_cfg(O, p)
     batches = make_batches(O, p, cfg, seed)
     state = initial_state(O, cfg, seed)
-    ref = run(O, cfg, {k: v.double() for k, v in state.items()}, batches, torch.float64)
-    f32 = run(O, cfg, state, batches, torch.float32)
+    ref, perms = run(O, cfg, {k: v.double() for k, v in state.items()}, batches, torch.float64, seed)
+    f32, perms_f32 = run(O, cfg, state, batches, torch.float32, seed)
+    assert len(perms) == len(perms_f32) and all(torch.equal(a, b) for a, b in zip(perms, perms_f32))
     errs = group_errors(f32, ref)
     tols = {k: max(1e-4, 10.0 ** math.ceil(math.log10(10 * e))) for k, e in errs.items()}
     tensors = {f"in.param.{k}": v.numpy().astype(np.float32) for k, v in state.items()}
     tensors["in.global_crops"] = np.stack([b["collated_global_crops"].numpy() for b in batches]).astype(np.float32)
     tensors["in.local_crops"] = np.stack([b["collated_local_crops"].numpy() for b in batches]).astype(np.float32)
     tensors["in.masks"] = np.stack([b["collated_masks"].numpy() for b in batches]).astype(np.uint8)
+    if p["drop_path_rate"] > 0:
+        for name, kept in subsets_by_set(perms, p).items():
+            tensors[f"in.drop_path.{name}"] = kept
+    else:
+        assert not perms, "randperm drawn without drop path"
     tensors.update({f"out.{k}": v.astype(np.float32) for k, v in ref.items()})
     p["lr"] = float(cfg.optim.lr)
     p["upperbound"] = [int(b["upperbound"]) for b in batches]

@@ -118,6 +118,7 @@ pub(super) fn ssl_step<B: Backend>(fx: &Fixture, be: &mut B) -> Result<Outputs> 
         global_size: g_size,
         local_size: l_size,
         masks: Some(&masks),
+        drop_path: None,
     };
     let mut grads = be.alloc_f32(model.table.len())?;
     let mut targets = Targets::new(be, &teacher_targets(fx, k, ki)?)?;

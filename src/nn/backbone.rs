@@ -294,7 +294,6 @@ impl<B: Backend> VitWorkspaces<B> {
         masks: Option<&[bool]>,
         drop_path: Option<DropPath<'_>>,
     ) -> Result<&VitOutputBufs<B>> {
-        check_inputs::<B>(vit, w, images, (b, h, w_px), masks)?;
         // Subsets drawn in branch order before anything runs (block 0 attention, FFN, ...).
         let subsets: Vec<Option<Subset>> = match drop_path {
             Some(dp) => {
@@ -305,6 +304,40 @@ impl<B: Backend> VitWorkspaces<B> {
             }
             None => Vec::new(),
         };
+        self.forward_with_subsets(be, vit, w, images, (b, h, w_px), masks, &subsets)
+    }
+
+    /// [`Self::forward`] with the drop-path subsets given, one per branch in branch order
+    /// (block 0 attention, FFN, ...; `None` = every sample), or none at all (no drop path).
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_with_subsets(
+        &mut self,
+        be: &mut B,
+        vit: &Vit,
+        w: &B::Weights,
+        images: &[f32],
+        (b, h, w_px): (usize, usize, usize),
+        masks: Option<&[bool]>,
+        subsets: &[Option<Subset>],
+    ) -> Result<&VitOutputBufs<B>> {
+        check_inputs::<B>(vit, w, images, (b, h, w_px), masks)?;
+        let branches = 2 * vit.blocks.len();
+        if !subsets.is_empty() && subsets.len() != branches {
+            return Err(Error::shape(
+                "drop path",
+                format!("{} subsets for {branches} branches", subsets.len()),
+            ));
+        }
+        let outside = subsets
+            .iter()
+            .flatten()
+            .any(|s| s.kept.last().is_some_and(|&i| i >= b));
+        if outside {
+            return Err(Error::shape(
+                "drop path",
+                format!("a subset keeps a sample outside the batch of {b}"),
+            ));
+        }
         let subset_refs: Vec<Option<&Subset>> = subsets.iter().map(Option::as_ref).collect();
         let ws = self.workspace(be, vit, (b, h, w_px), Keep::Cache)?;
         ws.forward(be, vit, w, (images, masks), &subset_refs)

@@ -1,7 +1,8 @@
 //! Batch-subset stochastic depth, as the official student runs it (`NestedTensorBlock`, list
 //! path): a residual branch runs on `keep = max(int(b·(1−rate)), 1)` samples chosen by a random
 //! permutation, and its output is added to those samples only, scaled by `b / keep`. The
-//! attention and FFN branches of every block draw their own subsets.
+//! attention and FFN branches of every block draw their own subsets. A run can also be given
+//! its subsets ([`GivenSubsets`]): the multi-step parity check replays the official run's draws.
 
 use crate::error::{Error, Result};
 use crate::rng::Rng;
@@ -19,6 +20,31 @@ pub struct Subset {
     pub kept: Vec<usize>,
     /// `b / keep`, applied to the branch output.
     pub scale: f32,
+}
+
+impl Subset {
+    /// The subset of a batch of `b` that keeps the samples `kept` (any order, each once).
+    pub fn new(mut kept: Vec<usize>, b: usize) -> Result<Subset> {
+        kept.sort_unstable();
+        let unique = kept.windows(2).all(|w| w[0] < w[1]);
+        if kept.is_empty() || !unique || kept.last().is_some_and(|&i| i >= b) {
+            return Err(Error::shape(
+                "drop path subset",
+                format!("{kept:?} is not a non-empty set of distinct samples of a batch of {b}"),
+            ));
+        }
+        let scale = b as f32 / kept.len() as f32;
+        Ok(Subset { kept, scale })
+    }
+}
+
+/// One micro-batch's stochastic depth given instead of drawn: the subset of every student
+/// branch (block 0 attention, block 0 FFN, block 1 attention, ...; `None` = every sample) in
+/// the forward of the global crops and in that of the local crops.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct GivenSubsets {
+    pub global: Vec<Option<Subset>>,
+    pub local: Vec<Option<Subset>>,
 }
 
 /// Checks a drop-path rate: finite and in [0, 1).
@@ -81,6 +107,16 @@ mod tests {
         assert_eq!(a, draw(5));
         assert_ne!(a.kept, draw(6).kept);
         assert!(draw_subset(8, 0.0, &mut crate::rng::keyed(0, &[])).is_none());
+    }
+
+    #[test]
+    fn given_subsets_are_sorted_scaled_and_checked() {
+        let s = Subset::new(vec![3, 0], 4).unwrap();
+        assert_eq!(s.kept, [0, 3]);
+        assert_eq!(s.scale, 2.0);
+        assert!(Subset::new(vec![], 4).is_err());
+        assert!(Subset::new(vec![1, 1], 4).is_err());
+        assert!(Subset::new(vec![4], 4).is_err());
     }
 
     #[test]

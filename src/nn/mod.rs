@@ -26,7 +26,7 @@ pub mod vit;
 
 pub use backbone::{OutputGrads, VitOutputBufs, VitWorkspaces};
 pub use dino_head::{DinoHead, HeadCache, HeadScratch, Prototypes};
-pub use drop_path::DropPath;
+pub use drop_path::{DropPath, GivenSubsets};
 pub use embed::ImageGrad;
 pub use ffn::Ffn;
 pub use presets::Preset;

@@ -25,7 +25,8 @@ use crate::backend::{
 };
 use crate::error::{Error, Result};
 use crate::nn::{
-    DropPath, HeadCache, HeadScratch, ImageGrad, OutputGrads, Prototypes, VitWorkspaces,
+    DropPath, GivenSubsets, HeadCache, HeadScratch, ImageGrad, OutputGrads, Prototypes,
+    VitWorkspaces,
 };
 use crate::rng::Rng;
 use std::ops::Range;
@@ -44,6 +45,9 @@ pub struct StepBatch<'a> {
     pub local_size: usize,
     /// The student's global-crop masks; required when the method uses iBOT.
     pub masks: Option<&'a MaskBatch>,
+    /// The student's drop-path subsets, given instead of drawn from
+    /// [`StepInputs::drop_path`] (a replay of another run's draws).
+    pub drop_path: Option<&'a GivenSubsets>,
 }
 
 /// Loss weights and the method stage.
@@ -580,15 +584,27 @@ impl<B: Backend> SslStep<B> {
         let ws = &mut self.ws;
         let (b, d, n_global, g) = (s.b, s.d, s.n_global(), batch.global_size);
         let masks = batch.masks.filter(|_| inp.losses.method.uses_ibot());
-        let out = self.vit_global.forward(
-            be,
-            &model.backbone,
-            w,
-            batch.global,
-            (n_global, g, g),
-            masks.map(|m| m.masks.as_slice()),
-            reborrow(&mut inp.drop_path),
-        )?;
+        let masks = masks.map(|m| m.masks.as_slice());
+        let out = match batch.drop_path {
+            Some(given) => self.vit_global.forward_with_subsets(
+                be,
+                &model.backbone,
+                w,
+                batch.global,
+                (n_global, g, g),
+                masks,
+                &given.global,
+            )?,
+            None => self.vit_global.forward(
+                be,
+                &model.backbone,
+                w,
+                batch.global,
+                (n_global, g, g),
+                masks,
+                reborrow(&mut inp.drop_path),
+            )?,
+        };
         let heads = &self.student_heads;
         model.dino_head.forward(
             be,
@@ -645,15 +661,26 @@ impl<B: Backend> SslStep<B> {
             return self.ws.s_dino_local.logits.resize(0, |l| be.alloc_f32(l));
         }
         let l = batch.local_size;
-        let out = self.vit_local.forward(
-            be,
-            &model.backbone,
-            w,
-            batch.local,
-            (rows, l, l),
-            None,
-            reborrow(&mut inp.drop_path),
-        )?;
+        let out = match batch.drop_path {
+            Some(given) => self.vit_local.forward_with_subsets(
+                be,
+                &model.backbone,
+                w,
+                batch.local,
+                (rows, l, l),
+                None,
+                &given.local,
+            )?,
+            None => self.vit_local.forward(
+                be,
+                &model.backbone,
+                w,
+                batch.local,
+                (rows, l, l),
+                None,
+                reborrow(&mut inp.drop_path),
+            )?,
+        };
         let protos = &self.student_heads.dino;
         model
             .dino_head

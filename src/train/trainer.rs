@@ -14,7 +14,7 @@ use crate::backend::cuda::{GemmStats, ResolvedDevice};
 use crate::backend::{Backend, Counters, Precision, WeightStore};
 use crate::error::{Error, Result};
 use crate::eval::FeatureExtractor;
-use crate::nn::{Vit, VitConfig};
+use crate::nn::{GivenSubsets, Vit, VitConfig};
 use crate::optim::{
     ema_update, AdamHyper, GradClipper, LayerDecay, ParamGroups, ScheduledValues, Schedules,
     SubmoduleSpan,
@@ -91,12 +91,14 @@ pub struct StepRecord {
 }
 
 /// One micro-batch of a step: crop-major crops, global `[2B, 3, G, G]` and local
-/// `[nl·B, 3, Lc, Lc]`, and its iBOT masks (`Some` exactly when the method uses iBOT).
+/// `[nl·B, 3, Lc, Lc]`, its iBOT masks (`Some` exactly when the method uses iBOT), and
+/// optionally the student's drop-path subsets (`None`: drawn at the plan's rate).
 #[derive(Clone, Copy, Debug)]
 pub struct MicroBatch<'a> {
     pub global: &'a [f32],
     pub local: &'a [f32],
     pub masks: Option<&'a MaskBatch>,
+    pub drop_path: Option<&'a GivenSubsets>,
 }
 
 /// What one iteration needs besides the model.
@@ -457,14 +459,16 @@ impl Trainer {
                 global,
                 local,
                 masks: masks.get(i),
+                drop_path: None,
             })
             .collect();
         self.train_step_with_masks(&micro)
     }
 
     /// One iteration of `plan.accumulate` micro-batches with their iBOT masks given instead of
-    /// drawn (`[2B, N]` for each micro-batch's global crops): for crops and masks that another
-    /// pipeline produced, as the multi-step parity check against the official code does.
+    /// drawn (`[2B, N]` for each micro-batch's global crops), and their drop-path subsets where
+    /// given: for crops, masks and draws that another pipeline produced, as the multi-step
+    /// parity check against the official code does.
     pub fn train_step_with_masks(&mut self, micro: &[MicroBatch<'_>]) -> Result<StepRecord> {
         let step = self.step();
         let plan = &self.plan;
@@ -522,6 +526,7 @@ impl Trainer {
                 global_size: plan.global_crop_size,
                 local_size: plan.local_crop_size,
                 masks: mb.masks,
+                drop_path: mb.drop_path,
             })
             .collect();
         let mut drop_rng = keyed(plan.seed, &[stream::DROP_PATH, step]);
