@@ -4,7 +4,8 @@
 //! against the official implementation (golden fixtures in `tests/golden`).
 //!
 //! Layers, lowest first (each imports only those before it): [`backend`] (the seam: the
-//! `Backend` trait, the CPU reference and CUDA), [`nn`] (the model, written once over the seam),
+//! `Backend` trait, the CPU reference and CUDA), [`dist`] (the collectives of data-parallel
+//! ranks), [`nn`] (the model, written once over the seam),
 //! [`ssl`] (the method: losses, masking, one training step), [`optim`] (parameter groups, AdamW,
 //! schedules), [`data`] (folders, decoding, multi-crop), [`io`] (file formats, released weights,
 //! export), [`eval`] (features and k-NN), [`train`] (configuration, trainer, the loop),
@@ -13,6 +14,7 @@
 pub mod backend;
 pub mod bench;
 pub mod data;
+pub mod dist;
 pub mod error;
 pub mod eval;
 pub mod golden;

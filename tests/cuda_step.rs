@@ -552,6 +552,7 @@ fn step_run<B: Backend>(
         teacher_temp: STEP_TEMP,
         losses,
         drop_path,
+        dist: None,
     };
     let out = step
         .forward_backward(be, inputs, &mut grads, &mut targets, TeacherProbs::Download)

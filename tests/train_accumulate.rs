@@ -7,12 +7,10 @@
 
 mod trainer_support;
 
-use dinotrain::rng::{keyed, stream, Rng};
 use dinotrain::ssl::{MaskBatch, Method};
 use dinotrain::train::config::Centering;
 use dinotrain::train::trainer::{MicroBatch, TrainPlan, Trainer};
-use rand::Rng as _;
-use trainer_support::micro_plan;
+use trainer_support::{images_of, micro_plan, rel, step_data};
 
 /// The micro plan with `batch` images per micro-batch, `accumulate` micro-batches per step,
 /// no KoLeo and no drop path (see the module comment).
@@ -24,72 +22,6 @@ fn plan(batch: usize, accumulate: usize, centering: Centering) -> TrainPlan {
     p.drop_path_rate = 0.0;
     p.centering = centering;
     p
-}
-
-/// Images `range` of each crop kind of crop-major `crops` (`kinds` crops of `n_img` images).
-fn images_of<T: Copy>(
-    crops: &[T],
-    kinds: usize,
-    n_img: usize,
-    range: std::ops::Range<usize>,
-) -> Vec<T> {
-    let per_crop = crops.len() / (kinds * n_img);
-    (0..kinds)
-        .flat_map(|k| {
-            &crops[(k * n_img + range.start) * per_crop..(k * n_img + range.end) * per_crop]
-        })
-        .copied()
-        .collect()
-}
-
-/// One step's data for `n_img` images: crop-major global and local crops, uniform in [-2, 2),
-/// and masks whose count per crop depends on the image's place inside a micro-batch of
-/// `micro` images (so every micro-batch masks as many patches: the official iBOT center
-/// averages per-rank means, which equals the 2B batch's mean only then).
-struct StepData {
-    global: Vec<f32>,
-    local: Vec<f32>,
-    masks: Vec<bool>,
-}
-
-fn step_data(p: &TrainPlan, n_img: usize, micro: usize, step: u64) -> StepData {
-    let mut rng: Rng = keyed(321, &[stream::TEST, step]);
-    let (g, l) = (p.global_crop_size, p.local_crop_size);
-    let mut uniform =
-        |n: usize| -> Vec<f32> { (0..n).map(|_| rng.random_range(-2.0..2.0)).collect() };
-    let global = uniform(2 * n_img * 3 * g * g);
-    let local = uniform(p.n_local_crops * n_img * 3 * l * l);
-    let n = (g / p.vit.patch_size).pow(2);
-    let mut masks = vec![false; 2 * n_img * n];
-    for crop in 0..2 * n_img {
-        let (kind, img) = (crop / n_img, crop % n_img);
-        let count = (img % micro + kind) % 3 * 2; // 0, 2 or 4 masked patches
-        let mut placed = 0;
-        while placed < count {
-            let at = crop * n + rng.random_range(0..n);
-            if !masks[at] {
-                masks[at] = true;
-                placed += 1;
-            }
-        }
-    }
-    StepData {
-        global,
-        local,
-        masks,
-    }
-}
-
-/// ‖a − b‖ / ‖b‖.
-fn rel(a: &[f32], b: &[f32]) -> f64 {
-    assert_eq!(a.len(), b.len());
-    let diff: f64 = a
-        .iter()
-        .zip(b)
-        .map(|(&x, &y)| (x as f64 - y as f64).powi(2))
-        .sum();
-    let norm: f64 = b.iter().map(|&y| (y as f64).powi(2)).sum();
-    (diff / norm.max(1e-30)).sqrt()
 }
 
 /// Three steps of one batch of 2B and of two accumulated micro-batches of B from the same

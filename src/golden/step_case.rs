@@ -131,6 +131,7 @@ pub(super) fn ssl_step<B: Backend>(fx: &Fixture, be: &mut B) -> Result<Outputs> 
         teacher_temp: fx.param_f32("teacher_temp")?,
         losses: &losses,
         drop_path: None,
+        dist: None,
     };
     let out = step.forward_backward(be, inp, &mut grads, &mut targets, TeacherProbs::Download)?;
     let grads = be.download_f32(&grads)?;

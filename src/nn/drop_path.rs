@@ -47,6 +47,24 @@ pub struct GivenSubsets {
     pub local: Vec<Option<Subset>>,
 }
 
+impl GivenSubsets {
+    /// One micro-batch's subsets drawn at `rate` for `branches` branches, in the order the
+    /// student's forwards would draw them from one stream: every branch of the global crops
+    /// (`b_global` samples), then every branch of the local crops.
+    pub fn draw(
+        rate: f32,
+        branches: usize,
+        (b_global, b_local): (usize, usize),
+        rng: &mut Rng,
+    ) -> Result<GivenSubsets> {
+        check_rate(rate)?;
+        let mut set = |b| (0..branches).map(|_| draw_subset(b, rate, rng)).collect();
+        let global = set(b_global);
+        let local = set(b_local);
+        Ok(GivenSubsets { global, local })
+    }
+}
+
 /// Checks a drop-path rate: finite and in [0, 1).
 pub fn check_rate(rate: f32) -> Result<()> {
     if rate.is_finite() && (0.0..1.0).contains(&rate) {

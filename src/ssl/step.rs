@@ -23,6 +23,7 @@ use super::Method;
 use crate::backend::{
     check_lens, workspace, Accumulate, Backend, Grow, PatchLayout, Storage, WeightStore,
 };
+use crate::dist::Collective;
 use crate::error::{Error, Result};
 use crate::nn::{
     DropPath, GivenSubsets, HeadCache, HeadScratch, ImageGrad, OutputGrads, Prototypes,
@@ -175,6 +176,20 @@ pub struct StepInputs<'a, 'r, B: Backend> {
     pub teacher_temp: f32,
     pub losses: &'a LossConfig,
     pub drop_path: Option<(f32, &'r mut Rng)>,
+    /// The other data-parallel ranks, each with micro-batches of this shape (as many as
+    /// here): the teacher logits are exchanged so that the targets are the whole global
+    /// batch's, and the loss weights divide by every rank's micro-batches. The gradients and
+    /// the logged losses are left for the caller to sum (`None` = one rank).
+    pub dist: Option<&'r mut dyn Collective>,
+}
+
+/// Where the step's targets come from: every micro-batch of every rank.
+#[derive(Clone, Debug, Default)]
+struct TargetLayout {
+    /// Micro-batches over all ranks.
+    micro_batches: usize,
+    /// Masked patches of each of them, in rank order.
+    masked: Vec<usize>,
 }
 
 /// The sizes of one micro-batch of the step [`SslStep::run`] queued.
@@ -193,8 +208,13 @@ struct Shape {
     /// The first of its masked patches in the step-wide buffers (mask indices, teacher iBOT
     /// logits and targets): the masked patches of the micro-batches before it.
     mask_offset: usize,
-    /// Its place among the step's micro-batches (its DINO target rows, its read-back slots).
+    /// Its place among this rank's micro-batches (its read-back slots).
     index: usize,
+    /// Its place among every rank's micro-batches (its DINO target rows).
+    target_index: usize,
+    /// The first of its masked patches in the step-wide teacher iBOT logits and targets: the
+    /// masked patches of every micro-batch before it, of this rank and those before it.
+    target_mask_offset: usize,
     use_koleo: bool,
 }
 
@@ -214,7 +234,7 @@ impl Shape {
     /// Its DINO targets in the step-wide `[n·2B, K]` buffer.
     fn dino_target_values(&self) -> Range<usize> {
         let len = self.n_global() * self.k;
-        self.index * len..(self.index + 1) * len
+        self.target_index * len..(self.target_index + 1) * len
     }
 
     /// Its masked patches in the step-wide `[ΣM]` index buffer.
@@ -224,8 +244,8 @@ impl Shape {
 
     /// Its iBOT targets in the step-wide `[ΣM, Ki]` buffer.
     fn ibot_target_values(&self) -> Range<usize> {
-        let r = self.masked_rows();
-        r.start * self.ki..r.end * self.ki
+        let start = self.target_mask_offset;
+        start * self.ki..(start + self.n_masked()) * self.ki
     }
 
     /// Read-back slots `first..first + len` of its terms.
@@ -378,10 +398,11 @@ impl<B: Backend> SslStep<B> {
         targets: &mut Targets<B>,
     ) -> Result<()> {
         self.queued = Queued::default();
-        let shapes = self.prepare(be, &inp, grads)?;
-        self.teacher(be, &inp, targets, &shapes)?;
+        let mut dist = inp.dist.take();
+        let (shapes, layout) = self.prepare(be, &inp, grads, dist.as_deref_mut())?;
+        self.teacher(be, &inp, targets, (&shapes, &layout), dist)?;
         let configured = *inp.losses;
-        let n = shapes.len() as f32;
+        let n = layout.micro_batches as f32;
         let weights = LossConfig {
             dino_loss_weight: configured.dino_loss_weight / n,
             koleo_loss_weight: configured.koleo_loss_weight / n,
@@ -416,7 +437,8 @@ impl<B: Backend> SslStep<B> {
         be: &mut B,
         inp: &StepInputs<'_, '_, B>,
         grads: &B::F32,
-    ) -> Result<Vec<Shape>> {
+        dist: Option<&mut (dyn Collective + '_)>,
+    ) -> Result<(Vec<Shape>, TargetLayout)> {
         const OP: &str = "ssl step";
         let (model, batches) = (inp.model, inp.batches);
         let first = batches
@@ -456,6 +478,8 @@ impl<B: Backend> SslStep<B> {
                 }),
                 mask_offset,
                 index,
+                target_index: index,
+                target_mask_offset: mask_offset,
                 use_koleo: inp.losses.method.uses_koleo(),
             };
             if let Some(m) = masks {
@@ -466,6 +490,7 @@ impl<B: Backend> SslStep<B> {
             mask_offset += shape.n_masked();
             shapes.push(shape);
         }
+        let layout = target_layout(&mut shapes, dist)?;
         let ws = &mut self.ws;
         self.student_heads.prepare(be, model, inp.student)?;
         self.teacher_heads.prepare(be, model, inp.teacher)?;
@@ -495,7 +520,7 @@ impl<B: Backend> SslStep<B> {
             SLOT_MICRO + shapes.len() * MICRO_SLOTS,
         )?;
         be.zero_f32(&mut *ws.readback.get_mut()?)?;
-        Ok(shapes)
+        Ok((shapes, layout))
     }
 
     /// The teacher on every micro-batch (no gradient, no masks, no drop path): its DINO
@@ -506,13 +531,14 @@ impl<B: Backend> SslStep<B> {
         be: &mut B,
         inp: &StepInputs<'_, '_, B>,
         targets: &mut Targets<B>,
-        shapes: &[Shape],
+        (shapes, layout): (&[Shape], &TargetLayout),
+        dist: Option<&mut (dyn Collective + '_)>,
     ) -> Result<()> {
         let (model, w) = (inp.model, inp.teacher);
         let ws = &mut self.ws;
         let (rows, k, ki) = (shapes[0].n_global(), shapes[0].k, shapes[0].ki);
-        let all_rows = rows * shapes.len();
-        let groups: Vec<usize> = shapes.iter().map(Shape::n_masked).collect();
+        let all_rows = rows * layout.micro_batches;
+        let groups = &layout.masked;
         let all_masked: usize = groups.iter().sum();
         grow(be, &mut ws.t_dino_logits, all_rows * k)?;
         grow(be, &mut ws.t_ibot_logits, all_masked * ki)?;
@@ -548,6 +574,16 @@ impl<B: Backend> SslStep<B> {
                 be.copy_f32(&mut logits, &*ws.t_ibot.logits.get()?)?;
             }
         }
+        if let Some(c) = dist {
+            // This rank's micro-batches are contiguous in both buffers.
+            let (first, last) = (&shapes[0], &shapes[shapes.len() - 1]);
+            let dino = first.dino_target_values().start..last.dino_target_values().end;
+            exchange(be, c, &mut ws.t_dino_logits, dino)?;
+            if all_masked > 0 {
+                let ibot = first.ibot_target_values().start..last.ibot_target_values().end;
+                exchange(be, c, &mut ws.t_ibot_logits, ibot)?;
+            }
+        }
         let temp = inp.teacher_temp;
         grow(be, &mut ws.dino_probs, all_rows * k)?;
         {
@@ -563,7 +599,7 @@ impl<B: Backend> SslStep<B> {
             let (mut probs, logits) = (ws.ibot_probs.get_mut()?, ws.t_ibot_logits.get()?);
             targets
                 .ibot
-                .teacher_probs_grouped(be, &mut probs, &logits, &groups, ki, temp)?;
+                .teacher_probs_grouped(be, &mut probs, &logits, groups, ki, temp)?;
         }
         let mut entropy = ws.readback.rows_mut(SLOT_ENTROPY..SLOT_ENTROPY + 1)?;
         be.mean_row_entropy(&mut entropy, &*ws.dino_probs.get()?, k)
@@ -920,6 +956,67 @@ fn step_masks<'a>(method: Method, batch: &StepBatch<'a>) -> Result<Option<&'a Ma
         }
     }
     Ok(masks)
+}
+
+/// The targets' layout over every rank, and each local micro-batch's place in it: the ranks
+/// exchange their masked-patch counts.
+fn target_layout(
+    shapes: &mut [Shape],
+    dist: Option<&mut (dyn Collective + '_)>,
+) -> Result<TargetLayout> {
+    let local: Vec<usize> = shapes.iter().map(Shape::n_masked).collect();
+    let Some(c) = dist else {
+        return Ok(TargetLayout {
+            micro_batches: shapes.len(),
+            masked: local,
+        });
+    };
+    let counts: Vec<f32> = local.iter().map(|&m| m as f32).collect();
+    let all = c.all_gather(&counts)?;
+    if let Some(r) = all.iter().position(|v| v.len() != shapes.len()) {
+        return Err(Error::shape(
+            "ssl step",
+            format!(
+                "rank {r} has {} micro-batches, rank {} {}: every rank needs as many",
+                all[r].len(),
+                c.rank(),
+                shapes.len()
+            ),
+        ));
+    }
+    let masked: Vec<usize> = all.concat().into_iter().map(|m| m as usize).collect();
+    let first = c.rank() * shapes.len();
+    for s in shapes.iter_mut() {
+        s.target_index = first + s.index;
+        s.target_mask_offset = masked[..s.target_index].iter().sum();
+    }
+    Ok(TargetLayout {
+        micro_batches: masked.len(),
+        masked,
+    })
+}
+
+/// Replaces `buf` by the concatenation, in rank order, of every rank's values `mine` of it.
+fn exchange<B: Backend>(
+    be: &mut B,
+    c: &mut (dyn Collective + '_),
+    buf: &mut Grow<B::BufF32>,
+    mine: Range<usize>,
+) -> Result<()> {
+    let host = be.download_f32(&*buf.rows(mine)?)?;
+    let all = c.all_gather(&host)?.concat();
+    let mut whole = buf.get_mut()?;
+    if all.len() != whole.len() {
+        return Err(Error::shape(
+            "ssl step",
+            format!(
+                "the ranks' teacher logits hold {} values, expected {}",
+                all.len(),
+                whole.len()
+            ),
+        ));
+    }
+    be.upload_f32(&mut whole, &all)
 }
 
 /// A fresh [`DropPath`] borrowing the step's generator, one per backbone call.

@@ -12,6 +12,7 @@ use super::state::{HostState, TrainState};
 use crate::backend::cpu::CpuBackend;
 use crate::backend::cuda::{GemmStats, ResolvedDevice};
 use crate::backend::{Backend, Counters, Precision, WeightStore};
+use crate::dist::Collective;
 use crate::error::{Error, Result};
 use crate::eval::FeatureExtractor;
 use crate::nn::{GivenSubsets, Vit, VitConfig};
@@ -123,6 +124,10 @@ trait Engine {
     ) -> Result<(StepOutput, Vec<f32>)>;
     fn snapshot(&mut self) -> Result<HostState>;
     fn restore(&mut self, model: &SslModel, host: &HostState) -> Result<()>;
+    /// Joins a data-parallel group: from here on, every iteration exchanges the teacher
+    /// logits and sums the gradients and logged losses with the other ranks.
+    fn join(&mut self, dist: Box<dyn Collective>);
+    fn dist(&self) -> Option<&dyn Collective>;
     fn step(&self) -> u64;
     fn span_names(&self) -> Vec<String>;
     fn features<'a>(
@@ -141,6 +146,8 @@ struct DeviceEngine<B: Backend> {
     step: SslStep<B>,
     clipper: GradClipper<B>,
     grads: B::BufF32, // [P] student gradients of the current step
+    /// The other data-parallel ranks, if any.
+    dist: Option<Box<dyn Collective>>,
     /// Largest device memory in use seen after an iteration, where the device reports it.
     peak_memory: Option<u64>,
 }
@@ -154,6 +161,7 @@ impl<B: Backend> DeviceEngine<B> {
             step: SslStep::new(&mut be, model)?,
             clipper: GradClipper::new(&mut be, &spans)?,
             grads: be.alloc_f32(model.table.len())?,
+            dist: None,
             state,
             peak_memory: None,
             be,
@@ -182,26 +190,38 @@ impl<B: Backend> Engine for DeviceEngine<B> {
             step: ssl,
             clipper,
             grads,
+            dist,
             ..
         } = self;
         be.zero_f32(grads)?;
         let s = it.scheduled;
-        let inputs = StepInputs {
-            model,
-            student: &state.student,
-            teacher: &state.teacher,
-            batches: it.batches,
-            teacher_temp: s.teacher_temp as f32,
-            losses: it.losses,
-            drop_path: it.drop_path,
-        };
         // The step updates the softmax centers as it runs: a step that fails (a non-finite
         // value) restores them, so nothing of the training state changes.
         let targets_before = state.targets.to_host(be)?;
         let checked = (|| {
+            let inputs = StepInputs {
+                model,
+                student: &state.student,
+                teacher: &state.teacher,
+                batches: it.batches,
+                teacher_temp: s.teacher_temp as f32,
+                losses: it.losses,
+                drop_path: it.drop_path,
+                dist: dist.as_deref_mut().map(|c| c as &mut dyn Collective),
+            };
             ssl.run(be, inputs, grads, &mut state.targets)?;
+            if let Some(c) = dist.as_deref_mut() {
+                // Each rank's gradient is its share of the mean (the loss weights divide by
+                // every rank's micro-batches): the sum is the step's gradient.
+                let mut host = be.download_f32(grads)?;
+                c.all_reduce_sum(&mut host)?;
+                be.upload_f32(grads, &host)?;
+            }
             clipper.clip(be, grads, it.clip_grad)?;
-            let (losses, norms) = ssl.read(be, Some(clipper.norms()), TeacherProbs::Skip)?;
+            let (mut losses, norms) = ssl.read(be, Some(clipper.norms()), TeacherProbs::Skip)?;
+            if let Some(c) = dist.as_deref_mut() {
+                mean_over_ranks(c, &mut losses)?;
+            }
             let names = clipper.names().map(String::from).collect::<Vec<_>>();
             non_finite_check(&losses, &names, &norms, step)?;
             Ok::<_, Error>((losses, norms))
@@ -237,6 +257,14 @@ impl<B: Backend> Engine for DeviceEngine<B> {
         self.state.step
     }
 
+    fn join(&mut self, dist: Box<dyn Collective>) {
+        self.dist = Some(dist);
+    }
+
+    fn dist(&self) -> Option<&dyn Collective> {
+        self.dist.as_deref()
+    }
+
     fn span_names(&self) -> Vec<String> {
         self.clipper.names().map(String::from).collect()
     }
@@ -267,6 +295,27 @@ impl<B: Backend> Engine for DeviceEngine<B> {
     fn peak_memory(&self) -> Option<u64> {
         self.peak_memory
     }
+}
+
+/// The logged losses averaged over the ranks (each rank's are the mean of its micro-batches).
+fn mean_over_ranks(c: &mut dyn Collective, losses: &mut StepOutput) -> Result<()> {
+    let mut terms = [
+        losses.loss,
+        losses.dino_local_crops_loss,
+        losses.dino_global_crops_loss,
+        losses.koleo_loss,
+        losses.ibot_loss,
+    ];
+    c.all_reduce_sum(&mut terms)?;
+    let n = c.world_size() as f32;
+    [
+        losses.loss,
+        losses.dino_local_crops_loss,
+        losses.dino_global_crops_loss,
+        losses.koleo_loss,
+        losses.ibot_loss,
+    ] = terms.map(|t| t / n);
+    Ok(())
 }
 
 /// The model, its layout, the masking generator and the device engine holding the state.
@@ -371,6 +420,67 @@ impl Trainer {
         self.engine.step()
     }
 
+    /// This trainer's rank in its data-parallel group (0 alone).
+    pub fn rank(&self) -> usize {
+        self.engine.dist().map_or(0, |c| c.rank())
+    }
+
+    /// Ranks in the data-parallel group (1 alone).
+    pub fn world_size(&self) -> usize {
+        self.engine.dist().map_or(1, |c| c.world_size())
+    }
+
+    /// Joins a data-parallel group: the training state becomes rank 0's (weights, optimizer
+    /// moments, centers, step), and every later step trains on this rank's micro-batches with
+    /// the targets, gradients and logged losses of the whole group, the official cross-rank
+    /// semantics. Every rank passes the same plan; each feeds its own crops.
+    pub fn join(&mut self, mut dist: Box<dyn Collective>) -> Result<()> {
+        let mut host = self.snapshot()?;
+        let c = dist.as_mut();
+        for v in [&mut host.student, &mut host.teacher] {
+            c.broadcast(v, 0)?;
+        }
+        let moments = &mut host.optimizer;
+        for v in [&mut moments.exp_avg, &mut moments.exp_avg_sq] {
+            c.broadcast(v, 0)?;
+        }
+        for centering in [&mut host.targets.dino, &mut host.targets.ibot] {
+            if let Centering::Softmax { center, .. } = centering {
+                c.broadcast(center, 0)?;
+            }
+        }
+        // Step counters in 16-bit pieces (exact in f32).
+        let pieces =
+            |v: u64| -> Vec<f32> { (0..4).map(|i| (v >> (16 * i) & 0xffff) as f32).collect() };
+        let whole = |p: &[f32]| p.iter().rev().fold(0u64, |acc, &x| acc << 16 | x as u64);
+        let mut steps = [pieces(host.step), pieces(moments.step)].concat();
+        c.broadcast(&mut steps, 0)?;
+        (host.step, moments.step) = (whole(&steps[..4]), whole(&steps[4..]));
+        self.engine.restore(&self.model, &host)?;
+        self.engine.join(dist);
+        Ok(())
+    }
+
+    /// The drop-path subsets of the micro-batches that do not bring their own, each drawn from
+    /// a stream keyed by its place among every rank's micro-batches (as the masks are).
+    fn draw_drop_path(&self, micro: &[MicroBatch<'_>]) -> Result<Vec<Option<GivenSubsets>>> {
+        let plan = &self.plan;
+        let (step, first) = (self.step(), self.rank() * plan.accumulate);
+        let sets = (2 * plan.batch_size, plan.n_local_crops * plan.batch_size);
+        let branches = 2 * plan.vit.depth;
+        (micro.iter().enumerate())
+            .map(|(i, mb)| {
+                if mb.drop_path.is_some() || plan.drop_path_rate <= 0.0 {
+                    return Ok(None);
+                }
+                let key = [stream::DROP_PATH, step, (first + i) as u64];
+                let key = if first + i == 0 { &key[..2] } else { &key[..] };
+                let rng = &mut keyed(plan.seed, key);
+                GivenSubsets::draw(plan.drop_path_rate, branches, sets, rng).map(Some)
+            })
+            .collect()
+    }
+
     /// The whole training state read back to the host (checkpoints, export).
     pub fn snapshot(&mut self) -> Result<HostState> {
         self.engine.snapshot()
@@ -439,12 +549,15 @@ impl Trainer {
     pub fn train_micro_batches(&mut self, crops: &[(&[f32], &[f32])]) -> Result<StepRecord> {
         let plan = &self.plan;
         let step = self.step();
+        let first = self.rank() * plan.accumulate;
         let masks = (0..crops.len())
             .filter(|_| plan.losses.method.uses_ibot())
             .map(|i| {
-                // Micro-batch 0 keeps the key of a step without accumulation.
-                let key = [stream::MASKS, step, i as u64];
-                let key = if i == 0 { &key[..2] } else { &key[..] };
+                // Keyed by the micro-batch's place among every rank's (micro-batch 0 keeps the
+                // key of a step on one rank without accumulation): R ranks of A micro-batches
+                // draw what one rank accumulating R·A does.
+                let key = [stream::MASKS, step, (first + i) as u64];
+                let key = if first + i == 0 { &key[..2] } else { &key[..] };
                 collate_masks(
                     &mut keyed(plan.seed, key),
                     &self.masking,
@@ -516,9 +629,10 @@ impl Trainer {
             }
         }
         let scheduled = plan.schedules.at(step);
-        let batches: Vec<StepBatch> = micro
-            .iter()
-            .map(|mb| StepBatch {
+        let drawn = self.draw_drop_path(micro)?;
+        let plan = &self.plan;
+        let batches: Vec<StepBatch> = (micro.iter().zip(&drawn))
+            .map(|(mb, drawn)| StepBatch {
                 global: mb.global,
                 local: mb.local,
                 n_img: plan.batch_size,
@@ -526,17 +640,15 @@ impl Trainer {
                 global_size: plan.global_crop_size,
                 local_size: plan.local_crop_size,
                 masks: mb.masks,
-                drop_path: mb.drop_path,
+                drop_path: mb.drop_path.or(drawn.as_ref()),
             })
             .collect();
-        let mut drop_rng = keyed(plan.seed, &[stream::DROP_PATH, step]);
-        let drop_path = (plan.drop_path_rate > 0.0).then_some((plan.drop_path_rate, &mut drop_rng));
         let it = Iteration {
             batches: &batches,
             scheduled: &scheduled,
             losses: &plan.losses,
             clip_grad: plan.clip_grad,
-            drop_path,
+            drop_path: None,
         };
         let (losses, norms) = self.engine.iteration(&self.model, it, step)?;
         Ok(StepRecord {
