@@ -1,5 +1,5 @@
 //! The CUDA code path on a machine without a GPU: `kernels/emulator/fake_cuda.cpp` is built into
-//! a stand-in for libcuda / libcublas / libcublasLt (device memory is host memory, every launch
+//! a stand-in for libcuda / libcublas / libcublasLt, and `fake_nccl.cpp` for libnccl (device memory is host memory, every launch
 //! runs the real kernel source through the SIMT emulation, the bf16 GEMM is a plain loop), and
 //! the GPU programs run against it unchanged with that folder first on `LD_LIBRARY_PATH`:
 //! `dinotrain verify --device cuda` on every golden fixture and the GPU test binaries.
@@ -105,6 +105,14 @@ fn build_driver() -> Result<PathBuf, String> {
     for alias in ["libcublas.so", "libcublasLt.so"] {
         std::fs::copy(&library, dir.join(alias)).map_err(|e| e.to_string())?;
     }
+    run_checked(
+        "the NCCL double's build",
+        Command::new(&compiler)
+            .args(["-O2", "-std=c++20", "-shared", "-fPIC", "-w"])
+            .arg(emulator.join("fake_nccl.cpp"))
+            .arg("-o")
+            .arg(dir.join("libnccl.so")),
+    );
     Ok(dir)
 }
 
@@ -266,6 +274,11 @@ fn backbone_tests_pass_on_the_emulated_device() {
 #[test]
 fn training_step_tests_pass_on_the_emulated_device() {
     run_gpu_tests("cuda_step");
+}
+
+#[test]
+fn data_parallel_ranks_pass_on_the_emulated_device_and_its_nccl_double() {
+    run_gpu_tests("cuda_ranks");
 }
 
 /// A device too small for the run: a typed error that says what to change, not a panic.

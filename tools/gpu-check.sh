@@ -44,8 +44,18 @@ for lib in libcublas.so.13 libnvrtc.so.13; do
         fi
     fi
 done
+# NCCL (data-parallel runs): the nvidia-nccl wheel ships libnccl.so.2; dinotrain (cudarc) opens
+# libnccl.so, so a folder with that name linked to it goes on the path.
+# shellcheck disable=SC2086
+nccl="$(timeout 60 find $search_roots -xdev -name 'libnccl.so*' 2>/dev/null | head -n 1)"
+if [ -n "$nccl" ]; then
+    mkdir -p "$LOGDIR/nccl-lib"
+    ln -sf "$nccl" "$LOGDIR/nccl-lib/libnccl.so"
+    libdirs="$libdirs:$LOGDIR/nccl-lib"
+fi
 export LD_LIBRARY_PATH="$libdirs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH" > "$LOGDIR/environment.txt"
+echo "NCCL: ${nccl:-not found}" >> "$LOGDIR/environment.txt"
 echo "torch python: ${torch_python:-none}" >> "$LOGDIR/environment.txt"
 
 # --- 1. device

@@ -18,6 +18,7 @@ mod gemm;
 mod gemm_lt;
 mod kernels;
 mod launch;
+mod nccl;
 mod view;
 
 pub use buffers::CudaWeights;
@@ -31,6 +32,7 @@ pub use launch::elementwise::ReduceOp;
 pub use launch::koleo::{KoleoSaved, KOLEO_MAX_DIM};
 pub use launch::loss::{CrossEntropyPairs, MAX_PAIRS};
 pub use launch::optimizer::ParamSegments;
+pub use nccl::{check_nccl, nccl_unique_id, NcclCollective, NCCL_ID_BYTES};
 pub use view::{DevBuf, SubSlice, SubSliceMut};
 
 use crate::error::{Error, Result};
