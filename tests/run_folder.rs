@@ -420,3 +420,47 @@ fn unreadable_entries_are_counted_and_os_errors_said_once() {
         "{text}"
     );
 }
+
+#[test]
+fn dump_batches_writes_each_steps_crops_and_masks() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (out, dump) = (tmp.path().join("run"), tmp.path().join("dump"));
+    std::fs::create_dir(&dump).unwrap();
+    let args = [
+        &["train", "--out", out.to_str().unwrap(), "--steps", "2"][..],
+        &["--set", "dinotrain.knn=false"],
+        SMALL,
+    ]
+    .concat();
+    let output = Command::new(BIN)
+        .args(&args)
+        .env(dinotrain::train::trainer::DUMP_BATCHES_ENV, &dump)
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", text(&output));
+    let mut names: Vec<String> = std::fs::read_dir(&dump)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["step_000000.bin", "step_000001.bin"]);
+    let files: Vec<Vec<u8>> = names
+        .iter()
+        .map(|n| std::fs::read(dump.join(n)).unwrap())
+        .collect();
+    assert_eq!(files[0].len(), files[1].len());
+    assert_ne!(files[0], files[1], "each step has its own crops");
+    // SMALL: batch 8, 2 local crops; 32 px global / 16 px local crops of 3 channels; masks of
+    // (32 / patch)^2 patches after a u64 upper bound.
+    let floats = 2 * 8 * 3 * 32 * 32 + 2 * 8 * 3 * 16 * 16;
+    let rest = files[0].len() - 4 * floats;
+    assert!(
+        rest > 8 && (rest - 8) % 16 == 0,
+        "{rest} bytes after the crops"
+    );
+    let crops = &files[0][..4 * floats];
+    assert!(crops
+        .chunks_exact(4)
+        .all(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]).is_finite()));
+    assert!(files[0][4 * floats + 8..].iter().all(|&b| b <= 1));
+}

@@ -24,6 +24,13 @@ release build of dinotrain:
     cargo build --release
     .parity-venv/bin/python tools/side-by-side.py /tmp/dinov2-official --seeds 0 1 2 --steps 600 \\
         --set student.patch_size=8 --set student.drop_path_rate=0.1 --out out/side-by-side
+
+Diagnostic, the official code on dinotrain's batches: a dinotrain run with DINOTRAIN_DUMP_BATCHES
+set writes every step's crops and masks; `--only official --official-batches DIR` then trains
+the official code on exactly those (the same seed; it waits for files still being written):
+
+    DINOTRAIN_DUMP_BATCHES=/tmp/dump python tools/side-by-side.py ... --only dinotrain --seeds 0 &
+    python tools/side-by-side.py ... --only official --seeds 0 --official-batches /tmp/dump
 """
 
 import argparse
@@ -166,6 +173,37 @@ def window_means(losses, every):
     return out
 
 
+def dumped_batch(O, cfg, folder, it):
+    """DIAGNOSTIC: iteration `it`'s crops and masks as a dinotrain built with a dump hook wrote
+    them (f32 global and local crops, crop-major; u64 upper bound; u8 masks), waiting for the
+    file, collated as the official `collate_data_and_cast` would."""
+    import numpy as np
+
+    torch = O.torch
+    path = os.path.join(folder, f"step_{it:06d}.bin")
+    n_img, g, lc, nl = (cfg.train.batch_size_per_gpu, cfg.crops.global_crops_size, cfg.crops.local_crops_size,
+                        cfg.crops.local_crops_number)
+    n_tok = (g // cfg.student.patch_size) ** 2
+    size = 4 * (2 * n_img * 3 * g * g + nl * n_img * 3 * lc * lc) + 8 + 2 * n_img * n_tok
+    while not (os.path.exists(path) and os.path.getsize(path) == size):
+        time.sleep(1)
+    raw = open(path, "rb").read()
+    n_g, n_l = 2 * n_img * 3 * g * g, nl * n_img * 3 * lc * lc
+    f = np.frombuffer(raw[:4 * (n_g + n_l)], dtype="<f4")
+    upperbound = int(np.frombuffer(raw[4 * (n_g + n_l):4 * (n_g + n_l) + 8], dtype="<u8")[0])
+    masks = torch.from_numpy(np.frombuffer(raw[4 * (n_g + n_l) + 8:], dtype=np.uint8).copy()).bool().view(2 * n_img, n_tok)
+    mask_indices_list = masks.flatten().nonzero().flatten()
+    return {
+        "collated_global_crops": torch.from_numpy(f[:n_g].copy()).view(2 * n_img, 3, g, g),
+        "collated_local_crops": torch.from_numpy(f[n_g:].copy()).view(nl * n_img, 3, lc, lc),
+        "collated_masks": masks,
+        "mask_indices_list": mask_indices_list,
+        "masks_weight": (1 / masks.sum(-1).clamp(min=1.0)).unsqueeze(-1).expand_as(masks)[masks],
+        "upperbound": upperbound,
+        "n_masked_patches": torch.full((1,), fill_value=mask_indices_list.shape[0], dtype=torch.long),
+    }
+
+
 def run_official(O, cfg, args, seed, data, evaluate):
     from functools import partial
 
@@ -205,7 +243,7 @@ def run_official(O, cfg, args, seed, data, evaluate):
     curve, train_seconds, losses = {}, 0.0, []
     for it in range(args.steps):
         t0 = time.time()
-        data_it = next(loader)
+        data_it = next(loader) if not args.official_batches else dumped_batch(O, cfg, args.official_batches, it)
         loss_dict = official_iteration(O, cfg, model, optimizer, schedules, it, data_it)
         losses.append({k: float(v) for k, v in loss_dict.items()})
         train_seconds += time.time() - t0
@@ -239,6 +277,8 @@ def main():
     ap.add_argument("--only", choices=["official", "dinotrain"])
     ap.add_argument("--official-workers", type=int, default=1, help="DataLoader workers of the official run")
     ap.add_argument("--out", default=os.path.join(REPO, "out/side-by-side"))
+    ap.add_argument("--official-batches", help="DIAGNOSTIC: train the official code on the batches a dinotrain "
+                    "with a dump hook wrote to this folder (step_NNNNNN.bin) instead of its own pipeline")
     args = ap.parse_args()
     if args.steps % args.eval_every:
         sys.exit("--steps must be a multiple of --eval-every")

@@ -27,6 +27,7 @@ use crate::ssl::step::{
 };
 use crate::ssl::{collate_masks, Centering, MaskBatch, MaskingGenerator};
 use crate::train::config::Centering as CenteringMode;
+use std::path::Path;
 
 /// Everything one iteration needs, resolved from the configuration.
 #[derive(Clone, Debug, PartialEq)]
@@ -295,6 +296,36 @@ impl<B: Backend> Engine for DeviceEngine<B> {
     fn peak_memory(&self) -> Option<u64> {
         self.peak_memory
     }
+}
+
+/// A folder to write every step's crops and masks to, for `tools/side-by-side.py
+/// --official-batches` (the official code trained on dinotrain's batches: a diagnostic that
+/// separates the data pipeline from the training).
+pub const DUMP_BATCHES_ENV: &str = "DINOTRAIN_DUMP_BATCHES";
+
+/// `step_NNNNNN.bin` in `dir`: the global then the local crops (f32, little-endian, crop-major),
+/// then, with masks, their upper bound (u64) and the masks (`[2B, N]` u8); one micro-batch
+/// after the other. Written atomically.
+fn dump_batches(
+    dir: &Path,
+    step: u64,
+    crops: &[(&[f32], &[f32])],
+    masks: &[MaskBatch],
+) -> Result<()> {
+    let mut bytes = Vec::new();
+    for (i, (global, local)) in crops.iter().enumerate() {
+        for v in global.iter().chain(local.iter()) {
+            bytes.extend_from_slice(&v.to_le_bytes());
+        }
+        if let Some(m) = masks.get(i) {
+            bytes.extend_from_slice(&(m.upperbound as u64).to_le_bytes());
+            bytes.extend(m.masks.iter().map(|&b| b as u8));
+        }
+    }
+    let path = dir.join(format!("step_{step:06}.bin"));
+    let tmp = dir.join(format!(".step_{step:06}.bin.tmp"));
+    std::fs::write(&tmp, &bytes).map_err(|e| Error::io(&tmp, e))?;
+    std::fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e))
 }
 
 /// The logged losses averaged over the ranks (each rank's are the mean of its micro-batches).
@@ -567,6 +598,9 @@ impl Trainer {
                 )
             })
             .collect::<Result<Vec<_>>>()?;
+        if let Some(dir) = std::env::var_os(DUMP_BATCHES_ENV) {
+            dump_batches(Path::new(&dir), step, crops, &masks)?;
+        }
         let micro: Vec<MicroBatch> = (crops.iter().enumerate())
             .map(|(i, &(global, local))| MicroBatch {
                 global,
