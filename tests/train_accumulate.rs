@@ -10,7 +10,7 @@ mod trainer_support;
 use dinotrain::ssl::{MaskBatch, Method};
 use dinotrain::train::config::Centering;
 use dinotrain::train::trainer::{MicroBatch, TrainPlan, Trainer};
-use trainer_support::{images_of, micro_plan, rel, step_data};
+use trainer_support::{images_of, loss_errors, micro_plan, state_errors, step_data};
 
 /// The micro plan with `batch` images per micro-batch, `accumulate` micro-batches per step,
 /// no KoLeo and no drop path (see the module comment).
@@ -69,35 +69,13 @@ fn accumulation_matches_the_larger_batch(centering: Centering) {
             .collect();
         let two = acc.train_step_with_masks(&micro).unwrap();
         assert_eq!(one.n_masked, two.n_masked);
-        for ((name, a), (_, b)) in two.losses.terms().into_iter().zip(one.losses.terms()) {
-            if name == "koleo_loss" {
-                continue; // per micro-batch by design
-            }
-            let err = ((a - b) / b.abs().max(1e-6)).abs();
+        // KoLeo is per micro-batch by design.
+        for (name, a, b, err) in loss_errors(&two.losses, &one.losses, false) {
             println!("{centering:?} step {step}: {name} {a} vs {b}: {err:.2e}");
             assert!(err < 1e-5, "{centering:?} step {step}: {name} {a} vs {b}");
         }
         let (s_big, s_acc) = (big.snapshot().unwrap(), acc.snapshot().unwrap());
-        let checks = [
-            ("student", rel(&s_acc.student, &s_big.student)),
-            ("teacher", rel(&s_acc.teacher, &s_big.teacher)),
-            (
-                "adam m",
-                rel(&s_acc.optimizer.exp_avg, &s_big.optimizer.exp_avg),
-            ),
-            (
-                "adam v",
-                rel(&s_acc.optimizer.exp_avg_sq, &s_big.optimizer.exp_avg_sq),
-            ),
-        ];
-        let centers = [
-            (s_acc.targets.dino.center(), s_big.targets.dino.center()),
-            (s_acc.targets.ibot.center(), s_big.targets.ibot.center()),
-        ];
-        let center_errs = centers
-            .iter()
-            .filter_map(|(a, b)| Some(("center", rel(a.as_ref()?, b.as_ref()?))));
-        for (what, err) in checks.into_iter().chain(center_errs) {
+        for (what, err) in state_errors(&s_acc, &s_big) {
             println!("{centering:?} step {step}: {what}: {err:.2e}");
             assert!(
                 err < 1e-5,

@@ -18,7 +18,7 @@ use dinotrain::ssl::{MaskBatch, Method};
 use dinotrain::train::config::Centering;
 use dinotrain::train::state::HostState;
 use dinotrain::train::trainer::{MicroBatch, StepRecord, TrainPlan, Trainer};
-use trainer_support::{crops, images_of, micro_plan, rel, step_data};
+use trainer_support::{crops, images_of, loss_errors, micro_plan, state_errors, step_data};
 
 const STEPS: u64 = 3;
 
@@ -63,35 +63,12 @@ fn compare(what: &str, ranks: &[Trace], reference: &Trace, koleo_too: bool, tol:
     }
     for (r, trace) in ranks.iter().enumerate() {
         for (step, ((rec, state), (want_rec, want))) in trace.iter().zip(reference).enumerate() {
-            for ((name, a), (_, b)) in rec.losses.terms().into_iter().zip(want_rec.losses.terms()) {
-                if name == "koleo_loss" && !koleo_too {
-                    continue;
-                }
-                let err = ((a - b) / b.abs().max(1e-6)).abs() as f64;
+            for (name, a, b, err) in loss_errors(&rec.losses, &want_rec.losses, koleo_too) {
+                let err = err as f64;
                 println!("{what} rank {r} step {step}: {name} {a} vs {b}: {err:.2e}");
                 assert!(err <= tol, "{what} rank {r} step {step}: {name} {a} vs {b}");
             }
-            let mut checks = vec![
-                ("student", rel(&state.student, &want.student)),
-                ("teacher", rel(&state.teacher, &want.teacher)),
-                (
-                    "adam m",
-                    rel(&state.optimizer.exp_avg, &want.optimizer.exp_avg),
-                ),
-                (
-                    "adam v",
-                    rel(&state.optimizer.exp_avg_sq, &want.optimizer.exp_avg_sq),
-                ),
-            ];
-            for (a, b) in [
-                (state.targets.dino.center(), want.targets.dino.center()),
-                (state.targets.ibot.center(), want.targets.ibot.center()),
-            ] {
-                if let (Some(a), Some(b)) = (a, b) {
-                    checks.push(("center", rel(a, b)));
-                }
-            }
-            for (name, err) in checks {
+            for (name, err) in state_errors(state, want) {
                 println!("{what} rank {r} step {step}: {name}: {err:.2e}");
                 assert!(err <= tol, "{what} rank {r} step {step}: {name} {err:.2e}");
             }

@@ -8,7 +8,7 @@
 
 use super::block::{FinalNorm, Keep, Stack};
 use super::branch::Dims;
-use super::drop_path::{check_rate, draw_subset, DropPath, Subset};
+use super::drop_path::{draw_subsets, DropPath, Subset};
 use super::embed::{EmbedBufs, ImageGrad, Indices};
 use super::{Vit, VitConfig, VitOutput};
 use crate::backend::{
@@ -295,13 +295,8 @@ impl<B: Backend> VitWorkspaces<B> {
         drop_path: Option<DropPath<'_>>,
     ) -> Result<&VitOutputBufs<B>> {
         // Subsets drawn in branch order before anything runs (block 0 attention, FFN, ...).
-        let subsets: Vec<Option<Subset>> = match drop_path {
-            Some(dp) => {
-                check_rate(dp.rate)?;
-                (0..2 * vit.blocks.len())
-                    .map(|_| draw_subset(b, dp.rate, dp.rng))
-                    .collect()
-            }
+        let subsets = match drop_path {
+            Some(dp) => draw_subsets(b, dp.rate, 2 * vit.blocks.len(), dp.rng)?,
             None => Vec::new(),
         };
         self.forward_with_subsets(be, vit, w, images, (b, h, w_px), masks, &subsets)

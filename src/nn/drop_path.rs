@@ -57,10 +57,8 @@ impl GivenSubsets {
         (b_global, b_local): (usize, usize),
         rng: &mut Rng,
     ) -> Result<GivenSubsets> {
-        check_rate(rate)?;
-        let mut set = |b| (0..branches).map(|_| draw_subset(b, rate, rng)).collect();
-        let global = set(b_global);
-        let local = set(b_local);
+        let global = draw_subsets(b_global, rate, branches, rng)?;
+        let local = draw_subsets(b_local, rate, branches, rng)?;
         Ok(GivenSubsets { global, local })
     }
 }
@@ -83,6 +81,18 @@ pub fn keep_count(b: usize, rate: f32) -> usize {
     // the shortest decimal that round-trips the f32 recovers the configured value.
     let rate64: f64 = format!("{rate}").parse().unwrap_or(rate as f64);
     ((b as f64 * (1.0 - rate64)) as usize).max(1)
+}
+
+/// The subsets of `branches` branches over a batch of `b`, drawn one after the other (branch
+/// order: block 0 attention, FFN, block 1 attention, ...), after checking the rate.
+pub fn draw_subsets(
+    b: usize,
+    rate: f32,
+    branches: usize,
+    rng: &mut Rng,
+) -> Result<Vec<Option<Subset>>> {
+    check_rate(rate)?;
+    Ok((0..branches).map(|_| draw_subset(b, rate, rng)).collect())
 }
 
 /// Draws the kept samples of one branch over a batch of `b`: `None` means every sample with

@@ -25,11 +25,12 @@ use crate::backend::{
 };
 use crate::dist::Collective;
 use crate::error::{Error, Result};
+use crate::nn::drop_path::{draw_subsets, Subset};
 use crate::nn::{
-    DropPath, GivenSubsets, HeadCache, HeadScratch, ImageGrad, OutputGrads, Prototypes,
-    VitWorkspaces,
+    GivenSubsets, HeadCache, HeadScratch, ImageGrad, OutputGrads, Prototypes, VitWorkspaces,
 };
 use crate::rng::Rng;
+use std::borrow::Cow;
 use std::ops::Range;
 
 /// The crops and masks of one batch, crop-major (all images' crop A, then crop B, then the
@@ -621,26 +622,17 @@ impl<B: Backend> SslStep<B> {
         let (b, d, n_global, g) = (s.b, s.d, s.n_global(), batch.global_size);
         let masks = batch.masks.filter(|_| inp.losses.method.uses_ibot());
         let masks = masks.map(|m| m.masks.as_slice());
-        let out = match batch.drop_path {
-            Some(given) => self.vit_global.forward_with_subsets(
-                be,
-                &model.backbone,
-                w,
-                batch.global,
-                (n_global, g, g),
-                masks,
-                &given.global,
-            )?,
-            None => self.vit_global.forward(
-                be,
-                &model.backbone,
-                w,
-                batch.global,
-                (n_global, g, g),
-                masks,
-                reborrow(&mut inp.drop_path),
-            )?,
-        };
+        let given = batch.drop_path.map(|d| d.global.as_slice());
+        let subsets = student_subsets(given, &mut inp.drop_path, model, n_global)?;
+        let out = self.vit_global.forward_with_subsets(
+            be,
+            &model.backbone,
+            w,
+            batch.global,
+            (n_global, g, g),
+            masks,
+            &subsets,
+        )?;
         let heads = &self.student_heads;
         model.dino_head.forward(
             be,
@@ -697,26 +689,17 @@ impl<B: Backend> SslStep<B> {
             return self.ws.s_dino_local.logits.resize(0, |l| be.alloc_f32(l));
         }
         let l = batch.local_size;
-        let out = match batch.drop_path {
-            Some(given) => self.vit_local.forward_with_subsets(
-                be,
-                &model.backbone,
-                w,
-                batch.local,
-                (rows, l, l),
-                None,
-                &given.local,
-            )?,
-            None => self.vit_local.forward(
-                be,
-                &model.backbone,
-                w,
-                batch.local,
-                (rows, l, l),
-                None,
-                reborrow(&mut inp.drop_path),
-            )?,
-        };
+        let given = batch.drop_path.map(|d| d.local.as_slice());
+        let subsets = student_subsets(given, &mut inp.drop_path, model, rows)?;
+        let out = self.vit_local.forward_with_subsets(
+            be,
+            &model.backbone,
+            w,
+            batch.local,
+            (rows, l, l),
+            None,
+            &subsets,
+        )?;
         let protos = &self.student_heads.dino;
         model
             .dino_head
@@ -1019,11 +1002,22 @@ fn exchange<B: Backend>(
     be.upload_f32(&mut whole, &all)
 }
 
-/// A fresh [`DropPath`] borrowing the step's generator, one per backbone call.
-fn reborrow<'a>(drop_path: &'a mut Option<(f32, &mut Rng)>) -> Option<DropPath<'a>> {
-    drop_path
-        .as_mut()
-        .map(|(rate, rng)| DropPath { rate: *rate, rng })
+/// The drop-path subsets of one student forward over `b` samples: the batch's given ones, else
+/// drawn from the step's stream (each forward continues it), else none.
+fn student_subsets<'g>(
+    given: Option<&'g [Option<Subset>]>,
+    drop_path: &mut Option<(f32, &mut Rng)>,
+    model: &SslModel,
+    b: usize,
+) -> Result<Cow<'g, [Option<Subset>]>> {
+    Ok(match (given, drop_path) {
+        (Some(given), _) => Cow::Borrowed(given),
+        (None, Some((rate, rng))) => {
+            let branches = 2 * model.backbone.blocks.len();
+            Cow::Owned(draw_subsets(b, *rate, branches, rng)?)
+        }
+        (None, None) => Cow::Borrowed(&[]),
+    })
 }
 
 /// `out [M, D]` = the masked rows of `patch [2B, N, D]` (`indices [M]`: this micro-batch's).

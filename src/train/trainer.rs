@@ -328,24 +328,29 @@ fn dump_batches(
     std::fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e))
 }
 
+/// The generator of stream `kind` for micro-batch `index` of `step`, keyed by its place among
+/// every rank's micro-batches (micro-batch 0 keeps the key of a step on one rank without
+/// accumulation): R ranks of A micro-batches draw what one rank accumulating R·A does.
+fn micro_batch_rng(seed: u64, kind: u64, step: u64, index: usize) -> Rng {
+    let key = [kind, step, index as u64];
+    keyed(seed, if index == 0 { &key[..2] } else { &key[..] })
+}
+
 /// The logged losses averaged over the ranks (each rank's are the mean of its micro-batches).
 fn mean_over_ranks(c: &mut dyn Collective, losses: &mut StepOutput) -> Result<()> {
-    let mut terms = [
-        losses.loss,
-        losses.dino_local_crops_loss,
-        losses.dino_global_crops_loss,
-        losses.koleo_loss,
-        losses.ibot_loss,
-    ];
-    c.all_reduce_sum(&mut terms)?;
     let n = c.world_size() as f32;
-    [
-        losses.loss,
-        losses.dino_local_crops_loss,
-        losses.dino_global_crops_loss,
-        losses.koleo_loss,
-        losses.ibot_loss,
-    ] = terms.map(|t| t / n);
+    let mut fields = [
+        &mut losses.loss,
+        &mut losses.dino_local_crops_loss,
+        &mut losses.dino_global_crops_loss,
+        &mut losses.koleo_loss,
+        &mut losses.ibot_loss,
+    ];
+    let mut terms = fields.each_ref().map(|v| **v);
+    c.all_reduce_sum(&mut terms)?;
+    for (field, sum) in fields.iter_mut().zip(terms) {
+        **field = sum / n;
+    }
     Ok(())
 }
 
@@ -504,9 +509,7 @@ impl Trainer {
                 if mb.drop_path.is_some() || plan.drop_path_rate <= 0.0 {
                     return Ok(None);
                 }
-                let key = [stream::DROP_PATH, step, (first + i) as u64];
-                let key = if first + i == 0 { &key[..2] } else { &key[..] };
-                let rng = &mut keyed(plan.seed, key);
+                let rng = &mut micro_batch_rng(plan.seed, stream::DROP_PATH, step, first + i);
                 GivenSubsets::draw(plan.drop_path_rate, branches, sets, rng).map(Some)
             })
             .collect()
@@ -584,13 +587,8 @@ impl Trainer {
         let masks = (0..crops.len())
             .filter(|_| plan.losses.method.uses_ibot())
             .map(|i| {
-                // Keyed by the micro-batch's place among every rank's (micro-batch 0 keeps the
-                // key of a step on one rank without accumulation): R ranks of A micro-batches
-                // draw what one rank accumulating R·A does.
-                let key = [stream::MASKS, step, (first + i) as u64];
-                let key = if first + i == 0 { &key[..2] } else { &key[..] };
                 collate_masks(
-                    &mut keyed(plan.seed, key),
+                    &mut micro_batch_rng(plan.seed, stream::MASKS, step, first + i),
                     &self.masking,
                     2 * plan.batch_size,
                     plan.mask_probability,

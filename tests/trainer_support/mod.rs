@@ -7,9 +7,10 @@ use dinotrain::nn::Preset;
 use dinotrain::optim::AdamHyper;
 use dinotrain::optim::{LayerDecay, ScheduleConfig, Schedules};
 use dinotrain::rng::{keyed, stream, Rng};
-use dinotrain::ssl::step::{HeadConfig, LossConfig};
+use dinotrain::ssl::step::{HeadConfig, LossConfig, StepOutput};
 use dinotrain::ssl::Method;
 use dinotrain::train::config::Centering;
+use dinotrain::train::state::HostState;
 use dinotrain::train::trainer::{TrainPlan, Trainer};
 use rand::Rng as _;
 
@@ -128,4 +129,43 @@ pub fn rel(a: &[f32], b: &[f32]) -> f64 {
         .sum();
     let norm: f64 = b.iter().map(|&y| (y as f64).powi(2)).sum();
     (diff / norm.max(1e-30)).sqrt()
+}
+
+/// `(name, got, want, |got − want| / max(|want|, 1e-6))` of each logged loss term, KoLeo left
+/// out unless `koleo` (runs that split a batch differently compute it over other samples).
+pub fn loss_errors(
+    got: &StepOutput,
+    want: &StepOutput,
+    koleo: bool,
+) -> Vec<(&'static str, f32, f32, f32)> {
+    (got.terms().into_iter().zip(want.terms()))
+        .filter(|((name, _), _)| koleo || *name != "koleo_loss")
+        .map(|((name, a), (_, b))| (name, a, b, ((a - b) / b.abs().max(1e-6)).abs()))
+        .collect()
+}
+
+/// Relative errors ([`rel`]) of a training state against another: the student, the teacher,
+/// both AdamW moments, and each center the centering keeps.
+pub fn state_errors(got: &HostState, want: &HostState) -> Vec<(&'static str, f64)> {
+    let mut errs = vec![
+        ("student", rel(&got.student, &want.student)),
+        ("teacher", rel(&got.teacher, &want.teacher)),
+        (
+            "adam m",
+            rel(&got.optimizer.exp_avg, &want.optimizer.exp_avg),
+        ),
+        (
+            "adam v",
+            rel(&got.optimizer.exp_avg_sq, &want.optimizer.exp_avg_sq),
+        ),
+    ];
+    for (a, b) in [
+        (got.targets.dino.center(), want.targets.dino.center()),
+        (got.targets.ibot.center(), want.targets.ibot.center()),
+    ] {
+        if let (Some(a), Some(b)) = (a, b) {
+            errs.push(("center", rel(a, b)));
+        }
+    }
+    errs
 }
