@@ -6,6 +6,7 @@ use dinotrain::data::scan::{Labels, ScanOptions};
 use dinotrain::data::source::FolderSource;
 use dinotrain::data::{demo_split, ImageSource, Split};
 use dinotrain::eval::backbone::{load_backbone, Embeddings, LoadedBackbone, PatchMean};
+use dinotrain::eval::probe::{linear_probe, ProbeOptions};
 use dinotrain::eval::{knn_classify, topk_accuracy, FeatureExtractor};
 use std::path::PathBuf;
 
@@ -49,6 +50,10 @@ pub struct KnnArgs {
     /// A JPEG's EXIF orientation: ignore (the official evaluation's pixels) or apply.
     #[arg(long, value_enum, default_value = "ignore")]
     pub exif: super::embed::ExifArg,
+    /// Also train a linear probe (logistic regression) on the same frozen features and print
+    /// its top-1.
+    #[arg(long)]
+    pub probe: bool,
 }
 
 /// Features and labels of one split.
@@ -110,6 +115,20 @@ pub fn run(args: &KnnArgs) -> anyhow::Result<()> {
             line.push_str(&format!("  top-5 {:6.2} %", 100.0 * top5));
         }
         println!("{line}");
+    }
+    if args.probe {
+        let r = linear_probe(
+            &train.features,
+            &train.labels,
+            &val.features,
+            &val.labels,
+            backbone.cfg.embed_dim,
+            ProbeOptions::default(),
+        )?;
+        println!(
+            "linear probe top-1 {:6.2} %  (training images {:.2} %)",
+            r.test_top1, r.train_top1
+        );
     }
     Ok(())
 }

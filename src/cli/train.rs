@@ -3,7 +3,7 @@
 use super::progress::{Progress, ProgressMode};
 use anyhow::{Context, Result};
 use clap::Parser;
-use dinotrain::train::config::{ConfigBuilder, Preset};
+use dinotrain::train::config::{ConfigBuilder, ConfigWarning, Preset, Recipe};
 use dinotrain::train::outdir::{OutdirMode, CONFIG_FILE};
 use dinotrain::train::run::knn_line;
 use dinotrain::train::{train, CancelHandle, ResolvedConfig, StopReason, TrainOptions};
@@ -48,6 +48,11 @@ pub struct TrainArgs {
     /// A YAML configuration merged over the defaults (official train configs read unchanged).
     #[arg(long)]
     pub config: Option<PathBuf>,
+    /// How the training knobs are chosen: `small` (small images and datasets, minutes of
+    /// training; the default without --data, --config and --model) or `official` (the official
+    /// configuration as given; the default otherwise). Files and --set override either.
+    #[arg(long, value_parser = Recipe::NAMES)]
+    pub recipe: Option<String>,
     /// Continue the run in --out from its last checkpoint.
     #[arg(long, conflicts_with = "overwrite")]
     pub resume: bool,
@@ -105,7 +110,13 @@ pub fn resolve(args: &TrainArgs) -> Result<ResolvedConfig> {
     } else {
         preset
     };
+    let recipe = match &args.recipe {
+        Some(name) => Recipe::from_name(name)?,
+        None if preset == Preset::Demo && args.model.is_none() => Recipe::Small,
+        None => Recipe::Official,
+    };
     let mut b = ConfigBuilder::new(preset)?;
+    b.recipe(recipe)?;
     if let Some(file) = &config {
         b.file(file)?;
     }
@@ -156,7 +167,10 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let config = resolve(&args)?;
     if args.print_config {
         for w in &config.warnings {
-            eprintln!("warning: {w}");
+            match w.is_warning() {
+                true => eprintln!("warning: {w}"),
+                false => eprintln!("{w}"),
+            }
         }
         print!("{}", config.to_yaml()?);
         return Ok(());
@@ -170,8 +184,14 @@ pub fn run(args: TrainArgs) -> Result<()> {
         Some(d) => d.display().to_string(),
         None => "the embedded Fashion-MNIST demo subset (10,000 images)".into(),
     };
+    let recipe = (config.warnings.iter())
+        .find_map(|w| match w {
+            ConfigWarning::Recipe { recipe, .. } => Some(format!(", recipe {recipe}")),
+            _ => None,
+        })
+        .unwrap_or_default();
     eprintln!(
-        "dinotrain: training {} ({} steps, batch {}) on {what}; output in {}",
+        "dinotrain: training {}{recipe} ({} steps, batch {}) on {what}; output in {}",
         config.method,
         config.total_iters,
         config.total_batch,

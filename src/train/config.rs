@@ -40,9 +40,11 @@
 //! `train.OFFICIAL_EPOCH_LENGTH`, `MODEL.WEIGHTS`), so an official train config loads unchanged.
 
 mod overrides;
+mod recipe;
 mod resolve;
 
 pub use overrides::{ConfigBuilder, ConfigWarning, FLAG_KEYS};
+pub use recipe::{Recipe, RecipeSetting};
 pub use resolve::{Architecture, ResolvedConfig, StartingPoint};
 
 use crate::backend::Device;
@@ -606,6 +608,14 @@ impl TrainConfig {
     pub fn output_dir(mut self, dir: impl Into<PathBuf>) -> Self {
         self.train.output_dir = dir.into();
         self
+    }
+
+    /// The configuration with a recipe's settings applied over it ([`Recipe`]; every key it
+    /// sets is a public field, so later setters still win).
+    pub fn recipe(self, recipe: Recipe) -> Result<Self> {
+        let mut b = ConfigBuilder::from_config(&self)?;
+        b.recipe(recipe)?;
+        Ok(b.build()?.0)
     }
 
     /// The run's length in iterations, the schedules stretched to fit: `dinotrain.steps`.

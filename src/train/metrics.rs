@@ -50,6 +50,19 @@ pub struct StepMetrics {
         deserialize_with = "map_f64_or_nan"
     )]
     pub extra: BTreeMap<String, f64>,
+    /// Health findings first reported at this step (collapse, no learning): see
+    /// [`crate::train::health`].
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<HealthWarning>,
+}
+
+/// A health finding as `metrics.jsonl` records it.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct HealthWarning {
+    /// `uniform_targets`, `collapsed_features` or `no_learning`.
+    pub kind: String,
+    /// What is wrong and what to change.
+    pub message: String,
 }
 
 impl StepMetrics {

@@ -46,6 +46,7 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod health;
 
 pub mod lock;
 pub mod metrics;
@@ -62,7 +63,7 @@ pub mod trainer;
 
 #[doc(hidden)]
 pub use config::Config;
-pub use config::{ConfigBuilder, Method, Preset, ResolvedConfig, TrainConfig};
+pub use config::{ConfigBuilder, Method, Preset, Recipe, ResolvedConfig, TrainConfig};
 pub use observer::{CancelHandle, Control, RunStart, StopReason, TrainObserver};
 pub use outdir::OutdirMode;
 pub use run::{train, KnnReport, TrainOptions, TrainSummary};

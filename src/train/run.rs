@@ -9,7 +9,8 @@
 
 use super::checkpoint::{self, CheckpointRef, ConfigCheck, RunPosition};
 use super::config::{ResolvedConfig, StartingPoint};
-use super::metrics::{MetricsWriter, StepMetrics};
+use super::health::{feature_spread, FeatureSpread, Finding, HealthMonitor};
+use super::metrics::{HealthWarning, MetricsWriter, StepMetrics};
 use super::observer::{CancelHandle, Control, LogMessages, RunStart, StopReason, TrainObserver};
 use super::outdir::{OutdirMode, RunDir, RunLog};
 pub use super::plan::{crops_from_config, plan_from_config};
@@ -25,6 +26,7 @@ use crate::data::{
 use crate::error::{Error, Result};
 use crate::eval::backbone::arch_metadata;
 use crate::eval::embed::{knn_top1, source_features, source_labels};
+use crate::eval::probe::{linear_probe, ProbeOptions, ProbeResult};
 use crate::io::export::{export_backbone, load_backbone_into, read_backbone, KeyNaming};
 use crate::optim::AdamWState;
 use crate::ssl::step::SslModel;
@@ -119,6 +121,8 @@ pub struct KnnReport {
     pub trained_top1: f64,
     pub n_train: usize,
     pub n_test: usize,
+    /// Linear-probe top-1 (%) of the trained teacher on the same features.
+    pub probe_top1: Option<f64>,
 }
 
 /// What a run produced.
@@ -204,15 +208,25 @@ fn knn_sources(r: &ResolvedConfig) -> Result<Option<KnnSources>> {
 /// splits a batch further into its own chunks).
 const KNN_HOST_CHUNK: usize = 256;
 
+/// A k-NN evaluation: top-1 (%), the spread of the test images' features and, when asked, a
+/// linear probe on the same features.
+#[derive(Clone, Copy, Debug)]
+struct KnnEval {
+    top1: f64,
+    spread: FeatureSpread,
+    probe: Option<ProbeResult>,
+}
+
 /// k-NN top-1 (%) of the backbone features of `weights` at k = `k`, computed on the trainer's
-/// device.
+/// device, with the spread of the test features (a collapse signal).
 fn knn_accuracy(
     trainer: &mut Trainer,
     weights: EvalWeights<'_>,
     sources: &KnnSources,
     k: usize,
     temperature: f32,
-) -> Result<f64> {
+    probe: bool,
+) -> Result<KnnEval> {
     let size = trainer.plan.global_crop_size;
     let (train, test) = sources;
     let d = trainer.model.backbone.cfg.embed_dim;
@@ -224,16 +238,36 @@ fn knn_accuracy(
         )
     };
     let k = k.min(train.len());
+    let spread = feature_spread(&test_f, test.len(), d);
+    let (train_labels, test_labels) = (
+        source_labels(train.as_ref())?,
+        source_labels(test.as_ref())?,
+    );
     let acc = knn_top1(
         &train_f,
-        &source_labels(train.as_ref())?,
+        &train_labels,
         &test_f,
-        &source_labels(test.as_ref())?,
+        &test_labels,
         d,
         &[k],
         temperature,
     )?;
-    Ok(acc[0].1)
+    let probe = match probe {
+        true => Some(linear_probe(
+            &train_f,
+            &train_labels,
+            &test_f,
+            &test_labels,
+            d,
+            ProbeOptions::default(),
+        )?),
+        false => None,
+    };
+    Ok(KnnEval {
+        top1: acc[0].1,
+        spread,
+        probe,
+    })
 }
 
 /// Student weights at the start of a run: official initialisation from the seed, with the
@@ -408,6 +442,7 @@ fn metrics_of(
         data_wait_share,
         elapsed_s,
         extra,
+        warnings: Vec::new(),
     }
 }
 
@@ -460,6 +495,9 @@ struct Session {
     /// Every step's metrics so far, those before a resume included (for the plots).
     records: Vec<StepMetrics>,
     end: RunEnd,
+    health: HealthMonitor,
+    /// k-NN top-1 (%) of the initial weights, when evaluated; what "no learning" compares with.
+    initial_knn: Option<f64>,
 }
 
 impl Session {
@@ -501,8 +539,13 @@ impl Session {
         let plan = plan_from_config(&r)?;
         super::resources::check(&plan, r.config.dinotrain.workers)?;
         for w in &r.warnings {
-            log.line(&format!("warning: {w}"))?;
-            log::warn!("{w}");
+            if w.is_warning() {
+                log.line(&format!("warning: {w}"))?;
+                log::warn!("{w}");
+            } else {
+                log.line(&w.to_string())?;
+                log::debug!("{w}");
+            }
         }
         let identity = r.resume_identity()?;
         let source = training_source(&r)?;
@@ -582,21 +625,41 @@ impl Session {
             first_step,
             records: Vec::new(),
             end: RunEnd::default(),
+            health: HealthMonitor::new(r.config.dino.head_n_prototypes, r.total_iters),
+            initial_knn: None,
             r,
         };
         (session, initial)
     }
 
     /// k-NN top-1 (%) of `weights` on the run's labelled sources (`None` without them).
-    fn knn_of(&mut self, weights: EvalWeights<'_>) -> Result<Option<f64>> {
+    fn knn_of(&mut self, weights: EvalWeights<'_>, probe: bool) -> Result<Option<KnnEval>> {
         let d = &self.r.config.dinotrain;
         let (k, temperature) = (d.knn_k, d.knn_temperature as f32);
         match &self.knn {
             Some(sources) => {
-                knn_accuracy(&mut self.trainer, weights, sources, k, temperature).map(Some)
+                knn_accuracy(&mut self.trainer, weights, sources, k, temperature, probe).map(Some)
             }
             None => Ok(None),
         }
+    }
+
+    /// The health findings of an evaluation of the trained teacher.
+    fn judge_eval(&mut self, eval: KnnEval) -> Vec<Finding> {
+        let mut findings: Vec<Finding> = self.health.on_features(eval.spread).into_iter().collect();
+        // From pretrained weights a flat k-NN is not a failure to learn from scratch.
+        if let (Some(initial), StartingPoint::Random) = (self.initial_knn, &self.r.start) {
+            findings.extend(self.health.on_knn(initial, eval.top1));
+        }
+        findings
+    }
+
+    /// Reports a health finding: train.log, the library's log and the observer.
+    fn warn(&mut self, finding: &Finding) -> Result<()> {
+        let line = format!("warning: {finding}");
+        log::warn!("{finding}");
+        self.observer.on_message(&line);
+        self.log.line(&line)
     }
 
     /// Writes a checkpoint, prunes the old ones and tells the observer.
@@ -667,19 +730,53 @@ impl Session {
             let waited = loader.wait_seconds() - waited_before;
             self.times.train_seconds += step_seconds;
             self.times.wait_seconds += waited;
-            let m = metrics_of(
+            let mut m = metrics_of(
                 &record,
                 epoch,
                 self.trainer.plan.images_per_step() as f64 / step_seconds.max(1e-9),
                 waited / step_seconds.max(1e-9),
                 loop_start.elapsed().as_secs_f64(),
             );
+            let step = record.step;
+            let more = self.trainer.step() < total;
+            let mut findings: Vec<Finding> = (self.health)
+                .on_step(step, record.losses.teacher_entropy as f64)
+                .into_iter()
+                .collect();
+            let cancelled = self.cancel.as_ref().is_some_and(CancelHandle::is_cancelled);
+            if every(d.knn_every, step) && more && !cancelled {
+                // The teacher is read where it lives: no download of the whole state.
+                if let Some(eval) = self.knn_of(EvalWeights::Teacher, false)? {
+                    let line = format!(
+                        "step {}: k-NN top-1 (k={}) {:.2}%",
+                        step + 1,
+                        d.knn_k,
+                        eval.top1
+                    );
+                    self.observer.on_knn(step + 1, d.knn_k, eval.top1);
+                    self.observer.on_message(&line);
+                    self.log.line(&line)?;
+                    m.extra.insert("knn_top1".into(), eval.top1);
+                    m.extra
+                        .insert("cls_relative_std".into(), eval.spread.relative_std);
+                    m.extra
+                        .insert("cls_effective_dims".into(), eval.spread.effective_dims);
+                    findings.extend(self.judge_eval(eval));
+                }
+            }
+            for f in &findings {
+                self.warn(f)?;
+            }
+            m.warnings = (findings.iter())
+                .map(|f| HealthWarning {
+                    kind: f.kind().into(),
+                    message: f.to_string(),
+                })
+                .collect();
             metrics.write(&m)?;
             events.write(&m)?;
             let control = self.observer.on_step(&m);
             self.records.push(m);
-            let step = record.step;
-            let more = self.trainer.step() < total;
             if every(checkpoint_every, step) && more {
                 self.checkpoint()?;
             }
@@ -698,15 +795,6 @@ impl Session {
             };
             if self.end.stopped.is_some() {
                 break;
-            }
-            if every(d.knn_every, step) && more {
-                // The teacher is read where it lives: no download of the whole state.
-                if let Some(acc) = self.knn_of(EvalWeights::Teacher)? {
-                    let line = format!("step {}: k-NN top-1 (k={}) {acc:.2}%", step + 1, d.knn_k);
-                    self.observer.on_knn(step + 1, d.knn_k, acc);
-                    self.observer.on_message(&line);
-                    self.log.line(&line)?;
-                }
             }
         }
         self.observer.on_loop_end();
@@ -771,8 +859,11 @@ impl Session {
         }
         export_teacher(&self.run, &mut self.trainer, &mut self.log)?;
         if let (Some(initial_top1), None) = (initial_knn, self.end.stopped) {
-            if let Some(trained) = self.knn_of(EvalWeights::Teacher)? {
+            if let Some(trained) = self.knn_of(EvalWeights::Teacher, true)? {
                 self.final_knn(initial_top1, trained)?;
+                for f in self.judge_eval(trained) {
+                    self.warn(&f)?;
+                }
             }
         }
         let bad = self.end.bad_images;
@@ -784,7 +875,8 @@ impl Session {
     }
 
     /// Reports and records k-NN of the trained teacher.
-    fn final_knn(&mut self, initial_top1: f64, trained: f64) -> Result<()> {
+    fn final_knn(&mut self, initial_top1: f64, eval: KnnEval) -> Result<()> {
+        let trained = eval.top1;
         let Some((train, test)) = &self.knn else {
             return Ok(());
         };
@@ -797,13 +889,24 @@ impl Session {
             trained_top1: trained,
             n_train: train.len(),
             n_test: test.len(),
+            probe_top1: eval.probe.map(|p| p.test_top1),
         };
         self.log.line(&format!(
             "k-NN top-1 (k={k}): trained teacher {trained:.2}%, at initialisation {initial_top1:.2}%"
         ))?;
+        if let Some(p) = eval.probe {
+            self.log.line(&format!(
+                "linear probe top-1: trained teacher {:.2}% (training images {:.2}%)",
+                p.test_top1, p.train_top1
+            ))?;
+        }
         let json = serde_json::json!({
             "k": k, "trained_top1": trained, "initial_top1": initial_top1,
             "n_train": report.n_train, "n_test": report.n_test, "step": step,
+            "cls_relative_std": eval.spread.relative_std,
+            "cls_effective_dims": eval.spread.effective_dims,
+            "probe_top1": eval.probe.map(|p| p.test_top1),
+            "probe_train_top1": eval.probe.map(|p| p.train_top1),
         });
         crate::io::write_atomic(&self.run.knn_path(), json.to_string().as_bytes())?;
         self.end.knn = Some(report);
@@ -896,7 +999,9 @@ fn run_session(s: &mut Session, initial: Vec<f32>) -> Result<()> {
     let initial_knn = if s.knn.is_some() && (s.first_step < total || !s.resuming) {
         s.observer
             .on_message("k-NN of the model at initialisation ...");
-        let acc = s.knn_of(EvalWeights::Host(&initial))?;
+        let acc = s
+            .knn_of(EvalWeights::Host(&initial), false)?
+            .map(|e| e.top1);
         if let Some(acc) = acc {
             let k = s.r.config.dinotrain.knn_k;
             s.observer.on_knn(0, k, acc);
@@ -908,14 +1013,19 @@ fn run_session(s: &mut Session, initial: Vec<f32>) -> Result<()> {
         None
     };
     drop(initial);
+    s.initial_knn = initial_knn;
     s.steps()?;
     s.finish(initial_knn)
 }
 
 /// The k-NN accuracy summary line for people.
 pub fn knn_line(r: &KnnReport) -> String {
+    let probe = r
+        .probe_top1
+        .map(|p| format!("; linear probe {p:.2}%"))
+        .unwrap_or_default();
     format!(
-        "k-NN top-1 (k={}, {} train / {} test images): trained teacher {:.2}%, same model at initialisation {:.2}%",
+        "k-NN top-1 (k={}, {} train / {} test images): trained teacher {:.2}%, same model at initialisation {:.2}%{probe}",
         r.k, r.n_train, r.n_test, r.trained_top1, r.initial_top1
     )
 }

@@ -119,6 +119,7 @@ pub fn check_training_knn(
         "6".into(),
         "--device".into(),
         device.into(),
+        "--probe".into(),
     ]);
     assert!(cli.status.success(), "{}", text(&cli));
     let stdout = String::from_utf8_lossy(&cli.stdout);
@@ -132,6 +133,19 @@ pub fn check_training_knn(
         (top1 - trained).abs() < 0.006,
         "the run reports {trained} %, `dinotrain knn` {top1} %"
     );
+    // The linear probe on the same features: the run's final report and `knn --probe` agree.
+    let probe: f64 = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("linear probe top-1"))
+        .and_then(|r| r.split('%').next())
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no linear probe line:\n{}", text(&cli)));
+    let run_probe = knn["probe_top1"].as_f64().unwrap();
+    assert!(
+        (probe - run_probe).abs() < 0.006,
+        "the run's probe {run_probe} %, `dinotrain knn --probe` {probe} %"
+    );
+    assert!(log.contains("linear probe top-1: trained teacher"), "{log}");
     let stderr = String::from_utf8_lossy(&cli.stderr);
     assert!(stderr.contains("embedding on"), "{stderr}");
     log

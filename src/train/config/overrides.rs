@@ -7,6 +7,7 @@
 //! file is a warning (an official config from a newer release still loads). Official keys that
 //! dinotrain reads but does not act on draw a warning when they differ from the base.
 
+use super::recipe::{Recipe, RecipeSetting};
 use super::{Preset, TrainConfig};
 use crate::error::{Error, Result};
 use serde_yaml_ng::Value;
@@ -32,6 +33,18 @@ pub enum ConfigWarning {
         to: String,
         why: String,
     },
+    /// A key a recipe set and nothing later overrode: a note, not a warning.
+    Recipe {
+        recipe: &'static str,
+        setting: RecipeSetting,
+    },
+}
+
+impl ConfigWarning {
+    /// Whether this is something to warn about (recipe choices are only reported).
+    pub fn is_warning(&self) -> bool {
+        !matches!(self, ConfigWarning::Recipe { .. })
+    }
 }
 
 impl fmt::Display for ConfigWarning {
@@ -50,6 +63,11 @@ impl fmt::Display for ConfigWarning {
             ConfigWarning::Adjusted { key, from, to, why } => {
                 write!(f, "{key} = {from} changed to {to}: {why}")
             }
+            ConfigWarning::Recipe { recipe, setting } => write!(
+                f,
+                "recipe {recipe}: {} = {} ({})",
+                setting.key, setting.value, setting.why
+            ),
         }
     }
 }
@@ -107,6 +125,8 @@ pub struct ConfigBuilder {
     tree: Value,
     base: BTreeMap<String, String>,
     warnings: Vec<ConfigWarning>,
+    /// The recipe applied, with the flattened value of each key it changed, right after it.
+    recipe: Option<(Recipe, BTreeMap<String, String>)>,
 }
 
 impl ConfigBuilder {
@@ -123,7 +143,25 @@ impl ConfigBuilder {
             base: config.flatten()?,
             tree,
             warnings: Vec::new(),
+            recipe: None,
         })
+    }
+
+    /// Applies a recipe's settings (call it before files and overrides, which then win).
+    pub fn recipe(&mut self, recipe: Recipe) -> Result<&mut Self> {
+        let before = parse(&self.tree, "configuration")?.flatten()?;
+        for s in recipe.settings() {
+            self.set_value(s.key, s.value)
+                .map_err(|e| Error::Config(format!("recipe {}: {e}", recipe.name())))?;
+        }
+        let flat = parse(&self.tree, "configuration")?.flatten()?;
+        // Only the keys the recipe changed are reported.
+        let values = (recipe.settings().iter())
+            .filter(|s| before.get(s.key) != flat.get(s.key))
+            .filter_map(|s| Some((s.key.to_string(), flat.get(s.key)?.clone())))
+            .collect();
+        self.recipe = Some((recipe, values));
+        Ok(self)
     }
 
     /// Merges a YAML file (an official train config or a dinotrain `config.yaml`).
@@ -236,7 +274,22 @@ impl ConfigBuilder {
     pub fn build(&self) -> Result<(TrainConfig, Vec<ConfigWarning>)> {
         let config = parse(&self.tree, "configuration")?;
         let mut warnings = self.warnings.clone();
-        for (key, value) in config.flatten()? {
+        let flat = config.flatten()?;
+        if let Some((recipe, values)) = &self.recipe {
+            // The recipe's settings still in force (a file or --set may have replaced some).
+            for s in recipe.settings() {
+                if values
+                    .get(s.key)
+                    .is_some_and(|v| flat.get(s.key) == Some(v))
+                {
+                    warnings.push(ConfigWarning::Recipe {
+                        recipe: recipe.name(),
+                        setting: *s,
+                    });
+                }
+            }
+        }
+        for (key, value) in flat {
             if self.base.get(&key) == Some(&value) {
                 continue;
             }
