@@ -184,6 +184,16 @@ pub fn run(args: TrainArgs) -> Result<()> {
         Some(d) => d.display().to_string(),
         None => "the embedded Fashion-MNIST demo subset (10,000 images)".into(),
     };
+    if args.recipe.is_none() && args.data.is_some() && args.config.is_none() && args.model.is_none()
+    {
+        eprintln!(
+            "dinotrain: the official recipe ({}, patch {}, {} px crops); for a small dataset, \
+             small images or a CPU, --recipe small trains a small ViT at 32 px in minutes",
+            config.config.student.arch.name(),
+            config.config.student.patch_size,
+            config.config.crops.global_crops_size
+        );
+    }
     let recipe = (config.warnings.iter())
         .find_map(|w| match w {
             ConfigWarning::Recipe { recipe, .. } => Some(format!(", recipe {recipe}")),
