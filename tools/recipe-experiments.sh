@@ -29,14 +29,18 @@ while [[ $# -gt 0 ]]; do
     esac
 done
 
-# name|arguments (after `dinotrain train`). `official` is the demo model with the official
-# recipe (the main job before the small recipe); `small` is the default.
+# name|arguments (after `dinotrain train`). `small` is the default run (the small recipe, 600
+# steps); `official` is the demo model with the official recipe, 200 steps (the main job before
+# the small recipe); the others change one setting of `small`.
 experiments=(
-    "official|--recipe official"
-    "official-p8|--recipe official --set student.patch_size=8"
     "small|"
-    "small-ls1|--set student.layerscale=1.0"
     "small-3x|--steps 1800"
+    "small-patch8|--set student.patch_size=8"
+    "small-patch4|--set student.patch_size=4"
+    "small-layerscale1e-5|--set student.layerscale=0.00001"
+    "small-layerscale1|--set student.layerscale=1.0"
+    "small-koleo0.3|--set dino.koleo_loss_weight=0.3"
+    "official|--recipe official"
 )
 
 mkdir -p "$out"

@@ -135,6 +135,10 @@ pub fn resolve(args: &TrainArgs) -> Result<ResolvedConfig> {
         ("device", args.device.clone()),
         ("seed", args.seed.map(|v| v.to_string())),
     ];
+    if args.epochs.is_some() {
+        // A length in epochs replaces a length in steps from the preset or the recipe.
+        b.set_value("dinotrain.steps", "null")?;
+    }
     for (flag, value) in flags {
         if let Some(v) = value {
             b.flag(flag, &v).with_context(|| format!("--{flag} {v}"))?;
