@@ -8,7 +8,7 @@
 
 use dinotrain::train::metrics::StepMetrics;
 use dinotrain::train::{
-    train, Control, OutdirMode, Preset, TrainConfig, TrainObserver, TrainOptions,
+    train, Control, OutdirMode, Preset, Recipe, TrainConfig, TrainObserver, TrainOptions,
 };
 
 /// Prints one line per step and the run's messages.
@@ -32,9 +32,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let steps = args.next().map(|s| s.parse()).transpose()?.unwrap_or(5);
     let out = std::env::temp_dir().join("dinotrain-train-folder");
 
-    // The demo recipe: a small ViT (D 192, depth 6, patch 4) on 32 px crops, sized for a CPU.
-    // `Preset::Official` is the official ViT-L/16 recipe.
+    // The no-argument run's configuration: a small ViT (D 192, depth 6, patch 16) on 32 px
+    // crops with the small recipe, sized for a CPU. `Preset::Official` is the official ViT-L/16.
     let mut config = TrainConfig::preset(Preset::Demo)
+        .recipe(Recipe::Small)?
         .steps(steps)
         .batch_size(8)
         .output_dir(&out)

@@ -529,8 +529,10 @@ impl Default for TrainConfig {
 pub enum Preset {
     /// The official defaults (ViT-L/16, 224/96 px, 65536 prototypes).
     Official,
-    /// `dinotrain train` with no arguments: a small ViT on the embedded demo data, sized for a
-    /// few minutes on 2 CPU cores.
+    /// A small ViT on the embedded demo data with the official recipe (patch 4, LayerScale
+    /// 1e-5, 200 steps: `dinotrain train --recipe official`). `dinotrain train` with no
+    /// arguments is this preset with [`Recipe::Small`] over it:
+    /// `TrainConfig::preset(Preset::Demo).recipe(Recipe::Small)?`.
     Demo,
 }
 

@@ -959,10 +959,11 @@ fn export_teacher(run: &RunDir, trainer: &mut Trainer, log: &mut RunLog) -> Resu
 /// the teacher backbone, skips the final k-NN, and says why in [`TrainSummary::stopped`].
 ///
 /// ```
-/// use dinotrain::train::{train, Preset, TrainConfig, TrainOptions};
+/// use dinotrain::train::{train, Preset, Recipe, TrainConfig, TrainOptions};
 ///
 /// let out = std::env::temp_dir().join(format!("dinotrain-doc-{}", std::process::id()));
 /// let config = TrainConfig::preset(Preset::Demo) // the demo model on the embedded images
+///     .recipe(Recipe::Small)? // the no-argument run's recipe
 ///     .steps(2)
 ///     .batch_size(8)
 ///     .output_dir(&out)
