@@ -12,8 +12,10 @@
 use std::collections::VecDeque;
 use std::fmt;
 
-/// Share of ln K above which the windowed mean teacher entropy counts as uniform targets.
-const UNIFORM_SHARE: f64 = 0.99;
+/// Share of ln K above which the windowed mean teacher entropy counts as uniform targets. A
+/// collapsed head sits at 0.9998-0.9999 (the official recipe at the demo size, or a teacher
+/// temperature of 1.0); the small recipe's runs, which learn, peak at 0.981-0.991 over 20 steps.
+const UNIFORM_SHARE: f64 = 0.995;
 /// Steps averaged for the entropy check (fewer on short runs: a 20th of the run, at least 5).
 const ENTROPY_WINDOW: u64 = 20;
 /// Per-dimension spread of the CLS features, relative to their RMS value, below which the
