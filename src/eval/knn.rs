@@ -41,13 +41,14 @@ pub struct KnnResult {
     pub per_k: Vec<KnnPerK>,
 }
 
+/// `1 / max(‖row‖₂, eps)`, the scale `F.normalize` applies to a feature row.
+pub fn inverse_norm(row: &[f32]) -> f32 {
+    let n = row.iter().map(|&v| v as f64 * v as f64).sum::<f64>().sqrt() as f32;
+    1.0 / n.max(NORMALIZE_EPS)
+}
+
 fn inv_norms(x: &[f32], dim: usize) -> Vec<f32> {
-    x.par_chunks(dim)
-        .map(|r| {
-            let n = r.iter().map(|&v| v as f64 * v as f64).sum::<f64>().sqrt() as f32;
-            1.0 / n.max(NORMALIZE_EPS)
-        })
-        .collect()
+    x.par_chunks(dim).map(inverse_norm).collect()
 }
 
 /// Refuses features with a non-finite value (`what`: who computed them; `name`: the image of a

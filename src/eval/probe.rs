@@ -11,7 +11,7 @@
 use crate::backend::cpu::matmul;
 use crate::backend::{Gemm, Transpose};
 use crate::error::{Error, Result};
-use crate::eval::knn::check_finite_features;
+use crate::eval::knn::{check_finite_features, inverse_norm};
 use rayon::prelude::*;
 
 /// How long and how regularised the probe trains.
@@ -49,48 +49,54 @@ struct Design {
     cols: usize,
 }
 
-/// Per-dimension (mean, 1 / deviation) of the L2-normalised training features.
-fn standardiser(train: &[f32], dim: usize) -> (Vec<f32>, Vec<f32>) {
-    let n = (train.len() / dim).max(1) as f64;
-    let mut sum = vec![0f64; dim];
-    let mut square = vec![0f64; dim];
-    for row in train.chunks_exact(dim) {
-        let inv = inverse_norm(row);
-        for ((s, q), &v) in sum.iter_mut().zip(&mut square).zip(row) {
-            let v = (v * inv) as f64;
-            *s += v;
-            *q += v * v;
-        }
+impl Design {
+    /// The L2-normalised feature rows with a bias column of ones (not yet standardised).
+    fn normalised(features: &[f32], dim: usize) -> Design {
+        let cols = dim + 1;
+        let mut x = vec![0f32; features.len() / dim * cols];
+        x.par_chunks_mut(cols)
+            .zip(features.par_chunks(dim))
+            .for_each(|(out, row)| {
+                let inv = inverse_norm(row);
+                for (o, &v) in out.iter_mut().zip(row) {
+                    *o = v * inv;
+                }
+                out[dim] = 1.0;
+            });
+        Design { x, cols }
     }
-    let mean: Vec<f32> = sum.iter().map(|s| (s / n) as f32).collect();
-    let scale = (sum.iter().zip(&square))
-        .map(|(s, q)| {
-            let var = (q / n - (s / n) * (s / n)).max(0.0);
-            (1.0 / var.sqrt().max(1e-6)) as f32
-        })
-        .collect();
-    (mean, scale)
-}
 
-fn inverse_norm(row: &[f32]) -> f32 {
-    let n = row.iter().map(|&v| v as f64 * v as f64).sum::<f64>().sqrt() as f32;
-    1.0 / n.max(crate::eval::knn::NORMALIZE_EPS)
-}
-
-fn design(features: &[f32], dim: usize, mean: &[f32], scale: &[f32]) -> Design {
-    let cols = dim + 1;
-    let n = features.len() / dim;
-    let mut x = vec![0f32; n * cols];
-    x.par_chunks_mut(cols)
-        .zip(features.par_chunks(dim))
-        .for_each(|(out, row)| {
-            let inv = inverse_norm(row);
-            for (j, &v) in row.iter().enumerate() {
-                out[j] = (v * inv - mean[j]) * scale[j];
+    /// Per-dimension (mean, 1 / deviation) of the feature columns (the bias column excluded).
+    fn standardiser(&self) -> (Vec<f32>, Vec<f32>) {
+        let dim = self.cols - 1;
+        let n = (self.x.len() / self.cols).max(1) as f64;
+        let mut sum = vec![0f64; dim];
+        let mut square = vec![0f64; dim];
+        for row in self.x.chunks_exact(self.cols) {
+            for ((s, q), &v) in sum.iter_mut().zip(&mut square).zip(row) {
+                *s += v as f64;
+                *q += v as f64 * v as f64;
             }
-            out[dim] = 1.0;
+        }
+        let mean: Vec<f32> = sum.iter().map(|s| (s / n) as f32).collect();
+        let scale = (sum.iter().zip(&square))
+            .map(|(s, q)| {
+                let var = (q / n - (s / n) * (s / n)).max(0.0);
+                (1.0 / var.sqrt().max(1e-6)) as f32
+            })
+            .collect();
+        (mean, scale)
+    }
+
+    /// Centres and scales the feature columns.
+    fn standardise(mut self, (mean, scale): &(Vec<f32>, Vec<f32>)) -> Design {
+        self.x.par_chunks_mut(self.cols).for_each(|row| {
+            for ((v, m), s) in row.iter_mut().zip(mean).zip(scale) {
+                *v = (*v - m) * s;
+            }
         });
-    Design { x, cols }
+        self
+    }
 }
 
 /// `[n, classes]` logits of `x · w`.
@@ -207,15 +213,15 @@ pub fn linear_probe(
         .chain(test_labels)
         .max()
         .map_or(0, |m| m + 1);
-    let (mean, scale) = standardiser(train, dim);
-    let train_x = design(train, dim, &mean, &scale);
-    let test_x = design(test, dim, &mean, &scale);
+    let train_x = Design::normalised(train, dim);
+    let standardiser = train_x.standardiser();
+    let train_x = train_x.standardise(&standardiser);
+    let test_x = Design::normalised(test, dim).standardise(&standardiser);
     let step = 1.0 / (0.5 * curvature(&train_x) + options.weight_decay);
     let wd = options.weight_decay;
     // Nesterov: gradient at the look-ahead point y, then momentum (t-1)/(t+2).
     let mut w = vec![0f32; train_x.cols * classes];
     let mut previous = w.clone();
-    let mut loss = f64::NAN;
     for t in 0..options.iterations {
         let momentum = t as f32 / (t as f32 + 3.0);
         let y: Vec<f32> = (w.iter().zip(&previous))
@@ -225,9 +231,10 @@ pub fn linear_probe(
         previous = std::mem::take(&mut w);
         w = y.iter().zip(&g).map(|(&a, &b)| a - step * b).collect();
     }
-    if options.iterations > 0 {
-        loss = loss_and_gradient(&train_x, train_labels, &w, classes, wd).0;
-    }
+    let loss = match options.iterations {
+        0 => f64::NAN,
+        _ => loss_and_gradient(&train_x, train_labels, &w, classes, wd).0,
+    };
     Ok(ProbeResult {
         test_top1: top1(&test_x, test_labels, &w, classes),
         train_top1: top1(&train_x, train_labels, &w, classes),
@@ -270,8 +277,9 @@ mod tests {
     #[test]
     fn the_gradient_is_the_objectives() {
         let (x, y) = blobs(10, 3, 5, 0.5, (1, 0));
-        let (mean, scale) = standardiser(&x, 5);
-        let d = design(&x, 5, &mean, &scale);
+        let d = Design::normalised(&x, 5);
+        let standardiser = d.standardiser();
+        let d = d.standardise(&standardiser);
         let mut rng = keyed(2, &[]);
         let w: Vec<f32> = (0..d.cols * 3)
             .map(|_| rng.random_range(-0.5..0.5))

@@ -644,6 +644,39 @@ impl Session {
         }
     }
 
+    /// The health of step `m.step`: the teacher-entropy check and, when `evaluate`, k-NN of the
+    /// teacher and the spread of its features. Results and findings go into `m` (written after)
+    /// and the findings are reported.
+    fn judge_step(&mut self, m: &mut StepMetrics, entropy: f64, evaluate: bool) -> Result<()> {
+        let mut findings: Vec<Finding> = self.health.on_step(m.step, entropy).into_iter().collect();
+        // The teacher is read where it lives: no download of the whole state.
+        if let Some(eval) = evaluate.then(|| self.knn_of(EvalWeights::Teacher, false)) {
+            if let Some(eval) = eval? {
+                let k = self.r.config.dinotrain.knn_k;
+                let line = format!("step {}: k-NN top-1 (k={k}) {:.2}%", m.step + 1, eval.top1);
+                self.observer.on_knn(m.step + 1, k, eval.top1);
+                self.observer.on_message(&line);
+                self.log.line(&line)?;
+                m.extra.insert("knn_top1".into(), eval.top1);
+                m.extra
+                    .insert("cls_relative_std".into(), eval.spread.relative_std);
+                m.extra
+                    .insert("cls_effective_dims".into(), eval.spread.effective_dims);
+                findings.extend(self.judge_eval(eval));
+            }
+        }
+        for f in &findings {
+            self.warn(f)?;
+        }
+        m.warnings = (findings.iter())
+            .map(|f| HealthWarning {
+                kind: f.kind().into(),
+                message: f.to_string(),
+            })
+            .collect();
+        Ok(())
+    }
+
     /// The health findings of an evaluation of the trained teacher.
     fn judge_eval(&mut self, eval: KnnEval) -> Vec<Finding> {
         let mut findings: Vec<Finding> = self.health.on_features(eval.spread).into_iter().collect();
@@ -739,40 +772,9 @@ impl Session {
             );
             let step = record.step;
             let more = self.trainer.step() < total;
-            let mut findings: Vec<Finding> = (self.health)
-                .on_step(step, record.losses.teacher_entropy as f64)
-                .into_iter()
-                .collect();
             let cancelled = self.cancel.as_ref().is_some_and(CancelHandle::is_cancelled);
-            if every(d.knn_every, step) && more && !cancelled {
-                // The teacher is read where it lives: no download of the whole state.
-                if let Some(eval) = self.knn_of(EvalWeights::Teacher, false)? {
-                    let line = format!(
-                        "step {}: k-NN top-1 (k={}) {:.2}%",
-                        step + 1,
-                        d.knn_k,
-                        eval.top1
-                    );
-                    self.observer.on_knn(step + 1, d.knn_k, eval.top1);
-                    self.observer.on_message(&line);
-                    self.log.line(&line)?;
-                    m.extra.insert("knn_top1".into(), eval.top1);
-                    m.extra
-                        .insert("cls_relative_std".into(), eval.spread.relative_std);
-                    m.extra
-                        .insert("cls_effective_dims".into(), eval.spread.effective_dims);
-                    findings.extend(self.judge_eval(eval));
-                }
-            }
-            for f in &findings {
-                self.warn(f)?;
-            }
-            m.warnings = (findings.iter())
-                .map(|f| HealthWarning {
-                    kind: f.kind().into(),
-                    message: f.to_string(),
-                })
-                .collect();
+            let evaluate = every(d.knn_every, step) && more && !cancelled;
+            self.judge_step(&mut m, record.losses.teacher_entropy as f64, evaluate)?;
             metrics.write(&m)?;
             events.write(&m)?;
             let control = self.observer.on_step(&m);
